@@ -1,0 +1,50 @@
+"""saga: a saga orchestrator over RabbitMQ, correct under every fault.
+
+The public surface; everything else is internal and may change.
+"""
+
+from saga.definition import Registry, RetryPolicy, SagaDefinition, Step
+from saga.errors import (
+    ConcurrencyError,
+    ConfigError,
+    DefinitionError,
+    MessageError,
+    SagaError,
+    UnknownSagaError,
+)
+from saga.state import (
+    Command,
+    Direction,
+    HistoryEntry,
+    HistoryKind,
+    SagaContext,
+    SagaState,
+    SagaStatus,
+    StepStatus,
+    Transition,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Command",
+    "ConcurrencyError",
+    "ConfigError",
+    "DefinitionError",
+    "Direction",
+    "HistoryEntry",
+    "HistoryKind",
+    "MessageError",
+    "Registry",
+    "RetryPolicy",
+    "SagaContext",
+    "SagaDefinition",
+    "SagaError",
+    "SagaState",
+    "SagaStatus",
+    "Step",
+    "StepStatus",
+    "Transition",
+    "UnknownSagaError",
+    "__version__",
+]

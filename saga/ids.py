@@ -1,0 +1,42 @@
+"""Deterministic ids: the same saga, step, direction and attempt always give the same id.
+
+A re-sent command is therefore recognisably the same message, and nothing in the engine needs a
+random number generator (which would make decisions unrepeatable).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import uuid
+
+__all__ = [
+    "NAMESPACE",
+    "command_id",
+    "idempotency_key",
+    "saga_id_for_key",
+    "unit_interval",
+]
+
+#: Namespace of every uuid5 this package derives. Never change it: ids would stop matching.
+NAMESPACE = uuid.UUID("6f1c6f0e-5a3b-4d8e-9c39-2f1f0b3a7d42")
+
+
+def command_id(saga_id: uuid.UUID, step: str, direction: str, attempt: int) -> uuid.UUID:
+    """Message id of one attempt of one command: differs per attempt, so replies match exactly."""
+    return uuid.uuid5(NAMESPACE, f"cmd:{saga_id}:{step}:{direction}:{attempt}")
+
+
+def idempotency_key(saga_id: uuid.UUID, step: str, direction: str) -> uuid.UUID:
+    """Key shared by every attempt of one command, so a participant applies its effect once."""
+    return uuid.uuid5(NAMESPACE, f"idem:{saga_id}:{step}:{direction}")
+
+
+def saga_id_for_key(saga_name: str, key: str) -> uuid.UUID:
+    """Saga id derived from a client's idempotency key: starting twice finds the same saga."""
+    return uuid.uuid5(NAMESPACE, f"saga:{saga_name}:{key}")
+
+
+def unit_interval(*parts: object) -> float:
+    """A number in [0, 1) that is a pure function of ``parts``: seeded jitter without randomness."""
+    digest = hashlib.sha256(":".join(str(p) for p in parts).encode()).digest()
+    return int.from_bytes(digest[:8], "big") / 2**64

@@ -1,0 +1,117 @@
+"""The runtime's ports: what it needs from a store and a clock, as small interfaces.
+
+Each port has an in-memory twin in the package (:mod:`saga.store.memory`,
+:class:`saga.testing.FakeClock`) so sagas can be tested without a broker or a database, and one
+contract test suite runs against every implementation.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from enum import StrEnum
+from typing import Protocol
+from uuid import UUID
+
+from saga.state import HistoryEntry, SagaState, SagaStatus, Transition
+
+__all__ = [
+    "Change",
+    "Clock",
+    "CommitResult",
+    "DueTimer",
+    "OutboxMessage",
+    "SagaFilter",
+    "Store",
+    "SystemClock",
+]
+
+
+class Clock(Protocol):
+    def now(self) -> datetime: ...
+
+
+class SystemClock:
+    """Wall-clock time in UTC. Only the runtime reads it; the engine is handed ``now``."""
+
+    def now(self) -> datetime:
+        return datetime.now(UTC)
+
+
+@dataclass(frozen=True, slots=True)
+class OutboxMessage:
+    """A message committed with the state change that caused it, published later by the relay."""
+
+    message_id: UUID
+    saga_id: UUID
+    exchange: str
+    routing_key: str
+    message_type: str
+    body: bytes
+    headers: Mapping[str, str] = field(default_factory=dict)
+    created_at: datetime = datetime(1970, 1, 1, tzinfo=UTC)
+
+
+@dataclass(frozen=True, slots=True)
+class Change:
+    """One event's effect, applied all-or-nothing inside a (possibly shared) transaction.
+
+    ``expected_version`` is None when the saga is created. ``inbox_id`` is the id of the
+    consumed message; a second change with the same id is refused as a duplicate.
+    """
+
+    transition: Transition
+    expected_version: int | None
+    inbox_id: UUID | None = None
+    outbox: tuple[OutboxMessage, ...] = ()
+
+
+class CommitResult(StrEnum):
+    APPLIED = "applied"  # state, history and outbox written
+    RECORDED = "recorded"  # an ignored event: only its history entry and inbox id written
+    DUPLICATE = "duplicate"  # the inbox already held this message id: nothing written
+    CONFLICT = "conflict"  # the saga's version moved (or it exists already): nothing written
+
+
+@dataclass(frozen=True, slots=True)
+class DueTimer:
+    saga_id: UUID
+    timer_id: UUID
+    deadline: datetime
+
+
+@dataclass(frozen=True, slots=True)
+class SagaFilter:
+    status: SagaStatus | None = None
+    name: str | None = None
+    key: str | None = None
+    limit: int = 100
+    after: UUID | None = None  # keyset paging: sagas created after this one
+
+
+class Store(Protocol):
+    """Durable saga state with a transactional outbox and inbox."""
+
+    async def setup(self) -> None:
+        """Create or check the schema; fail with a clear message when it is not current."""
+
+    async def close(self) -> None: ...
+
+    async def load(self, saga_id: UUID) -> SagaState | None: ...
+
+    async def load_many(self, saga_ids: Sequence[UUID]) -> dict[UUID, SagaState]:
+        """The sagas found among ``saga_ids`` (one query for a whole batch)."""
+
+    async def commit(self, changes: Sequence[Change]) -> list[CommitResult]:
+        """Apply ``changes`` in one transaction; each one's result is independent."""
+
+    async def due_timers(self, now: datetime, limit: int) -> list[DueTimer]: ...
+
+    async def history(self, saga_id: UUID) -> list[HistoryEntry]: ...
+
+    async def pending_outbox(self, limit: int) -> list[OutboxMessage]: ...
+
+    async def mark_sent(self, message_ids: Sequence[UUID]) -> None: ...
+
+    async def list_sagas(self, query: SagaFilter) -> list[SagaState]: ...

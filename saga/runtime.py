@@ -1,0 +1,263 @@
+"""The orchestrator's application core: load, decide, commit, with group commit.
+
+Every inbound event (a start, a reply, a due timer, an operator action) goes through
+:meth:`Orchestrator.submit`. Events that arrive while a commit is in flight are decided one after
+another against the freshest state and written in ONE transaction; each keeps its own version
+check and inbox entry, so the batch is all-or-nothing per event, not per batch. Decisions are the
+pure :func:`saga.engine.decide`; this module only does the loading and writing around it, which is
+why the in-memory harness and the RabbitMQ service share it unchanged.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from datetime import datetime
+from enum import StrEnum
+from uuid import UUID
+
+from contracts.envelope import ReplyEnvelope
+from saga.codec import COMMANDS_EXCHANGE, REPLY_QUEUE, encode_command, reply_event
+from saga.definition import Registry, SagaDefinition
+from saga.engine import decide
+from saga.errors import ConcurrencyError, MessageError, UnknownSagaError
+from saga.ids import saga_id_for_key
+from saga.ports import Change, Clock, CommitResult, Store, SystemClock
+from saga.state import (
+    JSON,
+    Event,
+    HistoryEntry,
+    OperatorAbort,
+    OperatorResolve,
+    OperatorRetry,
+    SagaState,
+    Started,
+    TimerFired,
+    Transition,
+)
+
+__all__ = ["Orchestrator", "Outcome", "Result"]
+
+_MAX_CONFLICT_RETRIES = 20
+
+
+class Outcome(StrEnum):
+    APPLIED = "applied"  # the saga changed
+    IGNORED = "ignored"  # recorded in the history with the reason, state unchanged
+    DUPLICATE = "duplicate"  # this message was applied before; nothing to do
+
+
+@dataclass(frozen=True, slots=True)
+class Result:
+    outcome: Outcome
+    state: SagaState
+    transition: Transition | None = None
+
+
+@dataclass(slots=True)
+class _Item:
+    saga_id: UUID
+    event: Event
+    inbox_id: UUID | None
+    definition: SagaDefinition | None  # known for a start; looked up from the state otherwise
+    future: asyncio.Future[Result]
+    conflicts: int = 0
+
+
+class Orchestrator:
+    """Applies events to sagas; the transport and the relay live outside it."""
+
+    def __init__(
+        self,
+        registry: Registry,
+        store: Store,
+        *,
+        clock: Clock | None = None,
+        reply_to: str = REPLY_QUEUE,
+        commands_exchange: str = COMMANDS_EXCHANGE,
+        max_batch: int = 128,
+        on_commit: Callable[[], None] | None = None,
+    ):
+        self.registry = registry
+        self.store = store
+        self.clock: Clock = clock or SystemClock()
+        self.reply_to = reply_to
+        self.commands_exchange = commands_exchange
+        self.max_batch = max_batch
+        self.on_commit = on_commit  # wakes the relay right after outbox rows were committed
+        self._pending: list[_Item] = []
+        self._draining: asyncio.Task[None] | None = None
+        self.batches = 0  # commits made, for tests and metrics
+        self.events = 0  # events decided
+
+    # --- public entry points -------------------------------------------------------------
+
+    async def start(
+        self,
+        name: str,
+        input: Mapping[str, JSON],
+        *,
+        key: str | None = None,
+        version: int | None = None,
+        inbox_id: UUID | None = None,
+    ) -> SagaState:
+        """Start a saga, or return the one already started with this ``key``."""
+        definition = self.registry.get(name, version)
+        saga_id = saga_id_for_key(name, key) if key is not None else uuid.uuid4()
+        existing = await self.store.load(saga_id)
+        if existing is not None:
+            return existing
+        result = await self.submit(
+            saga_id, Started(saga_id, dict(input), key), inbox_id=inbox_id, definition=definition
+        )
+        return result.state
+
+    async def handle_reply(self, reply: ReplyEnvelope) -> Result:
+        """Apply a participant's reply; raises :class:`MessageError` for an unknown saga."""
+        return await self.submit(reply.saga_id, reply_event(reply), inbox_id=reply.message_id)
+
+    async def fire_due_timers(self, limit: int = 500) -> int:
+        """Fire every deadline that has passed; returns how many changed a saga."""
+        due = await self.store.due_timers(self.clock.now(), limit)
+        results = await asyncio.gather(
+            *(self.submit(t.saga_id, TimerFired(t.timer_id)) for t in due),
+            return_exceptions=True,
+        )
+        for r in results:
+            if isinstance(r, BaseException) and not isinstance(r, MessageError):
+                raise r
+        return sum(1 for r in results if isinstance(r, Result) and r.outcome is Outcome.APPLIED)
+
+    async def retry(self, saga_id: UUID, *, actor: str, reason: str) -> Result:
+        return await self.submit(saga_id, OperatorRetry(actor, reason))
+
+    async def abort(self, saga_id: UUID, *, actor: str, reason: str) -> Result:
+        return await self.submit(saga_id, OperatorAbort(actor, reason))
+
+    async def resolve(
+        self,
+        saga_id: UUID,
+        *,
+        actor: str,
+        reason: str,
+        data: Mapping[str, JSON] | None = None,
+    ) -> Result:
+        return await self.submit(saga_id, OperatorResolve(actor, reason, dict(data or {})))
+
+    async def get(self, saga_id: UUID) -> SagaState:
+        state = await self.store.load(saga_id)
+        if state is None:
+            raise UnknownSagaError(f"no saga with id {saga_id}")
+        return state
+
+    async def history(self, saga_id: UUID) -> list[HistoryEntry]:
+        return await self.store.history(saga_id)
+
+    # --- group commit --------------------------------------------------------------------
+
+    async def submit(
+        self,
+        saga_id: UUID,
+        event: Event,
+        *,
+        inbox_id: UUID | None = None,
+        definition: SagaDefinition | None = None,
+    ) -> Result:
+        """Queue one event; resolves once its transaction committed."""
+        future: asyncio.Future[Result] = asyncio.get_running_loop().create_future()
+        self._pending.append(_Item(saga_id, event, inbox_id, definition, future))
+        if self._draining is None or self._draining.done():
+            self._draining = asyncio.create_task(self._drain())
+        return await future
+
+    async def drained(self) -> None:
+        """Wait until no event is queued or being committed (used on shutdown)."""
+        while self._draining is not None and not self._draining.done():
+            await asyncio.shield(self._draining)
+
+    async def _drain(self) -> None:
+        while self._pending:
+            batch = self._pending[: self.max_batch]
+            del self._pending[: self.max_batch]
+            try:
+                retry = await self._process(batch)
+            except BaseException as exc:  # the store failed: nothing of this batch is committed
+                for item in batch:
+                    if not item.future.done():
+                        item.future.set_exception(exc)
+                if not isinstance(exc, Exception):
+                    raise
+                continue
+            self._pending[:0] = retry
+
+    async def _process(self, batch: list[_Item]) -> list[_Item]:
+        now = self.clock.now()
+        loaded = await self.store.load_many(list({item.saga_id: None for item in batch}))
+        working: dict[UUID, SagaState | None] = dict(loaded)
+        decided: list[tuple[_Item, Change]] = []
+        for item in batch:
+            state = working.get(item.saga_id)
+            try:
+                change = self._decide(item, state, now)
+            except MessageError as exc:
+                item.future.set_exception(exc)
+                continue
+            if change.transition.applied:
+                working[item.saga_id] = change.transition.state
+            decided.append((item, change))
+            self.events += 1
+        if not decided:
+            return []
+        results = await self.store.commit([change for _, change in decided])
+        self.batches += 1
+        retry: list[_Item] = []
+        wrote_outbox = False
+        for (item, change), result in zip(decided, results, strict=True):
+            if result is CommitResult.CONFLICT:
+                if isinstance(item.event, Started):
+                    existing = await self.store.load(item.saga_id)
+                    if existing is not None:
+                        item.future.set_result(Result(Outcome.DUPLICATE, existing))
+                        continue
+                item.conflicts += 1
+                if item.conflicts > _MAX_CONFLICT_RETRIES:
+                    item.future.set_exception(
+                        ConcurrencyError(f"saga {item.saga_id} kept changing under us")
+                    )
+                else:
+                    retry.append(item)
+            elif result is CommitResult.DUPLICATE:
+                state = change.transition.state
+                item.future.set_result(Result(Outcome.DUPLICATE, state))
+            else:
+                wrote_outbox = wrote_outbox or bool(change.outbox)
+                outcome = Outcome.APPLIED if result is CommitResult.APPLIED else Outcome.IGNORED
+                item.future.set_result(Result(outcome, change.transition.state, change.transition))
+        if wrote_outbox and self.on_commit is not None:
+            self.on_commit()
+        return retry
+
+    def _decide(self, item: _Item, state: SagaState | None, now: datetime) -> Change:
+        if state is None and not isinstance(item.event, Started):
+            raise MessageError("unknown_saga", f"no saga with id {item.saga_id}")
+        if state is not None:
+            try:
+                definition = self.registry.get(state.name, state.definition_version)
+            except UnknownSagaError as exc:
+                raise MessageError("unknown_definition", str(exc)) from exc
+        else:
+            assert item.definition is not None
+            definition = item.definition
+        transition = decide(definition, state, item.event, now)
+        outbox = tuple(
+            encode_command(c, now=now, reply_to=self.reply_to, exchange=self.commands_exchange)
+            for c in transition.commands
+        )
+        return Change(
+            transition,
+            expected_version=None if state is None else state.version,
+            inbox_id=item.inbox_id,
+            outbox=outbox,
+        )

@@ -1,0 +1,5 @@
+"""Store implementations of :class:`saga.ports.Store`."""
+
+from saga.store.memory import MemoryStore
+
+__all__ = ["MemoryStore"]

@@ -1,0 +1,116 @@
+"""The in-memory twin of the SQL store: same contract, nothing survives the process.
+
+Meant for tests and the harness; the orchestrator service refuses it unless asked explicitly.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Sequence
+from datetime import datetime
+from uuid import UUID
+
+from saga.ports import Change, CommitResult, DueTimer, OutboxMessage, SagaFilter
+from saga.state import HistoryEntry, Phase, SagaState
+
+__all__ = ["MemoryStore"]
+
+
+class MemoryStore:
+    def __init__(self) -> None:
+        self._sagas: dict[UUID, SagaState] = {}
+        self._order: list[UUID] = []
+        self._history: dict[UUID, list[HistoryEntry]] = {}
+        self._outbox: dict[UUID, OutboxMessage] = {}
+        self._sent: set[UUID] = set()
+        self._inbox: set[UUID] = set()
+        self._keys: set[tuple[str, str]] = set()
+        self._lock = asyncio.Lock()
+
+    async def setup(self) -> None:
+        return None
+
+    async def close(self) -> None:
+        return None
+
+    async def load(self, saga_id: UUID) -> SagaState | None:
+        return self._sagas.get(saga_id)
+
+    async def load_many(self, saga_ids: Sequence[UUID]) -> dict[UUID, SagaState]:
+        return {i: self._sagas[i] for i in saga_ids if i in self._sagas}
+
+    async def commit(self, changes: Sequence[Change]) -> list[CommitResult]:
+        async with self._lock:
+            return [self._apply(change) for change in changes]
+
+    def _apply(self, change: Change) -> CommitResult:
+        if change.inbox_id is not None and change.inbox_id in self._inbox:
+            return CommitResult.DUPLICATE
+        new = change.transition.state
+        current = self._sagas.get(new.saga_id)
+        if change.transition.applied:
+            if change.expected_version is None:
+                key = None if new.key is None else (new.name, new.key)
+                if current is not None or key in self._keys:
+                    return CommitResult.CONFLICT
+                if key is not None:
+                    self._keys.add(key)
+                self._order.append(new.saga_id)
+            elif current is None or current.version != change.expected_version:
+                return CommitResult.CONFLICT
+            self._sagas[new.saga_id] = new
+            for message in change.outbox:
+                self._outbox.setdefault(message.message_id, message)
+        if change.inbox_id is not None:
+            self._inbox.add(change.inbox_id)
+        self._history.setdefault(new.saga_id, []).extend(change.transition.history)
+        return CommitResult.APPLIED if change.transition.applied else CommitResult.RECORDED
+
+    async def due_timers(self, now: datetime, limit: int) -> list[DueTimer]:
+        due = [
+            DueTimer(s.saga_id, s.awaiting, s.deadline)
+            for s in self._sagas.values()
+            if s.phase is not Phase.IDLE
+            and s.awaiting is not None
+            and s.deadline is not None
+            and s.deadline <= now
+        ]
+        due.sort(key=lambda t: t.deadline)
+        return due[:limit]
+
+    async def next_deadline(self) -> datetime | None:
+        """Earliest armed deadline; lets the harness jump the clock straight to it."""
+        deadlines = [
+            s.deadline
+            for s in self._sagas.values()
+            if s.phase is not Phase.IDLE and s.deadline is not None
+        ]
+        return min(deadlines, default=None)
+
+    async def history(self, saga_id: UUID) -> list[HistoryEntry]:
+        return list(self._history.get(saga_id, []))
+
+    async def pending_outbox(self, limit: int) -> list[OutboxMessage]:
+        pending = [m for m in self._outbox.values() if m.message_id not in self._sent]
+        return pending[:limit]
+
+    async def mark_sent(self, message_ids: Sequence[UUID]) -> None:
+        self._sent.update(message_ids)
+
+    async def list_sagas(self, query: SagaFilter) -> list[SagaState]:
+        ids = self._order
+        if query.after is not None and query.after in ids:
+            ids = ids[ids.index(query.after) + 1 :]
+        found: list[SagaState] = []
+        for saga_id in ids:
+            s = self._sagas[saga_id]
+            if query.status is not None and s.status is not query.status:
+                continue
+            if query.name is not None and s.name != query.name:
+                continue
+            if query.key is not None and s.key != query.key:
+                continue
+            found.append(s)
+            if len(found) >= query.limit:
+                break
+        return found

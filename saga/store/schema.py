@@ -1,0 +1,129 @@
+"""Tables of the SQL store and their versioned migrations.
+
+Migrations are an ordered list of functions; ``saga migrate`` applies the missing ones and the
+orchestrator refuses to start unless the database is exactly at :data:`HEAD`. (A list of
+functions instead of alembic: the schema is small, must work on SQLite and PostgreSQL from one
+code path, and needs no autogeneration; the ``schema_version`` table plays alembic's role.)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from datetime import UTC, datetime
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.engine import Connection, Dialect
+
+__all__ = ["HEAD", "MIGRATIONS", "UTCDateTime", "history", "inbox", "metadata", "outbox", "sagas"]
+
+
+class UTCDateTime(sa.TypeDecorator[datetime]):
+    """Timezone-aware UTC datetimes on every backend (SQLite keeps no zone of its own)."""
+
+    impl = sa.DateTime(timezone=True)
+    cache_ok = True
+
+    def process_bind_param(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            raise ValueError("naive datetimes are not stored; use UTC-aware ones")
+        value = value.astimezone(UTC)
+        return value.replace(tzinfo=None) if dialect.name == "sqlite" else value
+
+    def process_result_value(self, value: Any, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        assert isinstance(value, datetime)
+        return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+
+
+metadata = sa.MetaData()
+
+sagas = sa.Table(
+    "saga_instances",
+    metadata,
+    sa.Column("saga_id", sa.Uuid, primary_key=True),
+    sa.Column("name", sa.String(100), nullable=False),
+    sa.Column("definition_version", sa.Integer, nullable=False),
+    sa.Column("status", sa.String(20), nullable=False),
+    sa.Column("key", sa.String(200), nullable=True),
+    sa.Column("current_step", sa.Integer, nullable=False),
+    sa.Column("direction", sa.String(20), nullable=False),
+    sa.Column("attempt", sa.Integer, nullable=False),
+    sa.Column("tries", sa.Integer, nullable=False),
+    sa.Column("phase", sa.String(20), nullable=False),
+    sa.Column("awaiting", sa.Uuid, nullable=True),
+    sa.Column("deadline", UTCDateTime, nullable=True),
+    sa.Column("version", sa.Integer, nullable=False),
+    sa.Column("created_at", UTCDateTime, nullable=False),
+    sa.Column("updated_at", UTCDateTime, nullable=False),
+    sa.Column("failure", sa.Text, nullable=True),
+    sa.Column("stuck_step", sa.String(100), nullable=True),
+    sa.Column("steps", sa.JSON, nullable=False),
+    sa.Column("context", sa.JSON, nullable=False),
+    sa.Column("trace_context", sa.JSON, nullable=True),
+    sa.UniqueConstraint("name", "key", name="uq_saga_instances_name_key"),
+    sa.Index("ix_saga_instances_deadline", "deadline"),
+    sa.Index("ix_saga_instances_status_created", "status", "created_at"),
+    sa.Index("ix_saga_instances_created", "created_at", "saga_id"),
+)
+
+history = sa.Table(
+    "saga_history",
+    metadata,
+    sa.Column("id", sa.BigInteger().with_variant(sa.Integer, "sqlite"), primary_key=True),
+    sa.Column(
+        "saga_id", sa.Uuid, sa.ForeignKey("saga_instances.saga_id"), nullable=False, index=True
+    ),
+    sa.Column("at", UTCDateTime, nullable=False),
+    sa.Column("kind", sa.String(40), nullable=False),
+    sa.Column("step", sa.String(100), nullable=True),
+    sa.Column("direction", sa.String(20), nullable=True),
+    sa.Column("attempt", sa.Integer, nullable=True),
+    sa.Column("message_id", sa.Uuid, nullable=True),
+    sa.Column("actor", sa.String(200), nullable=True),
+    sa.Column("detail", sa.Text, nullable=False),
+)
+
+outbox = sa.Table(
+    "saga_outbox",
+    metadata,
+    sa.Column("message_id", sa.Uuid, primary_key=True),
+    sa.Column("saga_id", sa.Uuid, nullable=False),
+    sa.Column("exchange", sa.String(255), nullable=False),
+    sa.Column("routing_key", sa.String(255), nullable=False),
+    sa.Column("message_type", sa.String(100), nullable=False),
+    sa.Column("headers", sa.JSON, nullable=False),
+    sa.Column("body", sa.LargeBinary, nullable=False),
+    sa.Column("created_at", UTCDateTime, nullable=False),
+    sa.Index("ix_saga_outbox_created", "created_at"),
+)
+
+inbox = sa.Table(
+    "saga_inbox",
+    metadata,
+    sa.Column("message_id", sa.Uuid, primary_key=True),
+    sa.Column("saga_id", sa.Uuid, nullable=False),
+    sa.Column("received_at", UTCDateTime, nullable=False),
+)
+
+schema_version = sa.Table(
+    "saga_schema_version",
+    metadata,
+    sa.Column("version", sa.Integer, primary_key=True),
+    sa.Column("applied_at", UTCDateTime, nullable=False),
+)
+
+
+def _v1_initial(conn: Connection) -> None:
+    for table in (sagas, history, outbox, inbox):
+        table.create(conn, checkfirst=True)
+
+
+#: (version, description, upgrade) in order; append, never edit a released one.
+MIGRATIONS: list[tuple[int, str, Callable[[Connection], None]]] = [
+    (1, "saga instances, history, outbox and inbox", _v1_initial),
+]
+HEAD = MIGRATIONS[-1][0]

@@ -1,0 +1,32 @@
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+
+from saga.ports import Store
+from saga.store.memory import MemoryStore
+from saga.store.sql import SqlStore
+from tests.conftest import require_postgres
+
+
+@pytest.fixture(params=["memory", "sqlite", "postgres"])
+async def store(
+    request: pytest.FixtureRequest, tmp_path: Path, unique: str
+) -> AsyncIterator[Store]:
+    """The same contract suite runs against every store."""
+    if request.param == "memory":
+        yield MemoryStore()
+        return
+    if request.param == "sqlite":
+        sql = SqlStore(f"sqlite+aiosqlite:///{tmp_path / 'saga.db'}")
+    else:
+        sql = SqlStore(require_postgres(), schema=f"saga_test_{unique}")
+    await sql.migrate()
+    await sql.setup()
+    try:
+        yield sql
+    finally:
+        await sql.drop_schema()
+        await sql.close()

@@ -1,0 +1,206 @@
+"""One contract suite for every store: memory, SQLite and PostgreSQL behave the same."""
+
+from __future__ import annotations
+
+import uuid
+from dataclasses import replace
+from datetime import UTC, datetime, timedelta
+
+from saga.codec import encode_command
+from saga.definition import SagaDefinition, Step
+from saga.engine import decide
+from saga.ports import Change, CommitResult, SagaFilter, Store
+from saga.state import (
+    HistoryKind,
+    Phase,
+    ReplySucceeded,
+    SagaState,
+    SagaStatus,
+    Started,
+    Transition,
+)
+
+T0 = datetime(2030, 1, 1, 12, 0, tzinfo=UTC)
+DEF = SagaDefinition(
+    "order",
+    1,
+    [
+        Step("reserve", participant="stock", action="stock.reserve", compensation="stock.release"),
+        Step("charge", participant="pay", action="pay.charge", compensation="pay.refund"),
+    ],
+)
+
+
+def started(
+    key: str | None = None, at: datetime = T0, saga_id: uuid.UUID | None = None
+) -> Transition:
+    sid = saga_id or uuid.uuid4()
+    payload = {"n": 1, "nested": {"list": [1, "two", None, 3.5, True]}, "text": "äé"}
+    return decide(DEF, None, Started(sid, payload, key), at)
+
+
+def change_for(t: Transition, expected: int | None, inbox: uuid.UUID | None = None) -> Change:
+    outbox = tuple(encode_command(c, now=t.state.updated_at) for c in t.commands)
+    return Change(t, expected_version=expected, inbox_id=inbox, outbox=outbox)
+
+
+def reply_ok(state: SagaState, data: dict[str, object] | None = None) -> ReplySucceeded:
+    assert state.awaiting is not None
+    participant = DEF.steps[state.current].participant
+    return ReplySucceeded(state.awaiting, participant, data or {"id": "r-1"})  # type: ignore[arg-type]
+
+
+async def create(store: Store, key: str | None = None, at: datetime = T0) -> SagaState:
+    t = started(key, at)
+    assert await store.commit([change_for(t, None)]) == [CommitResult.APPLIED]
+    return t.state
+
+
+async def test_created_saga_loads_back_equal(store: Store) -> None:
+    t = started("k-1")
+    assert await store.commit([change_for(t, None)]) == [CommitResult.APPLIED]
+    loaded = await store.load(t.state.saga_id)
+    assert loaded == t.state
+    assert loaded is not None and loaded.deadline is not None and loaded.deadline.tzinfo is not None
+    assert await store.load(uuid.uuid4()) is None
+
+
+async def test_creating_twice_conflicts(store: Store) -> None:
+    t = started()
+    assert await store.commit([change_for(t, None)]) == [CommitResult.APPLIED]
+    assert await store.commit([change_for(t, None)]) == [CommitResult.CONFLICT]
+
+
+async def test_same_key_twice_conflicts(store: Store) -> None:
+    await create(store, key="same")
+    assert await store.commit([change_for(started("same"), None)]) == [CommitResult.CONFLICT]
+
+
+async def test_version_check_refuses_stale_write_and_writes_nothing(store: Store) -> None:
+    s = await create(store)
+    inbox_id = uuid.uuid4()
+    t = decide(DEF, s, reply_ok(s), T0 + timedelta(seconds=1))
+    stale = change_for(t, expected=s.version + 5, inbox=inbox_id)
+    before = await store.history(s.saga_id)
+    outbox_before = {m.message_id for m in await store.pending_outbox(100)}
+    assert await store.commit([stale]) == [CommitResult.CONFLICT]
+    assert await store.load(s.saga_id) == s
+    assert await store.history(s.saga_id) == before
+    assert {m.message_id for m in await store.pending_outbox(100)} == outbox_before
+    # the inbox id was not kept: the same message applies once the version is right
+    assert await store.commit([change_for(t, s.version, inbox_id)]) == [CommitResult.APPLIED]
+    assert await store.load(s.saga_id) == t.state
+
+
+async def test_inbox_refuses_a_message_twice(store: Store) -> None:
+    s = await create(store)
+    inbox_id = uuid.uuid4()
+    t = decide(DEF, s, reply_ok(s), T0)
+    assert await store.commit([change_for(t, s.version, inbox_id)]) == [CommitResult.APPLIED]
+    history = await store.history(s.saga_id)
+    t2 = decide(DEF, t.state, reply_ok(t.state), T0)
+    assert await store.commit([change_for(t2, t.state.version, inbox_id)]) == [
+        CommitResult.DUPLICATE
+    ]
+    assert await store.load(s.saga_id) == t.state
+    assert await store.history(s.saga_id) == history
+
+
+async def test_ignored_event_records_history_only(store: Store) -> None:
+    s = await create(store)
+    ignored = decide(DEF, s, ReplySucceeded(uuid.uuid4(), "stock"), T0)
+    assert not ignored.applied
+    inbox_id = uuid.uuid4()
+    assert await store.commit([change_for(ignored, s.version, inbox_id)]) == [CommitResult.RECORDED]
+    assert await store.load(s.saga_id) == s
+    kinds = [h.kind for h in await store.history(s.saga_id)]
+    assert kinds[-1] is HistoryKind.IGNORED
+    assert await store.commit([change_for(ignored, s.version, inbox_id)]) == [
+        CommitResult.DUPLICATE
+    ]
+
+
+async def test_batch_results_are_independent_and_ordered(store: Store) -> None:
+    a, b = await create(store), await create(store)
+    ta1 = decide(DEF, a, reply_ok(a), T0)
+    ta2 = decide(DEF, ta1.state, reply_ok(ta1.state), T0)  # same saga, next version, same batch
+    tb = decide(DEF, b, reply_ok(b), T0)
+    new = started()
+    results = await store.commit(
+        [
+            change_for(ta1, a.version),
+            change_for(tb, b.version + 1),  # stale
+            change_for(ta2, ta1.state.version),
+            change_for(new, None),
+        ]
+    )
+    assert results == [
+        CommitResult.APPLIED,
+        CommitResult.CONFLICT,
+        CommitResult.APPLIED,
+        CommitResult.APPLIED,
+    ]
+    final = await store.load(a.saga_id)
+    assert final is not None and final.status is SagaStatus.COMPLETED
+    assert await store.load(b.saga_id) == b
+    assert await store.load(new.state.saga_id) == new.state
+
+
+async def test_outbox_holds_committed_commands_until_marked_sent(store: Store) -> None:
+    t = started()
+    await store.commit([change_for(t, None)])
+    pending = await store.pending_outbox(100)
+    mine = [m for m in pending if m.saga_id == t.state.saga_id]
+    assert [m.message_id for m in mine] == [c.message_id for c in t.commands]
+    assert mine[0].routing_key == "stock" and mine[0].message_type == "stock.reserve"
+    assert mine[0].body == encode_command(t.commands[0], now=T0).body
+    await store.mark_sent([mine[0].message_id])
+    assert mine[0].message_id not in {m.message_id for m in await store.pending_outbox(100)}
+
+
+async def test_due_timers_in_deadline_order_and_only_due(store: Store) -> None:
+    early = await create(store, at=T0)
+    late = await create(store, at=T0 + timedelta(seconds=5))
+    assert early.deadline is not None and late.deadline is not None
+    assert await store.due_timers(early.deadline - timedelta(seconds=1), 10) == []
+    due = await store.due_timers(late.deadline, 10)
+    assert [(d.saga_id, d.timer_id) for d in due] == [
+        (early.saga_id, early.awaiting),
+        (late.saga_id, late.awaiting),
+    ]
+    assert len(await store.due_timers(late.deadline, 1)) == 1
+
+
+async def test_idle_sagas_have_no_timer(store: Store) -> None:
+    s = await create(store)
+    t1 = decide(DEF, s, reply_ok(s), T0)
+    t2 = decide(DEF, t1.state, reply_ok(t1.state), T0)
+    await store.commit([change_for(t1, s.version), change_for(t2, t1.state.version)])
+    assert t2.state.phase is Phase.IDLE
+    assert await store.due_timers(T0 + timedelta(days=365), 10) == []
+
+
+async def test_history_keeps_order_and_fields(store: Store) -> None:
+    s = await create(store)
+    t = decide(DEF, s, reply_ok(s), T0 + timedelta(seconds=2))
+    await store.commit([change_for(t, s.version)])
+    history = await store.history(s.saga_id)
+    created = decide(DEF, None, Started(s.saga_id, dict(s.context.input)), T0).history
+    assert [h.kind for h in history] == [h.kind for h in created] + [h.kind for h in t.history]
+    assert history[-1] == t.history[-1]
+
+
+async def test_list_filters_and_keyset_paging(store: Store) -> None:
+    created = [await create(store, key=f"k{i}", at=T0 + timedelta(seconds=i)) for i in range(5)]
+    done = decide(DEF, created[0], reply_ok(created[0]), T0)
+    done = replace(done, state=replace(done.state))
+    await store.commit([change_for(done, created[0].version)])
+    page1 = await store.list_sagas(SagaFilter(limit=2))
+    page2 = await store.list_sagas(SagaFilter(limit=2, after=page1[-1].saga_id))
+    page3 = await store.list_sagas(SagaFilter(limit=2, after=page2[-1].saga_id))
+    assert [s.saga_id for s in page1 + page2 + page3] == [s.saga_id for s in created]
+    by_key = await store.list_sagas(SagaFilter(key="k3"))
+    assert [s.saga_id for s in by_key] == [created[3].saga_id]
+    running = await store.list_sagas(SagaFilter(status=SagaStatus.RUNNING, name="order"))
+    assert len(running) == 5
+    assert await store.list_sagas(SagaFilter(name="nope")) == []
