@@ -2,13 +2,20 @@
 
 from __future__ import annotations
 
+import asyncio
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, NoReturn
 
 import typer
+from sqlalchemy.exc import SQLAlchemyError
 
 from contracts.schema import write_bundle
 from saga import __version__
+from saga.errors import ConfigError
+from saga.logs import configure_logging
+from saga.service import OrchestratorService, load_registry
+from saga.settings import load_settings
+from saga.store.sql import SqlStore
 
 app = typer.Typer(
     name="saga",
@@ -30,6 +37,55 @@ def version() -> None:
 def demo() -> None:
     """Run the demo stack: orchestrator and the Order, Payment, Inventory and Shipping services."""
     typer.echo("saga demo: the demo services arrive in a later change; nothing to run yet.")
+
+
+def _fail(exc: Exception) -> NoReturn:
+    typer.echo(f"error: {exc}", err=True)
+    raise typer.Exit(code=2)
+
+
+@app.command()
+def run(
+    migrate: Annotated[
+        bool, typer.Option("--migrate", help="Apply missing schema migrations before starting.")
+    ] = False,
+) -> None:
+    """Run the orchestrator service (settings from SAGA_* environment variables)."""
+    configure_logging()
+    try:
+        settings = load_settings(**({"auto_migrate": True} if migrate else {}))
+        if not settings.definitions:
+            raise ConfigError(
+                "SAGA_DEFINITIONS is not set: point it at your Registry, e.g. "
+                "SAGA_DEFINITIONS=myapp.sagas:registry"
+            )
+        registry = load_registry(settings.definitions)
+        asyncio.run(OrchestratorService(settings, registry).serve())
+    except ConfigError as exc:
+        _fail(exc)
+
+
+@app.command()
+def migrate() -> None:
+    """Apply missing schema migrations to SAGA_DATABASE_URL and print the version."""
+    try:
+        settings = load_settings()
+    except ConfigError as exc:
+        _fail(exc)
+
+    async def go() -> tuple[list[int], int]:
+        store = SqlStore(settings.database_url)
+        try:
+            applied = await store.migrate()
+            return applied, await store.current_version()
+        finally:
+            await store.close()
+
+    try:
+        applied, version = asyncio.run(go())
+    except (OSError, SQLAlchemyError) as exc:
+        _fail(ConfigError(f"cannot migrate {settings.database_url}: {exc}"))
+    typer.echo(f"schema at version {version}" + (f" (applied {applied})" if applied else ""))
 
 
 @schema_app.command("export")

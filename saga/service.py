@@ -1,0 +1,329 @@
+"""The orchestrator service: the runtime wired to RabbitMQ and the SQL store.
+
+On start it checks the schema, takes the single-instance lock on a SQLite file, declares the
+topology, and resumes: the relay publishes whatever the outbox still holds and the timer loop
+fires every deadline that passed while it was down. Messages are acked only after the
+transaction that applied them committed; SIGTERM stops consuming, lets in-flight messages finish,
+flushes the outbox once more and exits.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import fcntl
+import importlib
+import os
+import signal
+from collections.abc import Awaitable, Callable, Mapping
+from pathlib import Path
+from typing import IO, Any, TypeVar
+
+import structlog
+from aio_pika.abc import AbstractIncomingMessage, AbstractQueue, AbstractRobustConnection
+
+from contracts.common import ContractError
+from contracts.envelope import ReplyEnvelope, StartSaga, parse
+from saga.definition import Registry
+from saga.errors import ConfigError, MessageError, UnknownSagaError
+from saga.faults import crash_point
+from saga.ports import Clock
+from saga.relay import Relay
+from saga.runtime import Orchestrator
+from saga.settings import Settings
+from saga.state import JSON, SagaState
+from saga.store.sql import SqlStore
+from saga.transport.amqp import Publisher, connect, declare
+from saga.transport.topology import Topology
+
+__all__ = ["OrchestratorService", "load_registry"]
+
+log = structlog.get_logger("saga.service")
+
+_M = TypeVar("_M", ReplyEnvelope, StartSaga)
+
+
+def load_registry(path: str) -> Registry:
+    """Import ``module:attribute``; the attribute is a Registry or a callable returning one."""
+    if ":" not in path:
+        raise ConfigError(
+            f"SAGA_DEFINITIONS={path!r}: expected module:attribute, e.g. myapp.sagas:registry"
+        )
+    module_name, attr = path.split(":", 1)
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise ConfigError(f"SAGA_DEFINITIONS: cannot import {module_name!r}: {exc}") from exc
+    target = getattr(module, attr, None)
+    if target is None:
+        raise ConfigError(f"SAGA_DEFINITIONS: {module_name!r} has no attribute {attr!r}")
+    registry = target() if callable(target) and not isinstance(target, Registry) else target
+    if not isinstance(registry, Registry):
+        raise ConfigError(f"SAGA_DEFINITIONS: {path} is not a saga.Registry")
+    return registry
+
+
+class _SqliteLock:
+    """One orchestrator per SQLite file: a second one would race the first for timers and
+    outbox rows, which SQLite cannot arbitrate. PostgreSQL is for several instances."""
+
+    def __init__(self, database_url: str):
+        db = database_url.split(":///", 1)[1] if ":///" in database_url else ""
+        self.path = Path(f"{db}.lock") if db and db != ":memory:" else None
+        self._file: IO[str] | None = None
+
+    def acquire(self) -> None:
+        if self.path is None:
+            return
+        self._file = self.path.open("a+")
+        try:
+            fcntl.flock(self._file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            self._file.seek(0)
+            holder = self._file.read().strip() or "unknown"
+            self._file.close()
+            self._file = None
+            raise ConfigError(
+                f"another orchestrator (pid {holder}) is using this SQLite database "
+                f"({self.path.with_suffix('')}); SQLite supports one orchestrator. Stop it, or "
+                "use PostgreSQL (SAGA_DATABASE_URL=postgresql+asyncpg://...) for several."
+            ) from None
+        self._file.truncate(0)
+        self._file.write(str(os.getpid()))
+        self._file.flush()
+
+    def release(self) -> None:
+        if self._file is not None:
+            fcntl.flock(self._file, fcntl.LOCK_UN)
+            self._file.close()
+            self._file = None
+
+
+class OrchestratorService:
+    def __init__(self, settings: Settings, registry: Registry, *, clock: Clock | None = None):
+        self.settings = settings
+        self.registry = registry
+        self.topology = Topology(prefix=settings.prefix, quorum=settings.quorum_queues)
+        self.store = SqlStore(settings.database_url, sqlite_synchronous=settings.sqlite_synchronous)
+        self._lock = _SqliteLock(settings.database_url) if settings.is_sqlite else None
+        self.relay: Relay | None = None
+        self.orchestrator = Orchestrator(
+            registry,
+            self.store,
+            clock=clock,
+            reply_to=self.topology.reply_queue,
+            commands_exchange=self.topology.commands_exchange,
+            max_batch=settings.max_batch,
+            on_commit=self._on_commit,
+        )
+        self._connection: AbstractRobustConnection | None = None
+        self._publisher: Publisher | None = None
+        self._consumers: list[tuple[AbstractQueue, str]] = []
+        self._tasks: list[asyncio.Task[None]] = []
+        self._in_flight: set[asyncio.Task[Any]] = set()
+        self._stopped = asyncio.Event()
+        self.dead_lettered = 0
+
+    # --- lifecycle -----------------------------------------------------------------------
+
+    async def start(self) -> None:
+        if self._lock is not None:
+            self._lock.acquire()
+        try:
+            if self.settings.auto_migrate:
+                await self.store.migrate()
+            await self.store.setup()
+            self._connection = await connect(self.settings.rabbitmq_url)
+            self._publisher = Publisher(self._connection)
+            channel = await self._connection.channel()
+            participants = {s.participant for d in self.registry.all() for s in d.steps}
+            if self.registry.participants is not None:
+                participants |= set(self.registry.participants)
+            await declare(channel, self.topology, participants)
+            await channel.set_qos(prefetch_count=self.settings.prefetch)
+            self.relay = Relay(
+                self.store,
+                self._publisher.publish,
+                batch=self.settings.relay_batch,
+                max_in_flight=self.settings.relay_in_flight,
+                poll_interval=self.settings.relay_poll_interval,
+            )
+            self._tasks = [
+                asyncio.create_task(self.relay.run(), name="saga-relay"),
+                asyncio.create_task(self._timer_loop(), name="saga-timers"),
+            ]
+            for queue_name, handler in (
+                (self.topology.reply_queue, self._on_reply),
+                (self.topology.start_queue, self._on_start),
+            ):
+                queue = await channel.get_queue(queue_name, ensure=False)
+                tag = await queue.consume(self._tracked(handler, queue_name))
+                self._consumers.append((queue, tag))
+        except BaseException:
+            await self._close()
+            raise
+        log.info(
+            "orchestrator_started",
+            sagas=[f"{d.name}@v{d.version}" for d in self.registry.all()],
+            database=self.store.safe_url,
+            prefix=self.settings.prefix,
+        )
+
+    async def serve(self) -> None:
+        """Run until SIGTERM or SIGINT, then shut down gracefully."""
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self._stopped.set)
+        await self.start()
+        await self._stopped.wait()
+        await self.stop()
+
+    async def stop(self) -> None:
+        log.info("orchestrator_stopping", in_flight=len(self._in_flight))
+        for queue, tag in self._consumers:
+            with contextlib.suppress(Exception):
+                await queue.cancel(tag)
+        self._consumers.clear()
+        if self._in_flight:
+            await asyncio.wait(self._in_flight, timeout=self.settings.shutdown_timeout)
+        await self.orchestrator.drained()
+        if self.relay is not None:
+            with contextlib.suppress(Exception):
+                await self.relay.flush()
+            self.relay.stop()
+        await self._close()
+        log.info("orchestrator_stopped")
+
+    async def _close(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+        self._tasks.clear()
+        if self._publisher is not None:
+            with contextlib.suppress(Exception):
+                await self._publisher.close()
+        if self._connection is not None:
+            with contextlib.suppress(Exception):
+                await self._connection.close()
+        await self.store.close()
+        if self._lock is not None:
+            self._lock.release()
+
+    def _on_commit(self) -> None:
+        crash_point("after_commit_before_publish")
+        if self.relay is not None:
+            self.relay.wake()
+
+    async def start_saga(
+        self, name: str, input: Mapping[str, JSON], *, key: str | None = None
+    ) -> SagaState:
+        """Start a saga in-process; idempotent by ``key``."""
+        return await self.orchestrator.start(name, input, key=key)
+
+    # --- consumers -----------------------------------------------------------------------
+
+    def _tracked(
+        self, handler: Callable[[AbstractIncomingMessage, str], Awaitable[None]], queue: str
+    ) -> Callable[[AbstractIncomingMessage], Awaitable[None]]:
+        async def run(message: AbstractIncomingMessage) -> None:
+            task = asyncio.current_task()
+            assert task is not None
+            self._in_flight.add(task)
+            try:
+                await handler(message, queue)
+            finally:
+                self._in_flight.discard(task)
+
+        return run
+
+    async def _dead_letter(
+        self, message: AbstractIncomingMessage, queue: str, reason: str, detail: str
+    ) -> None:
+        assert self._publisher is not None
+        log.warning(
+            "message_dead_lettered",
+            queue=queue,
+            reason=reason,
+            detail=detail,
+            message_id=message.message_id,
+        )
+        await self._publisher.dead_letter(
+            message, queue=queue, topology=self.topology, reason=reason, detail=detail
+        )
+        self.dead_lettered += 1
+        await message.ack()
+
+    async def _parse_or_dead_letter(
+        self, message: AbstractIncomingMessage, queue: str, model: type[_M]
+    ) -> _M | None:
+        if len(message.body) > self.settings.max_message_bytes:
+            await self._dead_letter(
+                message,
+                queue,
+                "too_large",
+                f"{len(message.body)} bytes > limit {self.settings.max_message_bytes}",
+            )
+            return None
+        if message.content_type not in (None, "application/json"):
+            await self._dead_letter(
+                message, queue, "wrong_content_type", f"content type {message.content_type!r}"
+            )
+            return None
+        try:
+            return parse(model, message.body, max_bytes=self.settings.max_message_bytes)
+        except ContractError as exc:
+            await self._dead_letter(message, queue, exc.reason, exc.detail)
+            return None
+
+    async def _on_reply(self, message: AbstractIncomingMessage, queue: str) -> None:
+        reply = await self._parse_or_dead_letter(message, queue, ReplyEnvelope)
+        if reply is None:
+            return
+        try:
+            result = await self.orchestrator.handle_reply(reply)
+        except MessageError as exc:
+            await self._dead_letter(message, queue, exc.reason, exc.detail)
+            return
+        except Exception as exc:
+            await self._retry_later(message, exc)
+            return
+        crash_point("after_reply_commit_before_ack")
+        await message.ack()
+        log.debug("reply_applied", saga_id=str(reply.saga_id), outcome=result.outcome.value)
+
+    async def _on_start(self, message: AbstractIncomingMessage, queue: str) -> None:
+        request = await self._parse_or_dead_letter(message, queue, StartSaga)
+        if request is None:
+            return
+        try:
+            await self.orchestrator.start(
+                request.saga_name,
+                dict(request.input),
+                key=request.key,
+                inbox_id=request.message_id,
+            )
+        except UnknownSagaError as exc:
+            await self._dead_letter(message, queue, "unknown_saga_name", str(exc))
+            return
+        except Exception as exc:
+            await self._retry_later(message, exc)
+            return
+        await message.ack()
+
+    async def _retry_later(self, message: AbstractIncomingMessage, exc: Exception) -> None:
+        """The store failed: nothing was committed, so hand the message back, after a pause
+        so a database outage does not turn into a redelivery storm."""
+        log.warning("apply_failed_will_retry", error=repr(exc), message_id=message.message_id)
+        await asyncio.sleep(1.0)
+        with contextlib.suppress(Exception):
+            await message.nack(requeue=True)
+
+    async def _timer_loop(self) -> None:
+        while True:
+            try:
+                await self.orchestrator.fire_due_timers()
+            except Exception as exc:
+                log.warning("timer_loop_failed", error=repr(exc))
+            await asyncio.sleep(self.settings.timer_interval)

@@ -1,0 +1,1 @@
+"""RabbitMQ transport: topology (pure), publishing with confirms, consuming with manual acks."""

@@ -1,0 +1,183 @@
+"""aio-pika plumbing: connect, declare the topology, publish with confirms, dead-letter.
+
+Publishing channels are opened with ``publisher_confirms=True`` and ``on_return_raises=True``:
+aio-pika's default is to treat a returned (unroutable) ``mandatory`` message as delivered, which
+would let the relay mark a command sent that no queue ever received.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterable, Mapping
+from datetime import UTC, datetime
+from typing import Any
+
+import aio_pika
+import aiormq
+from aio_pika.abc import (
+    AbstractChannel,
+    AbstractExchange,
+    AbstractIncomingMessage,
+    AbstractRobustConnection,
+)
+
+from saga.errors import ConfigError
+from saga.ports import OutboxMessage
+from saga.transport.topology import (
+    DEAD_LETTER_DETAIL,
+    DEAD_LETTER_QUEUE,
+    DEAD_LETTER_REASON,
+    Topology,
+)
+
+__all__ = ["PublishRefusedError", "Publisher", "connect", "declare", "safe_url"]
+
+
+class PublishRefusedError(Exception):
+    """The broker returned or nacked a message: it is not in any queue."""
+
+
+def safe_url(url: str) -> str:
+    """The URL with its password hidden, for error messages and logs."""
+    if "@" not in url or "://" not in url:
+        return url
+    scheme, rest = url.split("://", 1)
+    creds, host = rest.rsplit("@", 1)
+    user = creds.split(":", 1)[0]
+    return f"{scheme}://{user}:***@{host}"
+
+
+async def connect(url: str, *, connect_timeout: float = 10.0) -> AbstractRobustConnection:
+    """A robust connection (reconnects and re-declares by itself), or a clear ConfigError."""
+    try:
+        return await aio_pika.connect_robust(url, timeout=connect_timeout)
+    except (OSError, TimeoutError, aiormq.exceptions.AMQPError) as exc:
+        raise ConfigError(
+            f"cannot reach RabbitMQ at {safe_url(url)}: {exc!r}. Is it running? "
+            "Set SAGA_RABBITMQ_URL to its amqp:// address."
+        ) from exc
+
+
+async def declare(
+    channel: AbstractChannel, topology: Topology, participants: Iterable[str]
+) -> None:
+    """Declare every exchange, queue and binding; idempotent."""
+    names = list(participants)
+    exchanges: dict[str, AbstractExchange] = {}
+    for spec in topology.exchanges():
+        exchanges[spec.name] = await channel.declare_exchange(
+            spec.name, aio_pika.ExchangeType(spec.kind), durable=True
+        )
+    queues = {}
+    for q in topology.queues(names):
+        queues[q.name] = await channel.declare_queue(
+            q.name, durable=True, arguments=dict[str, Any](q.arguments)
+        )
+    for b in topology.bindings(names):
+        await queues[b.queue].bind(exchanges[b.exchange], routing_key=b.routing_key)
+
+
+class Publisher:
+    """Persistent messages on a confirm channel; each publish returns after its confirm."""
+
+    def __init__(self, connection: AbstractRobustConnection):
+        self._connection = connection
+        self._channel: AbstractChannel | None = None
+        self._exchanges: dict[str, AbstractExchange] = {}
+        self._lock = asyncio.Lock()
+
+    async def _exchange(self, name: str) -> AbstractExchange:
+        async with self._lock:
+            if self._channel is None or self._channel.is_closed:
+                self._channel = await self._connection.channel(
+                    publisher_confirms=True, on_return_raises=True
+                )
+                self._exchanges.clear()
+            if name not in self._exchanges:
+                self._exchanges[name] = (
+                    self._channel.default_exchange
+                    if name == ""
+                    else await self._channel.get_exchange(name, ensure=False)
+                )
+            return self._exchanges[name]
+
+    async def publish(self, message: OutboxMessage) -> None:
+        """Return once the broker confirmed the message; raise PublishRefusedError if it did not."""
+        await self.publish_raw(
+            exchange=message.exchange,
+            routing_key=message.routing_key,
+            body=message.body,
+            message_id=str(message.message_id),
+            correlation_id=str(message.saga_id),
+            message_type=message.message_type,
+            headers=message.headers,
+            timestamp=message.created_at,
+        )
+
+    async def publish_raw(
+        self,
+        *,
+        exchange: str,
+        routing_key: str,
+        body: bytes,
+        message_id: str | None,
+        correlation_id: str | None = None,
+        message_type: str | None = None,
+        headers: Mapping[str, str] | None = None,
+        timestamp: datetime | None = None,
+        content_type: str | None = "application/json",
+    ) -> None:
+        target = await self._exchange(exchange)
+        msg = aio_pika.Message(
+            body,
+            message_id=message_id,
+            correlation_id=correlation_id,
+            type=message_type,
+            headers=dict(headers or {}),
+            content_type=content_type,
+            delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+            timestamp=timestamp or datetime.now(UTC),
+        )
+        try:
+            confirmation = await target.publish(msg, routing_key=routing_key, mandatory=True)
+        except aio_pika.exceptions.DeliveryError as exc:
+            raise PublishRefusedError(f"broker returned the message: {exc}") from exc
+        if not isinstance(confirmation, aiormq.spec.Basic.Ack):
+            raise PublishRefusedError(f"broker did not confirm the message: {confirmation!r}")
+
+    async def dead_letter(
+        self,
+        message: AbstractIncomingMessage,
+        *,
+        queue: str,
+        topology: Topology,
+        reason: str,
+        detail: str,
+    ) -> None:
+        """Copy ``message`` to ``queue``'s dead-letter queue with the reason in headers.
+
+        The caller acks the original only after this returns (the copy is confirmed), so the
+        message is never in neither place.
+        """
+        headers = {str(k): str(v) for k, v in (message.headers or {}).items()}
+        headers.update(
+            {
+                DEAD_LETTER_REASON: reason,
+                DEAD_LETTER_DETAIL: detail[:1000],
+                DEAD_LETTER_QUEUE: queue,
+            }
+        )
+        await self.publish_raw(
+            exchange=topology.dead_letter_exchange,
+            routing_key=topology.dead_letter_queue(queue),
+            body=message.body,
+            message_id=message.message_id,
+            correlation_id=message.correlation_id,
+            message_type=message.type,
+            headers=headers,
+            content_type=message.content_type,
+        )
+
+    async def close(self) -> None:
+        if self._channel is not None and not self._channel.is_closed:
+            await self._channel.close()
