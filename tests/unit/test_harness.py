@@ -1,0 +1,123 @@
+"""The in-memory harness drives the production orchestrator; these check it end to end."""
+
+import asyncio
+from datetime import timedelta
+
+import pytest
+
+from saga import HistoryKind, RetryPolicy, SagaDefinition, SagaStatus, Step
+from saga.runtime import Outcome
+from saga.testing import FakeClock, Harness, fail, ok, silence
+
+PAY = SagaDefinition(
+    "pay",
+    1,
+    [
+        Step("reserve", participant="stock", action="stock.reserve", compensation="stock.release"),
+        Step(
+            "charge",
+            participant="bank",
+            action="bank.charge",
+            compensation="bank.refund",
+            payload=lambda ctx: {
+                "hold": ctx.output("reserve")["hold"],
+                "amount": ctx.input["amount"],
+            },
+            timeout=timedelta(seconds=3),
+            retry=RetryPolicy(max_attempts=2, initial_backoff=timedelta(seconds=1)),
+            compensation_retry=RetryPolicy(max_attempts=2, initial_backoff=timedelta(seconds=1)),
+        ),
+    ],
+)
+
+
+def harness() -> Harness:
+    h = Harness([PAY])
+    h.on("stock.reserve", lambda cmd: ok(hold="H1"))
+    h.on("stock.release", lambda cmd: ok())
+    h.on("bank.charge", lambda cmd: ok(payment="P1"))
+    h.on("bank.refund", lambda cmd: ok())
+    return h
+
+
+async def test_outputs_flow_into_later_payloads() -> None:
+    h = harness()
+    saga = await h.run("pay", {"amount": "12.50"})
+    assert saga.status is SagaStatus.COMPLETED
+    charge = next(c for c in h.delivered if c.command_type == "bank.charge")
+    assert charge.payload == {"hold": "H1", "amount": "12.50"}
+    assert saga.context.output("charge") == {"payment": "P1"}
+
+
+async def test_timeout_retries_then_compensates_both_steps_in_reverse() -> None:
+    h = harness()
+    h.on("bank.charge", silence)
+    start = h.clock.now()
+    saga = await h.run("pay", {"amount": "1.00"})
+    assert saga.status is SagaStatus.COMPENSATED
+    assert h.commands(saga.saga_id) == [
+        "stock.reserve",
+        "bank.charge",
+        "bank.charge",
+        "bank.refund",
+        "stock.release",
+    ]
+    assert h.clock.now() - start >= timedelta(seconds=6)  # two 3 s timeouts on the fake clock
+    kinds = [e.kind for e in await h.history(saga.saga_id)]
+    assert kinds.count(HistoryKind.STEP_TIMED_OUT) == 2
+
+
+async def test_stuck_compensation_fails_then_operator_retry_compensates() -> None:
+    h = harness()
+    h.on("bank.charge", lambda cmd: fail("declined"))
+    h.on("stock.release", lambda cmd: fail("locked", retryable=True))
+    saga = await h.run("pay", {"amount": "1.00"})
+    assert saga.status is SagaStatus.FAILED and saga.stuck_step == "reserve"
+    h.on("stock.release", lambda cmd: ok())
+    result = await h.orchestrator.retry(saga.saga_id, actor="ops", reason="unlocked by hand")
+    assert result.outcome is Outcome.APPLIED
+    await h.settle()
+    final = await h.saga(saga.saga_id)
+    assert final.status is SagaStatus.COMPENSATED
+    operator = [e for e in await h.history(saga.saga_id) if e.kind is HistoryKind.OPERATOR]
+    assert operator[0].actor == "ops" and "unlocked by hand" in operator[0].detail
+
+
+async def test_start_is_idempotent_by_key() -> None:
+    h = harness()
+    first = await h.start("pay", {"amount": "1.00"}, key="order-7")
+    second = await h.start("pay", {"amount": "999.00"}, key="order-7")
+    assert first == second
+    await h.settle()
+    assert h.commands(first).count("stock.reserve") == 1
+
+
+async def test_rejected_operator_action_changes_nothing() -> None:
+    h = harness()
+    saga = await h.run("pay", {"amount": "1.00"})
+    result = await h.orchestrator.abort(saga.saga_id, actor="ops", reason="too late")
+    assert result.outcome is Outcome.IGNORED
+    assert (await h.saga(saga.saga_id)).version == saga.version
+
+
+async def test_concurrent_events_share_commits() -> None:
+    h = harness()
+    h.on("stock.reserve", silence)
+    ids = await asyncio.gather(*(h.start("pay", {"amount": "1.00"}) for _ in range(50)))
+    assert len(set(ids)) == 50
+    assert h.orchestrator.batches < 50  # group commit: fewer transactions than events
+    await h.deliver()
+    h.clock.advance(timedelta(seconds=11))
+    assert await h.orchestrator.fire_due_timers() == 50
+
+
+async def test_missing_participant_is_a_clear_error() -> None:
+    h = Harness([PAY])
+    with pytest.raises(LookupError, match=r"harness.on\('stock.reserve', ...\)"):
+        await h.run("pay", {"amount": "1.00"})
+
+
+def test_fake_clock_only_moves_forward() -> None:
+    clock = FakeClock()
+    with pytest.raises(ValueError, match="only moves forward"):
+        clock.advance(-1)
