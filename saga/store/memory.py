@@ -15,6 +15,9 @@ from saga.state import HistoryEntry, Phase, SagaState
 
 __all__ = ["MemoryStore"]
 
+#: a later change to the same saga in one batch was decided on top of these, so it must not land
+_NOT_WRITTEN = (CommitResult.CONFLICT, CommitResult.DUPLICATE)
+
 
 class MemoryStore:
     def __init__(self) -> None:
@@ -41,7 +44,18 @@ class MemoryStore:
 
     async def commit(self, changes: Sequence[Change]) -> list[CommitResult]:
         async with self._lock:
-            return [self._apply(change) for change in changes]
+            results: list[CommitResult] = []
+            broken: set[UUID] = set()  # sagas whose earlier change in this batch did not land
+            for change in changes:
+                saga_id = change.transition.state.saga_id
+                if saga_id in broken:
+                    results.append(CommitResult.CONFLICT)
+                    continue
+                result = self._apply(change)
+                if change.transition.applied and result in _NOT_WRITTEN:
+                    broken.add(saga_id)
+                results.append(result)
+            return results
 
     def _apply(self, change: Change) -> CommitResult:
         if change.inbox_id is not None and change.inbox_id in self._inbox:

@@ -194,9 +194,22 @@ class SqlStore:
         history_rows: list[dict[str, Any]] = []
         outbox_rows: list[dict[str, Any]] = []
         now = _now()
+        broken: set[UUID] = set()  # sagas whose earlier change in this batch did not land
         async with self._write.begin() as conn:
             for change in changes:
-                results.append(await self._apply(conn, change, now, history_rows, outbox_rows))
+                saga_id = change.transition.state.saga_id
+                if saga_id in broken:
+                    # decided on top of a state that was not written: never let it land, even
+                    # if another instance moved the saga to the version it expects
+                    results.append(CommitResult.CONFLICT)
+                    continue
+                result = await self._apply(conn, change, now, history_rows, outbox_rows)
+                if change.transition.applied and result in (
+                    CommitResult.CONFLICT,
+                    CommitResult.DUPLICATE,
+                ):
+                    broken.add(saga_id)
+                results.append(result)
             if history_rows:
                 await conn.execute(history.insert(), history_rows)
             if outbox_rows:

@@ -204,3 +204,28 @@ async def test_list_filters_and_keyset_paging(store: Store) -> None:
     running = await store.list_sagas(SagaFilter(status=SagaStatus.RUNNING, name="order"))
     assert len(running) == 5
     assert await store.list_sagas(SagaFilter(name="nope")) == []
+
+
+async def test_a_change_decided_on_a_conflicted_one_never_lands(store: Store) -> None:
+    """Two changes for one saga in one batch: the first conflicts, so the second (decided on
+    top of it) must not land even when its expected version happens to match the store."""
+    s = await create(store)
+    first = decide(DEF, s, reply_ok(s), T0)  # would take the saga to version 2
+    # another instance already moved the saga to version 2 on its own
+    other = decide(DEF, s, ReplySucceeded(uuid.uuid4(), "stock"), T0)
+    assert not other.applied
+    moved = replace(s, version=s.version + 1, failure="changed elsewhere")
+    assert await store.commit([Change(Transition(moved), expected_version=s.version)]) == [
+        CommitResult.APPLIED
+    ]
+    second = decide(DEF, first.state, reply_ok(first.state), T0)
+    ignored = decide(DEF, first.state, ReplySucceeded(uuid.uuid4(), "pay"), T0)
+    results = await store.commit(
+        [
+            change_for(first, s.version),  # stale: conflicts
+            change_for(second, first.state.version),  # matches version 2, but must not land
+            change_for(ignored, first.state.version, inbox=uuid.uuid4()),
+        ]
+    )
+    assert results == [CommitResult.CONFLICT] * 3
+    assert await store.load(s.saga_id) == moved
