@@ -148,10 +148,7 @@ class OrchestratorService:
                 max_in_flight=self.settings.relay_in_flight,
                 poll_interval=self.settings.relay_poll_interval,
             )
-            self._tasks = [
-                asyncio.create_task(self.relay.run(), name="saga-relay"),
-                asyncio.create_task(self._timer_loop(), name="saga-timers"),
-            ]
+            self._tasks = [asyncio.create_task(self.relay.run(), name="saga-relay")]
             for queue_name, handler in (
                 (self.topology.reply_queue, self._on_reply),
                 (self.topology.start_queue, self._on_start),
@@ -159,6 +156,9 @@ class OrchestratorService:
                 queue = await channel.get_queue(queue_name, ensure=False)
                 tag = await queue.consume(self._tracked(handler, queue_name))
                 self._consumers.append((queue, tag))
+            # Timers start last and after a grace period: replies that arrived while we were
+            # down are already queued, and applying them beats timing their commands out.
+            self._tasks.append(asyncio.create_task(self._timer_loop(), name="saga-timers"))
         except BaseException:
             await self._close()
             raise
@@ -321,6 +321,7 @@ class OrchestratorService:
             await message.nack(requeue=True)
 
     async def _timer_loop(self) -> None:
+        await asyncio.sleep(self.settings.timer_grace)
         while True:
             try:
                 await self.orchestrator.fire_due_timers()

@@ -36,6 +36,7 @@ class Settings(BaseSettings):
     relay_in_flight: int = Field(256, ge=1, le=10_000)
     relay_poll_interval: float = Field(1.0, gt=0, le=60)
     timer_interval: float = Field(0.1, gt=0, le=60)
+    timer_grace: float = Field(1.0, ge=0, le=600)
     auto_migrate: bool = False
     sqlite_synchronous: Literal["FULL", "NORMAL", "EXTRA"] = "FULL"
     shutdown_timeout: float = Field(10.0, gt=0, le=600)
