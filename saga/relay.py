@@ -41,6 +41,7 @@ class Relay:
         self.max_backoff = max_backoff
         self._slots = asyncio.Semaphore(max_in_flight)
         self._wake = asyncio.Event()
+        self._flushing = asyncio.Lock()  # one flush at a time, or two would send the same rows
         self._stopping = False
         self.published = 0
         self.failures = 0
@@ -76,6 +77,10 @@ class Relay:
 
         Raises when any publish failed (after marking the confirmed ones), so ``run`` backs off.
         """
+        async with self._flushing:
+            return await self._flush()
+
+    async def _flush(self) -> int:
         pending = await self.store.pending_outbox(self.batch)
         if not pending:
             return 0

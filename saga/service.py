@@ -188,9 +188,12 @@ class OrchestratorService:
             await asyncio.wait(self._in_flight, timeout=self.settings.shutdown_timeout)
         await self.orchestrator.drained()
         if self.relay is not None:
+            self.relay.stop()
+            relay_tasks = [t for t in self._tasks if t.get_name() == "saga-relay"]
+            if relay_tasks:
+                await asyncio.wait(relay_tasks, timeout=self.settings.shutdown_timeout)
             with contextlib.suppress(Exception):
                 await self.relay.flush()
-            self.relay.stop()
         await self._close()
         log.info("orchestrator_stopped")
 
