@@ -33,12 +33,6 @@ def version() -> None:
     typer.echo(__version__)
 
 
-@app.command()
-def demo() -> None:
-    """Run the demo stack: orchestrator and the Order, Payment, Inventory and Shipping services."""
-    typer.echo("saga demo: the demo services arrive in a later change; nothing to run yet.")
-
-
 def _fail(exc: Exception) -> NoReturn:
     typer.echo(f"error: {exc}", err=True)
     raise typer.Exit(code=2)

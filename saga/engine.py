@@ -124,7 +124,7 @@ def _start(d: SagaDefinition, event: Started, out: _Out) -> SagaState:
         definition_version=d.version,
         status=SagaStatus.RUNNING,
         steps=tuple(StepState(step.name) for step in d.steps),
-        context=SagaContext(dict(event.input), {}),
+        context=SagaContext(dict(event.input), {}, event.saga_id),
         current=0,
         direction=Direction.ACTION,
         attempt=0,

@@ -17,6 +17,7 @@ POINTS = (
     "after_publish_before_confirm",
     "after_confirm_before_mark",
     "after_reply_commit_before_ack",
+    "participant_after_commit_before_reply",  # a service applied its effect, no reply yet
 )
 
 _target = os.environ.get("SAGA_FAULT_POINT")

@@ -22,6 +22,7 @@ __all__ = [
     "CommitResult",
     "DueTimer",
     "OutboxMessage",
+    "OutboxSource",
     "SagaFilter",
     "Store",
     "SystemClock",
@@ -88,6 +89,14 @@ class SagaFilter:
     key: str | None = None
     limit: int = 100
     after: UUID | None = None  # keyset paging: sagas created after this one
+
+
+class OutboxSource(Protocol):
+    """What the relay needs: rows to publish, and a way to mark them sent."""
+
+    async def pending_outbox(self, limit: int) -> list[OutboxMessage]: ...
+
+    async def mark_sent(self, message_ids: Sequence[UUID]) -> None: ...
 
 
 class Store(Protocol):

@@ -16,7 +16,7 @@ from uuid import UUID
 import structlog
 
 from saga.faults import armed, crash_point
-from saga.ports import OutboxMessage, Store
+from saga.ports import OutboxMessage, OutboxSource
 
 __all__ = ["Relay"]
 
@@ -26,7 +26,7 @@ log = structlog.get_logger("saga.relay")
 class Relay:
     def __init__(
         self,
-        store: Store,
+        store: OutboxSource,
         publish: Callable[[OutboxMessage], Awaitable[None]],
         *,
         batch: int = 500,

@@ -87,6 +87,8 @@ class SagaContext:
 
     input: Mapping[str, JSON] = field(default_factory=dict)
     outputs: Mapping[str, Mapping[str, JSON]] = field(default_factory=dict)
+    #: the saga's own id: a natural business key for participants (e.g. an order reference)
+    saga_id: UUID | None = None
 
     def output(self, step: str) -> Mapping[str, JSON]:
         """The data ``step`` replied with; a clear error if it has not succeeded yet."""
@@ -99,7 +101,7 @@ class SagaContext:
             ) from None
 
     def with_output(self, step: str, data: Mapping[str, JSON]) -> SagaContext:
-        return SagaContext(self.input, {**self.outputs, step: dict(data)})
+        return SagaContext(self.input, {**self.outputs, step: dict(data)}, self.saga_id)
 
 
 @dataclass(frozen=True, slots=True)

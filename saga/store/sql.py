@@ -45,7 +45,35 @@ from saga.state import (
 )
 from saga.store.schema import HEAD, MIGRATIONS, history, inbox, outbox, sagas, schema_version
 
-__all__ = ["SqlStore"]
+__all__ = ["SqlStore", "sqlite_engine"]
+
+
+def sqlite_engine(
+    url: str, *, immediate: bool, synchronous: str = "FULL", busy_timeout_ms: int = 10_000
+) -> AsyncEngine:
+    """An aiosqlite engine set up as the module docstring explains; ``immediate`` makes every
+    transaction ``BEGIN IMMEDIATE`` (for writers)."""
+    engine = create_async_engine(url, connect_args={"timeout": busy_timeout_ms / 1000})
+
+    @event.listens_for(engine.sync_engine, "connect")
+    def _on_connect(dbapi_connection: Any, _record: Any) -> None:
+        # Let us issue BEGIN ourselves: pysqlite's implicit BEGIN is always DEFERRED.
+        dbapi_connection.isolation_level = None
+        cursor = dbapi_connection.cursor()
+        for pragma in (
+            "PRAGMA journal_mode=WAL",
+            f"PRAGMA synchronous={synchronous}",
+            f"PRAGMA busy_timeout={busy_timeout_ms}",
+            "PRAGMA foreign_keys=ON",
+        ):
+            cursor.execute(pragma)
+        cursor.close()
+
+    @event.listens_for(engine.sync_engine, "begin")
+    def _on_begin(conn: Any) -> None:
+        conn.exec_driver_sql("BEGIN IMMEDIATE" if immediate else "BEGIN")
+
+    return engine
 
 
 class SqlStore:
@@ -73,41 +101,20 @@ class SqlStore:
         if self.dialect == "sqlite":
             if sqlite_synchronous.upper() not in ("FULL", "NORMAL", "EXTRA"):
                 raise ConfigError("sqlite synchronous must be FULL, NORMAL or EXTRA")
-            self._write = self._sqlite_engine(
-                url, immediate=True, sync=sqlite_synchronous, busy=busy_timeout_ms
+            self._write = sqlite_engine(
+                url, immediate=True, synchronous=sqlite_synchronous, busy_timeout_ms=busy_timeout_ms
             )
-            self._read = self._sqlite_engine(
-                url, immediate=False, sync=sqlite_synchronous, busy=busy_timeout_ms
+            self._read = sqlite_engine(
+                url,
+                immediate=False,
+                synchronous=sqlite_synchronous,
+                busy_timeout_ms=busy_timeout_ms,
             )
         else:
             self._write = create_async_engine(
                 url, pool_size=pool_size, pool_pre_ping=True, execution_options=options
             )
             self._read = self._write
-
-    @staticmethod
-    def _sqlite_engine(url: str, *, immediate: bool, sync: str, busy: int) -> AsyncEngine:
-        engine = create_async_engine(url, connect_args={"timeout": busy / 1000})
-
-        @event.listens_for(engine.sync_engine, "connect")
-        def _on_connect(dbapi_connection: Any, _record: Any) -> None:
-            # Let us issue BEGIN ourselves: pysqlite's implicit BEGIN is always DEFERRED.
-            dbapi_connection.isolation_level = None
-            cursor = dbapi_connection.cursor()
-            for pragma in (
-                "PRAGMA journal_mode=WAL",
-                f"PRAGMA synchronous={sync}",
-                f"PRAGMA busy_timeout={busy}",
-                "PRAGMA foreign_keys=ON",
-            ):
-                cursor.execute(pragma)
-            cursor.close()
-
-        @event.listens_for(engine.sync_engine, "begin")
-        def _on_begin(conn: Any) -> None:
-            conn.exec_driver_sql("BEGIN IMMEDIATE" if immediate else "BEGIN")
-
-        return engine
 
     # --- schema --------------------------------------------------------------------------
 
@@ -413,7 +420,7 @@ def _state_from_row(r: Any) -> SagaState:
             )
             for st in r["steps"]
         ),
-        context=SagaContext(r["context"]["input"], r["context"]["outputs"]),
+        context=SagaContext(r["context"]["input"], r["context"]["outputs"], r["saga_id"]),
         current=r["current_step"],
         direction=Direction(r["direction"]),
         attempt=r["attempt"],

@@ -1,0 +1,5 @@
+"""``python -m services order|payment|inventory|shipping|all``."""
+
+from services.cli import main
+
+main()

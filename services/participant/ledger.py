@@ -1,0 +1,143 @@
+"""A participant's ledger and reply outbox, in the same database as its business state.
+
+``processed`` maps a command's idempotency key (the same for every attempt of one step in one
+direction) to the final reply it produced, so a redelivery or a retry gets that reply again and
+the effect happens once. Retryable failures are not recorded: nothing changed, so the next
+attempt runs the handler afresh.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from datetime import UTC, datetime
+from typing import Any
+from uuid import UUID
+
+import sqlalchemy as sa
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
+
+from saga.ports import OutboxMessage
+from saga.store.schema import UTCDateTime
+from saga.store.sql import sqlite_engine
+
+__all__ = ["Ledger", "ledger_metadata", "outbox", "processed"]
+
+ledger_metadata = sa.MetaData()
+
+processed = sa.Table(
+    "ledger_processed",
+    ledger_metadata,
+    sa.Column("id", sa.BigInteger().with_variant(sa.Integer, "sqlite"), primary_key=True),
+    sa.Column("idempotency_key", sa.Uuid, nullable=False, unique=True),
+    sa.Column("message_id", sa.Uuid, nullable=False),
+    sa.Column("saga_id", sa.Uuid, nullable=False, index=True),
+    sa.Column("command_type", sa.String(64), nullable=False),
+    sa.Column("direction", sa.String(20), nullable=False),
+    sa.Column("outcome", sa.String(10), nullable=False),
+    sa.Column("reason", sa.String(64), nullable=True),
+    sa.Column("detail", sa.Text, nullable=True),
+    sa.Column("data", sa.JSON, nullable=False),
+    sa.Column("processed_at", UTCDateTime, nullable=False),
+)
+
+outbox = sa.Table(
+    "ledger_outbox",
+    ledger_metadata,
+    sa.Column("message_id", sa.Uuid, primary_key=True),
+    sa.Column("saga_id", sa.Uuid, nullable=False),
+    sa.Column("routing_key", sa.String(255), nullable=False),
+    sa.Column("message_type", sa.String(100), nullable=False),
+    sa.Column("body", sa.LargeBinary, nullable=False),
+    sa.Column("created_at", UTCDateTime, nullable=False),
+)
+
+
+class Ledger:
+    """Engine, schema and reply outbox of one participant's database."""
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        schema: str | None = None,
+        business: sa.MetaData | None = None,
+        sqlite_synchronous: str = "FULL",
+    ):
+        self.url = url
+        self.schema = schema
+        self.business = business
+        self.is_sqlite = url.startswith("sqlite")
+        if self.is_sqlite:
+            self.engine: AsyncEngine = sqlite_engine(
+                url, immediate=True, synchronous=sqlite_synchronous
+            )
+            self.reader: AsyncEngine = sqlite_engine(
+                url, immediate=False, synchronous=sqlite_synchronous
+            )
+        else:
+            options: dict[str, Any] = {}
+            if schema is not None:
+                options["schema_translate_map"] = {None: schema}
+            self.engine = create_async_engine(url, pool_pre_ping=True, execution_options=options)
+            self.reader = self.engine
+
+    async def setup(self) -> None:
+        async with self.engine.begin() as conn:
+            if self.schema is not None and not self.is_sqlite:
+                await conn.execute(sa.text(f'CREATE SCHEMA IF NOT EXISTS "{self.schema}"'))
+            await conn.run_sync(ledger_metadata.create_all)
+            if self.business is not None:
+                await conn.run_sync(self.business.create_all)
+
+    async def close(self) -> None:
+        await self.engine.dispose()
+        if self.reader is not self.engine:
+            await self.reader.dispose()
+
+    async def drop(self) -> None:
+        """Remove everything (tests)."""
+        async with self.engine.begin() as conn:
+            if self.schema is not None and not self.is_sqlite:
+                await conn.execute(sa.text(f'DROP SCHEMA IF EXISTS "{self.schema}" CASCADE'))
+            else:
+                await conn.run_sync(ledger_metadata.drop_all)
+                if self.business is not None:
+                    await conn.run_sync(self.business.drop_all)
+
+    def insert_ignore(self, table: sa.Table) -> Any:
+        dialect = sqlite if self.is_sqlite else postgresql
+        return dialect.insert(table).on_conflict_do_nothing()
+
+    # --- the relay's view ----------------------------------------------------------------
+
+    async def pending_outbox(self, limit: int) -> list[OutboxMessage]:
+        query = sa.select(outbox).order_by(outbox.c.created_at).limit(limit)
+        async with self.reader.connect() as conn:
+            return [
+                OutboxMessage(
+                    message_id=r.message_id,
+                    saga_id=r.saga_id,
+                    exchange="",
+                    routing_key=r.routing_key,
+                    message_type=r.message_type,
+                    body=bytes(r.body),
+                    created_at=r.created_at,
+                )
+                for r in await conn.execute(query)
+            ]
+
+    async def mark_sent(self, message_ids: Sequence[UUID]) -> None:
+        if message_ids:
+            async with self.engine.begin() as conn:
+                await conn.execute(outbox.delete().where(outbox.c.message_id.in_(message_ids)))
+
+    async def history(self) -> list[dict[str, Any]]:
+        """Every final reply in the order it was given: the service's audit trail."""
+        async with self.reader.connect() as conn:
+            rows = await conn.execute(sa.select(processed).order_by(processed.c.id))
+            return [dict(r._mapping) for r in rows]
+
+
+def now() -> datetime:
+    return datetime.now(UTC)

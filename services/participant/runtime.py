@@ -1,0 +1,298 @@
+"""The participant runtime: consume commands, run handlers exactly once, reply via the outbox."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import signal
+import uuid
+from collections.abc import Awaitable, Callable
+from typing import Any, cast
+
+import sqlalchemy as sa
+import structlog
+from aio_pika.abc import AbstractIncomingMessage, AbstractQueue, AbstractRobustConnection
+from pydantic import JsonValue
+from sqlalchemy.ext.asyncio import AsyncConnection
+
+from contracts.catalog import CATALOG, CommandContract
+from contracts.common import Contract, ContractError
+from contracts.envelope import CommandEnvelope, ReplyEnvelope, dump_data, parse, parse_data
+from saga.faults import crash_point
+from saga.relay import Relay
+from saga.transport.amqp import Publisher, connect, declare
+from saga.transport.topology import Topology
+from services.participant.errors import BusinessError, TransientError
+from services.participant.ledger import Ledger, now, outbox, processed
+from services.participant.settings import ServiceSettings
+
+__all__ = ["Handler", "Participant"]
+
+log = structlog.get_logger("services.participant")
+
+Handler = Callable[[AsyncConnection, Any, CommandEnvelope], Awaitable[Contract]]
+Seed = Callable[[AsyncConnection], Awaitable[None]]
+
+
+class Participant:
+    def __init__(
+        self,
+        name: str,
+        settings: ServiceSettings,
+        *,
+        business: sa.MetaData | None = None,
+        seed: Seed | None = None,
+    ):
+        self.name = name
+        self.settings = settings
+        self.topology = Topology(prefix=settings.prefix)
+        url, schema = settings.database_url(name)
+        if url.startswith("sqlite"):
+            settings.data_dir.mkdir(parents=True, exist_ok=True)
+        self.ledger = Ledger(
+            url, schema=schema, business=business, sqlite_synchronous=settings.sqlite_synchronous
+        )
+        self.seed = seed
+        self._handlers: dict[str, tuple[CommandContract, Handler]] = {}
+        self._connection: AbstractRobustConnection | None = None
+        self._publisher: Publisher | None = None
+        self._consumer: tuple[AbstractQueue, str] | None = None
+        self._queue: AbstractQueue | None = None
+        self._relay: Relay | None = None
+        self._relay_task: asyncio.Task[None] | None = None
+        self._in_flight: set[asyncio.Task[Any]] = set()
+        self.handled = 0
+        self.duplicates = 0
+        self.dead_lettered = 0
+
+    def handler(self, command_type: str) -> Callable[[Handler], Handler]:
+        """Register the handler of ``command_type`` (a command of this participant's)."""
+        contract = CATALOG.get(command_type)
+        if contract is None or contract.participant != self.name:
+            raise ValueError(f"{command_type!r} is not a command of participant {self.name!r}")
+
+        def register(fn: Handler) -> Handler:
+            self._handlers[command_type] = (contract, fn)
+            return fn
+
+        return register
+
+    # --- lifecycle -----------------------------------------------------------------------
+
+    async def setup_database(self) -> None:
+        await self.ledger.setup()
+        if self.seed is not None:
+            async with self.ledger.engine.begin() as conn:
+                await self.seed(conn)
+
+    async def start(self) -> None:
+        await self.setup_database()
+        self._connection = await connect(self.settings.rabbitmq_url)
+        self._publisher = Publisher(self._connection)
+        channel = await self._connection.channel()
+        await declare(channel, self.topology, [self.name])
+        await channel.set_qos(prefetch_count=self.settings.prefetch)
+        self._relay = Relay(
+            self.ledger, self._publisher.publish, poll_interval=self.settings.relay_poll_interval
+        )
+        self._relay_task = asyncio.create_task(self._relay.run(), name=f"{self.name}-relay")
+        self._queue = await channel.get_queue(self.topology.command_queue(self.name), ensure=False)
+        await self.resume()
+        log.info("participant_started", participant=self.name, database=self.ledger.url)
+
+    async def pause(self) -> None:
+        """Stop taking commands (they wait in the queue), as if the service were down."""
+        if self._consumer is not None:
+            await self._consumer[0].cancel(self._consumer[1])
+            self._consumer = None
+
+    async def resume(self) -> None:
+        if self._consumer is None and self._queue is not None:
+            self._consumer = (self._queue, await self._queue.consume(self._on_message))
+
+    async def stop(self) -> None:
+        if self._consumer is not None:
+            with contextlib.suppress(Exception):
+                await self._consumer[0].cancel(self._consumer[1])
+            self._consumer = None
+        if self._in_flight:
+            await asyncio.wait(self._in_flight, timeout=10)
+        if self._relay is not None and self._relay_task is not None:
+            self._relay.stop()
+            await asyncio.wait([self._relay_task], timeout=10)
+            with contextlib.suppress(Exception):
+                await self._relay.flush()
+        if self._connection is not None:
+            with contextlib.suppress(Exception):
+                await self._connection.close()
+        await self.ledger.close()
+
+    async def serve(self) -> None:
+        stopped = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stopped.set)
+        await self.start()
+        await stopped.wait()
+        await self.stop()
+
+    # --- handling ------------------------------------------------------------------------
+
+    async def _on_message(self, message: AbstractIncomingMessage) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        self._in_flight.add(task)
+        try:
+            await self._consume(message)
+        finally:
+            self._in_flight.discard(task)
+
+    async def _consume(self, message: AbstractIncomingMessage) -> None:
+        queue = self.topology.command_queue(self.name)
+        if message.content_type not in (None, "application/json"):
+            await self._dead_letter(message, queue, "wrong_content_type", str(message.content_type))
+            return
+        try:
+            command = parse(
+                CommandEnvelope, message.body, max_bytes=self.settings.max_message_bytes
+            )
+        except ContractError as exc:
+            await self._dead_letter(message, queue, exc.reason, exc.detail)
+            return
+        if command.participant != self.name or command.command_type not in self._handlers:
+            await self._dead_letter(
+                message,
+                queue,
+                "unknown_command",
+                f"{self.name} does not handle {command.command_type!r} "
+                f"(addressed to {command.participant!r})",
+            )
+            return
+        try:
+            await self.handle(command)
+        except Exception as exc:  # the database failed: nothing committed, try again later
+            log.warning("command_failed_will_retry", error=repr(exc), message_id=message.message_id)
+            await asyncio.sleep(1.0)
+            with contextlib.suppress(Exception):
+                await message.nack(requeue=True)
+            return
+        crash_point("participant_after_commit_before_reply")
+        if self._relay is not None:
+            self._relay.wake()
+        await message.ack()
+
+    async def handle(self, command: CommandEnvelope) -> ReplyEnvelope:
+        """Apply ``command`` once and queue its reply, in one transaction; returns the reply."""
+        contract, fn = self._handlers[command.command_type]
+        reply_id = uuid.uuid5(command.message_id, "reply")
+        async with self.ledger.engine.begin() as conn:
+            prior = (
+                await conn.execute(
+                    sa.select(processed).where(
+                        processed.c.idempotency_key == command.idempotency_key
+                    )
+                )
+            ).first()
+            if prior is not None:
+                self.duplicates += 1
+                reply = _reply(
+                    command,
+                    reply_id,
+                    prior.outcome,
+                    prior.reason,
+                    prior.detail,
+                    False,
+                    dict(prior.data),
+                )
+            else:
+                reply, final = await self._run(conn, contract, fn, command, reply_id)
+                if final:
+                    await conn.execute(
+                        processed.insert().values(
+                            idempotency_key=command.idempotency_key,
+                            message_id=command.message_id,
+                            saga_id=command.saga_id,
+                            command_type=command.command_type,
+                            direction=command.direction,
+                            outcome=reply.outcome,
+                            reason=reply.reason,
+                            detail=reply.detail,
+                            data=dict(reply.data),
+                            processed_at=now(),
+                        )
+                    )
+            await conn.execute(
+                self.ledger.insert_ignore(outbox).values(
+                    message_id=reply.message_id,
+                    saga_id=command.saga_id,
+                    routing_key=command.reply_to,
+                    message_type=f"{command.command_type}.reply",
+                    body=reply.model_dump_json().encode(),
+                    created_at=now(),
+                )
+            )
+        self.handled += 1
+        return reply
+
+    async def _run(
+        self,
+        conn: AsyncConnection,
+        contract: CommandContract,
+        fn: Handler,
+        command: CommandEnvelope,
+        reply_id: uuid.UUID,
+    ) -> tuple[ReplyEnvelope, bool]:
+        """Run the handler in a savepoint; (reply, whether the outcome is final)."""
+        try:
+            payload = parse_data(contract.payload, command.payload)
+        except ContractError as exc:
+            return _reply(command, reply_id, "failure", "invalid_payload", exc.detail, False), True
+        savepoint = await conn.begin_nested()
+        try:
+            result = await fn(conn, payload, command)
+        except BusinessError as exc:
+            await savepoint.rollback()
+            return _reply(command, reply_id, "failure", exc.reason, exc.detail, False), True
+        except TransientError as exc:
+            await savepoint.rollback()
+            return _reply(command, reply_id, "failure", exc.reason, exc.detail, True), False
+        except Exception as exc:
+            await savepoint.rollback()
+            log.exception("handler_error", command_type=command.command_type)
+            detail = f"{type(exc).__name__}: {exc}"[:1000]
+            return _reply(command, reply_id, "failure", "handler_error", detail, True), False
+        if not isinstance(result, contract.reply):  # a handler bug: undo, and let it be retried
+            await savepoint.rollback()
+            detail = f"handler returned {type(result).__name__}, not {contract.reply.__name__}"
+            log.error("handler_error", command_type=command.command_type, detail=detail)
+            return _reply(command, reply_id, "failure", "handler_error", detail, True), False
+        await savepoint.commit()
+        return _reply(command, reply_id, "success", None, None, False, dump_data(result)), True
+
+    async def _dead_letter(
+        self, message: AbstractIncomingMessage, queue: str, reason: str, detail: str
+    ) -> None:
+        assert self._publisher is not None
+        log.warning("message_dead_lettered", queue=queue, reason=reason, detail=detail)
+        await self._publisher.dead_letter(
+            message, queue=queue, topology=self.topology, reason=reason, detail=detail
+        )
+        self.dead_lettered += 1
+        await message.ack()
+
+
+def _reply(
+    command: CommandEnvelope,
+    reply_id: uuid.UUID,
+    outcome: str,
+    reason: str | None,
+    detail: str | None,
+    retryable: bool,
+    data: dict[str, Any] | None = None,
+) -> ReplyEnvelope:
+    if outcome == "success":
+        return ReplyEnvelope.success(
+            command, cast(dict[str, JsonValue], data or {}), message_id=reply_id
+        )
+    assert reason is not None
+    return ReplyEnvelope.failure(command, reason, detail, retryable=retryable, message_id=reply_id)
