@@ -73,6 +73,7 @@ class CommonFailure(StrEnum):
     """Failure reasons any participant may reply with, whatever the command."""
 
     INVALID_PAYLOAD = "invalid_payload"
+    HANDLER_ERROR = "handler_error"  # a bug in the participant; retryable
     UNKNOWN_COMMAND = "unknown_command"
 
 

@@ -33,6 +33,7 @@ class InventoryFailure(StrEnum):
 
     OUT_OF_STOCK = "out_of_stock"
     UNKNOWN_SKU = "unknown_sku"
+    RESERVATION_CANCELLED = "reservation_cancelled"  # released first; late reserve refused
 
 
 class StockLine(Contract):

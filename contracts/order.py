@@ -41,6 +41,7 @@ class OrderFailure(StrEnum):
     """Business reasons ``order.create`` can fail with."""
 
     INVALID_ORDER = "invalid_order"
+    ORDER_CANCELLED = "order_cancelled"  # the compensation ran first; a late create is refused
 
 
 class OrderLine(Contract):

@@ -33,6 +33,8 @@ class PaymentFailure(StrEnum):
     LIMIT_EXCEEDED = "limit_exceeded"
     UNKNOWN_CUSTOMER = "unknown_customer"
     CURRENCY_MISMATCH = "currency_mismatch"
+    PAYMENT_CANCELLED = "payment_cancelled"  # refunded (or refund ran first); late charge refused
+    GATEWAY_TIMEOUT = "gateway_timeout"  # transient: sent with retryable=true
 
 
 class ChargePayment(Contract):

@@ -32,6 +32,8 @@ class ShippingFailure(StrEnum):
     """Business reasons ``shipping.schedule`` can fail with."""
 
     UNDELIVERABLE_ADDRESS = "undeliverable_address"
+    SHIPMENT_CANCELLED = "shipment_cancelled"  # cancelled first; late schedule refused
+    CARRIER_UNREACHABLE = "carrier_unreachable"  # transient: sent with retryable=true
 
 
 class Address(Contract):

@@ -115,7 +115,8 @@ async def reserve(
         if prior.status == ReservationStatus.RESERVED:
             return StockReserved(reservation_id=prior.reservation_id)
         raise BusinessError(
-            "reservation_cancelled", f"order {payload.order_ref} was already released"
+            InventoryFailure.RESERVATION_CANCELLED,
+            f"order {payload.order_ref} was already released",
         )
     skus = sorted(line.sku for line in payload.items)
     # Rows locked in SKU order, so two reservations of the same SKUs cannot deadlock.

@@ -24,6 +24,7 @@ from contracts.order import (
     CreateOrder,
     OrderCancelled,
     OrderCreated,
+    OrderFailure,
 )
 from saga.store.schema import UTCDateTime
 from services.participant import BusinessError, Participant, ServiceSettings
@@ -77,7 +78,9 @@ async def create(
     if prior is not None:
         if prior.status == OrderStatus.CREATED:
             return OrderCreated(order_id=prior.order_id, total=prior.total)
-        raise BusinessError("order_cancelled", f"order {payload.order_ref} was already cancelled")
+        raise BusinessError(
+            OrderFailure.ORDER_CANCELLED, f"order {payload.order_ref} was already cancelled"
+        )
     order_id = uuid.uuid4()
     total = payload.total
     await conn.execute(

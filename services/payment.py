@@ -183,7 +183,9 @@ async def charge(
             return PaymentCharged(
                 payment_id=prior.payment_id, amount=prior.amount, balance_after=prior.balance_after
             )
-        raise BusinessError("payment_cancelled", f"order {payload.order_ref} was already refunded")
+        raise BusinessError(
+            PaymentFailure.PAYMENT_CANCELLED, f"order {payload.order_ref} was already refunded"
+        )
     account = await _account(conn, payload.customer_id)
     if account is None:
         raise BusinessError(PaymentFailure.UNKNOWN_CUSTOMER, f"no account {payload.customer_id}")
@@ -202,7 +204,9 @@ async def charge(
             PaymentFailure.INSUFFICIENT_FUNDS, f"{payload.amount} is more than the balance"
         )
     if account.flaky and command.attempt == 1:
-        raise TransientError("gateway_timeout", "the card gateway did not answer in time")
+        raise TransientError(
+            PaymentFailure.GATEWAY_TIMEOUT, "the card gateway did not answer in time"
+        )
     balance_after: Decimal = account.balance - payload.amount
     payment_id = uuid.uuid4()
     await _set_balance(conn, payload.customer_id, balance_after)

@@ -129,7 +129,7 @@ async def schedule(
         if prior.status == ShipmentStatus.SCHEDULED:
             return ShipmentScheduled(shipment_id=prior.shipment_id, carrier=prior.carrier)
         raise BusinessError(
-            "shipment_cancelled", f"order {payload.order_ref} was already cancelled"
+            ShippingFailure.SHIPMENT_CANCELLED, f"order {payload.order_ref} was already cancelled"
         )
     address = payload.address
     query = sa.select(carriers.c.carrier).where(carriers.c.country == address.country)
@@ -142,7 +142,9 @@ async def schedule(
     if problem is not None:
         raise BusinessError(ShippingFailure.UNDELIVERABLE_ADDRESS, problem)
     if address.city.strip().casefold() in SLOW_CITIES:
-        raise TransientError("carrier_unreachable", f"{carrier} did not answer for {address.city}")
+        raise TransientError(
+            ShippingFailure.CARRIER_UNREACHABLE, f"{carrier} did not answer for {address.city}"
+        )
     shipment_id = uuid.uuid4()
     await conn.execute(
         shipments.insert().values(

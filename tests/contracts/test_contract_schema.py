@@ -129,14 +129,29 @@ def test_command_types(participant: str, expected: tuple[str, ...]) -> None:
 @pytest.mark.parametrize(
     ("action", "compensation", "failures"),
     [
-        ("order.create", "order.cancel", ("invalid_order",)),
+        ("order.create", "order.cancel", ("invalid_order", "order_cancelled")),
         (
             "payment.charge",
             "payment.refund",
-            ("insufficient_funds", "limit_exceeded", "unknown_customer", "currency_mismatch"),
+            (
+                "insufficient_funds",
+                "limit_exceeded",
+                "unknown_customer",
+                "currency_mismatch",
+                "payment_cancelled",
+                "gateway_timeout",
+            ),
         ),
-        ("inventory.reserve", "inventory.release", ("out_of_stock", "unknown_sku")),
-        ("shipping.schedule", "shipping.cancel", ("undeliverable_address",)),
+        (
+            "inventory.reserve",
+            "inventory.release",
+            ("out_of_stock", "unknown_sku", "reservation_cancelled"),
+        ),
+        (
+            "shipping.schedule",
+            "shipping.cancel",
+            ("undeliverable_address", "shipment_cancelled", "carrier_unreachable"),
+        ),
     ],
 )
 def test_every_action_has_a_compensation(
