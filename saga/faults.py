@@ -10,15 +10,16 @@ from __future__ import annotations
 import os
 import signal
 
-__all__ = ["POINTS", "armed", "crash_point"]
+__all__ = ["ORCHESTRATOR_POINTS", "PARTICIPANT_POINTS", "POINTS", "armed", "crash_point"]
 
-POINTS = (
+ORCHESTRATOR_POINTS = (
     "after_commit_before_publish",
     "after_publish_before_confirm",
     "after_confirm_before_mark",
     "after_reply_commit_before_ack",
-    "participant_after_commit_before_reply",  # a service applied its effect, no reply yet
 )
+PARTICIPANT_POINTS = ("participant_after_commit_before_reply",)  # effect applied, no reply yet
+POINTS = ORCHESTRATOR_POINTS + PARTICIPANT_POINTS
 
 _target = os.environ.get("SAGA_FAULT_POINT")
 _passes = {"left": int(os.environ.get("SAGA_FAULT_AFTER", "1"))}

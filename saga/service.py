@@ -1,4 +1,4 @@
-"""The orchestrator service: the runtime wired to RabbitMQ and the SQL store.
+"""The orchestrator service: the runtime wired to a broker (RabbitMQ) and the SQL store.
 
 On start it checks the schema, takes the single-instance lock on a SQLite file, declares the
 topology, and resumes: the relay publishes whatever the outbox still holds and the timer loop
@@ -20,7 +20,6 @@ from pathlib import Path
 from typing import IO, Any, TypeVar
 
 import structlog
-from aio_pika.abc import AbstractIncomingMessage, AbstractQueue, AbstractRobustConnection
 
 from contracts.common import ContractError
 from contracts.envelope import ReplyEnvelope, StartSaga, parse
@@ -33,7 +32,7 @@ from saga.runtime import Orchestrator
 from saga.settings import Settings
 from saga.state import JSON, SagaState
 from saga.store.sql import SqlStore
-from saga.transport.amqp import Publisher, connect, declare
+from saga.transport.broker import AmqpBroker, Broker, Consumer, IncomingMessage
 from saga.transport.topology import Topology
 
 __all__ = ["OrchestratorService", "load_registry"]
@@ -100,7 +99,18 @@ class _SqliteLock:
 
 
 class OrchestratorService:
-    def __init__(self, settings: Settings, registry: Registry, *, clock: Clock | None = None):
+    """The orchestrator on a broker: RabbitMQ at ``settings.rabbitmq_url`` unless ``broker``
+    (or the ``broker`` attribute, set before :meth:`start`) gives another. A broker given
+    belongs to the caller, who closes it; the one :meth:`start` connects, :meth:`stop` closes."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        registry: Registry,
+        *,
+        clock: Clock | None = None,
+        broker: Broker | None = None,
+    ):
         self.settings = settings
         self.registry = registry
         self.topology = Topology(prefix=settings.prefix, quorum=settings.quorum_queues)
@@ -116,9 +126,9 @@ class OrchestratorService:
             max_batch=settings.max_batch,
             on_commit=self._on_commit,
         )
-        self._connection: AbstractRobustConnection | None = None
-        self._publisher: Publisher | None = None
-        self._consumers: list[tuple[AbstractQueue, str]] = []
+        self.broker: Broker | None = broker
+        self._own_broker: Broker | None = None  # made by start(), closed by stop()
+        self._consumers: list[Consumer] = []
         self._tasks: list[asyncio.Task[None]] = []
         self._in_flight: set[asyncio.Task[Any]] = set()
         self._stopped = asyncio.Event()
@@ -133,17 +143,18 @@ class OrchestratorService:
             if self.settings.auto_migrate:
                 await self.store.migrate()
             await self.store.setup()
-            self._connection = await connect(self.settings.rabbitmq_url)
-            self._publisher = Publisher(self._connection)
-            channel = await self._connection.channel()
+            if self.broker is None:
+                self.broker = self._own_broker = await AmqpBroker.connect(
+                    self.settings.rabbitmq_url
+                )
+            broker = self.broker
             participants = {s.participant for d in self.registry.all() for s in d.steps}
             if self.registry.participants is not None:
                 participants |= set(self.registry.participants)
-            await declare(channel, self.topology, participants)
-            await channel.set_qos(prefetch_count=self.settings.prefetch)
+            await broker.declare(self.topology, participants)
             self.relay = Relay(
                 self.store,
-                self._publisher.publish,
+                broker.publish,
                 batch=self.settings.relay_batch,
                 max_in_flight=self.settings.relay_in_flight,
                 poll_interval=self.settings.relay_poll_interval,
@@ -153,9 +164,12 @@ class OrchestratorService:
                 (self.topology.reply_queue, self._on_reply),
                 (self.topology.start_queue, self._on_start),
             ):
-                queue = await channel.get_queue(queue_name, ensure=False)
-                tag = await queue.consume(self._tracked(handler, queue_name))
-                self._consumers.append((queue, tag))
+                consumer = await broker.consume(
+                    queue_name,
+                    self._tracked(handler, queue_name),
+                    prefetch=self.settings.prefetch,
+                )
+                self._consumers.append(consumer)
             # Timers start last and after a grace period: replies that arrived while we were
             # down are already queued, and applying them beats timing their commands out.
             self._tasks.append(asyncio.create_task(self._timer_loop(), name="saga-timers"))
@@ -180,10 +194,7 @@ class OrchestratorService:
 
     async def stop(self) -> None:
         log.info("orchestrator_stopping", in_flight=len(self._in_flight))
-        for queue, tag in self._consumers:
-            with contextlib.suppress(Exception):
-                await queue.cancel(tag)
-        self._consumers.clear()
+        await self._cancel_consumers()
         if self._in_flight:
             await asyncio.wait(self._in_flight, timeout=self.settings.shutdown_timeout)
         await self.orchestrator.drained()
@@ -197,19 +208,26 @@ class OrchestratorService:
         await self._close()
         log.info("orchestrator_stopped")
 
+    async def _cancel_consumers(self) -> None:
+        for consumer in self._consumers:
+            with contextlib.suppress(Exception):
+                await consumer.cancel()
+        self._consumers.clear()
+
     async def _close(self) -> None:
+        await self._cancel_consumers()  # a failed start may leave some
         for task in self._tasks:
             task.cancel()
         for task in self._tasks:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task
         self._tasks.clear()
-        if self._publisher is not None:
+        if self._own_broker is not None:
             with contextlib.suppress(Exception):
-                await self._publisher.close()
-        if self._connection is not None:
-            with contextlib.suppress(Exception):
-                await self._connection.close()
+                await self._own_broker.close()
+            if self.broker is self._own_broker:
+                self.broker = None
+            self._own_broker = None
         await self.store.close()
         if self._lock is not None:
             self._lock.release()
@@ -228,9 +246,9 @@ class OrchestratorService:
     # --- consumers -----------------------------------------------------------------------
 
     def _tracked(
-        self, handler: Callable[[AbstractIncomingMessage, str], Awaitable[None]], queue: str
-    ) -> Callable[[AbstractIncomingMessage], Awaitable[None]]:
-        async def run(message: AbstractIncomingMessage) -> None:
+        self, handler: Callable[[IncomingMessage, str], Awaitable[None]], queue: str
+    ) -> Callable[[IncomingMessage], Awaitable[None]]:
+        async def run(message: IncomingMessage) -> None:
             task = asyncio.current_task()
             assert task is not None
             self._in_flight.add(task)
@@ -242,9 +260,9 @@ class OrchestratorService:
         return run
 
     async def _dead_letter(
-        self, message: AbstractIncomingMessage, queue: str, reason: str, detail: str
+        self, message: IncomingMessage, queue: str, reason: str, detail: str
     ) -> None:
-        assert self._publisher is not None
+        assert self.broker is not None
         log.warning(
             "message_dead_lettered",
             queue=queue,
@@ -252,14 +270,14 @@ class OrchestratorService:
             detail=detail,
             message_id=message.message_id,
         )
-        await self._publisher.dead_letter(
+        await self.broker.dead_letter(
             message, queue=queue, topology=self.topology, reason=reason, detail=detail
         )
         self.dead_lettered += 1
         await message.ack()
 
     async def _parse_or_dead_letter(
-        self, message: AbstractIncomingMessage, queue: str, model: type[_M]
+        self, message: IncomingMessage, queue: str, model: type[_M]
     ) -> _M | None:
         if len(message.body) > self.settings.max_message_bytes:
             await self._dead_letter(
@@ -280,7 +298,7 @@ class OrchestratorService:
             await self._dead_letter(message, queue, exc.reason, exc.detail)
             return None
 
-    async def _on_reply(self, message: AbstractIncomingMessage, queue: str) -> None:
+    async def _on_reply(self, message: IncomingMessage, queue: str) -> None:
         reply = await self._parse_or_dead_letter(message, queue, ReplyEnvelope)
         if reply is None:
             return
@@ -296,7 +314,7 @@ class OrchestratorService:
         await message.ack()
         log.debug("reply_applied", saga_id=str(reply.saga_id), outcome=result.outcome.value)
 
-    async def _on_start(self, message: AbstractIncomingMessage, queue: str) -> None:
+    async def _on_start(self, message: IncomingMessage, queue: str) -> None:
         request = await self._parse_or_dead_letter(message, queue, StartSaga)
         if request is None:
             return
@@ -315,7 +333,7 @@ class OrchestratorService:
             return
         await message.ack()
 
-    async def _retry_later(self, message: AbstractIncomingMessage, exc: Exception) -> None:
+    async def _retry_later(self, message: IncomingMessage, exc: Exception) -> None:
         """The store failed: nothing was committed, so hand the message back, after a pause
         so a database outage does not turn into a redelivery storm."""
         log.warning("apply_failed_will_retry", error=repr(exc), message_id=message.message_id)

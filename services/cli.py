@@ -1,4 +1,5 @@
-"""Run the demo services: one per process, or all four in one (``saga-service all``).
+"""Run the demo services: one per process, or all four in one (``saga-service all``), and place
+sample checkouts (``saga-service place-orders``).
 
 Settings come from ``SAGA_*`` environment variables; a bad one stops the start with one line on
 stderr and exit status 2, before anything is opened.
@@ -7,21 +8,42 @@ stderr and exit status 2, before anything is opened.
 from __future__ import annotations
 
 import asyncio
+import random
 import signal
-from collections.abc import Callable
+import sys
+import uuid
+from collections.abc import Callable, Mapping, Sequence
+from decimal import Decimal
 from enum import StrEnum
 from typing import Annotated, NoReturn
 
+import aio_pika
+import aiormq
 import typer
 from sqlalchemy.exc import SQLAlchemyError
 
+from contracts.envelope import StartSaga
 from saga.errors import ConfigError
+from saga.ids import saga_id_for_key
 from saga.logs import configure_logging
+from saga.transport.amqp import safe_url
+from saga.transport.topology import Topology
 from services import inventory, order, payment, shipping
+from services.checkout import CHECKOUT, checkout_input
 from services.participant import Participant, ServiceSettings
 from services.participant.settings import load_service_settings
 
-__all__ = ["BUILDERS", "Service", "main", "run_service", "serve_all"]
+__all__ = [
+    "BUILDERS",
+    "SAMPLE_ADDRESSES",
+    "SAMPLE_PRICES",
+    "Service",
+    "main",
+    "place_orders",
+    "run_service",
+    "sample_checkouts",
+    "serve_all",
+]
 
 BUILDERS: dict[str, Callable[[ServiceSettings], Participant]] = {
     "order": order.build,
@@ -85,19 +107,189 @@ def _fail(exc: Exception, code: int) -> NoReturn:
     raise SystemExit(code)
 
 
+# --- sample checkouts ----------------------------------------------------------------------
+
+SAMPLE_PRICES: Mapping[str, Decimal] = {
+    inventory.BOOK: Decimal("19.90"),
+    inventory.LAMP: Decimal("45.00"),
+    inventory.RARE: Decimal("30.00"),
+}
+"""Unit price of each demo SKU."""
+
+SAMPLE_ADDRESSES: Sequence[Mapping[str, str]] = (
+    {
+        "name": "Ann Smith",
+        "street": "Main St 1",
+        "city": "Berlin",
+        "postal_code": "10115",
+        "country": "DE",
+    },
+    {
+        "name": "Jean Dupont",
+        "street": "12 Rue de Rivoli",
+        "city": "Paris",
+        "postal_code": "75001",
+        "country": "FR",
+    },
+    {
+        "name": "Tom Brown",
+        "street": "221B Baker Street",
+        "city": "London",
+        "postal_code": "NW1 6XE",
+        "country": "GB",
+    },
+    {  # undeliverable: the shipping step fails and the checkout is compensated
+        "name": "Ann Smith",
+        "street": "1 Nowhere Lane",
+        "city": "Atlantis",
+        "postal_code": "00000",
+        "country": "DE",
+    },
+)
+"""Where sample checkouts go; the last one cannot be delivered to."""
+
+
+def sample_checkouts(count: int, seed: int | None = None) -> list[StartSaga]:
+    """``count`` checkout requests mixing the demo customers, SKUs and addresses.
+
+    ``seed`` fixes the mix (customers, lines, addresses), not the keys: every call makes new
+    ``sample-<uuid>`` keys, so running it again places new orders rather than repeating old ones.
+    """
+    rng = random.Random(seed)
+    customers = sorted(payment.CUSTOMERS)
+    skus = sorted(SAMPLE_PRICES)
+    starts = []
+    for _ in range(count):
+        customer = payment.CUSTOMERS[rng.choice(customers)]
+        lines = [
+            (sku, rng.randint(1, 2), SAMPLE_PRICES[sku])
+            for sku in sorted(rng.sample(skus, rng.choice((1, 1, 2))))
+        ]
+        address = rng.choice(SAMPLE_ADDRESSES)
+        starts.append(
+            StartSaga(
+                schema_version=1,
+                message_id=uuid.uuid4(),
+                saga_name=CHECKOUT.name,
+                key=f"sample-{uuid.uuid4()}",
+                input=checkout_input(customer, lines, address),
+            )
+        )
+    return starts
+
+
+async def place_orders(
+    rabbitmq_url: str, prefix: str, starts: Sequence[StartSaga], *, wait: float = 30.0
+) -> None:
+    """Publish ``starts`` to ``{prefix}.start``: persistent, mandatory, each one confirmed.
+
+    Waits up to ``wait`` seconds for the orchestrator to have declared the queue (a container
+    may start before the orchestrator is ready); raises ConfigError if it never appears.
+    """
+    queue = Topology(prefix=prefix).start_queue
+    try:
+        connection = await aio_pika.connect(rabbitmq_url, timeout=10)
+    except (OSError, TimeoutError, aiormq.exceptions.AMQPError) as exc:
+        raise ConfigError(
+            f"cannot reach RabbitMQ at {safe_url(rabbitmq_url)}: {exc!r}. Is it running? "
+            "Set SAGA_RABBITMQ_URL to its amqp:// address."
+        ) from exc
+    async with connection:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + wait
+        while True:
+            probe = await connection.channel()
+            try:
+                await probe.declare_queue(queue, passive=True)
+                break
+            except aiormq.exceptions.ChannelNotFoundEntity:
+                if loop.time() >= deadline:
+                    raise ConfigError(
+                        f"queue {queue!r} does not exist after {wait:g}s: is the orchestrator "
+                        f"running with SAGA_PREFIX={prefix}?"
+                    ) from None
+                await asyncio.sleep(0.5)
+            finally:
+                if not probe.is_closed:
+                    await probe.close()
+        channel = await connection.channel(publisher_confirms=True, on_return_raises=True)
+        confirms = await asyncio.gather(
+            *(
+                channel.default_exchange.publish(
+                    aio_pika.Message(
+                        start.model_dump_json().encode(),
+                        message_id=str(start.message_id),
+                        type="saga.start",
+                        content_type="application/json",
+                        delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+                    ),
+                    routing_key=queue,
+                    mandatory=True,
+                )
+                for start in starts
+            ),
+            return_exceptions=True,
+        )
+        refused = [c for c in confirms if not isinstance(c, aiormq.spec.Basic.Ack)]
+        if refused:
+            raise OSError(f"{len(refused)} of {len(starts)} not confirmed: {refused[0]!r}")
+
+
+# --- the command line ----------------------------------------------------------------------
+
 app = typer.Typer(
     name="saga-service",
-    help="Run a demo participant service (settings from SAGA_* environment variables).",
+    help="Run a demo participant service, or place sample checkouts "
+    "(settings from SAGA_* environment variables).",
+    no_args_is_help=True,
     add_completion=False,
 )
 
 
-@app.command()
-def serve(
-    service: Annotated[Service, typer.Argument(help="The service to run, or all four.")],
+def _serve(service: Service) -> Callable[[], None]:
+    def serve() -> None:
+        run_service(service.value)
+
+    what = (
+        "all four services in one process" if service is Service.ALL else f"the {service} service"
+    )
+    serve.__doc__ = f"Run {what} until SIGTERM or SIGINT."
+    return serve
+
+
+for _service in Service:
+    app.command(_service.value)(_serve(_service))
+
+
+@app.command("place-orders")
+def place_orders_command(
+    count: Annotated[int, typer.Option(min=1, max=10_000, help="How many checkouts.")] = 10,
+    seed: Annotated[
+        int | None, typer.Option(help="Seed of the mix of customers, items and addresses.")
+    ] = None,
+    wait: Annotated[
+        float, typer.Option(min=0, help="Seconds to wait for the orchestrator's start queue.")
+    ] = 30.0,
 ) -> None:
-    """Run SERVICE until SIGTERM or SIGINT."""
-    run_service(service.value)
+    """Start COUNT sample checkouts via the start queue; print their saga ids, one a line.
+
+    Uses SAGA_RABBITMQ_URL and SAGA_PREFIX; every checkout gets a new key sample-<uuid>.
+    """
+    try:
+        settings = load_service_settings()
+    except ConfigError as exc:
+        _fail(exc, 2)
+    starts = sample_checkouts(count, seed)
+    try:
+        asyncio.run(place_orders(settings.rabbitmq_url, settings.prefix, starts, wait=wait))
+    except ConfigError as exc:
+        _fail(exc, 2)
+    except OSError as exc:
+        _fail(exc, 1)
+    for start in starts:
+        typer.echo(saga_id_for_key(start.saga_name, start.key))
+    queue = Topology(prefix=settings.prefix).start_queue
+    print(f"placed {len(starts)} checkouts on {queue}", file=sys.stderr)
 
 
 def main() -> None:

@@ -2,7 +2,8 @@
 live progress, and a summary that shows every saga's path and that money and stock add up.
 
 Run it with ``scripts/demo`` (or ``python -m services.demo``); ``--database-url`` puts the
-orchestrator and the services on PostgreSQL instead of SQLite files.
+orchestrator and the services on PostgreSQL instead of SQLite files, and ``--broker memory``
+runs everything on an in-process broker with no RabbitMQ (nothing is durable then).
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from decimal import Decimal
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import aio_pika
 
@@ -26,13 +27,19 @@ from saga.logs import configure_logging
 from saga.service import OrchestratorService
 from saga.settings import load_settings
 from saga.state import HistoryEntry, HistoryKind, SagaState, SagaStatus
+from saga.transport.broker import Broker
+from saga.transport.memory import MemoryBroker
 from saga.transport.topology import Topology
 from services import inventory, order, payment, shipping
 from services.checkout import checkout_input, registry
 from services.participant import Participant
 from services.participant.settings import load_service_settings
 
-__all__ = ["SCENARIOS", "Scenario", "main", "run_demo"]
+__all__ = ["MEMORY_BANNER", "SCENARIOS", "BrokerKind", "Scenario", "main", "run_demo"]
+
+BrokerKind = Literal["rabbitmq", "memory"]
+
+MEMORY_BANNER = "in-memory broker: nothing is durable in this mode; use RabbitMQ for anything real"
 
 HOME = {
     "name": "Ann Smith",
@@ -178,9 +185,20 @@ async def _progress(
 
 
 async def run_demo(
-    *, data_dir: Path, database_url: str | None, rabbitmq_url: str, quiet: bool = False
+    *,
+    data_dir: Path,
+    database_url: str | None,
+    rabbitmq_url: str = "amqp://guest:guest@127.0.0.1:5672/",
+    broker: BrokerKind = "rabbitmq",
+    quiet: bool = False,
 ) -> tuple[list[Outcome], dict[str, Any], dict[str, Any], dict[str, Any]]:
-    """Run every scenario; returns (outcomes, before, after, expected after)."""
+    """Run every scenario; returns (outcomes, before, after, expected after).
+
+    ``broker="memory"``: the orchestrator and the services share one in-process MemoryBroker
+    and RabbitMQ is not used at all (``rabbitmq_url`` is ignored); nothing is durable then.
+    """
+    if broker not in ("rabbitmq", "memory"):
+        raise ConfigError(f"--broker {broker!r}: use rabbitmq or memory")
     if database_url is None:
         await asyncio.to_thread(_fresh_dir, data_dir)
     prefix = f"demo-{uuid.uuid4().hex[:6]}"
@@ -200,11 +218,14 @@ async def run_demo(
         services_database_url=database_url,
         relay_poll_interval=0.5,
     )
-    orchestrator = OrchestratorService(orch_settings, registry())
+    shared: Broker | None = MemoryBroker() if broker == "memory" else None
+    orchestrator = OrchestratorService(orch_settings, registry(), broker=shared)
     services = {
         m.__name__.split(".")[-1]: m.build(svc_settings)
         for m in (order, payment, inventory, shipping)
     }
+    for s in services.values():
+        s.broker = shared  # None: each connects to RabbitMQ on start
     labels: dict[uuid.UUID, str] = {}
     progress: asyncio.Task[None] | None = None
     try:
@@ -253,7 +274,10 @@ async def run_demo(
                 await s.ledger.drop()
                 await s.ledger.close()
         await orchestrator.stop()
-        await _delete_topology(rabbitmq_url, Topology(prefix=prefix), list(services))
+        if shared is not None:
+            await shared.close()
+        else:
+            await _delete_topology(rabbitmq_url, Topology(prefix=prefix), list(services))
 
 
 def _fresh_dir(path: Path) -> None:
@@ -271,6 +295,11 @@ async def _delete_topology(url: str, topology: Topology, participants: list[str]
             await channel.queue_delete(q.name)
         for e in topology.exchanges():
             await channel.exchange_delete(e.name)
+
+
+def _banner(text: str) -> str:
+    rule = "!" * (len(text) + 8)
+    return f"{rule}\n!!  {text}  !!\n{rule}"
 
 
 def render(
@@ -310,21 +339,34 @@ def main(argv: list[str] | None = None) -> int:
         "--database-url", default=None, help="postgresql+asyncpg://... (default: SQLite files)"
     )
     parser.add_argument("--rabbitmq-url", default="amqp://guest:guest@127.0.0.1:5672/")
+    parser.add_argument(
+        "--broker",
+        choices=["rabbitmq", "memory"],
+        default="rabbitmq",
+        help="memory: an in-process broker, no RabbitMQ needed; nothing is durable",
+    )
     args = parser.parse_args(argv)
     configure_logging("WARNING")
-    print("saga demo: orchestrator + order, payment, inventory, shipping over RabbitMQ")
+    if args.broker == "memory":
+        print("saga demo: orchestrator + order, payment, inventory, shipping in one process")
+        print(_banner(MEMORY_BANNER))
+    else:
+        print("saga demo: orchestrator + order, payment, inventory, shipping over RabbitMQ")
     try:
         outcomes, before, after, expected = asyncio.run(
             run_demo(
                 data_dir=args.data_dir,
                 database_url=args.database_url,
                 rabbitmq_url=args.rabbitmq_url,
+                broker=args.broker,
             )
         )
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     print(render(outcomes, before, after, expected))
+    if args.broker == "memory":
+        print(_banner(MEMORY_BANNER))
     return 0 if all(o.ok for o in outcomes) and after == expected else 1
 
 

@@ -1,1 +1,1 @@
-"""RabbitMQ transport: topology (pure), publishing with confirms, consuming with manual acks."""
+"""Transports behind one Broker interface: RabbitMQ (aio-pika) and an in-memory twin."""

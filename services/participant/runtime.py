@@ -11,7 +11,6 @@ from typing import Any, cast
 
 import sqlalchemy as sa
 import structlog
-from aio_pika.abc import AbstractIncomingMessage, AbstractQueue, AbstractRobustConnection
 from pydantic import JsonValue
 from sqlalchemy.ext.asyncio import AsyncConnection
 
@@ -20,7 +19,7 @@ from contracts.common import Contract, ContractError
 from contracts.envelope import CommandEnvelope, ReplyEnvelope, dump_data, parse, parse_data
 from saga.faults import crash_point
 from saga.relay import Relay
-from saga.transport.amqp import Publisher, connect, declare
+from saga.transport.broker import AmqpBroker, Broker, Consumer, IncomingMessage
 from saga.transport.topology import Topology
 from services.participant.errors import BusinessError, TransientError
 from services.participant.ledger import Ledger, now, outbox, processed
@@ -35,6 +34,11 @@ Seed = Callable[[AsyncConnection], Awaitable[None]]
 
 
 class Participant:
+    """A participant service on a broker: RabbitMQ at ``settings.rabbitmq_url`` unless
+    ``broker`` (or the ``broker`` attribute, set before :meth:`start`) gives another. A broker
+    given belongs to the caller, who closes it; the one :meth:`start` connects, :meth:`stop`
+    closes."""
+
     def __init__(
         self,
         name: str,
@@ -42,10 +46,11 @@ class Participant:
         *,
         business: sa.MetaData | None = None,
         seed: Seed | None = None,
+        broker: Broker | None = None,
     ):
         self.name = name
         self.settings = settings
-        self.topology = Topology(prefix=settings.prefix)
+        self.topology = Topology(prefix=settings.prefix, quorum=settings.quorum_queues)
         url, schema = settings.database_url(name)
         if url.startswith("sqlite"):
             settings.data_dir.mkdir(parents=True, exist_ok=True)
@@ -54,10 +59,10 @@ class Participant:
         )
         self.seed = seed
         self._handlers: dict[str, tuple[CommandContract, Handler]] = {}
-        self._connection: AbstractRobustConnection | None = None
-        self._publisher: Publisher | None = None
-        self._consumer: tuple[AbstractQueue, str] | None = None
-        self._queue: AbstractQueue | None = None
+        self.broker: Broker | None = broker
+        self._own_broker: Broker | None = None  # made by start(), closed by stop()
+        self._consumer: Consumer | None = None
+        self._started = False
         self._relay: Relay | None = None
         self._relay_task: asyncio.Task[None] | None = None
         self._in_flight: set[asyncio.Task[Any]] = set()
@@ -87,34 +92,37 @@ class Participant:
 
     async def start(self) -> None:
         await self.setup_database()
-        self._connection = await connect(self.settings.rabbitmq_url)
-        self._publisher = Publisher(self._connection)
-        channel = await self._connection.channel()
-        await declare(channel, self.topology, [self.name])
-        await channel.set_qos(prefetch_count=self.settings.prefetch)
+        if self.broker is None:
+            self.broker = self._own_broker = await AmqpBroker.connect(self.settings.rabbitmq_url)
+        await self.broker.declare(self.topology, [self.name])
         self._relay = Relay(
-            self.ledger, self._publisher.publish, poll_interval=self.settings.relay_poll_interval
+            self.ledger, self.broker.publish, poll_interval=self.settings.relay_poll_interval
         )
         self._relay_task = asyncio.create_task(self._relay.run(), name=f"{self.name}-relay")
-        self._queue = await channel.get_queue(self.topology.command_queue(self.name), ensure=False)
+        self._started = True
         await self.resume()
         log.info("participant_started", participant=self.name, database=self.ledger.url)
 
     async def pause(self) -> None:
         """Stop taking commands (they wait in the queue), as if the service were down."""
         if self._consumer is not None:
-            await self._consumer[0].cancel(self._consumer[1])
-            self._consumer = None
+            consumer, self._consumer = self._consumer, None
+            await consumer.cancel()
 
     async def resume(self) -> None:
-        if self._consumer is None and self._queue is not None:
-            self._consumer = (self._queue, await self._queue.consume(self._on_message))
+        if self._consumer is None and self._started and self.broker is not None:
+            self._consumer = await self.broker.consume(
+                self.topology.command_queue(self.name),
+                self._on_message,
+                prefetch=self.settings.prefetch,
+            )
 
     async def stop(self) -> None:
+        self._started = False
         if self._consumer is not None:
+            consumer, self._consumer = self._consumer, None
             with contextlib.suppress(Exception):
-                await self._consumer[0].cancel(self._consumer[1])
-            self._consumer = None
+                await consumer.cancel()
         if self._in_flight:
             await asyncio.wait(self._in_flight, timeout=10)
         if self._relay is not None and self._relay_task is not None:
@@ -122,9 +130,12 @@ class Participant:
             await asyncio.wait([self._relay_task], timeout=10)
             with contextlib.suppress(Exception):
                 await self._relay.flush()
-        if self._connection is not None:
+        if self._own_broker is not None:
             with contextlib.suppress(Exception):
-                await self._connection.close()
+                await self._own_broker.close()
+            if self.broker is self._own_broker:
+                self.broker = None
+            self._own_broker = None
         await self.ledger.close()
 
     async def serve(self) -> None:
@@ -138,7 +149,7 @@ class Participant:
 
     # --- handling ------------------------------------------------------------------------
 
-    async def _on_message(self, message: AbstractIncomingMessage) -> None:
+    async def _on_message(self, message: IncomingMessage) -> None:
         task = asyncio.current_task()
         assert task is not None
         self._in_flight.add(task)
@@ -147,7 +158,7 @@ class Participant:
         finally:
             self._in_flight.discard(task)
 
-    async def _consume(self, message: AbstractIncomingMessage) -> None:
+    async def _consume(self, message: IncomingMessage) -> None:
         queue = self.topology.command_queue(self.name)
         if message.content_type not in (None, "application/json"):
             await self._dead_letter(message, queue, "wrong_content_type", str(message.content_type))
@@ -270,11 +281,11 @@ class Participant:
         return _reply(command, reply_id, "success", None, None, False, dump_data(result)), True
 
     async def _dead_letter(
-        self, message: AbstractIncomingMessage, queue: str, reason: str, detail: str
+        self, message: IncomingMessage, queue: str, reason: str, detail: str
     ) -> None:
-        assert self._publisher is not None
+        assert self.broker is not None
         log.warning("message_dead_lettered", queue=queue, reason=reason, detail=detail)
-        await self._publisher.dead_letter(
+        await self.broker.dead_letter(
             message, queue=queue, topology=self.topology, reason=reason, detail=detail
         )
         self.dead_lettered += 1

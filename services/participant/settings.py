@@ -21,6 +21,7 @@ class ServiceSettings(BaseSettings):
     #: one URL for every service: SQLite gets a file per service in ``data_dir`` when unset;
     #: a PostgreSQL URL gives each service a schema of its own named after it
     services_database_url: str | None = None
+    quorum_queues: bool = False  # must match the orchestrator's: queues are declared by both
     prefetch: int = Field(64, ge=1, le=65_535)
     max_message_bytes: int = Field(256 * 1024, ge=1024, le=16 * 1024 * 1024)
     relay_poll_interval: float = Field(1.0, gt=0, le=60)

@@ -18,7 +18,7 @@ from typing import Any
 
 import pytest
 
-from saga.faults import POINTS
+from saga.faults import ORCHESTRATOR_POINTS
 from saga.state import HistoryEntry, HistoryKind, SagaState, SagaStatus
 from saga.store.sql import SqlStore
 from tests.crash.conftest import CrashEnv
@@ -54,7 +54,7 @@ CRASH_AFTER = {
     "after_confirm_before_mark": 10,
     "after_reply_commit_before_ack": 40,
 }
-assert set(CRASH_AFTER) == set(POINTS), "a crash point is not covered"
+assert set(CRASH_AFTER) == set(ORCHESTRATOR_POINTS), "a crash point is not covered"
 
 TERMINAL_KINDS = (HistoryKind.COMPLETED, HistoryKind.COMPENSATED, HistoryKind.FAILED)
 
@@ -221,7 +221,7 @@ def _check_participant(p: Planned, records: list[dict[str, Any]]) -> list[str]:
 
 
 @pytest.mark.rabbitmq
-@pytest.mark.parametrize("point", POINTS)
+@pytest.mark.parametrize("point", ORCHESTRATOR_POINTS)
 async def test_crash_point_recovers_exactly(
     point: str, crash_env: CrashEnv, record_property: Any
 ) -> None:
