@@ -74,7 +74,14 @@ class _SqliteLock:
     def acquire(self) -> None:
         if self.path is None:
             return
-        self._file = self.path.open("a+")
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self._file = self.path.open("a+")
+        except OSError as exc:
+            raise ConfigError(
+                f"cannot use the SQLite database at {self.path.with_suffix('')}: {exc}; "
+                "check SAGA_DATABASE_URL points at a writable path"
+            ) from None
         try:
             fcntl.flock(self._file, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
