@@ -45,9 +45,9 @@ def run(
     ] = False,
 ) -> None:
     """Run the orchestrator service (settings from SAGA_* environment variables)."""
-    configure_logging()
     try:
         settings = load_settings(**({"auto_migrate": True} if migrate else {}))
+        configure_logging(settings.log_level)
         if not settings.definitions:
             raise ConfigError(
                 "SAGA_DEFINITIONS is not set: point it at your Registry, e.g. "

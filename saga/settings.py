@@ -28,6 +28,7 @@ class Settings(BaseSettings):
         "", description="module:attribute of the Registry (or a callable returning one)"
     )
     prefix: str = Field("saga", pattern=r"^[a-z][a-z0-9_.-]{0,40}$")
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     quorum_queues: bool = False
     prefetch: int = Field(256, ge=1, le=65_535)
     max_message_bytes: int = Field(256 * 1024, ge=1024, le=16 * 1024 * 1024)

@@ -88,7 +88,7 @@ def run_service(name: str) -> None:
         settings = load_service_settings()
     except ConfigError as exc:
         _fail(exc, 2)
-    configure_logging()
+    configure_logging(settings.log_level)
     try:
         if name == Service.ALL:
             asyncio.run(serve_all(settings))
@@ -284,7 +284,7 @@ def place_orders_command(
         asyncio.run(place_orders(settings.rabbitmq_url, settings.prefix, starts, wait=wait))
     except ConfigError as exc:
         _fail(exc, 2)
-    except OSError as exc:
+    except (OSError, aiormq.exceptions.AMQPError) as exc:  # refused, or the connection broke
         _fail(exc, 1)
     for start in starts:
         typer.echo(saga_id_for_key(start.saga_name, start.key))

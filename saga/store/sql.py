@@ -53,7 +53,13 @@ def sqlite_engine(
 ) -> AsyncEngine:
     """An aiosqlite engine set up as the module docstring explains; ``immediate`` makes every
     transaction ``BEGIN IMMEDIATE`` (for writers)."""
-    engine = create_async_engine(url, connect_args={"timeout": busy_timeout_ms / 1000})
+    # Writers share ONE connection: SQLite runs one write transaction at a time anyway, and
+    # queueing for the pool is an asyncio wait, whereas a second writer on its own connection
+    # spins in SQLite's busy handler (sleeps of up to 100 ms). Readers get a small pool (WAL).
+    pool = {"pool_size": 1, "max_overflow": 0} if immediate else {"pool_size": 4}
+    engine = create_async_engine(
+        url, connect_args={"timeout": busy_timeout_ms / 1000}, pool_timeout=60, **pool
+    )
 
     @event.listens_for(engine.sync_engine, "connect")
     def _on_connect(dbapi_connection: Any, _record: Any) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Literal
 
 from pydantic import Field, ValidationError, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -17,6 +18,7 @@ class ServiceSettings(BaseSettings):
 
     rabbitmq_url: str = "amqp://guest:guest@127.0.0.1:5672/"
     prefix: str = Field("saga", pattern=r"^[a-z][a-z0-9_.-]{0,40}$")
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     data_dir: Path = Path("data")
     #: one URL for every service: SQLite gets a file per service in ``data_dir`` when unset;
     #: a PostgreSQL URL gives each service a schema of its own named after it

@@ -1,0 +1,470 @@
+"""The checkout saga end to end: the orchestrator and the four demo services as real processes.
+
+Each test starts ``saga run --migrate`` and ``saga-service order|payment|inventory|shipping``
+(one process each, SQLite files in the test's directory, a private prefix), drives checkouts
+through the start queue and then reads the orchestrator's database and the services' ledgers:
+
+* a failure at each step compensates exactly the steps that ran, newest first, in the services'
+  own ledgers; a transient failure is retried; money and stock move only for completed
+  checkouts;
+* 200 mixed checkouts at once each end as their input implies;
+* a service SIGKILLed after committing an effect and before replying, then restarted, applies
+  nothing twice.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import time
+from collections import Counter
+from collections.abc import Mapping
+from decimal import Decimal
+from typing import Any
+from uuid import UUID, uuid5
+
+import pytest
+
+from saga.faults import POINTS
+from saga.state import HistoryKind, SagaState, SagaStatus
+from services import inventory, payment
+from services.checkout import checkout_input
+from services.cli import SAMPLE_PRICES
+from services.demo import HOME, NOWHERE
+from tests.e2e.model import (
+    INVENTORY,
+    PAYMENT,
+    SHIPPING,
+    Expectation,
+    Run,
+    World,
+    check_run,
+    conserved,
+    contended,
+    predict,
+)
+from tests.e2e.stack import SERVICES, Stack, saga_id, start_request
+
+pytestmark = pytest.mark.rabbitmq
+
+FAULT = "participant_after_commit_before_reply"
+assert FAULT in POINTS
+
+BOOK, LAMP, RARE = inventory.BOOK, inventory.LAMP, inventory.RARE
+PARIS = {
+    "name": "Jean Dupont",
+    "street": "12 Rue de Rivoli",
+    "city": "Paris",
+    "postal_code": "75001",
+    "country": "FR",
+}
+TOKYO = {  # no carrier serves JP
+    "name": "Aiko Sato",
+    "street": "1-1 Chiyoda",
+    "city": "Tokyo",
+    "postal_code": "100-0001",
+    "country": "JP",
+}
+SLOWTOWN = {  # the carrier never answers: retried, then compensated
+    "name": "Sam Slow",
+    "street": "Long Road 5",
+    "city": "Slowtown",
+    "postal_code": "12345",
+    "country": "DE",
+}
+RICH = Decimal("100000.00")
+PLENTY = 100_000
+
+
+def _checkout(
+    customer: str | UUID,
+    lines: list[tuple[str, int]],
+    address: Mapping[str, str] = HOME,
+    currency: str = "EUR",
+) -> dict[str, Any]:
+    who = payment.CUSTOMERS[customer] if isinstance(customer, str) else customer
+    items = [(sku, qty, SAMPLE_PRICES[sku]) for sku, qty in lines]
+    return dict(checkout_input(who, items, address, currency))
+
+
+async def _submit(
+    stack: Stack, checkouts: list[dict[str, Any]], first: int = 0
+) -> dict[UUID, dict[str, Any]]:
+    """Publish one StartSaga per checkout, all at once; saga id -> input."""
+    keyed = {f"{stack.prefix}-{n}": c for n, c in enumerate(checkouts, first)}
+    await stack.publish(start_request(key, c) for key, c in keyed.items())
+    return {saga_id(key): c for key, c in keyed.items()}
+
+
+async def _read_run(stack: Stack, checkouts: dict[UUID, dict[str, Any]]) -> Run:
+    ids = list(checkouts)
+    return Run(
+        checkouts=checkouts,
+        states=await stack.states(ids),
+        histories=await stack.histories(ids),
+        rows=await stack.processed(),
+    )
+
+
+def _assert_no_problems(stack: Stack, what: str, problems: list[str]) -> None:
+    if problems:
+        stack.fail(f"{len(problems)} problems {what}:\n" + "\n".join(problems[:40]))
+
+
+def _stats(run: Run) -> str:
+    kinds = Counter(e.kind for h in run.histories.values() for e in h)
+    status = Counter(s.status.value for s in run.states.values())
+    timeouts = Counter(
+        (i, e.step)
+        for i, h in run.histories.items()
+        for e in h
+        if e.kind is HistoryKind.STEP_TIMED_OUT
+    )
+    return (
+        f"{dict(sorted(status.items()))}; {kinds[HistoryKind.STEP_TIMED_OUT]} step timeouts "
+        f"(at most {max(timeouts.values(), default=0)} of one step), "
+        f"{kinds[HistoryKind.IGNORED]} ignored duplicate/late messages, "
+        f"{len(run.rows)} ledger rows"
+    )
+
+
+# --- a failure at each step --------------------------------------------------------------
+
+#: label -> (checkout, final status, failing step, reason, every final reply in the ledgers)
+STEP_FAILURES: dict[str, tuple[dict[str, Any], SagaStatus, str | None, str | None, list[str]]] = {
+    "happy path": (
+        _checkout("alice", [(BOOK, 2)]),
+        SagaStatus.COMPLETED,
+        None,
+        None,
+        ["order.create", "payment.charge", "inventory.reserve", "shipping.schedule"],
+    ),
+    "declined payment": (
+        _checkout("bob", [(LAMP, 1)]),
+        SagaStatus.COMPENSATED,
+        PAYMENT,
+        "insufficient_funds",
+        ["order.create", "payment.charge:insufficient_funds", "order.cancel"],
+    ),
+    "out of stock": (
+        _checkout("carol", [(RARE, 1)]),
+        SagaStatus.COMPENSATED,
+        INVENTORY,
+        "out_of_stock",
+        [
+            "order.create",
+            "payment.charge",
+            "inventory.reserve:out_of_stock",
+            "payment.refund",
+            "order.cancel",
+        ],
+    ),
+    "undeliverable address": (
+        _checkout("alice", [(BOOK, 1)], NOWHERE),
+        SagaStatus.COMPENSATED,
+        SHIPPING,
+        "undeliverable_address",
+        [
+            "order.create",
+            "payment.charge",
+            "inventory.reserve",
+            "shipping.schedule:undeliverable_address",
+            "inventory.release",
+            "payment.refund",
+            "order.cancel",
+        ],
+    ),
+    "transient failure, retried": (
+        _checkout("dave", [(LAMP, 1)]),
+        SagaStatus.COMPLETED,
+        None,
+        None,
+        ["order.create", "payment.charge", "inventory.reserve", "shipping.schedule"],
+    ),
+}
+
+
+async def test_a_failure_at_each_step_compensates_in_reverse(stack: Stack) -> None:
+    procs = await stack.start()
+    before = await stack.snapshot()
+    labels = list(STEP_FAILURES)
+    checkouts = await _submit(stack, [STEP_FAILURES[label][0] for label in labels])
+    ids = list(checkouts)
+    await stack.wait_terminal(ids, 60, watch=list(procs.values()))
+    await stack.wait_quiet()
+    run = await _read_run(stack, checkouts)
+    after = await stack.snapshot()
+
+    # the hand-written expectations, and the model's reading of the same inputs, agree
+    world = World.seeded()
+    expected = {i: predict(world, c) for i, c in checkouts.items()}
+    for label, i in zip(labels, ids, strict=True):
+        _, status, step, reason, trace = STEP_FAILURES[label]
+        assert (expected[i].status, expected[i].failed_step, expected[i].reason) == (
+            status,
+            step,
+            reason,
+        ), label
+        ledger = [
+            r["command_type"] + (f":{r['reason']}" if r["outcome"] == "failure" else "")
+            for r in run.rows
+            if r["saga_id"] == i
+        ]
+        assert ledger == trace, f"{label}: ledgers by processed_at {ledger}, expected {trace}"
+
+    _assert_no_problems(stack, "in the sagas and ledgers", check_run(run, expected))
+    _assert_no_problems(
+        stack, "in money and stock", conserved(checkouts, run.states, before, after)
+    )
+    flaky = ids[labels.index("transient failure, retried")]
+    first_attempt = [  # dave's card gateway fails the first attempt: retried, then charged
+        e.kind
+        for e in run.histories[flaky]
+        if e.step == PAYMENT
+        and e.attempt == 1
+        and e.kind in (HistoryKind.STEP_FAILED, HistoryKind.STEP_TIMED_OUT)
+    ]
+    assert first_attempt in ([HistoryKind.STEP_FAILED], [HistoryKind.STEP_TIMED_OUT]), first_attempt
+    failures = [e.detail for e in run.histories[flaky] if e.kind is HistoryKind.STEP_FAILED]
+    assert failures in ([], ["charge_payment failed: gateway_timeout (retryable)"]), failures
+    charged_at = [
+        e.attempt
+        for e in run.histories[flaky]
+        if e.kind is HistoryKind.STEP_SUCCEEDED and e.step == PAYMENT
+    ]
+    assert charged_at == [2], charged_at
+    charges = [
+        r for r in run.rows if r["saga_id"] == flaky and r["command_type"] == "payment.charge"
+    ]
+    assert len(charges) == 1 and charges[0]["outcome"] == "success", charges
+    # before -> after, in the services' own words: alice paid 2 books, dave one lamp
+    assert after["balances"] == {
+        **before["balances"],
+        "alice": before["balances"]["alice"] - 2 * SAMPLE_PRICES[BOOK],
+        "dave": before["balances"]["dave"] - SAMPLE_PRICES[LAMP],
+    }
+    assert after["stock"] == {
+        **before["stock"],
+        BOOK: before["stock"][BOOK] - 2,
+        LAMP: before["stock"][LAMP] - 1,
+    }
+
+
+# --- 200 mixed checkouts at once ---------------------------------------------------------
+
+
+def _mix(count: int, seed: int) -> list[dict[str, Any]]:
+    """Every outcome the rules allow, on balances and stock large enough that the order the
+    checkouts run in cannot change any of them (checked by ``contended``)."""
+    rng = random.Random(seed)
+
+    def ok() -> dict[str, Any]:
+        who = rng.choice(["alice", "carol", "dave"])
+        if who == "carol":  # per-charge limit 50
+            lines = rng.choice([[(BOOK, 2)], [(LAMP, 1)], [(BOOK, 1)]])
+        else:
+            lines = [(BOOK, rng.randint(1, 3)), (LAMP, rng.randint(1, 3))][: rng.randint(1, 2)]
+        return _checkout(who, lines, rng.choice([HOME, PARIS]))
+
+    kinds = [
+        (ok, 10),
+        (lambda: _checkout("alice", [(LAMP, 7)]), 1),  # 315.00 > the limit of 300
+        (lambda: _checkout("carol", [(BOOK, 3)]), 1),  # 59.70 > the limit of 50
+        (lambda: _checkout("bob", rng.choice([[(LAMP, 1)], [(BOOK, 2)]])), 2),  # balance 20
+        (lambda: _checkout("dave", [(BOOK, 1), (RARE, 1)]), 1),  # RARE-9 is sold out
+        (lambda: _checkout("alice", [(RARE, 1)]), 1),
+        (lambda: _checkout("alice", [(BOOK, 1)], NOWHERE), 1),
+        (lambda: _checkout("dave", [(LAMP, 1)], TOKYO), 1),
+        (lambda: _checkout("carol", [(BOOK, 1)], SLOWTOWN), 1),
+        (lambda: _checkout(uuid5(payment.CUSTOMERS["alice"], str(rng.random())), [(BOOK, 1)]), 1),
+        (lambda: _checkout("alice", [(BOOK, 1)], currency="USD"), 1),
+    ]
+    makers = [make for make, weight in kinds for _ in range(weight)]
+    checkouts = [make() for make, _ in kinds]  # each kind at least once
+    checkouts += [rng.choice(makers)() for _ in range(count - len(checkouts))]
+    rng.shuffle(checkouts)
+    return checkouts
+
+
+async def test_200_mixed_checkouts_at_once_each_end_as_their_input_implies(
+    stack: Stack, record_property: Any
+) -> None:
+    balances = {"alice": RICH, "carol": RICH, "dave": RICH}  # bob keeps 20.00
+    await stack.prepare(balances=balances, on_hand={BOOK: PLENTY, LAMP: PLENTY})
+    world = World.seeded().with_balances(balances).with_stock({BOOK: PLENTY, LAMP: PLENTY})
+    mix = _mix(200, seed=20240611)
+    assert contended(world, mix) == [], "the mix's outcomes would depend on ordering"
+    expected_by_input = [predict(world, c) for c in mix]
+    outcomes = Counter((e.failed_step, e.reason) for e in expected_by_input)
+    assert len(outcomes) >= 8, f"the mix does not cover every outcome: {outcomes}"
+
+    procs = await stack.start()
+    before = await stack.snapshot()
+    started = time.monotonic()
+    checkouts = await _submit(stack, mix)
+    await stack.wait_terminal(list(checkouts), 120, watch=list(procs.values()))
+    elapsed = time.monotonic() - started
+    await stack.wait_quiet()
+    run = await _read_run(stack, checkouts)
+    after = await stack.snapshot()
+
+    expected = dict(zip(checkouts, expected_by_input, strict=True))
+    problems = check_run(run, expected)
+    problems += conserved(checkouts, run.states, before, after)
+    _assert_no_problems(stack, "in 200 mixed checkouts", problems)
+    record_property("sagas_per_second", round(len(mix) / elapsed, 1))
+    print(f"\n200 checkouts terminal in {elapsed:.1f}s: {_stats(run)}")
+
+
+# --- a service killed between its commit and its reply -----------------------------------
+
+#: the n-th command handled kills the service; the checkouts arrive in waves, so at the crash some
+#: are done, some half-way and some not started
+CRASH_AFTER = {"payment": 16, "inventory": 10}
+WAVES, WAVE_GAP = 3, 0.7
+
+
+def _crash_mix(count: int) -> list[dict[str, Any]]:
+    rng = random.Random(count)
+    plan = [
+        lambda: _checkout(rng.choice(["alice", "dave"]), [(BOOK, 1), (LAMP, rng.randint(1, 2))]),
+        lambda: _checkout("carol", [(BOOK, 2)], PARIS),
+        lambda: _checkout("bob", [(LAMP, 1)]),
+        lambda: _checkout("alice", [(RARE, 1)]),
+        lambda: _checkout("dave", [(BOOK, 1)], NOWHERE),
+    ]
+    return [plan[n % len(plan)]() for n in range(count)]
+
+
+async def _by_ref(stack: Stack, service: str) -> dict[UUID, dict[str, Any]]:
+    table = payment.payments if service == "payment" else inventory.reservations
+    return {r["order_ref"]: r for r in await stack.rows(service, table)}
+
+
+@pytest.mark.parametrize("victim", ["payment", "inventory"])
+async def test_a_service_killed_after_its_commit_applies_nothing_twice(
+    stack: Stack, victim: str
+) -> None:
+    balances = {"alice": RICH, "carol": RICH, "dave": RICH}
+    await stack.prepare(balances=balances, on_hand={BOOK: PLENTY, LAMP: PLENTY})
+    world = World.seeded().with_balances(balances).with_stock({BOOK: PLENTY, LAMP: PLENTY})
+    mix = _crash_mix(30)
+    assert contended(world, mix) == []
+
+    stack.data_dir.mkdir(parents=True, exist_ok=True)
+    orchestrator = stack.spawn_orchestrator()
+    procs = {"orchestrator": orchestrator}
+    for s in SERVICES:
+        fault = (FAULT, CRASH_AFTER[victim]) if s == victim else None
+        procs[s] = stack.spawn_service(s, fault=fault, name=f"{s}-faulty" if fault else s)
+    await stack.started(procs.values())
+    before = await stack.snapshot()
+    checkouts: dict[UUID, dict[str, Any]] = {}
+    per_wave = len(mix) // WAVES
+    for wave in range(WAVES):
+        part = mix[wave * per_wave : (wave + 1) * per_wave]
+        checkouts |= await _submit(stack, part, first=wave * per_wave)
+        await asyncio.sleep(WAVE_GAP)
+
+    code = await stack.wait_exit(procs[victim], within=30)
+    if code != -9:
+        stack.fail(
+            f"{victim} was to SIGKILL itself after its {CRASH_AFTER[victim]}th commit, but it "
+            + ("still runs" if code is None else f"exited with {code}")
+        )
+    at_crash = [r for r in await stack.processed() if r["service"] == victim]
+    assert at_crash, f"{victim} died with nothing committed\n{stack.processes.describe()}"
+    states_at_crash = await stack.states(list(checkouts))
+    unfinished = [i for i in checkouts if not _terminal(states_at_crash.get(i))]
+    assert unfinished, "every saga finished before the crash: it was not mid-run"
+    progress = Counter(
+        states_at_crash[i].status.value if i in states_at_crash else "NOT_STARTED"
+        for i in checkouts
+    )
+
+    procs[victim] = stack.spawn_service(victim, name=f"{victim}-restarted")
+    await stack.started([procs[victim]])
+    await stack.wait_terminal(list(checkouts), 60, watch=list(procs.values()))
+    await stack.wait_quiet()
+    run = await _read_run(stack, checkouts)
+    after = await stack.snapshot()
+
+    expected = {i: predict(world, c) for i, c in checkouts.items()}
+    problems = check_run(run, expected)
+    problems += conserved(checkouts, run.states, before, after)
+    problems += await _applied_once(stack, victim, run, expected, before)
+    _assert_no_problems(stack, f"after {victim} was killed and restarted", problems)
+    print(
+        f"\n{victim} killed after {len(at_crash)} ledger rows; sagas then "
+        f"{dict(sorted(progress.items()))}; at the end {_stats(run)}"
+    )
+
+
+def _terminal(state: SagaState | None) -> bool:
+    return state is not None and state.status.is_terminal
+
+
+async def _applied_once(
+    stack: Stack,
+    victim: str,
+    run: Run,
+    expected: Mapping[UUID, Expectation],
+    before: Mapping[str, Mapping[str, Any]],
+) -> list[str]:
+    """Each order_ref charged (reserved) at most once, by the very charge (reservation) the
+    orchestrator was told of, and the account (stock) moved by exactly those."""
+    problems = []
+    ledger = Counter((r["saga_id"], r["command_type"]) for r in run.rows if r["service"] == victim)
+    problems += [f"{key} in the ledger {n} times" for key, n in ledger.items() if n > 1]
+    records = await _by_ref(stack, victim)
+    step = PAYMENT if victim == "payment" else INVENTORY
+    key = "payment_id" if victim == "payment" else "reservation_id"
+    done = "CHARGED" if victim == "payment" else "RESERVED"
+    undone = "REFUNDED" if victim == "payment" else "RELEASED"
+    for ref, want in expected.items():
+        record = records.get(ref)
+        status = None if record is None else record["status"]
+        if step not in want.succeeded:
+            if status not in (None, "TOMBSTONE"):
+                problems.append(f"{ref}: {victim} record {status}, expected none")
+            continue
+        wanted = done if want.failed_step is None else undone
+        if record is None or status != wanted:
+            problems.append(f"{ref}: {victim} record {status}, expected {wanted}")
+            continue
+        told = run.states[ref].context.outputs.get(step, {}).get(key)
+        if told != str(record[key]):
+            problems.append(
+                f"{ref}: the orchestrator was told {key} {told}, the service holds "
+                f"{record[key]}: the effect was applied twice"
+            )
+    if victim == "payment":
+        accounts = {r["name"]: r for r in await stack.rows("payment", payment.accounts)}
+        for name, customer in payment.CUSTOMERS.items():
+            charged = sum(
+                (
+                    r["amount"]
+                    for r in records.values()
+                    if r["customer_id"] == customer and r["status"] == "CHARGED"
+                ),
+                Decimal("0.00"),
+            )
+            moved = before["balances"][name] - accounts[name]["balance"]
+            if moved != charged:
+                problems.append(
+                    f"{name}: the balance moved by {moved}, the charges held sum to {charged}"
+                )
+    else:
+        stock = {r["sku"]: r for r in await stack.rows("inventory", inventory.stock)}
+        reserved: Counter[str] = Counter()
+        for r in records.values():
+            if r["status"] == "RESERVED":
+                for line in r["items"]:
+                    reserved[line["sku"]] += int(line["quantity"])
+        for sku, row in stock.items():
+            if row["reserved"] != reserved[sku]:
+                problems.append(
+                    f"{sku}: {row['reserved']} units reserved, the reservations hold "
+                    f"{reserved[sku]}"
+                )
+    return problems
