@@ -162,15 +162,20 @@ def _send(
     compensating = direction is Direction.COMPENSATION
     attempt = (step.compensation_attempts if compensating else step.attempts) + 1
     tries = 1 if new_budget else state.tries + 1
-    state = replace(state, current=index, direction=direction, attempt=attempt, tries=tries)
+    state = replace(state, current=index, direction=direction)
     try:
         payload = dict(step_def.build(direction, state.context))
     except Exception as exc:  # a builder bug must not wedge the saga: it fails the step
         reason = f"payload builder raised {type(exc).__name__}: {exc}"
         state = _with_step(state, index, error=reason)
+        # nothing was sent, so no attempt is counted and the entry names none
         if compensating:
+            out.note(HistoryKind.COMPENSATION_FAILED, reason, state, attempt=None)
             return _fail(state, out, f"compensation of {step_def.name} cannot be built: {reason}")
+        out.note(HistoryKind.STEP_FAILED, f"{step_def.name} cannot be built: {reason}", state,
+                 attempt=None)  # fmt: skip
         return _action_failed(d, _with_step(state, index, status=StepStatus.FAILED), out, reason)
+    state = replace(state, attempt=attempt, tries=tries)
 
     message_id = command_id(state.saga_id, step_def.name, direction.value, attempt)
     deadline = out.now + step_def.timeout_for(direction)
@@ -431,13 +436,31 @@ def _on_operator_retry(
     status = (
         SagaStatus.COMPENSATING if state.direction is Direction.COMPENSATION else SagaStatus.RUNNING
     )
-    state = replace(state, status=status, stuck_step=None)
+    forward = state.direction is Direction.ACTION
+    failure = None if forward else state.failure  # going forward again: no longer failing
+    state = replace(state, status=status, stuck_step=None, failure=failure)
     return _send(d, state, state.current, state.direction, out, new_budget=True)
+
+
+def _stuck_at_pivot(d: SagaDefinition, state: SagaState) -> bool:
+    return (
+        state.status is SagaStatus.FAILED
+        and state.direction is Direction.ACTION
+        and state.current == d.pivot_index
+    )
 
 
 def _on_operator_abort(
     d: SagaDefinition, state: SagaState, event: OperatorAbort, out: _Out
 ) -> SagaState | None:
+    if _stuck_at_pivot(d, state):
+        # The pivot's outcome is unknown (it timed out) or it cannot complete. The operator
+        # checked that it did not take effect, so the steps before it are compensated.
+        _operator_note(out, state, "abort", event)
+        state = _with_step(state, state.current, status=StepStatus.FAILED)
+        state = replace(state, stuck_step=None)
+        reason = f"aborted by {event.actor} at the pivot: {event.reason}"
+        return _begin_compensation(d, state, state.current - 1, out, reason)
     if state.status is not SagaStatus.RUNNING:
         _reject(
             state, out, event, f"only a RUNNING saga can be aborted; this one is {state.status}"
@@ -472,6 +495,7 @@ def _on_operator_resolve(
         state,
         status=SagaStatus.RUNNING,
         stuck_step=None,
+        failure=None,
         context=state.context.with_output(name, event.data),
     )
     return _advance(d, state, out)

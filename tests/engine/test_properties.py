@@ -194,7 +194,7 @@ class SagaMachine(RuleBasedStateMachine):
         if before is not None and is_settled(before):
             assert not t.applied and t.commands == (), f"{event} changed a {before.status} saga"
         if before is not None and before.status is SagaStatus.FAILED and t.applied:
-            assert isinstance(event, OperatorRetry | OperatorResolve), (
+            assert isinstance(event, OperatorRetry | OperatorResolve | OperatorAbort), (
                 "FAILED waits for an operator"
             )
 
@@ -468,11 +468,21 @@ class SagaMachine(RuleBasedStateMachine):
                 assert (cmd.step, cmd.direction) == (s.steps[s.current].name, s.direction)
                 assert tr.s.tries == 1
         elif action == "abort":
-            allowed = s.status is SagaStatus.RUNNING and (pivot is None or s.current < pivot)
+            stuck_at_pivot = (
+                s.status is SagaStatus.FAILED
+                and s.direction is Direction.ACTION
+                and s.current == pivot
+            )
+            allowed = stuck_at_pivot or (
+                s.status is SagaStatus.RUNNING and (pivot is None or s.current < pivot)
+            )
             t = self.apply(tr, OperatorAbort("op", "abort"))
             assert t.applied == allowed
             if t.applied:
                 assert tr.s.status in (SagaStatus.COMPENSATING, SagaStatus.COMPENSATED)
+            if t.applied and stuck_at_pivot:
+                assert tr.s.steps[s.current].status is StepStatus.FAILED  # never compensated
+                tr.seen.add("aborted at a stuck pivot")
         else:
             t = self.apply(tr, OperatorResolve("op", "resolved", {"by": "hand"}))
             assert t.applied == (s.status is SagaStatus.FAILED)

@@ -389,6 +389,38 @@ def test_pivot_timing_out_fails_instead_of_compensating() -> None:
     assert drv.compensation_order() == []
 
 
+def test_operator_abort_of_a_pivot_stuck_in_doubt_compensates_the_earlier_steps() -> None:
+    """The operator checked that the timed-out pivot never happened: undo what came before."""
+    drv = started(make_definition(3, pivot=1, max_attempts=1))
+    drv.succeed()
+    drv.time_out()
+    assert drv.s.status is SagaStatus.FAILED and drv.s.stuck_step == "s2"
+    t = drv.operator_abort()
+    assert t.applied and [h.actor for h in drv.history(HistoryKind.OPERATOR)] == ["alice"]
+    assert drv.status_of("s2") is S.FAILED  # the pivot itself is never compensated
+    drv.succeed_until_terminal()
+    assert drv.s.status is SagaStatus.COMPENSATED
+    assert drv.compensation_order() == ["s1"]
+
+
+def test_abort_of_a_saga_failed_after_the_pivot_is_rejected() -> None:
+    drv = run_forward(started(make_definition(3, pivot=0)), 1)
+    drv.fail("refused")
+    assert drv.s.status is SagaStatus.FAILED and drv.s.stuck_step == "s2"
+    t = drv.operator_abort()
+    assert not t.applied and [h.kind for h in t.history] == [HistoryKind.REJECTED]
+
+
+def test_forward_operator_retry_clears_the_failure() -> None:
+    drv = run_forward(started(make_definition(3, pivot=0)), 1)
+    drv.fail("refused")
+    assert drv.s.failure is not None
+    drv.operator_retry()
+    assert drv.s.failure is None
+    drv.succeed_until_terminal()
+    assert (drv.s.status, drv.s.failure) == (SagaStatus.COMPLETED, None)
+
+
 def test_operator_resolve_after_the_pivot_continues_forward() -> None:
     drv = started(make_definition(4, pivot=1))
     run_forward(drv, 2)
@@ -800,6 +832,8 @@ def test_raising_payload_builder_fails_the_step(position: int, compensated: list
     assert step.error.startswith("payload builder raised UnknownSagaError:")
     assert "'missing' has no output yet" in step.error
     assert all(c.step != step.name for c in drv.commands)
+    [entry] = [h for h in drv.history(HistoryKind.STEP_FAILED) if h.step == step.name]
+    assert "cannot be built" in entry.detail and entry.attempt is None
     drv.succeed_until_terminal()
     assert drv.compensation_order() == compensated
     assert drv.s.status is SagaStatus.COMPENSATED
