@@ -21,6 +21,7 @@ The rules (docs/semantics.md has the full table):
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field, replace
 from datetime import datetime
 from uuid import UUID
@@ -165,6 +166,7 @@ def _send(
     state = replace(state, current=index, direction=direction)
     try:
         payload = dict(step_def.build(direction, state.context))
+        json.dumps(payload, allow_nan=False)  # it goes on the wire: JSON values only
     except Exception as exc:  # a builder bug must not wedge the saga: it fails the step
         reason = f"payload builder raised {type(exc).__name__}: {exc}"
         state = _with_step(state, index, error=reason)

@@ -58,6 +58,7 @@ class Relay:
         while not self._stopping:
             if backoff:
                 await asyncio.sleep(backoff)
+            self._wake.clear()  # before reading: a commit during the read wakes us again
             try:
                 moved = await self.flush()
             except Exception as exc:
@@ -68,7 +69,6 @@ class Relay:
             backoff = 0.0
             if moved:
                 continue  # there may be more right away
-            self._wake.clear()
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), self.poll_interval)
 

@@ -185,8 +185,7 @@ class Orchestrator:
                 retry = await self._process(batch)
             except BaseException as exc:  # the store failed: nothing of this batch is committed
                 for item in batch:
-                    if not item.future.done():
-                        item.future.set_exception(exc)
+                    _settle(item, exc)
                 if not isinstance(exc, Exception):
                     raise
                 continue
@@ -202,7 +201,10 @@ class Orchestrator:
             try:
                 change = self._decide(item, state, now)
             except MessageError as exc:
-                item.future.set_exception(exc)
+                _settle(item, exc)
+                continue
+            except Exception as exc:  # a bug deciding one event must not fail its batch-mates
+                _settle(item, MessageError("decide_failed", f"{type(exc).__name__}: {exc}"))
                 continue
             if change.transition.applied:
                 working[item.saga_id] = change.transition.state
@@ -212,31 +214,30 @@ class Orchestrator:
             return []
         results = await self.store.commit([change for _, change in decided])
         self.batches += 1
+        wrote_outbox = any(
+            r in (CommitResult.APPLIED, CommitResult.RECORDED) and c.outbox
+            for (_, c), r in zip(decided, results, strict=True)
+        )
+        if wrote_outbox and self.on_commit is not None:
+            self.on_commit()  # first: the relay must hear of rows even if a caller is gone
         retry: list[_Item] = []
-        wrote_outbox = False
         for (item, change), result in zip(decided, results, strict=True):
             if result is CommitResult.CONFLICT:
                 if isinstance(item.event, Started):
                     existing = await self.store.load(item.saga_id)
                     if existing is not None:
-                        item.future.set_result(Result(Outcome.DUPLICATE, existing))
+                        _settle(item, Result(Outcome.DUPLICATE, existing))
                         continue
                 item.conflicts += 1
                 if item.conflicts > _MAX_CONFLICT_RETRIES:
-                    item.future.set_exception(
-                        ConcurrencyError(f"saga {item.saga_id} kept changing under us")
-                    )
+                    _settle(item, ConcurrencyError(f"saga {item.saga_id} kept changing under us"))
                 else:
                     retry.append(item)
             elif result is CommitResult.DUPLICATE:
-                state = change.transition.state
-                item.future.set_result(Result(Outcome.DUPLICATE, state))
+                _settle(item, Result(Outcome.DUPLICATE, change.transition.state))
             else:
-                wrote_outbox = wrote_outbox or bool(change.outbox)
                 outcome = Outcome.APPLIED if result is CommitResult.APPLIED else Outcome.IGNORED
-                item.future.set_result(Result(outcome, change.transition.state, change.transition))
-        if wrote_outbox and self.on_commit is not None:
-            self.on_commit()
+                _settle(item, Result(outcome, change.transition.state, change.transition))
         return retry
 
     def _decide(self, item: _Item, state: SagaState | None, now: datetime) -> Change:
@@ -261,3 +262,14 @@ class Orchestrator:
             inbox_id=item.inbox_id,
             outbox=outbox,
         )
+
+
+def _settle(item: _Item, outcome: Result | BaseException) -> None:
+    """Resolve a submitter's future, unless it gave up waiting (its task was cancelled): the
+    commit happened regardless, and the other events of the batch must still be settled."""
+    if item.future.done():
+        return
+    if isinstance(outcome, BaseException):
+        item.future.set_exception(outcome)
+    else:
+        item.future.set_result(outcome)

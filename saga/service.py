@@ -202,6 +202,9 @@ class OrchestratorService:
     async def stop(self) -> None:
         log.info("orchestrator_stopping", in_flight=len(self._in_flight))
         await self._cancel_consumers()
+        for task in self._tasks:  # no new timer events while the last ones drain
+            if task.get_name() == "saga-timers":
+                task.cancel()
         if self._in_flight:
             await asyncio.wait(self._in_flight, timeout=self.settings.shutdown_timeout)
         await self.orchestrator.drained()
@@ -277,9 +280,13 @@ class OrchestratorService:
             detail=detail,
             message_id=message.message_id,
         )
-        await self.broker.dead_letter(
-            message, queue=queue, topology=self.topology, reason=reason, detail=detail
-        )
+        try:
+            await self.broker.dead_letter(
+                message, queue=queue, topology=self.topology, reason=reason, detail=detail
+            )
+        except Exception as exc:  # not copied: keep the original, or it would be lost
+            await self._retry_later(message, exc)
+            return
         self.dead_lettered += 1
         await message.ack()
 

@@ -17,18 +17,11 @@ import aiormq
 from aio_pika.abc import (
     AbstractChannel,
     AbstractExchange,
-    AbstractIncomingMessage,
     AbstractRobustConnection,
 )
 
 from saga.errors import ConfigError
-from saga.ports import OutboxMessage
-from saga.transport.topology import (
-    DEAD_LETTER_DETAIL,
-    DEAD_LETTER_QUEUE,
-    DEAD_LETTER_REASON,
-    Topology,
-)
+from saga.transport.topology import Topology
 
 __all__ = ["PublishRefusedError", "Publisher", "connect", "declare", "safe_url"]
 
@@ -101,19 +94,6 @@ class Publisher:
                 )
             return self._exchanges[name]
 
-    async def publish(self, message: OutboxMessage) -> None:
-        """Return once the broker confirmed the message; raise PublishRefusedError if it did not."""
-        await self.publish_raw(
-            exchange=message.exchange,
-            routing_key=message.routing_key,
-            body=message.body,
-            message_id=str(message.message_id),
-            correlation_id=str(message.saga_id),
-            message_type=message.message_type,
-            headers=message.headers,
-            timestamp=message.created_at,
-        )
-
     async def publish_raw(
         self,
         *,
@@ -144,39 +124,6 @@ class Publisher:
             raise PublishRefusedError(f"broker returned the message: {exc}") from exc
         if not isinstance(confirmation, aiormq.spec.Basic.Ack):
             raise PublishRefusedError(f"broker did not confirm the message: {confirmation!r}")
-
-    async def dead_letter(
-        self,
-        message: AbstractIncomingMessage,
-        *,
-        queue: str,
-        topology: Topology,
-        reason: str,
-        detail: str,
-    ) -> None:
-        """Copy ``message`` to ``queue``'s dead-letter queue with the reason in headers.
-
-        The caller acks the original only after this returns (the copy is confirmed), so the
-        message is never in neither place.
-        """
-        headers = {str(k): str(v) for k, v in (message.headers or {}).items()}
-        headers.update(
-            {
-                DEAD_LETTER_REASON: reason,
-                DEAD_LETTER_DETAIL: detail[:1000],
-                DEAD_LETTER_QUEUE: queue,
-            }
-        )
-        await self.publish_raw(
-            exchange=topology.dead_letter_exchange,
-            routing_key=topology.dead_letter_queue(queue),
-            body=message.body,
-            message_id=message.message_id,
-            correlation_id=message.correlation_id,
-            message_type=message.type,
-            headers=headers,
-            content_type=message.content_type,
-        )
 
     async def close(self) -> None:
         if self._channel is not None and not self._channel.is_closed:

@@ -43,6 +43,7 @@ from saga.transport.topology import (
 __all__ = [
     "AmqpBroker",
     "Broker",
+    "BrokerBase",
     "Callback",
     "Consumer",
     "IncomingMessage",
@@ -156,6 +157,54 @@ def outbox_fields(message: OutboxMessage) -> dict[str, Any]:
     }
 
 
+class BrokerBase:
+    """What every broker derives from ``publish_raw``: outbox publishing and dead-lettering."""
+
+    async def publish_raw(
+        self,
+        *,
+        exchange: str,
+        routing_key: str,
+        body: bytes,
+        message_id: str | None,
+        correlation_id: str | None = None,
+        message_type: str | None = None,
+        headers: Mapping[str, str] | None = None,
+        timestamp: datetime | None = None,
+        content_type: str | None = "application/json",
+    ) -> None:
+        raise NotImplementedError
+
+    async def publish(self, message: OutboxMessage) -> None:
+        """Return once the broker holds ``message``; raise PublishRefusedError if it does not."""
+        await self.publish_raw(**outbox_fields(message))
+
+    async def dead_letter(
+        self,
+        message: IncomingMessage,
+        *,
+        queue: str,
+        topology: Topology,
+        reason: str,
+        detail: str,
+    ) -> None:
+        """Copy ``message`` to ``queue``'s dead-letter queue with the reason in its headers.
+
+        The caller acks the original only after this returns (the copy is confirmed), so the
+        message is never in neither place.
+        """
+        await self.publish_raw(
+            exchange=topology.dead_letter_exchange,
+            routing_key=topology.dead_letter_queue(queue),
+            body=message.body,
+            message_id=message.message_id,
+            correlation_id=message.correlation_id,
+            message_type=message.type,
+            headers=dead_letter_headers(message, queue=queue, reason=reason, detail=detail),
+            content_type=message.content_type,
+        )
+
+
 class _AmqpConsumer:
     """One consumer on a channel of its own, so its prefetch bound is its own."""
 
@@ -217,7 +266,7 @@ class _AmqpConsumer:
         await self._closing
 
 
-class AmqpBroker:
+class AmqpBroker(BrokerBase):
     """RabbitMQ: durable queues, persistent messages, publisher confirms, mandatory publishing
     (an unroutable message raises :class:`PublishRefusedError`), a robust connection that
     reconnects and re-declares by itself, and a channel with its own prefetch per consumer."""
@@ -237,9 +286,6 @@ class AmqpBroker:
         if self._declared is None or self._declared.is_closed:
             self._declared = await self.connection.channel()
         await declare(self._declared, topology, participants)
-
-    async def publish(self, message: OutboxMessage) -> None:
-        await self._publisher.publish(message)
 
     async def publish_raw(
         self,
@@ -264,26 +310,6 @@ class AmqpBroker:
             headers=headers,
             timestamp=timestamp,
             content_type=content_type,
-        )
-
-    async def dead_letter(
-        self,
-        message: IncomingMessage,
-        *,
-        queue: str,
-        topology: Topology,
-        reason: str,
-        detail: str,
-    ) -> None:
-        await self.publish_raw(
-            exchange=topology.dead_letter_exchange,
-            routing_key=topology.dead_letter_queue(queue),
-            body=message.body,
-            message_id=message.message_id,
-            correlation_id=message.correlation_id,
-            message_type=message.type,
-            headers=dead_letter_headers(message, queue=queue, reason=reason, detail=detail),
-            content_type=message.content_type,
         )
 
     async def consume(self, queue: str, callback: Callback, *, prefetch: int) -> Consumer:

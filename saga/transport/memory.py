@@ -40,14 +40,11 @@ from typing import Any
 import structlog
 
 from saga.errors import ConfigError
-from saga.ports import OutboxMessage
 from saga.transport.broker import (
+    BrokerBase,
     Callback,
     Consumer,
-    IncomingMessage,
     PublishRefusedError,
-    dead_letter_headers,
-    outbox_fields,
 )
 from saga.transport.topology import Topology
 
@@ -205,7 +202,7 @@ class MemoryConsumer:
         await asyncio.gather(*tasks, return_exceptions=True)
 
 
-class MemoryBroker:
+class MemoryBroker(BrokerBase):
     """RabbitMQ's routing, acks, prefetch and dead-lettering for one process, in memory.
 
     NOT DURABLE: see the module docstring. Every queue and message is lost with the process.
@@ -246,9 +243,6 @@ class MemoryBroker:
                 bound.append(b.queue)
         await asyncio.sleep(0)
 
-    async def publish(self, message: OutboxMessage) -> None:
-        await self.publish_raw(**outbox_fields(message))
-
     async def publish_raw(
         self,
         *,
@@ -286,26 +280,6 @@ class MemoryBroker:
             self.dispatch(queue)
         self.published += 1
         await asyncio.sleep(0)  # a publish is a suspension point, as over a network
-
-    async def dead_letter(
-        self,
-        message: IncomingMessage,
-        *,
-        queue: str,
-        topology: Topology,
-        reason: str,
-        detail: str,
-    ) -> None:
-        await self.publish_raw(
-            exchange=topology.dead_letter_exchange,
-            routing_key=topology.dead_letter_queue(queue),
-            body=message.body,
-            message_id=message.message_id,
-            correlation_id=message.correlation_id,
-            message_type=message.type,
-            headers=dead_letter_headers(message, queue=queue, reason=reason, detail=detail),
-            content_type=message.content_type,
-        )
 
     async def consume(self, queue: str, callback: Callback, *, prefetch: int) -> Consumer:
         self.check_open()

@@ -21,7 +21,7 @@ from saga.ports import OutboxMessage
 from saga.store.schema import UTCDateTime
 from saga.store.sql import sqlite_engine
 
-__all__ = ["Ledger", "ledger_metadata", "outbox", "processed"]
+__all__ = ["Ledger", "ledger_metadata", "outbox", "processed", "replies"]
 
 ledger_metadata = sa.MetaData()
 
@@ -39,6 +39,17 @@ processed = sa.Table(
     sa.Column("detail", sa.Text, nullable=True),
     sa.Column("data", sa.JSON, nullable=False),
     sa.Column("processed_at", UTCDateTime, nullable=False),
+)
+
+#: every reply given, by its message id (derived from the command's): a redelivered message
+#: gets exactly its first reply, transient failures included
+replies = sa.Table(
+    "ledger_replies",
+    ledger_metadata,
+    sa.Column("message_id", sa.Uuid, primary_key=True),
+    sa.Column("command_message_id", sa.Uuid, nullable=False),
+    sa.Column("body", sa.LargeBinary, nullable=False),
+    sa.Column("created_at", UTCDateTime, nullable=False),
 )
 
 outbox = sa.Table(

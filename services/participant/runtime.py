@@ -22,7 +22,7 @@ from saga.relay import Relay
 from saga.transport.broker import AmqpBroker, Broker, Consumer, IncomingMessage
 from saga.transport.topology import Topology
 from services.participant.errors import BusinessError, TransientError
-from services.participant.ledger import Ledger, now, outbox, processed
+from services.participant.ledger import Ledger, now, outbox, processed, replies
 from services.participant.settings import ServiceSettings
 
 __all__ = ["Handler", "Participant"]
@@ -197,6 +197,16 @@ class Participant:
         contract, fn = self._handlers[command.command_type]
         reply_id = uuid.uuid5(command.message_id, "reply")
         async with self.ledger.engine.begin() as conn:
+            # The same message again (a redelivery): its first reply, whatever it was. Running
+            # the handler anew could turn an answered transient failure into an unseen success.
+            given = await conn.scalar(
+                sa.select(replies.c.body).where(replies.c.message_id == reply_id)
+            )
+            if given is not None:
+                self.duplicates += 1
+                reply = ReplyEnvelope.model_validate_json(bytes(given))
+                await self._queue_reply(conn, command, reply)
+                return reply
             prior = (
                 await conn.execute(
                     sa.select(processed).where(
@@ -233,17 +243,30 @@ class Participant:
                         )
                     )
             await conn.execute(
-                self.ledger.insert_ignore(outbox).values(
+                replies.insert().values(
                     message_id=reply.message_id,
-                    saga_id=command.saga_id,
-                    routing_key=command.reply_to,
-                    message_type=f"{command.command_type}.reply",
+                    command_message_id=command.message_id,
                     body=reply.model_dump_json().encode(),
                     created_at=now(),
                 )
             )
+            await self._queue_reply(conn, command, reply)
         self.handled += 1
         return reply
+
+    async def _queue_reply(
+        self, conn: AsyncConnection, command: CommandEnvelope, reply: ReplyEnvelope
+    ) -> None:
+        await conn.execute(
+            self.ledger.insert_ignore(outbox).values(
+                message_id=reply.message_id,
+                saga_id=command.saga_id,
+                routing_key=command.reply_to,
+                message_type=f"{command.command_type}.reply",
+                body=reply.model_dump_json().encode(),
+                created_at=now(),
+            )
+        )
 
     async def _run(
         self,
@@ -285,9 +308,16 @@ class Participant:
     ) -> None:
         assert self.broker is not None
         log.warning("message_dead_lettered", queue=queue, reason=reason, detail=detail)
-        await self.broker.dead_letter(
-            message, queue=queue, topology=self.topology, reason=reason, detail=detail
-        )
+        try:
+            await self.broker.dead_letter(
+                message, queue=queue, topology=self.topology, reason=reason, detail=detail
+            )
+        except Exception as exc:  # not copied: keep the original, or it would be lost
+            log.warning("dead_letter_failed_will_retry", error=repr(exc))
+            await asyncio.sleep(1.0)
+            with contextlib.suppress(Exception):
+                await message.nack(requeue=True)
+            return
         self.dead_lettered += 1
         await message.ack()
 

@@ -840,6 +840,22 @@ def test_raising_payload_builder_fails_the_step(position: int, compensated: list
     assert drv.s.failure is not None and "payload builder raised" in drv.s.failure
 
 
+def test_payload_that_is_not_json_fails_the_step_not_the_runtime() -> None:
+    """A UUID or a Decimal would break the wire encoding later, outside the engine."""
+
+    def not_json(ctx: SagaContext) -> Mapping[str, JSON]:
+        return {"ref": ctx.saga_id}  # type: ignore[dict-item]
+
+    drv = Driver(make_definition(2, payloads={1: not_json}))
+    drv.start()
+    drv.succeed()
+    assert drv.status_of("s2") is S.FAILED
+    error = drv.s.step("s2").error
+    assert error is not None and error.startswith("payload builder raised TypeError")
+    drv.succeed_until_terminal()
+    assert drv.s.status is SagaStatus.COMPENSATED and drv.compensation_order() == ["s1"]
+
+
 def test_raising_payload_builder_after_the_pivot_fails_the_saga() -> None:
     drv = run_forward(started(make_definition(3, pivot=0, payloads={2: _broken})), 2)
     assert drv.s.status is SagaStatus.FAILED and drv.s.stuck_step == "s3"

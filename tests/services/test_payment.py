@@ -183,6 +183,25 @@ async def test_a_flaky_gateway_fails_the_first_attempt_only(svc: Participant) ->
     assert len(await svc.ledger.history()) == 1
 
 
+async def test_a_redelivered_message_gets_its_first_reply_even_a_transient_one(
+    svc: Participant,
+) -> None:
+    """The orchestrator may have applied that retryable failure already: running the handler
+    again for the same message could produce a success it never sees, an effect never undone."""
+    saga, ref = uuid.uuid4(), uuid.uuid4()
+    message = charge(saga, ref, payment.DAVE, "50.00")
+    first = await svc.handle(message)
+    assert (first.outcome, first.retryable) == ("failure", True)
+    async with svc.ledger.engine.begin() as conn:  # the gateway recovers
+        await conn.execute(sa.update(payment.accounts).values(flaky=False))
+    again = await svc.handle(message)
+    assert again == first
+    assert await rows(svc, payment.payments) == []
+    assert await payment.snapshot(svc.ledger) == SEEDED
+    second = charged(await svc.handle(charge(saga, ref, payment.DAVE, "50.00", attempt=2)))
+    assert second.balance_after == Decimal("350.00")
+
+
 @pytest.mark.parametrize(
     "backend", ["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)]
 )

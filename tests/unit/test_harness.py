@@ -121,3 +121,25 @@ def test_fake_clock_only_moves_forward() -> None:
     clock = FakeClock()
     with pytest.raises(ValueError, match="only moves forward"):
         clock.advance(-1)
+
+
+async def test_a_caller_that_gives_up_does_not_fail_its_batch_mates() -> None:
+    """Cancelling one submitter while its batch commits leaves the others' results intact."""
+    h = harness()
+    h.on("stock.reserve", silence)
+    commit = h.store.commit
+    gate = asyncio.Event()
+
+    async def slow_commit(changes):  # type: ignore[no-untyped-def]
+        await gate.wait()
+        return await commit(changes)
+
+    h.store.commit = slow_commit  # type: ignore[method-assign]
+    first = asyncio.create_task(h.start("pay", {"amount": "1.00"}, key="a"))
+    second = asyncio.create_task(h.start("pay", {"amount": "1.00"}, key="b"))
+    await asyncio.sleep(0.01)
+    first.cancel()
+    gate.set()
+    saga_id = await second
+    assert (await h.saga(saga_id)).status is SagaStatus.RUNNING
+    assert len(await h.store.pending_outbox(10)) == 2  # both committed, both commands queued
