@@ -142,8 +142,11 @@ class SagaDefinition:
         return pivot is not None and index >= pivot
 
     def needs_compensation(self, index: int) -> bool:
+        """Whether step ``index`` is undone when the saga compensates."""
         step = self.steps[index]
-        return step.compensation is not None and not self.is_forward_only(index)
+        return (
+            step.compensatable and step.compensation is not None and not self.is_forward_only(index)
+        )
 
     def validate(self, participants: Iterable[str] | None = None) -> None:
         """Raise :class:`DefinitionError` naming the saga and step on the first problem."""

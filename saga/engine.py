@@ -266,7 +266,7 @@ def _compensate_next(d: SagaDefinition, state: SagaState, below: int, out: _Out)
     """Compensate the newest step at or below ``below`` that may have had an effect."""
     for i in range(below, -1, -1):
         # compensatable=False means nothing to undo, even if the step names a compensation
-        undoable = d.steps[i].compensatable and d.needs_compensation(i)
+        undoable = d.needs_compensation(i)
         if state.steps[i].status in _NEEDS_UNDO and undoable:
             return _send(d, state, i, Direction.COMPENSATION, out, new_budget=True)
     out.note(HistoryKind.COMPENSATED, "every completed step is compensated", step=None)
