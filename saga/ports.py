@@ -124,3 +124,10 @@ class Store(Protocol):
     async def mark_sent(self, message_ids: Sequence[UUID]) -> None: ...
 
     async def list_sagas(self, query: SagaFilter) -> list[SagaState]: ...
+
+    async def prune_inbox(self, before: datetime) -> int:
+        """Forget ids of messages received before ``before``; returns how many.
+
+        Safe once redeliveries are over: a reply that old no longer matches the command its saga
+        awaits, so it would be ignored anyway, only without the inbox's shortcut.
+        """

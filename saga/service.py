@@ -16,6 +16,7 @@ import importlib
 import os
 import signal
 from collections.abc import Awaitable, Callable, Mapping
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import IO, Any, TypeVar
 
@@ -180,6 +181,7 @@ class OrchestratorService:
             # Timers start last and after a grace period: replies that arrived while we were
             # down are already queued, and applying them beats timing their commands out.
             self._tasks.append(asyncio.create_task(self._timer_loop(), name="saga-timers"))
+            self._tasks.append(asyncio.create_task(self._housekeeping(), name="saga-housekeeping"))
         except BaseException:
             await self._close()
             raise
@@ -354,6 +356,18 @@ class OrchestratorService:
         await asyncio.sleep(1.0)
         with contextlib.suppress(Exception):
             await message.nack(requeue=True)
+
+    async def _housekeeping(self) -> None:
+        """Forget inbox ids older than the retention window, hourly; redeliveries are long over."""
+        retention = timedelta(hours=self.settings.inbox_retention_hours)
+        while True:
+            try:
+                pruned = await self.store.prune_inbox(datetime.now(UTC) - retention)
+                if pruned:
+                    log.info("inbox_pruned", rows=pruned)
+            except Exception as exc:
+                log.warning("housekeeping_failed", error=repr(exc))
+            await asyncio.sleep(3600)
 
     async def _timer_loop(self) -> None:
         await asyncio.sleep(self.settings.timer_grace)

@@ -41,6 +41,7 @@ class Settings(BaseSettings):
     auto_migrate: bool = False
     sqlite_synchronous: Literal["FULL", "NORMAL", "EXTRA"] = "FULL"
     shutdown_timeout: float = Field(10.0, gt=0, le=600)
+    inbox_retention_hours: float = Field(168.0, ge=1, le=24 * 365)
 
     @field_validator("database_url")
     @classmethod

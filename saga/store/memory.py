@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Sequence
-from datetime import datetime
+from datetime import UTC, datetime
 from uuid import UUID
 
 from saga.ports import Change, CommitResult, DueTimer, OutboxMessage, SagaFilter
@@ -26,7 +26,7 @@ class MemoryStore:
         self._history: dict[UUID, list[HistoryEntry]] = {}
         self._outbox: dict[UUID, OutboxMessage] = {}
         self._sent: set[UUID] = set()
-        self._inbox: set[UUID] = set()
+        self._inbox: dict[UUID, datetime] = {}
         self._keys: set[tuple[str, str]] = set()
         self._lock = asyncio.Lock()
 
@@ -76,7 +76,7 @@ class MemoryStore:
             for message in change.outbox:
                 self._outbox.setdefault(message.message_id, message)
         if change.inbox_id is not None:
-            self._inbox.add(change.inbox_id)
+            self._inbox[change.inbox_id] = datetime.now(UTC)
         self._history.setdefault(new.saga_id, []).extend(change.transition.history)
         return CommitResult.APPLIED if change.transition.applied else CommitResult.RECORDED
 
@@ -100,6 +100,12 @@ class MemoryStore:
             if s.phase is not Phase.IDLE and s.deadline is not None
         ]
         return min(deadlines, default=None)
+
+    async def prune_inbox(self, before: datetime) -> int:
+        old = [i for i, at in self._inbox.items() if at < before]
+        for i in old:
+            del self._inbox[i]
+        return len(old)
 
     async def history(self, saga_id: UUID) -> list[HistoryEntry]:
         return list(self._history.get(saga_id, []))

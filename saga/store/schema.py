@@ -122,8 +122,17 @@ def _v1_initial(conn: Connection) -> None:
         table.create(conn, checkfirst=True)
 
 
+inbox_received_index = sa.Index("ix_saga_inbox_received", inbox.c.received_at)
+inbox.indexes.discard(inbox_received_index)  # created by migration 2, not with the table
+
+
+def _v2_inbox_received_index(conn: Connection) -> None:
+    inbox_received_index.create(conn, checkfirst=True)
+
+
 #: (version, description, upgrade) in order; append, never edit a released one.
 MIGRATIONS: list[tuple[int, str, Callable[[Connection], None]]] = [
     (1, "saga instances, history, outbox and inbox", _v1_initial),
+    (2, "index on inbox arrival time, for pruning", _v2_inbox_received_index),
 ]
 HEAD = MIGRATIONS[-1][0]

@@ -324,6 +324,11 @@ class SqlStore:
                     )
             return [_state_from_row(r._mapping) for r in await conn.execute(q)]
 
+    async def prune_inbox(self, before: datetime) -> int:
+        async with self._write.begin() as conn:
+            result = await conn.execute(inbox.delete().where(inbox.c.received_at < before))
+            return int(result.rowcount or 0)
+
     # --- outbox --------------------------------------------------------------------------
 
     async def pending_outbox(self, limit: int) -> list[OutboxMessage]:

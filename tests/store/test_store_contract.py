@@ -229,3 +229,17 @@ async def test_a_change_decided_on_a_conflicted_one_never_lands(store: Store) ->
     )
     assert results == [CommitResult.CONFLICT] * 3
     assert await store.load(s.saga_id) == moved
+
+
+async def test_prune_inbox_forgets_only_old_message_ids(store: Store) -> None:
+    s = await create(store)
+    inbox_id = uuid.uuid4()
+    t = decide(DEF, s, reply_ok(s), T0)
+    assert await store.commit([change_for(t, s.version, inbox_id)]) == [CommitResult.APPLIED]
+    assert await store.prune_inbox(datetime.now(UTC) - timedelta(hours=1)) == 0
+    t2 = decide(DEF, t.state, reply_ok(t.state), T0)
+    assert await store.commit([change_for(t2, t.state.version, inbox_id)]) == [
+        CommitResult.DUPLICATE
+    ]
+    assert await store.prune_inbox(datetime.now(UTC) + timedelta(seconds=1)) == 1
+    assert await store.commit([change_for(t2, t.state.version, inbox_id)]) == [CommitResult.APPLIED]

@@ -57,6 +57,6 @@ def test_migrate_then_version(tmp_path: Path) -> None:
     url = "sqlite+aiosqlite:///saga.db"
     first = run_saga(tmp_path, "migrate", SAGA_DATABASE_URL=url)
     assert first.returncode == 0, first.stderr
-    assert "schema at version 1 (applied [1])" in first.stdout
+    assert "schema at version 2 (applied [1, 2])" in first.stdout
     again = run_saga(tmp_path, "migrate", SAGA_DATABASE_URL=url)
-    assert again.stdout.strip() == "schema at version 1"
+    assert again.stdout.strip() == "schema at version 2"

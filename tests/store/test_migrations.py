@@ -1,0 +1,35 @@
+"""Schema versions: applied in order by `migrate`, and checked at start."""
+
+from pathlib import Path
+
+import pytest
+import sqlalchemy as sa
+
+from saga.errors import ConfigError
+from saga.store.schema import HEAD, MIGRATIONS, schema_version
+from saga.store.sql import SqlStore
+
+
+async def test_a_database_behind_head_is_refused_until_migrated(tmp_path: Path) -> None:
+    store = SqlStore(f"sqlite+aiosqlite:///{tmp_path / 'saga.db'}")
+    try:
+        with pytest.raises(ConfigError, match="schema is at version 0"):
+            await store.setup()
+        assert await store.migrate() == [v for v, _, _ in MIGRATIONS]
+        await store.setup()
+        # pretend the database was made by a release before the newest migration
+        async with store._write.begin() as conn:
+            await conn.execute(schema_version.delete().where(schema_version.c.version == HEAD))
+            await conn.execute(sa.text("DROP INDEX IF EXISTS ix_saga_inbox_received"))
+        with pytest.raises(ConfigError, match=f"at version {HEAD - 1}, this saga needs {HEAD}"):
+            await store.setup()
+        assert await store.migrate() == [HEAD]
+        assert await store.migrate() == []
+        await store.setup()
+        async with store._read.connect() as conn:
+            names = await conn.run_sync(
+                lambda c: {i["name"] for i in sa.inspect(c).get_indexes("saga_inbox")}
+            )
+        assert "ix_saga_inbox_received" in names
+    finally:
+        await store.close()
