@@ -8,6 +8,7 @@ binary floats cannot represent cents.
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Sequence
 from decimal import Decimal
@@ -50,6 +51,7 @@ SCHEMA_VERSION = 1
 """Bumped only for incompatible changes; every envelope pins it with ``Literal[1]``."""
 
 MAX_AMOUNT = Decimal("1000000")
+_MAX_ERROR_DETAIL = 4000
 _CENT = Decimal("0.01")
 _DECIMAL_TEXT = re.compile(r"-?[0-9]+(\.[0-9]+)?")
 
@@ -59,10 +61,12 @@ class ContractError(ValueError):
 
     ``reason`` is a stable machine code (``too_large``, ``invalid_utf8``, ``invalid_json``,
     ``schema_violation``, ``unknown_command``) suitable for a failure reply or a metric label;
-    ``detail`` is for humans and never echoes the offending input.
+    ``detail`` is for humans, never echoes the offending input and is at most 4000 characters.
     """
 
     def __init__(self, reason: str, detail: str, errors: tuple[str, ...] = ()) -> None:
+        if len(detail) > _MAX_ERROR_DETAIL:
+            detail = detail[: _MAX_ERROR_DETAIL - 3] + "..."
         super().__init__(f"{reason}: {detail}")
         self.reason = reason
         self.detail = detail
@@ -154,11 +158,29 @@ ReasonCode = Annotated[
 
 Quantity = Annotated[int, Field(ge=1, le=10_000)]
 
+
+def _finite(value: dict[str, JsonValue]) -> dict[str, JsonValue]:
+    # JSON has no NaN or Infinity, yet the parser reads them (and 1e400 as infinity) and they
+    # would go out again as null: a message would not say what it said. Walked without recursion.
+    pending: list[JsonValue] = [value]
+    while pending:
+        item = pending.pop()
+        if isinstance(item, float) and not math.isfinite(item):
+            raise PydanticCustomError("finite_number", "Input should be a finite number")
+        if isinstance(item, dict):
+            pending.extend(item.values())
+        elif isinstance(item, list):
+            pending.extend(item)
+    return value
+
+
 JsonObject = Annotated[
     dict[Annotated[str, StringConstraints(max_length=128)], JsonValue],
     Field(max_length=256),
+    AfterValidator(_finite),
 ]
-"""Free-form JSON object; its overall size is bounded by the parser's byte limit."""
+"""Free-form JSON object of finite numbers; its overall size is bounded by the parser's byte
+limit."""
 
 
 class _HasSku(Protocol):

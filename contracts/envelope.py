@@ -42,10 +42,11 @@ DEFAULT_MAX_BYTES = 256 * 1024
 _MAX_LISTED_ERRORS = 20
 _MAX_MESSAGE_CHARS = 200
 _MAX_PATH_PART_CHARS = 40
+_MAX_DETAIL_CHARS = 1000
 
 Direction = Literal["action", "compensation"]
 Outcome = Literal["success", "failure"]
-Detail = Annotated[str, StringConstraints(min_length=1, max_length=1000)]
+Detail = Annotated[str, StringConstraints(min_length=1, max_length=_MAX_DETAIL_CHARS)]
 
 M = TypeVar("M", bound=Contract)
 
@@ -120,7 +121,7 @@ class ReplyEnvelope(Contract):
             participant=command.participant,
             command_type=command.command_type,
             outcome="success",
-            detail=detail,
+            detail=_reply_detail(detail),
             data=_as_data(data),
         )
 
@@ -135,7 +136,11 @@ class ReplyEnvelope(Contract):
         message_id: UUID | None = None,
         data: Contract | Mapping[str, JsonValue] | None = None,
     ) -> ReplyEnvelope:
-        """Answer ``command`` with a failure; ``reason`` may be any of the reason enums."""
+        """Answer ``command`` with a failure; ``reason`` may be any of the reason enums.
+
+        ``detail`` is clipped to 1000 characters (a ContractError's can be longer), so that a
+        failure can always be answered.
+        """
         return cls(
             schema_version=1,
             message_id=uuid4() if message_id is None else message_id,
@@ -145,7 +150,7 @@ class ReplyEnvelope(Contract):
             command_type=command.command_type,
             outcome="failure",
             reason=str(reason),
-            detail=detail,
+            detail=_reply_detail(detail),
             retryable=retryable,
             data=_as_data(data),
         )
@@ -205,6 +210,11 @@ def _as_data(data: Contract | Mapping[str, JsonValue] | None) -> dict[str, JsonV
     if isinstance(data, Contract):
         return dump_data(data)
     return dict(data)
+
+
+def _reply_detail(detail: str | None) -> str | None:
+    # Clipped, not refused: a reply that cannot be built leaves its command to be retried forever.
+    return _clip(detail, _MAX_DETAIL_CHARS) if detail else None
 
 
 def _contract_error(model: type[Contract], exc: ValidationError) -> ContractError:
