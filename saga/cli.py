@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from importlib.metadata import entry_points
 from pathlib import Path
 from typing import Annotated, NoReturn
 
@@ -13,6 +14,8 @@ from contracts.schema import write_bundle
 from saga import __version__
 from saga.errors import ConfigError
 from saga.logs import configure_logging
+from saga.loop import run as run_loop
+from saga.secrets import redact_url
 from saga.service import OrchestratorService, load_registry
 from saga.settings import load_settings
 from saga.store.sql import SqlStore
@@ -34,7 +37,7 @@ def version() -> None:
 
 
 def _fail(exc: Exception) -> NoReturn:
-    typer.echo(f"error: {exc}", err=True)
+    typer.echo(f"error: {redact_url(str(exc))}", err=True)
     raise typer.Exit(code=2)
 
 
@@ -54,7 +57,7 @@ def run(
                 "SAGA_DEFINITIONS=myapp.sagas:registry"
             )
         registry = load_registry(settings.definitions)
-        asyncio.run(OrchestratorService(settings, registry).serve())
+        run_loop(OrchestratorService(settings, registry).serve())
     except ConfigError as exc:
         _fail(exc)
 
@@ -78,7 +81,7 @@ def migrate() -> None:
     try:
         applied, version = asyncio.run(go())
     except (OSError, SQLAlchemyError) as exc:
-        _fail(ConfigError(f"cannot migrate {settings.database_url}: {exc}"))
+        _fail(ConfigError(f"cannot migrate {redact_url(settings.database_url)}: {exc}"))
     typer.echo(f"schema at version {version}" + (f" (applied {applied})" if applied else ""))
 
 
@@ -91,5 +94,21 @@ def schema_export(
     typer.echo(f"wrote {path}")
 
 
+def _add_plugins() -> None:
+    """Mount the typer apps registered under the ``saga.commands`` entry point group."""
+    for entry in entry_points(group="saga.commands"):
+        if entry.name in {c.name for c in app.registered_commands} | {
+            g.name for g in app.registered_groups
+        }:
+            continue
+        try:
+            plugin = entry.load()
+        except ImportError as exc:  # a broken plugin must not take the core commands down
+            typer.echo(f"warning: saga {entry.name} is unavailable: {exc}", err=True)
+            continue
+        app.add_typer(plugin, name=entry.name)
+
+
 def main() -> None:
+    _add_plugins()
     app()

@@ -32,7 +32,9 @@ class Relay:
         batch: int = 500,
         max_in_flight: int = 256,
         poll_interval: float = 1.0,
-        max_backoff: float = 5.0,
+        # short: once the broker is back (the connection retries every second), a long sleep
+        # here would hold every reply and command back, long enough for their steps to time out
+        max_backoff: float = 1.0,
     ):
         self.store = store
         self.publish = publish

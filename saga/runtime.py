@@ -24,6 +24,7 @@ from saga.definition import Registry, SagaDefinition
 from saga.engine import decide
 from saga.errors import ConcurrencyError, MessageError, UnknownSagaError
 from saga.ids import saga_id_for_key
+from saga.poison import database_fault
 from saga.ports import Change, Clock, CommitResult, Store, SystemClock
 from saga.state import (
     JSON,
@@ -181,15 +182,28 @@ class Orchestrator:
         while self._pending:
             batch = self._pending[: self.max_batch]
             del self._pending[: self.max_batch]
-            try:
-                retry = await self._process(batch)
-            except BaseException as exc:  # the store failed: nothing of this batch is committed
+            self._pending[:0] = await self._commit_batch(batch)
+
+    async def _commit_batch(self, batch: list[_Item]) -> list[_Item]:
+        """Process ``batch``; returns the items to decide again (version conflicts)."""
+        try:
+            return await self._process(batch)
+        except BaseException as exc:  # the store failed: nothing of this batch is committed
+            if isinstance(exc, Exception) and len(batch) > 1 and not database_fault(exc):
+                # One event's write failed the shared transaction (a poison message): commit
+                # each alone, so only that one fails and its batch-mates go through. Not when
+                # the database is down: every one of them would fail alike, one by one.
+                retry: list[_Item] = []
                 for item in batch:
-                    _settle(item, exc)
-                if not isinstance(exc, Exception):
-                    raise
-                continue
-            self._pending[:0] = retry
+                    if item.future.done() and not item.future.cancelled():
+                        continue  # answered already: its decision failed, nothing to write
+                    retry += await self._commit_batch([item])
+                return retry
+            for item in batch:
+                _settle(item, exc)
+            if not isinstance(exc, Exception):
+                raise
+            return []
 
     async def _process(self, batch: list[_Item]) -> list[_Item]:
         now = self.clock.now()

@@ -27,9 +27,10 @@ from contracts.envelope import ReplyEnvelope, StartSaga, parse
 from saga.definition import Registry
 from saga.errors import ConfigError, MessageError, UnknownSagaError
 from saga.faults import crash_point
+from saga.poison import PoisonGuard, delivery_key, describe_error
 from saga.ports import Clock
 from saga.relay import Relay
-from saga.runtime import Orchestrator
+from saga.runtime import Orchestrator, Outcome
 from saga.settings import Settings
 from saga.state import JSON, SagaState
 from saga.store.sql import SqlStore
@@ -140,6 +141,7 @@ class OrchestratorService:
         self._tasks: list[asyncio.Task[None]] = []
         self._in_flight: set[asyncio.Task[Any]] = set()
         self._stopped = asyncio.Event()
+        self._poison = PoisonGuard(settings.max_deliveries, self._database_up)
         self.dead_lettered = 0
 
     # --- lifecycle -----------------------------------------------------------------------
@@ -153,7 +155,7 @@ class OrchestratorService:
             await self.store.setup()
             if self.broker is None:
                 self.broker = self._own_broker = await AmqpBroker.connect(
-                    self.settings.rabbitmq_url
+                    self.settings.rabbitmq_url, tls=self.settings.tls
                 )
             broker = self.broker
             participants = {s.participant for d in self.registry.all() for s in d.steps}
@@ -291,6 +293,7 @@ class OrchestratorService:
             return
         self.dead_lettered += 1
         await message.ack()
+        self._poison.settled(delivery_key(message.message_id, message.body))
 
     async def _parse_or_dead_letter(
         self, message: IncomingMessage, queue: str, model: type[_M]
@@ -324,11 +327,20 @@ class OrchestratorService:
             await self._dead_letter(message, queue, exc.reason, exc.detail)
             return
         except Exception as exc:
-            await self._retry_later(message, exc)
+            await self._failed(message, queue, exc)
             return
         crash_point("after_reply_commit_before_ack")
         await message.ack()
-        log.debug("reply_applied", saga_id=str(reply.saga_id), outcome=result.outcome.value)
+        self._poison.settled(delivery_key(message.message_id, message.body))
+        if result.outcome is Outcome.IGNORED and result.transition is not None:
+            log.info(
+                "reply_ignored",
+                saga_id=str(reply.saga_id),
+                message_id=str(reply.message_id),
+                reason="; ".join(h.detail for h in result.transition.history),
+            )
+        else:
+            log.debug("reply_applied", saga_id=str(reply.saga_id), outcome=result.outcome.value)
 
     async def _on_start(self, message: IncomingMessage, queue: str) -> None:
         request = await self._parse_or_dead_letter(message, queue, StartSaga)
@@ -345,9 +357,24 @@ class OrchestratorService:
             await self._dead_letter(message, queue, "unknown_saga_name", str(exc))
             return
         except Exception as exc:
-            await self._retry_later(message, exc)
+            await self._failed(message, queue, exc)
             return
         await message.ack()
+        self._poison.settled(delivery_key(message.message_id, message.body))
+
+    async def _failed(self, message: IncomingMessage, queue: str, exc: Exception) -> None:
+        """Applying ``message`` raised. Hand it back, unless it has now failed
+        ``max_deliveries`` times while the database was up: then it is poison, and dead-lettered
+        so it cannot hold up its queue forever (see :mod:`saga.poison`)."""
+        failures = await self._poison.failed(delivery_key(message.message_id, message.body), exc)
+        if self._poison.exhausted(failures):
+            detail = f"failed {failures} deliveries; last error: {describe_error(exc)}"
+            await self._dead_letter(message, queue, "poison", detail)
+            return
+        await self._retry_later(message, exc)
+
+    async def _database_up(self) -> bool:
+        return await self.store.ping()
 
     async def _retry_later(self, message: IncomingMessage, exc: Exception) -> None:
         """The store failed: nothing was committed, so hand the message back, after a pause
@@ -370,10 +397,51 @@ class OrchestratorService:
             await asyncio.sleep(3600)
 
     async def _timer_loop(self) -> None:
+        """Fire due timers, but not while replies are held up somewhere we cannot see.
+
+        A step's timeout measures its participant's silence. So timers never fire while our
+        broker connection is down (no reply can arrive, no retry can leave); after an outage
+        they wait as long again as it lasted, for the participants' held-up replies; and while
+        replies wait in the reply queue not yet delivered to us (a backlog after a restart or
+        a burst), they wait for those to be applied first. Each wait is capped by
+        SAGA_TIMER_OUTAGE_CREDIT_MAX, so a silent participant is always timed out in the end.
+        Without this, every held-up reply arrives after its step timed out, every timeout adds
+        a retry to the backlog, and the retry budgets run out on steps that had answered."""
+        loop = asyncio.get_running_loop()
+        cap = self.settings.timer_outage_credit_max
         await asyncio.sleep(self.settings.timer_grace)
+        down_since: float | None = None
+        backlog_since: float | None = None
         while True:
+            if self.broker is not None and not self.broker.is_connected():
+                if down_since is None:
+                    down_since = loop.time()
+                    log.warning("timers_paused", why="broker connection down")
+                await asyncio.sleep(self.settings.timer_interval)
+                continue
+            if down_since is not None:
+                outage = loop.time() - down_since
+                wait = min(max(outage, self.settings.timer_grace), cap)
+                log.info("timers_resume", outage_s=round(outage, 2), after_s=round(wait, 2))
+                down_since = None
+                await asyncio.sleep(wait)
+                continue  # down again meanwhile? check before firing
+            if await self._replies_waiting():
+                if backlog_since is None:
+                    backlog_since = loop.time()
+                if loop.time() - backlog_since < cap:
+                    await asyncio.sleep(self.settings.timer_interval)
+                    continue
+            else:
+                backlog_since = None
             try:
                 await self.orchestrator.fire_due_timers()
             except Exception as exc:
                 log.warning("timer_loop_failed", error=repr(exc))
             await asyncio.sleep(self.settings.timer_interval)
+
+    async def _replies_waiting(self) -> bool:
+        if self.broker is None:
+            return False
+        ready = await self.broker.ready_count(self.topology.reply_queue)
+        return bool(ready)

@@ -6,24 +6,74 @@ never a traceback.
 
 from __future__ import annotations
 
-from typing import Literal
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any, Literal
 
-from pydantic import Field, ValidationError, field_validator
+from pydantic import Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from saga.errors import ConfigError
+from saga.secrets import redact
+from saga.transport.amqp import TlsFiles
 
-__all__ = ["Settings", "load_settings"]
+__all__ = ["AmqpSettings", "Settings", "load_settings"]
 
 
-class Settings(BaseSettings):
+class AmqpSettings(BaseSettings):
+    """The broker connection, shared by the orchestrator and the participants. Reprs mask
+    every URL's password, so printing settings never prints a secret."""
+
+    model_config = SettingsConfigDict(env_prefix="SAGA_", extra="ignore", frozen=True)
+
+    rabbitmq_url: str = "amqp://guest:guest@127.0.0.1:5672/"
+    #: PEM files for amqps:// (the system's CAs verify the broker when the CA file is unset)
+    rabbitmq_ca_file: Path | None = None
+    rabbitmq_cert_file: Path | None = None
+    rabbitmq_key_file: Path | None = None
+
+    @field_validator("rabbitmq_url")
+    @classmethod
+    def _amqp(cls, value: str) -> str:
+        if not value.startswith(("amqp://", "amqps://")):
+            raise ValueError("use amqp://user:password@host:5672/vhost (amqps:// for TLS)")
+        return value
+
+    @field_validator("rabbitmq_ca_file", "rabbitmq_cert_file", "rabbitmq_key_file")
+    @classmethod
+    def _readable(cls, value: Path | None) -> Path | None:
+        if value is not None and not value.is_file():
+            raise ValueError(f"{value} is not a readable file")
+        return value
+
+    @model_validator(mode="after")
+    def _tls_needs_amqps(self) -> AmqpSettings:
+        files = (self.rabbitmq_ca_file, self.rabbitmq_cert_file, self.rabbitmq_key_file)
+        if any(f is not None for f in files) and not self.rabbitmq_url.startswith("amqps://"):
+            raise ValueError(
+                "SAGA_RABBITMQ_CA_FILE/CERT_FILE/KEY_FILE are set but SAGA_RABBITMQ_URL is not "
+                "amqps://: use amqps://host:5671/ for TLS"
+            )
+        if self.rabbitmq_key_file is not None and self.rabbitmq_cert_file is None:
+            raise ValueError("SAGA_RABBITMQ_KEY_FILE needs SAGA_RABBITMQ_CERT_FILE")
+        return self
+
+    @property
+    def tls(self) -> TlsFiles:
+        return TlsFiles(self.rabbitmq_ca_file, self.rabbitmq_cert_file, self.rabbitmq_key_file)
+
+    def __repr_args__(self) -> Iterator[tuple[str | None, Any]]:
+        for key, value in super().__repr_args__():
+            yield key, redact(value) if isinstance(value, str) else value
+
+
+class Settings(AmqpSettings):
     model_config = SettingsConfigDict(env_prefix="SAGA_", extra="ignore", frozen=True)
 
     database_url: str = Field(
         "sqlite+aiosqlite:///saga.db",
         description="sqlite+aiosqlite:///file.db (one orchestrator) or postgresql+asyncpg://...",
     )
-    rabbitmq_url: str = "amqp://guest:guest@127.0.0.1:5672/"
     definitions: str = Field(
         "", description="module:attribute of the Registry (or a callable returning one)"
     )
@@ -32,12 +82,15 @@ class Settings(BaseSettings):
     quorum_queues: bool = False
     prefetch: int = Field(256, ge=1, le=65_535)
     max_message_bytes: int = Field(256 * 1024, ge=1024, le=16 * 1024 * 1024)
+    #: deliveries that fail with the database up before a message is dead-lettered as poison
+    max_deliveries: int = Field(5, ge=1, le=1000)
     max_batch: int = Field(128, ge=1, le=10_000)
     relay_batch: int = Field(500, ge=1, le=10_000)
     relay_in_flight: int = Field(256, ge=1, le=10_000)
     relay_poll_interval: float = Field(1.0, gt=0, le=60)
     timer_interval: float = Field(0.1, gt=0, le=60)
     timer_grace: float = Field(1.0, ge=0, le=600)
+    timer_outage_credit_max: float = Field(30.0, ge=0, le=3600)
     auto_migrate: bool = False
     sqlite_synchronous: Literal["FULL", "NORMAL", "EXTRA"] = "FULL"
     shutdown_timeout: float = Field(10.0, gt=0, le=600)
@@ -52,13 +105,6 @@ class Settings(BaseSettings):
             )
         return value
 
-    @field_validator("rabbitmq_url")
-    @classmethod
-    def _amqp(cls, value: str) -> str:
-        if not value.startswith(("amqp://", "amqps://")):
-            raise ValueError("use amqp://user:password@host:5672/vhost")
-        return value
-
     @property
     def is_sqlite(self) -> bool:
         return self.database_url.startswith("sqlite")
@@ -71,6 +117,6 @@ def load_settings(**overrides: object) -> Settings:
     except ValidationError as exc:
         lines = []
         for err in exc.errors():
-            field = str(err["loc"][0]) if err["loc"] else "?"
-            lines.append(f"SAGA_{field.upper()}: {err['msg']}")
+            msg = str(err["msg"]).removeprefix("Value error, ")
+            lines.append(f"SAGA_{str(err['loc'][0]).upper()}: {msg}" if err["loc"] else msg)
         raise ConfigError("invalid settings:\n  " + "\n  ".join(lines)) from None

@@ -26,6 +26,8 @@ from contracts.envelope import StartSaga
 from saga.errors import ConfigError
 from saga.ids import saga_id_for_key
 from saga.logs import configure_logging
+from saga.loop import run as run_loop
+from saga.secrets import redact
 from saga.transport.amqp import safe_url
 from saga.transport.topology import Topology
 from services import inventory, order, payment, shipping
@@ -91,9 +93,9 @@ def run_service(name: str) -> None:
     configure_logging(settings.log_level)
     try:
         if name == Service.ALL:
-            asyncio.run(serve_all(settings))
+            run_loop(serve_all(settings))
         else:
-            asyncio.run(BUILDERS[name](settings).serve())
+            run_loop(BUILDERS[name](settings).serve())
     except ConfigError as exc:  # e.g. RabbitMQ unreachable
         _fail(exc, 2)
     except (OSError, SQLAlchemyError) as exc:
@@ -101,7 +103,7 @@ def run_service(name: str) -> None:
 
 
 def _fail(exc: Exception, code: int) -> NoReturn:
-    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    lines = [line.strip() for line in redact(str(exc)).splitlines() if line.strip()]
     head, rest = (lines[0], lines[1:]) if lines else (type(exc).__name__, [])
     typer.echo(f"error: {head} {'; '.join(rest)}".rstrip(), err=True)
     raise SystemExit(code)

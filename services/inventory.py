@@ -140,13 +140,14 @@ async def reserve(
         )
     reservation_id = uuid.uuid4()
     await conn.execute(
-        reservations.insert().values(
+        reservations.insert(),
+        dict(
             order_ref=payload.order_ref,
             reservation_id=reservation_id,
             items=[dump_data(line) for line in payload.items],
             status=ReservationStatus.RESERVED,
             reserved_at=datetime.now(UTC),
-        )
+        ),
     )
     return StockReserved(reservation_id=reservation_id)
 

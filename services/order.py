@@ -84,7 +84,8 @@ async def create(
     order_id = uuid.uuid4()
     total = payload.total
     await conn.execute(
-        orders.insert().values(
+        orders.insert(),
+        dict(
             order_ref=payload.order_ref,
             order_id=order_id,
             customer_id=payload.customer_id,
@@ -93,7 +94,7 @@ async def create(
             currency=payload.currency,
             status=OrderStatus.CREATED,
             created_at=datetime.now(UTC),
-        )
+        ),
     )
     return OrderCreated(order_id=order_id, total=total)
 

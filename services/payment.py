@@ -211,7 +211,8 @@ async def charge(
     payment_id = uuid.uuid4()
     await _set_balance(conn, payload.customer_id, balance_after)
     await conn.execute(
-        payments.insert().values(
+        payments.insert(),
+        dict(
             order_ref=payload.order_ref,
             payment_id=payment_id,
             customer_id=payload.customer_id,
@@ -220,7 +221,7 @@ async def charge(
             balance_after=balance_after,
             status=PaymentStatus.CHARGED,
             charged_at=datetime.now(UTC),
-        )
+        ),
     )
     return PaymentCharged(payment_id=payment_id, amount=payload.amount, balance_after=balance_after)
 

@@ -147,7 +147,8 @@ async def schedule(
         )
     shipment_id = uuid.uuid4()
     await conn.execute(
-        shipments.insert().values(
+        shipments.insert(),
+        dict(
             order_ref=payload.order_ref,
             shipment_id=shipment_id,
             address=dump_data(address),
@@ -155,7 +156,7 @@ async def schedule(
             carrier=carrier,
             status=ShipmentStatus.SCHEDULED,
             scheduled_at=datetime.now(UTC),
-        )
+        ),
     )
     return ShipmentScheduled(shipment_id=shipment_id, carrier=carrier)
 

@@ -19,7 +19,8 @@ SQLite is used the way it needs to be under concurrency:
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import functools
+from collections.abc import Iterable, Sequence
 from datetime import UTC, datetime
 from typing import Any
 from uuid import UUID
@@ -31,6 +32,7 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 
 from saga.errors import ConfigError
+from saga.poison import database_reachable
 from saga.ports import Change, CommitResult, DueTimer, OutboxMessage, SagaFilter
 from saga.state import (
     Direction,
@@ -43,9 +45,11 @@ from saga.state import (
     StepState,
     StepStatus,
 )
+from saga.store import sqlite_driver
+from saga.store.fresh import OutboxCopy
 from saga.store.schema import HEAD, MIGRATIONS, history, inbox, outbox, sagas, schema_version
 
-__all__ = ["SqlStore", "sqlite_engine"]
+__all__ = ["SqlStore", "delete_sent", "sqlite_engine"]
 
 
 def sqlite_engine(
@@ -57,9 +61,10 @@ def sqlite_engine(
     # queueing for the pool is an asyncio wait, whereas a second writer on its own connection
     # spins in SQLite's busy handler (sleeps of up to 100 ms). Readers get a small pool (WAL).
     pool = {"pool_size": 1, "max_overflow": 0} if immediate else {"pool_size": 4}
-    engine = create_async_engine(
-        url, connect_args={"timeout": busy_timeout_ms / 1000}, pool_timeout=60, **pool
-    )
+    database = make_url(url).database or ""
+    # Statements run on the loop's thread, BEGIN and COMMIT in a thread: see sqlite_driver.
+    creator = sqlite_driver.connect(database, timeout=busy_timeout_ms / 1000)
+    engine = create_async_engine(url, async_creator=creator, pool_timeout=60, **pool)
 
     @event.listens_for(engine.sync_engine, "connect")
     def _on_connect(dbapi_connection: Any, _record: Any) -> None:
@@ -77,9 +82,34 @@ def sqlite_engine(
 
     @event.listens_for(engine.sync_engine, "begin")
     def _on_begin(conn: Any) -> None:
+        driver = conn.connection.driver_connection
+        if isinstance(driver, sqlite_driver.Connection) and driver.begin_now(immediate):
+            return
         conn.exec_driver_sql("BEGIN IMMEDIATE" if immediate else "BEGIN")
 
     return engine
+
+
+async def delete_sent(conn: AsyncConnection, delete: Any, synchronous: str) -> None:
+    """Run ``delete`` (of outbox rows the broker confirmed) in a transaction of its own.
+
+    On SQLite it commits without waiting for the fsync (``synchronous=NORMAL``, which WAL keeps
+    free of corruption): losing the delete in a power cut only re-sends messages, which
+    at-least-once delivery allows, and the next durable commit syncs it anyway. That keeps the
+    relay's bookkeeping from taking the single writer for a whole fsync after every flush.
+    """
+    driver = (await conn.get_raw_connection()).driver_connection
+    relax = driver if isinstance(driver, sqlite_driver.Connection) else None
+    if relax is not None and synchronous in ("FULL", "EXTRA"):
+        relax.set_synchronous("NORMAL")
+    else:
+        relax = None
+    try:
+        async with conn.begin():
+            await conn.execute(delete)
+    finally:
+        if relax is not None:
+            relax.set_synchronous(synchronous)
 
 
 class SqlStore:
@@ -101,6 +131,12 @@ class SqlStore:
                 "sqlite+aiosqlite:///path/to/saga.db or postgresql+asyncpg://user@host/db"
             )
         self.schema = schema
+        self._outbox = OutboxCopy(self._delete_sent)  # what the relay has not sent yet
+        self._synchronous = sqlite_synchronous.upper()
+        self._bulk = self.dialect == "sqlite"  # see _commit_bulk
+        self._cache_states = self.dialect == "sqlite"  # see _remember
+        self._states: dict[UUID, SagaState] = {}
+        self._absent: dict[UUID, None] = {}  # looked up and not there (insertion-ordered set)
         options: dict[str, Any] = {}
         if schema is not None:
             options["schema_translate_map"] = {None: schema}
@@ -174,7 +210,12 @@ class SqlStore:
     def safe_url(self) -> str:
         return make_url(self.url).render_as_string(hide_password=True)
 
+    async def ping(self) -> bool:
+        """Whether the database answers ``SELECT 1``: tells an outage from a bad message."""
+        return await database_reachable(self._read)
+
     async def close(self) -> None:
+        await self._outbox.close()
         await self._write.dispose()
         if self._read is not self._write:
             await self._read.dispose()
@@ -194,13 +235,54 @@ class SqlStore:
         return found.get(saga_id)
 
     async def load_many(self, saga_ids: Sequence[UUID]) -> dict[UUID, SagaState]:
-        async with self._read.connect() as conn:
-            rows = await conn.execute(sa.select(sagas).where(sagas.c.saga_id.in_(saga_ids)))
-            return {row.saga_id: _state_from_row(row._mapping) for row in rows}
+        found = {i: self._states[i] for i in saga_ids if i in self._states}
+        missing = [i for i in saga_ids if i not in found and i not in self._absent]
+        if missing:
+            async with self._read.connect() as conn:
+                rows = await conn.execute(sa.select(sagas).where(sagas.c.saga_id.in_(missing)))
+                loaded = {row.saga_id: _state_from_row(row._mapping) for row in rows}
+            self._remember(loaded.values())
+            if self._cache_states:  # a start looks its saga up twice: once is enough
+                self._absent.update((i, None) for i in missing if i not in loaded)
+                while len(self._absent) > _MAX_CACHED_STATES:
+                    del self._absent[next(iter(self._absent))]
+            found.update(loaded)
+        return found
+
+    def _remember(self, states: Iterable[SagaState]) -> None:
+        """Keep the committed state of sagas in flight, so the next event of one needs no read
+        (and which ids were not there, so a start's second look-up needs none either).
+
+        SQLite only: one orchestrator owns the file (see ``saga run``'s lock), so nothing else
+        changes a saga and the copy is exact; every write still checks the version, and a
+        conflict drops the copy. With PostgreSQL several instances share the sagas: no copy.
+        """
+        if not self._cache_states:
+            return
+        for state in states:
+            self._states.pop(state.saga_id, None)
+            self._absent.pop(state.saga_id, None)
+            if state.status not in _TERMINAL:
+                self._states[state.saga_id] = state
+        while len(self._states) > _MAX_CACHED_STATES:
+            del self._states[next(iter(self._states))]
+
+    def _forget(self, saga_ids: Iterable[UUID]) -> None:
+        for saga_id in saga_ids:
+            self._states.pop(saga_id, None)
+            self._absent.pop(saga_id, None)
 
     def _insert_ignore(self, table: sa.Table) -> Any:
         dialect = postgresql if self.dialect == "postgresql" else sqlite
         return dialect.insert(table).on_conflict_do_nothing()
+
+    @functools.cached_property
+    def _inbox_insert(self) -> Any:
+        return self._insert_ignore(inbox)
+
+    @functools.cached_property
+    def _saga_insert(self) -> Any:
+        return self._insert_ignore(sagas)
 
     async def commit(self, changes: Sequence[Change]) -> list[CommitResult]:
         results: list[CommitResult] = []
@@ -208,7 +290,98 @@ class SqlStore:
         outbox_rows: list[dict[str, Any]] = []
         now = _now()
         broken: set[UUID] = set()  # sagas whose earlier change in this batch did not land
+        doomed = self._outbox.take_deletes()  # sent rows, deleted by this transaction
+        try:
+            bulk = await self._commit_bulk(changes, doomed, now) if self._bulk else None
+            if bulk is None:
+                await self._commit(changes, doomed, now, results, history_rows, outbox_rows, broken)
+            else:
+                results = bulk
+        except BaseException:
+            self._outbox.deletes_done(doomed, committed=False)
+            raise
+        self._outbox.deletes_done(doomed, committed=True)
+        self._remember(
+            c.transition.state
+            for c, r in zip(changes, results, strict=True)
+            if r is CommitResult.APPLIED
+        )
+        self._forget(
+            c.transition.state.saga_id
+            for c, r in zip(changes, results, strict=True)
+            if r is CommitResult.CONFLICT
+        )
+        self._outbox.add(
+            m
+            for change, result in zip(changes, results, strict=True)
+            if result is CommitResult.APPLIED
+            for m in change.outbox
+        )
+        return results
+
+    async def _commit_bulk(
+        self, changes: Sequence[Change], doomed: list[UUID], now: datetime
+    ) -> list[CommitResult] | None:
+        """The batch with one statement per kind of row, when every change goes through;
+        None (nothing written) when any is a duplicate or a version conflict, which the
+        row-by-row path then sorts out.
+
+        SQLite only, where the row count of an ``executemany`` is exact; per statement the
+        async driver costs far more than SQLite's work, so this is most of a batch's cost.
+        """
+        inbox_rows, inserts, updates = [], [], []
+        history_rows: list[dict[str, Any]] = []
+        outbox_rows: list[dict[str, Any]] = []
+        for change in changes:
+            state = change.transition.state
+            if change.inbox_id is not None:
+                inbox_rows.append(
+                    {"message_id": change.inbox_id, "saga_id": state.saga_id, "received_at": now}
+                )
+            if change.transition.applied:
+                row = _row_from_state(state)
+                if change.expected_version is None:
+                    inserts.append(row)
+                else:
+                    row["w_saga_id"] = row.pop("saga_id")
+                    row["w_version"] = change.expected_version
+                    updates.append(row)
+                outbox_rows.extend(_outbox_row(m) for m in change.outbox)
+            history_rows.extend(_history_row(state.saga_id, h) for h in change.transition.history)
+        try:
+            async with self._write.begin() as conn:
+                if doomed:
+                    await conn.execute(outbox.delete().where(outbox.c.message_id.in_(doomed)))
+                for statement, rows in (
+                    (self._inbox_insert, inbox_rows),
+                    (self._saga_insert, inserts),
+                    (_SAGA_UPDATE, updates),
+                ):
+                    if rows and (await conn.execute(statement, rows)).rowcount != len(rows):
+                        raise _NotAllRowsError
+                if history_rows:
+                    await conn.execute(history.insert(), history_rows)
+                if outbox_rows:
+                    await conn.execute(outbox.insert(), outbox_rows)
+        except _NotAllRowsError:
+            return None
+        return [
+            CommitResult.APPLIED if c.transition.applied else CommitResult.RECORDED for c in changes
+        ]
+
+    async def _commit(
+        self,
+        changes: Sequence[Change],
+        doomed: list[UUID],
+        now: datetime,
+        results: list[CommitResult],
+        history_rows: list[dict[str, Any]],
+        outbox_rows: list[dict[str, Any]],
+        broken: set[UUID],
+    ) -> None:
         async with self._write.begin() as conn:
+            if doomed:
+                await conn.execute(outbox.delete().where(outbox.c.message_id.in_(doomed)))
             for change in changes:
                 saga_id = change.transition.state.saga_id
                 if saga_id in broken:
@@ -227,7 +400,6 @@ class SqlStore:
                 await conn.execute(history.insert(), history_rows)
             if outbox_rows:
                 await conn.execute(outbox.insert(), outbox_rows)
-        return results
 
     async def _apply(
         self,
@@ -240,40 +412,24 @@ class SqlStore:
         state = change.transition.state
         if change.inbox_id is not None:
             inserted = await conn.execute(
-                self._insert_ignore(inbox).values(
-                    message_id=change.inbox_id, saga_id=state.saga_id, received_at=now
-                )
+                self._inbox_insert,
+                {"message_id": change.inbox_id, "saga_id": state.saga_id, "received_at": now},
             )
             if inserted.rowcount == 0:
                 return CommitResult.DUPLICATE
         if change.transition.applied:
             row = _row_from_state(state)
             if change.expected_version is None:
-                written = await conn.execute(self._insert_ignore(sagas).values(**row))
+                written = await conn.execute(self._saga_insert, row)
             else:
-                written = await conn.execute(
-                    sagas.update()
-                    .where(sagas.c.saga_id == state.saga_id)
-                    .where(sagas.c.version == change.expected_version)
-                    .values(**row)
-                )
+                row["w_saga_id"] = row.pop("saga_id")
+                row["w_version"] = change.expected_version
+                written = await conn.execute(_SAGA_UPDATE, row)
             if written.rowcount != 1:
                 if change.inbox_id is not None:
                     await conn.execute(inbox.delete().where(inbox.c.message_id == change.inbox_id))
                 return CommitResult.CONFLICT
-            outbox_rows.extend(
-                {
-                    "message_id": m.message_id,
-                    "saga_id": m.saga_id,
-                    "exchange": m.exchange,
-                    "routing_key": m.routing_key,
-                    "message_type": m.message_type,
-                    "headers": dict(m.headers),
-                    "body": m.body,
-                    "created_at": m.created_at,
-                }
-                for m in change.outbox
-            )
+            outbox_rows.extend(_outbox_row(m) for m in change.outbox)
         history_rows.extend(_history_row(state.saga_id, h) for h in change.transition.history)
         return CommitResult.APPLIED if change.transition.applied else CommitResult.RECORDED
 
@@ -332,9 +488,12 @@ class SqlStore:
     # --- outbox --------------------------------------------------------------------------
 
     async def pending_outbox(self, limit: int) -> list[OutboxMessage]:
+        known = self._outbox.pending(limit)
+        if known is not None:
+            return known
         query = sa.select(outbox).order_by(outbox.c.created_at).limit(limit)
         async with self._read.connect() as conn:
-            return [
+            rows = [
                 OutboxMessage(
                     message_id=r.message_id,
                     saga_id=r.saga_id,
@@ -347,13 +506,18 @@ class SqlStore:
                 )
                 for r in await conn.execute(query)
             ]
+        return self._outbox.read(rows, limit)
 
     async def mark_sent(self, message_ids: Sequence[UUID]) -> None:
-        """Sent rows are deleted: the broker holds them now, and the table stays small."""
-        if not message_ids:
-            return
-        async with self._write.begin() as conn:
-            await conn.execute(outbox.delete().where(outbox.c.message_id.in_(message_ids)))
+        """Sent rows are deleted (the broker holds them now, and the table stays small) by the
+        next commit, or soon by a transaction of their own (:mod:`saga.store.fresh`)."""
+        if message_ids:
+            self._outbox.sent(message_ids)
+
+    async def _delete_sent(self, message_ids: list[UUID]) -> None:
+        delete = outbox.delete().where(outbox.c.message_id.in_(message_ids))
+        async with self._write.connect() as conn:
+            await delete_sent(conn, delete, self._synchronous)
 
     async def outbox_stats(self, now: datetime) -> tuple[int, float]:
         """(rows waiting, age in seconds of the oldest) for metrics and the benchmark."""
@@ -364,6 +528,23 @@ class SqlStore:
         count, oldest = int(row[0]), row[1]
         age = 0.0 if oldest is None else (now - _as_utc(oldest)).total_seconds()
         return count, max(age, 0.0)
+
+
+_TERMINAL = frozenset({SagaStatus.COMPLETED, SagaStatus.COMPENSATED, SagaStatus.FAILED})
+_MAX_CACHED_STATES = 10_000
+
+
+class _NotAllRowsError(Exception):
+    """A bulk statement touched fewer rows than it had: roll back, go row by row."""
+
+
+# Built once: a statement made per call costs more CPU than SQLite's work on the row.
+# Executed with the row as parameters; the WHERE binds are prefixed so they differ from columns.
+_SAGA_UPDATE = (
+    sagas.update()
+    .where(sagas.c.saga_id == sa.bindparam("w_saga_id"))
+    .where(sagas.c.version == sa.bindparam("w_version"))
+)
 
 
 def _drop_all(conn: sa.Connection) -> None:
@@ -446,6 +627,19 @@ def _state_from_row(r: Any) -> SagaState:
         failure=r["failure"],
         stuck_step=r["stuck_step"],
     )
+
+
+def _outbox_row(m: OutboxMessage) -> dict[str, Any]:
+    return {
+        "message_id": m.message_id,
+        "saga_id": m.saga_id,
+        "exchange": m.exchange,
+        "routing_key": m.routing_key,
+        "message_type": m.message_type,
+        "headers": dict(m.headers),
+        "body": m.body,
+        "created_at": m.created_at,
+    }
 
 
 def _history_row(saga_id: UUID, h: HistoryEntry) -> dict[str, Any]:

@@ -24,6 +24,7 @@ from collections.abc import Awaitable, Callable, Iterable, Mapping
 from datetime import datetime
 from typing import Any, Protocol
 
+import aiormq
 from aio_pika.abc import (
     AbstractChannel,
     AbstractIncomingMessage,
@@ -32,7 +33,7 @@ from aio_pika.abc import (
 )
 
 from saga.ports import OutboxMessage
-from saga.transport.amqp import Publisher, PublishRefusedError, connect, declare
+from saga.transport.amqp import Publisher, PublishRefusedError, TlsFiles, connect, declare
 from saga.transport.topology import (
     DEAD_LETTER_DETAIL,
     DEAD_LETTER_QUEUE,
@@ -125,6 +126,12 @@ class Broker(Protocol):
     async def consume(self, queue: str, callback: Callback, *, prefetch: int) -> Consumer:
         """Deliver ``queue``'s messages to ``callback``, at most ``prefetch`` unsettled."""
 
+    def is_connected(self) -> bool:
+        """False while the connection is down (and being re-established)."""
+
+    async def ready_count(self, queue: str) -> int | None:
+        """Messages waiting in ``queue`` not yet delivered to anyone; None if unknown."""
+
     async def close(self) -> None: ...
 
 
@@ -159,6 +166,12 @@ def outbox_fields(message: OutboxMessage) -> dict[str, Any]:
 
 class BrokerBase:
     """What every broker derives from ``publish_raw``: outbox publishing and dead-lettering."""
+
+    def is_connected(self) -> bool:
+        return True
+
+    async def ready_count(self, queue: str) -> int | None:
+        return None
 
     async def publish_raw(
         self,
@@ -223,7 +236,10 @@ class _AmqpConsumer:
 
     async def start(self, queue: str, prefetch: int) -> None:
         await self._channel.set_qos(prefetch_count=prefetch)
-        self._queue = await self._channel.get_queue(queue, ensure=False)
+        # A passive declare, not get_queue(ensure=False): only a queue declared through the
+        # robust channel is registered with it, and only those get their consumers back after
+        # a reconnect. Passive: the queue must exist, and it needs no configure permission.
+        self._queue = await self._channel.declare_queue(queue, passive=True)
         self._tag = await self._queue.consume(self._deliver)
 
     async def _deliver(self, message: AbstractIncomingMessage) -> None:
@@ -278,9 +294,26 @@ class AmqpBroker(BrokerBase):
         self._consumers: list[_AmqpConsumer] = []
 
     @classmethod
-    async def connect(cls, url: str, *, connect_timeout: float = 10.0) -> AmqpBroker:
+    async def connect(
+        cls, url: str, *, connect_timeout: float = 10.0, tls: TlsFiles | None = None
+    ) -> AmqpBroker:
         """Connect to ``url``; ConfigError when RabbitMQ cannot be reached."""
-        return cls(await connect(url, connect_timeout=connect_timeout))
+        return cls(await connect(url, connect_timeout=connect_timeout, tls=tls))
+
+    def is_connected(self) -> bool:
+        return self.connection.connected.is_set() and not self.connection.is_closed
+
+    async def ready_count(self, queue: str) -> int | None:
+        """A passive declare on the raw channel underneath (not registered for re-declaring
+        on reconnect, unlike one through the robust channel)."""
+        if self._declared is None or self._declared.is_closed or not self.is_connected():
+            return None
+        try:
+            channel = await self._declared.get_underlay_channel()
+            ok = await channel.queue_declare(queue, passive=True)
+        except (aiormq.exceptions.AMQPError, RuntimeError, OSError):
+            return None
+        return int(ok.message_count or 0)
 
     async def declare(self, topology: Topology, participants: Iterable[str]) -> None:
         if self._declared is None or self._declared.is_closed:

@@ -313,6 +313,10 @@ class MemoryBroker(BrokerBase):
     def queues(self) -> list[str]:
         return sorted(self._queues)
 
+    async def ready_count(self, queue: str) -> int | None:
+        q = self._queues.get(queue)
+        return None if q is None else len(q.ready)
+
     def depth(self, queue: str) -> tuple[int, int]:
         """(ready, delivered but unsettled) messages of ``queue``."""
         q = self._queues[queue]

@@ -8,7 +8,7 @@ attempt runs the handler afresh.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from datetime import UTC, datetime
 from typing import Any
 from uuid import UUID
@@ -18,8 +18,9 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
 from saga.ports import OutboxMessage
+from saga.store.fresh import OutboxCopy
 from saga.store.schema import UTCDateTime
-from saga.store.sql import sqlite_engine
+from saga.store.sql import delete_sent, sqlite_engine
 
 __all__ = ["Ledger", "ledger_metadata", "outbox", "processed", "replies"]
 
@@ -78,6 +79,9 @@ class Ledger:
         self.url = url
         self.schema = schema
         self.business = business
+        self.synchronous = sqlite_synchronous.upper()
+        self._doomed: list[UUID] = []
+        self._outbox = OutboxCopy(self._delete_sent)  # replies the relay has not sent yet
         self.is_sqlite = url.startswith("sqlite")
         if self.is_sqlite:
             self.engine: AsyncEngine = sqlite_engine(
@@ -102,6 +106,7 @@ class Ledger:
                 await conn.run_sync(self.business.create_all)
 
     async def close(self) -> None:
+        await self._outbox.close()
         await self.engine.dispose()
         if self.reader is not self.engine:
             await self.reader.dispose()
@@ -122,10 +127,18 @@ class Ledger:
 
     # --- the relay's view ----------------------------------------------------------------
 
+    def wrote(self, messages: Iterable[OutboxMessage]) -> None:
+        """Replies a transaction that has committed put in the outbox, for :meth:`pending_outbox`
+        to hand to the relay without reading them back (:mod:`saga.store.fresh`)."""
+        self._outbox.add(messages)
+
     async def pending_outbox(self, limit: int) -> list[OutboxMessage]:
+        known = self._outbox.pending(limit)
+        if known is not None:
+            return known
         query = sa.select(outbox).order_by(outbox.c.created_at).limit(limit)
         async with self.reader.connect() as conn:
-            return [
+            rows = [
                 OutboxMessage(
                     message_id=r.message_id,
                     saga_id=r.saga_id,
@@ -137,11 +150,30 @@ class Ledger:
                 )
                 for r in await conn.execute(query)
             ]
+        return self._outbox.read(rows, limit)
 
     async def mark_sent(self, message_ids: Sequence[UUID]) -> None:
+        """Sent replies are deleted by the next write transaction that calls
+        :meth:`take_deletes`, or soon by one of their own (:mod:`saga.store.fresh`)."""
         if message_ids:
-            async with self.engine.begin() as conn:
-                await conn.execute(outbox.delete().where(outbox.c.message_id.in_(message_ids)))
+            self._outbox.sent(message_ids)
+
+    def take_deletes(self) -> sa.Delete | None:
+        """The delete of sent replies for the caller's write transaction to run; report how
+        it ended with :meth:`deletes_done`."""
+        self._doomed = self._outbox.take_deletes()
+        if not self._doomed:
+            return None
+        return outbox.delete().where(outbox.c.message_id.in_(self._doomed))
+
+    def deletes_done(self, *, committed: bool) -> None:
+        self._outbox.deletes_done(self._doomed, committed=committed)
+        self._doomed = []
+
+    async def _delete_sent(self, message_ids: list[UUID]) -> None:
+        delete = outbox.delete().where(outbox.c.message_id.in_(message_ids))
+        async with self.engine.connect() as conn:
+            await delete_sent(conn, delete, self.synchronous)
 
     async def history(self) -> list[dict[str, Any]]:
         """Every final reply in the order it was given: the service's audit trail."""

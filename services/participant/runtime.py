@@ -6,8 +6,8 @@ import asyncio
 import contextlib
 import signal
 import uuid
-from collections.abc import Awaitable, Callable
-from typing import Any, cast
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any, NamedTuple, cast
 
 import sqlalchemy as sa
 import structlog
@@ -18,10 +18,15 @@ from contracts.catalog import CATALOG, CommandContract
 from contracts.common import Contract, ContractError
 from contracts.envelope import CommandEnvelope, ReplyEnvelope, dump_data, parse, parse_data
 from saga.faults import crash_point
+from saga.poison import PoisonGuard, database_reachable, delivery_key, describe_error
+from saga.ports import OutboxMessage
 from saga.relay import Relay
+from saga.secrets import redact_url
 from saga.transport.broker import AmqpBroker, Broker, Consumer, IncomingMessage
 from saga.transport.topology import Topology
 from services.participant.errors import BusinessError, TransientError
+from services.participant.faults import INJECTED_REFUSAL, INJECTED_TRANSIENT, load_fault_plan
+from services.participant.group import GroupCommit
 from services.participant.ledger import Ledger, now, outbox, processed, replies
 from services.participant.settings import ServiceSettings
 
@@ -58,6 +63,7 @@ class Participant:
             url, schema=schema, business=business, sqlite_synchronous=settings.sqlite_synchronous
         )
         self.seed = seed
+        self._faults = load_fault_plan(settings.fault_plan)
         self._handlers: dict[str, tuple[CommandContract, Handler]] = {}
         self.broker: Broker | None = broker
         self._own_broker: Broker | None = None  # made by start(), closed by stop()
@@ -66,6 +72,8 @@ class Participant:
         self._relay: Relay | None = None
         self._relay_task: asyncio.Task[None] | None = None
         self._in_flight: set[asyncio.Task[Any]] = set()
+        self._group = GroupCommit(self._apply)
+        self._poison = PoisonGuard(settings.max_deliveries, self._database_up)
         self.handled = 0
         self.duplicates = 0
         self.dead_lettered = 0
@@ -93,7 +101,9 @@ class Participant:
     async def start(self) -> None:
         await self.setup_database()
         if self.broker is None:
-            self.broker = self._own_broker = await AmqpBroker.connect(self.settings.rabbitmq_url)
+            self.broker = self._own_broker = await AmqpBroker.connect(
+                self.settings.rabbitmq_url, tls=self.settings.tls
+            )
         await self.broker.declare(self.topology, [self.name])
         self._relay = Relay(
             self.ledger, self.broker.publish, poll_interval=self.settings.relay_poll_interval
@@ -101,7 +111,7 @@ class Participant:
         self._relay_task = asyncio.create_task(self._relay.run(), name=f"{self.name}-relay")
         self._started = True
         await self.resume()
-        log.info("participant_started", participant=self.name, database=self.ledger.url)
+        log.info("participant_started", participant=self.name, database=redact_url(self.ledger.url))
 
     async def pause(self) -> None:
         """Stop taking commands (they wait in the queue), as if the service were down."""
@@ -179,9 +189,24 @@ class Participant:
                 f"(addressed to {command.participant!r})",
             )
             return
+        if command.reply_to != self.topology.reply_queue:  # no reply could ever be delivered
+            await self._dead_letter(
+                message,
+                queue,
+                "unknown_reply_to",
+                f"reply_to {command.reply_to!r} is not this deployment's reply queue "
+                f"{self.topology.reply_queue!r}",
+            )
+            return
+        key = delivery_key(message.message_id, message.body)
         try:
             await self.handle(command)
-        except Exception as exc:  # the database failed: nothing committed, try again later
+        except Exception as exc:  # nothing committed: try again later, unless it is poison
+            failures = await self._poison.failed(key, exc)
+            if self._poison.exhausted(failures):
+                detail = f"failed {failures} deliveries; last error: {describe_error(exc)}"
+                await self._dead_letter(message, queue, "poison", detail)
+                return
             log.warning("command_failed_will_retry", error=repr(exc), message_id=message.message_id)
             await asyncio.sleep(1.0)
             with contextlib.suppress(Exception):
@@ -191,82 +216,121 @@ class Participant:
         if self._relay is not None:
             self._relay.wake()
         await message.ack()
+        self._poison.settled(key)
+
+    async def _database_up(self) -> bool:
+        return await database_reachable(self.ledger.reader)
 
     async def handle(self, command: CommandEnvelope) -> ReplyEnvelope:
-        """Apply ``command`` once and queue its reply, in one transaction; returns the reply."""
-        contract, fn = self._handlers[command.command_type]
-        reply_id = uuid.uuid5(command.message_id, "reply")
+        """Apply ``command`` once and queue its reply; returns the reply once committed.
+
+        Commands that arrive while a transaction is in flight share the next one (group
+        commit, :mod:`services.participant.group`); each is still applied exactly once."""
+        return await self._group.submit(command)
+
+    async def _apply(self, commands: Sequence[CommandEnvelope]) -> list[ReplyEnvelope]:
+        """Apply ``commands`` in order in ONE transaction; each sees what those before it did.
+        The same transaction deletes the replies the relay has sent since the last one."""
+        try:
+            results = await self._apply_batch(commands)
+        except BaseException:
+            self.ledger.deletes_done(committed=False)
+            raise
+        self.ledger.deletes_done(committed=True)
+        return results
+
+    async def _apply_batch(self, commands: Sequence[CommandEnvelope]) -> list[ReplyEnvelope]:
+        at = now()
+        reply_ids = [uuid.uuid5(c.message_id, "reply") for c in commands]
+        keys = [c.idempotency_key for c in commands]
+        results: list[ReplyEnvelope] = []
+        processed_rows: list[dict[str, Any]] = []
+        reply_rows: list[dict[str, Any]] = []
+        outbox_rows: list[dict[str, Any]] = []
+        handled = duplicates = 0
         async with self.ledger.engine.begin() as conn:
+            sent = self.ledger.take_deletes()
+            if sent is not None:
+                await conn.execute(sent)
             # The same message again (a redelivery): its first reply, whatever it was. Running
             # the handler anew could turn an answered transient failure into an unseen success.
-            given = await conn.scalar(
-                sa.select(replies.c.body).where(replies.c.message_id == reply_id)
-            )
-            if given is not None:
-                self.duplicates += 1
-                reply = ReplyEnvelope.model_validate_json(bytes(given))
-                await self._queue_reply(conn, command, reply)
-                return reply
-            prior = (
-                await conn.execute(
-                    sa.select(processed).where(
-                        processed.c.idempotency_key == command.idempotency_key
+            given = {
+                row.message_id: ReplyEnvelope.model_validate_json(bytes(row.body))
+                for row in await conn.execute(
+                    sa.select(replies.c.message_id, replies.c.body).where(
+                        replies.c.message_id.in_(reply_ids)
                     )
                 )
-            ).first()
-            if prior is not None:
-                self.duplicates += 1
-                reply = _reply(
-                    command,
-                    reply_id,
-                    prior.outcome,
-                    prior.reason,
-                    prior.detail,
-                    False,
-                    dict(prior.data),
+            }
+            finals = {
+                row.idempotency_key: _Final(row.outcome, row.reason, row.detail, dict(row.data))
+                for row in await conn.execute(
+                    sa.select(processed).where(processed.c.idempotency_key.in_(keys))
                 )
-            else:
-                reply, final = await self._run(conn, contract, fn, command, reply_id)
-                if final:
-                    await conn.execute(
-                        processed.insert().values(
-                            idempotency_key=command.idempotency_key,
-                            message_id=command.message_id,
-                            saga_id=command.saga_id,
-                            command_type=command.command_type,
-                            direction=command.direction,
-                            outcome=reply.outcome,
-                            reason=reply.reason,
-                            detail=reply.detail,
-                            data=dict(reply.data),
-                            processed_at=now(),
-                        )
+            }
+            for command, reply_id in zip(commands, reply_ids, strict=True):
+                reply = given.get(reply_id)
+                if reply is not None:
+                    duplicates += 1
+                    body = reply.model_dump_json().encode()
+                else:
+                    handled += 1
+                    prior = finals.get(command.idempotency_key)
+                    if prior is not None:
+                        duplicates += 1
+                        reply = _reply(command, reply_id, *prior[:3], False, prior.data)
+                    else:
+                        contract, fn = self._handlers[command.command_type]
+                        reply, final = await self._run(conn, contract, fn, command, reply_id)
+                        if final:
+                            data = dict(reply.data)
+                            finals[command.idempotency_key] = _Final(
+                                reply.outcome, reply.reason, reply.detail, data
+                            )
+                            processed_rows.append(
+                                {
+                                    "idempotency_key": command.idempotency_key,
+                                    "message_id": command.message_id,
+                                    "saga_id": command.saga_id,
+                                    "command_type": command.command_type,
+                                    "direction": command.direction,
+                                    "outcome": reply.outcome,
+                                    "reason": reply.reason,
+                                    "detail": reply.detail,
+                                    "data": data,
+                                    "processed_at": at,
+                                }
+                            )
+                    given[reply_id] = reply
+                    body = reply.model_dump_json().encode()
+                    reply_rows.append(
+                        {
+                            "message_id": reply.message_id,
+                            "command_message_id": command.message_id,
+                            "body": body,
+                            "created_at": at,
+                        }
                     )
-            await conn.execute(
-                replies.insert().values(
-                    message_id=reply.message_id,
-                    command_message_id=command.message_id,
-                    body=reply.model_dump_json().encode(),
-                    created_at=now(),
+                outbox_rows.append(
+                    {
+                        "message_id": reply.message_id,
+                        "saga_id": command.saga_id,
+                        "routing_key": command.reply_to,
+                        "message_type": f"{command.command_type}.reply",
+                        "body": body,
+                        "created_at": at,
+                    }
                 )
-            )
-            await self._queue_reply(conn, command, reply)
-        self.handled += 1
-        return reply
-
-    async def _queue_reply(
-        self, conn: AsyncConnection, command: CommandEnvelope, reply: ReplyEnvelope
-    ) -> None:
-        await conn.execute(
-            self.ledger.insert_ignore(outbox).values(
-                message_id=reply.message_id,
-                saga_id=command.saga_id,
-                routing_key=command.reply_to,
-                message_type=f"{command.command_type}.reply",
-                body=reply.model_dump_json().encode(),
-                created_at=now(),
-            )
-        )
+                results.append(reply)
+            if processed_rows:
+                await conn.execute(processed.insert(), processed_rows)
+            if reply_rows:
+                await conn.execute(replies.insert(), reply_rows)
+            await conn.execute(self.ledger.insert_ignore(outbox), outbox_rows)
+        self.ledger.wrote(OutboxMessage(exchange="", headers={}, **row) for row in outbox_rows)
+        self.handled += handled
+        self.duplicates += duplicates
+        return results
 
     async def _run(
         self,
@@ -281,6 +345,14 @@ class Participant:
             payload = parse_data(contract.payload, command.payload)
         except ContractError as exc:
             return _reply(command, reply_id, "failure", "invalid_payload", exc.detail, False), True
+        fault = self._faults.get((command.saga_id, command.command_type))
+        if fault is not None:
+            if fault.mode == "refuse":
+                detail = "refused by the fault plan"
+                return _reply(command, reply_id, "failure", INJECTED_REFUSAL, detail, False), True
+            if command.attempt <= fault.times:
+                detail = f"attempt {command.attempt} of the {fault.times} the fault plan fails"
+                return _reply(command, reply_id, "failure", INJECTED_TRANSIENT, detail, True), False
         savepoint = await conn.begin_nested()
         try:
             result = await fn(conn, payload, command)
@@ -307,7 +379,13 @@ class Participant:
         self, message: IncomingMessage, queue: str, reason: str, detail: str
     ) -> None:
         assert self.broker is not None
-        log.warning("message_dead_lettered", queue=queue, reason=reason, detail=detail)
+        log.warning(
+            "message_dead_lettered",
+            queue=queue,
+            reason=reason,
+            detail=detail,
+            message_id=message.message_id,
+        )
         try:
             await self.broker.dead_letter(
                 message, queue=queue, topology=self.topology, reason=reason, detail=detail
@@ -320,6 +398,16 @@ class Participant:
             return
         self.dead_lettered += 1
         await message.ack()
+        self._poison.settled(delivery_key(message.message_id, message.body))
+
+
+class _Final(NamedTuple):
+    """A final outcome recorded in the ledger: repeated to every later attempt."""
+
+    outcome: str
+    reason: str | None
+    detail: str | None
+    data: dict[str, Any]
 
 
 def _reply(

@@ -6,17 +6,17 @@ from pathlib import Path
 from typing import Literal
 
 from pydantic import Field, ValidationError, field_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic_settings import SettingsConfigDict
 
 from saga.errors import ConfigError
+from saga.settings import AmqpSettings
 
 __all__ = ["ServiceSettings", "load_service_settings"]
 
 
-class ServiceSettings(BaseSettings):
+class ServiceSettings(AmqpSettings):
     model_config = SettingsConfigDict(env_prefix="SAGA_", extra="ignore", frozen=True)
 
-    rabbitmq_url: str = "amqp://guest:guest@127.0.0.1:5672/"
     prefix: str = Field("saga", pattern=r"^[a-z][a-z0-9_.-]{0,40}$")
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     data_dir: Path = Path("data")
@@ -26,8 +26,12 @@ class ServiceSettings(BaseSettings):
     quorum_queues: bool = False  # must match the orchestrator's: queues are declared by both
     prefetch: int = Field(64, ge=1, le=65_535)
     max_message_bytes: int = Field(256 * 1024, ge=1024, le=16 * 1024 * 1024)
+    #: deliveries that fail with the database up before a command is dead-lettered as poison
+    max_deliveries: int = Field(5, ge=1, le=1000)
     relay_poll_interval: float = Field(1.0, gt=0, le=60)
     sqlite_synchronous: str = Field("FULL", pattern="^(FULL|NORMAL|EXTRA)$")
+    #: failures to inject on purpose (chaos soaks only): see services/participant/faults.py
+    fault_plan: Path | None = None
 
     @field_validator("services_database_url")
     @classmethod
@@ -52,5 +56,8 @@ def load_service_settings(**overrides: object) -> ServiceSettings:
     try:
         return ServiceSettings(**overrides)  # type: ignore[arg-type]
     except ValidationError as exc:
-        lines = [f"SAGA_{str(e['loc'][0]).upper()}: {e['msg']}" for e in exc.errors()]
+        lines = [
+            f"SAGA_{str(e['loc'][0]).upper()}: {e['msg']}" if e["loc"] else str(e["msg"])
+            for e in exc.errors()
+        ]
         raise ConfigError("invalid settings:\n  " + "\n  ".join(lines)) from None

@@ -380,6 +380,19 @@ class SagaMachine(RuleBasedStateMachine):
         cmd = pool[which % len(pool)]
         s = tr.s
         t = self.apply(tr, reply(cmd.message_id, cmd.participant, outcome))
+        earlier = (  # a final answer to an older attempt of what is being run counts
+            cmd.saga_id == tr.saga_id
+            and s.phase in (Phase.AWAITING_REPLY, Phase.BACKOFF)
+            and not s.status.is_terminal
+            and cmd.step == s.steps[s.current].name
+            and cmd.direction is s.direction
+            and cmd.attempt < s.attempt
+            and outcome != "retryable"
+        )
+        if earlier:
+            assert t.applied
+            self.check_answer(tr, s, outcome)
+            return
         if cmd.message_id != s.awaiting or s.phase is not Phase.AWAITING_REPLY:
             assert not t.applied
             [entry] = t.history

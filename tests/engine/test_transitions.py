@@ -685,26 +685,55 @@ def test_duplicate_reply_is_ignored(success: bool) -> None:
     assert drv.s.context.outputs == {"s1": {"id": 1}}
 
 
-def test_late_reply_for_an_old_attempt_is_ignored() -> None:
+def test_a_transient_late_reply_to_an_old_attempt_is_ignored() -> None:
     drv = started(make_definition(2))
     first = drv.last_command
     drv.time_out()
     drv.fire()  # attempt 2 is awaited now
-    for event in (
-        ReplySucceeded(first.message_id, "p1"),
-        ReplyFailed(first.message_id, "p1", "no"),
-    ):
-        _assert_ignored(drv, event, "s1 action attempt 1", "awaiting s1 action attempt 2")
+    _assert_ignored(
+        drv,
+        ReplyFailed(first.message_id, "p1", "busy", retryable=True),
+        "s1 action attempt 1",
+        "awaiting s1 action attempt 2",
+    )
     drv.succeed()
     assert drv.status_of("s1") is S.SUCCEEDED
 
 
-def test_reply_during_backoff_is_ignored() -> None:
+@pytest.mark.parametrize("success", [True, False], ids=["success", "refusal"])
+def test_a_final_late_reply_to_an_old_attempt_is_the_answer(success: bool) -> None:
+    """Every attempt has the same idempotency key, so the first final answer to arrive is the
+    step's answer: waiting for the newest attempt's copy would only let it time out again."""
     drv = started(make_definition(2))
     first = drv.last_command
+    drv.time_out()
+    drv.fire()  # attempt 2 is awaited now
+    event: Event = (
+        ReplySucceeded(first.message_id, "p1")
+        if success
+        else ReplyFailed(first.message_id, "p1", "no", retryable=False)
+    )
+    assert drv.apply(event).applied
+    assert drv.status_of("s1") is (S.SUCCEEDED if success else S.FAILED)
+
+
+def test_a_final_late_reply_is_the_answer_during_a_backoff_too() -> None:
+    drv = started(make_definition(3))
+    first = drv.last_command
+    drv.time_out()
+    drv.fire()  # attempt 2 is sent...
+    second = drv.last_command
+    drv.fail("busy", retryable=True)  # ...and answers busy: a backoff before attempt 3
+    # attempt 2 has answered: a second, different answer to it is not believed
+    _assert_ignored(drv, ReplySucceeded(second.message_id, "p1"), "no reply is awaited")
+    # attempt 1 never answered: its final answer is the step's
+    assert drv.apply(ReplySucceeded(first.message_id, "p1")).applied
+    assert drv.status_of("s1") is S.SUCCEEDED
+
+
+def test_a_reply_to_an_attempt_not_sent_yet_is_ignored() -> None:
+    drv = started(make_definition(2))
     drv.fail("busy", retryable=True)
-    _assert_ignored(drv, ReplySucceeded(first.message_id, "p1"), "no reply is awaited")
-    # a reply "to" the attempt that is not sent yet is ignored too
     _assert_ignored(drv, ReplySucceeded(drv.awaiting, "p1"), "no reply is awaited")
 
 

@@ -360,8 +360,15 @@ async def test_compensation_retries_then_fails_then_operator_retry(running: Harn
     stuck = await service.start_saga(
         "trip", {"script": {"beta": ["fail"], "alpha~undo": ["retry"] * 4}}
     )
+    # beyond the limit of 4: the same four attempts, then FAILED; after the operator's retry
+    # the budget starts over, so attempts 5 and 6 fail again and the 7th compensates
+    beyond = await service.start_saga(
+        "trip", {"script": {"beta": ["fail"], "alpha~undo": ["retry"] * 6}}
+    )
 
-    recovered, failed = await wait_terminal(service, [recovers.saga_id, stuck.saga_id])
+    recovered, failed, past = await wait_terminal(
+        service, [recovers.saga_id, stuck.saga_id, beyond.saga_id]
+    )
 
     assert recovered.status is SagaStatus.COMPENSATED
     assert commands(participant, recovers.saga_id) == [
@@ -387,6 +394,8 @@ async def test_compensation_retries_then_fails_then_operator_retry(running: Harn
     history = await service.orchestrator.history(recovers.saga_id)
     assert len(_entries(history, HistoryKind.COMPENSATION_FAILED)) == 2
     assert kinds(history)[-1] == "compensated"
+    assert (past.status, past.stuck_step) == (SagaStatus.FAILED, "alpha")
+    assert commands(participant, beyond.saga_id) == commands(participant, stuck.saga_id)
 
     result = await service.orchestrator.retry(stuck.saga_id, actor="ops", reason="fixed")
     assert result.state.status is SagaStatus.COMPENSATING
@@ -401,6 +410,16 @@ async def test_compensation_retries_then_fails_then_operator_retry(running: Harn
     assert operator.actor == "ops"
     assert "fixed" in operator.detail
     assert [h.step for h in _entries(history, HistoryKind.STEP_COMPENSATED)] == ["alpha"]
+    assert kinds(history)[-1] == "compensated"
+
+    await service.orchestrator.retry(beyond.saga_id, actor="ops", reason="try again")
+    [final] = await wait_terminal(service, [beyond.saga_id])
+    assert final.status is SagaStatus.COMPENSATED
+    assert commands(participant, beyond.saga_id)[2:] == [("alpha.undo", n) for n in range(1, 8)]
+    history = await service.orchestrator.history(beyond.saga_id)
+    failures = _entries(history, HistoryKind.COMPENSATION_FAILED)
+    assert [h.attempt for h in failures] == [1, 2, 3, 4, 5, 6]
+    assert kinds(history).count("failed") == 1
     assert kinds(history)[-1] == "compensated"
 
 

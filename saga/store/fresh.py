@@ -1,0 +1,123 @@
+"""The outbox as this process knows it, so the relay costs no extra transactions.
+
+Two costs used to come with every relay flush: a read of the outbox table (woken after every
+commit) and a transaction of its own to delete the rows the broker confirmed. On a busy
+orchestrator or participant the two cost more CPU than the commit that wrote the rows, and the
+delete held the single SQLite writer for a whole fsync. So:
+
+* The store keeps a copy of every unsent row it committed and answers ``pending_outbox`` from
+  it, exactly as the table would: rows stay until ``mark_sent``, so one that failed to publish
+  is offered again. The copy is used only after a read of the table has shown it holds nothing
+  else (fewer rows than asked for), and the table is read again at least every
+  ``reread_every`` seconds, so rows written by another instance or left by a crash are found.
+* Confirmed rows are deleted by the next write transaction the store runs anyway (one more
+  statement in it), or after ``delete_after`` seconds by a transaction of their own when no
+  write comes. Until then they are left out of reads of the table.
+
+The table stays the truth: a row is deleted only after its confirm. A crash before the delete
+lands re-sends the row, which at-least-once delivery and deduplication by message id allow.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import Awaitable, Callable, Iterable, Sequence
+from uuid import UUID
+
+from saga.ports import OutboxMessage
+
+__all__ = ["OutboxCopy"]
+
+
+class OutboxCopy:
+    def __init__(
+        self,
+        delete: Callable[[list[UUID]], Awaitable[None]],
+        *,
+        reread_every: float = 1.0,
+        delete_after: float = 0.05,
+        max_rows: int = 10_000,
+    ):
+        self._delete = delete  # a transaction of its own, for when no write comes
+        self.reread_every = reread_every
+        self.delete_after = delete_after
+        self.max_rows = max_rows
+        self._unsent: dict[UUID, OutboxMessage] = {}
+        self._complete = False  # the copy holds every row of the table
+        self._read_at = 0.0
+        self._to_delete: list[UUID] = []  # confirmed; in no transaction yet
+        self._deleting: set[UUID] = set()  # confirmed; delete not committed yet
+        self._sweeper: asyncio.Task[None] | None = None
+
+    # --- rows to send ------------------------------------------------------------------
+
+    def add(self, messages: Iterable[OutboxMessage]) -> None:
+        """Rows of a transaction that has committed."""
+        for m in messages:
+            self._unsent[m.message_id] = m
+        if len(self._unsent) > self.max_rows:
+            self._unsent.clear()
+            self._complete = False
+
+    def pending(self, limit: int) -> list[OutboxMessage] | None:
+        """The first ``limit`` unsent rows, or None when the table must be read instead."""
+        if not self._complete or time.monotonic() - self._read_at > self.reread_every:
+            return None
+        return [m for m, _ in zip(self._unsent.values(), range(limit), strict=False)]
+
+    def read(self, rows: Sequence[OutboxMessage], limit: int) -> list[OutboxMessage]:
+        """Take in what a read of the table returned; returns the rows not yet sent."""
+        unsent = [m for m in rows if m.message_id not in self._deleting]
+        for m in unsent:
+            self._unsent.setdefault(m.message_id, m)
+        self._complete = len(rows) < limit
+        self._read_at = time.monotonic()
+        return unsent
+
+    # --- rows sent -----------------------------------------------------------------------
+
+    def sent(self, message_ids: Sequence[UUID]) -> None:
+        """The broker confirmed ``message_ids``: delete them soon."""
+        for message_id in message_ids:
+            self._unsent.pop(message_id, None)
+        self._to_delete.extend(message_ids)
+        self._deleting.update(message_ids)
+        if self._sweeper is None or self._sweeper.done():
+            self._sweeper = asyncio.get_running_loop().create_task(self._sweep())
+
+    def take_deletes(self) -> list[UUID]:
+        """Confirmed rows for the caller's write transaction to delete; report its end with
+        :meth:`deletes_done`."""
+        taken, self._to_delete = self._to_delete[:2000], self._to_delete[2000:]
+        return taken
+
+    def deletes_done(self, message_ids: list[UUID], *, committed: bool) -> None:
+        if committed:
+            self._deleting.difference_update(message_ids)
+        else:
+            self._to_delete[:0] = message_ids
+
+    async def _sweep(self) -> None:
+        await asyncio.sleep(self.delete_after)
+        while self._to_delete:
+            taken = self.take_deletes()
+            try:
+                await self._delete(taken)
+            except Exception:  # the table keeps them; sent again after a restart at worst
+                self.deletes_done(taken, committed=False)
+                await asyncio.sleep(1.0)
+            else:
+                self.deletes_done(taken, committed=True)
+
+    async def close(self) -> None:
+        """Delete what is still waiting (best effort) and stop the sweeper."""
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+            with contextlib.suppress(BaseException):
+                await self._sweeper
+        taken = self.take_deletes()
+        if taken:
+            with contextlib.suppress(Exception):
+                await self._delete(taken)

@@ -1,0 +1,70 @@
+"""Group commit: batching, all-or-nothing per item, and a bad item never failing its batch."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Sequence
+
+import pytest
+import sqlalchemy as sa
+
+from services.participant.group import GroupCommit
+
+
+class WriteError(Exception):
+    pass
+
+
+async def test_items_arriving_during_a_commit_share_the_next_one() -> None:
+    batches: list[list[int]] = []
+
+    async def apply(items: Sequence[int]) -> list[int]:
+        batches.append(list(items))
+        await asyncio.sleep(0.01)  # the commit: others queue up meanwhile
+        return [i * 10 for i in items]
+
+    group = GroupCommit(apply, max_batch=3)
+    first = asyncio.ensure_future(group.submit(0))
+    await asyncio.sleep(0.001)  # its commit has begun, alone: a lone item is not held back
+    results = await asyncio.gather(*(group.submit(i) for i in range(1, 8)))
+    assert await first == 0
+    assert results == [i * 10 for i in range(1, 8)]
+    assert batches == [[0], [1, 2, 3], [4, 5, 6], [7]]  # at most max_batch per commit
+    assert group.batches == 4
+
+
+async def test_a_failed_batch_is_retried_item_by_item_so_only_the_bad_one_fails() -> None:
+    calls: list[list[int]] = []
+
+    async def apply(items: Sequence[int]) -> list[int]:
+        calls.append(list(items))
+        await asyncio.sleep(0)
+        if 2 in items:
+            raise WriteError("item 2 cannot be written")
+        return list(items)
+
+    group = GroupCommit(apply)
+    first = asyncio.ensure_future(group.submit(0))
+    await asyncio.sleep(0)
+    outcomes = await asyncio.gather(*(group.submit(i) for i in (1, 2, 3)), return_exceptions=True)
+    assert await first == 0
+    assert outcomes[0] == 1 and isinstance(outcomes[1], WriteError) and outcomes[2] == 3
+    assert calls == [[0], [1, 2, 3], [1], [2], [3]]
+
+
+async def test_when_the_database_is_down_the_batch_fails_whole_without_retries() -> None:
+    calls: list[list[int]] = []
+
+    async def apply(items: Sequence[int]) -> list[int]:
+        calls.append(list(items))
+        await asyncio.sleep(0)
+        raise sa.exc.OperationalError("BEGIN", {}, OSError("connection refused"))
+
+    group = GroupCommit(apply)
+    first = asyncio.ensure_future(group.submit(0))
+    await asyncio.sleep(0)
+    outcomes = await asyncio.gather(*(group.submit(i) for i in (1, 2)), return_exceptions=True)
+    with pytest.raises(sa.exc.OperationalError):
+        await first
+    assert all(isinstance(o, sa.exc.OperationalError) for o in outcomes)
+    assert calls == [[0], [1, 2]]  # not tried one by one: each would fail the same way
