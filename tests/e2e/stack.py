@@ -21,6 +21,7 @@ import time
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from decimal import Decimal
 from pathlib import Path
 from typing import Any, NoReturn, cast
 from uuid import UUID, uuid4
@@ -38,6 +39,9 @@ from saga.store.schema import sagas
 from saga.store.sql import SqlStore, sqlite_engine
 from saga.transport.topology import Topology
 from services import inventory, order, payment, shipping
+from services.checkout import checkout_input
+from services.cli import SAMPLE_PRICES
+from services.demo import HOME
 from services.participant.ledger import Ledger, outbox
 from services.participant.settings import ServiceSettings
 from tests.crash.helpers import REPO, Proc, base_env, publish_starts, wait_exit, wait_for_output
@@ -443,3 +447,40 @@ class Stack:
 
 def saga_id(key: str) -> UUID:
     return saga_id_for_key("checkout", key)
+
+
+# --- checkouts ------------------------------------------------------------------------------
+
+PARIS = {
+    "name": "Jean Dupont",
+    "street": "12 Rue de Rivoli",
+    "city": "Paris",
+    "postal_code": "75001",
+    "country": "FR",
+}
+TOKYO = {**PARIS, "city": "Tokyo", "postal_code": "100-0001", "country": "JP"}  # not served
+SLOWTOWN = {**PARIS, "city": "Slowtown", "postal_code": "12345", "country": "DE"}  # never answers
+RICH = Decimal("100000.00")
+PLENTY = 100_000
+
+
+def checkout(
+    customer: str | UUID,
+    lines: list[tuple[str, int]],
+    address: Mapping[str, str] = HOME,
+    currency: str = "EUR",
+) -> dict[str, Any]:
+    """A checkout's saga input: a demo customer (by name) or any id, (sku, quantity) lines at
+    the sample prices."""
+    who = payment.CUSTOMERS[customer] if isinstance(customer, str) else customer
+    items = [(sku, qty, SAMPLE_PRICES[sku]) for sku, qty in lines]
+    return dict(checkout_input(who, items, address, currency))
+
+
+async def submit(
+    stack: Stack, checkouts: list[dict[str, Any]], first: int = 0
+) -> dict[UUID, dict[str, Any]]:
+    """Publish one StartSaga per checkout (confirmed, persistent); saga id -> input."""
+    keyed = {f"{stack.prefix}-{n}": c for n, c in enumerate(checkouts, first)}
+    await stack.publish(start_request(key, c) for key, c in keyed.items())
+    return {saga_id(key): c for key, c in keyed.items()}

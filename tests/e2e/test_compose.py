@@ -31,9 +31,9 @@ from saga import logs
 from saga.errors import ConfigError
 from saga.settings import Settings, load_settings
 from services import payment
+from services.chaos.model import Run, World, check_run, conserved, replay
 from services.participant.settings import ServiceSettings, load_service_settings
 from tests.crash.helpers import REPO, base_env
-from tests.e2e.model import Run, World, check_run, conserved, replay
 from tests.e2e.stack import SERVICES, Stack
 
 COMPOSE = REPO / "docker-compose.yml"

@@ -28,10 +28,7 @@ import pytest
 from saga.faults import POINTS
 from saga.state import HistoryKind, SagaState, SagaStatus
 from services import inventory, payment
-from services.checkout import checkout_input
-from services.cli import SAMPLE_PRICES
-from services.demo import HOME, NOWHERE
-from tests.e2e.model import (
+from services.chaos.model import (
     INVENTORY,
     PAYMENT,
     SHIPPING,
@@ -43,7 +40,19 @@ from tests.e2e.model import (
     contended,
     predict,
 )
-from tests.e2e.stack import SERVICES, Stack, saga_id, start_request
+from services.cli import SAMPLE_PRICES
+from services.demo import HOME, NOWHERE
+from tests.e2e.stack import (
+    PARIS,
+    PLENTY,
+    RICH,
+    SERVICES,
+    SLOWTOWN,
+    TOKYO,
+    Stack,
+    checkout,
+    submit,
+)
 
 pytestmark = pytest.mark.rabbitmq
 
@@ -51,49 +60,6 @@ FAULT = "participant_after_commit_before_reply"
 assert FAULT in POINTS
 
 BOOK, LAMP, RARE = inventory.BOOK, inventory.LAMP, inventory.RARE
-PARIS = {
-    "name": "Jean Dupont",
-    "street": "12 Rue de Rivoli",
-    "city": "Paris",
-    "postal_code": "75001",
-    "country": "FR",
-}
-TOKYO = {  # no carrier serves JP
-    "name": "Aiko Sato",
-    "street": "1-1 Chiyoda",
-    "city": "Tokyo",
-    "postal_code": "100-0001",
-    "country": "JP",
-}
-SLOWTOWN = {  # the carrier never answers: retried, then compensated
-    "name": "Sam Slow",
-    "street": "Long Road 5",
-    "city": "Slowtown",
-    "postal_code": "12345",
-    "country": "DE",
-}
-RICH = Decimal("100000.00")
-PLENTY = 100_000
-
-
-def _checkout(
-    customer: str | UUID,
-    lines: list[tuple[str, int]],
-    address: Mapping[str, str] = HOME,
-    currency: str = "EUR",
-) -> dict[str, Any]:
-    who = payment.CUSTOMERS[customer] if isinstance(customer, str) else customer
-    items = [(sku, qty, SAMPLE_PRICES[sku]) for sku, qty in lines]
-    return dict(checkout_input(who, items, address, currency))
-
-
-async def _submit(
-    stack: Stack, checkouts: list[dict[str, Any]], first: int = 0
-) -> dict[UUID, dict[str, Any]]:
-    """Publish one StartSaga per checkout, all at once; saga id -> input."""
-    keyed = {f"{stack.prefix}-{n}": c for n, c in enumerate(checkouts, first)}
-    await stack.publish(start_request(key, c) for key, c in keyed.items())
-    return {saga_id(key): c for key, c in keyed.items()}
 
 
 async def _read_run(stack: Stack, checkouts: dict[UUID, dict[str, Any]]) -> Run:
@@ -133,21 +99,21 @@ def _stats(run: Run) -> str:
 #: label -> (checkout, final status, failing step, reason, every final reply in the ledgers)
 STEP_FAILURES: dict[str, tuple[dict[str, Any], SagaStatus, str | None, str | None, list[str]]] = {
     "happy path": (
-        _checkout("alice", [(BOOK, 2)]),
+        checkout("alice", [(BOOK, 2)]),
         SagaStatus.COMPLETED,
         None,
         None,
         ["order.create", "payment.charge", "inventory.reserve", "shipping.schedule"],
     ),
     "declined payment": (
-        _checkout("bob", [(LAMP, 1)]),
+        checkout("bob", [(LAMP, 1)]),
         SagaStatus.COMPENSATED,
         PAYMENT,
         "insufficient_funds",
         ["order.create", "payment.charge:insufficient_funds", "order.cancel"],
     ),
     "out of stock": (
-        _checkout("carol", [(RARE, 1)]),
+        checkout("carol", [(RARE, 1)]),
         SagaStatus.COMPENSATED,
         INVENTORY,
         "out_of_stock",
@@ -160,7 +126,7 @@ STEP_FAILURES: dict[str, tuple[dict[str, Any], SagaStatus, str | None, str | Non
         ],
     ),
     "undeliverable address": (
-        _checkout("alice", [(BOOK, 1)], NOWHERE),
+        checkout("alice", [(BOOK, 1)], NOWHERE),
         SagaStatus.COMPENSATED,
         SHIPPING,
         "undeliverable_address",
@@ -175,7 +141,7 @@ STEP_FAILURES: dict[str, tuple[dict[str, Any], SagaStatus, str | None, str | Non
         ],
     ),
     "transient failure, retried": (
-        _checkout("dave", [(LAMP, 1)]),
+        checkout("dave", [(LAMP, 1)]),
         SagaStatus.COMPLETED,
         None,
         None,
@@ -188,7 +154,7 @@ async def test_a_failure_at_each_step_compensates_in_reverse(stack: Stack) -> No
     procs = await stack.start()
     before = await stack.snapshot()
     labels = list(STEP_FAILURES)
-    checkouts = await _submit(stack, [STEP_FAILURES[label][0] for label in labels])
+    checkouts = await submit(stack, [STEP_FAILURES[label][0] for label in labels])
     ids = list(checkouts)
     await stack.wait_terminal(ids, 60, watch=list(procs.values()))
     await stack.wait_quiet()
@@ -264,20 +230,20 @@ def _mix(count: int, seed: int) -> list[dict[str, Any]]:
             lines = rng.choice([[(BOOK, 2)], [(LAMP, 1)], [(BOOK, 1)]])
         else:
             lines = [(BOOK, rng.randint(1, 3)), (LAMP, rng.randint(1, 3))][: rng.randint(1, 2)]
-        return _checkout(who, lines, rng.choice([HOME, PARIS]))
+        return checkout(who, lines, rng.choice([HOME, PARIS]))
 
     kinds = [
         (ok, 10),
-        (lambda: _checkout("alice", [(LAMP, 7)]), 1),  # 315.00 > the limit of 300
-        (lambda: _checkout("carol", [(BOOK, 3)]), 1),  # 59.70 > the limit of 50
-        (lambda: _checkout("bob", rng.choice([[(LAMP, 1)], [(BOOK, 2)]])), 2),  # balance 20
-        (lambda: _checkout("dave", [(BOOK, 1), (RARE, 1)]), 1),  # RARE-9 is sold out
-        (lambda: _checkout("alice", [(RARE, 1)]), 1),
-        (lambda: _checkout("alice", [(BOOK, 1)], NOWHERE), 1),
-        (lambda: _checkout("dave", [(LAMP, 1)], TOKYO), 1),
-        (lambda: _checkout("carol", [(BOOK, 1)], SLOWTOWN), 1),
-        (lambda: _checkout(uuid5(payment.CUSTOMERS["alice"], str(rng.random())), [(BOOK, 1)]), 1),
-        (lambda: _checkout("alice", [(BOOK, 1)], currency="USD"), 1),
+        (lambda: checkout("alice", [(LAMP, 7)]), 1),  # 315.00 > the limit of 300
+        (lambda: checkout("carol", [(BOOK, 3)]), 1),  # 59.70 > the limit of 50
+        (lambda: checkout("bob", rng.choice([[(LAMP, 1)], [(BOOK, 2)]])), 2),  # balance 20
+        (lambda: checkout("dave", [(BOOK, 1), (RARE, 1)]), 1),  # RARE-9 is sold out
+        (lambda: checkout("alice", [(RARE, 1)]), 1),
+        (lambda: checkout("alice", [(BOOK, 1)], NOWHERE), 1),
+        (lambda: checkout("dave", [(LAMP, 1)], TOKYO), 1),
+        (lambda: checkout("carol", [(BOOK, 1)], SLOWTOWN), 1),
+        (lambda: checkout(uuid5(payment.CUSTOMERS["alice"], str(rng.random())), [(BOOK, 1)]), 1),
+        (lambda: checkout("alice", [(BOOK, 1)], currency="USD"), 1),
     ]
     makers = [make for make, weight in kinds for _ in range(weight)]
     checkouts = [make() for make, _ in kinds]  # each kind at least once
@@ -301,7 +267,7 @@ async def test_200_mixed_checkouts_at_once_each_end_as_their_input_implies(
     procs = await stack.start()
     before = await stack.snapshot()
     started = time.monotonic()
-    checkouts = await _submit(stack, mix)
+    checkouts = await submit(stack, mix)
     await stack.wait_terminal(list(checkouts), 120, watch=list(procs.values()))
     elapsed = time.monotonic() - started
     await stack.wait_quiet()
@@ -327,11 +293,11 @@ WAVES, WAVE_GAP = 3, 0.7
 def _crash_mix(count: int) -> list[dict[str, Any]]:
     rng = random.Random(count)
     plan = [
-        lambda: _checkout(rng.choice(["alice", "dave"]), [(BOOK, 1), (LAMP, rng.randint(1, 2))]),
-        lambda: _checkout("carol", [(BOOK, 2)], PARIS),
-        lambda: _checkout("bob", [(LAMP, 1)]),
-        lambda: _checkout("alice", [(RARE, 1)]),
-        lambda: _checkout("dave", [(BOOK, 1)], NOWHERE),
+        lambda: checkout(rng.choice(["alice", "dave"]), [(BOOK, 1), (LAMP, rng.randint(1, 2))]),
+        lambda: checkout("carol", [(BOOK, 2)], PARIS),
+        lambda: checkout("bob", [(LAMP, 1)]),
+        lambda: checkout("alice", [(RARE, 1)]),
+        lambda: checkout("dave", [(BOOK, 1)], NOWHERE),
     ]
     return [plan[n % len(plan)]() for n in range(count)]
 
@@ -363,7 +329,7 @@ async def test_a_service_killed_after_its_commit_applies_nothing_twice(
     per_wave = len(mix) // WAVES
     for wave in range(WAVES):
         part = mix[wave * per_wave : (wave + 1) * per_wave]
-        checkouts |= await _submit(stack, part, first=wave * per_wave)
+        checkouts |= await submit(stack, part, first=wave * per_wave)
         await asyncio.sleep(WAVE_GAP)
 
     code = await stack.wait_exit(procs[victim], within=30)

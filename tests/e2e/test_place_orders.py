@@ -19,11 +19,11 @@ from saga.state import SagaContext
 from saga.transport.amqp import declare
 from saga.transport.topology import Topology
 from services import payment
+from services.chaos.model import total
 from services.checkout import CHECKOUT
 from services.cli import SAMPLE_ADDRESSES, SAMPLE_PRICES, sample_checkouts
 from tests.conftest import require_rabbitmq
 from tests.crash.helpers import base_env
-from tests.e2e.model import total
 from tests.e2e.stack import BIN, delete_topology
 
 KEY = re.compile(r"^sample-[0-9a-f]{8}-[0-9a-f]{4}-4[0-9a-f]{3}-[89ab][0-9a-f]{3}-[0-9a-f]{12}$")

@@ -1,0 +1,1 @@
+"""Chaos soak of the demo stack: a seeded workload, a nemesis, and a checker (``saga chaos``)."""

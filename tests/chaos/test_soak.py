@@ -1,0 +1,53 @@
+"""The chaos soak, short: the real stack on a private RabbitMQ node, every kind of fault, and
+the checker's verdict. Plans that once failed are replayed from ``regressions/``.
+
+``saga chaos run --sagas 5000`` is the long version (docs/reliability.md has its latest report).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from services.chaos.checker import COUNTERS
+from services.chaos.plan import FAULT_KINDS, ChaosPlan, make_plan
+from services.chaos.runner import run_soak
+
+REGRESSIONS = sorted((Path(__file__).parent / "regressions").glob("*.json"))
+CI_SEED = 20261122
+
+
+def _progress(line: str) -> None:
+    print(line, flush=True)
+
+
+def _assert_clean(report_text: str, counts: dict[str, int]) -> None:
+    assert set(counts) == set(COUNTERS)
+    assert not any(counts.values()), report_text
+
+
+async def test_a_short_soak_under_every_kind_of_fault_loses_and_doubles_nothing(
+    tmp_path: Path,
+) -> None:
+    plan = make_plan(CI_SEED, 200, rate=20.0, fault_every=1.2)
+    assert {f.kind for f in plan.schedule} == set(FAULT_KINDS), "the CI seed must hit every kind"
+    report = await run_soak(plan, tmp_path / "soak", _progress)
+    print(report.render())
+    _assert_clean(report.render(), report.counts)
+    # it was a real soak: the mix ended in every terminal state, and the faults really happened
+    assert set(report.actual) == {"COMPLETED", "COMPENSATED", "FAILED"}
+    assert sum(report.actual.values()) == 200
+    assert sum(report.faults.values()) == len(plan.schedule)
+    assert report.messages["malformed_injected"] == report.messages["dead_lettered"] > 0
+
+
+def test_there_are_regression_plans_to_replay() -> None:
+    assert REGRESSIONS, "tests/chaos/regressions/ must hold the plans of soaks that once failed"
+
+
+@pytest.mark.parametrize("path", REGRESSIONS, ids=[p.stem for p in REGRESSIONS])
+async def test_a_plan_that_once_failed_now_passes(path: Path, tmp_path: Path) -> None:
+    report = await run_soak(ChaosPlan.load(path), tmp_path / "soak", _progress)
+    print(report.render())
+    _assert_clean(report.render(), report.counts)

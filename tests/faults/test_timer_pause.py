@@ -1,0 +1,131 @@
+"""Step timeouts do not run while the orchestrator's own broker connection is down.
+
+A timeout measures the participant's silence; while our connection is down no reply can arrive
+and no retry can leave, so firing timers then would only burn retry budgets. The service runs on
+a real SQLite file with the in-memory broker, whose connection the test takes down and back up.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+from uuid import UUID
+
+from saga.service import OrchestratorService
+from saga.settings import Settings, load_settings
+from saga.state import Direction, HistoryKind, SagaStatus
+from saga.transport.memory import MemoryBroker
+from tests.support.sagas import registry
+
+
+class FlakyBroker(MemoryBroker):
+    """Its connection can be down; its reply queue can claim a backlog of undelivered replies."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.up = True
+        self.backlog = 0
+
+    def is_connected(self) -> bool:
+        return self.up
+
+    async def ready_count(self, queue: str) -> int | None:
+        return self.backlog if queue.endswith(".replies") else await super().ready_count(queue)
+
+
+def _settings(tmp_path: Path, **extra: object) -> Settings:
+    return load_settings(
+        database_url=f"sqlite+aiosqlite:///{tmp_path / 'saga.db'}",
+        prefix="pause",
+        timer_interval=0.05,
+        timer_grace=0.2,
+        auto_migrate=True,
+        **extra,
+    )
+
+
+async def _timeouts(service: OrchestratorService, saga_id: UUID) -> list[int | None]:
+    return [
+        e.attempt
+        for e in await service.store.history(saga_id)
+        if e.kind is HistoryKind.STEP_TIMED_OUT
+    ]
+
+
+async def test_no_timeout_fires_while_the_broker_is_down_and_they_resume_after(
+    tmp_path: Path,
+) -> None:
+    broker = FlakyBroker()
+    service = OrchestratorService(_settings(tmp_path), registry(), broker=broker)
+    await service.start()
+    try:
+        # nobody consumes alpha's commands: its step (1.5 s timeout) can only time out
+        broker.up = False
+        saga = await service.start_saga("trip", {"n": 1})
+        await asyncio.sleep(4.0)  # well past the deadline: nothing may fire while down
+        history = await service.store.history(saga.saga_id)
+        assert not [e for e in history if e.kind is HistoryKind.STEP_TIMED_OUT]
+        assert not [e for e in history if e.kind is HistoryKind.RETRY_SCHEDULED]
+
+        broker.up = True  # 4 s down: timers wait about that long again
+        await asyncio.sleep(2.0)
+        history = await service.store.history(saga.saga_id)
+        assert not [e for e in history if e.kind is HistoryKind.STEP_TIMED_OUT], (
+            "fired before the outage credit ran out"
+        )
+        for _ in range(200):
+            state = (await service.store.load_many([saga.saga_id]))[saga.saga_id]
+            if state.status.is_terminal:
+                break
+            await asyncio.sleep(0.1)
+        history = await service.store.history(saga.saga_id)
+        timed_out = [
+            (e.direction, e.attempt) for e in history if e.kind is HistoryKind.STEP_TIMED_OUT
+        ]
+        # every attempt of the action, then of its compensation, timed out once and only once
+        assert timed_out == [(Direction.ACTION, n) for n in (1, 2, 3)] + [
+            (Direction.COMPENSATION, n) for n in (1, 2, 3, 4)
+        ], history
+        # nobody answers the compensation either: an operator must look at alpha
+        assert state.status is SagaStatus.FAILED
+        assert state.stuck_step == "alpha"
+    finally:
+        await service.stop()
+
+
+async def test_timeouts_wait_while_replies_queue_up_undelivered(tmp_path: Path) -> None:
+    broker = FlakyBroker()
+    service = OrchestratorService(_settings(tmp_path), registry(), broker=broker)
+    await service.start()
+    try:
+        broker.backlog = 40  # replies wait in the queue: they come before any timeout
+        saga = await service.start_saga("trip", {"n": 1})
+        await asyncio.sleep(3.5)  # the 1.5 s deadline is long past
+        assert await _timeouts(service, saga.saga_id) == []
+        broker.backlog = 0
+        for _ in range(100):
+            if await _timeouts(service, saga.saga_id):
+                break
+            await asyncio.sleep(0.05)
+        assert await _timeouts(service, saga.saga_id) == [1]
+    finally:
+        await service.stop()
+
+
+async def test_a_backlog_that_never_drains_holds_timeouts_back_only_so_long(
+    tmp_path: Path,
+) -> None:
+    broker = FlakyBroker()
+    settings = _settings(tmp_path, timer_outage_credit_max=1.0)
+    service = OrchestratorService(settings, registry(), broker=broker)
+    await service.start()
+    try:
+        broker.backlog = 40
+        saga = await service.start_saga("trip", {"n": 1})
+        for _ in range(100):  # deadline 1.5 s, held back at most 1 s more
+            if await _timeouts(service, saga.saga_id):
+                break
+            await asyncio.sleep(0.1)
+        assert await _timeouts(service, saga.saga_id) == [1]
+    finally:
+        await service.stop()
