@@ -1,0 +1,1 @@
+"""Benchmark of the demo stack against the broker's own round-trip ceiling (``saga bench``)."""

@@ -1,0 +1,385 @@
+"""``saga bench``: the checkout saga on real processes, against the broker's own ceiling.
+
+It starts ``saga run`` and the four demo services on a private prefix and temporary data (or,
+with ``--connect``, uses a stack already running), measures the broker ceiling with two plain
+aio-pika processes, runs the checkouts, prints a table (or ``--json``), and cleans up.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import sys
+import tempfile
+import time
+import uuid
+from dataclasses import dataclass
+from enum import StrEnum
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from aiormq.exceptions import AMQPError
+from sqlalchemy.exc import SQLAlchemyError
+
+from saga.errors import ConfigError
+from saga.loop import run as run_loop
+from services.bench import ceiling as ceiling_
+from services.bench.driver import FAIL_STEPS, Observer, Workload, run_load
+from services.bench.procfs import cpu_seconds, peak_rss_mib
+from services.bench.report import render_table, result_document
+from services.bench.stack import (
+    SERVICES,
+    BenchStack,
+    StackConfig,
+    delete_topology,
+    is_sqlite,
+    seed_services,
+    temporary_database,
+)
+
+__all__ = ["app", "bench"]
+
+app = typer.Typer(name="bench", add_completion=False)
+
+
+class ServicesMode(StrEnum):
+    SEPARATE = "separate"
+    ALL = "all"
+
+
+class Synchronous(StrEnum):
+    FULL = "FULL"
+    NORMAL = "NORMAL"
+
+
+class FailStep(StrEnum):
+    """The step refused checkouts fail at, by the demo rules (then compensate)."""
+
+    PAYMENT = "payment"  # a customer with no money: insufficient funds
+    INVENTORY = "inventory"  # a sold-out SKU
+    SHIPPING = "shipping"  # an address no carrier delivers to
+
+
+assert tuple(FailStep) == FAIL_STEPS
+
+
+@app.callback(invoke_without_command=True)
+def main(
+    sagas: Annotated[int, typer.Option(min=1, max=1_000_000, help="Checkouts to run.")] = 1000,
+    concurrency: Annotated[int, typer.Option(min=1, max=100_000, help="Sagas in flight.")] = 100,
+    rate: Annotated[
+        float | None,
+        typer.Option(min=0.1, help="Start this many per second (open loop) instead of a window."),
+    ] = None,
+    fail_rate: Annotated[
+        float, typer.Option(min=0.0, max=1.0, help="Share of checkouts refused at --fail-step.")
+    ] = 0.0,
+    fail_step: Annotated[
+        FailStep, typer.Option(help="Step the refused checkouts fail at (then compensate).")
+    ] = FailStep.SHIPPING,
+    database_url: Annotated[
+        str | None,
+        typer.Option(
+            help="postgresql+asyncpg://... to use PostgreSQL (a temporary database is created "
+            "on that server and dropped); default: SQLite files in a temporary directory."
+        ),
+    ] = None,
+    rabbitmq_url: Annotated[
+        str, typer.Option(envvar="SAGA_RABBITMQ_URL", help="RabbitMQ to use.")
+    ] = "amqp://guest:guest@127.0.0.1:5672/",
+    services: Annotated[
+        ServicesMode, typer.Option(help="A process per service, or all four in one.")
+    ] = ServicesMode.SEPARATE,
+    ceiling: Annotated[
+        bool, typer.Option(help="Measure the broker's request/reply ceiling in the same run.")
+    ] = True,
+    ceiling_round_trips: Annotated[
+        int | None, typer.Option(min=100, help="Round trips of the ceiling (default: auto).")
+    ] = None,
+    warmup: Annotated[int, typer.Option(min=0, help="Sagas run first and not counted.")] = 50,
+    crash_after: Annotated[
+        float | None,
+        typer.Option(help="kill -9 the orchestrator this many seconds in, then restart it."),
+    ] = None,
+    timeout: Annotated[float, typer.Option(min=1, help="Give up after this many seconds.")] = 600,
+    step_timeout: Annotated[
+        float | None,
+        typer.Option(
+            min=0.1,
+            help="Run the checkout with this step timeout (s) instead of its 3 s, so thousands "
+            "in flight wait in queues instead of timing out.",
+        ),
+    ] = None,
+    sqlite_synchronous: Annotated[
+        Synchronous | None,
+        typer.Option(
+            help="SAGA_SQLITE_SYNCHRONOUS for every process (default FULL: an fsync per commit; "
+            "NORMAL survives a process crash but not a power cut)."
+        ),
+    ] = None,
+    json_output: Annotated[
+        bool, typer.Option("--json", help="Print JSON instead of a table.")
+    ] = False,
+    connect: Annotated[
+        bool,
+        typer.Option(
+            help="Use a stack already running (with --prefix, --database-url and --data-dir "
+            "or --services-database-url) instead of starting one."
+        ),
+    ] = False,
+    prefix: Annotated[str | None, typer.Option(help="SAGA_PREFIX (default: a new one).")] = None,
+    data_dir: Annotated[
+        Path | None, typer.Option(help="With --connect: the services' SAGA_DATA_DIR.")
+    ] = None,
+    services_database_url: Annotated[
+        str | None, typer.Option(help="With --connect: the services' database URL.")
+    ] = None,
+    keep: Annotated[bool, typer.Option(help="Keep the temporary directory (logs).")] = False,
+) -> None:
+    """Run checkout sagas on the real processes and report sagas/s, latency, CPU per saga,
+    memory and outbox lag, next to the broker's ceiling measured in the same run."""
+    workload = Workload(
+        sagas=sagas,
+        concurrency=concurrency,
+        rate=rate,
+        fail_rate=fail_rate,
+        fail_step=str(fail_step.value),
+        warmup=warmup,
+        timeout=timeout,
+        crash_after=crash_after,
+    )
+    if connect and (prefix is None or database_url is None):
+        raise typer.BadParameter("--connect needs --prefix and --database-url")
+    if connect and crash_after is not None:
+        raise typer.BadParameter("--crash-after needs a stack the bench started")
+    options = _Options(
+        rabbitmq_url=rabbitmq_url,
+        database_url=database_url,
+        services_mode=services.value,
+        ceiling=ceiling,
+        ceiling_round_trips=ceiling_round_trips,
+        connect=connect,
+        prefix=prefix,
+        data_dir=data_dir,
+        services_database_url=services_database_url,
+        keep=keep,
+        step_timeout=step_timeout,
+        sqlite_synchronous=None if sqlite_synchronous is None else sqlite_synchronous.value,
+    )
+    try:
+        doc = run_loop(bench(workload, options))  # the event loop of the stack's processes
+    except (OSError, RuntimeError, ConfigError, AMQPError, SQLAlchemyError) as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(1) from None
+    if json_output:
+        typer.echo(json.dumps(doc, indent=2))
+    else:
+        typer.echo(render_table(doc))
+    if not doc["all_finished"]:
+        raise typer.Exit(1)
+
+
+@dataclass(frozen=True)
+class _Options:
+    rabbitmq_url: str
+    database_url: str | None
+    services_mode: str
+    ceiling: bool
+    ceiling_round_trips: int | None
+    connect: bool
+    prefix: str | None
+    data_dir: Path | None
+    services_database_url: str | None
+    keep: bool
+    step_timeout: float | None
+    sqlite_synchronous: str | None
+
+
+def _say(text: str) -> None:
+    """Progress and notes go to stderr, so stdout stays the table or the JSON."""
+    print(text, file=sys.stderr, flush=True)
+
+
+async def bench(workload: Workload, options: _Options) -> dict[str, Any]:
+    """One benchmark run; returns the result document."""
+    tag = uuid.uuid4().hex[:8]
+    prefix = options.prefix or f"bench-{tag}"
+    directory = Path(tempfile.mkdtemp(prefix="saga-bench-"))
+    async with contextlib.AsyncExitStack() as cleanup:
+        if not options.keep:
+            cleanup.callback(shutil.rmtree, directory, True)
+        else:
+            _say(f"logs and data in {directory}")
+        if options.connect:
+            assert options.database_url is not None
+            database_url = options.database_url
+            services_db = options.services_database_url
+            data_dir = options.data_dir or directory / "data"
+        elif options.database_url is None or is_sqlite(options.database_url):
+            database_url = options.database_url or f"sqlite+aiosqlite:///{directory}/data/saga.db"
+            services_db = None
+            data_dir = directory / "data"
+        else:
+            name = f"saga_bench_{tag}"
+            database_url = await cleanup.enter_async_context(
+                temporary_database(options.database_url, name)
+            )
+            services_db = database_url
+            data_dir = directory / "data"
+        result: CeilingOrNone = None
+        if options.ceiling:
+            trips = options.ceiling_round_trips or min(max(4 * workload.sagas, 2000), 20_000)
+            _say(f"broker ceiling: {trips} round trips, {workload.concurrency} in flight")
+            result = await ceiling_.measure(
+                options.rabbitmq_url,
+                f"{prefix}-ceiling",
+                round_trips=trips,
+                concurrency=workload.concurrency,
+            )
+            _say(f"  {result.rate:.0f} round trips/s")
+        config = StackConfig(
+            rabbitmq_url=options.rabbitmq_url,
+            prefix=prefix,
+            directory=directory,
+            database_url=database_url,
+            services_database_url=services_db,
+            services_mode=options.services_mode,
+            step_timeout=options.step_timeout,
+            sqlite_synchronous=options.sqlite_synchronous,
+        )
+        if options.connect:
+            config = _with_data_dir(config, data_dir)
+        await seed_services(config)
+        stack = BenchStack(config)
+        if not options.connect:
+            cleanup.push_async_callback(delete_topology, options.rabbitmq_url, prefix)
+            cleanup.callback(stack.stop)
+            _say(f"starting the orchestrator and the services (prefix {prefix})")
+            await stack.start()
+        observer = Observer(database_url)
+        cleanup.push_async_callback(observer.close)
+        meter = _Meter(stack)
+        load = await run_load(
+            options.rabbitmq_url,
+            prefix,
+            observer,
+            workload,
+            tag=tag,
+            progress=_progress(options),
+            crash=meter.crash if not options.connect else None,
+            check=stack.failure if not options.connect else None,
+            begin=meter.begin,
+        )
+        cpu_s, rss = meter.end()
+        database = "sqlite" if is_sqlite(database_url) else "postgresql"
+        return result_document(
+            workload=workload,
+            load=load,
+            database=database,
+            services_mode="external" if options.connect else options.services_mode,
+            prefix=prefix,
+            cpu_s=cpu_s,
+            orchestrator_peak_rss_mib=rss,
+            ceiling=result,
+            step_timeout=options.step_timeout,
+            sqlite_synchronous=options.sqlite_synchronous,
+        )
+    raise AssertionError("unreachable")  # pragma: no cover - the context manager never swallows
+
+
+CeilingOrNone = ceiling_.CeilingResult | None
+
+
+def _with_data_dir(config: StackConfig, data_dir: Path) -> StackConfig:
+    """A config whose services' SQLite files are in ``data_dir`` (an external stack's)."""
+    directory = data_dir.parent if data_dir.name == "data" else data_dir
+    if directory / "data" != data_dir:
+        raise RuntimeError("--data-dir must be a directory named data")
+    return StackConfig(
+        rabbitmq_url=config.rabbitmq_url,
+        prefix=config.prefix,
+        directory=directory,
+        database_url=config.database_url,
+        services_database_url=config.services_database_url,
+        services_mode=config.services_mode,
+    )
+
+
+class _Meter:
+    """CPU seconds of every process over the measured part, and the orchestrator's memory."""
+
+    def __init__(self, stack: BenchStack):
+        self.stack = stack
+        self.start: dict[str, float] = {}
+        self.spent: dict[str, float] = {}  # of processes that are gone (a killed orchestrator)
+        self.peak_rss = 0.0
+        self.broker = _broker_pid()
+
+    def _now(self) -> dict[str, float]:
+        values = {name: cpu_seconds(pid) for name, pid in self.stack.pids().items()}
+        values["bench driver"] = time.process_time()
+        if self.broker is not None:
+            values["rabbitmq (shared)"] = cpu_seconds(self.broker)
+        return values
+
+    def begin(self) -> None:
+        self.start = self._now()
+
+    async def crash(self) -> None:
+        pid = self.stack.pids()["orchestrator"]
+        self.spent["orchestrator"] = cpu_seconds(pid) - self.start.get("orchestrator", 0.0)
+        self.peak_rss = max(self.peak_rss, peak_rss_mib(pid))
+        self.stack.kill_orchestrator()
+        await self.stack.start_orchestrator()
+        self.start["orchestrator"] = cpu_seconds(self.stack.pids()["orchestrator"])
+
+    def end(self) -> tuple[dict[str, float], float | None]:
+        now = self._now()
+        names = ["orchestrator", *SERVICES, "all", "bench driver", "rabbitmq (shared)"]
+        cpu = {
+            name: now[name] - self.start.get(name, 0.0) + self.spent.get(name, 0.0)
+            for name in names
+            if name in now and name in self.start  # present from start to end
+        }
+        pid = self.stack.pids().get("orchestrator")
+        if pid is None:
+            return cpu, None
+        return cpu, max(self.peak_rss, peak_rss_mib(pid))
+
+
+def _broker_pid() -> int | None:
+    """The local RabbitMQ node's pid, if one runs here (its CPU is shown, marked shared): the
+    longest-running ``beam.smp``, as tests may start short-lived private nodes beside it."""
+    found: list[tuple[int, int]] = []  # (start time, pid)
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/comm") as f:
+                if f.read().strip() != "beam.smp":
+                    continue
+            with open(f"/proc/{entry}/stat") as f:
+                started = int(f.read().rsplit(")", 1)[1].split()[19])
+        except (OSError, ValueError, IndexError):
+            continue
+        found.append((started, int(entry)))
+    return min(found)[1] if found else None
+
+
+def _progress(options: _Options) -> Any:
+    tty = sys.stderr.isatty()
+    last = [0.0]
+
+    def show(done: int, in_flight: int, total: int, seconds: float) -> None:
+        rate = done / seconds if seconds > 0 else 0.0
+        line = f"  {done}/{total} done, {in_flight} in flight, {seconds:.1f} s, {rate:.0f}/s"
+        if tty:
+            print(f"\r{line}   ", end="" if done < total else "\n", file=sys.stderr, flush=True)
+        elif seconds - last[0] >= 5 or done == total:
+            last[0] = seconds
+            print(line, file=sys.stderr, flush=True)
+
+    return show
