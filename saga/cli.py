@@ -19,6 +19,7 @@ from saga.secrets import redact_url
 from saga.service import OrchestratorService, load_registry
 from saga.settings import load_settings
 from saga.store.sql import SqlStore
+from saga.telemetry import configure_tracing
 
 app = typer.Typer(
     name="saga",
@@ -57,9 +58,15 @@ def run(
                 "SAGA_DEFINITIONS=myapp.sagas:registry"
             )
         registry = load_registry(settings.definitions)
+        provider = configure_tracing("saga-orchestrator")
+    except ConfigError as exc:
+        _fail(exc)
+    try:
         run_loop(OrchestratorService(settings, registry).serve())
     except ConfigError as exc:
         _fail(exc)
+    finally:
+        provider.shutdown()  # export the spans still batched
 
 
 @app.command()

@@ -159,6 +159,7 @@ def _start(d: SagaDefinition, event: Started, out: _Out) -> SagaState:
         created_at=out.now,
         updated_at=out.now,
         key=event.key,
+        trace=None if event.trace is None else dict(event.trace),
     )
     out.note(HistoryKind.STARTED, f"saga {d.name} v{d.version} started")
     return _send(d, state, 0, Direction.ACTION, out, new_budget=True)
@@ -224,7 +225,9 @@ def _send(
         )
     else:
         state = _with_step(state, index, status=StepStatus.RUNNING, attempts=attempt)
-    state = replace(state, phase=Phase.AWAITING_REPLY, awaiting=message_id, deadline=deadline)
+    state = replace(
+        state, phase=Phase.AWAITING_REPLY, awaiting=message_id, deadline=deadline, sent_at=out.now
+    )
     out.note(
         HistoryKind.COMMAND_SENT,
         f"sent {step_def.command_type(direction)} to {step_def.participant}",

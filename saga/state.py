@@ -136,6 +136,12 @@ class SagaState:
     key: str | None = None
     failure: str | None = None  # why the saga compensates or failed
     stuck_step: str | None = None  # the step an operator must look at when FAILED
+    #: when the awaited command was created (meaningful in AWAITING_REPLY): a step's latency
+    sent_at: datetime | None = None
+    #: W3C trace context of the saga's span (``traceparent``, ``tracestate``, and ``parent``:
+    #: the starter's), kept with the saga so every step, on any instance, after any restart,
+    #: continues one trace. The engine only carries it.
+    trace: Mapping[str, str] | None = None
 
     def step(self, name: str) -> StepState:
         for s in self.steps:
@@ -152,6 +158,7 @@ class Started:
     saga_id: UUID
     input: Mapping[str, JSON]
     key: str | None = None
+    trace: Mapping[str, str] | None = None  # see SagaState.trace
 
 
 @dataclass(frozen=True, slots=True)

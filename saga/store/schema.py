@@ -64,6 +64,7 @@ sagas = sa.Table(
     sa.Column("steps", sa.JSON, nullable=False),
     sa.Column("context", sa.JSON, nullable=False),
     sa.Column("trace_context", sa.JSON, nullable=True),
+    sa.Column("sent_at", UTCDateTime, nullable=True),
     sa.UniqueConstraint("name", "key", name="uq_saga_instances_name_key"),
     sa.Index("ix_saga_instances_deadline", "deadline"),
     sa.Index("ix_saga_instances_status_created", "status", "created_at"),
@@ -130,9 +131,31 @@ def _v2_inbox_received_index(conn: Connection) -> None:
     inbox_received_index.create(conn, checkfirst=True)
 
 
+def _v3_sent_at(conn: Connection) -> None:
+    """A column added to a released table: created by migration 1 on a new database already."""
+    if "sent_at" in {
+        c["name"] for c in sa.inspect(conn).get_columns(sagas.name, schema=_schema(conn))
+    }:
+        return
+    column_type = sagas.c.sent_at.type.compile(dialect=conn.dialect)
+    table = conn.dialect.identifier_preparer.quote(sagas.name)
+    schema = _schema(conn)
+    if schema is not None:
+        table = f"{conn.dialect.identifier_preparer.quote_schema(schema)}.{table}"
+    conn.execute(sa.text(f"ALTER TABLE {table} ADD COLUMN sent_at {column_type}"))
+
+
+def _schema(conn: Connection) -> str | None:
+    """The schema the tables live in (a PostgreSQL store may map them to one)."""
+    translate = conn.get_execution_options().get("schema_translate_map") or {}
+    schema = translate.get(None)
+    return None if schema is None else str(schema)
+
+
 #: (version, description, upgrade) in order; append, never edit a released one.
 MIGRATIONS: list[tuple[int, str, Callable[[Connection], None]]] = [
     (1, "saga instances, history, outbox and inbox", _v1_initial),
     (2, "index on inbox arrival time, for pruning", _v2_inbox_received_index),
+    (3, "when the awaited command was sent, for step latency", _v3_sent_at),
 ]
 HEAD = MIGRATIONS[-1][0]

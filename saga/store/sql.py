@@ -582,6 +582,8 @@ def _row_from_state(s: SagaState) -> dict[str, Any]:
         "updated_at": s.updated_at,
         "failure": s.failure,
         "stuck_step": s.stuck_step,
+        "sent_at": s.sent_at,
+        "trace_context": None if s.trace is None else dict(s.trace),
         "steps": [
             {
                 "name": st.name,
@@ -626,6 +628,8 @@ def _state_from_row(r: Any) -> SagaState:
         key=r["key"],
         failure=r["failure"],
         stuck_step=r["stuck_step"],
+        sent_at=r["sent_at"],
+        trace=r["trace_context"],
     )
 
 
