@@ -5,11 +5,13 @@ from __future__ import annotations
 import logging
 import os
 import sys
+from collections.abc import MutableMapping
 from typing import Any
 
 import structlog
 
 from saga.secrets import redact_event
+from saga.telemetry import trace_ids
 
 __all__ = ["configure_logging"]
 
@@ -27,6 +29,16 @@ class _StderrHandler(logging.StreamHandler):  # type: ignore[type-arg]
         pass
 
 
+def add_trace_ids(
+    _logger: Any, _method: str, event: MutableMapping[str, Any]
+) -> MutableMapping[str, Any]:
+    """The current span's trace and span ids, so a log line leads to its trace (lines about a
+    saga's committed steps name their attempt's span themselves)."""
+    if "trace_id" not in event:
+        event.update(trace_ids())
+    return event
+
+
 def configure_logging(level: str | None = None) -> None:
     """Our structlog lines and the stdlib's (aio-pika, SQLAlchemy) share one pipeline, whose
     last step before rendering masks URL passwords (see saga.secrets)."""
@@ -39,6 +51,7 @@ def configure_logging(level: str | None = None) -> None:
     )
     shared: list[structlog.typing.Processor] = [
         structlog.contextvars.merge_contextvars,
+        add_trace_ids,
         structlog.processors.add_log_level,
         structlog.processors.TimeStamper(fmt="iso", utc=True),
     ]

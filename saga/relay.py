@@ -10,13 +10,18 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
+import time
 from collections.abc import Awaitable, Callable
+from datetime import UTC, datetime
 from uuid import UUID
 
 import structlog
+from opentelemetry.trace import Status, StatusCode
 
 from saga.faults import armed, crash_point
 from saga.ports import OutboxMessage, OutboxSource
+from saga.telemetry import Metrics, Tracing
 
 __all__ = ["Relay"]
 
@@ -35,12 +40,16 @@ class Relay:
         # short: once the broker is back (the connection retries every second), a long sleep
         # here would hold every reply and command back, long enough for their steps to time out
         max_backoff: float = 1.0,
+        tracing: Tracing | None = None,
+        metrics: Metrics | None = None,
     ):
         self.store = store
         self.publish = publish
         self.batch = batch
         self.poll_interval = poll_interval
         self.max_backoff = max_backoff
+        self.tracing = tracing if tracing is not None else Tracing()
+        self.metrics = metrics
         self._slots = asyncio.Semaphore(max_in_flight)
         self._wake = asyncio.Event()
         self._flushing = asyncio.Lock()  # one flush at a time, or two would send the same rows
@@ -100,10 +109,35 @@ class Relay:
 
     async def _one(self, message: OutboxMessage) -> None:
         async with self._slots:
-            if armed("after_publish_before_confirm"):
-                sending = asyncio.ensure_future(self.publish(message))
-                await asyncio.sleep(0.02)  # the frames are on the wire; the confirm is not in
-                crash_point("after_publish_before_confirm")
-                await sending
-                return
-            await self.publish(message)
+            span, headers = self.tracing.publish(
+                message.exchange,
+                message.routing_key,
+                message.message_id,
+                message.saga_id,
+                message.headers,
+            )
+            message = dataclasses.replace(message, headers=headers)
+            began = time.perf_counter()
+            try:
+                await self._send(message)
+            except BaseException as exc:
+                span.record_exception(exc)
+                span.set_status(Status(StatusCode.ERROR, type(exc).__name__))
+                raise
+            finally:
+                span.end()
+            if self.metrics is not None:
+                self.metrics.published.inc()
+                self.metrics.publish_latency.observe(time.perf_counter() - began)
+                if message.created_at.year > 1970:  # the placeholder of rows without a time
+                    lag = (datetime.now(UTC) - message.created_at).total_seconds()
+                    self.metrics.outbox_lag.observe(max(lag, 0.0))
+
+    async def _send(self, message: OutboxMessage) -> None:
+        if armed("after_publish_before_confirm"):
+            sending = asyncio.ensure_future(self.publish(message))
+            await asyncio.sleep(0.02)  # the frames are on the wire; the confirm is not in
+            crash_point("after_publish_before_confirm")
+            await sending
+            return
+        await self.publish(message)

@@ -11,25 +11,32 @@ why the in-memory harness and the RabbitMQ service share it unchanged.
 from __future__ import annotations
 
 import asyncio
+import logging
+import time
 import uuid
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import datetime
 from enum import StrEnum
+from typing import Any
 from uuid import UUID
+
+import structlog
+from opentelemetry import context as otel_context
 
 from contracts.envelope import ReplyEnvelope
 from saga.codec import COMMANDS_EXCHANGE, REPLY_QUEUE, encode_command, reply_event
 from saga.definition import Registry, SagaDefinition
 from saga.engine import decide
 from saga.errors import ConcurrencyError, MessageError, UnknownSagaError
-from saga.ids import saga_id_for_key
+from saga.ids import command_id, saga_id_for_key
 from saga.poison import database_fault
 from saga.ports import Change, Clock, CommitResult, Store, SystemClock
 from saga.state import (
     JSON,
     Event,
     HistoryEntry,
+    HistoryKind,
     OperatorAbort,
     OperatorResolve,
     OperatorRetry,
@@ -38,8 +45,11 @@ from saga.state import (
     TimerFired,
     Transition,
 )
+from saga.telemetry import Metrics, Tracing, attempt_ended, span_id_for
 
 __all__ = ["Orchestrator", "Outcome", "Result"]
+
+log = structlog.get_logger("saga.runtime")
 
 _MAX_CONFLICT_RETRIES = 20
 
@@ -64,6 +74,7 @@ class _Item:
     inbox_id: UUID | None
     definition: SagaDefinition | None  # known for a start; looked up from the state otherwise
     future: asyncio.Future[Result]
+    trace: otel_context.Context  # the submitter's, for the span of this event's commit
     conflicts: int = 0
 
 
@@ -80,6 +91,9 @@ class Orchestrator:
         commands_exchange: str = COMMANDS_EXCHANGE,
         max_batch: int = 128,
         on_commit: Callable[[], None] | None = None,
+        tracing: Tracing | None = None,
+        metrics: Metrics | None = None,
+        database_system: str = "sqlite",
     ):
         self.registry = registry
         self.store = store
@@ -88,6 +102,9 @@ class Orchestrator:
         self.commands_exchange = commands_exchange
         self.max_batch = max_batch
         self.on_commit = on_commit  # wakes the relay right after outbox rows were committed
+        self.tracing = tracing if tracing is not None else Tracing()
+        self.metrics = metrics
+        self.database_system = database_system
         self._pending: list[_Item] = []
         self._draining: asyncio.Task[None] | None = None
         self.batches = 0  # commits made, for tests and metrics
@@ -103,15 +120,23 @@ class Orchestrator:
         key: str | None = None,
         version: int | None = None,
         inbox_id: UUID | None = None,
+        trace_parent: Mapping[str, Any] | None = None,
     ) -> SagaState:
-        """Start a saga, or return the one already started with this ``key``."""
+        """Start a saga, or return the one already started with this ``key``.
+
+        Its trace continues ``trace_parent`` (a carrier such as a message's headers) or the
+        current span; without either it is the root of a new trace."""
         definition = self.registry.get(name, version)
         saga_id = saga_id_for_key(name, key) if key is not None else uuid.uuid4()
         existing = await self.store.load(saga_id)
         if existing is not None:
             return existing
+        trace = self.tracing.saga_trace(definition.name, trace_parent)
         result = await self.submit(
-            saga_id, Started(saga_id, dict(input), key), inbox_id=inbox_id, definition=definition
+            saga_id,
+            Started(saga_id, dict(input), key, trace),
+            inbox_id=inbox_id,
+            definition=definition,
         )
         return result.state
 
@@ -168,7 +193,9 @@ class Orchestrator:
     ) -> Result:
         """Queue one event; resolves once its transaction committed."""
         future: asyncio.Future[Result] = asyncio.get_running_loop().create_future()
-        self._pending.append(_Item(saga_id, event, inbox_id, definition, future))
+        self._pending.append(
+            _Item(saga_id, event, inbox_id, definition, future, otel_context.get_current())
+        )
         if self._draining is None or self._draining.done():
             self._draining = asyncio.create_task(self._drain())
         return await future
@@ -210,6 +237,7 @@ class Orchestrator:
         loaded = await self.store.load_many(list({item.saga_id: None for item in batch}))
         working: dict[UUID, SagaState | None] = dict(loaded)
         decided: list[tuple[_Item, Change]] = []
+        before: list[SagaState | None] = []
         for item in batch:
             state = working.get(item.saga_id)
             try:
@@ -223,10 +251,13 @@ class Orchestrator:
             if change.transition.applied:
                 working[item.saga_id] = change.transition.state
             decided.append((item, change))
+            before.append(state)
             self.events += 1
         if not decided:
             return []
+        began = time.time_ns()
         results = await self.store.commit([change for _, change in decided])
+        ended = time.time_ns()
         self.batches += 1
         wrote_outbox = any(
             r in (CommitResult.APPLIED, CommitResult.RECORDED) and c.outbox
@@ -235,7 +266,10 @@ class Orchestrator:
         if wrote_outbox and self.on_commit is not None:
             self.on_commit()  # first: the relay must hear of rows even if a caller is gone
         retry: list[_Item] = []
-        for (item, change), result in zip(decided, results, strict=True):
+        for (item, change), result, prior in zip(decided, results, before, strict=True):
+            self.tracing.database(self.database_system, item.trace, began, ended, len(decided))
+            if result is CommitResult.APPLIED:
+                self._observe(prior, change.transition)
             if result is CommitResult.CONFLICT:
                 if isinstance(item.event, Started):
                     existing = await self.store.load(item.saga_id)
@@ -267,7 +301,13 @@ class Orchestrator:
             definition = item.definition
         transition = decide(definition, state, item.event, now)
         outbox = tuple(
-            encode_command(c, now=now, reply_to=self.reply_to, exchange=self.commands_exchange)
+            encode_command(
+                c,
+                now=now,
+                reply_to=self.reply_to,
+                exchange=self.commands_exchange,
+                headers=Tracing.command_headers(transition.state, c.message_id),
+            )
             for c in transition.commands
         )
         return Change(
@@ -276,6 +316,55 @@ class Orchestrator:
             inbox_id=item.inbox_id,
             outbox=outbox,
         )
+
+    def _observe(self, before: SagaState | None, transition: Transition) -> None:
+        """Spans, metrics and log lines of a committed transition: after the commit, so they
+        report only what is durable."""
+        after = transition.state
+        end = after.updated_at
+        ended = attempt_ended(before, transition)
+        if ended is not None and before is not None:
+            outcome, detail = ended
+            self.tracing.end_attempt(before, end, outcome, detail)
+            if self.metrics is not None:
+                self.metrics.attempt(before, outcome, end)
+        if self.metrics is not None:
+            self.metrics.transition(before, transition)
+        finished = after.status.is_terminal and (before is None or not before.status.is_terminal)
+        if finished:
+            self.tracing.end_saga(after, end)
+        debug = log.is_enabled_for(logging.DEBUG)
+        for entry in transition.history:
+            if entry.kind in _QUIET and not debug:
+                continue
+            (log.debug if entry.kind in _QUIET else log.info)(
+                entry.kind.value,
+                saga_id=str(after.saga_id),
+                saga_name=after.name,
+                step=entry.step,
+                direction=None if entry.direction is None else entry.direction.value,
+                attempt=entry.attempt,
+                detail=entry.detail,
+                **_message_fields(after, entry),
+            )
+
+
+#: history entries logged at debug only: one per message, the bulk of a healthy saga's story
+_QUIET = frozenset({HistoryKind.COMMAND_SENT, HistoryKind.STEP_SUCCEEDED})
+
+
+def _message_fields(state: SagaState, entry: HistoryEntry) -> dict[str, str]:
+    """message_id, trace_id and span_id of a history entry: those of the command attempt it is
+    about when it names one, else the saga's own span."""
+    message_id = entry.message_id
+    if message_id is None and entry.step and entry.direction and entry.attempt:
+        message_id = command_id(state.saga_id, entry.step, entry.direction.value, entry.attempt)
+    fields = {} if message_id is None else {"message_id": str(message_id)}
+    parts = (state.trace or {}).get("traceparent", "").split("-")
+    if len(parts) == 4:
+        fields["trace_id"] = parts[1]
+        fields["span_id"] = parts[2] if message_id is None else f"{span_id_for(message_id):016x}"
+    return fields
 
 
 def _settle(item: _Item, outcome: Result | BaseException) -> None:

@@ -13,6 +13,7 @@ import asyncio
 import contextlib
 import fcntl
 import importlib
+import logging
 import os
 import signal
 from collections.abc import Awaitable, Callable, Mapping
@@ -21,6 +22,7 @@ from pathlib import Path
 from typing import IO, Any, TypeVar
 
 import structlog
+from opentelemetry import trace
 
 from contracts.common import ContractError
 from contracts.envelope import ReplyEnvelope, StartSaga, parse
@@ -33,7 +35,9 @@ from saga.relay import Relay
 from saga.runtime import Orchestrator, Outcome
 from saga.settings import Settings
 from saga.state import JSON, SagaState
+from saga.store.schema import HEAD
 from saga.store.sql import SqlStore
+from saga.telemetry import Metrics, MetricsServer, Tracing, trace_ids
 from saga.transport.broker import AmqpBroker, Broker, Consumer, IncomingMessage
 from saga.transport.topology import Topology
 
@@ -119,11 +123,14 @@ class OrchestratorService:
         *,
         clock: Clock | None = None,
         broker: Broker | None = None,
+        tracing: Tracing | None = None,
     ):
         self.settings = settings
         self.registry = registry
         self.topology = Topology(prefix=settings.prefix, quorum=settings.quorum_queues)
         self.store = SqlStore(settings.database_url, sqlite_synchronous=settings.sqlite_synchronous)
+        self.tracing = tracing if tracing is not None else Tracing()
+        self.metrics = Metrics()
         self._lock = _SqliteLock(settings.database_url) if settings.is_sqlite else None
         self.relay: Relay | None = None
         self.orchestrator = Orchestrator(
@@ -134,6 +141,9 @@ class OrchestratorService:
             commands_exchange=self.topology.commands_exchange,
             max_batch=settings.max_batch,
             on_commit=self._on_commit,
+            tracing=self.tracing,
+            metrics=self.metrics,
+            database_system=self.store.dialect,
         )
         self.broker: Broker | None = broker
         self._own_broker: Broker | None = None  # made by start(), closed by stop()
@@ -143,6 +153,8 @@ class OrchestratorService:
         self._stopped = asyncio.Event()
         self._poison = PoisonGuard(settings.max_deliveries, self._database_up)
         self.dead_lettered = 0
+        self._admin: Any = None  # saga.admin.server.AdminServer when SAGA_ADMIN_PORT is set
+        self._metrics_server: MetricsServer | None = None
 
     # --- lifecycle -----------------------------------------------------------------------
 
@@ -168,6 +180,8 @@ class OrchestratorService:
                 batch=self.settings.relay_batch,
                 max_in_flight=self.settings.relay_in_flight,
                 poll_interval=self.settings.relay_poll_interval,
+                tracing=self.tracing,
+                metrics=self.metrics,
             )
             self._tasks = [asyncio.create_task(self.relay.run(), name="saga-relay")]
             for queue_name, handler in (
@@ -184,6 +198,17 @@ class OrchestratorService:
             # down are already queued, and applying them beats timing their commands out.
             self._tasks.append(asyncio.create_task(self._timer_loop(), name="saga-timers"))
             self._tasks.append(asyncio.create_task(self._housekeeping(), name="saga-housekeeping"))
+            if self.settings.metrics_port:
+                self._metrics_server = MetricsServer(self.metrics.registry)
+                self._metrics_server.start(self.settings.metrics_host, self.settings.metrics_port)
+                self._tasks.append(
+                    asyncio.create_task(self._outbox_gauges(), name="saga-outbox-gauges")
+                )
+            if self.settings.admin_port:
+                from saga.admin.server import AdminServer  # noqa: PLC0415 (FastAPI only when used)
+
+                self._admin = AdminServer(self)
+                await self._admin.start()
         except BaseException:
             await self._close()
             raise
@@ -229,6 +254,13 @@ class OrchestratorService:
         self._consumers.clear()
 
     async def _close(self) -> None:
+        if self._metrics_server is not None:
+            self._metrics_server.stop()
+            self._metrics_server = None
+        if self._admin is not None:
+            with contextlib.suppress(Exception):
+                await self._admin.stop()
+            self._admin = None
         await self._cancel_consumers()  # a failed start may leave some
         for task in self._tasks:
             task.cancel()
@@ -245,6 +277,25 @@ class OrchestratorService:
         await self.store.close()
         if self._lock is not None:
             self._lock.release()
+
+    async def readiness(self) -> dict[str, str | None]:
+        """Each readiness check and why it fails (None when it passes), for ``/readyz``."""
+        checks: dict[str, str | None] = {}
+        try:
+            version = await self.store.current_version()
+            checks["database"] = None
+            checks["migrations"] = (
+                None if version == HEAD else f"schema at {version}, code needs {HEAD}"
+            )
+        except Exception as exc:
+            checks["database"] = f"unreachable: {describe_error(exc)}"
+            checks["migrations"] = "unknown: the database is unreachable"
+        connected = self.broker is not None and self.broker.is_connected()
+        checks["broker"] = None if connected else "no connection to RabbitMQ"
+        checks["consumers"] = (
+            None if len(self._consumers) == 2 else f"{len(self._consumers)} of 2 consumers running"
+        )
+        return checks
 
     def _on_commit(self) -> None:
         crash_point("after_commit_before_publish")
@@ -292,6 +343,8 @@ class OrchestratorService:
             await self._retry_later(message, exc)
             return
         self.dead_lettered += 1
+        self.metrics.dead_lettered.labels(queue, reason).inc()
+        self.metrics.messages.labels(queue, "dead_lettered").inc()
         await message.ack()
         self._poison.settled(delivery_key(message.message_id, message.body))
 
@@ -318,9 +371,25 @@ class OrchestratorService:
             return None
 
     async def _on_reply(self, message: IncomingMessage, queue: str) -> None:
+        with (
+            self.tracing.process(queue, message.headers, message.message_id, len(message.body)),
+            structlog.contextvars.bound_contextvars(**trace_ids()),
+        ):
+            await self._apply_reply(message, queue)
+
+    async def _apply_reply(self, message: IncomingMessage, queue: str) -> None:
         reply = await self._parse_or_dead_letter(message, queue, ReplyEnvelope)
         if reply is None:
             return
+        span = trace.get_current_span()
+        span.set_attributes(
+            {
+                "messaging.message.conversation_id": str(reply.saga_id),
+                "saga.id": str(reply.saga_id),
+                "saga.participant": reply.participant,
+                "saga.causation_id": str(reply.causation_id),
+            }
+        )
         try:
             result = await self.orchestrator.handle_reply(reply)
         except MessageError as exc:
@@ -332,21 +401,48 @@ class OrchestratorService:
         crash_point("after_reply_commit_before_ack")
         await message.ack()
         self._poison.settled(delivery_key(message.message_id, message.body))
+        self.metrics.messages.labels(queue, result.outcome.value).inc()
+        span.set_attributes({"saga.name": result.state.name, "saga.outcome": result.outcome.value})
         if result.outcome is Outcome.IGNORED and result.transition is not None:
+            state = result.state
             log.info(
                 "reply_ignored",
                 saga_id=str(reply.saga_id),
+                saga_name=state.name,
+                step=state.steps[state.current].name if state.current < len(state.steps) else None,
+                attempt=state.attempt,
                 message_id=str(reply.message_id),
+                causation_id=str(reply.causation_id),
                 reason="; ".join(h.detail for h in result.transition.history),
             )
-        else:
-            log.debug("reply_applied", saga_id=str(reply.saga_id), outcome=result.outcome.value)
+        elif log.is_enabled_for(logging.DEBUG):
+            history = result.transition.history if result.transition is not None else ()
+            answered = next((h for h in history if h.step), None)
+            log.debug(
+                "reply_applied",
+                saga_id=str(reply.saga_id),
+                saga_name=result.state.name,
+                step=None if answered is None else answered.step,
+                attempt=None if answered is None else answered.attempt,
+                message_id=str(reply.message_id),
+                causation_id=str(reply.causation_id),
+                outcome=result.outcome.value,
+            )
 
     async def _on_start(self, message: IncomingMessage, queue: str) -> None:
+        with (
+            self.tracing.process(queue, message.headers, message.message_id, len(message.body)),
+            structlog.contextvars.bound_contextvars(**trace_ids()),
+        ):
+            await self._apply_start(message, queue)
+
+    async def _apply_start(self, message: IncomingMessage, queue: str) -> None:
         request = await self._parse_or_dead_letter(message, queue, StartSaga)
         if request is None:
             return
         try:
+            # The saga's span is a child of this process span, which continues the requester's
+            # trace when the start message carried one.
             await self.orchestrator.start(
                 request.saga_name,
                 dict(request.input),
@@ -361,6 +457,7 @@ class OrchestratorService:
             return
         await message.ack()
         self._poison.settled(delivery_key(message.message_id, message.body))
+        self.metrics.messages.labels(queue, "applied").inc()
 
     async def _failed(self, message: IncomingMessage, queue: str, exc: Exception) -> None:
         """Applying ``message`` raised. Hand it back, unless it has now failed
@@ -395,6 +492,17 @@ class OrchestratorService:
             except Exception as exc:
                 log.warning("housekeeping_failed", error=repr(exc))
             await asyncio.sleep(3600)
+
+    async def _outbox_gauges(self) -> None:
+        """Outbox size and the age of its oldest row, for /metrics: a stuck relay shows here."""
+        while True:
+            try:
+                size, age = await self.store.outbox_stats(datetime.now(UTC))
+                self.metrics.outbox_size.set(size)
+                self.metrics.outbox_age.set(age)
+            except Exception as exc:
+                log.warning("outbox_stats_failed", error=repr(exc))
+            await asyncio.sleep(5.0)
 
     async def _timer_loop(self) -> None:
         """Fire due timers, but not while replies are held up somewhere we cannot see.

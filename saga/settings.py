@@ -95,6 +95,16 @@ class Settings(AmqpSettings):
     sqlite_synchronous: Literal["FULL", "NORMAL", "EXTRA"] = "FULL"
     shutdown_timeout: float = Field(10.0, gt=0, le=600)
     inbox_retention_hours: float = Field(168.0, ge=1, le=24 * 365)
+    #: Prometheus /metrics; 0 turns it off. Loopback unless told otherwise, like the admin API.
+    metrics_host: str = "127.0.0.1"
+    metrics_port: int = Field(0, ge=0, le=65_535)
+    #: the admin HTTP API and dashboard; 0 turns it off
+    admin_host: str = "127.0.0.1"
+    admin_port: int = Field(0, ge=0, le=65_535)
+    #: bearer token for the admin API, or a file holding it (a mounted secret); one is required
+    #: when the API is on
+    admin_token: str | None = Field(None, repr=False)
+    admin_token_file: Path | None = None
 
     @field_validator("database_url")
     @classmethod
@@ -104,6 +114,27 @@ class Settings(AmqpSettings):
                 "use sqlite+aiosqlite:///path/to/saga.db or postgresql+asyncpg://user@host/db"
             )
         return value
+
+    @model_validator(mode="after")
+    def _admin_needs_token(self) -> Settings:
+        if self.admin_token is not None and self.admin_token_file is not None:
+            raise ValueError("set SAGA_ADMIN_TOKEN or SAGA_ADMIN_TOKEN_FILE, not both")
+        if self.admin_token_file is not None and not self.admin_token_file.is_file():
+            raise ValueError(f"SAGA_ADMIN_TOKEN_FILE: {self.admin_token_file} is not a file")
+        if self.admin_port and self.admin_token is None and self.admin_token_file is None:
+            raise ValueError(
+                "SAGA_ADMIN_PORT is set but no token is: set SAGA_ADMIN_TOKEN (or "
+                "SAGA_ADMIN_TOKEN_FILE) to a long random string, e.g. `openssl rand -hex 32`"
+            )
+        if self.admin_token is not None and len(self.admin_token) < 16:
+            raise ValueError("SAGA_ADMIN_TOKEN: use at least 16 characters")
+        return self
+
+    def admin_token_value(self) -> str | None:
+        """The token, read from the file each time so a rotated secret applies at once."""
+        if self.admin_token_file is not None:
+            return self.admin_token_file.read_text().strip() or None
+        return self.admin_token
 
     @property
     def is_sqlite(self) -> bool:

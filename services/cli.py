@@ -15,7 +15,7 @@ import uuid
 from collections.abc import Callable, Mapping, Sequence
 from decimal import Decimal
 from enum import StrEnum
-from typing import Annotated, NoReturn
+from typing import Annotated, Any, NoReturn
 
 import aio_pika
 import aiormq
@@ -28,6 +28,7 @@ from saga.ids import saga_id_for_key
 from saga.logs import configure_logging
 from saga.loop import run as run_loop
 from saga.secrets import redact
+from saga.telemetry import Metrics, MetricsServer, Tracing, configure_tracing
 from saga.transport.amqp import safe_url
 from saga.transport.topology import Topology
 from services import inventory, order, payment, shipping
@@ -70,10 +71,16 @@ async def serve_all(settings: ServiceSettings) -> None:
     only the last handler per signal, so four ``serve()`` calls would leave three running.
     """
     participants = [build(settings) for build in BUILDERS.values()]
+    metrics = Metrics()  # one /metrics for the four; every series names its participant
+    for participant in participants:
+        participant.metrics = metrics
     stopped = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stopped.set)
+    server = MetricsServer(metrics.registry)
+    if settings.metrics_port:
+        server.start(settings.metrics_host, settings.metrics_port)
     try:
         started = await asyncio.gather(*(p.start() for p in participants), return_exceptions=True)
         for outcome in started:
@@ -82,6 +89,7 @@ async def serve_all(settings: ServiceSettings) -> None:
         await stopped.wait()
     finally:
         await asyncio.gather(*(p.stop() for p in participants), return_exceptions=True)
+        server.stop()
 
 
 def run_service(name: str) -> None:
@@ -92,6 +100,10 @@ def run_service(name: str) -> None:
         _fail(exc, 2)
     configure_logging(settings.log_level)
     try:
+        provider = configure_tracing(f"saga-{name}" if name != Service.ALL else "saga-services")
+    except ConfigError as exc:
+        _fail(exc, 2)
+    try:
         if name == Service.ALL:
             run_loop(serve_all(settings))
         else:
@@ -100,6 +112,8 @@ def run_service(name: str) -> None:
         _fail(exc, 2)
     except (OSError, SQLAlchemyError) as exc:
         _fail(exc, 1)
+    finally:
+        provider.shutdown()  # export the spans still batched
 
 
 def _fail(exc: Exception, code: int) -> NoReturn:
@@ -215,22 +229,31 @@ async def place_orders(
                 if not probe.is_closed:
                     await probe.close()
         channel = await connection.channel(publisher_confirms=True, on_return_raises=True)
-        confirms = await asyncio.gather(
-            *(
-                channel.default_exchange.publish(
+        tracing = Tracing()
+
+        async def publish(start: StartSaga) -> Any:
+            # The client's publish span begins the saga's trace: the orchestrator continues it.
+            span, headers = tracing.publish(
+                "", queue, start.message_id, saga_id_for_key(start.saga_name, start.key), {}
+            )
+            try:
+                return await channel.default_exchange.publish(
                     aio_pika.Message(
                         start.model_dump_json().encode(),
                         message_id=str(start.message_id),
                         type="saga.start",
                         content_type="application/json",
                         delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+                        headers=headers,
                     ),
                     routing_key=queue,
                     mandatory=True,
                 )
-                for start in starts
-            ),
-            return_exceptions=True,
+            finally:
+                span.end()
+
+        confirms = await asyncio.gather(
+            *(publish(start) for start in starts), return_exceptions=True
         )
         refused = [c for c in confirms if not isinstance(c, aiormq.spec.Basic.Ack)]
         if refused:
@@ -283,11 +306,17 @@ def place_orders_command(
         _fail(exc, 2)
     starts = sample_checkouts(count, seed)
     try:
+        provider = configure_tracing("saga-client")
+    except ConfigError as exc:
+        _fail(exc, 2)
+    try:
         asyncio.run(place_orders(settings.rabbitmq_url, settings.prefix, starts, wait=wait))
     except ConfigError as exc:
         _fail(exc, 2)
     except (OSError, aiormq.exceptions.AMQPError) as exc:  # refused, or the connection broke
         _fail(exc, 1)
+    finally:
+        provider.shutdown()
     for start in starts:
         typer.echo(saga_id_for_key(start.saga_name, start.key))
     queue = Topology(prefix=settings.prefix).start_queue

@@ -62,7 +62,17 @@ outbox = sa.Table(
     sa.Column("message_type", sa.String(100), nullable=False),
     sa.Column("body", sa.LargeBinary, nullable=False),
     sa.Column("created_at", UTCDateTime, nullable=False),
+    #: the reply's AMQP headers (its trace context); added after the first release
+    sa.Column("headers", sa.JSON, nullable=True),
 )
+
+
+def _add_missing_columns(conn: sa.Connection, schema: str | None) -> None:
+    """Columns added to a released table: create_all makes new tables only."""
+    have = {c["name"] for c in sa.inspect(conn).get_columns(outbox.name, schema=schema)}
+    if "headers" not in have:
+        table = outbox.name if schema is None else f'"{schema}".{outbox.name}'
+        conn.execute(sa.text(f"ALTER TABLE {table} ADD COLUMN headers JSON"))
 
 
 class Ledger:
@@ -102,6 +112,7 @@ class Ledger:
             if self.schema is not None and not self.is_sqlite:
                 await conn.execute(sa.text(f'CREATE SCHEMA IF NOT EXISTS "{self.schema}"'))
             await conn.run_sync(ledger_metadata.create_all)
+            await conn.run_sync(_add_missing_columns, None if self.is_sqlite else self.schema)
             if self.business is not None:
                 await conn.run_sync(self.business.create_all)
 
@@ -146,6 +157,7 @@ class Ledger:
                     routing_key=r.routing_key,
                     message_type=r.message_type,
                     body=bytes(r.body),
+                    headers=dict(r.headers or {}),
                     created_at=r.created_at,
                 )
                 for r in await conn.execute(query)

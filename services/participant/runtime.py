@@ -5,12 +5,17 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import signal
+import time
 import uuid
 from collections.abc import Awaitable, Callable, Sequence
+from datetime import datetime
 from typing import Any, NamedTuple, cast
 
 import sqlalchemy as sa
 import structlog
+from opentelemetry import context as otel_context
+from opentelemetry import trace
+from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 from pydantic import JsonValue
 from sqlalchemy.ext.asyncio import AsyncConnection
 
@@ -22,6 +27,7 @@ from saga.poison import PoisonGuard, database_reachable, delivery_key, describe_
 from saga.ports import OutboxMessage
 from saga.relay import Relay
 from saga.secrets import redact_url
+from saga.telemetry import Metrics, MetricsServer, Tracing, trace_ids
 from saga.transport.broker import AmqpBroker, Broker, Consumer, IncomingMessage
 from saga.transport.topology import Topology
 from services.participant.errors import BusinessError, TransientError
@@ -36,6 +42,14 @@ log = structlog.get_logger("services.participant")
 
 Handler = Callable[[AsyncConnection, Any, CommandEnvelope], Awaitable[Contract]]
 Seed = Callable[[AsyncConnection], Awaitable[None]]
+_PROPAGATOR = TraceContextTextMapPropagator()
+
+
+class _Work(NamedTuple):
+    """A command for the group commit, with the trace context it was received in."""
+
+    command: CommandEnvelope
+    trace: otel_context.Context
 
 
 class Participant:
@@ -52,6 +66,8 @@ class Participant:
         business: sa.MetaData | None = None,
         seed: Seed | None = None,
         broker: Broker | None = None,
+        tracing: Tracing | None = None,
+        metrics: Metrics | None = None,
     ):
         self.name = name
         self.settings = settings
@@ -72,7 +88,11 @@ class Participant:
         self._relay: Relay | None = None
         self._relay_task: asyncio.Task[None] | None = None
         self._in_flight: set[asyncio.Task[Any]] = set()
-        self._group = GroupCommit(self._apply)
+        self._group: GroupCommit[_Work, ReplyEnvelope] = GroupCommit(self._apply)
+        self.tracing = tracing if tracing is not None else Tracing()
+        #: shared by every participant of a ``saga-service all`` process (one /metrics port)
+        self.metrics = metrics if metrics is not None else Metrics()
+        self._database_system = "sqlite" if self.ledger.is_sqlite else "postgresql"
         self._poison = PoisonGuard(settings.max_deliveries, self._database_up)
         self.handled = 0
         self.duplicates = 0
@@ -106,7 +126,11 @@ class Participant:
             )
         await self.broker.declare(self.topology, [self.name])
         self._relay = Relay(
-            self.ledger, self.broker.publish, poll_interval=self.settings.relay_poll_interval
+            self.ledger,
+            self.broker.publish,
+            poll_interval=self.settings.relay_poll_interval,
+            tracing=self.tracing,
+            metrics=self.metrics,
         )
         self._relay_task = asyncio.create_task(self._relay.run(), name=f"{self.name}-relay")
         self._started = True
@@ -153,9 +177,15 @@ class Participant:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stopped.set)
-        await self.start()
-        await stopped.wait()
-        await self.stop()
+        server = MetricsServer(self.metrics.registry)
+        if self.settings.metrics_port:
+            server.start(self.settings.metrics_host, self.settings.metrics_port)
+        try:
+            await self.start()
+            await stopped.wait()
+            await self.stop()
+        finally:
+            server.stop()
 
     # --- handling ------------------------------------------------------------------------
 
@@ -163,13 +193,17 @@ class Participant:
         task = asyncio.current_task()
         assert task is not None
         self._in_flight.add(task)
+        queue = self.topology.command_queue(self.name)
         try:
-            await self._consume(message)
+            with (
+                self.tracing.process(queue, message.headers, message.message_id, len(message.body)),
+                structlog.contextvars.bound_contextvars(**trace_ids()),
+            ):
+                await self._consume(message, queue)
         finally:
             self._in_flight.discard(task)
 
-    async def _consume(self, message: IncomingMessage) -> None:
-        queue = self.topology.command_queue(self.name)
+    async def _consume(self, message: IncomingMessage, queue: str) -> None:
         if message.content_type not in (None, "application/json"):
             await self._dead_letter(message, queue, "wrong_content_type", str(message.content_type))
             return
@@ -199,8 +233,32 @@ class Participant:
             )
             return
         key = delivery_key(message.message_id, message.body)
+        trace.get_current_span().set_attributes(
+            {
+                "messaging.message.conversation_id": str(command.saga_id),
+                "saga.id": str(command.saga_id),
+                "saga.name": command.saga_name,
+                "saga.step": command.step,
+                "saga.direction": command.direction,
+                "saga.attempt": command.attempt,
+                "saga.command_type": command.command_type,
+            }
+        )
+        with structlog.contextvars.bound_contextvars(
+            saga_id=str(command.saga_id),
+            saga_name=command.saga_name,
+            step=command.step,
+            direction=command.direction,
+            attempt=command.attempt,
+            message_id=str(command.message_id),
+        ):
+            await self._handle_delivery(message, queue, command, key)
+
+    async def _handle_delivery(
+        self, message: IncomingMessage, queue: str, command: CommandEnvelope, key: str
+    ) -> None:
         try:
-            await self.handle(command)
+            reply = await self.handle(command)
         except Exception as exc:  # nothing committed: try again later, unless it is poison
             failures = await self._poison.failed(key, exc)
             if self._poison.exhausted(failures):
@@ -217,6 +275,7 @@ class Participant:
             self._relay.wake()
         await message.ack()
         self._poison.settled(key)
+        log.debug("command_answered", outcome=reply.outcome, reason=reply.reason)
 
     async def _database_up(self) -> bool:
         return await database_reachable(self.ledger.reader)
@@ -226,20 +285,25 @@ class Participant:
 
         Commands that arrive while a transaction is in flight share the next one (group
         commit, :mod:`services.participant.group`); each is still applied exactly once."""
-        return await self._group.submit(command)
+        return await self._group.submit(_Work(command, otel_context.get_current()))
 
-    async def _apply(self, commands: Sequence[CommandEnvelope]) -> list[ReplyEnvelope]:
-        """Apply ``commands`` in order in ONE transaction; each sees what those before it did.
+    async def _apply(self, work: Sequence[_Work]) -> list[ReplyEnvelope]:
+        """Apply the commands in order in ONE transaction; each sees what those before it did.
         The same transaction deletes the replies the relay has sent since the last one."""
+        began = time.time_ns()
         try:
-            results = await self._apply_batch(commands)
+            results = await self._apply_batch(work)
         except BaseException:
             self.ledger.deletes_done(committed=False)
             raise
         self.ledger.deletes_done(committed=True)
+        ended = time.time_ns()
+        for each in work:
+            self.tracing.database(self._database_system, each.trace, began, ended, len(work))
         return results
 
-    async def _apply_batch(self, commands: Sequence[CommandEnvelope]) -> list[ReplyEnvelope]:
+    async def _apply_batch(self, work: Sequence[_Work]) -> list[ReplyEnvelope]:
+        commands = [w.command for w in work]
         at = now()
         reply_ids = [uuid.uuid5(c.message_id, "reply") for c in commands]
         keys = [c.idempotency_key for c in commands]
@@ -248,6 +312,7 @@ class Participant:
         reply_rows: list[dict[str, Any]] = []
         outbox_rows: list[dict[str, Any]] = []
         handled = duplicates = 0
+        counted: list[tuple[str, str]] = []
         async with self.ledger.engine.begin() as conn:
             sent = self.ledger.take_deletes()
             if sent is not None:
@@ -268,8 +333,9 @@ class Participant:
                     sa.select(processed).where(processed.c.idempotency_key.in_(keys))
                 )
             }
-            for command, reply_id in zip(commands, reply_ids, strict=True):
+            for (command, received_in), reply_id in zip(work, reply_ids, strict=True):
                 reply = given.get(reply_id)
+                outcome = "duplicate"
                 if reply is not None:
                     duplicates += 1
                     body = reply.model_dump_json().encode()
@@ -282,6 +348,7 @@ class Participant:
                     else:
                         contract, fn = self._handlers[command.command_type]
                         reply, final = await self._run(conn, contract, fn, command, reply_id)
+                        outcome = reply.outcome if final else "retryable_failure"
                         if final:
                             data = dict(reply.data)
                             finals[command.idempotency_key] = _Final(
@@ -311,23 +378,17 @@ class Participant:
                             "created_at": at,
                         }
                     )
-                outbox_rows.append(
-                    {
-                        "message_id": reply.message_id,
-                        "saga_id": command.saga_id,
-                        "routing_key": command.reply_to,
-                        "message_type": f"{command.command_type}.reply",
-                        "body": body,
-                        "created_at": at,
-                    }
-                )
+                outbox_rows.append(_outbox_row(command, reply, body, received_in, at))
+                counted.append((command.command_type, outcome))
                 results.append(reply)
             if processed_rows:
                 await conn.execute(processed.insert(), processed_rows)
             if reply_rows:
                 await conn.execute(replies.insert(), reply_rows)
             await conn.execute(self.ledger.insert_ignore(outbox), outbox_rows)
-        self.ledger.wrote(OutboxMessage(exchange="", headers={}, **row) for row in outbox_rows)
+        self.ledger.wrote(OutboxMessage(exchange="", **row) for row in outbox_rows)
+        for command_type, outcome in counted:
+            self.metrics.commands.labels(self.name, command_type, outcome).inc()
         self.handled += handled
         self.duplicates += duplicates
         return results
@@ -397,8 +458,29 @@ class Participant:
                 await message.nack(requeue=True)
             return
         self.dead_lettered += 1
+        self.metrics.dead_lettered.labels(queue, reason).inc()
         await message.ack()
         self._poison.settled(delivery_key(message.message_id, message.body))
+
+
+def _outbox_row(
+    command: CommandEnvelope,
+    reply: ReplyEnvelope,
+    body: bytes,
+    received_in: otel_context.Context,
+    at: datetime,
+) -> dict[str, Any]:
+    headers: dict[str, str] = {}
+    _PROPAGATOR.inject(headers, context=received_in)  # the reply continues the command's trace
+    return {
+        "message_id": reply.message_id,
+        "saga_id": command.saga_id,
+        "routing_key": command.reply_to,
+        "message_type": f"{command.command_type}.reply",
+        "body": body,
+        "headers": headers,
+        "created_at": at,
+    }
 
 
 class _Final(NamedTuple):

@@ -30,6 +30,9 @@ class ServiceSettings(AmqpSettings):
     max_deliveries: int = Field(5, ge=1, le=1000)
     relay_poll_interval: float = Field(1.0, gt=0, le=60)
     sqlite_synchronous: str = Field("FULL", pattern="^(FULL|NORMAL|EXTRA)$")
+    #: Prometheus /metrics; 0 turns it off (``saga-service all`` serves the four on one port)
+    metrics_host: str = "127.0.0.1"
+    metrics_port: int = Field(0, ge=0, le=65_535)
     #: failures to inject on purpose (chaos soaks only): see services/participant/faults.py
     fault_plan: Path | None = None
 

@@ -117,7 +117,7 @@ class Processes:
 
 def base_env() -> dict[str, str]:
     """The test's environment without any SAGA_* setting that could leak in."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("SAGA_")}
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("SAGA_", "OTEL_"))}
     env["PYTHONPATH"] = os.pathsep.join(
         p for p in (str(REPO), os.environ.get("PYTHONPATH", "")) if p
     )

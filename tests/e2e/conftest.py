@@ -6,12 +6,13 @@ checks that none is left.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import pytest
 
 from tests.conftest import require_rabbitmq
+from tests.e2e.otlp import OtlpReceiver
 from tests.e2e.stack import Group, Stack, delete_topology, leftover_queues
 
 
@@ -30,3 +31,13 @@ async def stack(tmp_path: Path, unique: str) -> AsyncIterator[Stack]:
             await delete_topology(url, world.prefix)
             left = await leftover_queues(url, world.prefix)
             assert not left, f"queues left behind: {left}"
+
+
+@pytest.fixture
+def receiver() -> Iterator[OtlpReceiver]:
+    """An OTLP/HTTP endpoint for the processes' span exporters, in place of Jaeger."""
+    r = OtlpReceiver()
+    try:
+        yield r
+    finally:
+        r.close()

@@ -17,11 +17,13 @@ import inspect
 import os
 import re
 import tomllib
+from collections import Counter
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 from uuid import UUID
 
+import httpx
 import pytest
 import typer.main
 import yaml
@@ -32,8 +34,10 @@ from saga.errors import ConfigError
 from saga.settings import Settings, load_settings
 from services import payment
 from services.chaos.model import Run, World, check_run, conserved, replay
+from services.chaos.node import free_port
 from services.participant.settings import ServiceSettings, load_service_settings
 from tests.crash.helpers import REPO, base_env
+from tests.e2e.otlp import OtlpReceiver
 from tests.e2e.stack import SERVICES, Stack
 
 COMPOSE = REPO / "docker-compose.yml"
@@ -243,8 +247,11 @@ def _volumes(service: Mapping[str, Any], root: Path) -> dict[str, Path]:
     return mounts
 
 
-def _native(name: str, stack: Stack) -> tuple[list[str], dict[str, str]]:
-    """``name``'s command and environment as they run here."""
+def _native(
+    name: str, stack: Stack, receiver: OtlpReceiver | None = None
+) -> tuple[list[str], dict[str, str]]:
+    """``name``'s command and environment as they run here: spans go to ``receiver`` in place
+    of Jaeger, and /metrics to a free port on 127.0.0.1."""
     service = PROJECT[name]
     hosts = sorted(SERVICES_OF_COMPOSE, key=len, reverse=True)
     mounts = _volumes(service, stack.directory)
@@ -259,16 +266,25 @@ def _native(name: str, stack: Stack) -> tuple[list[str], dict[str, str]]:
             native = re.sub(rf"(?<![\w.]){re.escape(target)}(?=/|$)", str(local), native)
         env[key] = native
     env["SAGA_PREFIX"] = stack.prefix  # never the shared broker's default names
+    if receiver is not None and "OTEL_EXPORTER_OTLP_ENDPOINT" in env:
+        assert env["OTEL_EXPORTER_OTLP_ENDPOINT"] == f"http://{LOCALHOST}:4318", env
+        env["OTEL_EXPORTER_OTLP_ENDPOINT"] = receiver.endpoint
+        env["OTEL_BSP_SCHEDULE_DELAY"] = "100"
+    if "SAGA_METRICS_PORT" in env:
+        env["SAGA_METRICS_PORT"] = str(free_port())
+        env["SAGA_METRICS_HOST"] = LOCALHOST
     return [str(a) for a in service["command"]], env
 
 
 @pytest.mark.rabbitmq
 async def test_the_compose_stack_runs_natively_and_the_sample_orders_finish(
-    stack: Stack,
+    stack: Stack, receiver: OtlpReceiver
 ) -> None:
     procs = {}
+    metrics = {}
     for name in STACK:
-        argv, env = _native(name, stack)
+        argv, env = _native(name, stack, receiver)
+        metrics[name] = int(env["SAGA_METRICS_PORT"])
         assert env["SAGA_RABBITMQ_URL"] == stack.rabbitmq_url, env["SAGA_RABBITMQ_URL"]
         if name == "orchestrator":
             assert env["SAGA_DATABASE_URL"] == stack.database_url, env["SAGA_DATABASE_URL"]
@@ -286,7 +302,7 @@ async def test_the_compose_stack_runs_natively_and_the_sample_orders_finish(
         "stock": world.available,
     }, "fresh services hold the demo seed"
 
-    argv, env = _native("orders", stack)
+    argv, env = _native("orders", stack, receiver)
     placer = stack.processes.spawn("orders", argv, env)
     code = await stack.wait_exit(placer, within=60)
     if code != 0:
@@ -305,3 +321,25 @@ async def test_the_compose_stack_runs_natively_and_the_sample_orders_finish(
     problems += conserved(checkouts, states, before, after)
     if problems:
         stack.fail(f"{len(problems)} problems:\n" + "\n".join(problems[:40]))
+
+    # /metrics of every process answers, and the orchestrator's counts are the store's
+    finished = Counter(s.status.value.lower() for s in states.values())
+    async with httpx.AsyncClient(timeout=5) as client:
+        for name, port in metrics.items():
+            text = (await client.get(f"http://{LOCALHOST}:{port}/metrics")).text
+            assert "saga_relay_published_total" in text, name
+        orchestrator = (
+            await client.get(f"http://{LOCALHOST}:{metrics['orchestrator']}/metrics")
+        ).text
+    for status, count in finished.items():
+        line = f'saga_finished_total{{saga_name="checkout",status="{status}"}} {float(count)}'
+        assert line in orchestrator, (line, orchestrator)
+
+    # Jaeger's view: each saga one trace, begun by the client that placed it, with spans of
+    # every process of the stack, each under the service name compose gives it.
+    stack.processes.stop_all()  # SIGTERM: the batched spans are exported on the way out
+    names = {_environment(PROJECT[n]).get("OTEL_SERVICE_NAME") for n in STACK}
+    assert {s.service for s in receiver.spans} >= names | {"saga-client"}, names
+    for saga_id in ids:
+        traces = {s.trace_id for s in receiver.spans if s.attributes.get("saga.id") == str(saga_id)}
+        assert len(traces) == 1, (saga_id, traces)

@@ -1,0 +1,564 @@
+"""Tracing and metrics: one trace per saga across every service and restart, and Prometheus
+metrics counted from committed transitions.
+
+A saga outlives any one process, so its spans cannot be held open in memory. Instead:
+
+* the saga's span ids are chosen when it starts and stored with it (``SagaState.trace``); the
+  ``saga <name>`` span itself is exported when the saga ends, with its real start time, by
+  whichever process commits the end. A restart in between changes nothing;
+* every command attempt has a span (``step <step>`` / ``compensate <step>``) whose id is derived
+  from the command's message id, so the ``traceparent`` written into the command's outbox row
+  names it before it exists; it is exported when the attempt ends (reply applied, timed out,
+  aborted), again by whichever process sees that;
+* publish, process and database spans are ordinary spans, children of what they serve, and
+  participants continue the trace from the ``traceparent`` AMQP header.
+
+Exporting a span after the fact with an id fixed in advance needs the SDK's id generator to
+hand out that id: :class:`ReservedIds`, installed by :func:`configure_tracing`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import random
+import threading
+from collections.abc import Iterator, Mapping
+from contextvars import ContextVar
+from datetime import datetime
+from typing import Any
+from uuid import UUID
+
+from opentelemetry import context as otel_context
+from opentelemetry import trace
+from opentelemetry.sdk.resources import Resource
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter
+from opentelemetry.sdk.trace.id_generator import IdGenerator, RandomIdGenerator
+from opentelemetry.sdk.trace.sampling import ALWAYS_OFF
+from opentelemetry.trace import (
+    NonRecordingSpan,
+    SpanContext,
+    SpanKind,
+    Status,
+    StatusCode,
+    TraceState,
+)
+from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+
+from saga import __version__
+from saga.errors import ConfigError
+from saga.state import Direction, HistoryKind, Phase, SagaState, SagaStatus, Transition
+
+__all__ = [
+    "Metrics",
+    "MetricsServer",
+    "ReservedIds",
+    "Tracing",
+    "configure_tracing",
+    "span_id_for",
+    "trace_ids",
+]
+
+_PROPAGATOR = TraceContextTextMapPropagator()
+_RESERVED: ContextVar[tuple[int, int] | None] = ContextVar("saga_reserved_ids", default=None)
+_ENDING = {
+    HistoryKind.STEP_SUCCEEDED: "succeeded",
+    HistoryKind.STEP_COMPENSATED: "succeeded",
+    HistoryKind.STEP_FAILED: "failed",
+    HistoryKind.COMPENSATION_FAILED: "failed",
+    HistoryKind.STEP_TIMED_OUT: "timed_out",
+    HistoryKind.OPERATOR: "operator",
+}
+_MESSAGING = {"messaging.system": "rabbitmq"}
+
+
+class ReservedIds(IdGenerator):
+    """Random ids, except for a span started inside :func:`_reserved`: it gets the ids that
+    were handed out for it earlier (its children name it already)."""
+
+    def __init__(self) -> None:
+        self._random = RandomIdGenerator()
+
+    def generate_span_id(self) -> int:
+        reserved = _RESERVED.get()
+        return reserved[1] if reserved is not None else self._random.generate_span_id()
+
+    def generate_trace_id(self) -> int:
+        reserved = _RESERVED.get()
+        return reserved[0] if reserved is not None else self._random.generate_trace_id()
+
+
+@contextlib.contextmanager
+def _reserved(trace_id: int, span_id: int) -> Iterator[None]:
+    token = _RESERVED.set((trace_id, span_id))
+    try:
+        yield
+    finally:
+        _RESERVED.reset(token)
+
+
+def span_id_for(message_id: UUID) -> int:
+    """The span id of a command attempt: a function of its message id, so any process can
+    name it (in the command's headers) or export it (when the attempt ends)."""
+    value = int.from_bytes(hashlib.blake2b(message_id.bytes, digest_size=8).digest(), "big")
+    return value or 1
+
+
+def _traceparent(trace_id: int, span_id: int, flags: int) -> str:
+    return f"00-{trace_id:032x}-{span_id:016x}-{flags:02x}"
+
+
+def _parse(traceparent: str | None, tracestate: str | None = None) -> SpanContext | None:
+    if not traceparent:
+        return None
+    ctx = _PROPAGATOR.extract(
+        {"traceparent": traceparent, **({"tracestate": tracestate} if tracestate else {})}
+    )
+    span_context = trace.get_current_span(ctx).get_span_context()
+    return span_context if span_context.is_valid else None
+
+
+def trace_ids() -> dict[str, str]:
+    """``trace_id`` and ``span_id`` of the current span, for log lines; empty outside one."""
+    span_context = trace.get_current_span().get_span_context()
+    if not span_context.is_valid:
+        return {}
+    return {"trace_id": f"{span_context.trace_id:032x}", "span_id": f"{span_context.span_id:016x}"}
+
+
+def configure_tracing(service_name: str, *, exporter: SpanExporter | None = None) -> TracerProvider:
+    """Install this process's tracer provider, chosen by the standard ``OTEL_*`` variables.
+
+    ``OTEL_TRACES_EXPORTER``: ``otlp`` (OTLP over HTTP/protobuf to ``OTEL_EXPORTER_OTLP_ENDPOINT``,
+    e.g. Jaeger's port 4318), ``console``, or ``none`` (the default). With no exporter nothing is
+    recorded, but ids are still made and propagated, so logs carry trace ids. The sampler
+    (``OTEL_TRACES_SAMPLER``), batch settings (``OTEL_BSP_*``) and resource
+    (``OTEL_SERVICE_NAME``, ``OTEL_RESOURCE_ATTRIBUTES``) are read by the SDK itself.
+    """
+    exporters = [exporter] if exporter is not None else _exporters_from_env()
+    resource = Resource.create(
+        {"service.name": os.environ.get("OTEL_SERVICE_NAME") or service_name}
+    )
+    sampler = None if exporters or os.environ.get("OTEL_TRACES_SAMPLER") else ALWAYS_OFF
+    provider = TracerProvider(resource=resource, id_generator=ReservedIds(), sampler=sampler)
+    for each in exporters:
+        provider.add_span_processor(BatchSpanProcessor(each))
+    trace.set_tracer_provider(provider)
+    return provider
+
+
+def _exporters_from_env() -> list[SpanExporter]:
+    names = [
+        n.strip().lower()
+        for n in os.environ.get("OTEL_TRACES_EXPORTER", "none").split(",")
+        if n.strip()
+    ]
+    exporters: list[SpanExporter] = []
+    for name in names:
+        if name == "none":
+            continue
+        if name == "otlp":
+            protocol = os.environ.get("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL") or os.environ.get(
+                "OTEL_EXPORTER_OTLP_PROTOCOL", "http/protobuf"
+            )
+            if protocol != "http/protobuf":
+                raise ConfigError(
+                    f"OTEL_EXPORTER_OTLP_PROTOCOL={protocol!r}: saga ships the OTLP exporter "
+                    "over HTTP; use http/protobuf (Jaeger and the Collector listen on 4318)"
+                )
+            from opentelemetry.exporter.otlp.proto.http.trace_exporter import (  # noqa: PLC0415
+                OTLPSpanExporter,
+            )
+
+            exporters.append(OTLPSpanExporter())
+        elif name == "console":
+            from opentelemetry.sdk.trace.export import ConsoleSpanExporter  # noqa: PLC0415
+
+            exporters.append(ConsoleSpanExporter())
+        else:
+            raise ConfigError(
+                f"OTEL_TRACES_EXPORTER={name!r} is not supported; use otlp, console or none"
+            )
+    return exporters
+
+
+class Tracing:
+    """The spans saga makes. ``provider`` defaults to the global one (:func:`configure_tracing`);
+    tests pass their own."""
+
+    def __init__(self, provider: trace.TracerProvider | None = None):
+        provider = provider if provider is not None else trace.get_tracer_provider()
+        self.tracer = provider.get_tracer("saga", __version__)
+
+    # --- the saga's own context ------------------------------------------------------------
+
+    def saga_trace(self, name: str, parent: Mapping[str, Any] | None = None) -> dict[str, str]:
+        """Ids for a new saga's span: a child of ``parent`` (a carrier such as a message's
+        headers) or of the current span, else the root of a new trace."""
+        ctx = _PROPAGATOR.extract(_text(parent)) if parent else otel_context.get_current()
+        # A span only to obtain ids and the sampling decision; never ended, so never exported.
+        # The real one is made when the saga ends (see end_saga).
+        probe = self.tracer.start_span(f"saga {name}", context=ctx)
+        span_context = probe.get_span_context()
+        if span_context.is_valid:
+            trace_id, span_id = span_context.trace_id, span_context.span_id
+            flags, state = int(span_context.trace_flags), span_context.trace_state
+        else:  # tracing off altogether: ids anyway, for log correlation
+            trace_id, span_id = random.getrandbits(128) or 1, random.getrandbits(64) or 1
+            flags, state = 0, TraceState()
+        carrier = {"traceparent": _traceparent(trace_id, span_id, flags)}
+        if state:
+            carrier["tracestate"] = state.to_header()
+        up = trace.get_current_span(ctx).get_span_context()
+        if up.is_valid:
+            carrier["parent"] = _traceparent(up.trace_id, up.span_id, int(up.trace_flags))
+        return carrier
+
+    @staticmethod
+    def command_headers(state: SagaState, message_id: UUID) -> dict[str, str]:
+        """``traceparent``/``tracestate`` naming the span of the attempt that sends
+        ``message_id``; pure, so it is written into the outbox row with the command."""
+        saga = _parse(*_saga_ids(state))
+        if saga is None:
+            return {}
+        headers = {
+            "traceparent": _traceparent(
+                saga.trace_id, span_id_for(message_id), int(saga.trace_flags)
+            )
+        }
+        if saga.trace_state:
+            headers["tracestate"] = saga.trace_state.to_header()
+        return headers
+
+    # --- spans exported after the fact ---------------------------------------------------
+
+    def end_attempt(
+        self, before: SagaState, end: datetime, outcome: str, error: str | None = None
+    ) -> None:
+        """Export the span of the attempt ``before`` was waiting for."""
+        saga = _parse(*_saga_ids(before))
+        if saga is None or before.awaiting is None or before.sent_at is None:
+            return
+        step = before.steps[before.current].name
+        verb = "step" if before.direction is Direction.ACTION else "compensate"
+        parent = trace.set_span_in_context(NonRecordingSpan(saga))
+        with _reserved(saga.trace_id, span_id_for(before.awaiting)):
+            span = self.tracer.start_span(
+                f"{verb} {step}",
+                context=parent,
+                start_time=_ns(before.sent_at),
+                attributes={
+                    **_saga_attributes(before),
+                    "saga.step": step,
+                    "saga.direction": before.direction.value,
+                    "saga.attempt": before.attempt,
+                    "saga.outcome": outcome,
+                    "messaging.message.id": str(before.awaiting),
+                },
+            )
+        if outcome != "succeeded":
+            span.set_status(Status(StatusCode.ERROR, error or outcome))
+        span.end(end_time=_ns(end))
+
+    def end_saga(self, state: SagaState, end: datetime) -> None:
+        """Export the saga's span, with the ids it was given when it started."""
+        saga = _parse(*_saga_ids(state))
+        if saga is None:
+            return
+        assert state.trace is not None
+        up = _parse(state.trace.get("parent"))
+        parent = (
+            trace.set_span_in_context(NonRecordingSpan(up))
+            if up is not None
+            else otel_context.Context()  # a root: the trace id comes from the reservation
+        )
+        with _reserved(saga.trace_id, saga.span_id):
+            span = self.tracer.start_span(
+                f"saga {state.name}",
+                context=parent,
+                start_time=_ns(state.created_at),
+                attributes={**_saga_attributes(state), "saga.status": state.status.value},
+            )
+        if state.status is SagaStatus.FAILED:
+            span.set_status(Status(StatusCode.ERROR, state.failure or "failed"))
+        elif state.failure:
+            span.set_attribute("saga.failure", state.failure)
+        span.end(end_time=_ns(end))
+
+    # --- messaging and database spans ----------------------------------------------------
+
+    @contextlib.contextmanager
+    def process(
+        self,
+        queue: str,
+        headers: Mapping[str, Any] | None,
+        message_id: str | None,
+        body_size: int,
+        **attributes: Any,
+    ) -> Iterator[trace.Span]:
+        """The span of consuming a message from ``queue``: current while it is handled, a
+        child of the span that published it (its ``traceparent`` header)."""
+        ctx = _PROPAGATOR.extract(_text(headers))
+        attrs = {
+            **_MESSAGING,
+            "messaging.operation.type": "process",
+            "messaging.operation.name": "process",
+            "messaging.destination.name": queue,
+            "messaging.consumer.group.name": queue,
+            "messaging.message.id": message_id or "",
+            "messaging.message.body.size": body_size,
+            **{k: v for k, v in attributes.items() if v is not None},
+        }
+        with self.tracer.start_as_current_span(
+            f"process {queue}", context=ctx, kind=SpanKind.CONSUMER, attributes=attrs
+        ) as span:
+            yield span
+
+    def publish(
+        self,
+        exchange: str,
+        routing_key: str,
+        message_id: UUID,
+        conversation_id: UUID,
+        headers: Mapping[str, Any],
+    ) -> tuple[trace.Span, dict[str, Any]]:
+        """Start the span of publishing a message; returns it (end it once confirmed) and the
+        headers to send, whose ``traceparent`` now names it."""
+        destination = exchange or "amq.default"
+        span = self.tracer.start_span(
+            f"publish {destination}",
+            context=_PROPAGATOR.extract(_text(headers)),
+            kind=SpanKind.PRODUCER,
+            attributes={
+                **_MESSAGING,
+                "messaging.operation.type": "send",
+                "messaging.operation.name": "publish",
+                "messaging.destination.name": destination,
+                "messaging.rabbitmq.destination.routing_key": routing_key,
+                "messaging.message.id": str(message_id),
+                "messaging.message.conversation_id": str(conversation_id),
+            },
+        )
+        if not span.get_span_context().is_valid:
+            return span, dict(headers)
+        out = {k: v for k, v in headers.items() if k not in ("traceparent", "tracestate")}
+        _PROPAGATOR.inject(out, context=trace.set_span_in_context(span))
+        return span, out
+
+    def database(
+        self,
+        system: str,
+        parent: otel_context.Context | None,
+        start: int,
+        end: int,
+        batch: int,
+        operation: str = "COMMIT",
+    ) -> None:
+        """A span for one event's share of a (group) commit: from when its batch began to
+        when it committed. Only inside a span (a message being processed): a timer's commit
+        alone would be a trace of its own, which says nothing."""
+        if parent is None or not trace.get_current_span(parent).get_span_context().is_valid:
+            return
+        span = self.tracer.start_span(
+            f"{operation} {system}",
+            context=parent,
+            kind=SpanKind.CLIENT,
+            start_time=start,
+            attributes={
+                "db.system.name": system,
+                "db.operation.name": operation,
+                "db.operation.batch.size": batch,
+            },
+        )
+        span.end(end_time=end)
+
+
+def _text(carrier: Mapping[str, Any] | None) -> dict[str, str]:
+    """AMQP header values may be bytes; the propagator wants text."""
+    if not carrier:
+        return {}
+    out: dict[str, str] = {}
+    for key in ("traceparent", "tracestate"):
+        value = carrier.get(key)
+        if isinstance(value, bytes):
+            value = value.decode("ascii", "replace")
+        if isinstance(value, str):
+            out[key] = value
+    return out
+
+
+def _saga_ids(state: SagaState) -> tuple[str | None, str | None]:
+    if not state.trace:
+        return None, None
+    return state.trace.get("traceparent"), state.trace.get("tracestate")
+
+
+def _saga_attributes(state: SagaState) -> dict[str, Any]:
+    return {
+        "saga.id": str(state.saga_id),
+        "saga.name": state.name,
+        "saga.definition_version": state.definition_version,
+    }
+
+
+def _ns(at: datetime) -> int:
+    return int(at.timestamp() * 1e9)
+
+
+# --- what a committed transition says --------------------------------------------------------
+
+
+def attempt_ended(before: SagaState | None, transition: Transition) -> tuple[str, str] | None:
+    """(outcome, detail) when ``transition`` ended the attempt ``before`` was waiting for."""
+    if before is None or not transition.applied or before.phase is not Phase.AWAITING_REPLY:
+        return None
+    after = transition.state
+    if after.phase is Phase.AWAITING_REPLY and after.awaiting == before.awaiting:
+        return None
+    for entry in transition.history:
+        outcome = _ENDING.get(entry.kind)
+        if outcome is not None:
+            return outcome, entry.detail
+    return "ended", ""
+
+
+class Metrics:
+    """Prometheus metrics of one orchestrator or participant; a registry of its own, so
+    several in one process (tests) never mix their counts."""
+
+    def __init__(self, registry: CollectorRegistry | None = None):
+        self.registry = registry if registry is not None else CollectorRegistry()
+        r = self.registry
+        self.started = Counter("saga_started", "Sagas started.", ["saga_name"], registry=r)
+        self.finished = Counter(
+            "saga_finished",
+            "Sagas that reached an end: completed, compensated or failed.",
+            ["saga_name", "status"],
+            registry=r,
+        )
+        self.duration = Histogram(
+            "saga_duration_seconds",
+            "From start to end, by how it ended.",
+            ["saga_name", "status"],
+            buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 3600),
+            registry=r,
+        )
+        self.step_duration = Histogram(
+            "saga_step_duration_seconds",
+            "One attempt of a step or compensation, from its command to its reply or timeout.",
+            ["saga_name", "step", "direction", "outcome"],
+            buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
+            registry=r,
+        )
+        self.retries = Counter(
+            "saga_step_retries",
+            "Retries scheduled after a retryable failure or a timeout.",
+            ["saga_name", "step", "direction"],
+            registry=r,
+        )
+        self.timeouts = Counter(
+            "saga_step_timeouts",
+            "Attempts that got no reply in time.",
+            ["saga_name", "step", "direction"],
+            registry=r,
+        )
+        self.dead_lettered = Counter(
+            "saga_dead_lettered",
+            "Messages moved to a dead-letter queue, by queue and reason.",
+            ["queue", "reason"],
+            registry=r,
+        )
+        self.messages = Counter(
+            "saga_messages_consumed",
+            "Messages consumed, by queue and what came of them.",
+            ["queue", "outcome"],
+            registry=r,
+        )
+        self.outbox_size = Gauge(
+            "saga_outbox_messages", "Messages committed and not yet confirmed.", registry=r
+        )
+        self.outbox_age = Gauge(
+            "saga_outbox_oldest_age_seconds",
+            "Age of the oldest unsent outbox message (0 when empty).",
+            registry=r,
+        )
+        self.published = Counter(
+            "saga_relay_published", "Outbox messages the broker confirmed.", registry=r
+        )
+        self.publish_latency = Histogram(
+            "saga_relay_publish_seconds",
+            "From publish to the broker's confirm.",
+            buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1, 5),
+            registry=r,
+        )
+        self.outbox_lag = Histogram(
+            "saga_outbox_lag_seconds",
+            "From the commit that wrote a message to its confirm.",
+            buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 5, 30),
+            registry=r,
+        )
+        self.commands = Counter(
+            "saga_participant_commands",
+            "Commands a participant answered, by type and outcome (duplicate: answered before).",
+            ["participant", "command_type", "outcome"],
+            registry=r,
+        )
+
+    def transition(self, before: SagaState | None, transition: Transition) -> None:
+        """Count what one committed transition did."""
+        after = transition.state
+        name = after.name
+        for entry in transition.history:
+            if entry.kind is HistoryKind.STARTED:
+                self.started.labels(name).inc()
+            elif entry.kind is HistoryKind.RETRY_SCHEDULED:
+                self.retries.labels(name, entry.step or "", _direction(entry.direction)).inc()
+            elif entry.kind is HistoryKind.STEP_TIMED_OUT:
+                self.timeouts.labels(name, entry.step or "", _direction(entry.direction)).inc()
+        if after.status.is_terminal and (before is None or not before.status.is_terminal):
+            status = after.status.value.lower()
+            self.finished.labels(name, status).inc()
+            self.duration.labels(name, status).observe(
+                (after.updated_at - after.created_at).total_seconds()
+            )
+
+    def attempt(self, before: SagaState, outcome: str, end: datetime) -> None:
+        if before.sent_at is None:
+            return
+        self.step_duration.labels(
+            before.name, before.steps[before.current].name, before.direction.value, outcome
+        ).observe(max((end - before.sent_at).total_seconds(), 0.0))
+
+
+def _direction(direction: Direction | None) -> str:
+    return "" if direction is None else direction.value
+
+
+class MetricsServer:
+    """``GET /metrics`` in Prometheus' text format, served from a thread of its own, so a
+    scrape never waits for the event loop (nor slows it)."""
+
+    def __init__(self, registry: CollectorRegistry):
+        self.registry = registry
+        self._server: Any = None
+        self._thread: threading.Thread | None = None
+        self.port = 0
+
+    def start(self, host: str, port: int) -> None:
+        try:
+            self._server, self._thread = start_http_server(port, host, self.registry)
+        except OSError as exc:
+            raise ConfigError(
+                f"cannot serve /metrics on {host}:{port}: {exc.strerror or exc}; "
+                "choose a free port with SAGA_METRICS_PORT (0 turns metrics off)"
+            ) from None
+        self.port = int(self._server.server_address[1])
+
+    def stop(self) -> None:
+        if self._server is not None:
+            self._server.shutdown()
+            self._server.server_close()
+            self._server = None

@@ -1,0 +1,233 @@
+"""Spans, metrics and log fields of the orchestrator, from the real runtime on the in-memory
+harness: one trace per saga, ids fixed in advance, and the same trace after a restart."""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Sequence
+from typing import Any
+
+import pytest
+from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from opentelemetry.trace import StatusCode
+from structlog.testing import capture_logs
+
+from saga.errors import ConfigError
+from saga.runtime import Orchestrator
+from saga.state import SagaStatus
+from saga.telemetry import Metrics, ReservedIds, Tracing, configure_tracing, span_id_for
+from saga.testing import Harness, fail, ok, silence
+from tests.support.sagas import TRIP, registry
+
+
+def tracer() -> tuple[Tracing, InMemorySpanExporter]:
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider(id_generator=ReservedIds())
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    return Tracing(provider), exporter
+
+
+def harness(tracing: Tracing, metrics: Metrics | None = None) -> Harness:
+    h = Harness(registry())
+    h.orchestrator.tracing = tracing
+    h.orchestrator.metrics = metrics
+    return h
+
+
+def named(spans: Sequence[ReadableSpan], prefix: str) -> list[ReadableSpan]:
+    return sorted((s for s in spans if s.name.startswith(prefix)), key=lambda s: s.start_time or 0)
+
+
+def sample(metrics: Metrics, name: str, **labels: str) -> float:
+    value = metrics.registry.get_sample_value(name, labels)
+    return 0.0 if value is None else value
+
+
+async def test_a_compensated_saga_is_one_trace_with_steps_and_compensations_in_order() -> None:
+    tracing, exporter = tracer()
+    h = harness(tracing)
+    h.on("alpha.do", lambda c: ok(id="a1"))
+    h.on("beta.do", lambda c: ok())
+    h.on("gamma.do", lambda c: fail("declined"))
+    h.on("beta.undo", lambda c: ok())
+    h.on("alpha.undo", lambda c: ok())
+
+    saga = await h.run("trip", {})
+
+    assert saga.status is SagaStatus.COMPENSATED
+    spans = exporter.get_finished_spans()
+    (root,) = named(spans, "saga ")
+    assert root.name == "saga trip" and root.parent is None
+    assert saga.trace is not None
+    _, trace_hex, span_hex, _ = saga.trace["traceparent"].split("-")
+    assert (f"{root.context.trace_id:032x}", f"{root.context.span_id:016x}") == (
+        trace_hex,
+        span_hex,
+    )
+    assert {s.context.trace_id for s in spans} == {root.context.trace_id}
+    steps = [s for s in spans if s.name.split(" ")[0] in ("step", "compensate")]
+    assert [s.name for s in sorted(steps, key=lambda s: s.start_time or 0)] == [
+        "step alpha",
+        "step beta",
+        "step gamma",
+        "compensate beta",
+        "compensate alpha",
+    ]
+    assert all(s.parent is not None and s.parent.span_id == root.context.span_id for s in steps)
+    # each attempt's span id is the one its command's traceparent named
+    by_id = {s.context.span_id: s for s in steps}
+    for command in h.delivered:
+        span = by_id[span_id_for(command.message_id)]
+        assert span.attributes is not None
+        assert span.attributes["saga.step"] == command.step
+        assert span.attributes["saga.attempt"] == command.attempt
+        assert span.attributes["messaging.message.id"] == str(command.message_id)
+    (gamma,) = named(steps, "step gamma")
+    assert gamma.status.status_code is StatusCode.ERROR
+    assert gamma.attributes is not None and gamma.attributes["saga.outcome"] == "failed"
+    assert root.attributes is not None and root.attributes["saga.status"] == "COMPENSATED"
+    assert root.start_time == int(saga.created_at.timestamp() * 1e9)
+
+
+async def test_commands_carry_the_traceparent_of_their_attempt() -> None:
+    tracing, _ = tracer()
+    h = harness(tracing)
+    saga_id = await h.start("trip", {})
+    (message,) = await h.store.pending_outbox(10)
+    saga = await h.saga(saga_id)
+    assert saga.trace is not None
+    trace_hex = saga.trace["traceparent"].split("-")[1]
+    assert message.headers["traceparent"] == (
+        f"00-{trace_hex}-{span_id_for(message.message_id):016x}-01"
+    )
+
+
+async def test_a_saga_started_inside_a_trace_continues_it() -> None:
+    tracing, exporter = tracer()
+    h = harness(tracing)
+    for step in ("alpha", "beta", "gamma"):
+        h.on(f"{step}.do", lambda c: ok())
+    caller = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
+    state = await h.orchestrator.start("trip", {}, trace_parent={"traceparent": caller})
+    await h.settle()
+
+    (root,) = named(exporter.get_finished_spans(), "saga ")
+    assert f"{root.context.trace_id:032x}" == "0af7651916cd43dd8448eb211c80319c"
+    assert root.parent is not None and f"{root.parent.span_id:016x}" == "b7ad6b7169203331"
+    assert state.trace is not None and state.trace["parent"] == caller
+
+
+async def test_after_a_restart_the_saga_continues_the_same_trace() -> None:
+    before, first = tracer()
+    h = harness(before)
+    h.on("alpha.do", lambda c: ok())
+    h.on("beta.do", silence)  # still waiting for beta when the process "dies"
+    saga_id = await h.start("trip", {})
+    await h.deliver()
+    await h.deliver()
+    assert first.get_finished_spans()  # alpha's attempt ended here
+    assert not named(first.get_finished_spans(), "saga ")
+
+    after, second = tracer()  # a new process: a new provider, the same database
+    h.orchestrator = Orchestrator(h.registry, h.store, clock=h.clock, tracing=after)
+    (beta,) = [c for c in h.delivered if c.command_type == "beta.do"]
+    await h.reply(beta, ok())
+    h.on("gamma.do", lambda c: ok())
+    await h.settle()
+
+    saga = await h.saga(saga_id)
+    assert saga.status is SagaStatus.COMPLETED
+    spans = [*first.get_finished_spans(), *second.get_finished_spans()]
+    assert len({s.context.trace_id for s in spans}) == 1
+    (root,) = named(second.get_finished_spans(), "saga ")
+    assert [s.name for s in named(spans, "step ")] == ["step alpha", "step beta", "step gamma"]
+    assert all(s.parent and s.parent.span_id == root.context.span_id for s in named(spans, "step"))
+
+
+async def test_retries_and_timeouts_are_counted_and_each_attempt_is_a_span() -> None:
+    tracing, exporter = tracer()
+    metrics = Metrics()
+    h = harness(tracing, metrics)
+    calls: Counter[str] = Counter()
+
+    def flaky(command: Any) -> Any:
+        calls[command.command_type] += 1
+        return None if calls[command.command_type] == 1 else ok()  # silent once: times out
+
+    h.on("alpha.do", flaky)
+    h.on("beta.do", lambda c: fail("busy", retryable=True) if c.attempt == 1 else ok())
+    h.on("gamma.do", lambda c: ok())
+    saga = await h.run("trip", {})
+
+    assert saga.status is SagaStatus.COMPLETED
+    alpha = named(exporter.get_finished_spans(), "step alpha")
+    assert [s.attributes and s.attributes["saga.outcome"] for s in alpha] == [
+        "timed_out",
+        "succeeded",
+    ]
+    assert sample(metrics, "saga_started_total", saga_name="trip") == 1
+    assert sample(metrics, "saga_finished_total", saga_name="trip", status="completed") == 1
+    assert sample(metrics, "saga_step_timeouts_total", saga_name="trip", step="alpha",
+                  direction="action") == 1  # fmt: skip
+    assert sample(metrics, "saga_step_retries_total", saga_name="trip", step="alpha",
+                  direction="action") == 1  # fmt: skip
+    assert sample(metrics, "saga_step_retries_total", saga_name="trip", step="beta",
+                  direction="action") == 1  # fmt: skip
+    attempts = sum(
+        sample(
+            metrics,
+            "saga_step_duration_seconds_count",
+            saga_name="trip",
+            step=step,
+            direction="action",
+            outcome=outcome,
+        )
+        for step in ("alpha", "beta", "gamma")
+        for outcome in ("succeeded", "failed", "timed_out")
+    )
+    assert attempts == 5 == len(named(exporter.get_finished_spans(), "step "))
+    assert sample(metrics, "saga_duration_seconds_count", saga_name="trip",
+                  status="completed") == 1  # fmt: skip
+
+
+async def test_log_lines_about_a_saga_carry_its_ids_and_its_trace() -> None:
+    tracing, _ = tracer()
+    h = harness(tracing)
+    h.on("alpha.do", lambda c: ok())
+    h.on("beta.do", lambda c: fail("declined"))
+    h.on("alpha.undo", lambda c: ok())
+    with capture_logs() as logs:
+        saga = await h.run("trip", {})
+
+    assert saga.trace is not None
+    trace_hex = saga.trace["traceparent"].split("-")[1]
+    about = [e for e in logs if e.get("saga_id") == str(saga.saga_id)]
+    kinds = [e["event"] for e in about if e["log_level"] == "info"]
+    assert kinds == ["started", "step_failed", "compensation_started", "step_compensated",
+                     "compensated"]  # fmt: skip
+    assert {"command_sent", "step_succeeded"} <= {e["event"] for e in about}  # at debug
+    for entry in about:
+        assert entry["saga_name"] == "trip"
+        assert entry["trace_id"] == trace_hex
+        assert len(entry["span_id"]) == 16
+    failed = next(e for e in about if e["event"] == "step_failed")
+    (beta,) = [c for c in h.delivered if c.command_type == "beta.do"]
+    assert (failed["step"], failed["attempt"], failed["message_id"]) == (
+        "beta",
+        1,
+        str(beta.message_id),
+    )
+    assert failed["span_id"] == f"{span_id_for(beta.message_id):016x}"
+
+
+@pytest.mark.parametrize("value", ["jaeger", "zipkin"])
+def test_an_unknown_exporter_is_a_config_error(monkeypatch: pytest.MonkeyPatch, value: str) -> None:
+    monkeypatch.setenv("OTEL_TRACES_EXPORTER", value)
+    with pytest.raises(ConfigError, match="otlp, console or none"):
+        configure_tracing("test")
+
+
+def test_trip_definition_is_what_these_tests_assume() -> None:
+    assert [s.name for s in TRIP.steps] == ["alpha", "beta", "gamma"]
