@@ -27,6 +27,7 @@ from saga.logs import configure_logging
 from saga.service import OrchestratorService
 from saga.settings import load_settings
 from saga.state import HistoryEntry, HistoryKind, SagaState, SagaStatus
+from saga.telemetry import configure_tracing
 from saga.transport.broker import Broker
 from saga.transport.memory import MemoryBroker
 from saga.transport.topology import Topology
@@ -347,6 +348,11 @@ def main(argv: list[str] | None = None) -> int:
     )
     args = parser.parse_args(argv)
     configure_logging("WARNING")
+    try:
+        provider = configure_tracing("saga-demo")  # OTEL_TRACES_EXPORTER=otlp: see the traces
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     if args.broker == "memory":
         print("saga demo: orchestrator + order, payment, inventory, shipping in one process")
         print(_banner(MEMORY_BANNER))
@@ -364,6 +370,8 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    finally:
+        provider.shutdown()
     print(render(outcomes, before, after, expected))
     if args.broker == "memory":
         print(_banner(MEMORY_BANNER))

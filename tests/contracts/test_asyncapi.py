@@ -1,0 +1,103 @@
+"""The AsyncAPI 3.0 document: valid against the official schema, and complete, i.e. every
+message type that goes on the wire in a demo run is described in it.
+
+``vendor/asyncapi-3.0.0.schema.json.gz`` is ``schemas/3.0.0-without-$id.json`` of the npm
+package ``@asyncapi/specs`` 6.11.1 (Apache-2.0), kept here so the test needs no network.
+"""
+
+from __future__ import annotations
+
+import copy
+import gzip
+import json
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import jsonschema
+import pytest
+
+from contracts.catalog import CATALOG
+from saga import asyncapi
+from saga.transport.memory import MemoryBroker
+from saga.transport.topology import Topology
+from services.checkout import registry
+from services.demo import run_demo
+
+SCHEMA = json.loads(
+    gzip.decompress(
+        (Path(__file__).parent / "vendor" / "asyncapi-3.0.0.schema.json.gz").read_bytes()
+    )
+)
+VALIDATOR = jsonschema.Draft7Validator(SCHEMA)
+
+
+def problems(document: dict[str, Any]) -> list[str]:
+    return [f"{list(e.path)}: {e.message[:200]}" for e in VALIDATOR.iter_errors(document)]
+
+
+def message_names(document: dict[str, Any]) -> set[str]:
+    return {m["name"] for m in document["components"]["messages"].values()}
+
+
+@pytest.mark.parametrize("with_registry", [True, False], ids=["checkout", "catalog"])
+def test_the_document_is_valid_asyncapi_3(with_registry: bool) -> None:
+    document = asyncapi.document(registry() if with_registry else None, Topology("saga"))
+    assert document["asyncapi"] == "3.0.0"
+    assert problems(document) == []
+
+
+def test_the_validation_catches_a_broken_document() -> None:
+    document = asyncapi.document(registry(), Topology("saga"))
+    broken = copy.deepcopy(document)
+    broken["operations"]["receiveReplies"]["action"] = "consume"
+    assert problems(broken), "the schema check must be able to fail"
+
+
+def test_every_command_and_reply_of_the_catalog_is_described() -> None:
+    document = asyncapi.document(None, Topology("saga"))
+    expected = {c.command_type for c in CATALOG.values()}
+    expected |= {f"{c}.reply" for c in expected} | {"saga.start"}
+    assert message_names(document) == expected
+    channels = {c["address"] for c in document["channels"].values()}
+    assert {"saga.replies", "saga.start", "saga.cmd.order", "saga.cmd.payment"} <= channels
+
+
+async def test_every_message_type_on_the_wire_in_a_demo_run_is_in_the_document(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    seen: set[str] = set()
+    publish_raw = MemoryBroker.publish_raw
+
+    async def record(self: MemoryBroker, **kwargs: Any) -> None:
+        if kwargs.get("message_type"):
+            seen.add(kwargs["message_type"])
+        await publish_raw(self, **kwargs)
+
+    monkeypatch.setattr(MemoryBroker, "publish_raw", record)
+    outcomes, *_ = await run_demo(data_dir=tmp_path, database_url=None, broker="memory", quiet=True)
+    assert all(o.ok for o in outcomes)
+    assert {"order.create", "order.create.reply", "order.cancel"} <= seen, seen
+    document = asyncapi.document(registry(), Topology("saga"))
+    assert seen <= message_names(document), seen - message_names(document)
+
+
+def test_saga_schema_export_writes_the_documents(tmp_path: Path) -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "saga", "schema", "export", str(tmp_path / "out")],
+        capture_output=True,
+        text=True,
+        env={"SAGA_DEFINITIONS": "services.checkout:registry", "PATH": "/usr/bin:/bin"},
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    out = tmp_path / "out"
+    document = json.loads((out / "asyncapi.json").read_text())
+    assert problems(document) == []
+    assert [s["name"] for s in document["x-sagas"]] == ["checkout"]
+    schemas = {p.name for p in (out / "messages").iterdir()}
+    assert {"CommandEnvelope.schema.json", "ReplyEnvelope.schema.json"} <= schemas
+    assert (out / "saga-contracts.schema.json").is_file()
+    for path in (out / "messages").iterdir():
+        jsonschema.Draft202012Validator.check_schema(json.loads(path.read_text()))
