@@ -84,11 +84,61 @@ class DueTimer:
 
 @dataclass(frozen=True, slots=True)
 class SagaFilter:
+    """Which sagas :meth:`Store.list_sagas` returns, ordered by ``(created_at, saga_id)``:
+    oldest first, or newest first when ``newest_first`` (what an operator wants to see).
+
+    Paging is by keyset, not offset: ``start_after`` (or the saga ``after``) is the last saga
+    of the previous page, so pages never repeat or skip a saga while new ones are created.
+    Every filter given must match; ``status`` and ``statuses`` together mean both.
+    """
+
     status: SagaStatus | None = None
     name: str | None = None
     key: str | None = None
     limit: int = 100
-    after: UUID | None = None  # keyset paging: sagas created after this one
+    after: UUID | None = None  # keyset paging: the list continues past this saga
+    statuses: frozenset[SagaStatus] = frozenset()  # any of these (empty: any status)
+    since: datetime | None = None  # created at or after
+    until: datetime | None = None  # created before
+    #: the start of the saga id in hex (dashes and case ignored); 32 digits is the whole id
+    id_prefix: str | None = None
+    newest_first: bool = False
+    #: keyset paging without a look-up: the (created_at, saga_id) of the previous page's last
+    start_after: tuple[datetime, UUID] | None = None
+
+    def __post_init__(self) -> None:
+        if self.id_prefix is not None:
+            digits = self.id_prefix.replace("-", "").lower()
+            if len(digits) > 32 or digits.strip("0123456789abcdef"):
+                raise ValueError(f"not a saga id or the start of one: {self.id_prefix!r}")
+            object.__setattr__(self, "id_prefix", digits)
+
+    def wanted_statuses(self) -> frozenset[SagaStatus] | None:
+        """The statuses allowed, or None for any."""
+        if self.status is None:
+            return self.statuses or None
+        wanted = frozenset({self.status})
+        return wanted & self.statuses if self.statuses else wanted
+
+    def id_bounds(self) -> tuple[UUID, UUID] | None:
+        """The smallest and largest id starting with ``id_prefix``: a range on the primary
+        key, which every backend orders as the 128-bit number (an index serves it)."""
+        if self.id_prefix is None:
+            return None
+        return UUID(self.id_prefix.ljust(32, "0")), UUID(self.id_prefix.ljust(32, "f"))
+
+    def matches(self, s: SagaState) -> bool:
+        """Whether ``s`` passes every filter (paging aside)."""
+        wanted = self.wanted_statuses()
+        bounds = self.id_bounds()
+        return (
+            (wanted is None or s.status in wanted)
+            and (self.name is None or s.name == self.name)
+            and (self.key is None or s.key == self.key)
+            and (self.since is None or s.created_at >= self.since)
+            and (self.until is None or s.created_at < self.until)
+            and (bounds is None or bounds[0] <= s.saga_id <= bounds[1])
+        )
 
 
 class OutboxSource(Protocol):

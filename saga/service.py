@@ -282,11 +282,15 @@ class OrchestratorService:
         """Each readiness check and why it fails (None when it passes), for ``/readyz``."""
         checks: dict[str, str | None] = {}
         try:
-            version = await self.store.current_version()
+            async with asyncio.timeout(2.0):  # a hung database is a failed check, not a hang
+                version = await self.store.current_version()
             checks["database"] = None
             checks["migrations"] = (
                 None if version == HEAD else f"schema at {version}, code needs {HEAD}"
             )
+        except TimeoutError:
+            checks["database"] = "no answer within 2 s"
+            checks["migrations"] = "unknown: the database does not answer"
         except Exception as exc:
             checks["database"] = f"unreachable: {describe_error(exc)}"
             checks["migrations"] = "unknown: the database is unreachable"

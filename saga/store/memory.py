@@ -118,17 +118,23 @@ class MemoryStore:
         self._sent.update(message_ids)
 
     async def list_sagas(self, query: SagaFilter) -> list[SagaState]:
-        ids = self._order
-        if query.after is not None and query.after in ids:
-            ids = ids[ids.index(query.after) + 1 :]
+        # the SQL store's order exactly, so one contract suite pages through both alike
+        ordered = sorted(
+            (self._sagas[i] for i in self._order),
+            key=lambda s: (s.created_at, s.saga_id),
+            reverse=query.newest_first,
+        )
+        position = query.start_after
+        if position is None and query.after is not None and query.after in self._sagas:
+            anchor = self._sagas[query.after]
+            position = (anchor.created_at, anchor.saga_id)
         found: list[SagaState] = []
-        for saga_id in ids:
-            s = self._sagas[saga_id]
-            if query.status is not None and s.status is not query.status:
-                continue
-            if query.name is not None and s.name != query.name:
-                continue
-            if query.key is not None and s.key != query.key:
+        for s in ordered:
+            if position is not None:
+                here = (s.created_at, s.saga_id)
+                if (here <= position) if not query.newest_first else (here >= position):
+                    continue
+            if not query.matches(s):
                 continue
             found.append(s)
             if len(found) >= query.limit:

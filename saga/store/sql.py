@@ -47,7 +47,16 @@ from saga.state import (
 )
 from saga.store import sqlite_driver
 from saga.store.fresh import OutboxCopy
-from saga.store.schema import HEAD, MIGRATIONS, history, inbox, outbox, sagas, schema_version
+from saga.store.schema import (
+    HEAD,
+    MIGRATIONS,
+    UTCDateTime,
+    history,
+    inbox,
+    outbox,
+    sagas,
+    schema_version,
+)
 
 __all__ = ["SqlStore", "delete_sent", "sqlite_engine"]
 
@@ -456,28 +465,42 @@ class SqlStore:
             return [_history_from_row(r._mapping) for r in await conn.execute(query)]
 
     async def list_sagas(self, query: SagaFilter) -> list[SagaState]:
-        q = sa.select(sagas).order_by(sagas.c.created_at, sagas.c.saga_id).limit(query.limit)
-        if query.status is not None:
-            q = q.where(sagas.c.status == query.status.value)
+        # One order both ways, (created_at, saga_id), served by ix_saga_instances_created
+        # (scanned backwards for newest first); the keyset condition is a row comparison
+        # on the same columns, so every page is an index range, however deep.
+        order = (sagas.c.created_at, sagas.c.saga_id)
+        q = sa.select(sagas).limit(query.limit)
+        q = q.order_by(*(c.desc() for c in order) if query.newest_first else order)
+        wanted = query.wanted_statuses()
+        if wanted is not None:
+            q = q.where(sagas.c.status.in_(sorted(s.value for s in wanted)))
         if query.name is not None:
             q = q.where(sagas.c.name == query.name)
         if query.key is not None:
             q = q.where(sagas.c.key == query.key)
+        if query.since is not None:
+            q = q.where(sagas.c.created_at >= query.since)
+        if query.until is not None:
+            q = q.where(sagas.c.created_at < query.until)
+        bounds = query.id_bounds()
+        if bounds is not None:
+            q = q.where(sagas.c.saga_id.between(*bounds))
         async with self._read.connect() as conn:
-            if query.after is not None:
+            position = query.start_after
+            if position is None and query.after is not None:
                 anchor = (
                     await conn.execute(
                         sa.select(sagas.c.created_at).where(sagas.c.saga_id == query.after)
                     )
                 ).first()
                 if anchor is not None:
-                    at = _as_utc(anchor.created_at)
-                    q = q.where(
-                        sa.or_(
-                            sagas.c.created_at > at,
-                            sa.and_(sagas.c.created_at == at, sagas.c.saga_id > query.after),
-                        )
-                    )
+                    position = (_as_utc(anchor.created_at), query.after)
+            if position is not None:
+                here = sa.tuple_(*order)
+                there = sa.tuple_(
+                    sa.literal(position[0], UTCDateTime()), sa.literal(position[1], sa.Uuid())
+                )
+                q = q.where(here < there if query.newest_first else here > there)
             return [_state_from_row(r._mapping) for r in await conn.execute(q)]
 
     async def prune_inbox(self, before: datetime) -> int:
@@ -528,6 +551,41 @@ class SqlStore:
         count, oldest = int(row[0]), row[1]
         age = 0.0 if oldest is None else (now - _as_utc(oldest)).total_seconds()
         return count, max(age, 0.0)
+
+    async def status_counts(self) -> dict[SagaStatus, int]:
+        """How many sagas are in each status (the admin overview)."""
+        query = sa.select(sagas.c.status, sa.func.count()).group_by(sagas.c.status)
+        async with self._read.connect() as conn:
+            return {SagaStatus(status): int(n) for status, n in await conn.execute(query)}
+
+    async def recent_finished(
+        self, started_since: datetime, limit: int = 20_000
+    ) -> list[tuple[str, SagaStatus, datetime, datetime]]:
+        """(name, status, created_at, updated_at) of the sagas started since ``started_since``
+        that have ended: by start time, so the (status, created_at) index serves it."""
+        query = (
+            sa.select(sagas.c.name, sagas.c.status, sagas.c.created_at, sagas.c.updated_at)
+            .where(sagas.c.status.in_([s.value for s in _TERMINAL]))
+            .where(sagas.c.created_at >= started_since)
+            .limit(limit)
+        )
+        async with self._read.connect() as conn:
+            return [
+                (r.name, SagaStatus(r.status), _as_utc(r.created_at), _as_utc(r.updated_at))
+                for r in await conn.execute(query)
+            ]
+
+    async def oldest_running(self) -> tuple[UUID, str, datetime] | None:
+        """The running or compensating saga that started first: what waits longest."""
+        query = (
+            sa.select(sagas.c.saga_id, sagas.c.name, sagas.c.created_at)
+            .where(sagas.c.status.in_([SagaStatus.RUNNING.value, SagaStatus.COMPENSATING.value]))
+            .order_by(sagas.c.created_at)
+            .limit(1)
+        )
+        async with self._read.connect() as conn:
+            row = (await conn.execute(query)).first()
+        return None if row is None else (row.saga_id, row.name, _as_utc(row.created_at))
 
 
 _TERMINAL = frozenset({SagaStatus.COMPLETED, SagaStatus.COMPENSATED, SagaStatus.FAILED})

@@ -1,0 +1,472 @@
+"""The admin HTTP API: list and inspect sagas with their history, start sagas, and the operator
+actions (retry, abort, resolve).
+
+Operator actions are events like any other: they go through ``Orchestrator.submit`` and the pure
+engine, which writes them to the saga's history with the actor and the reason, or rejects them
+(the history says why, and the API answers 409 with that reason). Everything under ``/api``
+needs ``Authorization: Bearer <SAGA_ADMIN_TOKEN>``; ``/healthz``, ``/readyz`` and the OpenAPI
+pages (``/docs``, ``/openapi.json``) are public, since they hold nothing about any saga.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import hmac
+import json
+import uuid
+from collections.abc import Awaitable, Callable
+from datetime import UTC, datetime
+from typing import TYPE_CHECKING, Annotated, Any
+from uuid import UUID
+
+import sqlalchemy as sa
+import structlog
+from fastapi import APIRouter, Depends, FastAPI, Header, HTTPException, Query, Request, Security
+from fastapi.encoders import jsonable_encoder
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+
+from saga import __version__
+from saga.admin import dashboard
+from saga.admin.models import (
+    ActionRequest,
+    ActionResult,
+    DefinitionView,
+    ErrorBody,
+    Health,
+    Readiness,
+    ResolveRequest,
+    SagaDetail,
+    SagaPage,
+    StartRequest,
+    StartResult,
+    definition_view,
+    history_view,
+    saga_detail,
+    saga_summary,
+)
+from saga.errors import ConcurrencyError, MessageError, UnknownSagaError
+from saga.ids import saga_id_for_key
+from saga.poison import database_fault, describe_error
+from saga.ports import SagaFilter
+from saga.runtime import Outcome, Result
+from saga.state import SagaState, SagaStatus, Started
+
+if TYPE_CHECKING:
+    from saga.service import OrchestratorService
+
+__all__ = ["ACTOR_HEADER", "DEFAULT_ACTOR", "READY_TIMEOUT", "create_app"]
+
+log = structlog.get_logger("saga.admin")
+
+#: seconds the readiness checks may take in all; a database that does not answer is a failure
+READY_TIMEOUT = 2.0
+#: who performs an operator action, as written to the saga's history (a label the caller
+#: chooses: the token is what authorizes, and it is shared)
+ACTOR_HEADER = "X-Saga-Actor"
+DEFAULT_ACTOR = "admin-api"
+
+_AUTH_ERRORS: dict[int | str, dict[str, Any]] = {
+    401: {"model": ErrorBody, "description": "no bearer token, or a malformed one"},
+    403: {"model": ErrorBody, "description": "the token is wrong"},
+    422: {"model": ErrorBody, "description": "a parameter or the body is invalid"},
+    503: {"model": ErrorBody, "description": "the database cannot be reached"},
+}
+_NOT_FOUND: dict[int | str, dict[str, Any]] = {
+    404: {"model": ErrorBody, "description": "no saga with this id"}
+}
+_REFUSED: dict[int | str, dict[str, Any]] = {
+    409: {"model": ErrorBody, "description": "the action does not apply in the saga's state"}
+}
+
+
+#: documents the scheme in OpenAPI (the docs' Authorize button); the check is ``authorized``
+_BEARER = HTTPBearer(auto_error=False, description="the orchestrator's SAGA_ADMIN_TOKEN")
+
+Actor = Annotated[
+    str | None,
+    Header(
+        alias=ACTOR_HEADER,
+        max_length=100,
+        description=f"who acts, for the history (default `{DEFAULT_ACTOR}`)",
+    ),
+]
+
+
+def _utc(value: datetime | None) -> datetime | None:
+    """Times without an offset are taken as UTC, like every time the API returns."""
+    if value is None:
+        return None
+    return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+
+
+def encode_cursor(s: SagaState) -> str:
+    """The keyset position after ``s``: opaque to clients, so its format may change."""
+    raw = json.dumps([s.created_at.isoformat(), str(s.saga_id)]).encode()
+    return base64.urlsafe_b64encode(raw).decode().rstrip("=")
+
+
+def decode_cursor(cursor: str) -> tuple[datetime, UUID]:
+    try:
+        raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4))
+        at, saga_id = json.loads(raw)
+        when = datetime.fromisoformat(at)
+        if when.tzinfo is None:
+            raise ValueError("no offset")
+        return when.astimezone(UTC), UUID(saga_id)
+    except (ValueError, TypeError, binascii.Error):
+        raise HTTPException(
+            422, "cursor: not one this API returned; pass next_cursor back unchanged"
+        ) from None
+
+
+def _actor(value: str | None) -> str:
+    if value is None:
+        return DEFAULT_ACTOR
+    actor = value.strip()
+    if not actor or not actor.isprintable():
+        raise HTTPException(422, f"{ACTOR_HEADER}: give a printable name, e.g. alice@ops")
+    return actor
+
+
+def create_app(service: OrchestratorService) -> FastAPI:
+    """The API over ``service`` (started or not: the read endpoints only need its store)."""
+    app = FastAPI(
+        title="saga admin API",
+        version=__version__,
+        description=(
+            "Inspect sagas and their history, start sagas, and retry, abort or resolve them. "
+            "Every /api call needs `Authorization: Bearer <SAGA_ADMIN_TOKEN>`; operator "
+            f"actions record the `{ACTOR_HEADER}` header (default `{DEFAULT_ACTOR}`) as who "
+            'acted. Errors are `{"detail": "why"}`.'
+        ),
+    )
+
+    async def authorized(
+        request: Request, _doc: Annotated[HTTPAuthorizationCredentials | None, Security(_BEARER)]
+    ) -> None:
+        """401 without a token or with a malformed one, 403 with a wrong one. The expected
+        token is read per request, so a rotated SAGA_ADMIN_TOKEN_FILE applies at once."""
+        header = request.headers.get("authorization")
+        if header is None:
+            raise HTTPException(
+                401,
+                "missing bearer token: send `Authorization: Bearer <SAGA_ADMIN_TOKEN>`",
+                headers={"WWW-Authenticate": 'Bearer realm="saga"'},
+            )
+        scheme, _, presented = header.partition(" ")
+        presented = presented.strip()
+        if scheme.lower() != "bearer" or not presented or " " in presented:
+            raise HTTPException(
+                401,
+                "malformed Authorization header: expected `Bearer <token>`",
+                headers={"WWW-Authenticate": 'Bearer realm="saga", error="invalid_request"'},
+            )
+        try:
+            expected = service.settings.admin_token_value()
+        except OSError as exc:
+            raise HTTPException(
+                503, f"cannot read SAGA_ADMIN_TOKEN_FILE: {exc.strerror or exc}"
+            ) from None
+        if expected is None:
+            raise HTTPException(503, "no admin token is configured (SAGA_ADMIN_TOKEN is empty)")
+        if not hmac.compare_digest(presented.encode(), expected.encode()):
+            raise HTTPException(403, "wrong token: use the orchestrator's SAGA_ADMIN_TOKEN")
+
+    api = APIRouter(prefix="/api", dependencies=[Depends(authorized)], responses=_AUTH_ERRORS)
+
+    _error_handlers(app)
+    _health_routes(app, service)
+    _read_routes(api, service)
+    _operator_routes(api, service)
+    dashboard.install(app, api, service)  # the overview, /api/asyncapi.json and /ui
+    app.include_router(api)
+    return app
+
+
+def _error_handlers(app: FastAPI) -> None:
+    """Every error answers ``{"detail": "why"}``: validation errors as one readable line."""
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(_request: Request, exc: RequestValidationError) -> JSONResponse:
+        # loc, msg and type only: "input" would echo what was sent, secrets included
+        errors = [
+            {"loc": e["loc"], "msg": str(e["msg"]).removeprefix("Value error, "), "type": e["type"]}
+            for e in exc.errors()
+        ]
+        why = "; ".join(f"{'.'.join(str(part) for part in e['loc'])}: {e['msg']}" for e in errors)
+        return JSONResponse(jsonable_encoder({"detail": why, "errors": errors}), status_code=422)
+
+    async def _database_error(_request: Request, exc: Exception) -> JSONResponse:
+        log.warning("admin_database_error", error=describe_error(exc))
+        if database_fault(exc):  # down, unreachable or contended: worth trying again
+            detail = f"the database cannot be reached: {describe_error(exc)}"
+            return JSONResponse({"detail": detail}, status_code=503)
+        return JSONResponse({"detail": f"database error: {describe_error(exc)}"}, 500)
+
+    for error in (sa.exc.SQLAlchemyError, OSError, TimeoutError):
+        app.add_exception_handler(error, _database_error)
+
+    async def _unexpected(_request: Request, exc: Exception) -> JSONResponse:
+        # the message may hold anything: it goes to the log, the answer names only the type
+        log.error("admin_request_failed", error=repr(exc))
+        detail = f"internal error ({type(exc).__name__}); the orchestrator's log has the details"
+        return JSONResponse({"detail": detail}, status_code=500)
+
+    app.add_exception_handler(Exception, _unexpected)
+
+
+def _health_routes(app: FastAPI, service: OrchestratorService) -> None:
+    @app.get("/healthz", response_model=Health, tags=["health"])
+    async def healthz() -> Health:
+        """Liveness: the process answers HTTP. Checks nothing else, so a database outage
+        never gets the orchestrator restarted (it recovers by itself)."""
+        return Health()
+
+    @app.get(
+        "/readyz",
+        response_model=Readiness,
+        tags=["health"],
+        responses={503: {"model": Readiness, "description": "some check fails; it says why"}},
+    )
+    async def readyz() -> JSONResponse:
+        """Readiness: database reachable, schema current, broker connected, consumers running.
+        Bounded by a timeout, so a database that hangs makes it fail, not hang."""
+        checks = await _readiness(service)
+        ready = all(why is None for why in checks.values())
+        body = Readiness(ready=ready, checks=checks)
+        return JSONResponse(body.model_dump(mode="json"), status_code=200 if ready else 503)
+
+
+def _read_routes(api: APIRouter, service: OrchestratorService) -> None:
+    @api.get("/sagas", response_model=SagaPage, tags=["sagas"])
+    async def list_sagas(
+        status: Annotated[
+            list[SagaStatus] | None, Query(description="any of these; repeat the parameter")
+        ] = None,
+        name: Annotated[str | None, Query(max_length=100)] = None,
+        since: Annotated[
+            datetime | None, Query(description="created at or after (ISO; no offset = UTC)")
+        ] = None,
+        until: Annotated[
+            datetime | None, Query(description="created before (ISO; no offset = UTC)")
+        ] = None,
+        key: Annotated[str | None, Query(max_length=200, description="the saga's key")] = None,
+        q: Annotated[
+            str | None, Query(max_length=36, description="a saga id, or the start of one")
+        ] = None,
+        limit: Annotated[int, Query(ge=1, le=500)] = 50,
+        cursor: Annotated[
+            str | None, Query(max_length=200, description="next_cursor of the previous page")
+        ] = None,
+    ) -> SagaPage:
+        """Sagas, newest first, one page at a time (keyset paging: no repeats, no gaps)."""
+        try:
+            query = SagaFilter(
+                statuses=frozenset(status or ()),
+                name=name,
+                key=key,
+                since=_utc(since),
+                until=_utc(until),
+                id_prefix=q or None,
+                newest_first=True,
+                start_after=None if cursor is None else decode_cursor(cursor),
+                limit=limit + 1,  # one more tells whether there is a next page
+            )
+        except ValueError as exc:
+            raise HTTPException(422, f"q: {exc}") from None
+        found = await service.store.list_sagas(query)
+        page = found[:limit]
+        more = len(found) > limit
+        return SagaPage(
+            items=[saga_summary(s) for s in page],
+            next_cursor=encode_cursor(page[-1]) if more else None,
+        )
+
+    @api.get("/sagas/{saga_id}", response_model=SagaDetail, tags=["sagas"], responses=_NOT_FOUND)
+    async def get_saga(saga_id: UUID) -> SagaDetail:
+        """The saga, every step with its attempts and timings, and its full history."""
+        state = await _load(service, saga_id)
+        history = await service.store.history(saga_id)
+        try:
+            definition = service.registry.get(state.name, state.definition_version)
+        except UnknownSagaError:
+            definition = None
+        return saga_detail(state, history, definition)
+
+    @api.get("/definitions", response_model=list[DefinitionView], tags=["definitions"])
+    async def definitions() -> list[DefinitionView]:
+        """Every registered saga definition, each version, with its steps."""
+        return [definition_view(d) for d in service.registry.all()]
+
+
+def _operator_routes(api: APIRouter, service: OrchestratorService) -> None:
+    @api.post(
+        "/sagas",
+        response_model=StartResult,
+        status_code=201,
+        tags=["sagas"],
+        responses={200: {"model": StartResult, "description": "the key existed: that saga"}},
+    )
+    async def start_saga(body: StartRequest) -> JSONResponse:
+        """Start a saga; with a ``key``, idempotently: 201 when created, 200 (and the saga
+        as it is, whatever input was given now) when that key was used before."""
+        try:
+            definition = service.registry.get(body.name)
+        except UnknownSagaError as exc:
+            raise HTTPException(422, f"name: {exc}") from None
+        size = len(json.dumps(body.input))
+        if size > service.settings.max_message_bytes:
+            raise HTTPException(
+                413,
+                f"input is {size} bytes; commands carry it, and they may not exceed "
+                f"SAGA_MAX_MESSAGE_BYTES={service.settings.max_message_bytes}",
+            )
+        saga_id = uuid.uuid4() if body.key is None else saga_id_for_key(body.name, body.key)
+        existing = None if body.key is None else await service.store.load(saga_id)
+        if existing is None:
+            result = await service.orchestrator.submit(
+                saga_id, Started(saga_id, dict(body.input), body.key), definition=definition
+            )
+            created, state = result.outcome is Outcome.APPLIED, result.state
+        else:
+            created, state = False, existing
+        if created:
+            log.info("saga_started_by_api", saga_id=str(saga_id), name=body.name, key=body.key)
+        answer = StartResult(created=created, saga=saga_summary(state))
+        return JSONResponse(
+            answer.model_dump(mode="json"),
+            status_code=201 if created else 200,
+            headers={"Location": f"/api/sagas/{saga_id}"},
+        )
+
+    @api.post(
+        "/sagas/{saga_id}/retry",
+        response_model=ActionResult,
+        tags=["operator"],
+        responses={**_NOT_FOUND, **_REFUSED},
+    )
+    async def retry(
+        saga_id: UUID,
+        body: ActionRequest,
+        actor: Actor = None,
+    ) -> ActionResult:
+        """Retry a FAILED saga's stuck step (its action or its compensation), with a new
+        retry budget."""
+        who = _actor(actor)
+        return await _act(
+            service,
+            saga_id,
+            "retry",
+            who,
+            body.reason,
+            lambda: service.orchestrator.retry(saga_id, actor=who, reason=body.reason),
+        )
+
+    @api.post(
+        "/sagas/{saga_id}/abort",
+        response_model=ActionResult,
+        tags=["operator"],
+        responses={**_NOT_FOUND, **_REFUSED},
+    )
+    async def abort(
+        saga_id: UUID,
+        body: ActionRequest,
+        actor: Actor = None,
+    ) -> ActionResult:
+        """Abort a RUNNING saga before its pivot (or one FAILED at its pivot): the steps
+        that may have taken effect are compensated, newest first."""
+        who = _actor(actor)
+        return await _act(
+            service,
+            saga_id,
+            "abort",
+            who,
+            body.reason,
+            lambda: service.orchestrator.abort(saga_id, actor=who, reason=body.reason),
+        )
+
+    @api.post(
+        "/sagas/{saga_id}/resolve",
+        response_model=ActionResult,
+        tags=["operator"],
+        responses={**_NOT_FOUND, **_REFUSED},
+    )
+    async def resolve(
+        saga_id: UUID,
+        body: ResolveRequest,
+        actor: Actor = None,
+    ) -> ActionResult:
+        """Mark a FAILED saga's stuck step as done by hand (``data`` is its output when it is
+        an action), and carry on from there."""
+        who = _actor(actor)
+        return await _act(
+            service,
+            saga_id,
+            "resolve",
+            who,
+            body.reason,
+            lambda: service.orchestrator.resolve(
+                saga_id, actor=who, reason=body.reason, data=body.data
+            ),
+        )
+
+
+async def _readiness(service: OrchestratorService) -> dict[str, str | None]:
+    try:
+        async with asyncio.timeout(READY_TIMEOUT):
+            return await service.readiness()
+    except TimeoutError:
+        broker = service.broker
+        return {
+            "database": f"no answer within {READY_TIMEOUT:g} s",
+            "migrations": "unknown: the database did not answer",
+            "broker": None if broker is not None and broker.is_connected() else "no connection",
+            "consumers": "unknown: the checks timed out",
+        }
+    except Exception as exc:  # a check that breaks is a check that fails
+        return {"readiness": f"the checks failed: {describe_error(exc)}"}
+
+
+async def _load(service: OrchestratorService, saga_id: UUID) -> SagaState:
+    state = await service.store.load(saga_id)
+    if state is None:
+        raise HTTPException(404, f"no saga with id {saga_id}")
+    return state
+
+
+async def _act(
+    service: OrchestratorService,
+    saga_id: UUID,
+    action: str,
+    actor: str,
+    reason: str,
+    submit: Callable[[], Awaitable[Result]],
+) -> ActionResult:
+    """Run one operator action; 404 for an unknown saga, 409 with the engine's reason when
+    the action does not apply (the rejection is in the saga's history too)."""
+    await _load(service, saga_id)
+    try:
+        result = await submit()
+    except MessageError as exc:
+        if exc.reason == "unknown_saga":
+            raise HTTPException(404, f"no saga with id {saga_id}") from None
+        raise HTTPException(409, f"{action} cannot be applied: {exc.detail}") from None
+    except ConcurrencyError as exc:
+        raise HTTPException(409, f"{exc}; try again") from None
+    entries = [] if result.transition is None else list(result.transition.history)
+    log.info(
+        "operator_action",
+        saga_id=str(saga_id),
+        action=action,
+        actor=actor,
+        reason=reason,
+        outcome=result.outcome.value,
+    )
+    if result.outcome is not Outcome.APPLIED:
+        why = "; ".join(h.detail for h in entries) or f"the saga is {result.state.status}"
+        raise HTTPException(409, why)
+    return ActionResult(saga=saga_summary(result.state), entries=[history_view(h) for h in entries])

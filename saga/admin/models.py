@@ -1,0 +1,350 @@
+"""What the admin API answers, as pydantic models (so ``/openapi.json`` documents it), and the
+pure functions that build them from the engine's values."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from datetime import datetime
+from typing import Any
+from uuid import UUID
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from saga.definition import RetryPolicy, SagaDefinition
+from saga.state import (
+    Direction,
+    HistoryEntry,
+    HistoryKind,
+    Phase,
+    SagaState,
+    SagaStatus,
+    StepStatus,
+)
+
+__all__ = [
+    "ActionRequest",
+    "ActionResult",
+    "DefinitionView",
+    "ErrorBody",
+    "Health",
+    "HistoryView",
+    "Readiness",
+    "ResolveRequest",
+    "SagaDetail",
+    "SagaPage",
+    "SagaSummary",
+    "Span",
+    "StartRequest",
+    "StartResult",
+    "definition_view",
+    "saga_detail",
+    "saga_summary",
+    "step_spans",
+]
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(frozen=True)
+
+
+# --- answers ---------------------------------------------------------------------------------
+
+
+class ErrorBody(_Model):
+    """Every error: ``detail`` says why, in words an operator can act on."""
+
+    detail: str
+    errors: list[dict[str, Any]] | None = Field(
+        None, description="422 only: each invalid field, as FastAPI reports it"
+    )
+
+
+class Health(_Model):
+    status: str = "ok"
+
+
+class Readiness(_Model):
+    ready: bool
+    #: each check and why it fails (null when it passes)
+    checks: dict[str, str | None]
+
+
+class SagaSummary(_Model):
+    """One line of the saga list."""
+
+    saga_id: UUID
+    name: str
+    definition_version: int
+    status: SagaStatus
+    key: str | None
+    created_at: datetime
+    updated_at: datetime
+    current_step: str | None = Field(description="the step being run or compensated")
+    direction: Direction
+    failure: str | None = Field(description="why the saga compensates or failed")
+    stuck_step: str | None = Field(description="the step an operator must look at (FAILED)")
+
+
+class SagaPage(_Model):
+    items: list[SagaSummary]
+    next_cursor: str | None = Field(
+        description="pass as `cursor` for the next page; null on the last page"
+    )
+
+
+class Span(_Model):
+    """When one direction of a step ran, from its history."""
+
+    first_sent_at: datetime = Field(description="the first attempt's command was sent")
+    last_sent_at: datetime = Field(description="the latest attempt's command was sent")
+    finished_at: datetime | None = Field(
+        description="it succeeded, failed for good, timed out for good, or an operator ended "
+        "it; null while it runs or waits to retry"
+    )
+    duration_ms: float | None = Field(description="first_sent_at to finished_at")
+
+
+class StepView(_Model):
+    name: str
+    participant: str | None = Field(description="null if the definition is not registered")
+    status: StepStatus
+    attempts: int
+    compensation_attempts: int
+    error: str | None
+    action: Span | None
+    compensation: Span | None
+
+
+class HistoryView(_Model):
+    at: datetime
+    kind: HistoryKind
+    step: str | None
+    direction: Direction | None
+    attempt: int | None
+    message_id: UUID | None
+    actor: str | None
+    detail: str
+
+
+class SagaDetail(SagaSummary):
+    version: int = Field(description="goes up by one per applied event")
+    phase: Phase
+    awaiting: UUID | None = Field(description="the command awaited or to be sent next")
+    deadline: datetime | None
+    input: dict[str, Any]
+    outputs: dict[str, dict[str, Any]]
+    steps: list[StepView]
+    history: list[HistoryView]
+
+
+class RetryView(_Model):
+    max_attempts: int | None = Field(description="null: retried forever")
+    initial_backoff_s: float
+    multiplier: float
+    max_backoff_s: float
+    jitter: float
+
+
+class StepDefinitionView(_Model):
+    name: str
+    participant: str
+    action: str
+    compensation: str | None
+    compensated: bool = Field(description="whether the step is undone when the saga compensates")
+    pivot: bool
+    timeout_s: float
+    compensation_timeout_s: float
+    retry: RetryView
+    compensation_retry: RetryView
+
+
+class DefinitionView(_Model):
+    name: str
+    version: int
+    steps: list[StepDefinitionView]
+
+
+class StartResult(_Model):
+    created: bool = Field(description="false when a saga with this key existed already")
+    saga: SagaSummary
+
+
+class ActionResult(_Model):
+    saga: SagaSummary
+    entries: list[HistoryView] = Field(description="what the action wrote to the history")
+
+
+# --- requests --------------------------------------------------------------------------------
+
+
+class StartRequest(_Model):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    name: str = Field(min_length=1, max_length=100)
+    input: dict[str, Any] = Field(default_factory=dict)
+    key: str | None = Field(
+        None,
+        min_length=1,
+        max_length=200,
+        description="business or idempotency key: starting twice with it finds the same saga",
+    )
+
+
+class ActionRequest(_Model):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    reason: str = Field(min_length=1, max_length=2000, description="goes into the history")
+
+    @field_validator("reason")
+    @classmethod
+    def _said(cls, value: str) -> str:
+        if not value.strip():
+            raise ValueError("say why: the reason goes into the saga's history")
+        return value.strip()
+
+
+class ResolveRequest(ActionRequest):
+    data: dict[str, Any] = Field(
+        default_factory=dict,
+        description="when resolving a stuck action: the step's output, as its reply would have",
+    )
+
+
+# --- building them (pure) --------------------------------------------------------------------
+
+
+def saga_summary(s: SagaState) -> SagaSummary:
+    return SagaSummary(
+        saga_id=s.saga_id,
+        name=s.name,
+        definition_version=s.definition_version,
+        status=s.status,
+        key=s.key,
+        created_at=s.created_at,
+        updated_at=s.updated_at,
+        current_step=s.steps[s.current].name if s.current < len(s.steps) else None,
+        direction=s.direction,
+        failure=s.failure,
+        stuck_step=s.stuck_step,
+    )
+
+
+def history_view(h: HistoryEntry) -> HistoryView:
+    return HistoryView(
+        at=h.at,
+        kind=h.kind,
+        step=h.step,
+        direction=h.direction,
+        attempt=h.attempt,
+        message_id=h.message_id,
+        actor=h.actor,
+        detail=h.detail,
+    )
+
+
+#: entries that end one direction of a step, unless a later attempt is sent
+_ENDS = frozenset(
+    {
+        HistoryKind.STEP_SUCCEEDED,
+        HistoryKind.STEP_FAILED,
+        HistoryKind.STEP_TIMED_OUT,
+        HistoryKind.STEP_COMPENSATED,
+        HistoryKind.COMPENSATION_FAILED,
+        HistoryKind.OPERATOR,
+    }
+)
+
+
+def step_spans(history: Iterable[HistoryEntry]) -> dict[tuple[str, Direction], Span]:
+    """When each (step, direction) was first sent and when it finished, replayed from the
+    history: a sent command opens it, a retry reopens it, an outcome closes it."""
+    first: dict[tuple[str, Direction], datetime] = {}
+    last: dict[tuple[str, Direction], datetime] = {}
+    done: dict[tuple[str, Direction], datetime | None] = {}
+    for h in history:
+        if h.step is None or h.direction is None:
+            continue
+        where = (h.step, h.direction)
+        if h.kind is HistoryKind.COMMAND_SENT:
+            first.setdefault(where, h.at)
+            last[where] = h.at
+            done[where] = None
+        elif h.kind is HistoryKind.RETRY_SCHEDULED:
+            done[where] = None
+        elif h.kind in _ENDS and where in first:
+            done[where] = h.at
+    spans = {}
+    for where, started in first.items():
+        finished = done.get(where)
+        spans[where] = Span(
+            first_sent_at=started,
+            last_sent_at=last[where],
+            finished_at=finished,
+            duration_ms=None
+            if finished is None
+            else round((finished - started).total_seconds() * 1000, 3),
+        )
+    return spans
+
+
+def saga_detail(
+    s: SagaState, history: Sequence[HistoryEntry], definition: SagaDefinition | None
+) -> SagaDetail:
+    spans = step_spans(history)
+    participants = {} if definition is None else {d.name: d.participant for d in definition.steps}
+    steps = [
+        StepView(
+            name=st.name,
+            participant=participants.get(st.name),
+            status=st.status,
+            attempts=st.attempts,
+            compensation_attempts=st.compensation_attempts,
+            error=st.error,
+            action=spans.get((st.name, Direction.ACTION)),
+            compensation=spans.get((st.name, Direction.COMPENSATION)),
+        )
+        for st in s.steps
+    ]
+    return SagaDetail(
+        **saga_summary(s).model_dump(),
+        version=s.version,
+        phase=s.phase,
+        awaiting=s.awaiting,
+        deadline=s.deadline,
+        input=dict(s.context.input),
+        outputs={name: dict(data) for name, data in s.context.outputs.items()},
+        steps=steps,
+        history=[history_view(h) for h in history],
+    )
+
+
+def _retry_view(p: RetryPolicy) -> RetryView:
+    return RetryView(
+        max_attempts=p.max_attempts,
+        initial_backoff_s=p.initial_backoff.total_seconds(),
+        multiplier=p.multiplier,
+        max_backoff_s=p.max_backoff.total_seconds(),
+        jitter=p.jitter,
+    )
+
+
+def definition_view(d: SagaDefinition) -> DefinitionView:
+    return DefinitionView(
+        name=d.name,
+        version=d.version,
+        steps=[
+            StepDefinitionView(
+                name=step.name,
+                participant=step.participant,
+                action=step.action,
+                compensation=step.compensation,
+                compensated=d.needs_compensation(i),
+                pivot=step.pivot,
+                timeout_s=step.timeout.total_seconds(),
+                compensation_timeout_s=step.timeout_for(Direction.COMPENSATION).total_seconds(),
+                retry=_retry_view(step.retry),
+                compensation_retry=_retry_view(step.compensation_retry),
+            )
+            for i, step in enumerate(d.steps)
+        ],
+    )

@@ -1,0 +1,363 @@
+"""The admin API through the real uvicorn port of a running orchestrator: real RabbitMQ, the
+scripted participant, and a SQLite file or a PostgreSQL schema."""
+
+from __future__ import annotations
+
+import uuid
+from datetime import datetime
+from typing import Any
+
+import pytest
+
+from saga.ids import saga_id_for_key
+from saga.state import HistoryKind
+from tests.admin.conftest import Stack
+
+pytestmark = pytest.mark.rabbitmq
+
+BOTH = pytest.mark.parametrize(
+    "backend", ["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)], indirect=True
+)
+
+COMPENSATION_STUCK = {"gamma": ["fail"], "beta~undo": ["fail"]}
+
+
+def _order(items: list[dict[str, Any]]) -> list[tuple[datetime, uuid.UUID]]:
+    return [(datetime.fromisoformat(s["created_at"]), uuid.UUID(s["saga_id"])) for s in items]
+
+
+async def _all_pages(stack: Stack, params: dict[str, Any], limit: int) -> list[dict[str, Any]]:
+    found: list[dict[str, Any]] = []
+    cursor = None
+    for _ in range(100):
+        query = {**params, "limit": limit, **({"cursor": cursor} if cursor else {})}
+        answer = await stack.client.get("/api/sagas", params=query)
+        assert answer.status_code == 200, answer.text
+        page = answer.json()
+        assert len(page["items"]) <= limit
+        found += page["items"]
+        cursor = page["next_cursor"]
+        if cursor is None:
+            return found
+    raise AssertionError("paging never ended")
+
+
+@BOTH
+async def test_list_filters_and_keyset_paging(stack: Stack) -> None:
+    ids: dict[str, str] = {}
+    for i in range(7):
+        script = {} if i % 2 == 0 else {"beta": ["fail"]}
+        ids[f"k{i}"] = await stack.start("trip", script, key=f"k{i}")
+    held = await stack.start("hold", {"beta": ["silent"]}, key="held")
+    for i in range(7):
+        await stack.wait(ids[f"k{i}"], ["COMPLETED" if i % 2 == 0 else "COMPENSATED"])
+    await stack.wait(held, ["RUNNING"], step="beta")
+    every = [*ids.values(), held]
+
+    # pages of 3: every saga once, newest first, however many pages
+    listed = await _all_pages(stack, {}, limit=3)
+    assert sorted(s["saga_id"] for s in listed) == sorted(every)
+    assert _order(listed) == sorted(_order(listed), reverse=True)
+
+    # sagas created while paging are newer than the first page: no repeats and no gaps
+    first = (await stack.client.get("/api/sagas", params={"limit": 2})).json()
+    late = [await stack.start("trip", {}, key=f"late-{i}") for i in (1, 2)]
+    rest = await _all_pages(stack, {"cursor": first["next_cursor"]}, limit=2)
+    assert [s["saga_id"] for s in first["items"] + rest] == [s["saga_id"] for s in listed]
+    for saga_id in late:
+        await stack.wait(saga_id, ["COMPLETED"])
+
+    async def ids_for(**params: Any) -> set[str]:
+        return {s["saga_id"] for s in await _all_pages(stack, params, limit=500)}
+
+    completed = {ids[f"k{i}"] for i in (0, 2, 4, 6)}
+    compensated = {ids[f"k{i}"] for i in (1, 3, 5)}
+    assert await ids_for(status="COMPLETED", name="trip", since=listed[-1]["created_at"]) == (
+        completed | set(late)
+    )
+    assert await ids_for(status=["COMPENSATED"]) == compensated
+    assert await ids_for(status=["COMPENSATED", "RUNNING"]) == compensated | {held}
+    assert await ids_for(name="hold") == {held}
+    assert await ids_for(key="k3") == {ids["k3"]}
+    assert await ids_for(key="nope") == set()
+    # filters and paging together: one at a time through the completed ones
+    completed_paged = await _all_pages(stack, {"status": "COMPENSATED"}, limit=1)
+    assert [s["saga_id"] for s in completed_paged] == [
+        s["saga_id"] for s in listed if s["saga_id"] in compensated
+    ]
+
+    # since (inclusive) and until (exclusive) on created_at
+    oldest_first = list(reversed(listed))
+    third = oldest_first[2]["created_at"]
+    assert await ids_for(since=third, until=listed[0]["created_at"]) == {
+        s["saga_id"] for s in oldest_first[2:-1]
+    }
+    naive = datetime.fromisoformat(third).replace(tzinfo=None).isoformat()  # no offset = UTC
+    assert await ids_for(until=naive) == {s["saga_id"] for s in oldest_first[:2]}
+
+    # q: the whole id, with or without dashes, or its start
+    target = ids["k5"]
+    assert await ids_for(q=target) == {target}
+    assert await ids_for(q=target.replace("-", "").upper()) == {target}
+    by_prefix = await ids_for(q=target[:6])
+    assert target in by_prefix
+    assert all(s.startswith(target[:6]) for s in by_prefix)
+
+    # every list item carries what the table needs
+    k1 = next(s for s in listed if s["saga_id"] == ids["k1"])
+    assert k1["status"] == "COMPENSATED"
+    assert k1["key"] == "k1"
+    assert k1["failure"] == "step beta failed: refused"
+    assert k1["definition_version"] == 1
+
+
+@BOTH
+async def test_detail_has_steps_history_and_timings(stack: Stack) -> None:
+    saga_id = await stack.start("trip", {"beta": ["retry", "fail"]}, key="detail")
+    saga = await stack.wait(saga_id, ["COMPENSATED"])
+
+    assert saga["name"] == "trip"
+    assert saga["definition_version"] == 1
+    assert saga["key"] == "detail"
+    assert saga["input"] == {"script": {"beta": ["retry", "fail"]}}
+    assert saga["outputs"] == {"alpha": {}}
+    assert saga["failure"] == "step beta failed: refused"
+    assert saga["stuck_step"] is None
+    assert saga["phase"] == "idle"
+    steps = {s["name"]: s for s in saga["steps"]}
+    assert [s["name"] for s in saga["steps"]] == ["alpha", "beta", "gamma"]
+    assert steps["alpha"]["status"] == "COMPENSATED"
+    assert (steps["alpha"]["attempts"], steps["alpha"]["compensation_attempts"]) == (1, 1)
+    assert steps["alpha"]["participant"] == "alpha"
+    assert steps["beta"]["status"] == "FAILED"
+    assert steps["beta"]["attempts"] == 2
+    assert steps["beta"]["error"] == "refused"
+    assert steps["gamma"]["status"] == "PENDING"
+
+    # the full history, as the store has it, every field
+    stored = await stack.service.store.history(uuid.UUID(saga_id))
+    assert [h["kind"] for h in saga["history"]] == [h.kind.value for h in stored]
+    assert [h["detail"] for h in saga["history"]] == [h.detail for h in stored]
+    sent = [h for h in saga["history"] if h["kind"] == HistoryKind.COMMAND_SENT]
+    assert [(h["step"], h["direction"], h["attempt"]) for h in sent] == [
+        ("alpha", "action", 1),
+        ("beta", "action", 1),
+        ("beta", "action", 2),
+        ("alpha", "compensation", 1),
+    ]
+    assert all(uuid.UUID(h["message_id"]) for h in sent)
+    assert all(h["actor"] is None for h in saga["history"])
+    times = [datetime.fromisoformat(h["at"]) for h in saga["history"]]
+    assert times == sorted(times)
+
+    # per-step timings, replayed from the history
+    alpha, beta = steps["alpha"], steps["beta"]
+    for span in (alpha["action"], alpha["compensation"], beta["action"]):
+        first, finished = span["first_sent_at"], span["finished_at"]
+        assert finished is not None
+        assert datetime.fromisoformat(finished) >= datetime.fromisoformat(first)
+        assert span["duration_ms"] >= 0
+    assert beta["action"]["last_sent_at"] > beta["action"]["first_sent_at"]  # two attempts
+    assert beta["compensation"] is None  # it failed: nothing to undo
+    assert steps["gamma"]["action"] is None
+    # one decision: beta's failure and alpha's compensation share their time
+    assert alpha["compensation"]["first_sent_at"] == beta["action"]["finished_at"]
+
+
+async def test_definitions_list_every_step(stack: Stack) -> None:
+    answer = await stack.client.get("/api/definitions")
+    assert answer.status_code == 200
+    found = {d["name"]: d for d in answer.json()}
+    assert sorted(found) == ["hold", "pivoted", "trip"]
+    alpha = found["trip"]["steps"][0]
+    assert alpha["participant"] == "alpha"
+    assert alpha["action"] == "alpha.do"
+    assert alpha["compensation"] == "alpha.undo"
+    assert alpha["compensated"] is True
+    assert alpha["timeout_s"] == 30
+    assert alpha["retry"]["max_attempts"] == 3
+    assert alpha["compensation_retry"]["max_attempts"] == 4
+    pivot = found["pivoted"]["steps"][1]
+    assert (pivot["pivot"], pivot["compensation"], pivot["compensated"]) == (True, None, False)
+    assert found["hold"]["steps"][1]["timeout_s"] == 60
+
+
+async def test_start_is_idempotent_by_key(stack: Stack) -> None:
+    body = {"name": "trip", "input": {"script": {}, "n": 1}, "key": "order-17"}
+    first = await stack.client.post("/api/sagas", json=body)
+    assert first.status_code == 201, first.text
+    saga_id = first.json()["saga"]["saga_id"]
+    assert first.json()["created"] is True
+    assert saga_id == str(saga_id_for_key("trip", "order-17"))
+    assert first.headers["location"] == f"/api/sagas/{saga_id}"
+
+    again = await stack.client.post("/api/sagas", json={**body, "input": {"other": True}})
+    assert again.status_code == 200, again.text
+    assert again.json()["created"] is False
+    assert again.json()["saga"]["saga_id"] == saga_id
+    saga = await stack.wait(saga_id, ["COMPLETED"])
+    assert saga["input"] == {"script": {}, "n": 1}  # the first start's input, kept
+
+    no_key = [
+        await stack.client.post("/api/sagas", json={"name": "trip", "input": {"script": {}}})
+        for _ in range(2)
+    ]
+    assert [a.status_code for a in no_key] == [201, 201]
+    assert no_key[0].json()["saga"]["saga_id"] != no_key[1].json()["saga"]["saga_id"]
+
+
+@BOTH
+async def test_retry_a_failed_saga_with_a_stuck_compensation(stack: Stack) -> None:
+    saga_id = await stack.start("trip", COMPENSATION_STUCK)
+    failed = await stack.wait(saga_id, ["FAILED"])
+    assert failed["stuck_step"] == "beta"
+    assert failed["direction"] == "compensation"
+
+    answer = await stack.client.post(
+        f"/api/sagas/{saga_id}/retry",
+        json={"reason": "beta's ledger fixed by hand"},
+        headers={"X-Saga-Actor": "alice@ops"},
+    )
+    assert answer.status_code == 200, answer.text
+    result = answer.json()
+    assert result["saga"]["status"] == "COMPENSATING"
+    operator = result["entries"][0]
+    assert operator["kind"] == "operator"
+    assert operator["actor"] == "alice@ops"
+    assert operator["detail"] == "retry: beta's ledger fixed by hand"
+    assert [
+        (e["kind"], e["step"], e["direction"], e["attempt"]) for e in result["entries"][1:]
+    ] == [("command_sent", "beta", "compensation", 2)]
+
+    done = await stack.wait(saga_id, ["COMPENSATED"])
+    assert [s["status"] for s in done["steps"]] == ["COMPENSATED", "COMPENSATED", "FAILED"]
+    recorded = [h for h in done["history"] if h["kind"] == "operator"]
+    assert [(h["actor"], h["detail"]) for h in recorded] == [
+        ("alice@ops", "retry: beta's ledger fixed by hand")
+    ]
+
+
+@BOTH
+async def test_abort_a_running_saga_compensates_it(stack: Stack) -> None:
+    saga_id = await stack.start("hold", {"beta": ["silent"]})
+    await stack.wait(saga_id, ["RUNNING"], step="beta")
+
+    answer = await stack.client.post(
+        f"/api/sagas/{saga_id}/abort", json={"reason": "customer cancelled"}
+    )
+    assert answer.status_code == 200, answer.text
+    assert answer.json()["saga"]["status"] == "COMPENSATING"
+    operator = answer.json()["entries"][0]
+    assert (operator["kind"], operator["actor"]) == ("operator", "admin-api")  # no header given
+
+    done = await stack.wait(saga_id, ["COMPENSATED"])
+    assert [s["status"] for s in done["steps"]] == ["COMPENSATED", "COMPENSATED"]
+    assert done["failure"] == "aborted by admin-api: customer cancelled"
+    undone = [
+        h["step"]
+        for h in done["history"]
+        if h["kind"] == "command_sent" and h["direction"] == "compensation"
+    ]
+    assert undone == ["beta", "alpha"]  # the aborted step too: its outcome is unknown
+
+
+@BOTH
+async def test_resolve_a_stuck_compensation_and_a_stuck_action(stack: Stack) -> None:
+    stuck_undo = await stack.start("trip", COMPENSATION_STUCK)
+    stuck_action = await stack.start("pivoted", {"gamma": ["fail"]})
+    await stack.wait(stuck_undo, ["FAILED"])
+    failed = await stack.wait(stuck_action, ["FAILED"])
+    assert (failed["stuck_step"], failed["direction"]) == ("gamma", "action")
+
+    answer = await stack.client.post(
+        f"/api/sagas/{stuck_undo}/resolve",
+        json={"reason": "refunded by hand"},
+        headers={"X-Saga-Actor": "bob"},
+    )
+    assert answer.status_code == 200, answer.text
+    done = await stack.wait(stuck_undo, ["COMPENSATED"])
+    assert [s["status"] for s in done["steps"]] == ["COMPENSATED", "COMPENSATED", "FAILED"]
+    assert [(h["actor"], h["detail"]) for h in done["history"] if h["kind"] == "operator"] == [
+        ("bob", "resolved by hand: refunded by hand")
+    ]
+
+    answer = await stack.client.post(
+        f"/api/sagas/{stuck_action}/resolve",
+        json={"reason": "shipped by hand", "data": {"tracking": "T-1", "n": [1, 2]}},
+    )
+    assert answer.status_code == 200, answer.text
+    assert answer.json()["saga"]["status"] == "COMPLETED"
+    completed = await stack.saga(stuck_action)
+    assert completed["outputs"]["gamma"] == {"tracking": "T-1", "n": [1, 2]}
+    assert completed["steps"][2]["status"] == "SUCCEEDED"
+
+
+async def test_every_error_says_why(stack: Stack) -> None:
+    done = await stack.start("trip", {})
+    running = await stack.start("hold", {"beta": ["silent"]})
+    await stack.wait(done, ["COMPLETED"])
+    await stack.wait(running, ["RUNNING"], step="beta")
+    unknown = uuid.uuid4()
+    client = stack.client
+
+    async def error(method: str, path: str, status: int, **kwargs: Any) -> str:
+        answer = await client.request(method, path, **kwargs)
+        assert answer.status_code == status, answer.text
+        detail = answer.json()["detail"]
+        assert isinstance(detail, str)
+        assert detail
+        return detail
+
+    # 404: unknown saga, named
+    assert await error("GET", f"/api/sagas/{unknown}", 404) == f"no saga with id {unknown}"
+    for action in ("retry", "abort", "resolve"):
+        detail = await error(
+            "POST", f"/api/sagas/{unknown}/{action}", 404, json={"reason": "why not"}
+        )
+        assert str(unknown) in detail
+
+    # 409: the engine's own reason, which the history records as well
+    why = await error("POST", f"/api/sagas/{done}/retry", 409, json={"reason": "again"})
+    assert why == (
+        "OperatorRetry rejected: only a FAILED saga can be retried; this one is COMPLETED"
+    )
+    why = await error("POST", f"/api/sagas/{done}/abort", 409, json={"reason": "stop"})
+    assert "only a RUNNING saga can be aborted; this one is COMPLETED" in why
+    why = await error("POST", f"/api/sagas/{running}/resolve", 409, json={"reason": "done"})
+    assert "only a FAILED saga can be resolved; this one is RUNNING" in why
+    rejected = [h for h in (await stack.saga(done))["history"] if h["kind"] == "rejected"]
+    assert [h["actor"] for h in rejected] == ["admin-api", "admin-api"]
+    assert (await stack.saga(running))["status"] == "RUNNING"
+
+    # 422: validation, with the field named
+    path = f"/api/sagas/{running}/abort"
+    assert "reason" in await error("POST", path, 422, json={})
+    assert "reason" in await error("POST", path, 422, json={"reason": ""})
+    assert "reason" in await error("POST", path, 422, json={"reason": "   "})
+    assert "data" in await error("POST", path, 422, json={"reason": "x", "data": {}})
+    assert "saga_id" in await error("GET", "/api/sagas/not-a-uuid", 422)
+    for actor in ("", "a" * 101):
+        assert "X-Saga-Actor" in await error(
+            "POST", path, 422, json={"reason": "x"}, headers={"X-Saga-Actor": actor}
+        )
+    assert "limit" in await error("GET", "/api/sagas", 422, params={"limit": 0})
+    assert "limit" in await error("GET", "/api/sagas", 422, params={"limit": 501})
+    assert "status" in await error("GET", "/api/sagas", 422, params={"status": "BOGUS"})
+    assert "since" in await error("GET", "/api/sagas", 422, params={"since": "yesterday"})
+    assert "q" in await error("GET", "/api/sagas", 422, params={"q": "xyz"})
+    assert "cursor" in await error("GET", "/api/sagas", 422, params={"cursor": "bm9wZQ"})
+    assert "name" in await error("POST", "/api/sagas", 422, json={"name": "nope", "input": {}})
+    assert "body" in await error(
+        "POST",
+        "/api/sagas",
+        422,
+        content=b"{not json",
+        headers={"Content-Type": "application/json"},
+    )
+    why = await error("POST", path, 422, json={"reason": " "})
+    assert why == "body.reason: say why: the reason goes into the saga's history"
+    too_big = {"name": "trip", "input": {"blob": "x" * 300_000}}
+    assert "SAGA_MAX_MESSAGE_BYTES" in await error("POST", "/api/sagas", 413, json=too_big)
+    body = (await client.post(path, json={})).json()
+    assert body["errors"][0]["loc"] == ["body", "reason"]
+    assert (await stack.saga(running))["status"] == "RUNNING"  # nothing was applied

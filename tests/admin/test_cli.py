@@ -1,0 +1,276 @@
+"""The ``saga`` console script against a running orchestrator's admin API: what it prints and
+the exit status scripts rely on (0 ok, 1 refused, 2 usage, settings or connection)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import shutil
+import signal
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+from typer.testing import CliRunner
+
+from saga import cli
+from tests.admin.conftest import TOKEN, Stack, free_port
+from tests.conftest import require_rabbitmq
+from tests.crash.helpers import Processes, delete_topology, orchestrator_env, wait_exit
+from tests.crash.helpers import wait_for_output as wait_output
+
+pytestmark = pytest.mark.rabbitmq
+
+ACTOR = "cli-tester"
+
+
+def _saga_script() -> str:
+    """The console script installed next to this interpreter."""
+    beside = Path(sys.executable).with_name("saga")
+    found = str(beside) if beside.exists() else shutil.which("saga")
+    if found is None:
+        pytest.fail("the `saga` console script is not installed: pip install -e .")
+    return found
+
+
+@dataclass
+class Ran:
+    code: int
+    out: str
+    err: str
+
+    def json(self) -> Any:
+        return json.loads(self.out)
+
+
+async def saga(*args: str, url: str, token: str | None = TOKEN) -> Ran:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SAGA_")}
+    env.update(SAGA_ADMIN_URL=url, SAGA_ACTOR=ACTOR, NO_COLOR="1", COLUMNS="200")
+    if token is not None:
+        env["SAGA_ADMIN_TOKEN"] = token
+    proc = await asyncio.create_subprocess_exec(
+        _saga_script(),
+        *args,
+        env=env,
+        stdin=asyncio.subprocess.DEVNULL,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    out, err = await asyncio.wait_for(proc.communicate(), 60)
+    assert proc.returncode is not None
+    return Ran(proc.returncode, out.decode(), err.decode())
+
+
+async def saga_all(*calls: tuple[str, ...], url: str) -> list[Ran]:
+    """Independent invocations, a few at a time: each one's start-up is most of its cost."""
+    slots = asyncio.Semaphore(3)
+
+    async def one(args: tuple[str, ...]) -> Ran:
+        async with slots:
+            return await saga(*args, url=url)
+
+    return list(await asyncio.gather(*(one(args) for args in calls)))
+
+
+async def test_list_show_and_definitions(stack: Stack) -> None:
+    completed = await stack.start("trip", {}, key="cli-ok")
+    compensated = await stack.start("trip", {"beta": ["fail"]})
+    failed = await stack.start("trip", {"gamma": ["fail"], "beta~undo": ["fail"]})
+    await stack.wait(completed, ["COMPLETED"])
+    await stack.wait(compensated, ["COMPENSATED"])
+    await stack.wait(failed, ["FAILED"])
+    unknown = "0" * 8 + "-0000-4000-8000-" + "0" * 12
+
+    (
+        defs, defs_json, listed, only_failed, first_page, by_key, too_old, bad_since, shown,
+        by_prefix, not_found,
+    ) = await saga_all(
+        ("definitions",),
+        ("definitions", "--json"),
+        ("list",),
+        ("list", "--status", "failed", "--json"),
+        ("list", "-s", "COMPLETED", "-s", "compensated", "--limit", "1"),
+        ("list", "--key", "cli-ok", "--json"),
+        ("list", "--until", "2000-01-01T00:00:00Z"),
+        ("list", "--since", "yesterday"),
+        ("show", compensated),
+        ("show", compensated[:10], "--json"),  # the start of an id
+        ("show", unknown),
+        url=stack.url,
+    )  # fmt: skip
+
+    assert defs.code == 0, defs.err
+    assert "trip v1" in defs.out
+    assert "beta (pivot)" in defs.out
+    assert "alpha.undo" in defs.out
+    assert sorted(d["name"] for d in defs_json.json()) == ["hold", "pivoted", "trip"]
+
+    assert listed.code == 0, listed.err
+    assert listed.out.splitlines()[0].split()[:3] == ["SAGA", "ID", "NAME"]
+    rows = listed.out.splitlines()[1:]
+    assert [row.split()[0] for row in rows] == [failed, compensated, completed]  # newest first
+    assert "stuck at beta" in rows[0]
+    assert "cli-ok" in rows[2]
+    assert [s["saga_id"] for s in only_failed.json()["items"]] == [failed]
+    assert [s["saga_id"] for s in by_key.json()["items"]] == [completed]
+    assert (too_old.code, too_old.out.strip()) == (0, "no sagas match")
+    assert bad_since.code == 2
+    assert "use an age (30m, 1h, 2d, 1w) or an ISO time" in bad_since.err
+
+    assert first_page.code == 0, first_page.err
+    assert first_page.out.splitlines()[1].split()[0] == compensated
+    more = first_page.out.splitlines()[-1]
+    assert more.startswith("more: --cursor ")
+    cursor = more.removeprefix("more: --cursor ")
+    next_page = await saga(
+        "list", "-s", "completed", "-s", "compensated", "--since", "1h", "--cursor", cursor,
+        "--json", url=stack.url,
+    )  # fmt: skip
+    assert [s["saga_id"] for s in next_page.json()["items"]] == [completed]
+    assert next_page.json()["next_cursor"] is None
+
+    assert shown.code == 0, shown.err
+    assert shown.out.startswith(f"saga {compensated}  trip v1  COMPENSATED")
+    assert "failure: step beta failed: refused" in shown.out
+    timeline = shown.out.split("TIME (UTC)")[1].splitlines()[1:]
+    undo = [line for line in timeline if "sent alpha.undo to alpha" in line]
+    assert len(undo) == 1
+    assert undo[0].startswith("<<")
+    assert " undo " in undo[0]
+    forward = [line for line in timeline if "sent alpha.do to alpha" in line]
+    assert not forward[0].startswith("<<")
+    assert " do " in forward[0]
+    assert " #1 " in forward[0]
+    assert any(line.startswith("<<") and "compensated" in line for line in timeline)
+
+    assert by_prefix.code == 0, by_prefix.err
+    assert by_prefix.json()["saga_id"] == compensated
+    assert by_prefix.json()["history"][0]["kind"] == "started"
+    assert not_found.code == 1
+    assert f"no saga with id {unknown}" in not_found.err
+
+
+async def test_operator_actions_and_their_exit_status(stack: Stack) -> None:
+    stuck = await stack.start("trip", {"gamma": ["fail"], "beta~undo": ["fail"]})
+    held = await stack.start("hold", {"beta": ["silent"]})
+    pivoted = await stack.start("pivoted", {"gamma": ["fail"]})
+    await stack.wait(stuck, ["FAILED"])
+    await stack.wait(held, ["RUNNING"], step="beta")
+    await stack.wait(pivoted, ["FAILED"])
+    url = stack.url
+
+    retried, aborted, *refused = await saga_all(
+        ("retry", stuck, "--reason", "ledger fixed"),
+        ("abort", held, "-r", "customer cancelled", "--actor", "carol"),
+        ("resolve", pivoted, "--reason", "x", "--data", "{bad"),
+        ("resolve", pivoted, "--reason", "x", "--data", "[1]"),
+        ("resolve", pivoted),
+        ("resolve", pivoted, "--reason", "  "),
+        url=url,
+    )
+    assert retried.code == 0, retried.err
+    assert retried.out.splitlines()[0] == f"retry: saga {stuck} is now COMPENSATING"
+    assert "  operator beta (undo): retry: ledger fixed" in retried.out
+    done = await stack.wait(stuck, ["COMPENSATED"])
+    assert [h["actor"] for h in done["history"] if h["kind"] == "operator"] == [ACTOR]
+
+    assert aborted.code == 0, aborted.err
+    done = await stack.wait(held, ["COMPENSATED"])
+    assert [h["actor"] for h in done["history"] if h["kind"] == "operator"] == ["carol"]
+
+    for ran, why in zip(
+        refused, ("not JSON", "give a JSON object", "--reason", "reason"), strict=True
+    ):
+        assert ran.code == 2
+        assert why in ran.err
+    assert (await stack.saga(pivoted))["status"] == "FAILED"
+
+    again, resolved = await saga_all(
+        ("retry", stuck, "--reason", "once more"),
+        (
+            "resolve",
+            pivoted,
+            "--reason",
+            "shipped by hand",
+            "--data",
+            '{"tracking": "T-9"}',
+            "--json",
+        ),
+        url=url,
+    )
+    assert again.code == 1
+    assert again.err.strip() == (
+        "error: refused: OperatorRetry rejected: only a FAILED saga can be retried; "
+        "this one is COMPENSATED"
+    )
+    assert resolved.code == 0, resolved.err
+    assert resolved.json()["saga"]["status"] == "COMPLETED"
+    assert (await stack.saga(pivoted))["outputs"]["gamma"] == {"tracking": "T-9"}
+
+
+async def test_errors_name_the_cause(stack: Stack) -> None:
+    nowhere = f"http://127.0.0.1:{free_port()}"
+    wrong, no_token, unreachable, elsewhere = await asyncio.gather(
+        saga("list", url=stack.url, token="wrong-token-0123456789"),
+        saga("list", url=stack.url, token=None),
+        saga("definitions", url=nowhere),
+        # --url wins over SAGA_ADMIN_URL; a path that is not the API says so
+        saga("show", "--url", f"{stack.url}/elsewhere", "0" * 32, url=nowhere),
+    )
+    assert wrong.code == 2
+    assert "forbidden: wrong token" in wrong.err
+    assert no_token.code == 2
+    assert "no admin token: set SAGA_ADMIN_TOKEN" in no_token.err
+    assert unreachable.code == 2
+    assert f"cannot connect to the admin API at {nowhere}" in unreachable.err
+    assert "SAGA_ADMIN_PORT" in unreachable.err
+    assert elsewhere.code == 2
+    assert "Not Found" in elsewhere.err
+    assert "the admin API?" in elsewhere.err
+
+
+@pytest.mark.parametrize("command", ["list", "show", "retry", "abort", "resolve", "definitions"])
+def test_every_command_has_help(command: str) -> None:
+    """In-process (the console script runs the same app): help needs no server."""
+    ran = CliRunner().invoke(cli.app, [command, "--help"], env={"COLUMNS": "200"})
+    assert ran.exit_code == 0, ran.output
+    assert "--url" in ran.output
+    assert "SAGA_ADMIN_TOKEN" in ran.output
+
+
+async def test_saga_run_serves_the_admin_api_and_stops_on_sigterm(
+    tmp_path: Path, unique: str
+) -> None:
+    """The real ``saga run`` process with SAGA_ADMIN_PORT set, and the CLI against it."""
+    rabbitmq_url = require_rabbitmq()
+    prefix = f"adm-run-{unique}"
+    port = free_port()
+    env = orchestrator_env(
+        database_url=f"sqlite+aiosqlite:///{tmp_path / 'saga.db'}",
+        rabbitmq_url=rabbitmq_url,
+        prefix=prefix,
+    )
+    env.update(SAGA_ADMIN_PORT=str(port), SAGA_ADMIN_TOKEN=TOKEN)
+    processes = Processes(tmp_path)
+    try:
+        orchestrator = processes.spawn("orchestrator", ["-m", "saga", "run", "--migrate"], env)
+        await wait_output(orchestrator, "orchestrator_started", within=30)
+        url = f"http://127.0.0.1:{port}"
+        ran = await saga("definitions", url=url)
+        assert ran.code == 0, ran.err
+        assert "trip v1" in ran.out
+        ran = await saga("list", url=url)
+        assert (ran.code, ran.out.strip()) == (0, "no sagas match")
+
+        orchestrator.popen.send_signal(signal.SIGTERM)
+        assert await wait_exit(orchestrator, within=20) == 0, orchestrator.describe()
+        assert "orchestrator_stopped" in orchestrator.output()
+        ran = await saga("list", url=url)
+        assert ran.code == 2
+        assert "cannot connect" in ran.err
+    finally:
+        processes.stop_all()
+        await delete_topology(rabbitmq_url, prefix)
