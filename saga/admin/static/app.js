@@ -1,0 +1,377 @@
+// The saga dashboard: plain JavaScript over the admin API (no build step). Every call sends the
+// bearer token kept in this tab's sessionStorage; views refresh every 2 s while visible.
+"use strict";
+
+const API = new URL("../api/", window.location.href).toString();
+const TERMINAL = new Set(["COMPLETED", "COMPENSATED", "FAILED"]);
+const STATUSES = ["RUNNING", "COMPENSATING", "COMPLETED", "COMPENSATED", "FAILED"];
+const view = document.getElementById("view");
+let timer = null;
+let busy = false; // a dialog is open: do not redraw under it
+
+function esc(value) {
+  return String(value ?? "").replace(/[&<>"']/g, (c) => ({
+    "&": "&amp;", "<": "&lt;", ">": "&gt;", '"': "&quot;", "'": "&#39;",
+  })[c]);
+}
+
+function badge(status) {
+  return `<span class="badge s-${esc(status)}" data-status="${esc(status)}">${esc(status)}</span>`;
+}
+
+function when(iso) {
+  if (!iso) return "";
+  const d = new Date(iso);
+  return d.toLocaleString(undefined, { hour12: false });
+}
+
+function ms(value) {
+  if (value === null || value === undefined) return "";
+  return value < 1000 ? `${value.toFixed(0)} ms` : `${(value / 1000).toFixed(2)} s`;
+}
+
+class ApiError extends Error {
+  constructor(status, detail) { super(detail); this.status = status; }
+}
+
+async function api(path, options = {}) {
+  const token = sessionStorage.getItem("saga-token");
+  if (!token) { askToken(); throw new ApiError(401, "no token"); }
+  const headers = { Authorization: `Bearer ${token}`, ...(options.headers || {}) };
+  if (options.body) headers["Content-Type"] = "application/json";
+  const response = await fetch(API + path, { ...options, headers });
+  const body = await response.json().catch(() => ({}));
+  if (response.status === 401 || response.status === 403) {
+    sessionStorage.removeItem("saga-token");
+    askToken(body.detail);
+    throw new ApiError(response.status, body.detail || "not authorized");
+  }
+  if (!response.ok) throw new ApiError(response.status, body.detail || response.statusText);
+  return body;
+}
+
+// --- sign in -----------------------------------------------------------------------------
+
+function askToken(why) {
+  const dialog = document.getElementById("login");
+  const error = document.getElementById("login-error");
+  error.hidden = !why;
+  error.textContent = why || "";
+  document.getElementById("actor").value = localStorage.getItem("saga-actor") || "";
+  if (!dialog.open) { busy = true; dialog.showModal(); }
+}
+
+document.getElementById("login-form").addEventListener("submit", () => {
+  sessionStorage.setItem("saga-token", document.getElementById("token").value.trim());
+  const actor = document.getElementById("actor").value.trim();
+  if (actor) localStorage.setItem("saga-actor", actor);
+  busy = false;
+  route();
+});
+
+document.getElementById("logout").addEventListener("click", () => {
+  sessionStorage.removeItem("saga-token");
+  askToken();
+});
+
+// --- views -------------------------------------------------------------------------------
+
+async function overview() {
+  const o = await api("overview");
+  const cards = STATUSES.map((s) => `
+    <div class="card" data-count="${s}"><div class="muted">${badge(s)}</div>
+    <div class="n"><a href="#/sagas?status=${s}">${o.counts[s] || 0}</a></div></div>`).join("");
+  const rows = o.by_saga.map((r) => `
+    <tr><td>${esc(r.name)}</td><td>${r.finished}</td><td>${r.completed}</td>
+    <td>${r.compensated}</td><td>${r.failed}</td><td>${ms(r.p50_ms)}</td><td>${ms(r.p95_ms)}</td></tr>`).join("");
+  const oldest = o.oldest_running
+    ? `<a class="mono" href="#/saga/${o.oldest_running.saga_id}">${esc(o.oldest_running.saga_id)}</a>
+       (${esc(o.oldest_running.name)}, running for ${ms(o.oldest_running.age_s * 1000)})`
+    : '<span class="muted">none running</span>';
+  const dead = o.dead_letters === null
+    ? '<span class="error">unknown: no broker connection</span>'
+    : Object.entries(o.dead_letters).map(([q, n]) =>
+      `<tr><td class="mono">${esc(q)}</td><td data-dlq="${esc(q)}">${n ?? "?"}</td></tr>`).join("");
+  view.innerHTML = `
+    <h1>Overview</h1>
+    <div class="cards">${cards}
+      <div class="card"><div class="muted">finished / min (last 5 min)</div>
+      <div class="n" id="throughput">${o.throughput_per_min.toFixed(1)}</div></div>
+    </div>
+    <h2>By saga (started in the last ${Math.round(o.window_s / 60)} min)</h2>
+    <table id="by-saga"><thead><tr><th>saga</th><th>finished</th><th>completed</th><th>compensated</th>
+      <th>failed</th><th>p50 duration</th><th>p95 duration</th></tr></thead>
+      <tbody>${rows || '<tr><td colspan="7" class="muted">nothing finished yet</td></tr>'}</tbody></table>
+    <h2>Oldest running saga</h2><p id="oldest">${oldest}</p>
+    <h2>Dead-letter queues</h2>
+    ${o.dead_letters === null ? dead : `<table id="dead-letters"><thead><tr><th>queue</th><th>messages</th></tr></thead>
+      <tbody>${dead || '<tr><td colspan="2" class="muted">none</td></tr>'}</tbody></table>`}`;
+}
+
+function listQuery() {
+  const query = new URLSearchParams(window.location.hash.split("?")[1] || "");
+  return query;
+}
+
+async function sagas() {
+  const query = listQuery();
+  const params = new URLSearchParams();
+  for (const s of query.getAll("status")) params.append("status", s);
+  for (const k of ["name", "key", "q", "since", "until", "cursor"]) {
+    if (query.get(k)) params.set(k, query.get(k));
+  }
+  params.set("limit", "50");
+  const [page, definitions] = await Promise.all([api(`sagas?${params}`), api("definitions")]);
+  const names = [...new Set(definitions.map((d) => d.name))];
+  const chosen = new Set(query.getAll("status"));
+  const statusBoxes = STATUSES.map((s) => `<label><span>${s.toLowerCase()}</span>
+    <input type="checkbox" name="status" value="${s}" ${chosen.has(s) ? "checked" : ""}></label>`).join("");
+  const rows = page.items.map((s) => `
+    <tr data-saga="${esc(s.saga_id)}"><td class="mono"><a href="#/saga/${esc(s.saga_id)}">${esc(s.saga_id.slice(0, 8))}…</a></td>
+    <td>${esc(s.name)}</td><td>${badge(s.status)}</td><td>${esc(s.key || "")}</td>
+    <td>${esc(s.current_step || "")}</td><td>${when(s.created_at)}</td><td>${when(s.updated_at)}</td>
+    <td>${esc(s.failure || "")}</td></tr>`).join("");
+  const next = page.next_cursor
+    ? (() => { const q = new URLSearchParams(query); q.set("cursor", page.next_cursor);
+      return `<a id="next-page" href="#/sagas?${q}">next page →</a>`; })()
+    : "";
+  view.innerHTML = `
+    <h1>Sagas</h1>
+    <form class="filters" id="filters">
+      ${statusBoxes}
+      <label>saga <select name="name"><option value="">any</option>${names.map((n) =>
+        `<option ${query.get("name") === n ? "selected" : ""}>${esc(n)}</option>`).join("")}</select></label>
+      <label>key <input name="key" value="${esc(query.get("key") || "")}" size="14"></label>
+      <label>id <input name="q" value="${esc(query.get("q") || "")}" placeholder="id or prefix" size="14"></label>
+      <label>since <input name="since" value="${esc(query.get("since") || "")}" placeholder="1h or ISO" size="10"></label>
+      <label>until <input name="until" value="${esc(query.get("until") || "")}" placeholder="ISO" size="10"></label>
+      <button>Filter</button>
+    </form>
+    <table id="saga-list"><thead><tr><th>id</th><th>saga</th><th>status</th><th>key</th><th>step</th>
+      <th>started</th><th>updated</th><th>why</th></tr></thead>
+      <tbody>${rows || '<tr><td colspan="8" class="muted">no saga matches</td></tr>'}</tbody></table>
+    <p>${next}</p>`;
+  document.getElementById("filters").addEventListener("submit", (event) => {
+    event.preventDefault();
+    const form = new FormData(event.target);
+    const q = new URLSearchParams();
+    for (const [k, v] of form.entries()) if (v) q.append(k, v);
+    const since = q.get("since");
+    if (since && /^\d+[smhd]$/.test(since)) q.set("since", relative(since));
+    window.location.hash = `#/sagas?${q}`;
+  });
+}
+
+function relative(text) {
+  const unit = { s: 1, m: 60, h: 3600, d: 86400 }[text.slice(-1)];
+  return new Date(Date.now() - Number(text.slice(0, -1)) * unit * 1000).toISOString();
+}
+
+function entryClass(h) {
+  const classes = [];
+  if (h.direction === "compensation" || h.kind.startsWith("compensation") || h.kind === "step_compensated") {
+    classes.push("compensation");
+  }
+  if (["step_failed", "compensation_failed", "step_timed_out", "failed"].includes(h.kind)) classes.push("failure");
+  if (["step_succeeded", "step_compensated", "completed", "compensated"].includes(h.kind)) classes.push("done");
+  if (h.kind === "operator" || h.kind === "rejected") classes.push("operator");
+  return classes.join(" ");
+}
+
+async function detail(id) {
+  const s = await api(`sagas/${encodeURIComponent(id)}`);
+  const start = new Date(s.created_at).getTime();
+  const timeline = s.history.map((h) => `
+    <li class="${entryClass(h)}" data-kind="${esc(h.kind)}" data-step="${esc(h.step || "")}" data-direction="${esc(h.direction || "")}">
+      <span class="when">+${ms(new Date(h.at).getTime() - start)}</span>
+      ${h.direction === "compensation" ? '<span class="dir">↩ compensate</span>' : h.direction ? '<span class="dir">→</span>' : ""}
+      <strong>${esc(h.step || "")}</strong> ${h.attempt ? `<span class="muted">attempt ${h.attempt}</span>` : ""}
+      <span>${esc(h.kind.replaceAll("_", " "))}</span>: ${esc(h.detail)}
+      ${h.actor ? `<span class="muted">by ${esc(h.actor)}</span>` : ""}
+    </li>`).join("");
+  const steps = s.steps.map((st) => `
+    <tr><td>${esc(st.name)}</td><td>${esc(st.participant || "")}</td><td>${esc(st.status)}</td>
+    <td>${st.attempts}</td><td>${st.compensation_attempts}</td>
+    <td>${st.action ? ms(st.action.duration_ms) : ""}</td><td>${st.compensation ? ms(st.compensation.duration_ms) : ""}</td>
+    <td>${esc(st.error || "")}</td></tr>`).join("");
+  const terminal = TERMINAL.has(s.status);
+  view.innerHTML = `
+    <h1>${esc(s.name)} <span class="mono">${esc(s.saga_id)}</span> ${badge(s.status)}</h1>
+    <dl class="kv">
+      <dt>key</dt><dd>${esc(s.key || "—")}</dd>
+      <dt>definition</dt><dd>${esc(s.name)} v${s.definition_version}</dd>
+      <dt>started</dt><dd>${when(s.created_at)}</dd><dt>updated</dt><dd>${when(s.updated_at)}</dd>
+      <dt>now</dt><dd>${esc(s.current_step || "—")} (${esc(s.direction)}, ${esc(s.phase)})</dd>
+      ${s.failure ? `<dt>why</dt><dd id="failure" class="error">${esc(s.failure)}</dd>` : ""}
+      ${s.stuck_step ? `<dt>stuck at</dt><dd id="stuck">${esc(s.stuck_step)}</dd>` : ""}
+    </dl>
+    <div class="actions">
+      <button id="retry" data-action="retry" ${s.status === "FAILED" ? "" : "disabled"}>Retry</button>
+      <button id="abort" data-action="abort" class="secondary" ${terminal ? "disabled" : ""}>Abort (compensate now)</button>
+      <button id="resolve" data-action="resolve" class="secondary" ${s.status === "FAILED" || !terminal ? "" : "disabled"}>Mark resolved</button>
+    </div>
+    <h2>Timeline</h2>
+    <p class="legend"><span>→ action</span><span style="color: var(--comp)">↩ compensation (newest first)</span></p>
+    <ol class="timeline" id="timeline">${timeline}</ol>
+    <h2>Steps</h2>
+    <table id="steps"><thead><tr><th>step</th><th>participant</th><th>status</th><th>attempts</th>
+      <th>compensation attempts</th><th>action took</th><th>compensation took</th><th>last error</th></tr></thead>
+      <tbody>${steps}</tbody></table>
+    <h2>Input and outputs</h2>
+    <pre>${esc(JSON.stringify({ input: s.input, outputs: s.outputs }, null, 2))}</pre>`;
+  for (const button of view.querySelectorAll("[data-action]")) {
+    button.addEventListener("click", () => act(s, button.dataset.action));
+  }
+  return terminal;
+}
+
+const HELP = {
+  retry: "Runs the stuck step again with a fresh retry budget (a failed compensation, usually).",
+  abort: "Stops the saga going forward and compensates the steps that ran, newest first.",
+  resolve: "Records that you fixed the stuck step by hand; the saga carries on from there.",
+};
+
+function act(saga, action) {
+  const dialog = document.getElementById("act");
+  document.getElementById("act-title").textContent = `${action[0].toUpperCase()}${action.slice(1)} ${saga.name} ${saga.saga_id.slice(0, 8)}…`;
+  document.getElementById("act-help").textContent = HELP[action];
+  document.getElementById("act-reason").value = "";
+  document.getElementById("act-data").value = "";
+  document.getElementById("act-data-label").hidden = action !== "resolve";
+  document.getElementById("act-error").hidden = true;
+  dialog.dataset.action = action;
+  dialog.dataset.saga = saga.saga_id;
+  busy = true;
+  dialog.showModal();
+}
+
+document.getElementById("act-form").addEventListener("submit", async (event) => {
+  const dialog = document.getElementById("act");
+  if (event.submitter && event.submitter.value === "cancel") { busy = false; return; }
+  event.preventDefault();
+  const error = document.getElementById("act-error");
+  const body = { reason: document.getElementById("act-reason").value };
+  const data = document.getElementById("act-data").value.trim();
+  if (dialog.dataset.action === "resolve" && data) {
+    try { body.data = JSON.parse(data); } catch (e) {
+      error.hidden = false; error.textContent = `not JSON: ${e.message}`; return;
+    }
+  }
+  try {
+    await api(`sagas/${dialog.dataset.saga}/${dialog.dataset.action}`, {
+      method: "POST",
+      body: JSON.stringify(body),
+      headers: { "X-Saga-Actor": localStorage.getItem("saga-actor") || "dashboard" },
+    });
+  } catch (e) {
+    error.hidden = false;
+    error.textContent = e.message;
+    return;
+  }
+  dialog.close();
+  busy = false;
+  route();
+});
+
+function diagram(d) {
+  const w = 210, gap = 40, h = 46, pad = 16;
+  const width = pad * 2 + d.steps.length * w + (d.steps.length - 1) * gap;
+  const parts = [];
+  d.steps.forEach((st, i) => {
+    const x = pad + i * (w + gap);
+    parts.push(`<g data-step="${esc(st.name)}"><rect x="${x}" y="20" width="${w}" height="${h}" rx="8"
+      fill="${st.pivot ? "#e0e7ff" : "#ecfdf3"}" stroke="${st.pivot ? "#4338ca" : "#1f7a3f"}"/>
+      <text x="${x + 10}" y="38" font-weight="600">${esc(st.name)}${st.pivot ? " (pivot)" : ""}</text>
+      <text x="${x + 10}" y="56" fill="#555">${esc(st.action)} → ${esc(st.participant)}</text></g>`);
+    if (i > 0) {
+      parts.push(`<line x1="${x - gap}" y1="43" x2="${x - 4}" y2="43" stroke="#1f7a3f" stroke-width="2" marker-end="url(#fwd)"/>`);
+    }
+    if (st.compensated) {
+      parts.push(`<g data-compensation="${esc(st.name)}"><rect x="${x}" y="110" width="${w}" height="${h}" rx="8"
+        fill="#fff8f1" stroke="#b4530a" stroke-dasharray="5 3"/>
+        <text x="${x + 10}" y="128" font-weight="600" fill="#b4530a">↩ ${esc(st.compensation)}</text>
+        <text x="${x + 10}" y="146" fill="#555">undoes ${esc(st.name)}</text></g>
+        <line x1="${x + w / 2}" y1="${20 + h}" x2="${x + w / 2}" y2="106" stroke="#b4530a" stroke-dasharray="4 3"/>`);
+    } else {
+      parts.push(`<text x="${x + 10}" y="132" fill="#888">${st.compensation ? "forward only" : "nothing to undo"}</text>`);
+    }
+  });
+  // compensation order: right to left between compensatable steps
+  const comp = d.steps.map((st, i) => [st, i]).filter(([st]) => st.compensated).map(([, i]) => i);
+  for (let k = comp.length - 1; k > 0; k--) {
+    const from = pad + comp[k] * (w + gap), to = pad + comp[k - 1] * (w + gap) + w;
+    parts.push(`<line x1="${from}" y1="133" x2="${to + 4}" y2="133" stroke="#b4530a" stroke-width="2"
+      stroke-dasharray="6 3" marker-end="url(#back)"/>`);
+  }
+  return `<div class="flow"><svg width="${width}" height="175" role="img" aria-label="${esc(d.name)} steps and compensations">
+    <defs><marker id="fwd" markerWidth="8" markerHeight="8" refX="7" refY="4" orient="auto"><path d="M0,0 L8,4 L0,8 z" fill="#1f7a3f"/></marker>
+    <marker id="back" markerWidth="8" markerHeight="8" refX="7" refY="4" orient="auto"><path d="M0,0 L8,4 L0,8 z" fill="#b4530a"/></marker></defs>
+    ${parts.join("")}</svg></div>`;
+}
+
+async function definitions() {
+  const defs = await api("definitions");
+  view.innerHTML = `<h1>Definitions</h1>
+    <p class="legend"><span style="color: var(--ok)">→ actions, in order</span>
+    <span style="color: var(--comp)">↩ compensations, run newest first when a step fails</span></p>
+    ${defs.map((d) => `<section data-definition="${esc(d.name)}"><h2>${esc(d.name)} v${d.version}</h2>${diagram(d)}
+      <table><thead><tr><th>step</th><th>participant</th><th>action</th><th>compensation</th><th>timeout</th><th>retries</th></tr></thead>
+      <tbody>${d.steps.map((st) => `<tr><td>${esc(st.name)}</td><td>${esc(st.participant)}</td><td>${esc(st.action)}</td>
+      <td>${esc(st.compensation || "—")}</td><td>${st.timeout_s} s</td><td>${st.retry.max_attempts ?? "∞"}</td></tr>`).join("")}</tbody></table>
+    </section>`).join("")}`;
+}
+
+async function contracts() {
+  const doc = await api("asyncapi.json");
+  const messages = doc.components.messages;
+  const ref = (r) => r.$ref.split("/").pop();
+  const channels = Object.entries(doc.channels).map(([id, ch]) => `
+    <section data-channel="${esc(id)}"><h2>${esc(ch.title || id)} <span class="mono muted">${esc(ch.address)}</span></h2>
+    <p class="muted">${esc(ch.description || "")}</p>
+    <table><thead><tr><th>message (AMQP type)</th><th>summary</th><th>payload</th></tr></thead><tbody>
+    ${Object.values(ch.messages).map((m) => { const msg = messages[ref(m)]; return `<tr>
+      <td class="mono">${esc(msg.name)}</td><td>${esc(msg.summary || "")}</td>
+      <td class="mono">${esc((msg.payload.allOf || [msg.payload]).map((p) => p.$ref ? ref(p) :
+        Object.entries(p.properties || {}).map(([k, v]) => v.$ref ? `${k}: ${ref(v)}` : "").filter(Boolean).join(", ")).join(" + "))}</td>
+    </tr>`; }).join("")}</tbody></table></section>`).join("");
+  view.innerHTML = `<h1>Contracts <span class="muted">AsyncAPI ${esc(doc.asyncapi)}</span></h1>
+    <p>${esc(doc.info.description).replaceAll("\n\n", "<br><br>")}</p>
+    <p><a id="asyncapi-download" href="#" download="asyncapi.json">Download asyncapi.json</a>
+    · JSON Schemas: <span class="mono">saga schema export DIR</span></p>${channels}`;
+  document.getElementById("asyncapi-download").href =
+    URL.createObjectURL(new Blob([JSON.stringify(doc, null, 2)], { type: "application/json" }));
+}
+
+// --- routing and live refresh --------------------------------------------------------------
+
+async function route() {
+  clearTimeout(timer);
+  const hash = window.location.hash || "#/";
+  const path = hash.slice(1).split("?")[0];
+  for (const a of document.querySelectorAll("header nav a")) {
+    a.classList.toggle("active", hash.startsWith(a.getAttribute("href")) && a.getAttribute("href") !== "#/" || (path === "/" && a.dataset.nav === "overview"));
+  }
+  document.getElementById("logout").hidden = !sessionStorage.getItem("saga-token");
+  let again = true;
+  try {
+    const typing = view.contains(document.activeElement) && document.activeElement.matches("input, select, textarea");
+    if (busy || typing) { /* a dialog is open, or someone is typing a filter */ }
+    else if (path === "/" || path === "") await overview();
+    else if (path === "/sagas") await sagas();
+    else if (path.startsWith("/saga/")) again = !(await detail(decodeURIComponent(path.slice(6))));
+    else if (path === "/definitions") { await definitions(); again = false; }
+    else if (path === "/contracts") { await contracts(); again = false; }
+    else view.innerHTML = '<p class="error">No such page.</p>';
+  } catch (e) {
+    if (e.status === 404) { view.innerHTML = `<p class="error" id="not-found">${esc(e.message)}</p>`; again = false; }
+    else if (e.status !== 401 && e.status !== 403) view.innerHTML = `<p class="error">${esc(e.message)}</p>`;
+  }
+  document.getElementById("live").hidden = !again;
+  if (again) timer = setTimeout(route, 2000);
+}
+
+for (const dialog of document.querySelectorAll("dialog")) {
+  dialog.addEventListener("close", () => { busy = false; });
+}
+window.addEventListener("hashchange", route);
+route();
