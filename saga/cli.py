@@ -3,23 +3,26 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import json
+from collections.abc import Callable, Iterator
+from datetime import datetime
 from importlib.metadata import entry_points
 from pathlib import Path
-from typing import Annotated, NoReturn
+from typing import Annotated, Any, NoReturn
 
 import typer
-from sqlalchemy.exc import SQLAlchemyError
 
-from contracts.schema import write_bundle
 from saga import __version__
+from saga.admin import render
+from saga.admin.client import DEFAULT_URL, AdminClient, AdminError, default_actor, parse_time
 from saga.errors import ConfigError
-from saga.logs import configure_logging
-from saga.loop import run as run_loop
 from saga.secrets import redact_url
-from saga.service import OrchestratorService, load_registry
 from saga.settings import load_settings
-from saga.store.sql import SqlStore
-from saga.telemetry import configure_tracing
+from saga.state import SagaStatus
+
+# The orchestrator, SQLAlchemy and OpenTelemetry are imported by the commands that use them, so
+# the operator commands (list, show, retry, ...) start in a fraction of the time.
 
 app = typer.Typer(
     name="saga",
@@ -27,7 +30,9 @@ app = typer.Typer(
     no_args_is_help=True,
     add_completion=False,
 )
-schema_app = typer.Typer(help="Message contracts: JSON Schema export.", no_args_is_help=True)
+schema_app = typer.Typer(
+    help="Message contracts: AsyncAPI and JSON Schema export.", no_args_is_help=True
+)
 app.add_typer(schema_app, name="schema")
 
 
@@ -50,6 +55,11 @@ def run(
 ) -> None:
     """Run the orchestrator service (settings from SAGA_* environment variables)."""
     try:
+        from saga.logs import configure_logging  # noqa: PLC0415
+        from saga.loop import run as run_loop  # noqa: PLC0415
+        from saga.service import OrchestratorService, load_registry  # noqa: PLC0415
+        from saga.telemetry import configure_tracing  # noqa: PLC0415
+
         settings = load_settings(**({"auto_migrate": True} if migrate else {}))
         configure_logging(settings.log_level)
         if not settings.definitions:
@@ -76,6 +86,9 @@ def migrate() -> None:
         settings = load_settings()
     except ConfigError as exc:
         _fail(exc)
+    from sqlalchemy.exc import SQLAlchemyError  # noqa: PLC0415
+
+    from saga.store.sql import SqlStore  # noqa: PLC0415
 
     async def go() -> tuple[list[int], int]:
         store = SqlStore(settings.database_url)
@@ -92,13 +105,226 @@ def migrate() -> None:
     typer.echo(f"schema at version {version}" + (f" (applied {applied})" if applied else ""))
 
 
+# --- the admin API's client commands (the orchestrator serves the API: SAGA_ADMIN_PORT) ------
+
+AdminUrl = Annotated[
+    str,
+    typer.Option(
+        "--url", envvar="SAGA_ADMIN_URL", help="The orchestrator's admin API.", show_envvar=True
+    ),
+]
+AdminToken = Annotated[
+    str | None,
+    typer.Option(
+        "--token",
+        envvar="SAGA_ADMIN_TOKEN",
+        help="The orchestrator's SAGA_ADMIN_TOKEN (prefer the variable: arguments show in ps).",
+        show_default=False,
+    ),
+]
+AsJson = Annotated[bool, typer.Option("--json", help="Print the API's JSON answer as it is.")]
+SagaIdArg = Annotated[str, typer.Argument(help="The saga id, or enough of its start to be unique.")]
+Reason = Annotated[str, typer.Option("--reason", "-r", help="Why; goes into the saga's history.")]
+Actor = Annotated[
+    str | None,
+    typer.Option(
+        "--actor",
+        envvar="SAGA_ACTOR",
+        help="Who acts, for the saga's history.  [default: user@host]",
+        show_default=False,
+    ),
+]
+
+
+@contextlib.contextmanager
+def _admin(url: str, token: str | None, actor: str | None = None) -> Iterator[AdminClient]:
+    """A client of the admin API; its errors end the command with their exit status."""
+    try:
+        if not token:
+            raise AdminError(
+                "no admin token: set SAGA_ADMIN_TOKEN (or pass --token) to the orchestrator's "
+                "SAGA_ADMIN_TOKEN"
+            )
+        with AdminClient(url, token, actor=actor) as client:
+            yield client
+    except AdminError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(exc.exit_code) from None
+
+
+def _show(found: Any, as_json: bool, lines: Callable[[], list[str]]) -> None:
+    typer.echo(json.dumps(found, indent=2) if as_json else "\n".join(lines()))
+
+
+def _when(text: str | None, option: str) -> datetime | None:
+    try:
+        return None if text is None else parse_time(text)
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc), param_hint=option) from None
+
+
+@app.command("list")
+def list_sagas(
+    status: Annotated[
+        list[SagaStatus] | None,
+        typer.Option("--status", "-s", case_sensitive=False, help="Any of these; repeatable."),
+    ] = None,
+    name: Annotated[str | None, typer.Option("--name", help="The saga's name.")] = None,
+    since: Annotated[
+        str | None, typer.Option("--since", help="Created since: 30m, 1h, 2d, 1w or ISO (UTC).")
+    ] = None,
+    until: Annotated[
+        str | None, typer.Option("--until", help="Created before: an age or ISO time.")
+    ] = None,
+    key: Annotated[str | None, typer.Option("--key", help="The saga's business key.")] = None,
+    saga_id: Annotated[
+        str | None, typer.Option("--id", help="A saga id or the start of one.")
+    ] = None,
+    limit: Annotated[int, typer.Option("--limit", min=1, max=500, help="Sagas per page.")] = 50,
+    cursor: Annotated[
+        str | None, typer.Option("--cursor", help="Continue where the last page ended.")
+    ] = None,
+    as_json: AsJson = False,
+    url: AdminUrl = DEFAULT_URL,
+    token: AdminToken = None,
+) -> None:
+    """List sagas, newest first."""
+    since_at, until_at = _when(since, "--since"), _when(until, "--until")
+    with _admin(url, token) as client:
+        page = client.list_sagas(
+            statuses=[s.value for s in status or ()],
+            name=name,
+            since=since_at,
+            until=until_at,
+            key=key,
+            q=saga_id,
+            limit=limit,
+            cursor=cursor,
+        )
+    _show(page, as_json, lambda: render.saga_list(page))
+
+
+@app.command()
+def show(
+    saga_id: SagaIdArg,
+    as_json: AsJson = False,
+    url: AdminUrl = DEFAULT_URL,
+    token: AdminToken = None,
+) -> None:
+    """Show a saga: its steps and the timeline of everything that happened to it."""
+    with _admin(url, token) as client:
+        saga = client.get_saga(saga_id)
+    _show(saga, as_json, lambda: render.saga_timeline(saga))
+
+
+def _act(
+    action: str,
+    saga_id: str,
+    reason: str,
+    actor: str | None,
+    url: str,
+    token: str | None,
+    as_json: bool,
+    data: dict[str, Any] | None = None,
+) -> None:
+    with _admin(url, token, actor or default_actor()) as client:
+        result = client.act(saga_id, action, reason, data)
+    _show(result, as_json, lambda: render.action_result(action, result))
+
+
+@app.command()
+def retry(
+    saga_id: SagaIdArg,
+    reason: Reason,
+    actor: Actor = None,
+    as_json: AsJson = False,
+    url: AdminUrl = DEFAULT_URL,
+    token: AdminToken = None,
+) -> None:
+    """Retry a FAILED saga's stuck step (action or compensation) with a new retry budget."""
+    _act("retry", saga_id, reason, actor, url, token, as_json)
+
+
+@app.command()
+def abort(
+    saga_id: SagaIdArg,
+    reason: Reason,
+    actor: Actor = None,
+    as_json: AsJson = False,
+    url: AdminUrl = DEFAULT_URL,
+    token: AdminToken = None,
+) -> None:
+    """Abort a RUNNING saga (before its pivot): what may have taken effect is compensated."""
+    _act("abort", saga_id, reason, actor, url, token, as_json)
+
+
+@app.command()
+def resolve(
+    saga_id: SagaIdArg,
+    reason: Reason,
+    data: Annotated[
+        str | None,
+        typer.Option(
+            "--data", help="A stuck action's output as a JSON object, e.g. '{\"id\": 7}'."
+        ),
+    ] = None,
+    actor: Actor = None,
+    as_json: AsJson = False,
+    url: AdminUrl = DEFAULT_URL,
+    token: AdminToken = None,
+) -> None:
+    """Mark a FAILED saga's stuck step as done by hand, and carry on from there."""
+    parsed: dict[str, Any] | None = None
+    if data is not None:
+        try:
+            parsed = json.loads(data)
+        except ValueError as exc:
+            raise typer.BadParameter(f"not JSON: {exc}", param_hint="--data") from None
+        if not isinstance(parsed, dict):
+            raise typer.BadParameter("give a JSON object, e.g. '{\"id\": 7}'", param_hint="--data")
+    _act("resolve", saga_id, reason, actor, url, token, as_json, parsed)
+
+
+@app.command()
+def definitions(
+    as_json: AsJson = False, url: AdminUrl = DEFAULT_URL, token: AdminToken = None
+) -> None:
+    """List the saga definitions the orchestrator runs, with their steps."""
+    with _admin(url, token) as client:
+        found = client.definitions()
+    _show(found, as_json, lambda: render.definitions(found))
+
+
 @schema_app.command("export")
 def schema_export(
-    directory: Annotated[Path, typer.Argument(help="Directory to write the schema bundle to.")],
+    directory: Annotated[Path, typer.Argument(help="Directory to write the documents to.")],
+    definitions: Annotated[
+        str,
+        typer.Option(
+            envvar="SAGA_DEFINITIONS",
+            help="module:attribute of the Registry: only its sagas' commands (default: all).",
+        ),
+    ] = "",
+    prefix: Annotated[
+        str, typer.Option(envvar="SAGA_PREFIX", help="The deployment's queue name prefix.")
+    ] = "saga",
 ) -> None:
-    """Write the JSON Schema bundle of every message to DIRECTORY."""
-    path = write_bundle(directory)
-    typer.echo(f"wrote {path}")
+    """Write the AsyncAPI 3.0 document (asyncapi.json), the JSON Schema bundle and one JSON
+    Schema per message (messages/) to DIRECTORY."""
+    try:
+        from saga.asyncapi import export as export_contracts  # noqa: PLC0415
+        from saga.service import load_registry  # noqa: PLC0415
+        from saga.transport.topology import Topology  # noqa: PLC0415
+
+        registry = load_registry(definitions) if definitions else None
+        topology = Topology(prefix=prefix)
+        written = export_contracts(directory, registry, topology)
+    except (ConfigError, ValueError) as exc:
+        _fail(exc)
+    except OSError as exc:
+        _fail(ConfigError(f"cannot write to {directory}: {exc.strerror or exc}"))
+    scope = f"sagas of {definitions}" if definitions else "every command of the catalog"
+    typer.echo(f"wrote {len(written)} files to {directory} ({scope}, prefix {prefix!r})")
 
 
 def _add_plugins() -> None:

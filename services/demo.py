@@ -10,11 +10,13 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import secrets
 import shutil
+import signal
 import sys
 import time
 import uuid
-from collections.abc import Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from decimal import Decimal
 from pathlib import Path
@@ -25,7 +27,7 @@ import aio_pika
 from saga.errors import ConfigError
 from saga.logs import configure_logging
 from saga.service import OrchestratorService
-from saga.settings import load_settings
+from saga.settings import Settings, load_settings
 from saga.state import HistoryEntry, HistoryKind, SagaState, SagaStatus
 from saga.telemetry import configure_tracing
 from saga.transport.broker import Broker
@@ -34,7 +36,7 @@ from saga.transport.topology import Topology
 from services import inventory, order, payment, shipping
 from services.checkout import checkout_input, registry
 from services.participant import Participant
-from services.participant.settings import load_service_settings
+from services.participant.settings import ServiceSettings, load_service_settings
 
 __all__ = ["MEMORY_BANNER", "SCENARIOS", "BrokerKind", "Scenario", "main", "run_demo"]
 
@@ -192,33 +194,22 @@ async def run_demo(
     rabbitmq_url: str = "amqp://guest:guest@127.0.0.1:5672/",
     broker: BrokerKind = "rabbitmq",
     quiet: bool = False,
-) -> tuple[list[Outcome], dict[str, Any], dict[str, Any], dict[str, Any]]:
+    admin: tuple[int, str] | None = None,
+    hold: Callable[[DemoResult], Awaitable[None]] | None = None,
+) -> DemoResult:
     """Run every scenario; returns (outcomes, before, after, expected after).
 
     ``broker="memory"``: the orchestrator and the services share one in-process MemoryBroker
     and RabbitMQ is not used at all (``rabbitmq_url`` is ignored); nothing is durable then.
+    ``admin`` (port, token) serves the admin API and dashboard; ``hold`` runs with the result
+    while everything still runs (``--serve`` waits there for Ctrl-C).
     """
     if broker not in ("rabbitmq", "memory"):
         raise ConfigError(f"--broker {broker!r}: use rabbitmq or memory")
     if database_url is None:
         await asyncio.to_thread(_fresh_dir, data_dir)
     prefix = f"demo-{uuid.uuid4().hex[:6]}"
-    orch_settings = load_settings(
-        database_url=database_url or f"sqlite+aiosqlite:///{data_dir / 'saga.db'}",
-        rabbitmq_url=rabbitmq_url,
-        prefix=prefix,
-        auto_migrate=True,
-        timer_interval=0.05,
-        timer_grace=0.2,
-        relay_poll_interval=0.5,
-    )
-    svc_settings = load_service_settings(
-        rabbitmq_url=rabbitmq_url,
-        prefix=prefix,
-        data_dir=data_dir,
-        services_database_url=database_url,
-        relay_poll_interval=0.5,
-    )
+    orch_settings, svc_settings = _settings(prefix, data_dir, database_url, rabbitmq_url, admin)
     shared: Broker | None = MemoryBroker() if broker == "memory" else None
     orchestrator = OrchestratorService(orch_settings, registry(), broker=shared)
     services = {
@@ -265,20 +256,68 @@ async def run_demo(
             for n, saga_id in sorted(ids.items())
         ]
         after = await _snapshot(services)
-        return outcomes, before, after, _expected_after(before, outcomes)
+        result = outcomes, before, after, _expected_after(before, outcomes)
+        if progress is not None:
+            progress.cancel()
+        if hold is not None:
+            await hold(result)
+        return result
     finally:
         if progress is not None:
             progress.cancel()
-        for s in services.values():
-            await s.stop()
-            if database_url is not None:  # each run's service schemas are its own
-                await s.ledger.drop()
-                await s.ledger.close()
-        await orchestrator.stop()
-        if shared is not None:
-            await shared.close()
-        else:
-            await _delete_topology(rabbitmq_url, Topology(prefix=prefix), list(services))
+        await _teardown(orchestrator, services, shared, database_url, rabbitmq_url, prefix)
+
+
+async def _teardown(
+    orchestrator: OrchestratorService,
+    services: Mapping[str, Participant],
+    shared: Broker | None,
+    database_url: str | None,
+    rabbitmq_url: str,
+    prefix: str,
+) -> None:
+    """Stop everything; a PostgreSQL run drops its schemas, a RabbitMQ run its queues."""
+    for s in services.values():
+        await s.stop()
+        if database_url is not None:  # each run's service schemas are its own
+            await s.ledger.drop()
+            await s.ledger.close()
+    await orchestrator.stop()
+    if shared is not None:
+        await shared.close()
+    else:
+        await _delete_topology(rabbitmq_url, Topology(prefix=prefix), list(services))
+
+
+def _settings(
+    prefix: str,
+    data_dir: Path,
+    database_url: str | None,
+    rabbitmq_url: str,
+    admin: tuple[int, str] | None,
+) -> tuple[Settings, ServiceSettings]:
+    """The demo's settings: short timers and polls, so its six stories take seconds."""
+    orch_settings = load_settings(
+        database_url=database_url or f"sqlite+aiosqlite:///{data_dir / 'saga.db'}",
+        rabbitmq_url=rabbitmq_url,
+        prefix=prefix,
+        auto_migrate=True,
+        timer_interval=0.05,
+        timer_grace=0.2,
+        relay_poll_interval=0.5,
+        **({"admin_port": admin[0], "admin_token": admin[1]} if admin else {}),
+    )
+    svc_settings = load_service_settings(
+        rabbitmq_url=rabbitmq_url,
+        prefix=prefix,
+        data_dir=data_dir,
+        services_database_url=database_url,
+        relay_poll_interval=0.5,
+    )
+    return orch_settings, svc_settings
+
+
+DemoResult = tuple[list["Outcome"], dict[str, Any], dict[str, Any], dict[str, Any]]
 
 
 def _fresh_dir(path: Path) -> None:
@@ -346,6 +385,12 @@ def main(argv: list[str] | None = None) -> int:
         default="rabbitmq",
         help="memory: an in-process broker, no RabbitMQ needed; nothing is durable",
     )
+    parser.add_argument(
+        "--serve",
+        action="store_true",
+        help="keep running after the scenarios, with the dashboard and admin API, until Ctrl-C",
+    )
+    parser.add_argument("--admin-port", type=int, default=8080, help="with --serve (8080)")
     args = parser.parse_args(argv)
     configure_logging("WARNING")
     try:
@@ -358,6 +403,28 @@ def main(argv: list[str] | None = None) -> int:
         print(_banner(MEMORY_BANNER))
     else:
         print("saga demo: orchestrator + order, payment, inventory, shipping over RabbitMQ")
+    token = secrets.token_hex(16)
+    printed = False
+
+    async def hold(result: DemoResult) -> None:
+        """--serve: show the summary, then keep every component up for the dashboard."""
+        nonlocal printed
+        print(render(*result))
+        printed = True
+        url = f"http://127.0.0.1:{args.admin_port}"
+        print(
+            f"\nStill running. Dashboard: {url}/  (token {token})\n"
+            f"CLI: export SAGA_ADMIN_URL={url} SAGA_ADMIN_TOKEN={token}; "
+            ".venv/bin/saga list --status compensated\n"
+            "Ctrl-C stops it.",
+            flush=True,
+        )
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+        await stop.wait()
+
     try:
         outcomes, before, after, expected = asyncio.run(
             run_demo(
@@ -365,6 +432,8 @@ def main(argv: list[str] | None = None) -> int:
                 database_url=args.database_url,
                 rabbitmq_url=args.rabbitmq_url,
                 broker=args.broker,
+                admin=(args.admin_port, token) if args.serve else None,
+                hold=hold if args.serve else None,
             )
         )
     except ConfigError as exc:
@@ -372,9 +441,12 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     finally:
         provider.shutdown()
-    print(render(outcomes, before, after, expected))
+    if not printed:
+        print(render(outcomes, before, after, expected))
     if args.broker == "memory":
         print(_banner(MEMORY_BANNER))
+    elif not args.serve:
+        print("scripts/demo --serve keeps it running: browse these sagas in the dashboard.")
     return 0 if all(o.ok for o in outcomes) and after == expected else 1
 
 

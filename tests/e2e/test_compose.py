@@ -270,9 +270,15 @@ def _native(
         assert env["OTEL_EXPORTER_OTLP_ENDPOINT"] == f"http://{LOCALHOST}:4318", env
         env["OTEL_EXPORTER_OTLP_ENDPOINT"] = receiver.endpoint
         env["OTEL_BSP_SCHEDULE_DELAY"] = "100"
-    if "SAGA_METRICS_PORT" in env:
-        env["SAGA_METRICS_PORT"] = str(free_port())
-        env["SAGA_METRICS_HOST"] = LOCALHOST
+    for port, host in (
+        ("SAGA_METRICS_PORT", "SAGA_METRICS_HOST"),
+        ("SAGA_ADMIN_PORT", "SAGA_ADMIN_HOST"),
+    ):
+        if port in env:
+            env[port] = str(free_port())
+            env[host] = LOCALHOST
+    for key, value in env.items():  # compose's ${NAME:-default}
+        env[key] = re.sub(r"\$\{(\w+):-([^}]*)\}", lambda m: os.environ.get(m[1], m[2]), value)
     return [str(a) for a in service["command"]], env
 
 
@@ -285,6 +291,8 @@ async def test_the_compose_stack_runs_natively_and_the_sample_orders_finish(
     for name in STACK:
         argv, env = _native(name, stack, receiver)
         metrics[name] = int(env["SAGA_METRICS_PORT"])
+        if name == "orchestrator":
+            admin = (int(env["SAGA_ADMIN_PORT"]), env["SAGA_ADMIN_TOKEN"])
         assert env["SAGA_RABBITMQ_URL"] == stack.rabbitmq_url, env["SAGA_RABBITMQ_URL"]
         if name == "orchestrator":
             assert env["SAGA_DATABASE_URL"] == stack.database_url, env["SAGA_DATABASE_URL"]
@@ -334,6 +342,16 @@ async def test_the_compose_stack_runs_natively_and_the_sample_orders_finish(
     for status, count in finished.items():
         line = f'saga_finished_total{{saga_name="checkout",status="{status}"}} {float(count)}'
         assert line in orchestrator, (line, orchestrator)
+
+    # the dashboard's API answers with the compose token and sees every saga
+    async with httpx.AsyncClient(timeout=5) as client:
+        listed = await client.get(
+            f"http://{LOCALHOST}:{admin[0]}/api/sagas",
+            params={"limit": 500},
+            headers={"Authorization": f"Bearer {admin[1]}"},
+        )
+    assert listed.status_code == 200, listed.text
+    assert {UUID(s["saga_id"]) for s in listed.json()["items"]} == set(ids)
 
     # Jaeger's view: each saga one trace, begun by the client that placed it, with spans of
     # every process of the stack, each under the service name compose gives it.
