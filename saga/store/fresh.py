@@ -76,6 +76,17 @@ class OutboxCopy:
         self._read_at = time.monotonic()
         return unsent
 
+    def claimed(self, rows: Sequence[OutboxMessage], limit: int) -> list[OutboxMessage]:
+        """Take in rows this instance just claimed (several instances on one database): with
+        the rows it wrote itself they are everything it has to send, so the copy is complete
+        once a claim found fewer rows than asked for."""
+        for m in rows:
+            if m.message_id not in self._deleting:
+                self._unsent.setdefault(m.message_id, m)
+        self._complete = len(rows) < limit
+        self._read_at = time.monotonic()
+        return [m for m, _ in zip(self._unsent.values(), range(limit), strict=False)]
+
     # --- rows sent -----------------------------------------------------------------------
 
     def sent(self, message_ids: Sequence[UUID]) -> None:

@@ -65,6 +65,9 @@ sagas = sa.Table(
     sa.Column("context", sa.JSON, nullable=False),
     sa.Column("trace_context", sa.JSON, nullable=True),
     sa.Column("sent_at", UTCDateTime, nullable=True),
+    #: an instance that claimed this saga's due timer (PostgreSQL, several instances): others
+    #: skip it until then; every write of the saga clears it
+    sa.Column("timer_claimed_until", UTCDateTime, nullable=True),
     sa.UniqueConstraint("name", "key", name="uq_saga_instances_name_key"),
     sa.Index("ix_saga_instances_deadline", "deadline"),
     sa.Index("ix_saga_instances_status_created", "status", "created_at"),
@@ -99,6 +102,9 @@ outbox = sa.Table(
     sa.Column("headers", sa.JSON, nullable=False),
     sa.Column("body", sa.LargeBinary, nullable=False),
     sa.Column("created_at", UTCDateTime, nullable=False),
+    #: the instance that wrote (or later claimed) the row publishes it; another instance may
+    #: claim it once this has passed (the writer died, or cannot reach the broker)
+    sa.Column("claimed_until", UTCDateTime, nullable=True),
     sa.Index("ix_saga_outbox_created", "created_at"),
 )
 
@@ -132,17 +138,25 @@ def _v2_inbox_received_index(conn: Connection) -> None:
 
 
 def _v3_sent_at(conn: Connection) -> None:
-    """A column added to a released table: created by migration 1 on a new database already."""
-    if "sent_at" in {
-        c["name"] for c in sa.inspect(conn).get_columns(sagas.name, schema=_schema(conn))
-    }:
-        return
-    column_type = sagas.c.sent_at.type.compile(dialect=conn.dialect)
-    table = conn.dialect.identifier_preparer.quote(sagas.name)
+    _add_column(conn, sagas, "sent_at")
+
+
+def _v4_claims(conn: Connection) -> None:
+    _add_column(conn, sagas, "timer_claimed_until")
+    _add_column(conn, outbox, "claimed_until")
+
+
+def _add_column(conn: Connection, table: sa.Table, name: str) -> None:
+    """Add a column to a released table; migration 1 creates it on a new database already."""
     schema = _schema(conn)
+    if name in {c["name"] for c in sa.inspect(conn).get_columns(table.name, schema=schema)}:
+        return
+    column_type = table.c[name].type.compile(dialect=conn.dialect)
+    quote = conn.dialect.identifier_preparer
+    qualified = quote.quote(table.name)
     if schema is not None:
-        table = f"{conn.dialect.identifier_preparer.quote_schema(schema)}.{table}"
-    conn.execute(sa.text(f"ALTER TABLE {table} ADD COLUMN sent_at {column_type}"))
+        qualified = f"{quote.quote_schema(schema)}.{qualified}"
+    conn.execute(sa.text(f"ALTER TABLE {qualified} ADD COLUMN {quote.quote(name)} {column_type}"))
 
 
 def _schema(conn: Connection) -> str | None:
@@ -157,5 +171,6 @@ MIGRATIONS: list[tuple[int, str, Callable[[Connection], None]]] = [
     (1, "saga instances, history, outbox and inbox", _v1_initial),
     (2, "index on inbox arrival time, for pruning", _v2_inbox_received_index),
     (3, "when the awaited command was sent, for step latency", _v3_sent_at),
+    (4, "claims of outbox rows and due timers, for several instances", _v4_claims),
 ]
 HEAD = MIGRATIONS[-1][0]

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Iterable, Sequence
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 from uuid import UUID
 
@@ -355,7 +355,7 @@ class SqlStore:
                     row["w_saga_id"] = row.pop("saga_id")
                     row["w_version"] = change.expected_version
                     updates.append(row)
-                outbox_rows.extend(_outbox_row(m) for m in change.outbox)
+                outbox_rows.extend(_outbox_row(m, now) for m in change.outbox)
             history_rows.extend(_history_row(state.saga_id, h) for h in change.transition.history)
         try:
             async with self._write.begin() as conn:
@@ -438,11 +438,50 @@ class SqlStore:
                 if change.inbox_id is not None:
                     await conn.execute(inbox.delete().where(inbox.c.message_id == change.inbox_id))
                 return CommitResult.CONFLICT
-            outbox_rows.extend(_outbox_row(m) for m in change.outbox)
+            outbox_rows.extend(_outbox_row(m, now) for m in change.outbox)
         history_rows.extend(_history_row(state.saga_id, h) for h in change.transition.history)
         return CommitResult.APPLIED if change.transition.applied else CommitResult.RECORDED
 
+    async def _claim_outbox(self, limit: int) -> list[OutboxMessage]:
+        """Rows no instance is publishing (their claim ran out: the writer died or is cut off
+        from the broker), now claimed by this one. ``SKIP LOCKED``: instances polling at once
+        share the rows instead of queueing on them."""
+        now = _now()
+        free = (
+            sa.select(outbox.c.message_id)
+            .where(sa.or_(outbox.c.claimed_until.is_(None), outbox.c.claimed_until < now))
+            .order_by(outbox.c.created_at)
+            .limit(limit)
+            .with_for_update(skip_locked=True)
+        )
+        claim = (
+            outbox.update()
+            .where(outbox.c.message_id.in_(free.scalar_subquery()))
+            .values(claimed_until=now + CLAIM)
+            .returning(*outbox.c)
+        )
+        async with self._write.begin() as conn:
+            rows = (await conn.execute(claim)).all()
+        return sorted(
+            (
+                OutboxMessage(
+                    message_id=r.message_id,
+                    saga_id=r.saga_id,
+                    exchange=r.exchange,
+                    routing_key=r.routing_key,
+                    message_type=r.message_type,
+                    body=bytes(r.body),
+                    headers=dict(r.headers),
+                    created_at=_as_utc(r.created_at),
+                )
+                for r in rows
+            ),
+            key=lambda m: m.created_at,
+        )
+
     async def due_timers(self, now: datetime, limit: int) -> list[DueTimer]:
+        if self.dialect == "postgresql":
+            return await self._claim_timers(now, limit)
         query = (
             sa.select(sagas.c.saga_id, sagas.c.awaiting, sagas.c.deadline)
             .where(sagas.c.deadline.is_not(None))
@@ -453,6 +492,31 @@ class SqlStore:
         async with self._read.connect() as conn:
             rows = await conn.execute(query)
             return [DueTimer(r.saga_id, r.awaiting, r.deadline) for r in rows if r.awaiting]
+
+    async def _claim_timers(self, now: datetime, limit: int) -> list[DueTimer]:
+        """Due timers no other instance is firing, claimed by this one until it commits the
+        event (every write of a saga clears the claim) or for CLAIM at most."""
+        due = (
+            sa.select(sagas.c.saga_id)
+            .where(sagas.c.deadline.is_not(None))
+            .where(sagas.c.deadline <= now)
+            .where(sa.or_(sagas.c.timer_claimed_until.is_(None), sagas.c.timer_claimed_until < now))
+            .order_by(sagas.c.deadline)
+            .limit(limit)
+            .with_for_update(skip_locked=True)
+        )
+        claim = (
+            sagas.update()
+            .where(sagas.c.saga_id.in_(due.scalar_subquery()))
+            .values(timer_claimed_until=now + CLAIM)
+            .returning(sagas.c.saga_id, sagas.c.awaiting, sagas.c.deadline)
+        )
+        async with self._write.begin() as conn:
+            rows = (await conn.execute(claim)).all()
+        return sorted(
+            (DueTimer(r.saga_id, r.awaiting, _as_utc(r.deadline)) for r in rows if r.awaiting),
+            key=lambda t: t.deadline,
+        )
 
     async def next_deadline(self) -> datetime | None:
         async with self._read.connect() as conn:
@@ -514,6 +578,8 @@ class SqlStore:
         known = self._outbox.pending(limit)
         if known is not None:
             return known
+        if self.dialect == "postgresql":
+            return self._outbox.claimed(await self._claim_outbox(limit), limit)
         query = sa.select(outbox).order_by(outbox.c.created_at).limit(limit)
         async with self._read.connect() as conn:
             rows = [
@@ -589,6 +655,10 @@ class SqlStore:
 
 
 _TERMINAL = frozenset({SagaStatus.COMPLETED, SagaStatus.COMPENSATED, SagaStatus.FAILED})
+#: how long a claim on an outbox row or a due timer holds off other instances (PostgreSQL): long
+#: enough to publish or to decide and commit, short enough that a dead instance's rows and
+#: timers are taken over within seconds
+CLAIM = timedelta(seconds=5)
 _MAX_CACHED_STATES = 10_000
 
 
@@ -641,6 +711,7 @@ def _row_from_state(s: SagaState) -> dict[str, Any]:
         "failure": s.failure,
         "stuck_step": s.stuck_step,
         "sent_at": s.sent_at,
+        "timer_claimed_until": None,  # a claim is for the deadline this write replaces
         "trace_context": None if s.trace is None else dict(s.trace),
         "steps": [
             {
@@ -691,7 +762,7 @@ def _state_from_row(r: Any) -> SagaState:
     )
 
 
-def _outbox_row(m: OutboxMessage) -> dict[str, Any]:
+def _outbox_row(m: OutboxMessage, now: datetime) -> dict[str, Any]:
     return {
         "message_id": m.message_id,
         "saga_id": m.saga_id,
@@ -701,6 +772,8 @@ def _outbox_row(m: OutboxMessage) -> dict[str, Any]:
         "headers": dict(m.headers),
         "body": m.body,
         "created_at": m.created_at,
+        # the writer publishes it; other instances leave it alone for a while (see CLAIM)
+        "claimed_until": now + CLAIM,
     }
 
 

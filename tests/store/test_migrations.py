@@ -8,6 +8,7 @@ import sqlalchemy as sa
 from saga.errors import ConfigError
 from saga.store.schema import HEAD, MIGRATIONS, schema_version
 from saga.store.sql import SqlStore
+from tests.conftest import require_postgres
 
 
 async def test_a_database_behind_head_is_refused_until_migrated(tmp_path: Path) -> None:
@@ -22,6 +23,10 @@ async def test_a_database_behind_head_is_refused_until_migrated(tmp_path: Path) 
             await conn.execute(schema_version.delete().where(schema_version.c.version > 1))
             await conn.execute(sa.text("DROP INDEX IF EXISTS ix_saga_inbox_received"))
             await conn.execute(sa.text("ALTER TABLE saga_instances DROP COLUMN sent_at"))
+            await conn.execute(
+                sa.text("ALTER TABLE saga_instances DROP COLUMN timer_claimed_until")
+            )
+            await conn.execute(sa.text("ALTER TABLE saga_outbox DROP COLUMN claimed_until"))
         with pytest.raises(ConfigError, match=f"at version 1, this saga needs {HEAD}"):
             await store.setup()
         assert await store.migrate() == [v for v, _, _ in MIGRATIONS if v > 1]
@@ -35,6 +40,38 @@ async def test_a_database_behind_head_is_refused_until_migrated(tmp_path: Path) 
                 )
             )
         assert "ix_saga_inbox_received" in indexes
-        assert "sent_at" in columns
+        assert {"sent_at", "timer_claimed_until"} <= columns
     finally:
+        await store.close()
+
+
+async def test_postgres_in_its_own_schema_is_migrated_from_the_first_release(unique: str) -> None:
+    """The ALTER TABLE of later migrations names the store's schema, not the search path's."""
+    store = SqlStore(require_postgres(), schema=f"saga_mig_{unique}")
+    try:
+        await store.migrate()
+        async with store._write.begin() as conn:
+            await conn.execute(schema_version.delete().where(schema_version.c.version > 1))
+            for table, column in (
+                ("saga_instances", "sent_at"),
+                ("saga_instances", "timer_claimed_until"),
+                ("saga_outbox", "claimed_until"),
+            ):
+                await conn.execute(
+                    sa.text(f'ALTER TABLE "saga_mig_{unique}".{table} DROP COLUMN {column}')
+                )
+        assert await store.migrate() == [v for v, _, _ in MIGRATIONS if v > 1]
+        await store.setup()
+        async with store._read.connect() as conn:
+            columns = await conn.run_sync(
+                lambda c: {
+                    col["name"]
+                    for col in sa.inspect(c).get_columns(
+                        "saga_instances", schema=f"saga_mig_{unique}"
+                    )
+                }
+            )
+        assert {"sent_at", "timer_claimed_until"} <= columns
+    finally:
+        await store.drop_schema()
         await store.close()

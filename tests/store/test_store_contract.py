@@ -17,8 +17,10 @@ from saga.state import (
     SagaState,
     SagaStatus,
     Started,
+    TimerFired,
     Transition,
 )
+from saga.store.sql import CLAIM, SqlStore
 
 T0 = datetime(2030, 1, 1, 12, 0, tzinfo=UTC)
 DEF = SagaDefinition(
@@ -168,7 +170,50 @@ async def test_due_timers_in_deadline_order_and_only_due(store: Store) -> None:
         (early.saga_id, early.awaiting),
         (late.saga_id, late.awaiting),
     ]
-    assert len(await store.due_timers(late.deadline, 1)) == 1
+    if claims(store):  # both are claimed now: another call (instance) gets neither
+        assert await store.due_timers(late.deadline, 10) == []
+    else:
+        assert len(await store.due_timers(late.deadline, 1)) == 1
+
+
+def claims(store: Store) -> bool:
+    """PostgreSQL stores claim due timers and outbox rows (several instances share them)."""
+    return isinstance(store, SqlStore) and store.dialect == "postgresql"
+
+
+async def test_a_claimed_timer_is_skipped_until_the_saga_is_written_or_the_claim_ends(
+    store: Store,
+) -> None:
+    s = await create(store, at=T0)
+    assert s.deadline is not None
+    (first,) = await store.due_timers(s.deadline, 10)
+    if not claims(store):
+        assert await store.due_timers(s.deadline, 10) == [first]  # one instance: no claims
+        return
+    assert await store.due_timers(s.deadline, 10) == []
+    # the claim ends by itself (the claimer died) ...
+    assert [t.saga_id for t in await store.due_timers(s.deadline + CLAIM * 2, 10)] == [s.saga_id]
+    # ... or when the saga is written: its next deadline is free to claim at once
+    assert s.awaiting is not None
+    t = decide(DEF, s, TimerFired(s.awaiting), s.deadline)
+    assert await store.commit([change_for(t, s.version)]) == [CommitResult.APPLIED]
+    assert t.state.deadline is not None, t.state
+    assert [x.saga_id for x in await store.due_timers(t.state.deadline, 10)] == [s.saga_id]
+
+
+async def test_outbox_rows_are_claimed_by_one_instance_at_a_time(store: Store) -> None:
+    if not claims(store):
+        return  # one instance per SQLite file or memory store: nothing to share
+    assert isinstance(store, SqlStore)
+    await create(store)
+    other = SqlStore(store.url, schema=store.schema)  # a second instance on the same database
+    try:
+        # the writer's own rows are its to publish: the other instance finds none
+        assert await other.pending_outbox(10) == []
+        mine = await store.pending_outbox(10)
+        assert len(mine) == 1
+    finally:
+        await other.close()
 
 
 async def test_idle_sagas_have_no_timer(store: Store) -> None:
