@@ -30,6 +30,8 @@ import aio_pika
 import aiormq
 import pytest
 import sqlalchemy as sa
+from sqlalchemy.ext.asyncio import create_async_engine
+from sqlalchemy.pool import NullPool
 
 from contracts.catalog import PARTICIPANTS
 from contracts.envelope import StartSaga
@@ -196,6 +198,9 @@ class Stack:
     prefix: str
     directory: Path
     processes: Group
+    #: a PostgreSQL database for the orchestrator and the services (a schema each); SQLite
+    #: files in ``data_dir`` when None
+    postgres_url: str | None = None
 
     @property
     def data_dir(self) -> Path:
@@ -203,11 +208,16 @@ class Stack:
 
     @property
     def database_url(self) -> str:
+        if self.postgres_url is not None:
+            return self.postgres_url
         return f"sqlite+aiosqlite:///{self.data_dir / 'saga.db'}"
 
     def service_settings(self) -> ServiceSettings:
         return ServiceSettings(
-            rabbitmq_url=self.rabbitmq_url, prefix=self.prefix, data_dir=self.data_dir
+            rabbitmq_url=self.rabbitmq_url,
+            prefix=self.prefix,
+            data_dir=self.data_dir,
+            services_database_url=self.postgres_url,
         )
 
     # --- processes -------------------------------------------------------------------
@@ -234,6 +244,8 @@ class Stack:
             SAGA_DATA_DIR=str(self.data_dir),
             SAGA_RELAY_POLL_INTERVAL="0.2",
         )
+        if self.postgres_url is not None:
+            env["SAGA_SERVICES_DATABASE_URL"] = self.postgres_url
         if fault is not None:
             env.update(SAGA_FAULT_POINT=fault[0], SAGA_FAULT_AFTER=str(fault[1]))
         env.update(extra)
@@ -306,7 +318,12 @@ class Stack:
 
         Polls only the status column, twice a second: the stack under test needs the CPU."""
         deadline = time.monotonic() + within
-        engine = sqlite_engine(database_url or self.database_url, immediate=False)
+        url = database_url or self.database_url
+        engine = (
+            sqlite_engine(url, immediate=False)
+            if url.startswith("sqlite")
+            else create_async_engine(url, poolclass=NullPool)
+        )
         query = sa.select(sagas.c.saga_id, sagas.c.status).where(sagas.c.saga_id.in_(ids))
         try:
             while True:
@@ -365,8 +382,8 @@ class Stack:
     # --- the services' databases -----------------------------------------------------
 
     def ledger(self, service: str) -> Ledger:
-        url, _ = self.service_settings().database_url(service)
-        return Ledger(url, business=BUSINESS[service])
+        url, schema = self.service_settings().database_url(service)
+        return Ledger(url, schema=schema, business=BUSINESS[service])
 
     async def service_outboxes(self) -> dict[str, int]:
         counts = {}
@@ -377,7 +394,7 @@ class Stack:
                     counts[service] = (
                         await conn.scalar(sa.select(sa.func.count()).select_from(outbox)) or 0
                     )
-            except sa.exc.OperationalError:  # not created yet
+            except sa.exc.DBAPIError:  # not created yet
                 counts[service] = 0
             finally:
                 await ledger.close()
