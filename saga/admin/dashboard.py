@@ -140,6 +140,10 @@ def install(app: FastAPI, api: APIRouter, service: OrchestratorService) -> None:
     async def root() -> RedirectResponse:
         return RedirectResponse("/ui/")
 
+    @app.get("/asyncapi.json", include_in_schema=False)
+    async def asyncapi_alias() -> RedirectResponse:
+        return RedirectResponse("/api/asyncapi.json")  # same origin: the token goes along
+
     @app.get("/asyncapi", include_in_schema=False)
     async def contracts_page() -> RedirectResponse:
         return RedirectResponse("/ui/#/contracts")
