@@ -173,6 +173,13 @@ class SqlStore:
         """Apply every missing migration; returns the versions applied."""
         applied: list[int] = []
         async with self._write.begin() as conn:
+            if self.dialect == "postgresql":
+                # Instances started together (`saga run --migrate` on each replica) migrate
+                # one after another: the lock is held until this transaction ends, and the
+                # next one then finds nothing left to do.
+                await conn.execute(
+                    sa.text("SELECT pg_advisory_xact_lock(:key)"), {"key": _MIGRATE_LOCK}
+                )
             if self.schema is not None and self.dialect == "postgresql":
                 await conn.execute(sa.text(f'CREATE SCHEMA IF NOT EXISTS "{self.schema}"'))
             await conn.run_sync(lambda c: schema_version.create(c, checkfirst=True))
@@ -496,6 +503,15 @@ class SqlStore:
     async def _claim_timers(self, now: datetime, limit: int) -> list[DueTimer]:
         """Due timers no other instance is firing, claimed by this one until it commits the
         event (every write of a saga clears the claim) or for CLAIM at most."""
+        probe = (
+            sa.select(sagas.c.saga_id)
+            .where(sagas.c.deadline.is_not(None))
+            .where(sagas.c.deadline <= now)
+            .limit(1)
+        )
+        async with self._read.connect() as conn:  # most polls find nothing: no write then
+            if (await conn.execute(probe)).first() is None:
+                return []
         due = (
             sa.select(sagas.c.saga_id)
             .where(sagas.c.deadline.is_not(None))
@@ -655,6 +671,8 @@ class SqlStore:
 
 
 _TERMINAL = frozenset({SagaStatus.COMPLETED, SagaStatus.COMPENSATED, SagaStatus.FAILED})
+#: the advisory lock that serialises migrations of one PostgreSQL database ("saga" in ASCII)
+_MIGRATE_LOCK = 0x73616761
 #: how long a claim on an outbox row or a due timer holds off other instances (PostgreSQL): long
 #: enough to publish or to decide and commit, short enough that a dead instance's rows and
 #: timers are taken over within seconds

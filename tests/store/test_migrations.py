@@ -1,5 +1,6 @@
 """Schema versions: applied in order by `migrate`, and checked at start."""
 
+import asyncio
 from pathlib import Path
 
 import pytest
@@ -75,3 +76,17 @@ async def test_postgres_in_its_own_schema_is_migrated_from_the_first_release(uni
     finally:
         await store.drop_schema()
         await store.close()
+
+
+async def test_instances_migrating_at_once_take_turns(unique: str) -> None:
+    """`saga run --migrate` on several replicas at once: one migrates, the others find it done."""
+    schema = f"saga_race_{unique}"
+    stores = [SqlStore(require_postgres(), schema=schema) for _ in range(3)]
+    try:
+        applied = await asyncio.gather(*(s.migrate() for s in stores))
+        assert sorted(applied, key=len) == [[], [], [v for v, _, _ in MIGRATIONS]]
+        await stores[0].setup()
+    finally:
+        await stores[0].drop_schema()
+        for s in stores:
+            await s.close()
