@@ -1,8 +1,9 @@
 """``saga bench``: the checkout saga on real processes, against the broker's own ceiling.
 
-It starts ``saga run`` and the four demo services on a private prefix and temporary data (or,
-with ``--connect``, uses a stack already running), measures the broker ceiling with two plain
-aio-pika processes, runs the checkouts, prints a table (or ``--json``), and cleans up.
+It starts ``saga run`` (``--instances`` of it, sharing one PostgreSQL database) and the four demo
+services on a private prefix and temporary data (or, with ``--connect``, uses a stack already
+running), measures the broker ceiling with two plain aio-pika processes, runs the checkouts,
+prints a table (or ``--json``), and cleans up.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from typing import Annotated, Any
 
 import typer
 from aiormq.exceptions import AMQPError
+from sqlalchemy.engine import make_url
 from sqlalchemy.exc import SQLAlchemyError
 
 from saga.errors import ConfigError
@@ -93,6 +95,15 @@ def main(
     services: Annotated[
         ServicesMode, typer.Option(help="A process per service, or all four in one.")
     ] = ServicesMode.SEPARATE,
+    instances: Annotated[
+        int,
+        typer.Option(
+            min=1,
+            max=16,
+            help="Orchestrator processes sharing the database (more than one needs PostgreSQL: "
+            "--database-url postgresql+asyncpg://...).",
+        ),
+    ] = 1,
     ceiling: Annotated[
         bool, typer.Option(help="Measure the broker's request/reply ceiling in the same run.")
     ] = True,
@@ -102,7 +113,10 @@ def main(
     warmup: Annotated[int, typer.Option(min=0, help="Sagas run first and not counted.")] = 50,
     crash_after: Annotated[
         float | None,
-        typer.Option(help="kill -9 the orchestrator this many seconds in, then restart it."),
+        typer.Option(
+            help="kill -9 the orchestrator (the first one, with --instances) this many seconds "
+            "in, then restart it."
+        ),
     ] = None,
     timeout: Annotated[float, typer.Option(min=1, help="Give up after this many seconds.")] = 600,
     step_timeout: Annotated[
@@ -155,10 +169,20 @@ def main(
         raise typer.BadParameter("--connect needs --prefix and --database-url")
     if connect and crash_after is not None:
         raise typer.BadParameter("--crash-after needs a stack the bench started")
+    if connect and instances > 1:
+        raise typer.BadParameter("--instances needs a stack the bench started")
+    if instances > 1 and (database_url is None or is_sqlite(database_url)):
+        raise typer.BadParameter(
+            f"{instances} orchestrator instances need PostgreSQL (--database-url "
+            "postgresql+asyncpg://user@host/db); SQLite allows one orchestrator per file "
+            "and refuses a second one",
+            param_hint="--instances",
+        )
     options = _Options(
         rabbitmq_url=rabbitmq_url,
         database_url=database_url,
         services_mode=services.value,
+        instances=instances,
         ceiling=ceiling,
         ceiling_round_trips=ceiling_round_trips,
         connect=connect,
@@ -187,6 +211,7 @@ class _Options:
     rabbitmq_url: str
     database_url: str | None
     services_mode: str
+    instances: int
     ceiling: bool
     ceiling_round_trips: int | None
     connect: bool
@@ -249,6 +274,7 @@ async def bench(workload: Workload, options: _Options) -> dict[str, Any]:
             services_mode=options.services_mode,
             step_timeout=options.step_timeout,
             sqlite_synchronous=options.sqlite_synchronous,
+            instances=options.instances,
         )
         if options.connect:
             config = _with_data_dir(config, data_dir)
@@ -257,11 +283,16 @@ async def bench(workload: Workload, options: _Options) -> dict[str, Any]:
         if not options.connect:
             cleanup.push_async_callback(delete_topology, options.rabbitmq_url, prefix)
             cleanup.callback(stack.stop)
-            _say(f"starting the orchestrator and the services (prefix {prefix})")
+            who = (
+                "the orchestrator"
+                if options.instances == 1
+                else f"{options.instances} orchestrators"
+            )
+            _say(f"starting {who} and the services (prefix {prefix})")
             await stack.start()
         observer = Observer(database_url)
         cleanup.push_async_callback(observer.close)
-        meter = _Meter(stack)
+        meter = _Meter(stack, observer, local_postgres=_is_local_postgres(database_url))
         load = await run_load(
             options.rabbitmq_url,
             prefix,
@@ -273,7 +304,7 @@ async def bench(workload: Workload, options: _Options) -> dict[str, Any]:
             check=stack.failure if not options.connect else None,
             begin=meter.begin,
         )
-        cpu_s, rss = meter.end()
+        cpu_s, rss, commits = await meter.end()
         database = "sqlite" if is_sqlite(database_url) else "postgresql"
         return result_document(
             workload=workload,
@@ -282,7 +313,10 @@ async def bench(workload: Workload, options: _Options) -> dict[str, Any]:
             services_mode="external" if options.connect else options.services_mode,
             prefix=prefix,
             cpu_s=cpu_s,
-            orchestrator_peak_rss_mib=rss,
+            orchestrators=config.orchestrators,
+            orchestrator_rss_mib=rss,
+            killed=meter.killed,
+            database_commits=commits,
             ceiling=result,
             step_timeout=options.step_timeout,
             sqlite_synchronous=options.sqlite_synchronous,
@@ -309,13 +343,18 @@ def _with_data_dir(config: StackConfig, data_dir: Path) -> StackConfig:
 
 
 class _Meter:
-    """CPU seconds of every process over the measured part, and the orchestrator's memory."""
+    """CPU seconds of every process over the measured part, and each orchestrator's memory."""
 
-    def __init__(self, stack: BenchStack):
+    def __init__(self, stack: BenchStack, observer: Observer, *, local_postgres: bool = False):
         self.stack = stack
+        self.observer = observer
+        self.commits: int | None = None  # PostgreSQL's committed transactions at the start
+        # the server's processes, by pid: backends come and go with connections
+        self.postgres: dict[int, float] | None = {} if local_postgres else None
         self.start: dict[str, float] = {}
         self.spent: dict[str, float] = {}  # of processes that are gone (a killed orchestrator)
-        self.peak_rss = 0.0
+        self.peak_rss: dict[str, float] = {}  # orchestrator instance -> MiB, of gone processes
+        self.killed: str | None = None  # the instance killed and restarted
         self.broker = _broker_pid()
 
     def _now(self) -> dict[str, float]:
@@ -325,29 +364,78 @@ class _Meter:
             values["rabbitmq (shared)"] = cpu_seconds(self.broker)
         return values
 
-    def begin(self) -> None:
+    async def begin(self) -> None:
         self.start = self._now()
+        self.commits = await self.observer.commits()
+        if self.postgres is not None:
+            self.postgres = _processes_cpu("postgres")
 
     async def crash(self) -> None:
-        pid = self.stack.pids()["orchestrator"]
-        self.spent["orchestrator"] = cpu_seconds(pid) - self.start.get("orchestrator", 0.0)
-        self.peak_rss = max(self.peak_rss, peak_rss_mib(pid))
-        self.stack.kill_orchestrator()
-        await self.stack.start_orchestrator()
-        self.start["orchestrator"] = cpu_seconds(self.stack.pids()["orchestrator"])
+        """Kill the first orchestrator instance and start it again; the others keep running,
+        so with several instances they take over its work meanwhile."""
+        name = self.stack.config.orchestrators[0]
+        pid = self.stack.pids()[name]
+        self.spent[name] = cpu_seconds(pid) - self.start.get(name, 0.0)
+        self.peak_rss[name] = max(self.peak_rss.get(name, 0.0), peak_rss_mib(pid))
+        self.stack.kill_orchestrator(name)
+        self.killed = name
+        await self.stack.start_orchestrator(name)
+        self.start[name] = cpu_seconds(self.stack.pids()[name])
 
-    def end(self) -> tuple[dict[str, float], float | None]:
+    async def end(self) -> tuple[dict[str, float], dict[str, float], int | None]:
+        """(CPU seconds by process, peak RSS MiB by orchestrator instance, transactions
+        PostgreSQL committed meanwhile or None)."""
         now = self._now()
-        names = ["orchestrator", *SERVICES, "all", "bench driver", "rabbitmq (shared)"]
+        commits = await self.observer.commits()
+        if commits is not None and self.commits is not None:
+            commits -= self.commits
+        orchestrators = self.stack.config.orchestrators
+        names = [*orchestrators, *SERVICES, "all", "bench driver", "rabbitmq (shared)"]
         cpu = {
             name: now[name] - self.start.get(name, 0.0) + self.spent.get(name, 0.0)
             for name in names
             if name in now and name in self.start  # present from start to end
         }
-        pid = self.stack.pids().get("orchestrator")
-        if pid is None:
-            return cpu, None
-        return cpu, max(self.peak_rss, peak_rss_mib(pid))
+        if self.postgres is not None:  # a backend that ended meanwhile is missed: a lower bound
+            cpu["postgresql (shared)"] = sum(
+                seconds - self.postgres.get(pid, 0.0)
+                for pid, seconds in _processes_cpu("postgres").items()
+            )
+        pids = self.stack.pids()
+        rss = {
+            name: max(self.peak_rss.get(name, 0.0), peak_rss_mib(pids[name]))
+            for name in orchestrators
+            if name in pids
+        }
+        return cpu, rss, commits if self.commits is not None else None
+
+
+def _is_local_postgres(url: str) -> bool:
+    """A PostgreSQL server on this machine, whose processes' CPU can be read from /proc."""
+    parsed = make_url(url)
+    return parsed.get_backend_name() == "postgresql" and parsed.host in (
+        None,
+        "",
+        "localhost",
+        "127.0.0.1",
+        "::1",
+    )
+
+
+def _processes_cpu(comm: str) -> dict[int, float]:
+    """CPU seconds of every process named ``comm``, by pid."""
+    found: dict[int, float] = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/comm") as f:
+                if f.read().strip() != comm:
+                    continue
+        except OSError:
+            continue
+        found[int(entry)] = cpu_seconds(int(entry))
+    return found
 
 
 def _broker_pid() -> int | None:

@@ -11,10 +11,11 @@ commit, so a latency is short of the truth by at most one commit.
 from __future__ import annotations
 
 import asyncio
+import inspect
 import sqlite3
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from decimal import Decimal
 from typing import Any
@@ -136,6 +137,18 @@ class Observer:
                     found[row.key] = (row.status, row.updated_at.timestamp())
         return found
 
+    async def commits(self) -> int | None:
+        """Transactions committed in the database so far, by every connection (PostgreSQL's
+        statistics, flushed by each backend about once a second); None on SQLite."""
+        if self._count is not None:
+            return None
+        query = sa.text(
+            "SELECT xact_commit FROM pg_stat_database WHERE datname = current_database()"
+        )
+        async with self.engine.connect() as conn:
+            found = await conn.scalar(query)
+        return None if found is None else int(found)
+
     async def close(self) -> None:
         if self._count is not None:
             self._count.close()
@@ -194,7 +207,7 @@ async def run_load(
     progress: Progress | None = None,
     crash: Callable[[], Any] | None = None,
     check: Callable[[], str | None] | None = None,
-    begin: Callable[[], None] | None = None,
+    begin: Callable[[], Awaitable[None] | None] | None = None,
 ) -> Load:
     """Warm up, then run ``workload``; returns when every saga ended or the timeout passed.
 
@@ -220,7 +233,9 @@ async def run_load(
             )
         base = await observer.terminal()
         if begin is not None:
-            begin()
+            started = begin()
+            if inspect.isawaitable(started):
+                await started
         load = Load()
         starts = bench_starts(workload.sagas, workload, tag)
         await _closed_loop(

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import platform
 from collections import Counter
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from services.bench.ceiling import CeilingResult
@@ -13,6 +14,8 @@ from services.bench.driver import Load, Workload
 __all__ = ["percentile", "render_table", "result_document"]
 
 STEPS = 4  # round trips per checkout on the happy path
+#: processes of the stack under test (not the bench driver, not the shared broker)
+_SERVICE_PROCESSES = ("order", "payment", "inventory", "shipping", "all")
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -31,12 +34,19 @@ def result_document(
     database: str,
     services_mode: str,
     prefix: str,
-    cpu_s: dict[str, float],
-    orchestrator_peak_rss_mib: float | None,
+    cpu_s: Mapping[str, float],
+    orchestrator_rss_mib: Mapping[str, float],
     ceiling: CeilingResult | None,
+    orchestrators: Sequence[str] = ("orchestrator",),
+    killed: str | None = None,
+    database_commits: int | None = None,
     step_timeout: float | None = None,
     sqlite_synchronous: str | None = None,
 ) -> dict[str, Any]:
+    """The result; ``cpu_s`` is CPU seconds by process name, ``orchestrators`` the names of the
+    orchestrator instances among them (their sum is reported as ``orchestrator``), and
+    ``orchestrator_rss_mib`` each instance's peak RSS; ``database_commits`` the transactions
+    PostgreSQL committed over the measured part (every process's, the services' included)."""
     statuses = Counter(status for status, _ in load.finals.values())
     latencies = [
         max(at - load.published[key], 0.0) * 1000
@@ -48,6 +58,29 @@ def result_document(
     seconds = max(last - first, 1e-9)
     finished = sum(statuses[s] for s in ("COMPLETED", "COMPENSATED", "FAILED"))
     rate = finished / seconds if finished else 0.0
+
+    def per_saga(cpu_seconds: float) -> float:
+        return round(cpu_seconds * 1000 / max(finished, 1), 3)
+
+    # "orchestrator" is every instance together, so the key means the same for one or several
+    mine = [name for name in orchestrators if name in cpu_s]
+    cpu = dict(cpu_s)
+    for name in mine:
+        del cpu[name]
+    if mine:
+        cpu = {"orchestrator": sum(cpu_s[name] for name in mine), **cpu}
+    instances = [
+        {
+            "name": name,
+            "cpu_ms_per_saga": per_saga(cpu_s[name]) if name in cpu_s else None,
+            "peak_rss_mib": (
+                round(orchestrator_rss_mib[name], 1) if name in orchestrator_rss_mib else None
+            ),
+            "killed": name == killed,
+        }
+        for name in orchestrators
+    ]
+    stack_cpu = [v for k, v in cpu.items() if k == "orchestrator" or k in _SERVICE_PROCESSES]
     doc: dict[str, Any] = {
         "schema": 1,
         "config": {
@@ -61,6 +94,7 @@ def result_document(
             "sqlite_synchronous": (sqlite_synchronous or "FULL") if database == "sqlite" else None,
             "database": database,
             "services": services_mode,
+            "instances": len(orchestrators),
             "prefix": prefix,
         },
         "machine": {
@@ -84,18 +118,34 @@ def result_document(
             "p99": round(percentile(latencies, 0.99), 2),
             "max": round(max(latencies, default=0.0), 2),
         },
-        "cpu_ms_per_saga": {
-            name: round(seconds_ * 1000 / max(finished, 1), 3) for name, seconds_ in cpu_s.items()
-        },
+        "cpu_ms_per_saga": {name: per_saga(seconds_) for name, seconds_ in cpu.items()},
+        # the largest instance's peak (the only one's, with one instance)
         "orchestrator_peak_rss_mib": (
-            None if orchestrator_peak_rss_mib is None else round(orchestrator_peak_rss_mib, 1)
+            round(max(orchestrator_rss_mib.values()), 1) if orchestrator_rss_mib else None
         ),
+        "orchestrators": instances,
+        "totals": {
+            "orchestrators_cpu_ms_per_saga": per_saga(cpu["orchestrator"])
+            if "orchestrator" in cpu
+            else None,
+            # the sum of each instance's peak: an upper bound of what they held at once
+            "orchestrators_peak_rss_mib": (
+                round(sum(orchestrator_rss_mib.values()), 1) if orchestrator_rss_mib else None
+            ),
+            "stack_cpu_ms_per_saga": per_saga(sum(stack_cpu)) if stack_cpu else None,
+        },
         "outbox": {
             "max_rows": load.max_outbox_rows,
             "max_lag_ms": round(load.max_outbox_lag_s * 1000, 1),
         },
         "ceiling": None,
         "crash": None,
+        "postgresql": None
+        if database_commits is None
+        else {
+            "commits_per_saga": round(database_commits / max(finished, 1), 2),
+            "commits_per_s": round(database_commits / max(load.seconds, 1e-9), 1),
+        },
     }
     if ceiling is not None:
         cap = ceiling.rate / STEPS
@@ -116,6 +166,7 @@ def result_document(
         # terminal times are wall clock; the restart is a monotonic reading: convert it
         restart_wall = first + (load.restarted_at - load.started_at)
         doc["crash"] = {
+            "instance": killed,
             "after_s": workload.crash_after,
             "in_flight": load.in_flight_at_crash,
             "restart_s": round(load.restarted_at - load.crashed_at, 2),
@@ -136,6 +187,7 @@ def render_table(doc: dict[str, Any]) -> str:
             + (f" (synchronous={c['sqlite_synchronous']})" if c["sqlite_synchronous"] else ""),
         ),
         ("services", c["services"]),
+        ("orchestrators", f"{c['instances']} on one database" if c["instances"] > 1 else "1"),
         (
             "sagas",
             f"{s['completed']} completed, {s['compensated']} compensated, {s['failed']} failed, "
@@ -156,9 +208,51 @@ def render_table(doc: dict[str, Any]) -> str:
         rows.append(("ratio to cap", f"{ce['ratio']:.0%}" if ce["ratio"] is not None else "-"))
     cpu = doc["cpu_ms_per_saga"]
     if cpu:
-        rows.append(("CPU ms/saga", ", ".join(f"{k} {v:.2f}" for k, v in cpu.items())))
-    if doc["orchestrator_peak_rss_mib"] is not None:
+        many = f"orchestrators ({c['instances']})" if c["instances"] > 1 else "orchestrator"
+        rows.append(
+            (
+                "CPU ms/saga",
+                ", ".join(f"{many if k == 'orchestrator' else k} {v:.2f}" for k, v in cpu.items()),
+            )
+        )
+    if len(doc["orchestrators"]) > 1:
+        for o in doc["orchestrators"]:
+            ms = "-" if o["cpu_ms_per_saga"] is None else f"{o['cpu_ms_per_saga']:.2f}"
+            rss = "-" if o["peak_rss_mib"] is None else f"{o['peak_rss_mib']:.0f}"
+            note = " (killed and restarted)" if o["killed"] else ""
+            rows.append((o["name"], f"CPU {ms} ms/saga, RSS {rss} MiB peak{note}"))
+        t = doc["totals"]
+        rss_total = (
+            "-"
+            if t["orchestrators_peak_rss_mib"] is None
+            else f"{t['orchestrators_peak_rss_mib']:.0f}"
+        )
+        rows.append(
+            (
+                "all orchestrators",
+                f"CPU {cpu.get('orchestrator', 0.0):.2f} ms/saga together, "
+                f"RSS {rss_total} MiB (sum of peaks)",
+            )
+        )
+    elif doc["orchestrator_peak_rss_mib"] is not None:
         rows.append(("orchestrator RSS", f"{doc['orchestrator_peak_rss_mib']:.0f} MiB peak"))
+    if doc["totals"]["stack_cpu_ms_per_saga"] is not None:
+        rows.append(
+            (
+                "stack CPU",
+                f"{doc['totals']['stack_cpu_ms_per_saga']:.2f} ms/saga "
+                "(orchestrators and services; not the broker, the database or the driver)",
+            )
+        )
+    if doc["postgresql"] is not None:
+        pg = doc["postgresql"]
+        rows.append(
+            (
+                "postgresql",
+                f"{pg['commits_per_saga']:.1f} commits/saga, {pg['commits_per_s']:.0f} commits/s "
+                "(every process, services included)",
+            )
+        )
     rows.append(
         (
             "outbox",
@@ -171,7 +265,8 @@ def render_table(doc: dict[str, Any]) -> str:
         rows.append(
             (
                 "kill -9",
-                f"at {cr['after_s']} s with {cr['in_flight']} in flight; all terminal "
+                f"{cr['instance']} at {cr['after_s']} s with {cr['in_flight']} in flight; "
+                f"restarted in {cr['restart_s']:.1f} s; all terminal "
                 f"{cr['all_terminal_after_restart_s']:.1f} s after the restart",
             )
         )

@@ -1,10 +1,10 @@
 """The processes under test: ``saga run`` and the demo services, on a private prefix and data.
 
 Every run gets its own ``SAGA_PREFIX``, a temporary data directory (SQLite) or a temporary
-PostgreSQL database, and bench-only rows in the services' databases (customers with a large
-balance, a SKU with a large stock), so thousands of checkouts can succeed without touching the
-demo's seed. :meth:`BenchStack.close` stops the processes and deletes the queues, exchanges and
-the temporary database.
+PostgreSQL database (which several orchestrator instances may share), and bench-only rows in the
+services' databases (customers with a large balance, a SKU with a large stock), so thousands of
+checkouts can succeed without touching the demo's seed. :meth:`BenchStack.stop` stops the
+processes; :func:`delete_topology` and :func:`temporary_database` remove the rest.
 """
 
 from __future__ import annotations
@@ -70,10 +70,27 @@ class StackConfig:
     log_level: str = "INFO"
     step_timeout: float | None = None  # None: the checkout's own
     sqlite_synchronous: str | None = None  # None: the processes' default (FULL)
+    instances: int = 1  # orchestrator processes on the one database; > 1 needs PostgreSQL
+
+    def __post_init__(self) -> None:
+        if self.instances < 1:
+            raise ValueError("at least one orchestrator instance")
+        if self.instances > 1 and is_sqlite(self.database_url):
+            raise ValueError(
+                "several orchestrator instances need PostgreSQL: SQLite allows one "
+                "orchestrator per file"
+            )
 
     @property
     def data_dir(self) -> Path:
         return self.directory / "data"
+
+    @property
+    def orchestrators(self) -> tuple[str, ...]:
+        """The instances' process names: ``orchestrator`` alone, else numbered from 1."""
+        if self.instances == 1:
+            return ("orchestrator",)
+        return tuple(f"orchestrator-{i}" for i in range(1, self.instances + 1))
 
     def service_settings(self) -> ServiceSettings:
         return ServiceSettings(
@@ -141,22 +158,29 @@ class BenchStack:
         return proc
 
     async def start(self) -> None:
-        """Start the orchestrator, then the services, and wait until all of them are ready."""
+        """Start the orchestrators, then the services, and wait until all of them are ready.
+
+        The first orchestrator migrates the schema alone; the others start once it is ready,
+        so no two processes run the migrations at once."""
         self.config.data_dir.mkdir(parents=True, exist_ok=True)
-        await self.start_orchestrator()
+        first, *others = self.config.orchestrators
+        await self.start_orchestrator(first)
+        await asyncio.gather(*(self.start_orchestrator(name) for name in others))
         names = ["all"] if self.config.services_mode == "all" else list(SERVICES)
         started = [self._spawn(n, ["saga-service", n]) for n in names]
         expected = len(SERVICES) if self.config.services_mode == "all" else 1
         await asyncio.gather(*(_ready(p, "participant_started", expected) for p in started))
 
-    async def start_orchestrator(self) -> None:
-        await _ready(
-            self._spawn("orchestrator", ["saga", "run", "--migrate"]), "orchestrator_started"
-        )
+    async def start_orchestrator(self, name: str = "orchestrator") -> None:
+        """Start (or restart) the orchestrator instance ``name`` and wait until it is ready."""
+        if name not in self.config.orchestrators:
+            raise ValueError(f"no orchestrator instance {name!r}")
+        migrate = ["--migrate"] if name == self.config.orchestrators[0] else []
+        await _ready(self._spawn(name, ["saga", "run", *migrate]), "orchestrator_started")
 
-    def kill_orchestrator(self) -> None:
+    def kill_orchestrator(self, name: str = "orchestrator") -> None:
         """SIGKILL: no shutdown, no last flush, as a power cut of the process would."""
-        proc = self.processes["orchestrator"]
+        proc = self.processes[name]
         with contextlib.suppress(ProcessLookupError):
             os.killpg(proc.pid, signal.SIGKILL)
         proc.popen.wait(timeout=10)

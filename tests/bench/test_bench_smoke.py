@@ -1,4 +1,6 @@
-"""``saga bench`` end to end on a few dozen sagas: the JSON it prints and that every saga ended.
+"""``saga bench`` end to end on a few dozen sagas: the JSON it prints and that every saga ended,
+on SQLite and with two orchestrator instances sharing PostgreSQL (one killed mid-run, so the
+other must take over its work), and the refusal of a second instance on SQLite.
 
 Never asserts on speed: the machines running the tests are shared and their speed varies.
 """
@@ -10,16 +12,19 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
-from tests.conftest import require_rabbitmq
+import pytest
+
+from tests.conftest import require_postgres, require_rabbitmq
 
 SAGA = Path(sys.executable).parent / "saga"
 REPO = Path(__file__).resolve().parents[2]
 
 
-def run_bench(*args: str) -> dict[str, object]:
+def _bench(*args: str) -> subprocess.CompletedProcess[str]:
     env = {**os.environ, "SAGA_RABBITMQ_URL": require_rabbitmq()}
-    done = subprocess.run(
+    return subprocess.run(
         [str(SAGA), "bench", "--json", *args],
         cwd=REPO,
         env=env,
@@ -28,8 +33,12 @@ def run_bench(*args: str) -> dict[str, object]:
         timeout=300,
         check=False,
     )
+
+
+def run_bench(*args: str) -> dict[str, Any]:
+    done = _bench(*args)
     assert done.returncode == 0, done.stdout + done.stderr
-    doc: dict[str, object] = json.loads(done.stdout)
+    doc: dict[str, Any] = json.loads(done.stdout)
     return doc
 
 
@@ -58,9 +67,58 @@ def test_bench_runs_every_saga_to_its_end_and_reports_json() -> None:
     assert isinstance(cpu, dict)
     assert {"orchestrator", "order", "payment", "inventory", "shipping"} <= set(cpu)
     assert isinstance(doc["orchestrator_peak_rss_mib"], float)
-    assert set(doc["outbox"]) == {"max_rows", "max_lag_ms"}  # type: ignore[arg-type]
+    assert set(doc["outbox"]) == {"max_rows", "max_lag_ms"}
     ceiling = doc["ceiling"]
     assert isinstance(ceiling, dict)
     assert ceiling["round_trips"] == 200 and ceiling["concurrency"] == 8
     assert ceiling["round_trips_per_s"] > 0 and ceiling["ratio"] > 0
     assert doc["crash"] is None
+    orchestrators = doc["orchestrators"]
+    assert isinstance(orchestrators, list) and len(orchestrators) == 1
+    assert orchestrators[0]["name"] == "orchestrator" and orchestrators[0]["killed"] is False
+    assert orchestrators[0]["cpu_ms_per_saga"] == cpu["orchestrator"]
+    assert config["instances"] == 1
+
+
+@pytest.mark.postgres
+def test_bench_runs_two_orchestrators_on_postgresql_and_survives_killing_one() -> None:
+    doc = run_bench(
+        "--sagas", "48", "--concurrency", "8", "--instances", "2", "--crash-after", "0.5",
+        "--database-url", require_postgres(), "--warmup", "4", "--no-ceiling",
+    )  # fmt: skip
+    assert doc["all_finished"] is True
+    assert doc["sagas"] == {
+        "total": 48,
+        "completed": 48,
+        "compensated": 0,
+        "failed": 0,
+        "unfinished": 0,
+    }
+    config = doc["config"]
+    assert isinstance(config, dict)
+    assert config["database"] == "postgresql" and config["instances"] == 2
+    orchestrators = doc["orchestrators"]
+    assert isinstance(orchestrators, list)
+    assert [o["name"] for o in orchestrators] == ["orchestrator-1", "orchestrator-2"]
+    assert [o["killed"] for o in orchestrators] == [True, False]
+    for o in orchestrators:
+        assert o["cpu_ms_per_saga"] > 0 and o["peak_rss_mib"] > 0, o
+    cpu = doc["cpu_ms_per_saga"]
+    assert isinstance(cpu, dict)
+    together = sum(o["cpu_ms_per_saga"] for o in orchestrators)
+    assert abs(cpu["orchestrator"] - together) < 0.01  # the key stays the orchestrators' total
+    totals = doc["totals"]
+    assert isinstance(totals, dict)
+    assert totals["orchestrators_peak_rss_mib"] >= doc["orchestrator_peak_rss_mib"]
+    assert totals["stack_cpu_ms_per_saga"] > cpu["orchestrator"]
+    crash = doc["crash"]
+    assert isinstance(crash, dict) and crash["instance"] == "orchestrator-1"
+
+
+def test_several_instances_are_refused_on_sqlite() -> None:
+    done = _bench("--sagas", "10", "--instances", "2")
+    assert done.returncode == 2, done.stdout + done.stderr
+    said = " ".join(done.stderr.replace("│", " ").split())  # as typer wraps it in a box
+    assert "2 orchestrator instances need PostgreSQL" in said, done.stderr
+    assert "SQLite allows one orchestrator per file" in said, done.stderr
+    assert not done.stdout

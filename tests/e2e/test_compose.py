@@ -2,7 +2,9 @@
 
 The checks: every service of the project image runs a real console script and subcommand with
 options that parse; every environment variable is a setting the program reads; whatever needs
-RabbitMQ waits for it to be healthy; the infrastructure has healthchecks; ports bind 127.0.0.1.
+RabbitMQ waits for it to be healthy; the infrastructure has healthchecks; ports bind 127.0.0.1;
+only named volumes; the production profile (the ``prod-*`` services) runs orchestrator replicas
+on PostgreSQL with quorum queues on both sides, migrated once before they start.
 
 Then each of the orchestrator and the four services runs from its own ``command`` and
 ``environment``, with compose host names mapped to 127.0.0.1, volumes to a directory of the test
@@ -52,7 +54,7 @@ LOADERS: dict[str, Callable[[], object]] = {
     "saga-service": load_service_settings,
 }
 SUBCOMMANDS = {
-    "saga": {"run"},
+    "saga": {"run", "migrate"},
     "saga-service": {"order", "payment", "inventory", "shipping", "place-orders"},
 }
 #: SAGA_* variables read outside the settings classes, and where
@@ -107,6 +109,9 @@ def _project_image() -> dict[str, dict[str, Any]]:
 
 
 PROJECT = _project_image()
+#: the production profile's services (and its sample-orders tool): the demo stack's commands on
+#: PostgreSQL with orchestrator replicas; not run natively here
+PRODUCTION = {name: s for name, s in PROJECT.items() if name.startswith("prod-")}
 
 
 def _environment(service: Mapping[str, Any]) -> dict[str, str]:
@@ -137,7 +142,34 @@ def _parse(program: str, args: list[str]) -> tuple[str, dict[str, Any]]:
 
 
 def test_the_project_image_runs_the_stack() -> None:
-    assert set(PROJECT) == {*STACK, "orders"}, sorted(PROJECT)
+    assert set(PROJECT) - set(PRODUCTION) == {*STACK, "orders"}, sorted(PROJECT)
+    assert set(PRODUCTION) == {"prod-migrate", *(f"prod-{n}" for n in (*STACK, "orders"))}
+
+
+def test_the_production_profile_runs_replicas_on_postgresql_with_quorum_queues() -> None:
+    default_prefix = _environment(PROJECT["orchestrator"])["SAGA_PREFIX"]
+    for name, service in PRODUCTION.items():
+        env = _environment(service)
+        profiles = service.get("profiles") or []
+        assert "production" in profiles or name == "prod-orders", f"{name}: profiles {profiles}"
+        if "SAGA_RABBITMQ_URL" in env:  # both sides declare the shared queues: alike
+            assert env.get("SAGA_QUORUM_QUEUES") == "true", f"{name}: classic queues"
+            assert env.get("SAGA_PREFIX") != default_prefix, f"{name}: the demo's queue names"
+        urls = [env[k] for k in ("SAGA_DATABASE_URL", "SAGA_SERVICES_DATABASE_URL") if k in env]
+        for url in urls:
+            assert url.startswith("postgresql+asyncpg://") and "@postgres:" in url, (name, url)
+        if urls:
+            assert _depends_on(service).get("postgres") == "service_healthy", name
+        if name != "prod-migrate":  # the same programs as the demo stack, without migrating
+            demo = [a for a in PROJECT[name.removeprefix("prod-")]["command"] if a != "--migrate"]
+            assert service["command"] == demo, name
+    assert "production" in SERVICES_OF_COMPOSE["postgres"]["profiles"]
+    assert PRODUCTION["prod-migrate"]["command"] == ["saga", "migrate"]
+    orchestrator = PRODUCTION["prod-orchestrator"]
+    assert int(orchestrator["deploy"]["replicas"]) >= 2
+    assert not orchestrator.get("ports"), "replicas would clash on a fixed host port"
+    deps = _depends_on(orchestrator)
+    assert deps.get("prod-migrate") == "service_completed_successfully", deps
 
 
 @pytest.mark.parametrize("name", sorted(PROJECT))
@@ -231,6 +263,16 @@ def test_published_ports_bind_localhost_only(name: str) -> None:
             assert port.get("host_ip") == LOCALHOST, f"{name}: {port} binds every interface"
         else:
             assert str(port).startswith(f"{LOCALHOST}:"), f"{name}: {port!r} binds every interface"
+
+
+@pytest.mark.parametrize(
+    "name", sorted(n for n, s in SERVICES_OF_COMPOSE.items() if s.get("volumes"))
+)
+def test_only_named_volumes(name: str) -> None:
+    declared = set(_compose().get("volumes") or {})
+    for volume in SERVICES_OF_COMPOSE[name]["volumes"]:
+        source = str(volume).split(":")[0]
+        assert source in declared, f"{name}: {volume!r} is not a named volume of the file"
 
 
 # --- the stack, run natively -------------------------------------------------------------
