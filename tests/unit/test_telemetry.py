@@ -3,17 +3,20 @@ harness: one trace per saga, ids fixed in advance, and the same trace after a re
 
 from __future__ import annotations
 
+import logging
 from collections import Counter
 from collections.abc import Sequence
 from typing import Any
 
 import pytest
+import structlog
 from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.trace import StatusCode
-from structlog.testing import capture_logs
+from structlog.testing import LogCapture
 
+from saga import runtime
 from saga.errors import ConfigError
 from saga.runtime import Orchestrator
 from saga.state import SagaStatus
@@ -192,14 +195,28 @@ async def test_retries_and_timeouts_are_counted_and_each_attempt_is_a_span() -> 
                   status="completed") == 1  # fmt: skip
 
 
-async def test_log_lines_about_a_saga_carry_its_ids_and_its_trace() -> None:
+async def test_log_lines_about_a_saga_carry_its_ids_and_its_trace(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     tracing, _ = tracer()
     h = harness(tracing)
     h.on("alpha.do", lambda c: ok())
     h.on("beta.do", lambda c: fail("declined"))
     h.on("alpha.undo", lambda c: ok())
-    with capture_logs() as logs:
-        saga = await h.run("trip", {})
+    # A logger of our own: a module's cached logger ignores capture_logs() once the process has
+    # configured structlog (another test may have).
+    capture = LogCapture()
+    monkeypatch.setattr(
+        runtime,
+        "log",
+        structlog.wrap_logger(
+            structlog.PrintLogger(),
+            processors=[structlog.processors.add_log_level, capture],
+            wrapper_class=structlog.make_filtering_bound_logger(logging.DEBUG),
+        ),
+    )
+    saga = await h.run("trip", {})
+    logs = capture.entries
 
     assert saga.trace is not None
     trace_hex = saga.trace["traceparent"].split("-")[1]
