@@ -454,37 +454,13 @@ class SqlStore:
         from the broker), now claimed by this one. ``SKIP LOCKED``: instances polling at once
         share the rows instead of queueing on them."""
         now = _now()
-        free = (
-            sa.select(outbox.c.message_id)
-            .where(sa.or_(outbox.c.claimed_until.is_(None), outbox.c.claimed_until < now))
-            .order_by(outbox.c.created_at)
-            .limit(limit)
-            .with_for_update(skip_locked=True)
-        )
-        claim = (
-            outbox.update()
-            .where(outbox.c.message_id.in_(free.scalar_subquery()))
-            .values(claimed_until=now + CLAIM)
-            .returning(*outbox.c)
-        )
+        claim = _claim(
+            outbox, outbox.c.message_id, outbox.c.claimed_until, outbox.c.created_at, (), now,
+            limit, outbox.c,
+        )  # fmt: skip
         async with self._write.begin() as conn:
             rows = (await conn.execute(claim)).all()
-        return sorted(
-            (
-                OutboxMessage(
-                    message_id=r.message_id,
-                    saga_id=r.saga_id,
-                    exchange=r.exchange,
-                    routing_key=r.routing_key,
-                    message_type=r.message_type,
-                    body=bytes(r.body),
-                    headers=dict(r.headers),
-                    created_at=_as_utc(r.created_at),
-                )
-                for r in rows
-            ),
-            key=lambda m: m.created_at,
-        )
+        return sorted((_outbox_message(r) for r in rows), key=lambda m: m.created_at)
 
     async def due_timers(self, now: datetime, limit: int) -> list[DueTimer]:
         if self.dialect == "postgresql":
@@ -512,21 +488,11 @@ class SqlStore:
         async with self._read.connect() as conn:  # most polls find nothing: no write then
             if (await conn.execute(probe)).first() is None:
                 return []
-        due = (
-            sa.select(sagas.c.saga_id)
-            .where(sagas.c.deadline.is_not(None))
-            .where(sagas.c.deadline <= now)
-            .where(sa.or_(sagas.c.timer_claimed_until.is_(None), sagas.c.timer_claimed_until < now))
-            .order_by(sagas.c.deadline)
-            .limit(limit)
-            .with_for_update(skip_locked=True)
-        )
-        claim = (
-            sagas.update()
-            .where(sagas.c.saga_id.in_(due.scalar_subquery()))
-            .values(timer_claimed_until=now + CLAIM)
-            .returning(sagas.c.saga_id, sagas.c.awaiting, sagas.c.deadline)
-        )
+        claim = _claim(
+            sagas, sagas.c.saga_id, sagas.c.timer_claimed_until, sagas.c.deadline,
+            (sagas.c.deadline.is_not(None), sagas.c.deadline <= now), now, limit,
+            (sagas.c.saga_id, sagas.c.awaiting, sagas.c.deadline),
+        )  # fmt: skip
         async with self._write.begin() as conn:
             rows = (await conn.execute(claim)).all()
         return sorted(
@@ -598,19 +564,7 @@ class SqlStore:
             return self._outbox.claimed(await self._claim_outbox(limit), limit)
         query = sa.select(outbox).order_by(outbox.c.created_at).limit(limit)
         async with self._read.connect() as conn:
-            rows = [
-                OutboxMessage(
-                    message_id=r.message_id,
-                    saga_id=r.saga_id,
-                    exchange=r.exchange,
-                    routing_key=r.routing_key,
-                    message_type=r.message_type,
-                    body=bytes(r.body),
-                    headers=dict(r.headers),
-                    created_at=r.created_at,
-                )
-                for r in await conn.execute(query)
-            ]
+            rows = [_outbox_message(r) for r in await conn.execute(query)]
         return self._outbox.read(rows, limit)
 
     async def mark_sent(self, message_ids: Sequence[UUID]) -> None:
@@ -777,6 +731,47 @@ def _state_from_row(r: Any) -> SagaState:
         stuck_step=r["stuck_step"],
         sent_at=r["sent_at"],
         trace=r["trace_context"],
+    )
+
+
+def _claim(
+    table: sa.Table,
+    key: sa.Column[Any],
+    claimed_until: sa.Column[Any],
+    order: sa.Column[Any],
+    due: Sequence[sa.ColumnElement[bool]],
+    now: datetime,
+    limit: int,
+    returning: Iterable[sa.ColumnElement[Any]],
+) -> sa.UpdateBase:
+    """Claim up to ``limit`` rows that match ``due`` and no live claim, for CLAIM: one
+    statement, ``FOR UPDATE SKIP LOCKED`` so instances claiming at once take different rows."""
+    free = (
+        sa.select(key)
+        .where(*due)
+        .where(sa.or_(claimed_until.is_(None), claimed_until < now))
+        .order_by(order)
+        .limit(limit)
+        .with_for_update(skip_locked=True)
+    )
+    return (
+        table.update()
+        .where(key.in_(free.scalar_subquery()))
+        .values({claimed_until.name: now + CLAIM})
+        .returning(*returning)
+    )
+
+
+def _outbox_message(r: Any) -> OutboxMessage:
+    return OutboxMessage(
+        message_id=r.message_id,
+        saga_id=r.saga_id,
+        exchange=r.exchange,
+        routing_key=r.routing_key,
+        message_type=r.message_type,
+        body=bytes(r.body),
+        headers=dict(r.headers),
+        created_at=_as_utc(r.created_at),
     )
 
 
