@@ -24,7 +24,9 @@ from typing import Any, Literal
 
 import aio_pika
 
+from contracts.payment import REFUND
 from saga.errors import ConfigError
+from saga.ids import saga_id_for_key
 from saga.logs import configure_logging
 from saga.service import OrchestratorService
 from saga.settings import Settings, load_settings
@@ -36,6 +38,7 @@ from saga.transport.topology import Topology
 from services import inventory, order, payment, shipping
 from services.checkout import checkout_input, registry
 from services.participant import Participant
+from services.participant.faults import InjectedFault
 from services.participant.settings import ServiceSettings, load_service_settings
 
 __all__ = ["MEMORY_BANNER", "SCENARIOS", "BrokerKind", "Scenario", "main", "run_demo"]
@@ -195,7 +198,8 @@ async def run_demo(
     broker: BrokerKind = "rabbitmq",
     quiet: bool = False,
     admin: tuple[int, str] | None = None,
-    hold: Callable[[DemoResult], Awaitable[None]] | None = None,
+    hold: Callable[[DemoResult, OrchestratorService, Mapping[str, Participant]], Awaitable[None]]
+    | None = None,
 ) -> DemoResult:
     """Run every scenario; returns (outcomes, before, after, expected after).
 
@@ -260,7 +264,7 @@ async def run_demo(
         if progress is not None:
             progress.cancel()
         if hold is not None:
-            await hold(result)
+            await hold(result, orchestrator, services)
         return result
     finally:
         if progress is not None:
@@ -287,6 +291,25 @@ async def _teardown(
         await shared.close()
     else:
         await _delete_topology(rabbitmq_url, Topology(prefix=prefix), list(services))
+
+
+async def stuck_checkout(
+    orchestrator: OrchestratorService, services: Mapping[str, Participant], key: str
+) -> uuid.UUID:
+    """A checkout that cannot be delivered and whose refund then keeps failing (the payment
+    gateway "is down" for 10 attempts, the compensation's whole budget): it ends FAILED, stuck
+    at charge_payment, for an operator to retry once the gateway "is back" (the 11th attempt
+    succeeds)."""
+    saga_id = saga_id_for_key("checkout", key)
+    services["payment"].faults[(saga_id, REFUND)] = InjectedFault("transient", 10)
+    customer = payment.CUSTOMERS["carol"]
+    await orchestrator.start_saga(
+        "checkout",
+        checkout_input(customer, [(inventory.BOOK, 1, Decimal("19.90"))], NOWHERE),
+        key=key,
+    )
+    await _wait(orchestrator, [saga_id], 120)
+    return saga_id
 
 
 def _settings(
@@ -406,17 +429,24 @@ def main(argv: list[str] | None = None) -> int:
     token = secrets.token_hex(16)
     printed = False
 
-    async def hold(result: DemoResult) -> None:
-        """--serve: show the summary, then keep every component up for the dashboard."""
+    async def hold(
+        result: DemoResult, orchestrator: OrchestratorService, services: Mapping[str, Participant]
+    ) -> None:
+        """--serve: show the summary, add a stuck saga to fix, keep everything up."""
         nonlocal printed
         print(render(*result))
         printed = True
         url = f"http://127.0.0.1:{args.admin_port}"
+        print(f"\nDashboard: {url}/  (token {token})", flush=True)
+        print("Preparing one more checkout whose refund keeps failing (about 40 s)...", flush=True)
+        stuck = await stuck_checkout(orchestrator, services, f"stuck-{uuid.uuid4().hex[:8]}")
+        state = await orchestrator.orchestrator.get(stuck)
         print(
-            f"\nStill running. Dashboard: {url}/  (token {token})\n"
-            f"CLI: export SAGA_ADMIN_URL={url} SAGA_ADMIN_TOKEN={token}; "
-            ".venv/bin/saga list --status compensated\n"
-            "Ctrl-C stops it.",
+            f"Saga {stuck} is {state.status.value}: {state.failure}\n"
+            "The gateway is back now: retry it from its page in the dashboard, or with\n"
+            f"  export SAGA_ADMIN_URL={url} SAGA_ADMIN_TOKEN={token}\n"
+            f'  .venv/bin/saga retry {stuck} --reason "gateway is back"\n'
+            "and it ends COMPENSATED. Ctrl-C stops everything.",
             flush=True,
         )
         stop = asyncio.Event()

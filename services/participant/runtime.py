@@ -79,7 +79,9 @@ class Participant:
             url, schema=schema, business=business, sqlite_synchronous=settings.sqlite_synchronous
         )
         self.seed = seed
-        self._faults = load_fault_plan(settings.fault_plan)
+        #: failures to give on purpose, by (saga id, command type): SAGA_FAULT_PLAN's, and the
+        #: demo's stuck refund
+        self.faults = load_fault_plan(settings.fault_plan)
         self._handlers: dict[str, tuple[CommandContract, Handler]] = {}
         self.broker: Broker | None = broker
         self._own_broker: Broker | None = None  # made by start(), closed by stop()
@@ -406,7 +408,7 @@ class Participant:
             payload = parse_data(contract.payload, command.payload)
         except ContractError as exc:
             return _reply(command, reply_id, "failure", "invalid_payload", exc.detail, False), True
-        fault = self._faults.get((command.saga_id, command.command_type))
+        fault = self.faults.get((command.saga_id, command.command_type))
         if fault is not None:
             if fault.mode == "refuse":
                 detail = "refused by the fault plan"

@@ -2,12 +2,19 @@
 
 from __future__ import annotations
 
+import asyncio
+import secrets
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 
+from saga.service import OrchestratorService
+from saga.state import SagaStatus
 from services import demo
+from services.chaos.node import free_port
 from services.demo import MEMORY_BANNER, run_demo
 
 
@@ -46,3 +53,46 @@ def test_main_says_nothing_is_durable(
         "in-memory broker: nothing is durable in this mode; use RabbitMQ for anything real"
     )
     assert seen["broker"] == "memory"
+
+
+async def test_after_the_demo_an_operator_finds_the_sagas_and_fixes_the_stuck_one(
+    tmp_path: Path,
+) -> None:
+    """What ``scripts/demo --serve`` offers: the dashboard's API sees the declined payment and
+    why it compensated, and one retry fixes the checkout whose refund kept failing."""
+    port, token = free_port(), secrets.token_hex(16)
+    seen: dict[str, Any] = {}
+
+    async def operator(
+        result: Any, orchestrator: OrchestratorService, services: Mapping[str, Any]
+    ) -> None:
+        stuck = await demo.stuck_checkout(orchestrator, services, "stuck-test")
+        state = await orchestrator.orchestrator.get(stuck)
+        seen["stuck"] = (state.status, state.stuck_step)
+        headers = {"Authorization": f"Bearer {token}", "X-Saga-Actor": "ops"}
+        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", headers=headers) as api:
+            listed = (await api.get("/api/sagas", params={"status": "COMPENSATED"})).json()
+            seen["why"] = {s["failure"] for s in listed["items"]}
+            answer = await api.post(f"/api/sagas/{stuck}/retry", json={"reason": "gateway back"})
+            assert answer.status_code == 200, answer.text
+            for _ in range(200):
+                state = await orchestrator.orchestrator.get(stuck)
+                if state.status.is_terminal:
+                    break
+                await asyncio.sleep(0.1)
+        seen["after"] = state.status
+        refunds = [r for r in await services["payment"].ledger.history() if r["saga_id"] == stuck]
+        seen["refunds"] = [r["command_type"] for r in refunds if r["direction"] == "compensation"]
+
+    await run_demo(
+        data_dir=tmp_path / "demo",
+        database_url=None,
+        broker="memory",
+        quiet=True,
+        admin=(port, token),
+        hold=operator,
+    )
+    assert seen["stuck"] == (SagaStatus.FAILED, "charge_payment")
+    assert any("insufficient_funds" in (why or "") for why in seen["why"]), seen["why"]
+    assert seen["after"] is SagaStatus.COMPENSATED
+    assert seen["refunds"] == ["payment.refund"]  # applied once, after the retry
