@@ -45,7 +45,9 @@ from tests.faults.conftest import (
     unfinished,
 )
 
-pytestmark = pytest.mark.rabbitmq
+# By hand (scripts/test -m by_hand tests/cluster/test_stack.py): once in CI under heavy load a
+# participant did not take commands again after the node kill (docs/scaling.md, Limits).
+pytestmark = [pytest.mark.rabbitmq, pytest.mark.by_hand]
 
 SAGAS = int(os.environ.get("SAGA_TEST_CLUSTER_SAGAS", "300"))
 DOWN_FOR = 5.0  # seconds node 1 stays down before it is booted again, at least
