@@ -3,52 +3,31 @@
 Publishing channels are opened with ``publisher_confirms=True`` and ``on_return_raises=True``:
 aio-pika's default is to treat a returned (unroutable) ``mandatory`` message as delivered, which
 would let the relay mark a command sent that no queue ever received.
-
-The broker address may name several nodes of one cluster, comma-separated; the connection goes
-to the first reachable one and, once lost, to the next node in turn (:class:`FailoverConnection`).
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import re
 import ssl
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit
 
 import aio_pika
 import aiormq
-import structlog
 from aio_pika.abc import (
     AbstractChannel,
-    AbstractConnection,
     AbstractExchange,
     AbstractRobustConnection,
 )
-from aio_pika.connection import make_url
 
 from saga.errors import ConfigError
 from saga.secrets import redact_url
 from saga.transport.topology import Topology
 
-__all__ = [
-    "FailoverConnection",
-    "PublishRefusedError",
-    "Publisher",
-    "TlsFiles",
-    "broker_urls",
-    "connect",
-    "connect_once",
-    "declare",
-    "safe_url",
-]
-
-log = structlog.get_logger("saga.transport.amqp")
+__all__ = ["PublishRefusedError", "Publisher", "TlsFiles", "connect", "declare", "safe_url"]
 
 
 #: seconds between reconnect attempts, unless the URL says (``?reconnect_interval=...``)
@@ -60,52 +39,8 @@ class PublishRefusedError(Exception):
 
 
 def safe_url(url: str) -> str:
-    """The URL (or comma-separated URLs) with every password hidden, for errors and logs."""
+    """The URL with its password hidden, for error messages and logs."""
     return redact_url(url)
-
-
-#: a comma that starts another URL; a comma anywhere else (a password's) is part of its URL
-_NEXT_URL = re.compile(r",\s*(?=[a-z][a-z0-9+.-]*://)", re.I)
-
-
-def broker_urls(value: str) -> list[str]:
-    """The node URLs of a broker address: one ``amqp://`` URL, or several of one cluster
-    separated by commas. ValueError naming the first bad one (password hidden) and why.
-
-    A comma splits only where another ``scheme://`` follows, so a password may hold one; any
-    other comma outside the user and password is an error (a forgotten ``amqp://``)."""
-    urls = _NEXT_URL.split(value.strip())
-    several = len(urls) > 1
-    for n, url in enumerate(urls, 1):
-        shown = safe_url(url) or "empty"
-        where = f"entry {n} of {len(urls)} ({shown})" if several else shown
-        if not url.startswith(("amqp://", "amqps://")):
-            raise ValueError(
-                f"{where}: use amqp://user:password@host:5672/vhost (amqps:// for TLS); "
-                "several nodes of one cluster: separate their URLs by commas"
-            )
-        parts = urlsplit(url)
-        after_user = url[len(parts.scheme) + 3 :].rpartition("@")[2]
-        if "," in after_user:
-            raise ValueError(
-                f"{where}: a comma that does not start another amqp:// URL; "
-                "write a comma in a vhost as %2C"
-            )
-        try:
-            port = parts.port
-        except ValueError:
-            port = -1
-        if not parts.hostname or port == -1:
-            raise ValueError(
-                f"{where}: needs a host, and a port (if any) from 1 to 65535: host:5672"
-            )
-    schemes = {urlsplit(url).scheme for url in urls}
-    if len(schemes) > 1:
-        raise ValueError(
-            f"{safe_url(value)} mixes amqp:// and amqps://: every node of one cluster is "
-            "reached the same way"
-        )
-    return urls
 
 
 @dataclass(frozen=True, slots=True)
@@ -130,120 +65,32 @@ class TlsFiles:
         return ctx
 
 
-class FailoverConnection(aio_pika.RobustConnection):
-    """A robust connection over several nodes of one cluster: when the connection is lost, or a
-    reconnect attempt fails, the next attempt goes to the next node of the list, round the
-    list, every ``reconnect_interval``.
-
-    Everything else is aio-pika's robust connection as it is: the channels, the queues declared
-    through them and their consumers are restored on whichever node it reaches. The node is
-    chosen in ``_on_connection_close``, which aio-pika calls once per lost connection and once
-    per failed attempt, before it schedules the next attempt.
-    """
-
-    def __init__(self, urls: Sequence[str], *, first: int = 0, **kwargs: Any):
-        nodes = tuple(make_url(u) for u in urls)
-        if not nodes:
-            raise ValueError("no broker URL")
-        super().__init__(nodes[first], **kwargs)
-        self.nodes = nodes
-        self.node_index = first
-        self._shown = nodes[first]  # the node of the live connection or the last attempt
-
-    def __str__(self) -> str:
-        """The node connected to (or last tried), password hidden: aio-pika logs it."""
-        url = self._shown
-        return str(url.with_password("******") if url.password else url)
-
-    async def _on_connected(self) -> None:
-        self._shown = self.url
-        reconnect = self.connection_attempt > 0
-        await super()._on_connected()
-        if reconnect:
-            log.info("amqp_reconnected", node=str(self))
-
-    async def _on_connection_close(self, closing: asyncio.Future[Any]) -> None:
-        self._shown = self.url
-        await super()._on_connection_close(closing)
-        if len(self.nodes) > 1 and not (self._close_called or self.is_closed):
-            self.node_index = (self.node_index + 1) % len(self.nodes)
-            self.url = self.nodes[self.node_index]
-            lost = str(self)
-            next_node = self.url.with_password("******") if self.url.password else self.url
-            log.info("amqp_next_node", lost=lost, next=str(next_node))
-
-
-def _reach_error(url: str, failures: Sequence[str]) -> ConfigError:
-    where = safe_url(url)
-    why = failures[0] if len(failures) == 1 else "; ".join(failures)
-    return ConfigError(
-        f"cannot reach RabbitMQ at {where}: {why}. Is it running? "
-        "Set SAGA_RABBITMQ_URL to its amqp:// address (several nodes: comma-separated)."
-    )
-
-
-def _urls_or_config_error(url: str) -> list[str]:
-    try:
-        return broker_urls(url)
-    except ValueError as exc:
-        raise ConfigError(f"SAGA_RABBITMQ_URL: {exc}") from None
-
-
 async def connect(
     url: str, *, connect_timeout: float = 10.0, tls: TlsFiles | None = None
 ) -> AbstractRobustConnection:
     """A robust connection (reconnects and re-declares by itself), or a clear ConfigError.
 
-    ``url`` is one node or several of one cluster, comma-separated: the first reachable one is
-    used, and after a loss every node in turn (:class:`FailoverConnection`). ``amqps://`` URLs
-    use TLS with ``tls``'s files (or the system's CAs)."""
-    urls = _urls_or_config_error(url)
+    ``amqps://`` URLs use TLS with ``tls``'s files (or the system's CAs)."""
     options: dict[str, Any] = {}
-    if urls[0].startswith("amqps://"):
+    if "reconnect_interval=" not in url:
+        # aio-pika waits 5 s before each reconnect attempt; a blip of the network or a broker
+        # restart would then hold every command and reply back longer than a step's timeout
+        options["reconnect_interval"] = RECONNECT_INTERVAL
+    if url.startswith("amqps://"):
         try:
             options["ssl_context"] = (tls or TlsFiles()).context()
         except (OSError, ssl.SSLError) as exc:
             raise ConfigError(f"cannot load the TLS files for {safe_url(url)}: {exc}") from exc
-    failures: list[str] = []
-    for first, node in enumerate(urls):
-        if "reconnect_interval=" not in node:
-            # aio-pika waits 5 s before each reconnect attempt; a blip of the network or a
-            # broker restart would then hold every command and reply back longer than a
-            # step's timeout
-            options["reconnect_interval"] = RECONNECT_INTERVAL
-        else:
-            options.pop("reconnect_interval", None)
-        connection = FailoverConnection(urls, first=first, **options)
-        try:
-            await connection.connect(timeout=connect_timeout)
-            return connection
-        except (OSError, TimeoutError, aiormq.exceptions.AMQPError) as exc:
-            failures.append(f"{safe_url(node)}: {exc!r}" if len(urls) > 1 else repr(exc))
-            with contextlib.suppress(Exception):
-                await connection.close()
-    raise _reach_error(url, failures)
-
-
-async def connect_once(
-    url: str, *, connect_timeout: float = 10.0, tls: TlsFiles | None = None
-) -> AbstractConnection:
-    """A plain connection (no reconnecting) to the first reachable node of ``url``, for short
-    tools; ConfigError when none answers. Without ``tls``, ``amqps://`` is aio-pika's own
-    (the system's CAs, or the URL's ``cafile=``)."""
-    urls = _urls_or_config_error(url)
-    context = None
-    if urls[0].startswith("amqps://") and tls is not None:
-        try:
-            context = tls.context()
-        except (OSError, ssl.SSLError) as exc:
-            raise ConfigError(f"cannot load the TLS files for {safe_url(url)}: {exc}") from exc
-    failures: list[str] = []
-    for node in urls:
-        try:
-            return await aio_pika.connect(node, timeout=connect_timeout, ssl_context=context)
-        except (OSError, TimeoutError, aiormq.exceptions.AMQPError) as exc:
-            failures.append(f"{safe_url(node)}: {exc!r}" if len(urls) > 1 else repr(exc))
-    raise _reach_error(url, failures)
+    try:
+        connection: AbstractRobustConnection = await aio_pika.connect_robust(
+            url, timeout=connect_timeout, **options
+        )
+        return connection
+    except (OSError, TimeoutError, aiormq.exceptions.AMQPError) as exc:
+        raise ConfigError(
+            f"cannot reach RabbitMQ at {safe_url(url)}: {exc!r}. Is it running? "
+            "Set SAGA_RABBITMQ_URL to its amqp:// address."
+        ) from exc
 
 
 async def declare(
@@ -258,43 +105,23 @@ async def declare(
         )
     queues = {}
     for q in topology.queues(names):
-        try:
-            queues[q.name] = await channel.declare_queue(
-                q.name, durable=True, arguments=dict[str, Any](q.arguments)
-            )
-        except aiormq.exceptions.ChannelPreconditionFailed as exc:
-            # the orchestrator and the participants declare the shared queues alike; a
-            # queue of the other type means their SAGA_QUORUM_QUEUES differ
-            raise ConfigError(
-                f"queue {q.name!r} exists with other arguments than {dict(q.arguments)} "
-                f"({exc.args[0] if exc.args else exc}). The orchestrator and every participant "
-                "must run with the same SAGA_QUORUM_QUEUES; a queue's type cannot change "
-                "once declared (delete the queue, or keep the setting it was declared with)"
-            ) from exc
+        queues[q.name] = await channel.declare_queue(
+            q.name, durable=True, arguments=dict[str, Any](q.arguments)
+        )
     for b in topology.bindings(names):
         await queues[b.queue].bind(exchanges[b.exchange], routing_key=b.routing_key)
 
 
 class Publisher:
-    """Persistent messages on a confirm channel; each publish returns after its confirm.
-
-    A nack retires the channel: the next publish opens a fresh one. RabbitMQ 3.10 lets a
-    channel opened while a quorum queue elects a new leader (right after a failover) keep the
-    dead leader and nack every later publish to that queue, for as long as the channel lives,
-    while a new channel is served at once; the caller retries a nacked message anyway.
-    """
-
-    #: seconds a retired channel stays open, so the confirms already on their way arrive
-    RETIRE_AFTER = 5.0
+    """Persistent messages on a confirm channel; each publish returns after its confirm."""
 
     def __init__(self, connection: AbstractRobustConnection):
         self._connection = connection
         self._channel: AbstractChannel | None = None
         self._exchanges: dict[str, AbstractExchange] = {}
         self._lock = asyncio.Lock()
-        self._retiring: set[asyncio.Task[None]] = set()
 
-    async def _exchange(self, name: str) -> tuple[AbstractChannel, AbstractExchange]:
+    async def _exchange(self, name: str) -> AbstractExchange:
         async with self._lock:
             if self._channel is None or self._channel.is_closed:
                 self._channel = await self._connection.channel(
@@ -307,26 +134,7 @@ class Publisher:
                     if name == ""
                     else await self._channel.get_exchange(name, ensure=False)
                 )
-            return self._channel, self._exchanges[name]
-
-    def _retire(self, channel: AbstractChannel, why: str) -> None:
-        """Publish on a new channel from now on; close ``channel`` a little later."""
-        if self._channel is not channel:
-            return  # retired already
-        self._channel = None
-        self._exchanges.clear()
-        log.warning("amqp_publish_channel_renewed", reason=why)
-        task = asyncio.create_task(self._close_later(channel))
-        self._retiring.add(task)
-        task.add_done_callback(self._retiring.discard)
-
-    async def _close_later(self, channel: AbstractChannel) -> None:
-        try:
-            await asyncio.sleep(self.RETIRE_AFTER)
-        finally:
-            with contextlib.suppress(Exception):
-                if not channel.is_closed:
-                    await channel.close()
+            return self._exchanges[name]
 
     async def publish_raw(
         self,
@@ -341,7 +149,7 @@ class Publisher:
         timestamp: datetime | None = None,
         content_type: str | None = "application/json",
     ) -> None:
-        channel, target = await self._exchange(exchange)
+        target = await self._exchange(exchange)
         msg = aio_pika.Message(
             body,
             message_id=message_id,
@@ -355,17 +163,10 @@ class Publisher:
         try:
             confirmation = await target.publish(msg, routing_key=routing_key, mandatory=True)
         except aio_pika.exceptions.DeliveryError as exc:
-            if isinstance(exc.frame, aiormq.spec.Basic.Nack):
-                self._retire(channel, "nack")
-                raise PublishRefusedError(f"broker did not confirm the message: {exc}") from exc
             raise PublishRefusedError(f"broker returned the message: {exc}") from exc
         if not isinstance(confirmation, aiormq.spec.Basic.Ack):
-            self._retire(channel, type(confirmation).__name__)
             raise PublishRefusedError(f"broker did not confirm the message: {confirmation!r}")
 
     async def close(self) -> None:
-        for task in list(self._retiring):
-            task.cancel()  # closes its channel now
-        await asyncio.gather(*self._retiring, return_exceptions=True)
         if self._channel is not None and not self._channel.is_closed:
             await self._channel.close()

@@ -297,8 +297,7 @@ class AmqpBroker(BrokerBase):
     async def connect(
         cls, url: str, *, connect_timeout: float = 10.0, tls: TlsFiles | None = None
     ) -> AmqpBroker:
-        """Connect to ``url`` (one node, or the nodes of a cluster, comma-separated: see
-        :func:`saga.transport.amqp.connect`); ConfigError when RabbitMQ cannot be reached."""
+        """Connect to ``url``; ConfigError when RabbitMQ cannot be reached."""
         return cls(await connect(url, connect_timeout=connect_timeout, tls=tls))
 
     def is_connected(self) -> bool:

@@ -60,9 +60,7 @@ def load_service_settings(**overrides: object) -> ServiceSettings:
         return ServiceSettings(**overrides)  # type: ignore[arg-type]
     except ValidationError as exc:
         lines = [
-            f"SAGA_{str(e['loc'][0]).upper()}: {str(e['msg']).removeprefix('Value error, ')}"
-            if e["loc"]
-            else str(e["msg"]).removeprefix("Value error, ")
+            f"SAGA_{str(e['loc'][0]).upper()}: {e['msg']}" if e["loc"] else str(e["msg"])
             for e in exc.errors()
         ]
         raise ConfigError("invalid settings:\n  " + "\n  ".join(lines)) from None
