@@ -259,8 +259,12 @@ class _AmqpConsumer:
             self._closing = asyncio.create_task(self._close_channel())
 
     async def _close_channel(self) -> None:
-        """Closing the channel hands every unsettled delivery back to the queue."""
-        with contextlib.suppress(Exception):
+        """Closing the channel hands every unsettled delivery back to the queue.
+
+        Best effort, and never a CancelledError: when the connection closes at the same moment,
+        aiormq cancels the close RPC's future, and that must not reach whoever awaits this
+        task (a service shutting down, which was not cancelled itself)."""
+        with contextlib.suppress(Exception, asyncio.CancelledError):
             if not self._channel.is_closed:
                 await self._channel.close()
 
