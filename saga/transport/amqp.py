@@ -8,6 +8,7 @@ would let the relay mark a command sent that no queue ever received.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ssl
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
@@ -112,6 +113,10 @@ async def declare(
         await queues[b.queue].bind(exchanges[b.exchange], routing_key=b.routing_key)
 
 
+#: a publish not confirmed by then is given up (and retried by the relay on a new channel)
+CONFIRM_TIMEOUT = 10.0
+
+
 class Publisher:
     """Persistent messages on a confirm channel; each publish returns after its confirm."""
 
@@ -160,12 +165,31 @@ class Publisher:
             delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
             timestamp=timestamp or datetime.now(UTC),
         )
+        channel = self._channel
         try:
-            confirmation = await target.publish(msg, routing_key=routing_key, mandatory=True)
+            confirmation = await asyncio.wait_for(
+                target.publish(msg, routing_key=routing_key, mandatory=True), CONFIRM_TIMEOUT
+            )
         except aio_pika.exceptions.DeliveryError as exc:
             raise PublishRefusedError(f"broker returned the message: {exc}") from exc
+        except (TimeoutError, aiormq.exceptions.AMQPError) as exc:
+            # A channel that lost its transport in a reconnect can stay broken, and a publish on
+            # it never confirmed: the caller (the relay) retries, on a fresh channel.
+            await self._renew(channel)
+            raise PublishRefusedError(f"no confirm ({type(exc).__name__}): {exc}") from exc
         if not isinstance(confirmation, aiormq.spec.Basic.Ack):
             raise PublishRefusedError(f"broker did not confirm the message: {confirmation!r}")
+
+    async def _renew(self, failed: AbstractChannel | None) -> None:
+        """Drop ``failed`` (unless another publish has replaced it already); the next publish
+        opens a new channel."""
+        async with self._lock:
+            if failed is None or self._channel is not failed:
+                return
+            self._channel = None
+            self._exchanges.clear()
+        with contextlib.suppress(Exception, asyncio.CancelledError):
+            await asyncio.wait_for(failed.close(), 5)
 
     async def close(self) -> None:
         if self._channel is not None and not self._channel.is_closed:
