@@ -15,18 +15,27 @@ __all__ = ["redact", "redact_event", "redact_url"]
 
 #: ``scheme://user:password@`` anywhere in a text
 _CREDENTIALS = re.compile(r"(?P<head>\b[a-z][a-z0-9+.-]*://[^:/@\s]*):(?P<secret>[^@\s]+)@", re.I)
+#: where a comma-separated list of URLs (several broker nodes) starts its next URL
+_NEXT_URL = re.compile(r"(?<=,)(?=\s*[a-z][a-z0-9+.-]*://)", re.I)
 _MASK = "***"
 
 
 def redact(text: str) -> str:
-    """``text`` with the password of every URL in it masked."""
+    """``text`` with the password of every URL in it masked.
+
+    URLs of a comma-separated list are masked one by one: otherwise a URL without a password
+    but with a port (``amqp://h1:5672/,amqp://u:pw@h2/``) would read as user ``h1`` with a
+    password running up to the next ``@``, which masks the secret but garbles the list."""
     if "://" not in text:
         return text
-    return _CREDENTIALS.sub(lambda m: f"{m['head']}:{_MASK}@", text)
+    return "".join(
+        _CREDENTIALS.sub(lambda m: f"{m['head']}:{_MASK}@", part) for part in _NEXT_URL.split(text)
+    )
 
 
 def redact_url(url: str) -> str:
-    """One URL with its password masked (the user name stays: it helps find the account)."""
+    """A URL, or comma-separated URLs, with every password masked (user names stay: they help
+    find the account)."""
     return redact(url)
 
 

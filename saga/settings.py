@@ -15,17 +15,21 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from saga.errors import ConfigError
 from saga.secrets import redact
-from saga.transport.amqp import TlsFiles
+from saga.transport.amqp import TlsFiles, broker_urls
 
 __all__ = ["AmqpSettings", "Settings", "load_settings"]
 
 
 class AmqpSettings(BaseSettings):
     """The broker connection, shared by the orchestrator and the participants. Reprs mask
-    every URL's password, so printing settings never prints a secret."""
+    every URL's password, so printing settings never prints a secret; validation errors leave
+    the input out (it would hold the passwords)."""
 
-    model_config = SettingsConfigDict(env_prefix="SAGA_", extra="ignore", frozen=True)
+    model_config = SettingsConfigDict(
+        env_prefix="SAGA_", extra="ignore", frozen=True, hide_input_in_errors=True
+    )
 
+    #: one node, or several nodes of one cluster separated by commas
     rabbitmq_url: str = "amqp://guest:guest@127.0.0.1:5672/"
     #: PEM files for amqps:// (the system's CAs verify the broker when the CA file is unset)
     rabbitmq_ca_file: Path | None = None
@@ -35,8 +39,7 @@ class AmqpSettings(BaseSettings):
     @field_validator("rabbitmq_url")
     @classmethod
     def _amqp(cls, value: str) -> str:
-        if not value.startswith(("amqp://", "amqps://")):
-            raise ValueError("use amqp://user:password@host:5672/vhost (amqps:// for TLS)")
+        broker_urls(value)  # ValueError naming the bad URL of the list
         return value
 
     @field_validator("rabbitmq_ca_file", "rabbitmq_cert_file", "rabbitmq_key_file")
@@ -49,7 +52,8 @@ class AmqpSettings(BaseSettings):
     @model_validator(mode="after")
     def _tls_needs_amqps(self) -> AmqpSettings:
         files = (self.rabbitmq_ca_file, self.rabbitmq_cert_file, self.rabbitmq_key_file)
-        if any(f is not None for f in files) and not self.rabbitmq_url.startswith("amqps://"):
+        tls = all(u.startswith("amqps://") for u in broker_urls(self.rabbitmq_url))
+        if any(f is not None for f in files) and not tls:
             raise ValueError(
                 "SAGA_RABBITMQ_CA_FILE/CERT_FILE/KEY_FILE are set but SAGA_RABBITMQ_URL is not "
                 "amqps://: use amqps://host:5671/ for TLS"

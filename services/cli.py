@@ -29,7 +29,7 @@ from saga.logs import configure_logging
 from saga.loop import run as run_loop
 from saga.secrets import redact
 from saga.telemetry import Metrics, MetricsServer, Tracing, configure_tracing
-from saga.transport.amqp import safe_url
+from saga.transport.amqp import connect_once
 from saga.transport.topology import Topology
 from services import inventory, order, payment, shipping
 from services.checkout import CHECKOUT, checkout_input
@@ -203,13 +203,7 @@ async def place_orders(
     may start before the orchestrator is ready); raises ConfigError if it never appears.
     """
     queue = Topology(prefix=prefix).start_queue
-    try:
-        connection = await aio_pika.connect(rabbitmq_url, timeout=10)
-    except (OSError, TimeoutError, aiormq.exceptions.AMQPError) as exc:
-        raise ConfigError(
-            f"cannot reach RabbitMQ at {safe_url(rabbitmq_url)}: {exc!r}. Is it running? "
-            "Set SAGA_RABBITMQ_URL to its amqp:// address."
-        ) from exc
+    connection = await connect_once(rabbitmq_url, connect_timeout=10)  # or ConfigError
     async with connection:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + wait

@@ -3,32 +3,52 @@
 Publishing channels are opened with ``publisher_confirms=True`` and ``on_return_raises=True``:
 aio-pika's default is to treat a returned (unroutable) ``mandatory`` message as delivered, which
 would let the relay mark a command sent that no queue ever received.
+
+The broker address may name several nodes of one cluster, comma-separated; the connection goes
+to the first reachable one and, once lost, to the next node in turn
+(:class:`~saga.transport.link.Link`).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import re
 import ssl
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import aio_pika
 import aiormq
+import structlog
 from aio_pika.abc import (
     AbstractChannel,
+    AbstractConnection,
     AbstractExchange,
-    AbstractRobustConnection,
 )
+from yarl import URL
 
 from saga.errors import ConfigError
 from saga.secrets import redact_url
+from saga.transport.link import Link, LinkDownError
 from saga.transport.topology import Topology
 
-__all__ = ["PublishRefusedError", "Publisher", "TlsFiles", "connect", "declare", "safe_url"]
+__all__ = [
+    "PublishRefusedError",
+    "Publisher",
+    "TlsFiles",
+    "broker_urls",
+    "connect",
+    "connect_once",
+    "declare",
+    "safe_url",
+]
+
+log = structlog.get_logger("saga.transport.amqp")
 
 
 #: seconds between reconnect attempts, unless the URL says (``?reconnect_interval=...``)
@@ -40,8 +60,52 @@ class PublishRefusedError(Exception):
 
 
 def safe_url(url: str) -> str:
-    """The URL with its password hidden, for error messages and logs."""
+    """The URL (or comma-separated URLs) with every password hidden, for errors and logs."""
     return redact_url(url)
+
+
+#: a comma that starts another URL; a comma anywhere else (a password's) is part of its URL
+_NEXT_URL = re.compile(r",\s*(?=[a-z][a-z0-9+.-]*://)", re.I)
+
+
+def broker_urls(value: str) -> list[str]:
+    """The node URLs of a broker address: one ``amqp://`` URL, or several of one cluster
+    separated by commas. ValueError naming the first bad one (password hidden) and why.
+
+    A comma splits only where another ``scheme://`` follows, so a password may hold one; any
+    other comma outside the user and password is an error (a forgotten ``amqp://``)."""
+    urls = _NEXT_URL.split(value.strip())
+    several = len(urls) > 1
+    for n, url in enumerate(urls, 1):
+        shown = safe_url(url) or "empty"
+        where = f"entry {n} of {len(urls)} ({shown})" if several else shown
+        if not url.startswith(("amqp://", "amqps://")):
+            raise ValueError(
+                f"{where}: use amqp://user:password@host:5672/vhost (amqps:// for TLS); "
+                "several nodes of one cluster: separate their URLs by commas"
+            )
+        parts = urlsplit(url)
+        after_user = url[len(parts.scheme) + 3 :].rpartition("@")[2]
+        if "," in after_user:
+            raise ValueError(
+                f"{where}: a comma that does not start another amqp:// URL; "
+                "write a comma in a vhost as %2C"
+            )
+        try:
+            port = parts.port
+        except ValueError:
+            port = -1
+        if not parts.hostname or port == -1:
+            raise ValueError(
+                f"{where}: needs a host, and a port (if any) from 1 to 65535: host:5672"
+            )
+    schemes = {urlsplit(url).scheme for url in urls}
+    if len(schemes) > 1:
+        raise ValueError(
+            f"{safe_url(value)} mixes amqp:// and amqps://: every node of one cluster is "
+            "reached the same way"
+        )
+    return urls
 
 
 @dataclass(frozen=True, slots=True)
@@ -66,32 +130,84 @@ class TlsFiles:
         return ctx
 
 
-async def connect(
-    url: str, *, connect_timeout: float = 10.0, tls: TlsFiles | None = None
-) -> AbstractRobustConnection:
-    """A robust connection (reconnects and re-declares by itself), or a clear ConfigError.
+def _reach_error(url: str, failures: Sequence[str]) -> ConfigError:
+    where = safe_url(url)
+    why = failures[0] if len(failures) == 1 else "; ".join(failures)
+    return ConfigError(
+        f"cannot reach RabbitMQ at {where}: {why}. Is it running? "
+        "Set SAGA_RABBITMQ_URL to its amqp:// address (several nodes: comma-separated)."
+    )
 
-    ``amqps://`` URLs use TLS with ``tls``'s files (or the system's CAs)."""
-    options: dict[str, Any] = {}
-    if "reconnect_interval=" not in url:
-        # aio-pika waits 5 s before each reconnect attempt; a blip of the network or a broker
-        # restart would then hold every command and reply back longer than a step's timeout
-        options["reconnect_interval"] = RECONNECT_INTERVAL
-    if url.startswith("amqps://"):
+
+def _urls_or_config_error(url: str) -> list[str]:
+    try:
+        return broker_urls(url)
+    except ValueError as exc:
+        raise ConfigError(f"SAGA_RABBITMQ_URL: {exc}") from None
+
+
+def _interval(url: str) -> tuple[str, float]:
+    """``url`` without its ``reconnect_interval`` query parameter, and that interval."""
+    parsed = URL(url)
+    if "reconnect_interval" not in parsed.query:
+        return url, RECONNECT_INTERVAL
+    try:
+        interval = float(parsed.query["reconnect_interval"])
+    except ValueError:
+        raise ConfigError(
+            f"SAGA_RABBITMQ_URL: reconnect_interval in {safe_url(url)} is not a number of seconds"
+        ) from None
+    return str(parsed.without_query_params("reconnect_interval")), interval
+
+
+async def connect(url: str, *, connect_timeout: float = 10.0, tls: TlsFiles | None = None) -> Link:
+    """An open :class:`~saga.transport.link.Link` (it reconnects by itself), or a clear
+    ConfigError.
+
+    ``url`` is one node or several of one cluster, comma-separated: the first reachable one is
+    used, and after a loss the next one, round the list. ``amqps://`` URLs use TLS with
+    ``tls``'s files (or the system's CAs). ``?reconnect_interval=`` on the first URL sets the
+    seconds between attempts (1 by default)."""
+    urls = _urls_or_config_error(url)
+    context = None
+    if urls[0].startswith("amqps://"):
         try:
-            options["ssl_context"] = (tls or TlsFiles()).context()
+            context = (tls or TlsFiles()).context()
         except (OSError, ssl.SSLError) as exc:
             raise ConfigError(f"cannot load the TLS files for {safe_url(url)}: {exc}") from exc
-    try:
-        connection: AbstractRobustConnection = await aio_pika.connect_robust(
-            url, timeout=connect_timeout, **options
-        )
-        return connection
-    except (OSError, TimeoutError, aiormq.exceptions.AMQPError) as exc:
-        raise ConfigError(
-            f"cannot reach RabbitMQ at {safe_url(url)}: {exc!r}. Is it running? "
-            "Set SAGA_RABBITMQ_URL to its amqp:// address."
-        ) from exc
+    interval = _interval(urls[0])[1]
+    link = Link(
+        [_interval(u)[0] for u in urls],
+        connect_timeout=connect_timeout,
+        # aio-pika's own default is 5 s: a blip of the network or a broker restart would then
+        # hold every command and reply back longer than a step's timeout
+        reconnect_interval=interval,
+        ssl_context=context,
+    )
+    await link.open()
+    return link
+
+
+async def connect_once(
+    url: str, *, connect_timeout: float = 10.0, tls: TlsFiles | None = None
+) -> AbstractConnection:
+    """A plain connection (no reconnecting) to the first reachable node of ``url``, for short
+    tools; ConfigError when none answers. Without ``tls``, ``amqps://`` is aio-pika's own
+    (the system's CAs, or the URL's ``cafile=``)."""
+    urls = _urls_or_config_error(url)
+    context = None
+    if urls[0].startswith("amqps://") and tls is not None:
+        try:
+            context = tls.context()
+        except (OSError, ssl.SSLError) as exc:
+            raise ConfigError(f"cannot load the TLS files for {safe_url(url)}: {exc}") from exc
+    failures: list[str] = []
+    for node in urls:
+        try:
+            return await aio_pika.connect(node, timeout=connect_timeout, ssl_context=context)
+        except (OSError, TimeoutError, aiormq.exceptions.AMQPError) as exc:
+            failures.append(f"{safe_url(node)}: {exc!r}" if len(urls) > 1 else repr(exc))
+    raise _reach_error(url, failures)
 
 
 async def declare(
@@ -106,9 +222,19 @@ async def declare(
         )
     queues = {}
     for q in topology.queues(names):
-        queues[q.name] = await channel.declare_queue(
-            q.name, durable=True, arguments=dict[str, Any](q.arguments)
-        )
+        try:
+            queues[q.name] = await channel.declare_queue(
+                q.name, durable=True, arguments=dict[str, Any](q.arguments)
+            )
+        except aiormq.exceptions.ChannelPreconditionFailed as exc:
+            # the orchestrator and the participants declare the shared queues alike; a
+            # queue of the other type means their SAGA_QUORUM_QUEUES differ
+            raise ConfigError(
+                f"queue {q.name!r} exists with other arguments than {dict(q.arguments)} "
+                f"({exc.args[0] if exc.args else exc}). The orchestrator and every participant "
+                "must run with the same SAGA_QUORUM_QUEUES; a queue's type cannot change "
+                "once declared (delete the queue, or keep the setting it was declared with)"
+            ) from exc
     for b in topology.bindings(names):
         await queues[b.queue].bind(exchanges[b.exchange], routing_key=b.routing_key)
 
@@ -118,20 +244,41 @@ CONFIRM_TIMEOUT = 10.0
 
 
 class Publisher:
-    """Persistent messages on a confirm channel; each publish returns after its confirm."""
+    """Persistent messages on a confirm channel; each publish returns after its confirm.
 
-    def __init__(self, connection: AbstractRobustConnection):
-        self._connection = connection
+    The channel belongs to one connection of the :class:`Link`: a publish after a reconnect
+    opens a new one. A nack retires the channel too: RabbitMQ 3.10 lets a channel opened while
+    a quorum queue elects a new leader (right after a failover) keep the dead leader and nack
+    every later publish to that queue, for as long as the channel lives, while a new channel is
+    served at once; the caller retries a nacked message anyway.
+    """
+
+    #: seconds a retired channel stays open, so the confirms already on their way arrive
+    RETIRE_AFTER = 5.0
+
+    def __init__(self, link: Link):
+        self._link = link
         self._channel: AbstractChannel | None = None
+        self._generation = 0
         self._exchanges: dict[str, AbstractExchange] = {}
         self._lock = asyncio.Lock()
+        self._retiring: set[asyncio.Task[None]] = set()
 
-    async def _exchange(self, name: str) -> AbstractExchange:
+    async def _exchange(self, name: str) -> tuple[AbstractChannel, AbstractExchange]:
         async with self._lock:
-            if self._channel is None or self._channel.is_closed:
-                self._channel = await self._connection.channel(
-                    publisher_confirms=True, on_return_raises=True
-                )
+            try:
+                connection, generation = await self._link.wait(CONFIRM_TIMEOUT)
+            except LinkDownError as exc:
+                raise PublishRefusedError(str(exc)) from exc
+            if self._channel is None or self._channel.is_closed or self._generation != generation:
+                try:
+                    self._channel = await asyncio.wait_for(
+                        connection.channel(publisher_confirms=True, on_return_raises=True),
+                        CONFIRM_TIMEOUT,
+                    )
+                except (TimeoutError, RuntimeError, aiormq.exceptions.AMQPError) as exc:
+                    raise PublishRefusedError(f"cannot open a channel: {exc!r}") from exc
+                self._generation = generation
                 self._exchanges.clear()
             if name not in self._exchanges:
                 self._exchanges[name] = (
@@ -139,7 +286,26 @@ class Publisher:
                     if name == ""
                     else await self._channel.get_exchange(name, ensure=False)
                 )
-            return self._exchanges[name]
+            return self._channel, self._exchanges[name]
+
+    def _retire(self, channel: AbstractChannel, why: str) -> None:
+        """Publish on a new channel from now on; close ``channel`` a little later."""
+        if self._channel is not channel:
+            return  # retired already
+        self._channel = None
+        self._exchanges.clear()
+        log.warning("amqp_publish_channel_renewed", reason=why)
+        task = asyncio.create_task(self._close_later(channel))
+        self._retiring.add(task)
+        task.add_done_callback(self._retiring.discard)
+
+    async def _close_later(self, channel: AbstractChannel) -> None:
+        try:
+            await asyncio.sleep(self.RETIRE_AFTER)
+        finally:
+            with contextlib.suppress(Exception, asyncio.CancelledError):
+                if not channel.is_closed:
+                    await asyncio.wait_for(channel.close(), 5)
 
     async def publish_raw(
         self,
@@ -154,7 +320,7 @@ class Publisher:
         timestamp: datetime | None = None,
         content_type: str | None = "application/json",
     ) -> None:
-        target = await self._exchange(exchange)
+        channel, target = await self._exchange(exchange)
         msg = aio_pika.Message(
             body,
             message_id=message_id,
@@ -165,32 +331,29 @@ class Publisher:
             delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
             timestamp=timestamp or datetime.now(UTC),
         )
-        channel = self._channel
         try:
             confirmation = await asyncio.wait_for(
                 target.publish(msg, routing_key=routing_key, mandatory=True), CONFIRM_TIMEOUT
             )
         except aio_pika.exceptions.DeliveryError as exc:
+            if isinstance(exc.frame, aiormq.spec.Basic.Nack):
+                self._retire(channel, "nack")
+                raise PublishRefusedError(f"broker did not confirm the message: {exc}") from exc
             raise PublishRefusedError(f"broker returned the message: {exc}") from exc
-        except (TimeoutError, aiormq.exceptions.AMQPError) as exc:
-            # A channel that lost its transport in a reconnect can stay broken, and a publish on
-            # it never confirmed: the caller (the relay) retries, on a fresh channel.
-            await self._renew(channel)
+        except (TimeoutError, RuntimeError, OSError, aiormq.exceptions.AMQPError) as exc:
+            # The connection was lost under the publish, or the channel broke and would never
+            # confirm: the caller (the relay) retries, on a fresh channel.
+            self._retire(channel, type(exc).__name__)
             raise PublishRefusedError(f"no confirm ({type(exc).__name__}): {exc}") from exc
         if not isinstance(confirmation, aiormq.spec.Basic.Ack):
+            self._retire(channel, type(confirmation).__name__)
             raise PublishRefusedError(f"broker did not confirm the message: {confirmation!r}")
 
-    async def _renew(self, failed: AbstractChannel | None) -> None:
-        """Drop ``failed`` (unless another publish has replaced it already); the next publish
-        opens a new channel."""
-        async with self._lock:
-            if failed is None or self._channel is not failed:
-                return
-            self._channel = None
-            self._exchanges.clear()
-        with contextlib.suppress(Exception, asyncio.CancelledError):
-            await asyncio.wait_for(failed.close(), 5)
-
     async def close(self) -> None:
-        if self._channel is not None and not self._channel.is_closed:
-            await self._channel.close()
+        for task in list(self._retiring):
+            task.cancel()  # closes its channel now
+        await asyncio.gather(*self._retiring, return_exceptions=True)
+        channel, self._channel = self._channel, None
+        if channel is not None and not channel.is_closed:
+            with contextlib.suppress(Exception, asyncio.CancelledError):
+                await asyncio.wait_for(channel.close(), 5)

@@ -25,15 +25,17 @@ from datetime import datetime
 from typing import Any, Protocol
 
 import aiormq
+import structlog
 from aio_pika.abc import (
     AbstractChannel,
+    AbstractConnection,
     AbstractIncomingMessage,
     AbstractQueue,
-    AbstractRobustConnection,
 )
 
 from saga.ports import OutboxMessage
 from saga.transport.amqp import Publisher, PublishRefusedError, TlsFiles, connect, declare
+from saga.transport.link import Link, LinkDownError
 from saga.transport.topology import (
     DEAD_LETTER_DETAIL,
     DEAD_LETTER_QUEUE,
@@ -51,6 +53,8 @@ __all__ = [
     "PublishRefusedError",
     "dead_letter_headers",
 ]
+
+log = structlog.get_logger("saga.transport.broker")
 
 
 class IncomingMessage(Protocol):
@@ -219,28 +223,105 @@ class BrokerBase:
 
 
 class _AmqpConsumer:
-    """One consumer on a channel of its own, so its prefetch bound is its own."""
+    """One consumer on a channel of its own (so its prefetch bound is its own), attached anew to
+    every connection of the link, and repaired when the broker drops it on a live connection.
 
-    def __init__(self, channel: AbstractChannel, callback: Callback):
-        self._channel = channel
+    Every call to the broker here has a time limit: an attach that the broker never answers is a
+    failed attach, never a consumer that silently stopped."""
+
+    #: seconds each step of an attach (channel, qos, passive declare, consume) may take
+    ATTACH_TIMEOUT = 10.0
+    #: re-attach attempts on the same connection before the whole connection is rebuilt
+    REPAIR_ATTEMPTS = 3
+
+    def __init__(self, link: Link, queue: str, callback: Callback, prefetch: int):
+        self._link = link
+        self.queue = queue
         self._callback = callback
+        self._prefetch = prefetch
+        self._channel: AbstractChannel | None = None
         self._queue: AbstractQueue | None = None
         self._tag: str | None = None
+        self._generation = 0
         self._running = 0
         self._cancelled = False
         self._closing: asyncio.Task[None] | None = None
+        self._repair: asyncio.Task[None] | None = None
+        #: times the broker dropped this consumer on a live connection and it was re-attached
+        self.repairs = 0
 
     @property
     def closed(self) -> bool:
-        return self._closing is not None
+        return self._cancelled
 
-    async def start(self, queue: str, prefetch: int) -> None:
-        await self._channel.set_qos(prefetch_count=prefetch)
-        # A passive declare, not get_queue(ensure=False): only a queue declared through the
-        # robust channel is registered with it, and only those get their consumers back after
-        # a reconnect. Passive: the queue must exist, and it needs no configure permission.
-        self._queue = await self._channel.declare_queue(queue, passive=True)
-        self._tag = await self._queue.consume(self._deliver)
+    async def attach(self, connection: AbstractConnection, generation: int) -> None:
+        """Consume on a new channel of ``connection``; raises (and leaves nothing open) when a
+        step fails or times out."""
+        if self._cancelled:
+            return
+        bound = self.ATTACH_TIMEOUT
+        channel = await asyncio.wait_for(connection.channel(publisher_confirms=False), bound)
+        try:
+            await asyncio.wait_for(channel.set_qos(prefetch_count=self._prefetch), bound)
+            # passive: the queue must exist (declared at start), and it needs no configure
+            # permission
+            queue = await asyncio.wait_for(channel.declare_queue(self.queue, passive=True), bound)
+            underlay = await channel.get_underlay_channel()
+            underlay.on_consumer_cancel_callbacks.add(self._on_broker_cancel)
+            tag = await asyncio.wait_for(queue.consume(self._deliver), bound)
+        except BaseException:
+            with contextlib.suppress(Exception, asyncio.CancelledError):
+                await asyncio.wait_for(channel.close(), 5)
+            raise
+        old, same_connection = self._channel, self._generation == generation
+        self._channel, self._queue, self._tag, self._generation = channel, queue, tag, generation
+        channel.close_callbacks.add(self._on_channel_close)
+        if same_connection and old is not None and not old.is_closed:
+            # a repair: the old channel's consumer is gone; closing it hands back what it held
+            # (a lost connection's channels went with it, and closing them could only wait)
+            with contextlib.suppress(Exception, asyncio.CancelledError):
+                await asyncio.wait_for(old.close(), 2)
+
+    # --- losing the consumer on a live connection -------------------------------------------
+
+    def _on_broker_cancel(self, frame: aiormq.spec.Basic.Cancel) -> None:
+        if frame.consumer_tag == self._tag:
+            self._repair_soon("the broker cancelled the consumer")
+
+    def _on_channel_close(self, sender: Any, exc: BaseException | None = None) -> None:
+        if sender is self._channel:
+            self._repair_soon(f"the broker closed the channel: {exc!r}")
+
+    def _repair_soon(self, why: str) -> None:
+        """Attach again, unless the connection itself is gone (the link restores then)."""
+        if self._cancelled or self._link.generation != self._generation:
+            return
+        if self._repair is None or self._repair.done():
+            self._repair = asyncio.create_task(self._repair_loop(why))
+
+    async def _repair_loop(self, why: str) -> None:
+        log.warning("amqp_consumer_lost", queue=self.queue, reason=why)
+        lost_on = self._generation
+        for _ in range(self.REPAIR_ATTEMPTS):
+            await asyncio.sleep(self._link.reconnect_interval)
+            if self._cancelled or self._link.generation != lost_on:
+                return  # cancelled, or a new connection restores every consumer
+            try:
+                connection, generation = await self._link.wait(self.ATTACH_TIMEOUT)
+                if generation != lost_on:
+                    return
+                await self.attach(connection, generation)
+            except LinkDownError:
+                return
+            except Exception as exc:
+                log.warning("amqp_consumer_repair_failed", queue=self.queue, error=repr(exc))
+                continue
+            self.repairs += 1
+            log.info("amqp_consumer_restored", queue=self.queue)
+            return
+        await self._link.reset(f"the consumer of {self.queue} could not be attached again")
+
+    # --- deliveries and cancelling ------------------------------------------------------------
 
     async def _deliver(self, message: AbstractIncomingMessage) -> None:
         if self._cancelled:  # sent before the broker saw the cancel: it goes back to the queue
@@ -265,22 +346,33 @@ class _AmqpConsumer:
         aiormq cancels the close RPC's future, and that must not reach whoever awaits this
         task (a service shutting down, which was not cancelled itself)."""
         with contextlib.suppress(Exception, asyncio.CancelledError):
-            if not self._channel.is_closed:
-                await self._channel.close()
+            if self._channel is not None and not self._channel.is_closed:
+                await asyncio.wait_for(self._channel.close(), 5)
 
     async def cancel(self) -> None:
         if self._cancelled:
             return
         self._cancelled = True
+        if self._repair is not None:
+            self._repair.cancel()
         try:
-            if self._queue is not None and self._tag is not None:
-                await self._queue.cancel(self._tag)
+            channel = self._channel
+            if (
+                self._queue is not None
+                and self._tag is not None
+                and channel is not None
+                and not channel.is_closed
+            ):
+                with contextlib.suppress(Exception):
+                    await asyncio.wait_for(self._queue.cancel(self._tag), 5)
         finally:
             if self._running == 0:
                 self._close_soon()
 
     async def close(self) -> None:
         self._cancelled = True
+        if self._repair is not None:
+            self._repair.cancel()
         self._close_soon()
         assert self._closing is not None
         await self._closing
@@ -288,41 +380,75 @@ class _AmqpConsumer:
 
 class AmqpBroker(BrokerBase):
     """RabbitMQ: durable queues, persistent messages, publisher confirms, mandatory publishing
-    (an unroutable message raises :class:`PublishRefusedError`), a robust connection that
-    reconnects and re-declares by itself, and a channel with its own prefetch per consumer."""
+    (an unroutable message raises :class:`PublishRefusedError`), a channel with its own prefetch
+    per consumer, and a :class:`~saga.transport.link.Link` that reconnects (to the next node of
+    a cluster) and then declares the topology and attaches every consumer again."""
 
-    def __init__(self, connection: AbstractRobustConnection):
-        self.connection = connection
-        self._publisher = Publisher(connection)
-        self._declared: AbstractChannel | None = None  # kept open: it re-declares on reconnect
+    #: seconds :meth:`declare` and :meth:`consume` wait for a connection being re-established
+    WAIT_CONNECTED = 30.0
+
+    def __init__(self, link: Link):
+        self.link = link
+        self._publisher = Publisher(link)
+        self._declared: list[tuple[Topology, tuple[str, ...]]] = []
         self._consumers: list[_AmqpConsumer] = []
+        self._probe: AbstractChannel | None = None  # passive declares for ready_count
+        self._probe_generation = 0
+        link.on_restore(self._restore)
 
     @classmethod
     async def connect(
         cls, url: str, *, connect_timeout: float = 10.0, tls: TlsFiles | None = None
     ) -> AmqpBroker:
-        """Connect to ``url``; ConfigError when RabbitMQ cannot be reached."""
+        """Connect to ``url`` (one node, or the nodes of a cluster, comma-separated: see
+        :func:`saga.transport.amqp.connect`); ConfigError when RabbitMQ cannot be reached."""
         return cls(await connect(url, connect_timeout=connect_timeout, tls=tls))
 
     def is_connected(self) -> bool:
-        return self.connection.connected.is_set() and not self.connection.is_closed
+        return self.link.is_connected()
+
+    async def _restore(self, connection: AbstractConnection, generation: int) -> None:
+        """On a new connection: the topology declared so far, then every consumer."""
+        if self._declared:
+            channel = await asyncio.wait_for(connection.channel(publisher_confirms=False), 10)
+            try:
+                for topology, participants in self._declared:
+                    await declare(channel, topology, participants)
+            finally:
+                with contextlib.suppress(Exception, asyncio.CancelledError):
+                    await asyncio.wait_for(channel.close(), 5)
+        for consumer in list(self._consumers):
+            if not consumer.closed:
+                await consumer.attach(connection, generation)
 
     async def ready_count(self, queue: str) -> int | None:
-        """A passive declare on the raw channel underneath (not registered for re-declaring
-        on reconnect, unlike one through the robust channel)."""
-        if self._declared is None or self._declared.is_closed or not self.is_connected():
+        """Messages ready in ``queue`` (a passive declare), or None when it cannot be known now."""
+        if not self.is_connected():
             return None
         try:
-            channel = await self._declared.get_underlay_channel()
-            ok = await channel.queue_declare(queue, passive=True)
-        except (aiormq.exceptions.AMQPError, RuntimeError, OSError):
+            connection, generation = await self.link.wait(1.0)
+            if self._probe is None or self._probe.is_closed or self._probe_generation != generation:
+                self._probe = await asyncio.wait_for(
+                    connection.channel(publisher_confirms=False), 3
+                )
+                self._probe_generation = generation
+            channel = await self._probe.get_underlay_channel()
+            ok = await channel.queue_declare(queue, passive=True, timeout=3)
+        except (aiormq.exceptions.AMQPError, RuntimeError, OSError, TimeoutError):
             return None
         return int(ok.message_count or 0)
 
     async def declare(self, topology: Topology, participants: Iterable[str]) -> None:
-        if self._declared is None or self._declared.is_closed:
-            self._declared = await self.connection.channel()
-        await declare(self._declared, topology, participants)
+        names = tuple(participants)
+        connection, _ = await self.link.wait(self.WAIT_CONNECTED)
+        channel = await asyncio.wait_for(connection.channel(publisher_confirms=False), 10)
+        try:
+            await declare(channel, topology, names)
+        finally:
+            with contextlib.suppress(Exception, asyncio.CancelledError):
+                await asyncio.wait_for(channel.close(), 5)
+        if (topology, names) not in self._declared:
+            self._declared.append((topology, names))
 
     async def publish_raw(
         self,
@@ -350,9 +476,10 @@ class AmqpBroker(BrokerBase):
         )
 
     async def consume(self, queue: str, callback: Callback, *, prefetch: int) -> Consumer:
-        consumer = _AmqpConsumer(await self.connection.channel(), callback)
+        consumer = _AmqpConsumer(self.link, queue, callback, prefetch)
+        connection, generation = await self.link.wait(self.WAIT_CONNECTED)
         try:
-            await consumer.start(queue, prefetch)
+            await consumer.attach(connection, generation)
         except BaseException:
             await consumer.close()
             raise
@@ -363,8 +490,10 @@ class AmqpBroker(BrokerBase):
     async def close(self) -> None:
         with contextlib.suppress(Exception):
             await self._publisher.close()
+        for consumer in self._consumers:  # no repairs from here on
+            consumer._cancelled = True
         with contextlib.suppress(Exception):
-            await self.connection.close()
+            await self.link.close()
         for consumer in self._consumers:  # closed with the connection; reap the closing tasks
             with contextlib.suppress(Exception):
                 await consumer.close()

@@ -107,6 +107,7 @@ class RabbitNode:
         startup_timeout: float = 90.0,
         sbin: Path = SBIN,
         extra_config: str = "",
+        cookie: str | None = None,
     ):
         self.name = name or f"saga-{secrets.token_hex(4)}"
         self.host = socket.gethostname().split(".")[0]
@@ -115,6 +116,8 @@ class RabbitNode:
         self.startup_timeout = startup_timeout
         self.sbin = sbin
         self.extra_config = extra_config  # more rabbitmq.conf lines, e.g. a TLS listener
+        #: the Erlang cookie; nodes of one cluster must share it (a random one by default)
+        self.cookie = cookie or secrets.token_hex(20).upper()
         self.user = "rabbitmq" if os.geteuid() == 0 else pwd.getpwuid(os.geteuid()).pw_name
         self.guest_password = "guest"  # guest may connect from loopback only: fine for tests
         self._base: Path | None = None
@@ -425,7 +428,7 @@ class RabbitNode:
             'SERVER_ADDITIONAL_ERL_ARGS="-kernel inet_dist_use_interface {127,0,0,1}"\n'
         )
         cookie = base / ".erlang.cookie"
-        cookie.write_text(secrets.token_hex(20).upper())
+        cookie.write_text(self.cookie)
         cookie.chmod(0o400)
         if os.geteuid() == 0:
             try:

@@ -60,7 +60,9 @@ def load_service_settings(**overrides: object) -> ServiceSettings:
         return ServiceSettings(**overrides)  # type: ignore[arg-type]
     except ValidationError as exc:
         lines = [
-            f"SAGA_{str(e['loc'][0]).upper()}: {e['msg']}" if e["loc"] else str(e["msg"])
+            f"SAGA_{str(e['loc'][0]).upper()}: {str(e['msg']).removeprefix('Value error, ')}"
+            if e["loc"]
+            else str(e["msg"]).removeprefix("Value error, ")
             for e in exc.errors()
         ]
         raise ConfigError("invalid settings:\n  " + "\n  ".join(lines)) from None

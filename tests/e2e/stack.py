@@ -18,6 +18,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -36,7 +37,7 @@ from sqlalchemy.pool import NullPool
 from contracts.catalog import PARTICIPANTS
 from contracts.envelope import StartSaga
 from saga.ids import saga_id_for_key
-from saga.state import HistoryEntry, SagaState, SagaStatus
+from saga.state import HistoryEntry, HistoryKind, SagaState, SagaStatus
 from saga.store.schema import sagas
 from saga.store.sql import SqlStore, sqlite_engine
 from saga.transport.topology import Topology
@@ -53,6 +54,7 @@ __all__ = [
     "SERVICES",
     "Group",
     "Stack",
+    "applied_twice",
     "delete_topology",
     "leftover_queues",
     "queue_depths",
@@ -175,6 +177,32 @@ async def queue_depths(url: str, prefix: str) -> dict[str, int]:
             depths[name] = queue.declaration_result.message_count or 0
             await channel.close()
     return depths
+
+
+#: entries a saga's history holds at most once per (step, direction): a transition applied
+#: twice would write its entry twice
+ONCE = frozenset(
+    {
+        HistoryKind.STARTED,
+        HistoryKind.STEP_SUCCEEDED,
+        HistoryKind.STEP_COMPENSATED,
+        HistoryKind.COMPLETED,
+        HistoryKind.COMPENSATED,
+        HistoryKind.FAILED,
+        HistoryKind.COMPENSATION_STARTED,
+    }
+)
+
+
+def applied_twice(histories: Mapping[UUID, Sequence[HistoryEntry]]) -> list[str]:
+    """One line per saga whose history holds a once-only transition twice."""
+    problems = []
+    for saga_id, history in histories.items():
+        counts = Counter((h.kind, h.step, h.direction) for h in history if h.kind in ONCE)
+        twice = [k for k, n in counts.items() if n > 1]
+        if twice:
+            problems.append(f"{saga_id}: applied twice: {twice}")
+    return problems
 
 
 def start_request(key: str, input: Mapping[str, Any]) -> StartSaga:

@@ -30,22 +30,19 @@ from services.chaos.model import Run, World, check_run, conserved, replay
 from services.cli import sample_checkouts
 from tests.conftest import require_postgres, require_rabbitmq
 from tests.crash.helpers import Proc
-from tests.e2e.stack import BIN, SERVICES, Group, Stack, delete_topology, leftover_queues
+from tests.e2e.stack import (
+    BIN,
+    SERVICES,
+    Group,
+    Stack,
+    applied_twice,
+    delete_topology,
+    leftover_queues,
+)
 
 SAGAS = int(os.environ.get("SAGA_TEST_MULTI_SAGAS", "1000"))
 INSTANCES = 3
 WINDOW = 60
-#: entries a saga's history holds at most once per (step, direction): a transition applied
-#: twice would write its entry twice
-ONCE = {
-    HistoryKind.STARTED,
-    HistoryKind.STEP_SUCCEEDED,
-    HistoryKind.STEP_COMPENSATED,
-    HistoryKind.COMPLETED,
-    HistoryKind.COMPENSATED,
-    HistoryKind.FAILED,
-    HistoryKind.COMPENSATION_STARTED,
-}
 
 
 @pytest.fixture
@@ -160,11 +157,7 @@ async def test_three_instances_one_killed_lose_and_double_nothing(pg_stack: Stac
     problems += [p for p in outcome if p.split(" ", 1)[0] not in timed_out]
     diverged = len({p.split(" ", 1)[0] for p in outcome} & timed_out)
     problems += conserved(checkouts, states, before, await stack.snapshot())
-    for saga_id, history in histories.items():
-        counts = Counter((h.kind, h.step, h.direction) for h in history if h.kind in ONCE)
-        twice = [k for k, n in counts.items() if n > 1]
-        if twice:
-            problems.append(f"{saga_id}: applied twice: {twice}")
+    problems += applied_twice(histories)
     if problems:
         stack.fail(f"{len(problems)} problems:\n" + "\n".join(problems[:40]))
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import random
+import subprocess
 from collections import Counter
 from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import replace
@@ -40,6 +41,7 @@ from services.demo import HOME, NOWHERE
 from tests.conftest import RABBITMQ_URL, require_rabbitmq
 from tests.crash.helpers import Proc
 from tests.e2e.stack import (
+    BIN,
     PARIS,
     PLENTY,
     RICH,
@@ -170,17 +172,39 @@ async def start_stack(
     url_of: Callable[[str], str],
     *,
     definitions: str = "services.checkout:registry",
+    instances: int = 1,
     **extra: str,
 ) -> dict[str, Proc]:
-    """The orchestrator and the four services, each connecting to ``url_of(component)``
+    """The orchestrator (``instances`` of it, on PostgreSQL, named ``orchestrator-N``, after one
+    ``saga migrate``) and the four services, each connecting to ``url_of(component)``
     (``orchestrator`` or a service name); returns once each logged that it is up."""
     stack.data_dir.mkdir(parents=True, exist_ok=True)
     env = stack.orchestrator_env(
         SAGA_RABBITMQ_URL=url_of("orchestrator"), SAGA_DEFINITIONS=definitions, **extra
     )
-    procs = {
-        "orchestrator": stack.processes.spawn("orchestrator", ["saga", "run", "--migrate"], env)
-    }
+    if instances == 1:
+        procs = {
+            "orchestrator": stack.processes.spawn("orchestrator", ["saga", "run", "--migrate"], env)
+        }
+    else:
+        assert stack.postgres_url is not None, "several instances need PostgreSQL"
+        migrate = await asyncio.to_thread(
+            subprocess.run,
+            [str(BIN / "saga"), "migrate"],
+            env=env,
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+        assert migrate.returncode == 0, migrate.stderr
+        procs = {
+            f"orchestrator-{n}": stack.processes.spawn(
+                f"orchestrator-{n}",
+                ["saga", "run"],
+                {**env, "OTEL_SERVICE_NAME": f"orchestrator-{n}"},
+            )
+            for n in range(1, instances + 1)
+        }
     for service in SERVICES:
         env = stack.service_env(SAGA_RABBITMQ_URL=url_of(service), **extra)
         procs[service] = stack.processes.spawn(service, ["saga-service", service], env)

@@ -20,11 +20,8 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-import aio_pika
-from aio_pika.abc import AbstractIncomingMessage, AbstractRobustConnection
-
 from contracts.envelope import CommandEnvelope, ReplyEnvelope
-from saga.transport.amqp import Publisher, declare
+from saga.transport.broker import AmqpBroker, IncomingMessage
 from saga.transport.topology import Topology
 from tests.support.sagas import PARTICIPANTS
 
@@ -37,27 +34,23 @@ class Responder:
         self.late_after = late_after
         self.effects: set[str] = set()
         self.received: list[dict[str, Any]] = []
-        self._connection: AbstractRobustConnection | None = None
-        self._publisher: Publisher | None = None
+        self._broker: AmqpBroker | None = None
         self._tasks: set[asyncio.Task[None]] = set()
 
     async def start(self) -> None:
-        self._connection = await aio_pika.connect_robust(self.url)
-        self._publisher = Publisher(self._connection)
-        channel = await self._connection.channel()
-        await declare(channel, self.topology, PARTICIPANTS)
-        await channel.set_qos(prefetch_count=100)
+        self._broker = await AmqpBroker.connect(self.url)
+        await self._broker.declare(self.topology, PARTICIPANTS)
         for participant in PARTICIPANTS:
-            queue = await channel.get_queue(self.topology.command_queue(participant))
-            await queue.consume(self._on_command)
+            queue = self.topology.command_queue(participant)
+            await self._broker.consume(queue, self._on_command, prefetch=100)
 
     async def stop(self) -> None:
         for task in list(self._tasks):
             task.cancel()
-        if self._connection is not None:
-            await self._connection.close()
+        if self._broker is not None:
+            await self._broker.close()
 
-    async def _on_command(self, message: AbstractIncomingMessage) -> None:
+    async def _on_command(self, message: IncomingMessage) -> None:
         command = CommandEnvelope.model_validate_json(message.body)
         key = command.step if command.direction == "action" else f"{command.step}~undo"
         script = command.payload.get("script") or {}
@@ -106,8 +99,8 @@ class Responder:
         await self._reply(command, ReplyEnvelope.success(command, {}, message_id=reply_id))
 
     async def _reply(self, command: CommandEnvelope, reply: ReplyEnvelope) -> None:
-        assert self._publisher is not None
-        await self._publisher.publish_raw(
+        assert self._broker is not None
+        await self._broker.publish_raw(
             exchange="",
             routing_key=command.reply_to,
             body=reply.model_dump_json().encode(),

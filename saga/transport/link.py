@@ -1,0 +1,236 @@
+"""One AMQP connection at a time, to one node of a list, kept up by a supervisor task.
+
+Why not aio-pika's ``RobustConnection``: it restores channels, queues and consumers inside its
+reconnect, and none of those calls has a time limit. A restore the broker never answers (a
+``basic.consume`` on a quorum queue whose leader died with the node we were on, while the
+survivors elect a new one) leaves the connection up and the consumer gone, for good: a
+participant that takes no command again. Here recovery is explicit and bounded:
+
+* :meth:`Link.open` connects to the first node of the list that answers, or raises one
+  ConfigError naming every node and why it failed;
+* when the connection is lost, the supervisor connects to the next node (round the list, one
+  attempt per ``reconnect_interval``) and runs the owner's ``restore`` (declare the topology,
+  consume again) with a time limit; an attempt whose restore fails or times out is closed and
+  counts as a failed attempt;
+* :meth:`Link.reset` throws away a connection that looks healthy but is not (a consumer that
+  cannot be re-attached), so the same bounded path rebuilds everything;
+* the owner sees :attr:`Link.generation` grow with every new connection, so a channel of a dead
+  connection is never mistaken for a live one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ssl
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any
+
+import aio_pika
+import aiormq
+import structlog
+from aio_pika.abc import AbstractConnection
+from yarl import URL
+
+from saga.errors import ConfigError
+from saga.secrets import redact_url
+
+__all__ = ["Link", "LinkDownError"]
+
+log = structlog.get_logger("saga.transport.link")
+
+Restore = Callable[[AbstractConnection, int], Awaitable[None]]
+
+#: what a connection attempt may fail with (the node is down, refuses us, or answers nothing)
+CONNECT_ERRORS = (OSError, TimeoutError, aiormq.exceptions.AMQPError, ConnectionError)
+
+
+class LinkDownError(ConnectionError):
+    """No connection to any node right now (the supervisor is still trying)."""
+
+
+def _shown(url: URL) -> str:
+    return redact_url(str(url))
+
+
+class Link:
+    """A connection to one node of ``urls`` at a time; see the module docstring."""
+
+    #: seconds the owner's restore may take on a new connection before the attempt is given up
+    RESTORE_TIMEOUT = 15.0
+
+    def __init__(
+        self,
+        urls: Sequence[str],
+        *,
+        connect_timeout: float = 10.0,
+        reconnect_interval: float = 1.0,
+        ssl_context: ssl.SSLContext | None = None,
+    ):
+        if not urls:
+            raise ValueError("no broker URL")
+        self.nodes = tuple(URL(u) for u in urls)
+        self.connect_timeout = connect_timeout
+        self.reconnect_interval = reconnect_interval
+        self._ssl_context = ssl_context
+        self._restore: Restore | None = None
+        self._index = 0
+        self._connection: AbstractConnection | None = None
+        self._up = asyncio.Event()
+        self._lost = asyncio.Event()
+        self._closing = False
+        self._task: asyncio.Task[None] | None = None
+        #: how many connections this link has had (1 after open); a reconnect increments it
+        self.generation = 0
+        #: how many times the connection was lost and made again, for tests and metrics
+        self.reconnects = 0
+
+    # --- state ----------------------------------------------------------------------------
+
+    @property
+    def node(self) -> str:
+        """The node connected to (or tried last), password hidden."""
+        return _shown(self.nodes[self._index])
+
+    @property
+    def port(self) -> int | None:
+        return self.nodes[self._index].port
+
+    def is_connected(self) -> bool:
+        connection = self._connection
+        return (
+            self._up.is_set()
+            and connection is not None
+            and connection.connected.is_set()
+            and not connection.is_closed
+        )
+
+    def on_restore(self, restore: Restore) -> None:
+        """Run ``restore(connection, generation)`` on every new connection before it counts as
+        up: what the owner had on the lost one (topology, consumers) is made again there."""
+        self._restore = restore
+
+    async def wait(self, within: float) -> tuple[AbstractConnection, int]:
+        """The live connection and its generation; LinkDownError when none comes ``within``."""
+        if not self.is_connected():
+            try:
+                await asyncio.wait_for(self._up.wait(), within)
+            except TimeoutError:
+                raise LinkDownError(
+                    f"no connection to RabbitMQ ({self.node}) for {within:g}s"
+                ) from None
+        connection = self._connection
+        if connection is None or connection.is_closed or self._closing:
+            raise LinkDownError(f"the connection to RabbitMQ ({self.node}) was just lost")
+        return connection, self.generation
+
+    # --- life cycle -----------------------------------------------------------------------
+
+    async def open(self) -> None:
+        """Connect to the first node that answers, or ConfigError naming each and why."""
+        failures: list[str] = []
+        for index in range(len(self.nodes)):
+            self._index = index
+            try:
+                connection = await self._connect()
+            except CONNECT_ERRORS as exc:
+                failures.append(f"{self.node}: {exc!r}" if len(self.nodes) > 1 else repr(exc))
+                continue
+            self._adopt(connection)
+            self._up.set()
+            self._task = asyncio.create_task(self._supervise(), name="amqp-link")
+            return
+        where = redact_url(",".join(str(n) for n in self.nodes))
+        raise ConfigError(
+            f"cannot reach RabbitMQ at {where}: {'; '.join(failures)}. Is it running? "
+            "Set SAGA_RABBITMQ_URL to its amqp:// address (several nodes: comma-separated)."
+        )
+
+    async def reset(self, why: str) -> None:
+        """Drop the live connection: the supervisor makes a new one and restores onto it."""
+        connection = self._connection
+        if connection is None or connection.is_closed or self._closing:
+            return
+        log.warning("amqp_connection_reset", node=self.node, reason=why)
+        self._up.clear()
+        with contextlib.suppress(Exception, asyncio.CancelledError):
+            await asyncio.wait_for(connection.close(), 5)
+        self._lost.set()
+
+    async def close(self) -> None:
+        self._closing = True
+        self._up.clear()
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await self._task
+        connection, self._connection = self._connection, None
+        if connection is not None:
+            with contextlib.suppress(Exception, asyncio.CancelledError):
+                await asyncio.wait_for(connection.close(), 5)
+
+    # --- the supervisor -------------------------------------------------------------------
+
+    async def _connect(self) -> AbstractConnection:
+        connection = aio_pika.Connection(self.nodes[self._index], ssl_context=self._ssl_context)
+        try:
+            await connection.connect(timeout=self.connect_timeout)
+        except BaseException:
+            with contextlib.suppress(Exception, asyncio.CancelledError):
+                await asyncio.wait_for(connection.close(), 5)
+            raise
+        return connection
+
+    def _adopt(self, connection: AbstractConnection) -> None:
+        self._connection = connection
+        self.generation += 1
+        self._lost.clear()
+
+        def lost(_sender: Any, _exc: BaseException | None = None) -> None:
+            if self._connection is connection:
+                self._up.clear()
+                self._lost.set()
+
+        connection.close_callbacks.add(lost)
+
+    async def _supervise(self) -> None:
+        while not self._closing:
+            await self._lost.wait()
+            self._up.clear()
+            log.warning("amqp_connection_lost", node=self.node)
+            if self._connection is not None:  # release what is left of it
+                with contextlib.suppress(Exception, asyncio.CancelledError):
+                    await asyncio.wait_for(self._connection.close(), 5)
+            await self._reconnect()
+
+    async def _reconnect(self) -> None:
+        attempt = 0
+        while not self._closing:
+            # with several nodes the next one is tried at once after a loss; every later
+            # attempt waits, so a broker that is down entirely is not hammered
+            if attempt > 0 or len(self.nodes) == 1:
+                await asyncio.sleep(self.reconnect_interval)
+            attempt += 1
+            self._index = (self._index + 1) % len(self.nodes)
+            try:
+                connection = await self._connect()
+            except CONNECT_ERRORS as exc:
+                log.info("amqp_connect_failed", node=self.node, error=repr(exc))
+                continue
+            self._adopt(connection)
+            try:
+                if self._restore is not None:
+                    await asyncio.wait_for(
+                        self._restore(connection, self.generation), self.RESTORE_TIMEOUT
+                    )
+            except Exception as exc:
+                log.warning("amqp_restore_failed", node=self.node, error=repr(exc))
+                with contextlib.suppress(Exception, asyncio.CancelledError):
+                    await asyncio.wait_for(connection.close(), 5)
+                continue
+            if connection.is_closed:
+                continue
+            self.reconnects += 1
+            self._up.set()
+            log.info("amqp_reconnected", node=self.node, attempts=attempt)
+            return
