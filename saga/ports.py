@@ -17,6 +17,7 @@ from uuid import UUID
 from saga.state import HistoryEntry, SagaState, SagaStatus, Transition
 
 __all__ = [
+    "BrokerStats",
     "Change",
     "Clock",
     "CommitResult",
@@ -38,6 +39,16 @@ class SystemClock:
 
     def now(self) -> datetime:
         return datetime.now(UTC)
+
+
+@dataclass(frozen=True, slots=True)
+class BrokerStats:
+    """A broker connection's health as /metrics shows it: up or not, and how often it had to
+    recover (a count that keeps growing means a flapping network or broker)."""
+
+    connected: bool
+    reconnects: int = 0
+    consumer_repairs: int = 0
 
 
 @dataclass(frozen=True, slots=True)

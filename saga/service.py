@@ -170,6 +170,7 @@ class OrchestratorService:
                     self.settings.rabbitmq_url, tls=self.settings.tls
                 )
             broker = self.broker
+            self.metrics.watch_broker(broker.stats)
             participants = {s.participant for d in self.registry.all() for s in d.steps}
             if self.registry.participants is not None:
                 participants |= set(self.registry.participants)

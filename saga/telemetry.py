@@ -24,7 +24,7 @@ import hashlib
 import os
 import random
 import threading
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from contextvars import ContextVar
 from datetime import datetime
 from typing import Any
@@ -47,9 +47,11 @@ from opentelemetry.trace import (
 )
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
 from saga import __version__
 from saga.errors import ConfigError
+from saga.ports import BrokerStats
 from saga.state import Direction, HistoryKind, Phase, SagaState, SagaStatus, Transition
 
 __all__ = [
@@ -431,6 +433,7 @@ class Metrics:
 
     def __init__(self, registry: CollectorRegistry | None = None):
         self.registry = registry if registry is not None else CollectorRegistry()
+        self._brokers: list[Callable[[], BrokerStats]] | None = None
         r = self.registry
         self.started = Counter("saga_started", "Sagas started.", ["saga_name"], registry=r)
         self.finished = Counter(
@@ -507,6 +510,14 @@ class Metrics:
             registry=r,
         )
 
+    def watch_broker(self, stats: Callable[[], BrokerStats]) -> None:
+        """Report a broker connection's health at every scrape; several connections of one
+        process (``saga-service all``) add up, and count as connected only when all are."""
+        if self._brokers is None:
+            self._brokers = []
+            self.registry.register(_BrokerCollector(self._brokers))
+        self._brokers.append(stats)
+
     def transition(self, before: SagaState | None, transition: Transition) -> None:
         """Count what one committed transition did."""
         after = transition.state
@@ -531,6 +542,31 @@ class Metrics:
         self.step_duration.labels(
             before.name, before.steps[before.current].name, before.direction.value, outcome
         ).observe(max((end - before.sent_at).total_seconds(), 0.0))
+
+
+class _BrokerCollector:
+    """Reads the broker connections when scraped, so the numbers are never stale."""
+
+    def __init__(self, sources: list[Callable[[], BrokerStats]]):
+        self._sources = sources
+
+    def collect(self) -> Iterator[Metric]:
+        stats = [read() for read in self._sources]
+        yield GaugeMetricFamily(
+            "saga_broker_connected",
+            "1 while every broker connection of the process is up (and restored), else 0.",
+            value=float(all(s.connected for s in stats)),
+        )
+        yield CounterMetricFamily(
+            "saga_broker_reconnects",
+            "Broker connections lost and made again (on the next node of a cluster).",
+            value=sum(s.reconnects for s in stats),
+        )
+        yield CounterMetricFamily(
+            "saga_broker_consumer_repairs",
+            "Consumers the broker cancelled or whose channel it closed, attached again.",
+            value=sum(s.consumer_repairs for s in stats),
+        )
 
 
 def _direction(direction: Direction | None) -> str:

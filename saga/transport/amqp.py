@@ -24,7 +24,6 @@ from urllib.parse import urlsplit
 
 import aio_pika
 import aiormq
-import structlog
 from aio_pika.abc import (
     AbstractChannel,
     AbstractConnection,
@@ -34,7 +33,7 @@ from yarl import URL
 
 from saga.errors import ConfigError
 from saga.secrets import redact_url
-from saga.transport.link import Link, LinkDownError
+from saga.transport.link import Link, LinkDownError, note
 from saga.transport.topology import Topology
 
 __all__ = [
@@ -47,8 +46,6 @@ __all__ = [
     "declare",
     "safe_url",
 ]
-
-log = structlog.get_logger("saga.transport.amqp")
 
 
 #: seconds between reconnect attempts, unless the URL says (``?reconnect_interval=...``)
@@ -294,7 +291,7 @@ class Publisher:
             return  # retired already
         self._channel = None
         self._exchanges.clear()
-        log.warning("amqp_publish_channel_renewed", reason=why)
+        note("warning", "amqp_publish_channel_renewed", reason=why)
         task = asyncio.create_task(self._close_later(channel))
         self._retiring.add(task)
         task.add_done_callback(self._retiring.discard)

@@ -25,7 +25,6 @@ from datetime import datetime
 from typing import Any, Protocol
 
 import aiormq
-import structlog
 from aio_pika.abc import (
     AbstractChannel,
     AbstractConnection,
@@ -33,9 +32,9 @@ from aio_pika.abc import (
     AbstractQueue,
 )
 
-from saga.ports import OutboxMessage
+from saga.ports import BrokerStats, OutboxMessage
 from saga.transport.amqp import Publisher, PublishRefusedError, TlsFiles, connect, declare
-from saga.transport.link import Link, LinkDownError
+from saga.transport.link import Link, LinkDownError, note
 from saga.transport.topology import (
     DEAD_LETTER_DETAIL,
     DEAD_LETTER_QUEUE,
@@ -53,8 +52,6 @@ __all__ = [
     "PublishRefusedError",
     "dead_letter_headers",
 ]
-
-log = structlog.get_logger("saga.transport.broker")
 
 
 class IncomingMessage(Protocol):
@@ -133,6 +130,9 @@ class Broker(Protocol):
     def is_connected(self) -> bool:
         """False while the connection is down (and being re-established)."""
 
+    def stats(self) -> BrokerStats:
+        """Connected or not, and how often the connection and its consumers were recovered."""
+
     async def ready_count(self, queue: str) -> int | None:
         """Messages waiting in ``queue`` not yet delivered to anyone; None if unknown."""
 
@@ -173,6 +173,9 @@ class BrokerBase:
 
     def is_connected(self) -> bool:
         return True
+
+    def stats(self) -> BrokerStats:
+        return BrokerStats(connected=self.is_connected())
 
     async def ready_count(self, queue: str) -> int | None:
         return None
@@ -300,7 +303,7 @@ class _AmqpConsumer:
             self._repair = asyncio.create_task(self._repair_loop(why))
 
     async def _repair_loop(self, why: str) -> None:
-        log.warning("amqp_consumer_lost", queue=self.queue, reason=why)
+        note("warning", "amqp_consumer_lost", queue=self.queue, reason=why)
         lost_on = self._generation
         for _ in range(self.REPAIR_ATTEMPTS):
             await asyncio.sleep(self._link.reconnect_interval)
@@ -314,10 +317,11 @@ class _AmqpConsumer:
             except LinkDownError:
                 return
             except Exception as exc:
-                log.warning("amqp_consumer_repair_failed", queue=self.queue, error=repr(exc))
+                note("warning", "amqp_consumer_repair_failed", queue=self.queue, error=repr(exc))
                 continue
             self.repairs += 1
-            log.info("amqp_consumer_restored", queue=self.queue)
+            self._link.consumer_repairs += 1
+            note("info", "amqp_consumer_restored", queue=self.queue)
             return
         await self._link.reset(f"the consumer of {self.queue} could not be attached again")
 
@@ -406,6 +410,13 @@ class AmqpBroker(BrokerBase):
 
     def is_connected(self) -> bool:
         return self.link.is_connected()
+
+    def stats(self) -> BrokerStats:
+        return BrokerStats(
+            connected=self.is_connected(),
+            reconnects=self.link.reconnects,
+            consumer_repairs=self.link.consumer_repairs,
+        )
 
     async def _restore(self, connection: AbstractConnection, generation: int) -> None:
         """On a new connection: the topology declared so far, then every consumer."""

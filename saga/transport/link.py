@@ -39,6 +39,13 @@ __all__ = ["Link", "LinkDownError"]
 
 log = structlog.get_logger("saga.transport.link")
 
+
+def note(level: str, event: str, **fields: Any) -> None:
+    """Log, but never fail: recovery must go on when the log sink is broken (a closed pipe)."""
+    with contextlib.suppress(Exception):
+        getattr(log, level)(event, **fields)
+
+
 Restore = Callable[[AbstractConnection, int], Awaitable[None]]
 
 #: what a connection attempt may fail with (the node is down, refuses us, or answers nothing)
@@ -84,6 +91,8 @@ class Link:
         self.generation = 0
         #: how many times the connection was lost and made again, for tests and metrics
         self.reconnects = 0
+        #: consumers the broker dropped on a live connection and that were attached again
+        self.consumer_repairs = 0
 
     # --- state ----------------------------------------------------------------------------
 
@@ -151,7 +160,7 @@ class Link:
         connection = self._connection
         if connection is None or connection.is_closed or self._closing:
             return
-        log.warning("amqp_connection_reset", node=self.node, reason=why)
+        note("warning", "amqp_connection_reset", node=self.node, reason=why)
         self._up.clear()
         with contextlib.suppress(Exception, asyncio.CancelledError):
             await asyncio.wait_for(connection.close(), 5)
@@ -195,13 +204,20 @@ class Link:
 
     async def _supervise(self) -> None:
         while not self._closing:
-            await self._lost.wait()
-            self._up.clear()
-            log.warning("amqp_connection_lost", node=self.node)
-            if self._connection is not None:  # release what is left of it
-                with contextlib.suppress(Exception, asyncio.CancelledError):
-                    await asyncio.wait_for(self._connection.close(), 5)
-            await self._reconnect()
+            try:
+                await self._lost.wait()
+                self._up.clear()
+                note("warning", "amqp_connection_lost", node=self.node)
+                if self._connection is not None:  # release what is left of it
+                    with contextlib.suppress(Exception, asyncio.CancelledError):
+                        await asyncio.wait_for(self._connection.close(), 5)
+                await self._reconnect()
+            except Exception as exc:
+                # the supervisor must outlive anything unforeseen: without it the process
+                # would stay disconnected for good
+                note("error", "amqp_supervisor_error", error=repr(exc))
+                self._lost.set()
+                await asyncio.sleep(self.reconnect_interval)
 
     async def _reconnect(self) -> None:
         attempt = 0
@@ -215,7 +231,7 @@ class Link:
             try:
                 connection = await self._connect()
             except CONNECT_ERRORS as exc:
-                log.info("amqp_connect_failed", node=self.node, error=repr(exc))
+                note("info", "amqp_connect_failed", node=self.node, error=repr(exc))
                 continue
             self._adopt(connection)
             try:
@@ -224,7 +240,7 @@ class Link:
                         self._restore(connection, self.generation), self.RESTORE_TIMEOUT
                     )
             except Exception as exc:
-                log.warning("amqp_restore_failed", node=self.node, error=repr(exc))
+                note("warning", "amqp_restore_failed", node=self.node, error=repr(exc))
                 with contextlib.suppress(Exception, asyncio.CancelledError):
                     await asyncio.wait_for(connection.close(), 5)
                 continue
@@ -232,5 +248,5 @@ class Link:
                 continue
             self.reconnects += 1
             self._up.set()
-            log.info("amqp_reconnected", node=self.node, attempts=attempt)
+            note("info", "amqp_reconnected", node=self.node, attempts=attempt)
             return

@@ -126,6 +126,7 @@ class Participant:
             self.broker = self._own_broker = await AmqpBroker.connect(
                 self.settings.rabbitmq_url, tls=self.settings.tls
             )
+        self.metrics.watch_broker(self.broker.stats)
         await self.broker.declare(self.topology, [self.name])
         self._relay = Relay(
             self.ledger,

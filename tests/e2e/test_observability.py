@@ -239,6 +239,10 @@ async def test_metrics_after_a_run_agree_with_the_store_and_the_ledgers(stack: S
     assert total(orchestrator, "saga_step_duration_seconds_count") == sent
     assert total(orchestrator, "saga_relay_published_total") >= sent  # at least once
     assert total(orchestrator, "saga_messages_consumed_total", outcome="applied") >= sent
+    # the broker connection: up, and nothing had to be recovered in a quiet run
+    assert total(orchestrator, "saga_broker_connected") == 1
+    assert total(orchestrator, "saga_broker_reconnects_total") == 0
+    assert total(orchestrator, "saga_broker_consumer_repairs_total") == 0
 
     for service in SERVICES:
         samples = await scrape(ports[service])
@@ -249,3 +253,5 @@ async def test_metrics_after_a_run_agree_with_the_store_and_the_ledgers(stack: S
                 total(samples, "saga_participant_commands_total", outcome=outcome) == final[outcome]
             ), service
         assert total(samples, "saga_relay_published_total") >= len(rows), service
+        assert total(samples, "saga_broker_connected") == 1, service
+        assert total(samples, "saga_broker_reconnects_total") == 0, service

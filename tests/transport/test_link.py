@@ -24,6 +24,7 @@ import aio_pika
 import pytest
 from aio_pika.abc import AbstractConnection
 
+from saga.ports import BrokerStats
 from saga.transport.broker import AmqpBroker, IncomingMessage
 from saga.transport.topology import Topology
 from services.chaos.proxy import TcpProxy
@@ -127,7 +128,7 @@ async def test_a_restore_that_never_answers_is_given_up_and_done_again(
     await publish(broker, topology, after)
     await inbox.wait_for({"before", *after}, 20)
     assert len(calls) == 2 and link.reconnects == 1, (calls, link.reconnects)
-    assert broker.is_connected()
+    assert broker.stats() == BrokerStats(connected=True, reconnects=1, consumer_repairs=0)
 
 
 async def test_a_consumer_the_broker_cancels_is_attached_again(
@@ -175,4 +176,27 @@ async def test_a_consumer_whose_channel_the_broker_closes_gets_a_new_one(
     await inbox.wait_for({"poison", *after}, 20)
     assert broke == ["once"]
     assert getattr(consumer, "repairs", None) == 1
-    assert broker.link.reconnects == 0
+    assert broker.stats() == BrokerStats(connected=True, reconnects=0, consumer_repairs=1)
+
+
+class BrokenLog:
+    """A logger whose every call fails, as one writing to a closed pipe would."""
+
+    def __getattr__(self, _name: str) -> object:
+        def fail(*_args: object, **_kwargs: object) -> None:
+            raise ValueError("I/O operation on closed file")
+
+        return fail
+
+
+async def test_recovery_goes_on_when_the_log_sink_is_broken(
+    broker: AmqpBroker, proxy: TcpProxy, topology: Topology, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr("saga.transport.link.log", BrokenLog())
+    inbox = Inbox()
+    await broker.consume(topology.command_queue(PARTICIPANT), inbox, prefetch=10)
+    assert proxy.drop_connections() >= 1
+    after = [f"after-{n}" for n in range(20)]
+    await publish(broker, topology, after)
+    await inbox.wait_for(set(after), 20)
+    assert broker.link.reconnects == 1

@@ -18,6 +18,7 @@ from structlog.testing import LogCapture
 
 from saga import runtime
 from saga.errors import ConfigError
+from saga.ports import BrokerStats
 from saga.runtime import Orchestrator
 from saga.state import SagaStatus
 from saga.telemetry import Metrics, ReservedIds, Tracing, configure_tracing, span_id_for
@@ -248,3 +249,21 @@ def test_an_unknown_exporter_is_a_config_error(monkeypatch: pytest.MonkeyPatch, 
 
 def test_trip_definition_is_what_these_tests_assume() -> None:
     assert [s.name for s in TRIP.steps] == ["alpha", "beta", "gamma"]
+
+
+def test_broker_connections_are_read_at_each_scrape_and_add_up() -> None:
+    metrics = Metrics()
+    first = BrokerStats(connected=True, reconnects=2, consumer_repairs=1)
+    second = BrokerStats(connected=True)
+    metrics.watch_broker(lambda: first)
+    metrics.watch_broker(lambda: second)
+
+    def value(name: str) -> float | None:
+        return metrics.registry.get_sample_value(name)
+
+    assert value("saga_broker_connected") == 1
+    assert value("saga_broker_reconnects_total") == 2
+    assert value("saga_broker_consumer_repairs_total") == 1
+    second = BrokerStats(connected=False, reconnects=1)  # read anew: one connection is down
+    assert value("saga_broker_connected") == 0
+    assert value("saga_broker_reconnects_total") == 3
