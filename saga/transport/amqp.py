@@ -12,7 +12,6 @@ to the first reachable one and, once lost, to the next node in turn
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import re
 import ssl
 from collections.abc import Iterable, Mapping, Sequence
@@ -33,7 +32,7 @@ from yarl import URL
 
 from saga.errors import ConfigError
 from saga.secrets import redact_url
-from saga.transport.link import Link, LinkDownError, note
+from saga.transport.link import Link, LinkDownError, note, own_cancellation, quietly
 from saga.transport.topology import Topology
 
 __all__ = [
@@ -251,7 +250,7 @@ class Publisher:
     """
 
     #: seconds a retired channel stays open, so the confirms already on their way arrive
-    RETIRE_AFTER = 5.0
+    RETIRE_AFTER = CONFIRM_TIMEOUT + 1
 
     def __init__(self, link: Link):
         self._link = link
@@ -273,7 +272,11 @@ class Publisher:
                         connection.channel(publisher_confirms=True, on_return_raises=True),
                         CONFIRM_TIMEOUT,
                     )
-                except (TimeoutError, RuntimeError, aiormq.exceptions.AMQPError) as exc:
+                except asyncio.CancelledError as exc:
+                    if own_cancellation():
+                        raise
+                    raise PublishRefusedError("the connection died opening a channel") from exc
+                except Exception as exc:
                     raise PublishRefusedError(f"cannot open a channel: {exc!r}") from exc
                 self._generation = generation
                 self._exchanges.clear()
@@ -300,9 +303,8 @@ class Publisher:
         try:
             await asyncio.sleep(self.RETIRE_AFTER)
         finally:
-            with contextlib.suppress(Exception, asyncio.CancelledError):
-                if not channel.is_closed:
-                    await asyncio.wait_for(channel.close(), 5)
+            if not channel.is_closed:
+                await quietly(channel.close(), 5)
 
     async def publish_raw(
         self,
@@ -337,9 +339,12 @@ class Publisher:
                 self._retire(channel, "nack")
                 raise PublishRefusedError(f"broker did not confirm the message: {exc}") from exc
             raise PublishRefusedError(f"broker returned the message: {exc}") from exc
-        except (TimeoutError, RuntimeError, OSError, aiormq.exceptions.AMQPError) as exc:
-            # The connection was lost under the publish, or the channel broke and would never
-            # confirm: the caller (the relay) retries, on a fresh channel.
+        except (Exception, asyncio.CancelledError) as exc:
+            # The connection was lost under the publish (a dead connection fails its futures
+            # with CancelledError), or the channel broke and would never confirm: the caller
+            # (the relay) retries, on a fresh channel.
+            if isinstance(exc, asyncio.CancelledError) and own_cancellation():
+                raise
             self._retire(channel, type(exc).__name__)
             raise PublishRefusedError(f"no confirm ({type(exc).__name__}): {exc}") from exc
         if not isinstance(confirmation, aiormq.spec.Basic.Ack):
@@ -352,5 +357,4 @@ class Publisher:
         await asyncio.gather(*self._retiring, return_exceptions=True)
         channel, self._channel = self._channel, None
         if channel is not None and not channel.is_closed:
-            with contextlib.suppress(Exception, asyncio.CancelledError):
-                await asyncio.wait_for(channel.close(), 5)
+            await quietly(channel.close(), 5)

@@ -20,6 +20,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import uuid
+from collections import Counter
 from collections.abc import Awaitable, Callable, Iterable, Mapping
 from datetime import datetime
 from typing import Any, Protocol
@@ -34,7 +36,7 @@ from aio_pika.abc import (
 
 from saga.ports import BrokerStats, OutboxMessage
 from saga.transport.amqp import Publisher, PublishRefusedError, TlsFiles, connect, declare
-from saga.transport.link import Link, LinkDownError, note
+from saga.transport.link import Link, LinkDownError, note, own_cancellation, quietly
 from saga.transport.topology import (
     DEAD_LETTER_DETAIL,
     DEAD_LETTER_QUEUE,
@@ -236,6 +238,8 @@ class _AmqpConsumer:
     ATTACH_TIMEOUT = 10.0
     #: re-attach attempts on the same connection before the whole connection is rebuilt
     REPAIR_ATTEMPTS = 3
+    #: seconds a replaced channel stays open for the deliveries still running on it
+    DRAIN_TIMEOUT = 30.0
 
     def __init__(self, link: Link, queue: str, callback: Callback, prefetch: int):
         self._link = link
@@ -246,10 +250,16 @@ class _AmqpConsumer:
         self._queue: AbstractQueue | None = None
         self._tag: str | None = None
         self._generation = 0
+        self._attachments = 0
         self._running = 0
+        self._running_on: Counter[int] = Counter()  # deliveries running, by attachment
+        self._drained: dict[int, asyncio.Event] = {}  # set once a retired attachment is idle
+        self._cancelled_tags: set[str] = set()
         self._cancelled = False
         self._closing: asyncio.Task[None] | None = None
         self._repair: asyncio.Task[None] | None = None
+        self._repair_generation = 0
+        self._retiring: set[asyncio.Task[None]] = set()
         #: times the broker dropped this consumer on a live connection and it was re-attached
         self.repairs = 0
 
@@ -263,6 +273,13 @@ class _AmqpConsumer:
         if self._cancelled:
             return
         bound = self.ATTACH_TIMEOUT
+        self._attachments += 1
+        attachment = self._attachments
+        tag = f"saga-{uuid.uuid4().hex}"  # ours before the broker can cancel it
+
+        async def deliver(message: AbstractIncomingMessage) -> None:
+            await self._deliver(message, attachment)
+
         channel = await asyncio.wait_for(connection.channel(publisher_confirms=False), bound)
         try:
             await asyncio.wait_for(channel.set_qos(prefetch_count=self._prefetch), bound)
@@ -271,40 +288,73 @@ class _AmqpConsumer:
             queue = await asyncio.wait_for(channel.declare_queue(self.queue, passive=True), bound)
             underlay = await channel.get_underlay_channel()
             underlay.on_consumer_cancel_callbacks.add(self._on_broker_cancel)
-            tag = await asyncio.wait_for(queue.consume(self._deliver), bound)
+            await asyncio.wait_for(queue.consume(deliver, consumer_tag=tag), bound)
         except BaseException:
-            with contextlib.suppress(Exception, asyncio.CancelledError):
-                await asyncio.wait_for(channel.close(), 5)
+            await quietly(channel.close(), 5)
             raise
-        old, same_connection = self._channel, self._generation == generation
+        if self._cancelled:  # cancelled while attaching: nothing may consume from now on
+            await quietly(channel.close(), 5)
+            return
+        old, old_attachment = self._channel, attachment - 1
+        same_connection = self._generation == generation
         self._channel, self._queue, self._tag, self._generation = channel, queue, tag, generation
         channel.close_callbacks.add(self._on_channel_close)
         if same_connection and old is not None and not old.is_closed:
-            # a repair: the old channel's consumer is gone; closing it hands back what it held
-            # (a lost connection's channels went with it, and closing them could only wait)
-            with contextlib.suppress(Exception, asyncio.CancelledError):
-                await asyncio.wait_for(old.close(), 2)
+            # a repair: the old channel's consumer is gone, but deliveries may still run on it
+            self._retire(old, old_attachment)
+        if channel.is_closed or tag in self._cancelled_tags:
+            self._repair_soon("lost while it was being attached")
+
+    def _retire(self, channel: AbstractChannel, attachment: int) -> None:
+        """Close ``channel`` once the deliveries running on it have returned (bounded):
+        closing it at once would cancel them half-way."""
+
+        drained = asyncio.Event()
+        if self._running_on[attachment] <= 0:
+            drained.set()
+        else:
+            self._drained[attachment] = drained
+
+        async def drain() -> None:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(drained.wait(), self.DRAIN_TIMEOUT)
+            self._drained.pop(attachment, None)
+            await quietly(channel.close(), 5)
+
+        task = asyncio.create_task(drain())
+        self._retiring.add(task)
+        task.add_done_callback(self._retiring.discard)
 
     # --- losing the consumer on a live connection -------------------------------------------
 
     def _on_broker_cancel(self, frame: aiormq.spec.Basic.Cancel) -> None:
+        if frame.consumer_tag is None:
+            return
+        self._cancelled_tags.add(frame.consumer_tag)
         if frame.consumer_tag == self._tag:
             self._repair_soon("the broker cancelled the consumer")
 
     def _on_channel_close(self, sender: Any, exc: BaseException | None = None) -> None:
         if sender is self._channel:
-            self._repair_soon(f"the broker closed the channel: {exc!r}")
+            self._repair_soon(f"the channel was closed: {exc!r}")
 
     def _repair_soon(self, why: str) -> None:
-        """Attach again, unless the connection itself is gone (the link restores then)."""
-        if self._cancelled or self._link.generation != self._generation:
-            return
-        if self._repair is None or self._repair.done():
-            self._repair = asyncio.create_task(self._repair_loop(why))
+        """Attach again, unless the connection itself is gone (the link restores then).
 
-    async def _repair_loop(self, why: str) -> None:
+        A repair still waiting from an older connection (its channel closed with that
+        connection) is replaced: it would only give up, and must not hide this loss."""
+        generation = self._generation
+        if self._cancelled or self._link.generation != generation:
+            return
+        if self._repair is not None and not self._repair.done():
+            if self._repair_generation == generation:
+                return
+            self._repair.cancel()
+        self._repair_generation = generation
+        self._repair = asyncio.create_task(self._repair_loop(why, generation))
+
+    async def _repair_loop(self, why: str, lost_on: int) -> None:
         note("warning", "amqp_consumer_lost", queue=self.queue, reason=why)
-        lost_on = self._generation
         for _ in range(self.REPAIR_ATTEMPTS):
             await asyncio.sleep(self._link.reconnect_interval)
             if self._cancelled or self._link.generation != lost_on:
@@ -316,25 +366,33 @@ class _AmqpConsumer:
                 await self.attach(connection, generation)
             except LinkDownError:
                 return
-            except Exception as exc:
+            except (Exception, asyncio.CancelledError) as exc:
+                if isinstance(exc, asyncio.CancelledError) and own_cancellation():
+                    raise
                 note("warning", "amqp_consumer_repair_failed", queue=self.queue, error=repr(exc))
                 continue
             self.repairs += 1
             self._link.consumer_repairs += 1
             note("info", "amqp_consumer_restored", queue=self.queue)
             return
-        await self._link.reset(f"the consumer of {self.queue} could not be attached again")
+        await self._link.reset(f"the consumer of {self.queue} could not be attached again", lost_on)
 
     # --- deliveries and cancelling ------------------------------------------------------------
 
-    async def _deliver(self, message: AbstractIncomingMessage) -> None:
+    async def _deliver(self, message: AbstractIncomingMessage, attachment: int) -> None:
         if self._cancelled:  # sent before the broker saw the cancel: it goes back to the queue
             return
         self._running += 1
+        self._running_on[attachment] += 1
         try:
             await self._callback(message)
         finally:
             self._running -= 1
+            self._running_on[attachment] -= 1
+            if self._running_on[attachment] <= 0:
+                del self._running_on[attachment]
+                if attachment in self._drained:
+                    self._drained[attachment].set()
             if self._cancelled and self._running == 0:
                 # not awaited here: closing the channel cancels the tasks of its deliveries
                 self._close_soon()
@@ -349,16 +407,21 @@ class _AmqpConsumer:
         Best effort, and never a CancelledError: when the connection closes at the same moment,
         aiormq cancels the close RPC's future, and that must not reach whoever awaits this
         task (a service shutting down, which was not cancelled itself)."""
-        with contextlib.suppress(Exception, asyncio.CancelledError):
-            if self._channel is not None and not self._channel.is_closed:
-                await asyncio.wait_for(self._channel.close(), 5)
+        for task in list(self._retiring):
+            task.cancel()
+        await asyncio.gather(*self._retiring, return_exceptions=True)
+        if self._channel is not None and not self._channel.is_closed:
+            await quietly(self._channel.close(), 5)
+
+    def _stop_repairs(self) -> None:
+        self._cancelled = True
+        if self._repair is not None:
+            self._repair.cancel()
 
     async def cancel(self) -> None:
         if self._cancelled:
             return
-        self._cancelled = True
-        if self._repair is not None:
-            self._repair.cancel()
+        self._stop_repairs()
         try:
             channel = self._channel
             if (
@@ -367,16 +430,13 @@ class _AmqpConsumer:
                 and channel is not None
                 and not channel.is_closed
             ):
-                with contextlib.suppress(Exception):
-                    await asyncio.wait_for(self._queue.cancel(self._tag), 5)
+                await quietly(self._queue.cancel(self._tag), 5)
         finally:
             if self._running == 0:
                 self._close_soon()
 
     async def close(self) -> None:
-        self._cancelled = True
-        if self._repair is not None:
-            self._repair.cancel()
+        self._stop_repairs()
         self._close_soon()
         assert self._closing is not None
         await self._closing
@@ -390,6 +450,8 @@ class AmqpBroker(BrokerBase):
 
     #: seconds :meth:`declare` and :meth:`consume` wait for a connection being re-established
     WAIT_CONNECTED = 30.0
+    #: seconds the whole topology may take to declare
+    DECLARE_TIMEOUT = 30.0
 
     def __init__(self, link: Link):
         self.link = link
@@ -426,8 +488,7 @@ class AmqpBroker(BrokerBase):
                 for topology, participants in self._declared:
                     await declare(channel, topology, participants)
             finally:
-                with contextlib.suppress(Exception, asyncio.CancelledError):
-                    await asyncio.wait_for(channel.close(), 5)
+                await quietly(channel.close(), 5)
         for consumer in list(self._consumers):
             if not consumer.closed:
                 await consumer.attach(connection, generation)
@@ -445,6 +506,10 @@ class AmqpBroker(BrokerBase):
                 self._probe_generation = generation
             channel = await self._probe.get_underlay_channel()
             ok = await channel.queue_declare(queue, passive=True, timeout=3)
+        except asyncio.CancelledError:
+            if own_cancellation():
+                raise
+            return None  # the connection died under the call
         except (aiormq.exceptions.AMQPError, RuntimeError, OSError, TimeoutError):
             return None
         return int(ok.message_count or 0)
@@ -454,10 +519,11 @@ class AmqpBroker(BrokerBase):
         connection, _ = await self.link.wait(self.WAIT_CONNECTED)
         channel = await asyncio.wait_for(connection.channel(publisher_confirms=False), 10)
         try:
-            await declare(channel, topology, names)
+            # bounded: a broker that never answers (a quorum queue without a leader) is an
+            # error at start, not a process that hangs
+            await asyncio.wait_for(declare(channel, topology, names), self.DECLARE_TIMEOUT)
         finally:
-            with contextlib.suppress(Exception, asyncio.CancelledError):
-                await asyncio.wait_for(channel.close(), 5)
+            await quietly(channel.close(), 5)
         if (topology, names) not in self._declared:
             self._declared.append((topology, names))
 
@@ -502,7 +568,7 @@ class AmqpBroker(BrokerBase):
         with contextlib.suppress(Exception):
             await self._publisher.close()
         for consumer in self._consumers:  # no repairs from here on
-            consumer._cancelled = True
+            consumer._stop_repairs()
         with contextlib.suppress(Exception):
             await self.link.close()
         for consumer in self._consumers:  # closed with the connection; reap the closing tasks

@@ -35,7 +35,7 @@ from yarl import URL
 from saga.errors import ConfigError
 from saga.secrets import redact_url
 
-__all__ = ["Link", "LinkDownError"]
+__all__ = ["Link", "LinkDownError", "note", "own_cancellation", "quietly"]
 
 log = structlog.get_logger("saga.transport.link")
 
@@ -50,6 +50,28 @@ Restore = Callable[[AbstractConnection, int], Awaitable[None]]
 
 #: what a connection attempt may fail with (the node is down, refuses us, or answers nothing)
 CONNECT_ERRORS = (OSError, TimeoutError, aiormq.exceptions.AMQPError, ConnectionError)
+
+
+def own_cancellation() -> bool:
+    """Whether the running task itself is being cancelled.
+
+    A connection that dies (a missed heartbeat) fails every future waiting on it with
+    CancelledError; that one is a broken connection, to be handled like any other failure,
+    while a cancellation of our own task must propagate."""
+    task = asyncio.current_task()
+    return task is not None and task.cancelling() > 0
+
+
+async def quietly(awaitable: Awaitable[Any], within: float) -> None:
+    """Await ``awaitable`` (a close) for at most ``within`` seconds and ignore how it failed;
+    only a cancellation of the caller itself propagates."""
+    try:
+        await asyncio.wait_for(awaitable, within)
+    except asyncio.CancelledError:
+        if own_cancellation():
+            raise
+    except Exception:  # best effort by design
+        pass
 
 
 class LinkDownError(ConnectionError):
@@ -155,28 +177,26 @@ class Link:
             "Set SAGA_RABBITMQ_URL to its amqp:// address (several nodes: comma-separated)."
         )
 
-    async def reset(self, why: str) -> None:
-        """Drop the live connection: the supervisor makes a new one and restores onto it."""
+    async def reset(self, why: str, generation: int) -> None:
+        """Drop connection ``generation`` if it is still the live one: the supervisor makes a
+        new one and restores onto it."""
         connection = self._connection
-        if connection is None or connection.is_closed or self._closing:
+        if connection is None or self._closing or generation != self.generation:
             return
         note("warning", "amqp_connection_reset", node=self.node, reason=why)
         self._up.clear()
-        with contextlib.suppress(Exception, asyncio.CancelledError):
-            await asyncio.wait_for(connection.close(), 5)
         self._lost.set()
+        await quietly(connection.close(), 5)
 
     async def close(self) -> None:
         self._closing = True
         self._up.clear()
         if self._task is not None:
             self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await self._task
+            await quietly(self._task, 10)
         connection, self._connection = self._connection, None
         if connection is not None:
-            with contextlib.suppress(Exception, asyncio.CancelledError):
-                await asyncio.wait_for(connection.close(), 5)
+            await quietly(connection.close(), 5)
 
     # --- the supervisor -------------------------------------------------------------------
 
@@ -185,8 +205,7 @@ class Link:
         try:
             await connection.connect(timeout=self.connect_timeout)
         except BaseException:
-            with contextlib.suppress(Exception, asyncio.CancelledError):
-                await asyncio.wait_for(connection.close(), 5)
+            await quietly(connection.close(), 5)
             raise
         return connection
 
@@ -209,9 +228,15 @@ class Link:
                 self._up.clear()
                 note("warning", "amqp_connection_lost", node=self.node)
                 if self._connection is not None:  # release what is left of it
-                    with contextlib.suppress(Exception, asyncio.CancelledError):
-                        await asyncio.wait_for(self._connection.close(), 5)
+                    await quietly(self._connection.close(), 5)
                 await self._reconnect()
+            except asyncio.CancelledError:
+                if own_cancellation():
+                    raise
+                # a CancelledError of a dying connection's future: a failure like any other
+                note("warning", "amqp_supervisor_error", error="cancelled by the connection")
+                self._lost.set()
+                await asyncio.sleep(self.reconnect_interval)
             except Exception as exc:
                 # the supervisor must outlive anything unforeseen: without it the process
                 # would stay disconnected for good
@@ -239,13 +264,14 @@ class Link:
                     await asyncio.wait_for(
                         self._restore(connection, self.generation), self.RESTORE_TIMEOUT
                     )
-            except Exception as exc:
+            except (Exception, asyncio.CancelledError) as exc:
+                if isinstance(exc, asyncio.CancelledError) and own_cancellation():
+                    raise
                 note("warning", "amqp_restore_failed", node=self.node, error=repr(exc))
-                with contextlib.suppress(Exception, asyncio.CancelledError):
-                    await asyncio.wait_for(connection.close(), 5)
+                await quietly(connection.close(), 5)
                 continue
-            if connection.is_closed:
-                continue
+            if self._lost.is_set() or not connection.connected.is_set():
+                continue  # lost again while restoring
             self.reconnects += 1
             self._up.set()
             note("info", "amqp_reconnected", node=self.node, attempts=attempt)

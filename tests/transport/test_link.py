@@ -200,3 +200,39 @@ async def test_recovery_goes_on_when_the_log_sink_is_broken(
     await publish(broker, topology, after)
     await inbox.wait_for(set(after), 20)
     assert broker.link.reconnects == 1
+
+
+async def test_a_repair_lets_the_deliveries_running_on_the_old_channel_finish(
+    broker: AmqpBroker, topology: Topology
+) -> None:
+    inbox = Inbox()
+    started, finished = asyncio.Event(), asyncio.Event()
+    interrupted: list[BaseException] = []
+
+    async def slow_then_ack(message: IncomingMessage) -> None:
+        if message.message_id != "slow":
+            await inbox(message)
+            return
+        started.set()
+        try:
+            await asyncio.sleep(2.5)  # past the repair, which comes after one second
+        except BaseException as exc:
+            interrupted.append(exc)
+            raise
+        finished.set()
+        await message.ack()
+
+    queue = topology.command_queue(PARTICIPANT)
+    consumer = await broker.consume(queue, slow_then_ack, prefetch=10)
+    await publish(broker, topology, ["slow"])
+    await asyncio.wait_for(started.wait(), 10)
+    async with await aio_pika.connect(RABBITMQ_URL) as admin:
+        channel = await admin.channel()
+        await channel.queue_delete(queue)  # the broker cancels our consumer
+    await broker.declare(topology, [PARTICIPANT])  # and the queue is back at once
+    await asyncio.wait_for(finished.wait(), 10)
+    assert not interrupted
+    after = [f"after-{n}" for n in range(20)]
+    await publish(broker, topology, after)
+    await inbox.wait_for(set(after), 20)
+    assert getattr(consumer, "repairs", None) == 1 and broker.link.reconnects == 0
