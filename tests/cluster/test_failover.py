@@ -19,67 +19,24 @@ from urllib.parse import urlsplit
 import pytest
 
 from saga.transport.amqp import Publisher, PublishRefusedError, connect
-from saga.transport.broker import AmqpBroker, IncomingMessage
+from saga.transport.broker import AmqpBroker
 from saga.transport.topology import Topology
 from services.chaos.cluster import RabbitCluster
 from services.chaos.node import free_port
 from services.chaos.proxy import TcpProxy
 from tests.conftest import RABBITMQ_URL, require_rabbitmq
 from tests.e2e.stack import delete_topology
+from tests.transport.helpers import IdInbox, publish_ids
 
 pytestmark = pytest.mark.rabbitmq
 
 PARTICIPANT = "order"  # a real participant name, so delete_topology cleans its queue
 
 
-class Inbox:
-    """What a consumer received, by message id; acks everything."""
-
-    def __init__(self) -> None:
-        self.ids: set[str] = set()
-        self.deliveries = 0
-        self.changed = asyncio.Event()
-
-    async def __call__(self, message: IncomingMessage) -> None:
-        self.deliveries += 1
-        if message.message_id is not None:
-            self.ids.add(message.message_id)
-        self.changed.set()
-        await message.ack()
-
-    async def wait_for(self, ids: set[str], within: float) -> None:
-        deadline = time.monotonic() + within
-        while not ids <= self.ids:
-            left = deadline - time.monotonic()
-            if left <= 0:
-                pytest.fail(f"{len(ids - self.ids)} of {len(ids)} messages never consumed")
-            self.changed.clear()
-            try:
-                await asyncio.wait_for(self.changed.wait(), min(left, 0.5))
-            except TimeoutError:
-                continue
-
-
 async def publish(
     broker: AmqpBroker, topology: Topology, ids: list[str], within: float = 60
 ) -> None:
-    """Publish ``ids`` to the participant's queue, each confirmed; retried while the
-    connection is down (a publish on a dead channel raises, as the relay's would)."""
-    deadline = time.monotonic() + within
-    for message_id in ids:
-        while True:
-            try:
-                await broker.publish_raw(
-                    exchange=topology.commands_exchange,
-                    routing_key=PARTICIPANT,
-                    body=b"{}",
-                    message_id=message_id,
-                )
-                break
-            except Exception:
-                if time.monotonic() > deadline:
-                    raise
-                await asyncio.sleep(0.2)
+    await publish_ids(broker, topology, PARTICIPANT, ids, within)
 
 
 def node_port(broker: AmqpBroker) -> int | None:
@@ -143,7 +100,7 @@ async def test_a_lost_address_fails_over_to_the_next_with_its_consumer(
     try:
         assert node_port(broker) == a.port
         await broker.declare(topology, [PARTICIPANT])
-        inbox = Inbox()
+        inbox = IdInbox()
         await broker.consume(topology.command_queue(PARTICIPANT), inbox, prefetch=10)
         before = [f"before-{n}" for n in range(20)]
         await publish(broker, topology, before)
@@ -198,7 +155,7 @@ async def test_a_killed_node_fails_over_to_another_with_quorum_queues(
     try:
         assert node_port(broker) == first.port
         await broker.declare(topology, [PARTICIPANT])
-        inbox = Inbox()
+        inbox = IdInbox()
         await broker.consume(topology.command_queue(PARTICIPANT), inbox, prefetch=10)
         before = [f"before-{n}" for n in range(100)]
         await publish(broker, topology, before)

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import aio_pika
+import pytest
 
 from saga.transport.broker import AmqpBroker, Broker, IncomingMessage
 from saga.transport.memory import MemoryBroker
@@ -92,6 +93,49 @@ class Inbox:
         """Nothing beyond ``count`` deliveries arrives within ``seconds``."""
         await asyncio.sleep(seconds)
         assert len(self.messages) == count, [m.message_id for m in self.messages]
+
+
+class IdInbox:
+    """The message ids a consumer received (and how many deliveries); acks every one."""
+
+    def __init__(self) -> None:
+        self.ids: set[str] = set()
+        self.deliveries = 0
+
+    async def __call__(self, message: IncomingMessage) -> None:
+        self.deliveries += 1
+        if message.message_id is not None:
+            self.ids.add(message.message_id)
+        await message.ack()
+
+    async def wait_for(self, ids: set[str], within: float) -> None:
+        deadline = time.monotonic() + within
+        while not ids <= self.ids:
+            if time.monotonic() > deadline:
+                pytest.fail(f"{len(ids - self.ids)} of {len(ids)} messages never consumed")
+            await asyncio.sleep(0.05)
+
+
+async def publish_ids(
+    broker: Broker, topology: Topology, participant: str, ids: list[str], within: float
+) -> None:
+    """Publish ``ids`` to ``participant``'s command queue, each retried until confirmed (as a
+    relay retries: while the connection is down, or the queue is missing or has no leader)."""
+    deadline = time.monotonic() + within
+    for message_id in ids:
+        while True:
+            try:
+                await broker.publish_raw(
+                    exchange=topology.commands_exchange,
+                    routing_key=participant,
+                    body=b"{}",
+                    message_id=message_id,
+                )
+                break
+            except Exception:
+                if time.monotonic() > deadline:
+                    raise
+                await asyncio.sleep(0.1)
 
 
 def text(headers: Any) -> dict[str, str]:

@@ -16,7 +16,6 @@ Every message published must then be consumed.
 from __future__ import annotations
 
 import asyncio
-import time
 from collections.abc import AsyncIterator
 from urllib.parse import urlsplit
 
@@ -30,29 +29,11 @@ from saga.transport.topology import Topology
 from services.chaos.proxy import TcpProxy
 from tests.conftest import RABBITMQ_URL, require_rabbitmq
 from tests.e2e.stack import delete_topology
+from tests.transport.helpers import IdInbox, publish_ids
 
 pytestmark = pytest.mark.rabbitmq
 
 PARTICIPANT = "order"
-
-
-class Inbox:
-    """Message ids consumed; acks each one."""
-
-    def __init__(self) -> None:
-        self.ids: set[str] = set()
-
-    async def __call__(self, message: IncomingMessage) -> None:
-        if message.message_id is not None:
-            self.ids.add(message.message_id)
-        await message.ack()
-
-    async def wait_for(self, ids: set[str], within: float) -> None:
-        deadline = time.monotonic() + within
-        while not ids <= self.ids:
-            if time.monotonic() > deadline:
-                pytest.fail(f"{len(ids - self.ids)} of {len(ids)} messages never consumed")
-            await asyncio.sleep(0.05)
 
 
 @pytest.fixture
@@ -83,23 +64,7 @@ async def broker(proxy: TcpProxy, topology: Topology) -> AsyncIterator[AmqpBroke
 
 
 async def publish(broker: AmqpBroker, topology: Topology, ids: list[str]) -> None:
-    """Publish ``ids`` to the participant's queue, each retried until confirmed (the relay's
-    way), for at most 30 s."""
-    deadline = time.monotonic() + 30
-    for message_id in ids:
-        while True:
-            try:
-                await broker.publish_raw(
-                    exchange=topology.commands_exchange,
-                    routing_key=PARTICIPANT,
-                    body=b"{}",
-                    message_id=message_id,
-                )
-                break
-            except Exception:
-                if time.monotonic() > deadline:
-                    raise
-                await asyncio.sleep(0.1)
+    await publish_ids(broker, topology, PARTICIPANT, ids, within=30)
 
 
 async def test_a_restore_that_never_answers_is_given_up_and_done_again(
@@ -107,7 +72,7 @@ async def test_a_restore_that_never_answers_is_given_up_and_done_again(
 ) -> None:
     link = broker.link
     monkeypatch.setattr(link, "RESTORE_TIMEOUT", 1.0)
-    inbox = Inbox()
+    inbox = IdInbox()
     await broker.consume(topology.command_queue(PARTICIPANT), inbox, prefetch=10)
     await publish(broker, topology, ["before"])
     await inbox.wait_for({"before"}, 10)
@@ -134,7 +99,7 @@ async def test_a_restore_that_never_answers_is_given_up_and_done_again(
 async def test_a_consumer_the_broker_cancels_is_attached_again(
     broker: AmqpBroker, topology: Topology
 ) -> None:
-    inbox = Inbox()
+    inbox = IdInbox()
     queue = topology.command_queue(PARTICIPANT)
     consumer = await broker.consume(queue, inbox, prefetch=10)
     await publish(broker, topology, ["before"])
@@ -155,7 +120,7 @@ async def test_a_consumer_the_broker_cancels_is_attached_again(
 async def test_a_consumer_whose_channel_the_broker_closes_gets_a_new_one(
     broker: AmqpBroker, topology: Topology
 ) -> None:
-    inbox = Inbox()
+    inbox = IdInbox()
     broke: list[str] = []
 
     async def breaks_once(message: IncomingMessage) -> None:
@@ -193,7 +158,7 @@ async def test_recovery_goes_on_when_the_log_sink_is_broken(
     broker: AmqpBroker, proxy: TcpProxy, topology: Topology, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setattr("saga.transport.link.log", BrokenLog())
-    inbox = Inbox()
+    inbox = IdInbox()
     await broker.consume(topology.command_queue(PARTICIPANT), inbox, prefetch=10)
     assert proxy.drop_connections() >= 1
     after = [f"after-{n}" for n in range(20)]
@@ -205,7 +170,7 @@ async def test_recovery_goes_on_when_the_log_sink_is_broken(
 async def test_a_repair_lets_the_deliveries_running_on_the_old_channel_finish(
     broker: AmqpBroker, topology: Topology
 ) -> None:
-    inbox = Inbox()
+    inbox = IdInbox()
     started, finished = asyncio.Event(), asyncio.Event()
     interrupted: list[BaseException] = []
 
