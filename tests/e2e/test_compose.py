@@ -34,6 +34,7 @@ from typer.exceptions import TyperException
 from saga import logs
 from saga.errors import ConfigError
 from saga.settings import Settings, load_settings
+from saga.transport.amqp import broker_urls
 from services import payment
 from services.chaos.model import Run, World, check_run, conserved, replay
 from services.chaos.node import free_port
@@ -118,7 +119,14 @@ def _environment(service: Mapping[str, Any]) -> dict[str, str]:
     env = service.get("environment") or {}
     if isinstance(env, list):  # ["KEY=value", ...]
         env = dict(item.split("=", 1) for item in env)
-    return {str(k): "" if v is None else str(v) for k, v in env.items()}
+    return {  # with compose's ${NAME:-default} interpolated, as compose does on load
+        str(k): re.sub(
+            r"\$\{(\w+):-([^}]*)\}",
+            lambda m: os.environ.get(m[1], m[2]),
+            "" if v is None else str(v),
+        )
+        for k, v in env.items()
+    }
 
 
 def _depends_on(service: Mapping[str, Any]) -> dict[str, str]:
@@ -170,6 +178,18 @@ def test_the_production_profile_runs_replicas_on_postgresql_with_quorum_queues()
     assert not orchestrator.get("ports"), "replicas would clash on a fixed host port"
     deps = _depends_on(orchestrator)
     assert deps.get("prod-migrate") == "service_completed_successfully", deps
+
+
+def test_the_production_profile_takes_the_nodes_of_a_cluster(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    nodes = ",".join(f"amqp://app:pw@rabbit-{n}:5672/shop" for n in (1, 2, 3))
+    monkeypatch.setenv("SAGA_PROD_RABBITMQ_URL", nodes)
+    connected = {n: _environment(s) for n, s in PRODUCTION.items() if n != "prod-migrate"}
+    assert {"prod-orchestrator", "prod-payment", "prod-orders"} <= set(connected)
+    for name, env in connected.items():
+        assert env.get("SAGA_RABBITMQ_URL") == nodes, name
+        assert len(broker_urls(env["SAGA_RABBITMQ_URL"])) == 3, name
 
 
 @pytest.mark.parametrize("name", sorted(PROJECT))
@@ -319,8 +339,6 @@ def _native(
         if port in env:
             env[port] = str(free_port())
             env[host] = LOCALHOST
-    for key, value in env.items():  # compose's ${NAME:-default}
-        env[key] = re.sub(r"\$\{(\w+):-([^}]*)\}", lambda m: os.environ.get(m[1], m[2]), value)
     return [str(a) for a in service["command"]], env
 
 
