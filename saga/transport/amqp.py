@@ -14,7 +14,7 @@ from __future__ import annotations
 import asyncio
 import re
 import ssl
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -32,7 +32,14 @@ from yarl import URL
 
 from saga.errors import ConfigError
 from saga.secrets import redact_url
-from saga.transport.link import Link, LinkDownError, note, own_cancellation, quietly
+from saga.transport.link import (
+    Link,
+    LinkDownError,
+    note,
+    own_cancellation,
+    quietly,
+    reach_error,
+)
 from saga.transport.topology import Topology
 
 __all__ = [
@@ -126,13 +133,11 @@ class TlsFiles:
         return ctx
 
 
-def _reach_error(url: str, failures: Sequence[str]) -> ConfigError:
-    where = safe_url(url)
-    why = failures[0] if len(failures) == 1 else "; ".join(failures)
-    return ConfigError(
-        f"cannot reach RabbitMQ at {where}: {why}. Is it running? "
-        "Set SAGA_RABBITMQ_URL to its amqp:// address (several nodes: comma-separated)."
-    )
+def _tls_context(url: str, tls: TlsFiles | None) -> ssl.SSLContext:
+    try:
+        return (tls or TlsFiles()).context()
+    except (OSError, ssl.SSLError) as exc:
+        raise ConfigError(f"cannot load the TLS files for {safe_url(url)}: {exc}") from exc
 
 
 def _urls_or_config_error(url: str) -> list[str]:
@@ -165,19 +170,14 @@ async def connect(url: str, *, connect_timeout: float = 10.0, tls: TlsFiles | No
     ``tls``'s files (or the system's CAs). ``?reconnect_interval=`` on the first URL sets the
     seconds between attempts (1 by default)."""
     urls = _urls_or_config_error(url)
-    context = None
-    if urls[0].startswith("amqps://"):
-        try:
-            context = (tls or TlsFiles()).context()
-        except (OSError, ssl.SSLError) as exc:
-            raise ConfigError(f"cannot load the TLS files for {safe_url(url)}: {exc}") from exc
-    interval = _interval(urls[0])[1]
+    context = _tls_context(url, tls) if urls[0].startswith("amqps://") else None
+    nodes = [_interval(u) for u in urls]
     link = Link(
-        [_interval(u)[0] for u in urls],
+        [node for node, _ in nodes],
         connect_timeout=connect_timeout,
         # aio-pika's own default is 5 s: a blip of the network or a broker restart would then
         # hold every command and reply back longer than a step's timeout
-        reconnect_interval=interval,
+        reconnect_interval=nodes[0][1],
         ssl_context=context,
     )
     await link.open()
@@ -191,19 +191,14 @@ async def connect_once(
     tools; ConfigError when none answers. Without ``tls``, ``amqps://`` is aio-pika's own
     (the system's CAs, or the URL's ``cafile=``)."""
     urls = _urls_or_config_error(url)
-    context = None
-    if urls[0].startswith("amqps://") and tls is not None:
-        try:
-            context = tls.context()
-        except (OSError, ssl.SSLError) as exc:
-            raise ConfigError(f"cannot load the TLS files for {safe_url(url)}: {exc}") from exc
+    context = _tls_context(url, tls) if urls[0].startswith("amqps://") and tls else None
     failures: list[str] = []
     for node in urls:
         try:
             return await aio_pika.connect(node, timeout=connect_timeout, ssl_context=context)
         except (OSError, TimeoutError, aiormq.exceptions.AMQPError) as exc:
             failures.append(f"{safe_url(node)}: {exc!r}" if len(urls) > 1 else repr(exc))
-    raise _reach_error(url, failures)
+    raise reach_error(url, failures)
 
 
 async def declare(

@@ -483,12 +483,7 @@ class AmqpBroker(BrokerBase):
     async def _restore(self, connection: AbstractConnection, generation: int) -> None:
         """On a new connection: the topology declared so far, then every consumer."""
         if self._declared:
-            channel = await asyncio.wait_for(connection.channel(publisher_confirms=False), 10)
-            try:
-                for topology, participants in self._declared:
-                    await declare(channel, topology, participants)
-            finally:
-                await quietly(channel.close(), 5)
+            await self._declare_on(connection, self._declared)
         for consumer in list(self._consumers):
             if not consumer.closed:
                 await consumer.attach(connection, generation)
@@ -517,15 +512,21 @@ class AmqpBroker(BrokerBase):
     async def declare(self, topology: Topology, participants: Iterable[str]) -> None:
         names = tuple(participants)
         connection, _ = await self.link.wait(self.WAIT_CONNECTED)
-        channel = await asyncio.wait_for(connection.channel(publisher_confirms=False), 10)
-        try:
-            # bounded: a broker that never answers (a quorum queue without a leader) is an
-            # error at start, not a process that hangs
-            await asyncio.wait_for(declare(channel, topology, names), self.DECLARE_TIMEOUT)
-        finally:
-            await quietly(channel.close(), 5)
+        await self._declare_on(connection, [(topology, names)])
         if (topology, names) not in self._declared:
             self._declared.append((topology, names))
+
+    async def _declare_on(
+        self, connection: AbstractConnection, topologies: list[tuple[Topology, tuple[str, ...]]]
+    ) -> None:
+        """Declare ``topologies`` on a channel of their own, within DECLARE_TIMEOUT: a broker
+        that never answers (a quorum queue without a leader) is an error, never a hang."""
+        channel = await asyncio.wait_for(connection.channel(publisher_confirms=False), 10)
+        try:
+            for topology, names in topologies:
+                await asyncio.wait_for(declare(channel, topology, names), self.DECLARE_TIMEOUT)
+        finally:
+            await quietly(channel.close(), 5)
 
     async def publish_raw(
         self,

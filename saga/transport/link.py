@@ -35,7 +35,7 @@ from yarl import URL
 from saga.errors import ConfigError
 from saga.secrets import redact_url
 
-__all__ = ["Link", "LinkDownError", "note", "own_cancellation", "quietly"]
+__all__ = ["Link", "LinkDownError", "note", "own_cancellation", "quietly", "reach_error"]
 
 log = structlog.get_logger("saga.transport.link")
 
@@ -72,6 +72,14 @@ async def quietly(awaitable: Awaitable[Any], within: float) -> None:
             raise
     except Exception:  # best effort by design
         pass
+
+
+def reach_error(url: str, failures: Sequence[str]) -> ConfigError:
+    """The start-up error when no node of ``url`` answered: each node and why, no password."""
+    return ConfigError(
+        f"cannot reach RabbitMQ at {redact_url(url)}: {'; '.join(failures)}. Is it running? "
+        "Set SAGA_RABBITMQ_URL to its amqp:// address (several nodes: comma-separated)."
+    )
 
 
 class LinkDownError(ConnectionError):
@@ -171,11 +179,7 @@ class Link:
             self._up.set()
             self._task = asyncio.create_task(self._supervise(), name="amqp-link")
             return
-        where = redact_url(",".join(str(n) for n in self.nodes))
-        raise ConfigError(
-            f"cannot reach RabbitMQ at {where}: {'; '.join(failures)}. Is it running? "
-            "Set SAGA_RABBITMQ_URL to its amqp:// address (several nodes: comma-separated)."
-        )
+        raise reach_error(",".join(str(n) for n in self.nodes), failures)
 
     async def reset(self, why: str, generation: int) -> None:
         """Drop connection ``generation`` if it is still the live one: the supervisor makes a
