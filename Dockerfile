@@ -7,6 +7,7 @@ COPY pyproject.toml README.md ./
 COPY saga ./saga
 COPY contracts ./contracts
 COPY services ./services
+COPY tools ./tools
 RUN pip install . \
     && useradd --create-home --uid 10001 saga \
     && mkdir /data && chown saga /data

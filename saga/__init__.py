@@ -3,8 +3,8 @@
 The public surface; everything else is internal and may change.
 """
 
-from saga.definition import Registry, RetryPolicy, SagaDefinition, Step
-from saga.errors import (
+from saga.core.definition import Registry, RetryPolicy, SagaDefinition, Step
+from saga.core.errors import (
     ConcurrencyError,
     ConfigError,
     DefinitionError,
@@ -12,7 +12,7 @@ from saga.errors import (
     SagaError,
     UnknownSagaError,
 )
-from saga.state import (
+from saga.core.state import (
     Command,
     Direction,
     HistoryEntry,

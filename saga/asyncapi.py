@@ -11,7 +11,7 @@ from typing import Any
 from contracts.asyncapi import SagaSummary, StepSummary, asyncapi_document
 from contracts.asyncapi import Topology as WireNames
 from contracts.schema import bundle_models, write_bundle
-from saga.definition import Registry, SagaDefinition
+from saga.core.definition import Registry, SagaDefinition
 from saga.transport.topology import Topology
 
 __all__ = ["document", "export", "message_schemas"]

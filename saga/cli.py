@@ -16,10 +16,10 @@ import typer
 from saga import __version__
 from saga.admin import render
 from saga.admin.client import DEFAULT_URL, AdminClient, AdminError, default_actor, parse_time
-from saga.errors import ConfigError
+from saga.core.errors import ConfigError
+from saga.core.state import SagaStatus
 from saga.secrets import redact_url
 from saga.settings import load_settings
-from saga.state import SagaStatus
 
 # The orchestrator, SQLAlchemy and OpenTelemetry are imported by the commands that use them, so
 # the operator commands (list, show, retry, ...) start in a fraction of the time.
@@ -57,7 +57,7 @@ def run(
     try:
         from saga.logs import configure_logging  # noqa: PLC0415
         from saga.loop import run as run_loop  # noqa: PLC0415
-        from saga.service import OrchestratorService, load_registry  # noqa: PLC0415
+        from saga.orchestrator.service import OrchestratorService, load_registry  # noqa: PLC0415
         from saga.telemetry import configure_tracing  # noqa: PLC0415
 
         settings = load_settings(**({"auto_migrate": True} if migrate else {}))
@@ -313,7 +313,7 @@ def schema_export(
     Schema per message (messages/) to DIRECTORY."""
     try:
         from saga.asyncapi import export as export_contracts  # noqa: PLC0415
-        from saga.service import load_registry  # noqa: PLC0415
+        from saga.orchestrator.service import load_registry  # noqa: PLC0415
         from saga.transport.topology import Topology  # noqa: PLC0415
 
         registry = load_registry(definitions) if definitions else None

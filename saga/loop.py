@@ -14,7 +14,7 @@ import os
 from collections.abc import Coroutine
 from typing import Any, TypeVar
 
-from saga.errors import ConfigError
+from saga.core.errors import ConfigError
 
 __all__ = ["run"]
 

@@ -14,7 +14,7 @@ from enum import StrEnum
 from typing import Protocol
 from uuid import UUID
 
-from saga.state import HistoryEntry, SagaState, SagaStatus, Transition
+from saga.core.state import HistoryEntry, SagaState, SagaStatus, Transition
 
 __all__ = [
     "BrokerStats",

@@ -13,7 +13,7 @@ from typing import Any, Literal
 from pydantic import Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from saga.errors import ConfigError
+from saga.core.errors import ConfigError
 from saga.secrets import redact
 from saga.transport.amqp import TlsFiles, broker_urls
 

@@ -50,9 +50,9 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, star
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
 from saga import __version__
-from saga.errors import ConfigError
+from saga.core.errors import ConfigError
+from saga.core.state import Direction, HistoryKind, Phase, SagaState, SagaStatus, Transition
 from saga.ports import BrokerStats
-from saga.state import Direction, HistoryKind, Phase, SagaState, SagaStatus, Transition
 
 __all__ = [
     "Metrics",

@@ -48,15 +48,15 @@ from saga.admin.models import (
     saga_detail,
     saga_summary,
 )
-from saga.errors import ConcurrencyError, MessageError, UnknownSagaError
-from saga.ids import saga_id_for_key
-from saga.poison import database_fault, describe_error
+from saga.core.errors import ConcurrencyError, MessageError, UnknownSagaError
+from saga.core.ids import saga_id_for_key
+from saga.core.state import SagaState, SagaStatus, Started
+from saga.orchestrator.runtime import Outcome, Result
 from saga.ports import SagaFilter
-from saga.runtime import Outcome, Result
-from saga.state import SagaState, SagaStatus, Started
+from saga.store.faults import database_fault, describe_error
 
 if TYPE_CHECKING:
-    from saga.service import OrchestratorService
+    from saga.orchestrator.service import OrchestratorService
 
 __all__ = ["ACTOR_HEADER", "DEFAULT_ACTOR", "READY_TIMEOUT", "create_app"]
 

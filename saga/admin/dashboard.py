@@ -16,10 +16,10 @@ from fastapi.staticfiles import StaticFiles
 from pydantic import BaseModel, Field
 
 from saga import asyncapi
-from saga.state import SagaStatus
+from saga.core.state import SagaStatus
 
 if TYPE_CHECKING:
-    from saga.service import OrchestratorService
+    from saga.orchestrator.service import OrchestratorService
 
 __all__ = ["Overview", "install", "overview_of"]
 

@@ -10,8 +10,8 @@ from uuid import UUID
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from saga.definition import RetryPolicy, SagaDefinition
-from saga.state import (
+from saga.core.definition import RetryPolicy, SagaDefinition
+from saga.core.state import (
     Direction,
     HistoryEntry,
     HistoryKind,

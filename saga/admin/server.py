@@ -17,10 +17,10 @@ import structlog
 import uvicorn
 
 from saga.admin.app import create_app
-from saga.errors import ConfigError
+from saga.core.errors import ConfigError
 
 if TYPE_CHECKING:
-    from saga.service import OrchestratorService
+    from saga.orchestrator.service import OrchestratorService
 
 __all__ = ["AdminServer"]
 

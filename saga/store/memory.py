@@ -10,8 +10,8 @@ from collections.abc import Sequence
 from datetime import UTC, datetime
 from uuid import UUID
 
+from saga.core.state import HistoryEntry, Phase, SagaState
 from saga.ports import Change, CommitResult, DueTimer, OutboxMessage, SagaFilter
-from saga.state import HistoryEntry, Phase, SagaState
 
 __all__ = ["MemoryStore"]
 

@@ -31,10 +31,8 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 
-from saga.errors import ConfigError
-from saga.poison import database_reachable
-from saga.ports import Change, CommitResult, DueTimer, OutboxMessage, SagaFilter
-from saga.state import (
+from saga.core.errors import ConfigError
+from saga.core.state import (
     Direction,
     HistoryEntry,
     HistoryKind,
@@ -45,7 +43,9 @@ from saga.state import (
     StepState,
     StepStatus,
 )
+from saga.ports import Change, CommitResult, DueTimer, OutboxMessage, SagaFilter
 from saga.store import sqlite_driver
+from saga.store.faults import database_reachable
 from saga.store.fresh import OutboxCopy
 from saga.store.schema import (
     HEAD,

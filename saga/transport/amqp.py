@@ -30,7 +30,7 @@ from aio_pika.abc import (
 )
 from yarl import URL
 
-from saga.errors import ConfigError
+from saga.core.errors import ConfigError
 from saga.secrets import redact_url
 from saga.transport.link import (
     Link,

@@ -32,7 +32,7 @@ import structlog
 from aio_pika.abc import AbstractConnection
 from yarl import URL
 
-from saga.errors import ConfigError
+from saga.core.errors import ConfigError
 from saga.secrets import redact_url
 
 __all__ = ["Link", "LinkDownError", "note", "own_cancellation", "quietly", "reach_error"]

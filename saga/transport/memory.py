@@ -39,7 +39,7 @@ from typing import Any
 
 import structlog
 
-from saga.errors import ConfigError
+from saga.core.errors import ConfigError
 from saga.transport.broker import (
     BrokerBase,
     Callback,

@@ -20,7 +20,7 @@ import httpx
 import pytest
 
 from saga import Registry, RetryPolicy, SagaDefinition, Step
-from saga.service import OrchestratorService
+from saga.orchestrator.service import OrchestratorService
 from tests.conftest import require_postgres, require_rabbitmq
 from tests.integration.harness import Harness
 from tests.support.sagas import PARTICIPANTS

@@ -9,8 +9,8 @@ from typing import Any
 
 import pytest
 
-from saga.ids import saga_id_for_key
-from saga.state import HistoryKind
+from saga.core.ids import saga_id_for_key
+from saga.core.state import HistoryKind
 from tests.admin.conftest import Stack
 
 pytestmark = pytest.mark.rabbitmq

@@ -16,8 +16,8 @@ import httpx
 import pytest
 
 import saga.admin.app as admin_app
-from saga.errors import ConfigError
-from saga.service import OrchestratorService
+from saga.core.errors import ConfigError
+from saga.orchestrator.service import OrchestratorService
 from saga.settings import load_settings
 from saga.store.sql import SqlStore
 from tests.admin.conftest import TOKEN, Stack, admin_registry, free_port, start_admin_service

@@ -11,10 +11,10 @@ from pathlib import Path
 
 import pytest
 
-from saga.definition import SagaDefinition, Step
-from saga.engine import decide
+from saga.core.definition import SagaDefinition, Step
+from saga.core.engine import decide
+from saga.core.state import ReplyFailed, SagaState, SagaStatus, Started
 from saga.ports import Change, CommitResult, SagaFilter, Store
-from saga.state import ReplyFailed, SagaState, SagaStatus, Started
 from saga.store.memory import MemoryStore
 from saga.store.sql import SqlStore
 from tests.conftest import require_postgres

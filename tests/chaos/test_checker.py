@@ -15,7 +15,7 @@ from uuid import UUID, uuid4
 import pytest
 
 from contracts.inventory import InventoryFailure
-from saga.state import (
+from saga.core.state import (
     Direction,
     HistoryEntry,
     HistoryKind,
@@ -26,23 +26,23 @@ from saga.state import (
     StepState,
     StepStatus,
 )
-from services import inventory, payment
-from services.chaos.checker import COUNTERS, DeadLetter, Evidence, Report, check
-from services.chaos.model import STEPS, quantities, total
-from services.chaos.plan import (
+from saga.participant.faults import INJECTED_REFUSAL
+from saga_demo import inventory, payment
+from saga_demo.checkout import CHECKOUT, checkout_input
+from saga_demo.cli import SAMPLE_ADDRESSES, SAMPLE_PRICES
+from saga_demo.inventory import ReservationStatus
+from saga_demo.order import OrderStatus
+from saga_demo.payment import PaymentStatus
+from saga_demo.shipping import ShipmentStatus
+from saga_tools.chaos.checker import COUNTERS, DeadLetter, Evidence, Report, check
+from saga_tools.chaos.model import STEPS, quantities, total
+from saga_tools.chaos.plan import (
     PLENTY_BALANCE,
     PLENTY_STOCK,
     ChaosPlan,
     PlannedFault,
     PlannedSaga,
 )
-from services.checkout import CHECKOUT, checkout_input
-from services.cli import SAMPLE_ADDRESSES, SAMPLE_PRICES
-from services.inventory import ReservationStatus
-from services.order import OrderStatus
-from services.participant.faults import INJECTED_REFUSAL
-from services.payment import PaymentStatus
-from services.shipping import ShipmentStatus
 
 ORDER, PAYMENT, INVENTORY, SHIPPING = STEPS
 STEP = {s.name: s for s in CHECKOUT.steps}

@@ -14,10 +14,18 @@ import pytest
 from contracts.inventory import InventoryFailure
 from contracts.payment import PaymentFailure
 from contracts.shipping import ShippingFailure
-from saga.errors import ConfigError
-from services import inventory, payment
-from services.chaos.model import STEPS, World
-from services.chaos.plan import (
+from saga.core.errors import ConfigError
+from saga.participant.faults import (
+    INJECTED_REFUSAL,
+    INJECTED_TRANSIENT,
+    InjectedFault,
+    load_fault_plan,
+)
+from saga_demo import inventory, payment
+from saga_demo.checkout import CHECKOUT, checkout_input
+from saga_demo.cli import SAMPLE_ADDRESSES, SAMPLE_PRICES
+from saga_tools.chaos.model import STEPS, World
+from saga_tools.chaos.plan import (
     FAULT_KINDS,
     MIX,
     PLENTY_BALANCE,
@@ -27,14 +35,6 @@ from services.chaos.plan import (
     PlannedSaga,
     expectation,
     make_plan,
-)
-from services.checkout import CHECKOUT, checkout_input
-from services.cli import SAMPLE_ADDRESSES, SAMPLE_PRICES
-from services.participant.faults import (
-    INJECTED_REFUSAL,
-    INJECTED_TRANSIENT,
-    InjectedFault,
-    load_fault_plan,
 )
 
 ORDER, PAYMENT, INVENTORY, SHIPPING = STEPS

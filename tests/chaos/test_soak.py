@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from services.chaos.checker import COUNTERS
-from services.chaos.plan import FAULT_KINDS, ChaosPlan, make_plan
-from services.chaos.runner import run_soak
+from saga_tools.chaos.checker import COUNTERS
+from saga_tools.chaos.plan import FAULT_KINDS, ChaosPlan, make_plan
+from saga_tools.chaos.runner import run_soak
 
 REGRESSIONS = sorted((Path(__file__).parent / "regressions").glob("*.json"))
 CI_SEED = 20261122

@@ -1,6 +1,6 @@
 """Fixtures of the cluster tests: one private 3-node RabbitMQ cluster for the whole package.
 
-The cluster (:class:`~services.chaos.cluster.RabbitCluster`) is booted once, when the first test
+The cluster (:class:`~saga_tools.chaos.cluster.RabbitCluster`) is booted once, when the first test
 asks for it, since three nodes take a while to boot and join on two cores; it is killed and
 deleted after the package's last test. A test may kill a node: :func:`healthy_cluster` boots any
 node a test before left down, so every test starts with three running nodes. The shared broker
@@ -15,8 +15,8 @@ from collections.abc import Iterator
 
 import pytest
 
-from services.chaos.cluster import RabbitCluster
-from services.chaos.node import NodeError
+from saga_tools.chaos.cluster import RabbitCluster
+from saga_tools.chaos.node import NodeError
 
 
 @pytest.fixture(scope="package")

@@ -21,9 +21,9 @@ import pytest
 from saga.transport.amqp import Publisher, PublishRefusedError, connect
 from saga.transport.broker import AmqpBroker
 from saga.transport.topology import Topology
-from services.chaos.cluster import RabbitCluster
-from services.chaos.node import free_port
-from services.chaos.proxy import TcpProxy
+from saga_tools.chaos.cluster import RabbitCluster
+from saga_tools.chaos.node import free_port
+from saga_tools.chaos.proxy import TcpProxy
 from tests.conftest import RABBITMQ_URL, require_rabbitmq
 from tests.e2e.stack import delete_topology
 from tests.transport.helpers import IdInbox, publish_ids

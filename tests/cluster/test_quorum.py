@@ -17,7 +17,7 @@ from collections.abc import AsyncIterator
 import pytest
 
 from contracts.catalog import PARTICIPANTS
-from saga.errors import ConfigError
+from saga.core.errors import ConfigError
 from saga.transport.broker import AmqpBroker
 from saga.transport.topology import Topology
 from tests.conftest import require_rabbitmq

@@ -12,7 +12,7 @@ queues elect new leaders among the survivors and keep every message they confirm
 deliveries unacked at the kill come again and are deduplicated. Each saga must end as its input
 implies, each service's ledger must hold each command once, no saga's history may hold a
 transition twice, money and stock must have moved by the completed checkouts only
-(``services.chaos.model``), and no step may have timed out: with
+(``saga_tools.chaos.model``), and no step may have timed out: with
 60 s step timeouts (``patient_registry``) a timeout would mean a command or a reply went missing
 for a minute.
 
@@ -35,9 +35,9 @@ from uuid import UUID
 import aiormq
 import pytest
 
-from saga.state import HistoryKind
-from services.bench.stack import temporary_database
-from services.chaos.cluster import RabbitCluster
+from saga.core.state import HistoryKind
+from saga_tools.bench.stack import temporary_database
+from saga_tools.chaos.cluster import RabbitCluster
 from tests.conftest import require_postgres
 from tests.crash.helpers import Proc
 from tests.e2e.stack import Group, Stack, applied_twice, submit

@@ -12,14 +12,14 @@ from pathlib import Path
 import pytest
 import structlog
 
-from saga.errors import ConfigError
+from saga.core.errors import ConfigError
 from saga.logs import configure_logging
+from saga.participant.settings import ServiceSettings, load_service_settings
 from saga.secrets import redact, redact_url
 from saga.settings import AmqpSettings, Settings, load_settings
 from saga.transport.amqp import broker_urls, connect, connect_once
 from saga.transport.link import Link
-from services.chaos.node import free_port
-from services.participant.settings import ServiceSettings, load_service_settings
+from saga_tools.chaos.node import free_port
 
 SECRET = "Sw0rdfish-9"
 OTHER = "Hunter-22"

@@ -22,8 +22,8 @@ from contracts.catalog import CATALOG
 from saga import asyncapi
 from saga.transport.memory import MemoryBroker
 from saga.transport.topology import Topology
-from services.checkout import registry
-from services.demo import run_demo
+from saga_demo.checkout import registry
+from saga_demo.demo import run_demo
 
 SCHEMA = json.loads(
     gzip.decompress(
@@ -88,7 +88,7 @@ def test_saga_schema_export_writes_the_documents(tmp_path: Path) -> None:
         [sys.executable, "-m", "saga", "schema", "export", str(tmp_path / "out")],
         capture_output=True,
         text=True,
-        env={"SAGA_DEFINITIONS": "services.checkout:registry", "PATH": "/usr/bin:/bin"},
+        env={"SAGA_DEFINITIONS": "saga_demo.checkout:registry", "PATH": "/usr/bin:/bin"},
         check=False,
     )
     assert result.returncode == 0, result.stderr

@@ -25,8 +25,8 @@ import aiormq
 import pytest
 
 from contracts.envelope import StartSaga
-from saga.ids import saga_id_for_key
-from saga.state import SagaStatus
+from saga.core.ids import saga_id_for_key
+from saga.core.state import SagaStatus
 from saga.transport.topology import Topology
 from tests.support.sagas import PARTICIPANTS
 

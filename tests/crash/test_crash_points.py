@@ -18,8 +18,8 @@ from typing import Any
 
 import pytest
 
+from saga.core.state import HistoryEntry, HistoryKind, SagaState, SagaStatus
 from saga.faults import ORCHESTRATOR_POINTS
-from saga.state import HistoryEntry, HistoryKind, SagaState, SagaStatus
 from saga.store.sql import SqlStore
 from tests.crash.conftest import CrashEnv
 from tests.crash.helpers import (

@@ -36,17 +36,17 @@ from sqlalchemy.pool import NullPool
 
 from contracts.catalog import PARTICIPANTS
 from contracts.envelope import StartSaga
-from saga.ids import saga_id_for_key
-from saga.state import HistoryEntry, HistoryKind, SagaState, SagaStatus
+from saga.core.ids import saga_id_for_key
+from saga.core.state import HistoryEntry, HistoryKind, SagaState, SagaStatus
+from saga.participant.ledger import Ledger, outbox
+from saga.participant.settings import ServiceSettings
 from saga.store.schema import sagas
 from saga.store.sql import SqlStore, sqlite_engine
 from saga.transport.topology import Topology
-from services import inventory, order, payment, shipping
-from services.checkout import checkout_input
-from services.cli import SAMPLE_PRICES
-from services.demo import HOME
-from services.participant.ledger import Ledger, outbox
-from services.participant.settings import ServiceSettings
+from saga_demo import inventory, order, payment, shipping
+from saga_demo.checkout import checkout_input
+from saga_demo.cli import SAMPLE_PRICES
+from saga_demo.demo import HOME
 from tests.crash.helpers import REPO, Proc, base_env, publish_starts, wait_exit, wait_for_output
 
 __all__ = [
@@ -255,7 +255,7 @@ class Stack:
         env.update(
             SAGA_DATABASE_URL=self.database_url,
             SAGA_RABBITMQ_URL=self.rabbitmq_url,
-            SAGA_DEFINITIONS="services.checkout:registry",
+            SAGA_DEFINITIONS="saga_demo.checkout:registry",
             SAGA_PREFIX=self.prefix,
             SAGA_TIMER_INTERVAL="0.05",
             SAGA_TIMER_GRACE="0.5",

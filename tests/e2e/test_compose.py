@@ -32,13 +32,13 @@ import yaml
 from typer.exceptions import TyperException
 
 from saga import logs
-from saga.errors import ConfigError
+from saga.core.errors import ConfigError
+from saga.participant.settings import ServiceSettings, load_service_settings
 from saga.settings import Settings, load_settings
 from saga.transport.amqp import broker_urls
-from services import payment
-from services.chaos.model import Run, World, check_run, conserved, replay
-from services.chaos.node import free_port
-from services.participant.settings import ServiceSettings, load_service_settings
+from saga_demo import payment
+from saga_tools.chaos.model import Run, World, check_run, conserved, replay
+from saga_tools.chaos.node import free_port
 from tests.crash.helpers import REPO, base_env
 from tests.e2e.otlp import OtlpReceiver
 from tests.e2e.stack import SERVICES, Stack

@@ -18,9 +18,9 @@ from pathlib import Path
 import pytest
 from playwright.async_api import Browser, Page, async_playwright, expect
 
-from saga.state import SagaStatus
-from services import inventory
-from services.chaos.node import free_port
+from saga.core.state import SagaStatus
+from saga_demo import inventory
+from saga_tools.chaos.node import free_port
 from tests.crash.helpers import REPO
 from tests.e2e.stack import (
     PARIS,

@@ -25,10 +25,12 @@ from uuid import UUID, uuid5
 
 import pytest
 
+from saga.core.state import HistoryKind, SagaState, SagaStatus
 from saga.faults import POINTS
-from saga.state import HistoryKind, SagaState, SagaStatus
-from services import inventory, payment
-from services.chaos.model import (
+from saga_demo import inventory, payment
+from saga_demo.cli import SAMPLE_PRICES
+from saga_demo.demo import HOME, NOWHERE
+from saga_tools.chaos.model import (
     INVENTORY,
     PAYMENT,
     SHIPPING,
@@ -40,8 +42,6 @@ from services.chaos.model import (
     contended,
     predict,
 )
-from services.cli import SAMPLE_PRICES
-from services.demo import HOME, NOWHERE
 from tests.e2e.stack import (
     PARIS,
     PLENTY,

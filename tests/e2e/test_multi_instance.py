@@ -22,12 +22,12 @@ from sqlalchemy.ext.asyncio import create_async_engine
 from sqlalchemy.pool import NullPool
 
 from contracts.envelope import StartSaga
-from saga.ids import saga_id_for_key
-from saga.state import HistoryKind, SagaStatus
+from saga.core.ids import saga_id_for_key
+from saga.core.state import HistoryKind, SagaStatus
 from saga.store.schema import sagas
-from services.bench.stack import temporary_database
-from services.chaos.model import Run, World, check_run, conserved, replay
-from services.cli import sample_checkouts
+from saga_demo.cli import sample_checkouts
+from saga_tools.bench.stack import temporary_database
+from saga_tools.chaos.model import Run, World, check_run, conserved, replay
 from tests.conftest import require_postgres, require_rabbitmq
 from tests.crash.helpers import Proc
 from tests.e2e.stack import (

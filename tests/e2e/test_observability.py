@@ -19,10 +19,10 @@ from uuid import UUID
 import httpx
 from prometheus_client.parser import text_string_to_metric_families
 
-from saga.state import Phase, SagaStatus
-from services import inventory
-from services.chaos.node import free_port
-from services.participant.ledger import processed
+from saga.core.state import Phase, SagaStatus
+from saga.participant.ledger import processed
+from saga_demo import inventory
+from saga_tools.chaos.node import free_port
 from tests.crash.helpers import Proc
 from tests.e2e.otlp import OtlpReceiver, Span
 from tests.e2e.stack import SERVICES, TOKYO, Stack, checkout, submit

@@ -14,14 +14,14 @@ import pytest
 
 from contracts.catalog import PARTICIPANTS
 from contracts.envelope import StartSaga, parse
-from saga.ids import saga_id_for_key
-from saga.state import SagaContext
+from saga.core.ids import saga_id_for_key
+from saga.core.state import SagaContext
 from saga.transport.amqp import declare
 from saga.transport.topology import Topology
-from services import payment
-from services.chaos.model import total
-from services.checkout import CHECKOUT
-from services.cli import SAMPLE_ADDRESSES, SAMPLE_PRICES, sample_checkouts
+from saga_demo import payment
+from saga_demo.checkout import CHECKOUT
+from saga_demo.cli import SAMPLE_ADDRESSES, SAMPLE_PRICES, sample_checkouts
+from saga_tools.chaos.model import total
 from tests.conftest import require_rabbitmq
 from tests.crash.helpers import base_env
 from tests.e2e.stack import BIN, delete_topology

@@ -2,8 +2,8 @@
 
 ``make_definition(n)`` builds a valid saga of ``n`` steps named ``s1..sN`` run by participants
 ``p1..pN`` (actions ``do_sK``, compensations ``undo_sK``). :class:`Driver` holds one saga's
-state and a clock, applies events through :func:`saga.engine.decide`, checks the version rule on
-every transition and remembers everything that was emitted.
+state and a clock, applies events through :func:`saga.core.engine.decide`, checks the version
+rule on every transition and remembers everything that was emitted.
 """
 
 from __future__ import annotations
@@ -13,9 +13,9 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from uuid import UUID
 
-from saga.definition import PayloadBuilder, RetryPolicy, SagaDefinition, Step, pass_input
-from saga.engine import decide
-from saga.state import (
+from saga.core.definition import PayloadBuilder, RetryPolicy, SagaDefinition, Step, pass_input
+from saga.core.engine import decide
+from saga.core.state import (
     JSON,
     Command,
     Direction,

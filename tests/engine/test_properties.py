@@ -24,10 +24,10 @@ from hypothesis import event, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 
-from saga.definition import RetryPolicy, SagaDefinition, Step
-from saga.engine import decide
-from saga.ids import command_id
-from saga.state import (
+from saga.core.definition import RetryPolicy, SagaDefinition, Step
+from saga.core.engine import decide
+from saga.core.ids import command_id
+from saga.core.state import (
     Command,
     Direction,
     Event,

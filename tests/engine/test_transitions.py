@@ -9,11 +9,11 @@ from uuid import UUID
 
 import pytest
 
-from saga.definition import RetryPolicy, SagaDefinition, seed_for
-from saga.engine import decide
-from saga.errors import UnknownSagaError
-from saga.ids import command_id, idempotency_key
-from saga.state import (
+from saga.core.definition import RetryPolicy, SagaDefinition, seed_for
+from saga.core.engine import decide
+from saga.core.errors import UnknownSagaError
+from saga.core.ids import command_id, idempotency_key
+from saga.core.state import (
     JSON,
     Direction,
     Event,

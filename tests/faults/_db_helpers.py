@@ -36,13 +36,13 @@ from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 from contracts.envelope import CommandEnvelope, ReplyEnvelope
 from contracts.payment import CHARGE, PARTICIPANT, REFUND
 from saga import Registry, RetryPolicy, SagaDefinition, Step
-from saga.ids import command_id, idempotency_key
+from saga.core.ids import command_id, idempotency_key
+from saga.orchestrator.service import OrchestratorService
+from saga.participant import Participant, ServiceSettings
 from saga.ports import Clock
-from saga.service import OrchestratorService
 from saga.store.sql import SqlStore
 from saga.transport.topology import DEAD_LETTER_REASON, Topology
-from services import payment
-from services.participant import Participant, ServiceSettings
+from saga_demo import payment
 from tests.conftest import require_postgres, require_rabbitmq
 from tests.integration.harness import DeadLetter, Harness
 from tests.support.sagas import PARTICIPANTS

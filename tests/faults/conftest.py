@@ -3,12 +3,12 @@
 Every test runs the orchestrator and the four demo services as processes (``saga run``,
 ``saga-service NAME``) on a private prefix and data directory, reusing the end-to-end tests'
 :class:`~tests.e2e.stack.Stack`. The broker is either a private node the test may kill
-(:class:`~services.chaos.node.RabbitNode`, thrown away at teardown) or the shared broker behind
-a :class:`~services.chaos.proxy.TcpProxy` that the test makes slow, silent or rude. The test
+(:class:`~saga_tools.chaos.node.RabbitNode`, thrown away at teardown) or the shared broker behind
+a :class:`~saga_tools.chaos.proxy.TcpProxy` that the test makes slow, silent or rude. The test
 itself (publishing starts, reading queue depths, teardown) always talks to the broker directly,
 so only the stack's own connections suffer the fault.
 
-Outcomes are checked with :mod:`services.chaos.model`: each checkout ends as its input implies,
+Outcomes are checked with :mod:`saga_tools.chaos.model`: each checkout ends as its input implies,
 every service's ledger holds exactly the expected commands once, and balances and stock moved by
 the completed checkouts only.
 """
@@ -31,13 +31,13 @@ import pytest
 
 from contracts.catalog import PARTICIPANTS
 from saga import Registry, SagaDefinition
-from saga.state import HistoryKind
-from services import inventory, payment
-from services.chaos.model import Run, World, check_run, conserved, contended, predict
-from services.chaos.node import NodeError, RabbitNode
-from services.chaos.proxy import TcpProxy
-from services.checkout import CHECKOUT
-from services.demo import HOME, NOWHERE
+from saga.core.state import HistoryKind
+from saga_demo import inventory, payment
+from saga_demo.checkout import CHECKOUT
+from saga_demo.demo import HOME, NOWHERE
+from saga_tools.chaos.model import Run, World, check_run, conserved, contended, predict
+from saga_tools.chaos.node import NodeError, RabbitNode
+from saga_tools.chaos.proxy import TcpProxy
 from tests.conftest import RABBITMQ_URL, require_rabbitmq
 from tests.crash.helpers import Proc
 from tests.e2e.stack import (
@@ -171,7 +171,7 @@ async def start_stack(
     stack: Stack,
     url_of: Callable[[str], str],
     *,
-    definitions: str = "services.checkout:registry",
+    definitions: str = "saga_demo.checkout:registry",
     instances: int = 1,
     **extra: str,
 ) -> dict[str, Proc]:

@@ -22,7 +22,7 @@ from collections import Counter
 
 import pytest
 
-from services.chaos.node import RabbitNode
+from saga_tools.chaos.node import RabbitNode
 from tests.e2e.stack import Stack, submit
 from tests.faults.conftest import (
     assert_outcomes,

@@ -26,14 +26,14 @@ from uuid import UUID
 import pytest
 import sqlalchemy as sa
 
-import saga.service
-import services.participant.runtime
+import saga.orchestrator.service
+import saga.participant.runtime
 from contracts.envelope import ReplyEnvelope, StartSaga
-from saga.ids import command_id, saga_id_for_key
-from saga.poison import PoisonGuard
-from saga.state import SagaStatus
+from saga.core.ids import command_id, saga_id_for_key
+from saga.core.state import SagaStatus
+from saga.messaging.poison import PoisonGuard
+from saga.participant.ledger import processed
 from saga.store.sql import sqlite_engine
-from services.participant.ledger import processed
 from tests.faults._db_helpers import (
     LogRecorder,
     PageLimit,
@@ -112,7 +112,7 @@ async def test_a_poison_reply_is_dead_lettered_while_other_sagas_flow(
     tmp_path: Path, unique: str, monkeypatch: pytest.MonkeyPatch, backend: str, error: str
 ) -> None:
     recorder = LogRecorder()
-    monkeypatch.setattr(saga.service, "log", recorder)
+    monkeypatch.setattr(saga.orchestrator.service, "log", recorder)
     async with open_harness(tmp_path, unique, backend) as harness:
         service = await start_orchestrator(harness, slow_trip())
         assert service.settings.max_deliveries == 5  # the default
@@ -177,7 +177,7 @@ async def test_a_poison_command_is_dead_lettered_while_other_commands_flow(
     tmp_path: Path, unique: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     recorder = LogRecorder()
-    monkeypatch.setattr(services.participant.runtime, "log", recorder)
+    monkeypatch.setattr(saga.participant.runtime, "log", recorder)
     async with payment_world(tmp_path, unique) as world:
         assert world.service.settings.max_deliveries == 5  # the default
         opening = await world.balance()
@@ -275,7 +275,7 @@ async def test_the_orchestrator_rides_out_a_locked_database(
     tmp_path: Path, unique: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     recorder = LogRecorder()
-    monkeypatch.setattr(saga.service, "log", recorder)
+    monkeypatch.setattr(saga.orchestrator.service, "log", recorder)
     async with open_harness(tmp_path, unique) as harness:
         service = await start_orchestrator(
             harness, slow_trip(), busy_timeout_ms=500, max_deliveries=2
@@ -320,7 +320,7 @@ async def test_the_orchestrator_rides_out_a_full_disk(
     tmp_path: Path, unique: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     recorder = LogRecorder()
-    monkeypatch.setattr(saga.service, "log", recorder)
+    monkeypatch.setattr(saga.orchestrator.service, "log", recorder)
     async with open_harness(tmp_path, unique) as harness:
         service = await start_orchestrator(harness, slow_trip(), max_deliveries=2)
         await harness.start_responder()
@@ -406,7 +406,7 @@ async def test_a_participant_rides_out_a_locked_database(
     tmp_path: Path, unique: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     recorder = LogRecorder()
-    monkeypatch.setattr(services.participant.runtime, "log", recorder)
+    monkeypatch.setattr(saga.participant.runtime, "log", recorder)
     async with payment_world(tmp_path, unique, start=False, max_deliveries=2) as world:
         ledger = world.service.ledger
         await ledger.engine.dispose()  # the same engine, with a busy timeout of 0.5 s
@@ -430,7 +430,7 @@ async def test_a_participant_rides_out_a_full_disk(
     tmp_path: Path, unique: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     recorder = LogRecorder()
-    monkeypatch.setattr(services.participant.runtime, "log", recorder)
+    monkeypatch.setattr(saga.participant.runtime, "log", recorder)
     async with payment_world(tmp_path, unique, max_deliveries=2) as world:
         limit = PageLimit(world.service.ledger.engine)
 

@@ -23,14 +23,14 @@ from uuid import UUID
 import pytest
 import sqlalchemy as sa
 
-import saga.service
-import services.participant.runtime
+import saga.orchestrator.service
+import saga.participant.runtime
 from contracts.common import Contract
 from contracts.envelope import CommandEnvelope, ReplyEnvelope, StartSaga
 from contracts.payment import CHARGE
-from saga.ids import command_id
-from saga.state import HistoryEntry, HistoryKind, SagaStatus, StepStatus
-from services.participant.ledger import processed
+from saga.core.ids import command_id
+from saga.core.state import HistoryEntry, HistoryKind, SagaStatus, StepStatus
+from saga.participant.ledger import processed
 from tests.faults._db_helpers import (
     CommandTap,
     LogRecorder,
@@ -76,7 +76,7 @@ async def test_replies_for_another_saga_step_or_service_change_nothing(
     tmp_path: Path, unique: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     recorder = LogRecorder()
-    monkeypatch.setattr(saga.service, "log", recorder)
+    monkeypatch.setattr(saga.orchestrator.service, "log", recorder)
     async with open_harness(tmp_path, unique) as harness:
         service = await start_orchestrator(harness, slow_trip())
         tap = CommandTap(harness)
@@ -163,7 +163,7 @@ async def test_replies_for_a_compensated_step_change_nothing(
     tmp_path: Path, unique: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     recorder = LogRecorder()
-    monkeypatch.setattr(saga.service, "log", recorder)
+    monkeypatch.setattr(saga.orchestrator.service, "log", recorder)
     async with open_harness(tmp_path, unique) as harness:
         service = await start_orchestrator(harness, slow_trip())
         tap = CommandTap(harness)
@@ -266,7 +266,7 @@ async def test_participant_refuses_wrong_commands(
     tmp_path: Path, unique: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     recorder = LogRecorder()
-    monkeypatch.setattr(services.participant.runtime, "log", recorder)
+    monkeypatch.setattr(saga.participant.runtime, "log", recorder)
     async with payment_world(tmp_path, unique) as world:
         opening = await world.balance()
         negative = world.charge("-5.00")

@@ -25,7 +25,7 @@ import aiormq
 import pytest
 from aio_pika.abc import AbstractChannel, AbstractIncomingMessage
 
-from services.chaos.node import RabbitNode
+from saga_tools.chaos.node import RabbitNode
 from tests.crash.helpers import REPO
 from tests.e2e.stack import SERVICES, Group, Stack, submit
 from tests.faults.conftest import (

@@ -1,7 +1,7 @@
 """Network faults between the stack and the broker: dropped connections, latency, a blackhole.
 
 The orchestrator and the four services reach the shared broker through a
-:class:`~services.chaos.proxy.TcpProxy` (nothing here stops the broker itself); the test
+:class:`~saga_tools.chaos.proxy.TcpProxy` (nothing here stops the broker itself); the test
 publishes and inspects directly. Whatever the network does, the processes must recover by
 themselves (no restart, no help) and every checkout must end as its input implies, with every
 service's ledger exact and money and stock conserved.
@@ -17,7 +17,7 @@ from uuid import UUID
 
 import pytest
 
-from services.chaos.proxy import TcpProxy
+from saga_tools.chaos.proxy import TcpProxy
 from tests.crash.helpers import Proc
 from tests.e2e.stack import Stack, submit
 from tests.faults.conftest import (

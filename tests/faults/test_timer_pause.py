@@ -11,9 +11,9 @@ import asyncio
 from pathlib import Path
 from uuid import UUID
 
-from saga.service import OrchestratorService
+from saga.core.state import Direction, HistoryKind, SagaStatus
+from saga.orchestrator.service import OrchestratorService
 from saga.settings import Settings, load_settings
-from saga.state import Direction, HistoryKind, SagaStatus
 from saga.transport.memory import MemoryBroker
 from tests.support.sagas import registry
 

@@ -15,11 +15,11 @@ from pathlib import Path
 
 import pytest
 
-from saga.errors import ConfigError
+from saga.core.errors import ConfigError
 from saga.transport.amqp import TlsFiles
 from saga.transport.broker import AmqpBroker, IncomingMessage
 from saga.transport.topology import Topology
-from services.chaos.node import RabbitNode, free_port
+from saga_tools.chaos.node import RabbitNode, free_port
 from tests.crash.helpers import base_env
 
 
@@ -128,7 +128,7 @@ def test_a_participant_process_connects_by_its_tls_settings(
     log = tmp_path / "payment.log"
     with log.open("w") as sink:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "services", "payment"],
+            [sys.executable, "-m", "saga_demo", "payment"],
             env=env,
             stdout=sink,
             stderr=subprocess.STDOUT,

@@ -60,13 +60,13 @@ from contracts import (
     parse,
     parse_data,
 )
-from saga.service import OrchestratorService
+from saga.orchestrator.service import OrchestratorService
+from saga.participant import ServiceSettings
 from saga.settings import load_settings
 from saga.transport.broker import IncomingMessage
 from saga.transport.memory import MemoryBroker
 from saga.transport.topology import DEAD_LETTER_DETAIL, DEAD_LETTER_QUEUE, DEAD_LETTER_REASON
-from services import order
-from services.participant import ServiceSettings
+from saga_demo import order
 from tests.support.sagas import registry
 
 EXAMPLES = int(os.environ.get("SAGA_FUZZ_EXAMPLES", "300"))

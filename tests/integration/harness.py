@@ -18,9 +18,9 @@ import pytest
 from aio_pika.abc import AbstractChannel, AbstractRobustConnection
 
 from contracts.envelope import ReplyEnvelope
-from saga.service import OrchestratorService
+from saga.core.state import HistoryEntry, HistoryKind, SagaState
+from saga.orchestrator.service import OrchestratorService
 from saga.settings import Settings, load_settings
-from saga.state import HistoryEntry, HistoryKind, SagaState
 from saga.store.sql import SqlStore
 from saga.transport.topology import DEAD_LETTER_REASON, Topology
 from tests.support.responder import Responder

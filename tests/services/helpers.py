@@ -14,8 +14,8 @@ import sqlalchemy as sa
 from contracts.catalog import CATALOG
 from contracts.common import Contract
 from contracts.envelope import CommandEnvelope, Direction, dump_data
-from services.participant import Participant, ServiceSettings
-from services.participant.ledger import Ledger
+from saga.participant import Participant, ServiceSettings
+from saga.participant.ledger import Ledger
 from tests.conftest import require_postgres
 
 

@@ -37,9 +37,9 @@ def _run(tmp_path: Path, *args: str, **settings: str) -> subprocess.CompletedPro
     )
 
 
-@pytest.mark.parametrize("module", ["services.order", "services"])
+@pytest.mark.parametrize("module", ["saga_demo.order", "saga_demo"])
 def test_a_bad_setting_exits_2_with_one_line(tmp_path: Path, module: str) -> None:
-    args = [module] if module != "services" else [module, "payment"]
+    args = [module] if module != "saga_demo" else [module, "payment"]
     done = _run(tmp_path, *args, prefetch="0")
     assert done.returncode == 2
     [line] = done.stderr.splitlines()
@@ -48,13 +48,13 @@ def test_a_bad_setting_exits_2_with_one_line(tmp_path: Path, module: str) -> Non
 
 
 def test_an_unreachable_broker_exits_2_with_one_line(tmp_path: Path) -> None:
-    done = _run(tmp_path, "services.shipping", rabbitmq_url="amqp://guest:guest@127.0.0.1:1/")
+    done = _run(tmp_path, "saga_demo.shipping", rabbitmq_url="amqp://guest:guest@127.0.0.1:1/")
     assert done.returncode == 2
     assert done.stderr.splitlines()[-1].startswith("error: cannot reach RabbitMQ")
 
 
 def test_an_unknown_service_is_a_usage_error(tmp_path: Path) -> None:
-    done = _run(tmp_path, "services", "billing")
+    done = _run(tmp_path, "saga_demo", "billing")
     assert done.returncode == 2
     assert "billing" in done.stderr
 
@@ -66,7 +66,7 @@ def test_all_runs_the_four_services_and_sigterm_stops_them(tmp_path: Path, uniqu
     log = tmp_path / "services.log"
     env = _env(tmp_path, rabbitmq_url=rabbitmq_url, prefix=prefix, relay_poll_interval="0.2")
     with log.open("w") as stderr:
-        proc = subprocess.Popen([sys.executable, "-m", "services", "all"], env=env, stderr=stderr)
+        proc = subprocess.Popen([sys.executable, "-m", "saga_demo", "all"], env=env, stderr=stderr)
     try:
         deadline = time.monotonic() + 30
         while log.read_text().count("participant_started") < 4:

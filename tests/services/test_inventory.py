@@ -18,9 +18,9 @@ from contracts.inventory import (
     StockReleased,
     StockReserved,
 )
-from services import inventory
-from services.inventory import BOOK, LAMP, RARE
-from services.participant import Participant
+from saga.participant import Participant
+from saga_demo import inventory
+from saga_demo.inventory import BOOK, LAMP, RARE
 from tests.services.helpers import command, participant, row, rows
 
 SEEDED = {BOOK: 100, LAMP: 10, RARE: 0}

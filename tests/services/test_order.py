@@ -19,8 +19,8 @@ from contracts.order import (
     OrderCreated,
     OrderLine,
 )
-from services import order
-from services.participant import Participant
+from saga.participant import Participant
+from saga_demo import order
 from tests.services.helpers import command, participant, row, rows
 
 CUSTOMER = uuid.UUID(int=42)

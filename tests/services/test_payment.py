@@ -19,8 +19,8 @@ from contracts.payment import (
     PaymentRefunded,
     RefundPayment,
 )
-from services import payment
-from services.participant import Participant
+from saga.participant import Participant
+from saga_demo import payment
 from tests.services.helpers import command, participant, row, rows
 
 SEEDED = {"alice": Decimal("500.00"), "bob": Decimal("20.00"), "carol": Decimal("1000.00")}

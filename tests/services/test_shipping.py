@@ -19,8 +19,8 @@ from contracts.shipping import (
     ShipmentCancelled,
     ShipmentScheduled,
 )
-from services import shipping
-from services.participant import Participant
+from saga.participant import Participant
+from saga_demo import shipping
 from tests.services.helpers import command, participant, row, rows
 
 HOME = Address(

@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 import sqlalchemy as sa
 
-from saga.errors import ConfigError
+from saga.core.errors import ConfigError
 from saga.store.schema import HEAD, MIGRATIONS, schema_version
 from saga.store.sql import SqlStore
 from tests.conftest import require_postgres

@@ -6,11 +6,9 @@ import uuid
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 
-from saga.codec import encode_command
-from saga.definition import SagaDefinition, Step
-from saga.engine import decide
-from saga.ports import Change, CommitResult, SagaFilter, Store
-from saga.state import (
+from saga.core.definition import SagaDefinition, Step
+from saga.core.engine import decide
+from saga.core.state import (
     HistoryKind,
     Phase,
     ReplySucceeded,
@@ -20,6 +18,8 @@ from saga.state import (
     TimerFired,
     Transition,
 )
+from saga.orchestrator.codec import encode_command
+from saga.ports import Change, CommitResult, SagaFilter, Store
 from saga.store.sql import CLAIM, SqlStore
 
 T0 = datetime(2030, 1, 1, 12, 0, tzinfo=UTC)

@@ -11,11 +11,11 @@ from typing import Any
 import httpx
 import pytest
 
-from saga.service import OrchestratorService
-from saga.state import SagaStatus
-from services import demo
-from services.chaos.node import free_port
-from services.demo import MEMORY_BANNER, run_demo
+from saga.core.state import SagaStatus
+from saga.orchestrator.service import OrchestratorService
+from saga_demo import demo
+from saga_demo.demo import MEMORY_BANNER, run_demo
+from saga_tools.chaos.node import free_port
 
 
 async def test_the_demo_runs_on_the_memory_broker(tmp_path: Path) -> None:

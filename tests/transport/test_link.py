@@ -26,7 +26,7 @@ from aio_pika.abc import AbstractConnection
 from saga.ports import BrokerStats
 from saga.transport.broker import AmqpBroker, IncomingMessage
 from saga.transport.topology import Topology
-from services.chaos.proxy import TcpProxy
+from saga_tools.chaos.proxy import TcpProxy
 from tests.conftest import RABBITMQ_URL, require_rabbitmq
 from tests.e2e.stack import delete_topology
 from tests.transport.helpers import IdInbox, publish_ids

@@ -6,7 +6,7 @@ import asyncio
 
 import pytest
 
-from saga.errors import ConfigError
+from saga.core.errors import ConfigError
 from saga.transport.broker import IncomingMessage, PublishRefusedError
 from saga.transport.memory import MemoryBroker
 from saga.transport.topology import Topology

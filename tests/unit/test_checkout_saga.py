@@ -8,7 +8,7 @@ from contracts.inventory import ReserveStock
 from contracts.payment import ChargePayment
 from saga import SagaStatus
 from saga.testing import Harness, fail, ok
-from services.checkout import CHECKOUT, checkout_input, registry
+from saga_demo.checkout import CHECKOUT, checkout_input, registry
 
 ADDRESS = {"name": "A", "street": "Main St 1", "city": "Berlin", "postal_code": "10115",
            "country": "DE"}  # fmt: skip

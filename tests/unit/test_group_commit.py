@@ -8,7 +8,7 @@ from collections.abc import Sequence
 import pytest
 import sqlalchemy as sa
 
-from services.participant.group import GroupCommit
+from saga.participant.group import GroupCommit
 
 
 class WriteError(Exception):

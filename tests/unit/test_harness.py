@@ -6,7 +6,7 @@ from datetime import timedelta
 import pytest
 
 from saga import HistoryKind, RetryPolicy, SagaDefinition, SagaStatus, Step
-from saga.runtime import Outcome
+from saga.orchestrator.runtime import Outcome
 from saga.testing import FakeClock, Harness, fail, ok, silence
 
 PAY = SagaDefinition(

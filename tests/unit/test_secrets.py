@@ -19,10 +19,10 @@ import pytest
 import structlog
 
 from saga.logs import configure_logging
+from saga.participant.settings import ServiceSettings
 from saga.secrets import redact, redact_url
 from saga.settings import AmqpSettings, load_settings
 from saga.transport.amqp import TlsFiles
-from services.participant.settings import ServiceSettings
 from tests.conftest import require_postgres, require_rabbitmq
 from tests.crash.helpers import delete_topology
 
@@ -113,11 +113,11 @@ def test_a_refused_broker_password_is_never_printed(tmp_path: Path) -> None:
         (
             [sys.executable, "-m", "saga", "run", "--migrate"],
             {
-                "SAGA_DEFINITIONS": "services.checkout:registry",
+                "SAGA_DEFINITIONS": "saga_demo.checkout:registry",
                 "SAGA_DATABASE_URL": f"sqlite+aiosqlite:///{tmp_path / 'saga.db'}",
             },
         ),
-        ([sys.executable, "-m", "services", "payment"], {"SAGA_DATA_DIR": str(tmp_path)}),
+        ([sys.executable, "-m", "saga_demo", "payment"], {"SAGA_DATA_DIR": str(tmp_path)}),
     ):
         done = subprocess.run(
             argv,
@@ -169,7 +169,7 @@ def _run_and_stop(tmp_path: Path, prefix: str, server: str, database: str) -> No
             env=_env(
                 SAGA_RABBITMQ_URL=require_rabbitmq(),
                 SAGA_DATABASE_URL=pg,
-                SAGA_DEFINITIONS="services.checkout:registry",
+                SAGA_DEFINITIONS="saga_demo.checkout:registry",
                 SAGA_PREFIX=prefix,
                 SAGA_LOG_LEVEL="DEBUG",
             ),

@@ -1,7 +1,7 @@
 import pytest
 
-from saga.errors import ConfigError
-from saga.service import load_registry
+from saga.core.errors import ConfigError
+from saga.orchestrator.service import load_registry
 from saga.settings import load_settings
 
 

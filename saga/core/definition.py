@@ -1,0 +1,267 @@
+"""Saga definitions and the registry that validates them at startup.
+
+A definition is plain data: a name, a version and ordered steps. Payload builders are pure
+functions of the :class:`~saga.core.state.SagaContext`, so a step reads earlier outputs by name
+(``ctx.output("charge_payment")["payment_id"]``) instead of from one merged dictionary.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from datetime import timedelta
+from uuid import UUID
+
+from saga.core.errors import DefinitionError, UnknownSagaError
+from saga.core.ids import unit_interval
+from saga.core.state import JSON, Direction, SagaContext
+
+__all__ = [
+    "PayloadBuilder",
+    "Registry",
+    "RetryPolicy",
+    "SagaDefinition",
+    "Step",
+    "pass_input",
+]
+
+#: Saga, step, participant and command names: the same rule as ``contracts.common.Name``.
+_NAME = re.compile(r"[a-z][a-z0-9_.-]{0,63}")
+
+PayloadBuilder = Callable[[SagaContext], Mapping[str, JSON]]
+
+
+def pass_input(ctx: SagaContext) -> Mapping[str, JSON]:
+    """Default payload: the saga's own input, unchanged."""
+    return dict(ctx.input)
+
+
+@dataclass(frozen=True, slots=True)
+class RetryPolicy:
+    """How often and how far apart a command is re-sent.
+
+    ``max_attempts=None`` retries forever (useful after a pivot, where giving up is not an
+    option). Jitter is derived from the saga id, step and attempt, so it spreads retries of many
+    sagas apart while every decision stays repeatable.
+    """
+
+    max_attempts: int | None = 3
+    initial_backoff: timedelta = timedelta(milliseconds=200)
+    multiplier: float = 2.0
+    max_backoff: timedelta = timedelta(seconds=30)
+    jitter: float = 0.1  # +/- this fraction of the delay
+
+    def __post_init__(self) -> None:
+        if self.max_attempts is not None and self.max_attempts < 1:
+            raise ValueError("max_attempts must be at least 1, or None for no limit")
+        if self.initial_backoff < timedelta(0) or self.max_backoff < self.initial_backoff:
+            raise ValueError("need 0 <= initial_backoff <= max_backoff")
+        if self.multiplier < 1:
+            raise ValueError("multiplier must be >= 1")
+        if not 0 <= self.jitter < 1:
+            raise ValueError("jitter must be in [0, 1)")
+
+    def exhausted(self, tries: int) -> bool:
+        """True when ``tries`` attempts used the whole budget."""
+        return self.max_attempts is not None and tries >= self.max_attempts
+
+    def delay(self, tries: int, *seed: object) -> timedelta:
+        """Backoff before attempt ``tries + 1``; a pure function of its arguments."""
+        base = self.initial_backoff.total_seconds() * self.multiplier ** max(tries - 1, 0)
+        base = min(base, self.max_backoff.total_seconds())
+        spread = 1 + self.jitter * (2 * unit_interval(*seed, tries) - 1)
+        return timedelta(seconds=base * spread)
+
+
+@dataclass(frozen=True, slots=True)
+class Step:
+    """One step: an action sent to ``participant`` and, before the pivot, its compensation.
+
+    * ``compensatable=False`` marks a step with nothing to undo (a read or a check).
+    * ``pivot=True`` marks the go/no-go step: once it succeeds the saga only moves forward, and
+      the steps after it are retried instead of compensated.
+    """
+
+    name: str
+    participant: str
+    action: str
+    payload: PayloadBuilder = pass_input
+    compensation: str | None = None
+    compensation_payload: PayloadBuilder = pass_input
+    timeout: timedelta = timedelta(seconds=10)
+    retry: RetryPolicy = field(default_factory=RetryPolicy)
+    compensation_timeout: timedelta | None = None
+    compensation_retry: RetryPolicy = field(
+        default_factory=lambda: RetryPolicy(max_attempts=10, max_backoff=timedelta(seconds=60))
+    )
+    compensatable: bool = True
+    pivot: bool = False
+
+    def command_type(self, direction: Direction) -> str:
+        if direction is Direction.ACTION:
+            return self.action
+        assert self.compensation is not None, "only steps with a compensation are compensated"
+        return self.compensation
+
+    def timeout_for(self, direction: Direction) -> timedelta:
+        if direction is Direction.COMPENSATION and self.compensation_timeout is not None:
+            return self.compensation_timeout
+        return self.timeout
+
+    def retry_for(self, direction: Direction) -> RetryPolicy:
+        return self.retry if direction is Direction.ACTION else self.compensation_retry
+
+    def build(self, direction: Direction, ctx: SagaContext) -> Mapping[str, JSON]:
+        builder = self.payload if direction is Direction.ACTION else self.compensation_payload
+        return builder(ctx)
+
+
+@dataclass(frozen=True, slots=True)
+class SagaDefinition:
+    name: str
+    version: int
+    steps: tuple[Step, ...]
+
+    def __init__(self, name: str, version: int, steps: Iterable[Step]):
+        object.__setattr__(self, "name", name)
+        object.__setattr__(self, "version", version)
+        object.__setattr__(self, "steps", tuple(steps))
+
+    @property
+    def pivot_index(self) -> int | None:
+        """Index of the pivot step, or None when every step can be compensated."""
+        for i, step in enumerate(self.steps):
+            if step.pivot:
+                return i
+        return None
+
+    def is_forward_only(self, index: int) -> bool:
+        """True for the pivot and every step after it: they are never compensated."""
+        pivot = self.pivot_index
+        return pivot is not None and index >= pivot
+
+    def needs_compensation(self, index: int) -> bool:
+        """Whether step ``index`` is undone when the saga compensates."""
+        step = self.steps[index]
+        return (
+            step.compensatable and step.compensation is not None and not self.is_forward_only(index)
+        )
+
+    def validate(self, participants: Iterable[str] | None = None) -> None:
+        """Raise :class:`DefinitionError` naming the saga and step on the first problem."""
+        name, version = self.name, self.version
+
+        def fail(message: str, step: str | None = None) -> DefinitionError:
+            return DefinitionError(name, message, version=version, step=step)
+
+        if not _NAME.fullmatch(name):
+            raise fail(f"the saga name must match {_NAME.pattern} (it goes on the wire)")
+        if not isinstance(version, int) or version < 1:
+            raise fail("version must be an integer >= 1")
+        if not self.steps:
+            raise fail("a saga needs at least one step")
+        known = None if participants is None else set(participants)
+        seen: set[str] = set()
+        pivots = [s.name for s in self.steps if s.pivot]
+        if len(pivots) > 1:
+            raise fail(f"only one step can be the pivot, found {pivots}")
+        for i, step in enumerate(self.steps):
+            for what, value in (
+                ("step name", step.name),
+                ("participant", step.participant),
+                ("action", step.action),
+                ("compensation", step.compensation or "none"),
+            ):
+                if not _NAME.fullmatch(value):
+                    raise fail(
+                        f"{what} {value!r} must match {_NAME.pattern} (it goes on the wire)",
+                        step.name or f"#{i + 1}",
+                    )
+            if step.name in seen:
+                raise fail("duplicate step name", step.name)
+            seen.add(step.name)
+            if known is not None and step.participant not in known:
+                raise fail(
+                    f"unknown participant {step.participant!r}; known: {sorted(known)}", step.name
+                )
+            if self.is_forward_only(i):
+                if step.compensation is not None:
+                    role = "the pivot" if step.pivot else "after the pivot"
+                    raise fail(
+                        f"{role}, a step is never compensated; remove compensation "
+                        f"{step.compensation!r} or move the pivot",
+                        step.name,
+                    )
+            elif step.compensatable and step.compensation is None:
+                raise fail(
+                    "compensatable step has no compensation; give it compensation=... "
+                    "or mark it compensatable=False if it has nothing to undo",
+                    step.name,
+                )
+            if step.timeout <= timedelta(0) or (
+                step.compensation_timeout is not None and step.compensation_timeout <= timedelta(0)
+            ):
+                raise fail("timeouts must be positive", step.name)
+
+
+class Registry:
+    """The sagas this orchestrator runs, by name and version, validated on registration.
+
+    Every instance is built from the same code at startup on every orchestrator process, so no
+    process has sagas the others do not know.
+    """
+
+    def __init__(
+        self,
+        definitions: Iterable[SagaDefinition] = (),
+        *,
+        participants: Iterable[str] | None = None,
+    ):
+        self.participants: frozenset[str] | None = (
+            None if participants is None else frozenset(participants)
+        )
+        self._by_name: dict[str, dict[int, SagaDefinition]] = {}
+        for definition in definitions:
+            self.register(definition)
+
+    def register(self, definition: SagaDefinition) -> SagaDefinition:
+        definition.validate(self.participants)
+        versions = self._by_name.setdefault(definition.name, {})
+        if definition.version in versions:
+            raise DefinitionError(
+                definition.name, "this version is registered already", version=definition.version
+            )
+        versions[definition.version] = definition
+        return definition
+
+    def get(self, name: str, version: int | None = None) -> SagaDefinition:
+        """The given version, or the newest one when ``version`` is None."""
+        versions = self._by_name.get(name)
+        if not versions:
+            raise UnknownSagaError(f"no saga named {name!r} is registered (known: {self.names()})")
+        if version is None:
+            return versions[max(versions)]
+        try:
+            return versions[version]
+        except KeyError:
+            raise UnknownSagaError(
+                f"saga {name!r} has no version {version} (registered: {sorted(versions)})"
+            ) from None
+
+    def names(self) -> list[str]:
+        return sorted(self._by_name)
+
+    def all(self) -> list[SagaDefinition]:
+        return [d for name in self.names() for _, d in sorted(self._by_name[name].items())]
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._by_name
+
+    def as_mapping(self) -> Mapping[str, Mapping[int, SagaDefinition]]:
+        return self._by_name
+
+
+def seed_for(saga_id: UUID, step: str, direction: Direction) -> tuple[object, ...]:
+    """Jitter seed of one command: different for each saga, step and direction."""
+    return (saga_id, step, direction.value)

@@ -1,0 +1,548 @@
+"""The pure saga engine: ``decide(definition, state, event, now) -> Transition``.
+
+No I/O, no clock, no randomness: time comes in as ``now``, message ids are derived from the saga
+id, step, direction and attempt (:mod:`saga.core.ids`), and backoff jitter is seeded the same way.
+Given the same inputs, ``decide`` always returns the same transition, so every rule below can be
+unit-tested and property-tested without a broker or a database.
+
+The rules (docs/semantics.md has the full table):
+
+* Steps run in order. A success stores the reply data under the step's name and moves on.
+* A retryable failure or a timeout is retried with backoff while the step's budget lasts.
+* A definitive failure (or a spent budget) before the pivot compensates, newest first, every
+  step that succeeded; a step that timed out is compensated too, because its outcome is unknown.
+* After the pivot nothing is compensated: steps are retried, and a step that cannot go on leaves
+  the saga ``FAILED`` naming it, for an operator.
+* A compensation is retried with backoff; when its budget is spent the saga is ``FAILED`` and
+  names the stuck step. An operator can retry it, or resolve it after fixing things by hand.
+* A reply changes the saga only if it answers exactly the command the saga awaits now; anything
+  else (duplicate, late, another saga's, the wrong participant) only adds a history entry.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any, TypeVar
+from uuid import UUID
+
+from saga.core.definition import SagaDefinition, seed_for
+from saga.core.errors import UnknownSagaError
+from saga.core.ids import command_id, idempotency_key
+from saga.core.state import (
+    Command,
+    Direction,
+    Event,
+    HistoryEntry,
+    HistoryKind,
+    OperatorAbort,
+    OperatorResolve,
+    OperatorRetry,
+    Phase,
+    ReplyFailed,
+    ReplySucceeded,
+    SagaContext,
+    SagaState,
+    SagaStatus,
+    Started,
+    StepState,
+    StepStatus,
+    TimerFired,
+    Transition,
+)
+
+__all__ = ["decide", "describe_command"]
+
+_NEEDS_UNDO = (StepStatus.SUCCEEDED, StepStatus.TIMED_OUT, StepStatus.ABORTED)
+
+_V = TypeVar("_V")
+
+
+def replace(value: _V, /, **changes: Any) -> _V:
+    """``dataclasses.replace`` for the frozen state values, without running ``__init__``.
+
+    A decision replaces the state several times; through ``__init__`` that was a tenth of the
+    orchestrator's CPU per event (docs/benchmarks.md). For values without ``__post_init__``
+    copying the fields is the same thing, several times faster.
+    """
+    if hasattr(value, "__post_init__"):
+        return dataclasses.replace(value, **changes)  # type: ignore[type-var]
+    fields: dict[str, Any] = value.__dataclass_fields__  # type: ignore[attr-defined]
+    if not changes.keys() <= fields.keys():
+        raise TypeError(f"{type(value).__name__} has no field {set(changes) - set(fields)}")
+    new = object.__new__(type(value))
+    for name in fields:
+        object.__setattr__(new, name, changes[name] if name in changes else getattr(value, name))
+    return new
+
+
+@dataclass
+class _Out:
+    """Collects what one decision emits; local to a single ``decide`` call."""
+
+    now: datetime
+    commands: list[Command] = field(default_factory=list)
+    history: list[HistoryEntry] = field(default_factory=list)
+
+    def note(
+        self, kind: HistoryKind, detail: str, state: SagaState | None = None, **kw: object
+    ) -> None:
+        if state is not None and "step" not in kw and state.current < len(state.steps):
+            kw.setdefault("step", state.steps[state.current].name)
+            kw.setdefault("direction", state.direction)
+            kw.setdefault("attempt", state.attempt)
+        self.history.append(HistoryEntry(self.now, kind, detail, **kw))  # type: ignore[arg-type]
+
+
+def decide(
+    definition: SagaDefinition, state: SagaState | None, event: Event, now: datetime
+) -> Transition:
+    """Apply ``event`` to ``state``; ``state`` is None only for :class:`Started`."""
+    out = _Out(now)
+    if isinstance(event, Started):
+        if state is not None:
+            out.note(HistoryKind.IGNORED, "saga already started", state)
+            return Transition(state, (), tuple(out.history), applied=False)
+        return Transition(_start(definition, event, out), tuple(out.commands), tuple(out.history))
+    if state is None:
+        raise UnknownSagaError(f"event {type(event).__name__} for a saga that does not exist")
+    if state.name != definition.name or state.definition_version != definition.version:
+        raise UnknownSagaError(
+            f"saga {state.saga_id} runs {state.name} v{state.definition_version}, "
+            f"not {definition.name} v{definition.version}"
+        )
+
+    new = _dispatch_event(definition, state, event, out)
+    if new is None:
+        return Transition(state, (), tuple(out.history), applied=False)
+    new = replace(new, version=state.version + 1, updated_at=now)
+    return Transition(new, tuple(out.commands), tuple(out.history))
+
+
+def _dispatch_event(d: SagaDefinition, s: SagaState, event: Event, out: _Out) -> SagaState | None:
+    match event:
+        case ReplySucceeded() | ReplyFailed():
+            return _on_reply(d, s, event, out)
+        case TimerFired():
+            return _on_timer(d, s, event, out)
+        case OperatorRetry():
+            return _on_operator_retry(d, s, event, out)
+        case OperatorAbort():
+            return _on_operator_abort(d, s, event, out)
+        case OperatorResolve():
+            return _on_operator_resolve(d, s, event, out)
+        case _:  # Started is handled by the caller
+            raise TypeError(f"unexpected event {event!r}")
+
+
+# --- starting and sending --------------------------------------------------------------------
+
+
+def _start(d: SagaDefinition, event: Started, out: _Out) -> SagaState:
+    state = SagaState(
+        saga_id=event.saga_id,
+        name=d.name,
+        definition_version=d.version,
+        status=SagaStatus.RUNNING,
+        steps=tuple(StepState(step.name) for step in d.steps),
+        context=SagaContext(dict(event.input), {}, event.saga_id),
+        current=0,
+        direction=Direction.ACTION,
+        attempt=0,
+        tries=0,
+        phase=Phase.IDLE,
+        awaiting=None,
+        deadline=None,
+        version=1,
+        created_at=out.now,
+        updated_at=out.now,
+        key=event.key,
+        trace=None if event.trace is None else dict(event.trace),
+    )
+    out.note(HistoryKind.STARTED, f"saga {d.name} v{d.version} started")
+    return _send(d, state, 0, Direction.ACTION, out, new_budget=True)
+
+
+def _with_step(state: SagaState, index: int, **changes: object) -> SagaState:
+    steps = list(state.steps)
+    steps[index] = replace(steps[index], **changes)
+    return replace(state, steps=tuple(steps))
+
+
+def _send(
+    d: SagaDefinition,
+    state: SagaState,
+    index: int,
+    direction: Direction,
+    out: _Out,
+    *,
+    new_budget: bool,
+) -> SagaState:
+    """Emit the next attempt of (step ``index``, ``direction``) and wait for its reply."""
+    step_def = d.steps[index]
+    step = state.steps[index]
+    compensating = direction is Direction.COMPENSATION
+    attempt = (step.compensation_attempts if compensating else step.attempts) + 1
+    tries = 1 if new_budget else state.tries + 1
+    state = replace(state, current=index, direction=direction)
+    try:
+        payload = dict(step_def.build(direction, state.context))
+        json.dumps(payload, allow_nan=False)  # it goes on the wire: JSON values only
+    except Exception as exc:  # a builder bug must not wedge the saga: it fails the step
+        reason = f"payload builder raised {type(exc).__name__}: {exc}"
+        state = _with_step(state, index, error=reason)
+        # nothing was sent, so no attempt is counted and the entry names none
+        if compensating:
+            out.note(HistoryKind.COMPENSATION_FAILED, reason, state, attempt=None)
+            return _fail(state, out, f"compensation of {step_def.name} cannot be built: {reason}")
+        out.note(HistoryKind.STEP_FAILED, f"{step_def.name} cannot be built: {reason}", state,
+                 attempt=None)  # fmt: skip
+        return _action_failed(d, _with_step(state, index, status=StepStatus.FAILED), out, reason)
+    state = replace(state, attempt=attempt, tries=tries)
+
+    message_id = command_id(state.saga_id, step_def.name, direction.value, attempt)
+    deadline = out.now + step_def.timeout_for(direction)
+    out.commands.append(
+        Command(
+            message_id=message_id,
+            idempotency_key=idempotency_key(state.saga_id, step_def.name, direction.value),
+            saga_id=state.saga_id,
+            saga_name=d.name,
+            step=step_def.name,
+            direction=direction,
+            attempt=attempt,
+            participant=step_def.participant,
+            command_type=step_def.command_type(direction),
+            payload=payload,
+            deadline=deadline,
+        )
+    )
+    if compensating:
+        state = _with_step(
+            state, index, status=StepStatus.COMPENSATING, compensation_attempts=attempt
+        )
+    else:
+        state = _with_step(state, index, status=StepStatus.RUNNING, attempts=attempt)
+    state = replace(
+        state, phase=Phase.AWAITING_REPLY, awaiting=message_id, deadline=deadline, sent_at=out.now
+    )
+    out.note(
+        HistoryKind.COMMAND_SENT,
+        f"sent {step_def.command_type(direction)} to {step_def.participant}",
+        state,
+        message_id=message_id,
+    )
+    return state
+
+
+def _schedule_retry(d: SagaDefinition, state: SagaState, out: _Out, why: str) -> SagaState:
+    step_def = d.steps[state.current]
+    policy = step_def.retry_for(state.direction)
+    delay = policy.delay(state.tries, *seed_for(state.saga_id, step_def.name, state.direction))
+    next_id = command_id(state.saga_id, step_def.name, state.direction.value, state.attempt + 1)
+    state = replace(state, phase=Phase.BACKOFF, awaiting=next_id, deadline=out.now + delay)
+    out.note(
+        HistoryKind.RETRY_SCHEDULED,
+        f"{why}; attempt {state.attempt + 1} in {delay.total_seconds():.3f}s",
+        state,
+    )
+    return state
+
+
+def _advance(d: SagaDefinition, state: SagaState, out: _Out) -> SagaState:
+    nxt = state.current + 1
+    if nxt == len(d.steps):
+        out.note(HistoryKind.COMPLETED, "every step succeeded", step=None)
+        return _idle(replace(state, status=SagaStatus.COMPLETED, current=nxt))
+    return _send(d, state, nxt, Direction.ACTION, out, new_budget=True)
+
+
+def _idle(state: SagaState) -> SagaState:
+    return replace(state, phase=Phase.IDLE, awaiting=None, deadline=None)
+
+
+def _fail(state: SagaState, out: _Out, reason: str) -> SagaState:
+    stuck = state.steps[state.current].name
+    state = _idle(replace(state, status=SagaStatus.FAILED, failure=reason, stuck_step=stuck))
+    out.note(HistoryKind.FAILED, f"needs an operator: {reason}", state)
+    return state
+
+
+def _action_failed(d: SagaDefinition, state: SagaState, out: _Out, reason: str) -> SagaState:
+    """The current action can never succeed: compensate, or fail if past the pivot."""
+    name = d.steps[state.current].name
+    pivot = d.pivot_index
+    if pivot is not None and state.current > pivot:
+        return _fail(state, out, f"step {name} after the pivot cannot complete: {reason}")
+    return _begin_compensation(d, state, state.current - 1, out, f"step {name} failed: {reason}")
+
+
+def _begin_compensation(
+    d: SagaDefinition, state: SagaState, below: int, out: _Out, reason: str
+) -> SagaState:
+    state = replace(state, status=SagaStatus.COMPENSATING, failure=reason)
+    out.note(HistoryKind.COMPENSATION_STARTED, reason, step=None)
+    return _compensate_next(d, state, below, out)
+
+
+def _compensate_next(d: SagaDefinition, state: SagaState, below: int, out: _Out) -> SagaState:
+    """Compensate the newest step at or below ``below`` that may have had an effect."""
+    for i in range(below, -1, -1):
+        # compensatable=False means nothing to undo, even if the step names a compensation
+        undoable = d.needs_compensation(i)
+        if state.steps[i].status in _NEEDS_UNDO and undoable:
+            return _send(d, state, i, Direction.COMPENSATION, out, new_budget=True)
+    out.note(HistoryKind.COMPENSATED, "every completed step is compensated", step=None)
+    return _idle(replace(state, status=SagaStatus.COMPENSATED, stuck_step=None))
+
+
+# --- replies -------------------------------------------------------------------------------
+
+
+def describe_command(d: SagaDefinition, state: SagaState, message_id: UUID) -> str | None:
+    """Which command of this saga ``message_id`` is, e.g. ``charge action attempt 2``."""
+    for i, step_def in enumerate(d.steps):
+        step = state.steps[i]
+        for direction, sent in (
+            (Direction.ACTION, step.attempts),
+            (Direction.COMPENSATION, step.compensation_attempts),
+        ):
+            for attempt in range(1, sent + 2):
+                if command_id(state.saga_id, step_def.name, direction.value, attempt) == message_id:
+                    return f"{step_def.name} {direction.value} attempt {attempt}"
+    return None
+
+
+def _awaited(state: SagaState) -> str:
+    if state.phase is not Phase.AWAITING_REPLY:
+        return f"no reply is awaited (saga {state.status.value}, {state.phase.value})"
+    step = state.steps[state.current].name
+    return f"awaiting {step} {state.direction.value} attempt {state.attempt}"
+
+
+def _final_answer_to_earlier_attempt(
+    d: SagaDefinition, state: SagaState, event: ReplySucceeded | ReplyFailed
+) -> bool:
+    """A final reply (success or a non-retryable failure) to an earlier attempt of the step
+    and direction being run counts as the answer: every attempt carries the same idempotency
+    key, so the participant gives every attempt that same final answer. Waiting for the latest
+    attempt's copy instead would let a slow participant time out attempt after attempt, each
+    retry adding load, until the budget runs out on a step that had in fact been answered."""
+    if state.phase not in (Phase.AWAITING_REPLY, Phase.BACKOFF) or state.status.is_terminal:
+        return False
+    if isinstance(event, ReplyFailed) and event.retryable:
+        return False  # a transient answer to an old attempt says nothing about the newer ones
+    name = d.steps[state.current].name
+    return any(
+        command_id(state.saga_id, name, state.direction.value, attempt) == event.causation_id
+        for attempt in range(1, state.attempt)
+    )
+
+
+def _on_reply(
+    d: SagaDefinition, state: SagaState, event: ReplySucceeded | ReplyFailed, out: _Out
+) -> SagaState | None:
+    current = state.phase is Phase.AWAITING_REPLY and event.causation_id == state.awaiting
+    if not current and not _final_answer_to_earlier_attempt(d, state, event):
+        known = describe_command(d, state, event.causation_id)
+        if known is None:
+            why = "reply answers no command of this saga"
+        else:
+            why = f"duplicate or late reply to {known}; {_awaited(state)}"
+        out.note(HistoryKind.IGNORED, why, step=None, message_id=event.message_id)
+        return None
+    step_def = d.steps[state.current]
+    if event.participant != step_def.participant:
+        out.note(
+            HistoryKind.IGNORED,
+            f"reply from {event.participant!r}, but {step_def.name} is run by "
+            f"{step_def.participant!r}",
+            state,
+            message_id=event.message_id,
+        )
+        return None
+    if state.direction is Direction.ACTION:
+        if isinstance(event, ReplySucceeded):
+            state = _with_step(state, state.current, status=StepStatus.SUCCEEDED, error=None)
+            state = replace(state, context=state.context.with_output(step_def.name, event.data))
+            out.note(HistoryKind.STEP_SUCCEEDED, f"{step_def.name} succeeded", state)
+            return _advance(d, state, out)
+        state = _with_step(state, state.current, error=event.reason)
+        out.note(
+            HistoryKind.STEP_FAILED,
+            f"{step_def.name} failed: {event.reason}" + (" (retryable)" if event.retryable else ""),
+            state,
+        )
+        return _on_action_failure(d, state, out, event.reason, retryable=event.retryable)
+    # compensation
+    if isinstance(event, ReplySucceeded):
+        state = _with_step(state, state.current, status=StepStatus.COMPENSATED, error=None)
+        out.note(HistoryKind.STEP_COMPENSATED, f"{step_def.name} compensated", state)
+        return _compensate_next(d, state, state.current - 1, out)
+    state = _with_step(state, state.current, error=event.reason)
+    out.note(
+        HistoryKind.COMPENSATION_FAILED,
+        f"compensation of {step_def.name} failed: {event.reason}"
+        + (" (retryable)" if event.retryable else ""),
+        state,
+    )
+    return _on_compensation_failure(d, state, out, event.reason, retryable=event.retryable)
+
+
+def _on_action_failure(
+    d: SagaDefinition, state: SagaState, out: _Out, reason: str, *, retryable: bool
+) -> SagaState:
+    step_def = d.steps[state.current]
+    if retryable and not step_def.retry.exhausted(state.tries):
+        return _schedule_retry(d, state, out, f"{step_def.name} failed: {reason}")
+    if retryable:
+        reason = f"{reason} (gave up after {state.tries} attempts)"
+    state = _with_step(state, state.current, status=StepStatus.FAILED)
+    return _action_failed(d, state, out, reason)
+
+
+def _on_compensation_failure(
+    d: SagaDefinition, state: SagaState, out: _Out, reason: str, *, retryable: bool
+) -> SagaState:
+    step_def = d.steps[state.current]
+    if retryable and not step_def.compensation_retry.exhausted(state.tries):
+        return _schedule_retry(d, state, out, f"compensation of {step_def.name} failed: {reason}")
+    suffix = f" after {state.tries} attempts" if retryable else " (not retryable)"
+    return _fail(state, out, f"compensation of {step_def.name} failed{suffix}: {reason}")
+
+
+# --- timers --------------------------------------------------------------------------------
+
+
+def _on_timer(
+    d: SagaDefinition, state: SagaState, event: TimerFired, out: _Out
+) -> SagaState | None:
+    if state.phase is Phase.IDLE or event.timer_id != state.awaiting:
+        out.note(HistoryKind.IGNORED, f"stale timer; {_awaited(state)}", step=None)
+        return None
+    assert state.deadline is not None
+    if out.now < state.deadline:
+        out.note(
+            HistoryKind.IGNORED,
+            f"timer not due until {state.deadline.isoformat()}",
+            state,
+        )
+        return None
+    if state.phase is Phase.BACKOFF:
+        return _send(d, state, state.current, state.direction, out, new_budget=False)
+
+    step_def = d.steps[state.current]
+    policy = step_def.retry_for(state.direction)
+    timeout = step_def.timeout_for(state.direction).total_seconds()
+    what = (
+        step_def.name if state.direction is Direction.ACTION else f"compensation of {step_def.name}"
+    )
+    out.note(HistoryKind.STEP_TIMED_OUT, f"{what} got no reply within {timeout:g}s", state)
+    if not policy.exhausted(state.tries):
+        return _schedule_retry(d, state, out, f"{what} timed out")
+    reason = f"{what} timed out {state.tries} times; its outcome is unknown"
+    state = _with_step(state, state.current, error=reason)
+    if state.direction is Direction.COMPENSATION:
+        return _fail(state, out, reason)
+    if d.is_forward_only(state.current):
+        return _fail(state, out, reason)
+    state = _with_step(state, state.current, status=StepStatus.TIMED_OUT)
+    # the timed-out step is compensated too: it may have taken effect
+    return _begin_compensation(d, state, state.current, out, reason)
+
+
+# --- operator actions ----------------------------------------------------------------------
+
+
+def _reject(
+    state: SagaState, out: _Out, event: OperatorRetry | OperatorAbort | OperatorResolve, why: str
+) -> None:
+    out.note(
+        HistoryKind.REJECTED,
+        f"{type(event).__name__} rejected: {why}",
+        step=None,
+        actor=event.actor,
+    )
+
+
+def _operator_note(
+    out: _Out, state: SagaState, action: str, event: OperatorRetry | OperatorAbort | OperatorResolve
+) -> None:
+    out.note(HistoryKind.OPERATOR, f"{action}: {event.reason}", state, actor=event.actor)
+
+
+def _on_operator_retry(
+    d: SagaDefinition, state: SagaState, event: OperatorRetry, out: _Out
+) -> SagaState | None:
+    if state.status is not SagaStatus.FAILED:
+        _reject(state, out, event, f"only a FAILED saga can be retried; this one is {state.status}")
+        return None
+    _operator_note(out, state, "retry", event)
+    status = (
+        SagaStatus.COMPENSATING if state.direction is Direction.COMPENSATION else SagaStatus.RUNNING
+    )
+    forward = state.direction is Direction.ACTION
+    failure = None if forward else state.failure  # going forward again: no longer failing
+    state = replace(state, status=status, stuck_step=None, failure=failure)
+    return _send(d, state, state.current, state.direction, out, new_budget=True)
+
+
+def _stuck_at_pivot(d: SagaDefinition, state: SagaState) -> bool:
+    return (
+        state.status is SagaStatus.FAILED
+        and state.direction is Direction.ACTION
+        and state.current == d.pivot_index
+    )
+
+
+def _on_operator_abort(
+    d: SagaDefinition, state: SagaState, event: OperatorAbort, out: _Out
+) -> SagaState | None:
+    if _stuck_at_pivot(d, state):
+        # The pivot's outcome is unknown (it timed out) or it cannot complete. The operator
+        # checked that it did not take effect, so the steps before it are compensated.
+        _operator_note(out, state, "abort", event)
+        state = _with_step(state, state.current, status=StepStatus.FAILED)
+        state = replace(state, stuck_step=None)
+        reason = f"aborted by {event.actor} at the pivot: {event.reason}"
+        return _begin_compensation(d, state, state.current - 1, out, reason)
+    if state.status is not SagaStatus.RUNNING:
+        _reject(
+            state, out, event, f"only a RUNNING saga can be aborted; this one is {state.status}"
+        )
+        return None
+    if d.is_forward_only(state.current):
+        _reject(state, out, event, "the pivot step has run; the saga can only go forward")
+        return None
+    _operator_note(out, state, "abort", event)
+    state = _with_step(state, state.current, status=StepStatus.ABORTED)
+    state = _idle(state)
+    reason = f"aborted by {event.actor}: {event.reason}"
+    return _begin_compensation(d, state, state.current, out, reason)
+
+
+def _on_operator_resolve(
+    d: SagaDefinition, state: SagaState, event: OperatorResolve, out: _Out
+) -> SagaState | None:
+    if state.status is not SagaStatus.FAILED:
+        _reject(
+            state, out, event, f"only a FAILED saga can be resolved; this one is {state.status}"
+        )
+        return None
+    _operator_note(out, state, "resolved by hand", event)
+    name = state.steps[state.current].name
+    if state.direction is Direction.COMPENSATION:
+        state = _with_step(state, state.current, status=StepStatus.COMPENSATED, error=None)
+        state = replace(state, status=SagaStatus.COMPENSATING, stuck_step=None)
+        return _compensate_next(d, state, state.current - 1, out)
+    state = _with_step(state, state.current, status=StepStatus.SUCCEEDED, error=None)
+    state = replace(
+        state,
+        status=SagaStatus.RUNNING,
+        stuck_step=None,
+        failure=None,
+        context=state.context.with_output(name, event.data),
+    )
+    return _advance(d, state, out)

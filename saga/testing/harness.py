@@ -1,0 +1,195 @@
+"""Test your own sagas in plain pytest, without RabbitMQ or a database.
+
+:class:`Harness` runs the production :class:`~saga.orchestrator.runtime.Orchestrator` and
+engine against the in-memory store and a fake clock. Participants are plain functions from a
+command to a reply::
+
+    h = Harness([trip])
+    h.on("flights.book", lambda cmd: ok(booking="F1"))
+    h.on("hotels.book", lambda cmd: fail("no_rooms"))
+    saga = await h.run("trip", {"who": "ann"})
+    assert saga.status is SagaStatus.COMPENSATED
+
+Commands go through the real wire encoding (they are parsed back into
+:class:`contracts.envelope.CommandEnvelope`), replies through the real reply path, and when
+nothing is left to deliver the clock jumps to the next deadline, so timeouts and backoff take no
+real time.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from typing import cast
+from uuid import UUID
+
+from pydantic import JsonValue
+
+from contracts.envelope import CommandEnvelope, ReplyEnvelope
+from saga.core.definition import Registry, SagaDefinition
+from saga.core.state import JSON, HistoryEntry, SagaState
+from saga.orchestrator.runtime import Orchestrator, Result
+from saga.store.memory import MemoryStore
+
+__all__ = ["FakeClock", "Harness", "Reply", "fail", "ok", "silence"]
+
+
+class FakeClock:
+    """A clock that moves only when told to."""
+
+    def __init__(self, start: datetime | None = None):
+        self._now = start or datetime(2030, 1, 1, tzinfo=UTC)
+
+    def now(self) -> datetime:
+        return self._now
+
+    def advance(self, delta: timedelta | float) -> datetime:
+        step = delta if isinstance(delta, timedelta) else timedelta(seconds=delta)
+        if step < timedelta(0):
+            raise ValueError("a FakeClock only moves forward; build a new one to go back")
+        self._now += step
+        return self._now
+
+    def set(self, when: datetime) -> None:
+        self._now = when
+
+
+@dataclass(frozen=True, slots=True)
+class Reply:
+    """What a fake participant answers."""
+
+    success: bool
+    data: Mapping[str, JSON] = field(default_factory=dict)
+    reason: str | None = None
+    retryable: bool = False
+
+
+def ok(**data: JSON) -> Reply:
+    return Reply(True, data)
+
+
+def fail(reason: str, *, retryable: bool = False) -> Reply:
+    return Reply(False, {}, reason, retryable)
+
+
+def silence(command: CommandEnvelope) -> None:
+    """A participant that never answers: the step times out."""
+    return None
+
+
+Handler = Callable[[CommandEnvelope], Reply | None]
+
+
+class Harness:
+    """An orchestrator with an in-memory store, a fake clock and function participants."""
+
+    def __init__(
+        self,
+        definitions: Registry | Iterable[SagaDefinition],
+        *,
+        clock: FakeClock | None = None,
+    ):
+        if isinstance(definitions, Registry):
+            self.registry = definitions
+        else:
+            defs = list(definitions)
+            participants = {s.participant for d in defs for s in d.steps}
+            self.registry = Registry(defs, participants=participants)
+        self.clock = clock or FakeClock()
+        self.store = MemoryStore()
+        self.orchestrator = Orchestrator(self.registry, self.store, clock=self.clock)
+        self._handlers: dict[str, Handler] = {}
+        #: every command delivered to a participant, in order
+        self.delivered: list[CommandEnvelope] = []
+
+    def on(self, command_type: str, handler: Handler) -> None:
+        """Answer ``command_type`` with ``handler``; return None from it to stay silent."""
+        self._handlers[command_type] = handler
+
+    async def start(
+        self, name: str, input: Mapping[str, JSON] | None = None, *, key: str | None = None
+    ) -> UUID:
+        state = await self.orchestrator.start(name, input or {}, key=key)
+        return state.saga_id
+
+    async def run(
+        self,
+        name: str,
+        input: Mapping[str, JSON] | None = None,
+        *,
+        key: str | None = None,
+        max_rounds: int = 10_000,
+    ) -> SagaState:
+        """Start a saga and settle: the returned saga is terminal unless a handler is silent
+        forever and retries are unlimited (then ``max_rounds`` stops it)."""
+        saga_id = await self.start(name, input, key=key)
+        await self.settle(max_rounds=max_rounds)
+        return await self.saga(saga_id)
+
+    async def settle(self, *, max_rounds: int = 10_000) -> None:
+        """Deliver commands and replies, jumping the clock to each next deadline, until every
+        saga is idle."""
+        for _ in range(max_rounds):
+            if await self.deliver():
+                continue
+            deadline = await self.store.next_deadline()
+            if deadline is None:
+                return
+            if deadline > self.clock.now():
+                self.clock.set(deadline)
+            await self.orchestrator.fire_due_timers()
+        raise RuntimeError(f"sagas did not settle within {max_rounds} rounds")
+
+    async def deliver(self) -> int:
+        """Hand every unsent command to its participant and apply the replies; returns how
+        many commands were delivered."""
+        pending = await self.store.pending_outbox(10_000)
+        await self.store.mark_sent([m.message_id for m in pending])
+        for message in pending:
+            command = CommandEnvelope.model_validate_json(message.body)
+            self.delivered.append(command)
+            handler = self._handlers.get(command.command_type)
+            if handler is None:
+                raise LookupError(
+                    f"no participant answers {command.command_type!r}; register one with "
+                    f"harness.on({command.command_type!r}, ...) (use silence to time out)"
+                )
+            reply = handler(command)
+            if reply is not None:
+                await self.reply(command, reply)
+        return len(pending)
+
+    async def reply(self, command: CommandEnvelope, reply: Reply) -> Result:
+        """Send ``reply`` to ``command`` through the same path as a reply from RabbitMQ."""
+        envelope = ReplyEnvelope(
+            schema_version=1,
+            message_id=uuid.uuid4(),
+            causation_id=command.message_id,
+            saga_id=command.saga_id,
+            participant=command.participant,
+            command_type=command.command_type,
+            outcome="success" if reply.success else "failure",
+            reason=None if reply.success else reply.reason,
+            detail=None,
+            retryable=reply.retryable,
+            data=cast(dict[str, JsonValue], dict(reply.data)),
+        )
+        parsed = ReplyEnvelope.model_validate_json(envelope.model_dump_json())
+        return await self.orchestrator.handle_reply(parsed)
+
+    async def advance(self, seconds: float) -> int:
+        """Move the clock and fire what became due; returns how many timers acted."""
+        self.clock.advance(seconds)
+        return await self.orchestrator.fire_due_timers()
+
+    async def saga(self, saga_id: UUID) -> SagaState:
+        return await self.orchestrator.get(saga_id)
+
+    async def history(self, saga_id: UUID) -> list[HistoryEntry]:
+        return await self.store.history(saga_id)
+
+    def commands(self, saga_id: UUID | None = None) -> list[str]:
+        """Command types delivered so far, e.g. ``["flights.book", "flights.cancel"]``."""
+        return [c.command_type for c in self.delivered if saga_id is None or c.saga_id == saga_id]
