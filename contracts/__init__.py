@@ -4,14 +4,6 @@ This package is a leaf: it imports neither ``saga`` nor ``services``, so both ca
 non-Python participants can use the exported JSON Schema bundle instead.
 """
 
-from contracts.catalog import (
-    CATALOG,
-    PARTICIPANTS,
-    CommandContract,
-    command_types,
-    compensation_for,
-    lookup,
-)
 from contracts.common import (
     SCHEMA_VERSION,
     CommonFailure,
@@ -91,13 +83,6 @@ __all__ = [
     "dump_data",
     "parse",
     "parse_data",
-    # catalog
-    "CATALOG",
-    "PARTICIPANTS",
-    "CommandContract",
-    "command_types",
-    "compensation_for",
-    "lookup",
     # order
     "CancelOrder",
     "CreateOrder",

@@ -14,6 +14,7 @@ from uuid import UUID, uuid4
 
 from pydantic import (
     AwareDatetime,
+    BaseModel,
     Field,
     JsonValue,
     StringConstraints,
@@ -48,7 +49,7 @@ Direction = Literal["action", "compensation"]
 Outcome = Literal["success", "failure"]
 Detail = Annotated[str, StringConstraints(min_length=1, max_length=_MAX_DETAIL_CHARS)]
 
-M = TypeVar("M", bound=Contract)
+M = TypeVar("M", bound=BaseModel)
 
 
 class CommandEnvelope(Contract):
@@ -217,7 +218,7 @@ def _reply_detail(detail: str | None) -> str | None:
     return _clip(detail, _MAX_DETAIL_CHARS) if detail else None
 
 
-def _contract_error(model: type[Contract], exc: ValidationError) -> ContractError:
+def _contract_error(model: type[BaseModel], exc: ValidationError) -> ContractError:
     errors = exc.errors(include_url=False, include_input=False, include_context=False)
     if any(err["type"] == "json_invalid" for err in errors):
         message = _clip(errors[0]["msg"], _MAX_MESSAGE_CHARS)

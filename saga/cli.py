@@ -54,29 +54,22 @@ def run(
     ] = False,
 ) -> None:
     """Run the orchestrator service (settings from SAGA_* environment variables)."""
-    try:
-        from saga.logs import configure_logging  # noqa: PLC0415
-        from saga.loop import run as run_loop  # noqa: PLC0415
-        from saga.orchestrator.service import OrchestratorService, load_registry  # noqa: PLC0415
-        from saga.telemetry import configure_tracing  # noqa: PLC0415
+    from saga.orchestrator.loader import load_registry  # noqa: PLC0415
+    from saga.orchestrator.service import OrchestratorService  # noqa: PLC0415
+    from saga.process import launch  # noqa: PLC0415
 
+    try:
         settings = load_settings(**({"auto_migrate": True} if migrate else {}))
-        configure_logging(settings.log_level)
         if not settings.definitions:
             raise ConfigError(
                 "SAGA_DEFINITIONS is not set: point it at your Registry, e.g. "
                 "SAGA_DEFINITIONS=myapp.sagas:registry"
             )
         registry = load_registry(settings.definitions)
-        provider = configure_tracing("saga-orchestrator")
     except ConfigError as exc:
         _fail(exc)
-    try:
-        run_loop(OrchestratorService(settings, registry).serve())
-    except ConfigError as exc:
-        _fail(exc)
-    finally:
-        provider.shutdown()  # export the spans still batched
+    service = OrchestratorService(settings, registry)
+    launch("saga-orchestrator", service.serve, log_level=settings.log_level)
 
 
 @app.command()
@@ -302,7 +295,7 @@ def schema_export(
         str,
         typer.Option(
             envvar="SAGA_DEFINITIONS",
-            help="module:attribute of the Registry: only its sagas' commands (default: all).",
+            help="module:attribute of your Registry; without it, the protocol's envelopes only.",
         ),
     ] = "",
     prefix: Annotated[
@@ -310,10 +303,10 @@ def schema_export(
     ] = "saga",
 ) -> None:
     """Write the AsyncAPI 3.0 document (asyncapi.json), the JSON Schema bundle and one JSON
-    Schema per message (messages/) to DIRECTORY."""
+    Schema per message model (messages/) of your sagas to DIRECTORY: every file, or none."""
     try:
-        from saga.asyncapi import export as export_contracts  # noqa: PLC0415
-        from saga.orchestrator.service import load_registry  # noqa: PLC0415
+        from saga.orchestrator.loader import load_registry  # noqa: PLC0415
+        from saga.protocol.export import export as export_contracts  # noqa: PLC0415
         from saga.transport.topology import Topology  # noqa: PLC0415
 
         registry = load_registry(definitions) if definitions else None
@@ -323,8 +316,79 @@ def schema_export(
         _fail(exc)
     except OSError as exc:
         _fail(ConfigError(f"cannot write to {directory}: {exc.strerror or exc}"))
-    scope = f"sagas of {definitions}" if definitions else "every command of the catalog"
+    scope = f"sagas of {definitions}" if definitions else "the protocol only: no SAGA_DEFINITIONS"
     typer.echo(f"wrote {len(written)} files to {directory} ({scope}, prefix {prefix!r})")
+
+
+def _json_option(text: str, option: str) -> dict[str, Any]:
+    """A JSON object given inline or as ``@path``."""
+    try:
+        raw = Path(text[1:]).read_text(encoding="utf-8") if text.startswith("@") else text
+        value = json.loads(raw)
+    except OSError as exc:
+        raise typer.BadParameter(
+            f"cannot read {text[1:]}: {exc.strerror}", param_hint=option
+        ) from None
+    except ValueError as exc:
+        raise typer.BadParameter(f"not JSON: {exc}", param_hint=option) from None
+    if not isinstance(value, dict):
+        raise typer.BadParameter("give a JSON object", param_hint=option)
+    return value
+
+
+@app.command()
+def conformance(
+    participant: Annotated[
+        str, typer.Option("--participant", "-p", help="The participant's name (its queue).")
+    ],
+    action: Annotated[str, typer.Option(help="A command type it serves, e.g. flights.book.")],
+    compensation: Annotated[str, typer.Option(help="The command type that undoes ACTION.")],
+    payload: Annotated[
+        str, typer.Option(help='ACTION\'s payload: JSON or @file ("$saga_id", "$uuid" filled in).')
+    ] = "{}",
+    compensation_payload: Annotated[
+        str, typer.Option(help="COMPENSATION's payload: JSON or @file.")
+    ] = "{}",
+    prefix: Annotated[
+        str, typer.Option(envvar="SAGA_PREFIX", help="The deployment's queue name prefix.")
+    ] = "saga",
+    rabbitmq_url: Annotated[
+        str,
+        typer.Option(envvar="SAGA_RABBITMQ_URL", help="The broker.", show_default=False),
+    ] = "amqp://guest:guest@127.0.0.1:5672/",
+    case: Annotated[
+        list[str] | None, typer.Option("--case", help="Only these cases; repeatable.")
+    ] = None,
+    within: Annotated[
+        float, typer.Option("--timeout", min=0.5, help="Seconds to wait for each answer.")
+    ] = 10.0,
+    as_json: AsJson = False,
+) -> None:
+    """Drive a running participant, in any language, through the protocol's hard cases and
+    print a pass/fail table (exit 1 if it does not conform). No orchestrator may consume the
+    reply queue meanwhile: use a prefix of its own."""
+    from saga.testing.conformance import CASES, Target, render, run_conformance  # noqa: PLC0415
+
+    target = Target(
+        participant,
+        action,
+        _json_option(payload, "--payload"),
+        compensation,
+        _json_option(compensation_payload, "--compensation-payload"),
+        prefix,
+    )
+    try:
+        checks = asyncio.run(
+            run_conformance(rabbitmq_url, target, within=within, cases=case or CASES)
+        )
+    except ConfigError as exc:
+        _fail(exc)
+    if as_json:
+        typer.echo(json.dumps([c.__dict__ for c in checks], indent=2))
+    else:
+        typer.echo(render(checks, target))
+    if any(c.verdict == "FAIL" for c in checks):
+        raise typer.Exit(1)
 
 
 def _add_plugins() -> None:

@@ -15,7 +15,6 @@ import base64
 import binascii
 import hmac
 import json
-import uuid
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Annotated, Any
@@ -48,9 +47,8 @@ from saga.admin.models import (
     saga_detail,
     saga_summary,
 )
-from saga.core.errors import ConcurrencyError, MessageError, UnknownSagaError
-from saga.core.ids import saga_id_for_key
-from saga.core.state import SagaState, SagaStatus, Started
+from saga.core.errors import ConcurrencyError, InvalidInputError, MessageError, UnknownSagaError
+from saga.core.state import SagaState, SagaStatus
 from saga.orchestrator.runtime import Outcome, Result
 from saga.ports import SagaFilter
 from saga.store.faults import database_fault, describe_error
@@ -325,15 +323,17 @@ def _operator_routes(api: APIRouter, service: OrchestratorService) -> None:
                 f"input is {size} bytes; commands carry it, and they may not exceed "
                 f"SAGA_MAX_MESSAGE_BYTES={service.settings.max_message_bytes}",
             )
-        saga_id = uuid.uuid4() if body.key is None else saga_id_for_key(body.name, body.key)
-        existing = None if body.key is None else await service.store.load(saga_id)
-        if existing is None:
-            result = await service.orchestrator.submit(
-                saga_id, Started(saga_id, dict(body.input), body.key), definition=definition
-            )
-            created, state = result.outcome is Outcome.APPLIED, result.state
-        else:
-            created, state = False, existing
+        try:
+            result = await service.orchestrator.begin(definition.name, body.input, key=body.key)
+        except InvalidInputError as exc:
+            # the same shape as any request that does not validate, paths under "input"
+            errors = [
+                {"loc": ["body", "input", *e.loc], "msg": e.msg, "type": e.type} for e in exc.errors
+            ]
+            why = "; ".join(f"input.{e}" if e.loc else f"input: {e.msg}" for e in exc.errors)
+            return JSONResponse({"detail": why, "errors": errors}, status_code=422)
+        created, state = result.outcome is Outcome.APPLIED, result.state
+        saga_id = state.saga_id
         if created:
             log.info("saga_started_by_api", saga_id=str(saga_id), name=body.name, key=body.key)
         answer = StartResult(created=created, saga=saga_summary(state))

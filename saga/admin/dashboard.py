@@ -15,8 +15,8 @@ from fastapi.responses import RedirectResponse
 from fastapi.staticfiles import StaticFiles
 from pydantic import BaseModel, Field
 
-from saga import asyncapi
 from saga.core.state import SagaStatus
+from saga.protocol import export
 
 if TYPE_CHECKING:
     from saga.orchestrator.service import OrchestratorService
@@ -134,7 +134,7 @@ def install(app: FastAPI, api: APIRouter, service: OrchestratorService) -> None:
     async def asyncapi_json() -> dict[str, Any]:
         """The AsyncAPI 3.0 document of this deployment: its sagas' commands and replies on its
         queues (``saga schema export`` writes the same, with one JSON Schema per message)."""
-        return asyncapi.document(service.registry, service.topology)
+        return export.document(service.registry, service.topology)
 
     @app.get("/", include_in_schema=False)
     async def root() -> RedirectResponse:

@@ -3,14 +3,22 @@
 A definition is plain data: a name, a version and ordered steps. Payload builders are pure
 functions of the :class:`~saga.core.state.SagaContext`, so a step reads earlier outputs by name
 (``ctx.output("charge_payment")["payment_id"]``) instead of from one merged dictionary.
+
+A definition may also name its contracts: the model of the saga's input, and per step the
+models of the command payloads and of the replies' data (pydantic models). The input is then
+validated before a saga is started, a payload before its command is sent, and ``saga schema
+export`` publishes all of them. Nothing here imports pydantic: a model is any class with
+``model_validate_json`` and ``model_dump``.
 """
 
 from __future__ import annotations
 
+import json
 import re
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import timedelta
+from typing import Any, Protocol, cast
 from uuid import UUID
 
 from saga.core.errors import DefinitionError, UnknownSagaError
@@ -18,18 +26,30 @@ from saga.core.ids import unit_interval
 from saga.core.state import JSON, Direction, SagaContext
 
 __all__ = [
+    "NAME",
+    "CommandSpec",
+    "Model",
     "PayloadBuilder",
     "Registry",
     "RetryPolicy",
     "SagaDefinition",
     "Step",
+    "commands_of",
     "pass_input",
 ]
 
 #: Saga, step, participant and command names: the same rule as ``contracts.common.Name``.
-_NAME = re.compile(r"[a-z][a-z0-9_.-]{0,63}")
+NAME = re.compile(r"[a-z][a-z0-9_.-]{0,63}")
 
-PayloadBuilder = Callable[[SagaContext], Mapping[str, JSON]]
+
+class Model(Protocol):
+    """A message model: in practice a pydantic ``BaseModel`` subclass."""
+
+    def model_dump(self, *, mode: str = ...) -> dict[str, Any]: ...
+
+
+#: a payload builder returns the payload as a JSON object, or as an instance of a model
+PayloadBuilder = Callable[[SagaContext], "Mapping[str, JSON] | Model"]
 
 
 def pass_input(ctx: SagaContext) -> Mapping[str, JSON]:
@@ -81,6 +101,10 @@ class Step:
     * ``compensatable=False`` marks a step with nothing to undo (a read or a check).
     * ``pivot=True`` marks the go/no-go step: once it succeeds the saga only moves forward, and
       the steps after it are retried instead of compensated.
+    * ``payload_model`` / ``compensation_payload_model`` validate what the builders return before
+      the command is sent; ``reply_model`` / ``compensation_reply_model`` describe a success
+      reply's data. All four are optional; the schema export publishes the ones given.
+    * ``failures`` lists the business reasons the action may fail with, for the contracts.
     """
 
     name: str
@@ -97,6 +121,11 @@ class Step:
     )
     compensatable: bool = True
     pivot: bool = False
+    payload_model: type[Any] | None = None
+    reply_model: type[Any] | None = None
+    compensation_payload_model: type[Any] | None = None
+    compensation_reply_model: type[Any] | None = None
+    failures: tuple[str, ...] = ()
 
     def command_type(self, direction: Direction) -> str:
         if direction is Direction.ACTION:
@@ -112,21 +141,55 @@ class Step:
     def retry_for(self, direction: Direction) -> RetryPolicy:
         return self.retry if direction is Direction.ACTION else self.compensation_retry
 
+    def payload_model_for(self, direction: Direction) -> type[Any] | None:
+        if direction is Direction.ACTION:
+            return self.payload_model
+        return self.compensation_payload_model
+
+    def reply_model_for(self, direction: Direction) -> type[Any] | None:
+        return self.reply_model if direction is Direction.ACTION else self.compensation_reply_model
+
     def build(self, direction: Direction, ctx: SagaContext) -> Mapping[str, JSON]:
+        """The command's payload as a JSON object, validated against its model if it has one;
+        raises (and the engine fails the step) when the builder or the validation does."""
         builder = self.payload if direction is Direction.ACTION else self.compensation_payload
-        return builder(ctx)
+        model = self.payload_model_for(direction)
+        built = builder(ctx)
+        if not isinstance(built, Mapping):
+            if model is not None and not isinstance(built, model):
+                raise TypeError(
+                    f"the builder returned {type(built).__name__}, not {model.__name__}"
+                )
+            return cast(Mapping[str, JSON], built.model_dump(mode="json"))
+        if model is None:
+            return built
+        # Through JSON, as it will travel: strict models take UUIDs and times as strings there.
+        valid = model.model_validate_json(json.dumps(built))
+        return cast(Mapping[str, JSON], valid.model_dump(mode="json"))
 
 
 @dataclass(frozen=True, slots=True)
 class SagaDefinition:
+    """A saga: its name, its version, its ordered steps, and optionally the model its input
+    must fit (checked before a saga is started: an invalid input is refused, nothing stored)."""
+
     name: str
     version: int
     steps: tuple[Step, ...]
+    input_model: type[Any] | None = None
 
-    def __init__(self, name: str, version: int, steps: Iterable[Step]):
+    def __init__(
+        self,
+        name: str,
+        version: int,
+        steps: Iterable[Step],
+        *,
+        input_model: type[Any] | None = None,
+    ):
         object.__setattr__(self, "name", name)
         object.__setattr__(self, "version", version)
         object.__setattr__(self, "steps", tuple(steps))
+        object.__setattr__(self, "input_model", input_model)
 
     @property
     def pivot_index(self) -> int | None:
@@ -155,8 +218,8 @@ class SagaDefinition:
         def fail(message: str, step: str | None = None) -> DefinitionError:
             return DefinitionError(name, message, version=version, step=step)
 
-        if not _NAME.fullmatch(name):
-            raise fail(f"the saga name must match {_NAME.pattern} (it goes on the wire)")
+        if not NAME.fullmatch(name):
+            raise fail(f"the saga name must match {NAME.pattern} (it goes on the wire)")
         if not isinstance(version, int) or version < 1:
             raise fail("version must be an integer >= 1")
         if not self.steps:
@@ -173,9 +236,9 @@ class SagaDefinition:
                 ("action", step.action),
                 ("compensation", step.compensation or "none"),
             ):
-                if not _NAME.fullmatch(value):
+                if not NAME.fullmatch(value):
                     raise fail(
-                        f"{what} {value!r} must match {_NAME.pattern} (it goes on the wire)",
+                        f"{what} {value!r} must match {NAME.pattern} (it goes on the wire)",
                         step.name or f"#{i + 1}",
                     )
             if step.name in seen:
@@ -203,6 +266,39 @@ class SagaDefinition:
                 step.compensation_timeout is not None and step.compensation_timeout <= timedelta(0)
             ):
                 raise fail("timeouts must be positive", step.name)
+            problem = _model_problem(step)
+            if problem is not None:
+                raise fail(problem, step.name)
+        if self.input_model is not None and not _is_model(self.input_model):
+            raise fail(f"input_model {self.input_model!r} is not a pydantic model class")
+
+
+_REASON = re.compile(r"[a-z][a-z0-9_]{0,63}")
+
+
+def _is_model(value: object) -> bool:
+    return isinstance(value, type) and all(
+        hasattr(value, m) for m in ("model_validate_json", "model_dump", "model_json_schema")
+    )
+
+
+def _model_problem(step: Step) -> str | None:
+    for what, model in (
+        ("payload_model", step.payload_model),
+        ("reply_model", step.reply_model),
+        ("compensation_payload_model", step.compensation_payload_model),
+        ("compensation_reply_model", step.compensation_reply_model),
+    ):
+        if model is not None and not _is_model(model):
+            return f"{what} {model!r} is not a pydantic model class"
+    if step.compensation is None and (
+        step.compensation_payload_model is not None or step.compensation_reply_model is not None
+    ):
+        return "compensation models are given but the step has no compensation"
+    bad = [r for r in step.failures if not _REASON.fullmatch(r)]
+    if bad:
+        return f"failure reasons must match {_REASON.pattern}: {bad}"
+    return None
 
 
 class Registry:
@@ -227,13 +323,43 @@ class Registry:
 
     def register(self, definition: SagaDefinition) -> SagaDefinition:
         definition.validate(self.participants)
-        versions = self._by_name.setdefault(definition.name, {})
+        versions = self._by_name.get(definition.name, {})
         if definition.version in versions:
             raise DefinitionError(
                 definition.name, "this version is registered already", version=definition.version
             )
-        versions[definition.version] = definition
+        self._check_commands(definition)
+        self._by_name.setdefault(definition.name, {})[definition.version] = definition
         return definition
+
+    def _check_commands(self, definition: SagaDefinition) -> None:
+        """One command type means one thing everywhere: the same participant, and no two
+        different models for its payload or its reply (the contracts publish one of each)."""
+        seen = {c.command_type: c for c in self.commands()}
+        for c in commands_of(definition):
+            other = seen.get(c.command_type)
+            if other is None:
+                seen[c.command_type] = c
+                continue
+            clash = _clash(other, c)
+            if clash is not None:
+                raise DefinitionError(
+                    definition.name,
+                    f"command {c.command_type!r} has another {clash} in saga {other.saga!r}",
+                    version=definition.version,
+                    step=c.step,
+                )
+            seen[c.command_type] = other.merged(c)
+
+    def commands(self) -> list[CommandSpec]:
+        """Every command type the registered sagas send, once, with the models declared for it
+        (by any step that sends it), in saga and step order."""
+        found: dict[str, CommandSpec] = {}
+        for definition in self.all():
+            for c in commands_of(definition):
+                known = found.get(c.command_type)
+                found[c.command_type] = c if known is None else known.merged(c)
+        return list(found.values())
 
     def get(self, name: str, version: int | None = None) -> SagaDefinition:
         """The given version, or the newest one when ``version`` is None."""
@@ -260,6 +386,77 @@ class Registry:
 
     def as_mapping(self) -> Mapping[str, Mapping[int, SagaDefinition]]:
         return self._by_name
+
+
+@dataclass(frozen=True, slots=True)
+class CommandSpec:
+    """One command type as the sagas use it: who runs it and what travels with it."""
+
+    command_type: str
+    participant: str
+    saga: str
+    step: str
+    compensates: str | None  # the action this command undoes, for a compensation
+    payload_model: type[Any] | None
+    reply_model: type[Any] | None
+    failures: tuple[str, ...] = ()
+
+    def merged(self, other: CommandSpec) -> CommandSpec:
+        """This spec with the models and failures ``other`` declares and this one does not."""
+        return CommandSpec(
+            self.command_type,
+            self.participant,
+            self.saga,
+            self.step,
+            self.compensates,
+            self.payload_model or other.payload_model,
+            self.reply_model or other.reply_model,
+            tuple(dict.fromkeys((*self.failures, *other.failures))),
+        )
+
+
+def _clash(one: CommandSpec, other: CommandSpec) -> str | None:
+    """What two uses of one command type disagree on, if anything."""
+    if one.participant != other.participant:
+        return "participant"
+    for what, a, b in (
+        ("payload model", one.payload_model, other.payload_model),
+        ("reply model", one.reply_model, other.reply_model),
+    ):
+        if a is not None and b is not None and a is not b:
+            return what
+    return None
+
+
+def commands_of(definition: SagaDefinition) -> list[CommandSpec]:
+    """The commands ``definition`` may send: each step's action, and its compensation."""
+    found: list[CommandSpec] = []
+    for i, step in enumerate(definition.steps):
+        found.append(
+            CommandSpec(
+                step.action,
+                step.participant,
+                definition.name,
+                step.name,
+                None,
+                step.payload_model,
+                step.reply_model,
+                step.failures,
+            )
+        )
+        if step.compensation is not None and definition.needs_compensation(i):
+            found.append(
+                CommandSpec(
+                    step.compensation,
+                    step.participant,
+                    definition.name,
+                    step.name,
+                    step.action,
+                    step.compensation_payload_model,
+                    step.compensation_reply_model,
+                )
+            )
+    return found
 
 
 def seed_for(saga_id: UUID, step: str, direction: Direction) -> tuple[object, ...]:

@@ -16,7 +16,9 @@ The rules (docs/semantics.md has the full table):
 * A compensation is retried with backoff; when its budget is spent the saga is ``FAILED`` and
   names the stuck step. An operator can retry it, or resolve it after fixing things by hand.
 * A reply changes the saga only if it answers exactly the command the saga awaits now; anything
-  else (duplicate, late, another saga's, the wrong participant) only adds a history entry.
+  else (a duplicate, a late reply) only adds a history entry. A reply that names one of the
+  saga's commands but disagrees with it (another participant or command type) is refused
+  outright: :func:`reply_mismatch` says why, and the caller dead-letters it.
 """
 
 from __future__ import annotations
@@ -53,7 +55,7 @@ from saga.core.state import (
     Transition,
 )
 
-__all__ = ["decide", "describe_command"]
+__all__ = ["decide", "describe_command", "locate_command", "reply_mismatch"]
 
 _NEEDS_UNDO = (StepStatus.SUCCEEDED, StepStatus.TIMED_OUT, StepStatus.ABORTED)
 
@@ -301,8 +303,10 @@ def _compensate_next(d: SagaDefinition, state: SagaState, below: int, out: _Out)
 # --- replies -------------------------------------------------------------------------------
 
 
-def describe_command(d: SagaDefinition, state: SagaState, message_id: UUID) -> str | None:
-    """Which command of this saga ``message_id`` is, e.g. ``charge action attempt 2``."""
+def locate_command(
+    d: SagaDefinition, state: SagaState, message_id: UUID
+) -> tuple[int, Direction, int] | None:
+    """(step index, direction, attempt) of the command of this saga with ``message_id``."""
     for i, step_def in enumerate(d.steps):
         step = state.steps[i]
         for direction, sent in (
@@ -311,7 +315,43 @@ def describe_command(d: SagaDefinition, state: SagaState, message_id: UUID) -> s
         ):
             for attempt in range(1, sent + 2):
                 if command_id(state.saga_id, step_def.name, direction.value, attempt) == message_id:
-                    return f"{step_def.name} {direction.value} attempt {attempt}"
+                    return i, direction, attempt
+    return None
+
+
+def describe_command(d: SagaDefinition, state: SagaState, message_id: UUID) -> str | None:
+    """Which command of this saga ``message_id`` is, e.g. ``charge action attempt 2``."""
+    found = locate_command(d, state, message_id)
+    if found is None:
+        return None
+    index, direction, attempt = found
+    return f"{d.steps[index].name} {direction.value} attempt {attempt}"
+
+
+def reply_mismatch(
+    d: SagaDefinition, state: SagaState, event: ReplySucceeded | ReplyFailed
+) -> str | None:
+    """Why a reply that names one of this saga's commands (its causation id) cannot be its
+    answer: it comes from another participant, or names another command type. None when it
+    agrees, or names no command of this saga (then it is only noted as ignored)."""
+    found = locate_command(d, state, event.causation_id)
+    if found is None:
+        return None
+    index, direction, attempt = found
+    step_def = d.steps[index]
+    if direction is Direction.COMPENSATION and step_def.compensation is None:
+        return None
+    sent = f"{step_def.name} {direction.value} attempt {attempt}"
+    if event.participant != step_def.participant:
+        return (
+            f"reply to {sent} comes from participant {event.participant!r}, but the command "
+            f"went to {step_def.participant!r}"
+        )
+    expected = step_def.command_type(direction)
+    if event.command_type is not None and event.command_type != expected:
+        return (
+            f"reply to {sent} names command type {event.command_type!r}, but {expected!r} was sent"
+        )
     return None
 
 
@@ -354,14 +394,9 @@ def _on_reply(
         out.note(HistoryKind.IGNORED, why, step=None, message_id=event.message_id)
         return None
     step_def = d.steps[state.current]
-    if event.participant != step_def.participant:
-        out.note(
-            HistoryKind.IGNORED,
-            f"reply from {event.participant!r}, but {step_def.name} is run by "
-            f"{step_def.participant!r}",
-            state,
-            message_id=event.message_id,
-        )
+    mismatch = reply_mismatch(d, state, event)
+    if mismatch is not None:  # the runtime dead-letters these before deciding
+        out.note(HistoryKind.IGNORED, mismatch, state, message_id=event.message_id)
         return None
     if state.direction is Direction.ACTION:
         if isinstance(event, ReplySucceeded):

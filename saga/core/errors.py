@@ -3,6 +3,7 @@
     SagaError
     ├── DefinitionError        a saga definition is invalid; raised at registration
     ├── UnknownSagaError       a name, version or id that nothing is registered or stored under
+    ├── InvalidInputError      a saga's input does not fit its input model; nothing was stored
     ├── ConfigError            a setting is missing or wrong; says what to change
     ├── ConcurrencyError       a saga changed under us (version check failed); safe to retry
     └── MessageError           an inbound message cannot be applied; carries the dead-letter reason
@@ -13,10 +14,14 @@ machine-readable code that goes into the dead-letter header.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 __all__ = [
     "ConcurrencyError",
     "ConfigError",
     "DefinitionError",
+    "FieldError",
+    "InvalidInputError",
     "MessageError",
     "SagaError",
     "UnknownSagaError",
@@ -46,6 +51,31 @@ class DefinitionError(SagaError):
 
 class UnknownSagaError(SagaError):
     """No definition or instance under that name, version or id."""
+
+
+@dataclass(frozen=True, slots=True)
+class FieldError:
+    """One reason an input was refused: where (``("items", 0, "quantity")``) and why."""
+
+    loc: tuple[str | int, ...]
+    msg: str
+    type: str
+
+    def __str__(self) -> str:
+        where = ".".join(str(p) for p in self.loc) or "(input)"
+        return f"{where}: {self.msg}"
+
+
+class InvalidInputError(SagaError, ValueError):
+    """A saga's input does not fit the input model of its definition; ``errors`` says which
+    fields and why. Raised before anything is stored or sent."""
+
+    def __init__(self, saga: str, errors: tuple[FieldError, ...]):
+        shown = "; ".join(str(e) for e in errors[:20])
+        more = f"; and {len(errors) - 20} more" if len(errors) > 20 else ""
+        super().__init__(f"invalid input for saga {saga!r}: {shown}{more}")
+        self.saga = saga
+        self.errors = errors
 
 
 class ConfigError(SagaError):

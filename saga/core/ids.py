@@ -13,6 +13,7 @@ __all__ = [
     "NAMESPACE",
     "command_id",
     "idempotency_key",
+    "reply_id",
     "saga_id_for_key",
     "unit_interval",
 ]
@@ -29,6 +30,13 @@ def command_id(saga_id: uuid.UUID, step: str, direction: str, attempt: int) -> u
 def idempotency_key(saga_id: uuid.UUID, step: str, direction: str) -> uuid.UUID:
     """Key shared by every attempt of one command, so a participant applies its effect once."""
     return uuid.uuid5(NAMESPACE, f"idem:{saga_id}:{step}:{direction}")
+
+
+def reply_id(command_message_id: uuid.UUID) -> uuid.UUID:
+    """Message id of the reply to one command (one delivery of one attempt): a participant that
+    replies again, after a crash or to a redelivery, sends the same message, which the
+    orchestrator's inbox then recognises. Namespace: the command's message id; name: ``reply``."""
+    return uuid.uuid5(command_message_id, "reply")
 
 
 def saga_id_for_key(saga_name: str, key: str) -> uuid.UUID:

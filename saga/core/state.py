@@ -169,6 +169,7 @@ class ReplySucceeded:
     participant: str
     data: Mapping[str, JSON] = field(default_factory=dict)
     message_id: UUID | None = None
+    command_type: str | None = None  # None: not checked (events built by hand in tests)
 
 
 @dataclass(frozen=True, slots=True)
@@ -178,6 +179,7 @@ class ReplyFailed:
     reason: str
     retryable: bool = False
     message_id: UUID | None = None
+    command_type: str | None = None  # None: not checked (events built by hand in tests)
 
 
 @dataclass(frozen=True, slots=True)

@@ -62,6 +62,7 @@ def reply_event(reply: ReplyEnvelope) -> ReplySucceeded | ReplyFailed:
             participant=reply.participant,
             data=cast(dict[str, JSON], dict(reply.data)),
             message_id=reply.message_id,
+            command_type=reply.command_type,
         )
     return ReplyFailed(
         causation_id=reply.causation_id,
@@ -69,4 +70,5 @@ def reply_event(reply: ReplyEnvelope) -> ReplySucceeded | ReplyFailed:
         reason=reply.reason or "unspecified",
         retryable=reply.retryable,
         message_id=reply.message_id,
+        command_type=reply.command_type,
     )

@@ -14,20 +14,28 @@ import asyncio
 import logging
 import time
 import uuid
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from enum import StrEnum
-from typing import Any
+from typing import Any, cast
 from uuid import UUID
 
 import structlog
 from opentelemetry import context as otel_context
+from pydantic import ValidationError
+from pydantic_core import PydanticSerializationError, to_json
 
 from contracts.envelope import ReplyEnvelope
 from saga.core.definition import Registry, SagaDefinition
-from saga.core.engine import decide
-from saga.core.errors import ConcurrencyError, MessageError, UnknownSagaError
+from saga.core.engine import decide, reply_mismatch
+from saga.core.errors import (
+    ConcurrencyError,
+    FieldError,
+    InvalidInputError,
+    MessageError,
+    UnknownSagaError,
+)
 from saga.core.ids import command_id, saga_id_for_key
 from saga.core.state import (
     JSON,
@@ -37,17 +45,19 @@ from saga.core.state import (
     OperatorAbort,
     OperatorResolve,
     OperatorRetry,
+    ReplyFailed,
+    ReplySucceeded,
     SagaState,
     Started,
     TimerFired,
     Transition,
 )
+from saga.messaging.group import REQUEUE, GroupCommit, Requeue
 from saga.orchestrator.codec import COMMANDS_EXCHANGE, REPLY_QUEUE, encode_command, reply_event
 from saga.ports import Change, Clock, CommitResult, Store, SystemClock
-from saga.store.faults import database_fault
 from saga.telemetry import Metrics, Tracing, attempt_ended, span_id_for
 
-__all__ = ["Orchestrator", "Outcome", "Result"]
+__all__ = ["Orchestrator", "Outcome", "Result", "validated_input"]
 
 log = structlog.get_logger("saga.orchestrator.runtime")
 
@@ -73,7 +83,6 @@ class _Item:
     event: Event
     inbox_id: UUID | None
     definition: SagaDefinition | None  # known for a start; looked up from the state otherwise
-    future: asyncio.Future[Result]
     trace: otel_context.Context  # the submitter's, for the span of this event's commit
     conflicts: int = 0
 
@@ -105,12 +114,40 @@ class Orchestrator:
         self.tracing = tracing if tracing is not None else Tracing()
         self.metrics = metrics
         self.database_system = database_system
-        self._pending: list[_Item] = []
-        self._draining: asyncio.Task[None] | None = None
-        self.batches = 0  # commits made, for tests and metrics
+        self._group: GroupCommit[_Item, Result] = GroupCommit(self._process, max_batch)
         self.events = 0  # events decided
 
     # --- public entry points -------------------------------------------------------------
+
+    async def begin(
+        self,
+        name: str,
+        input: Mapping[str, JSON],
+        *,
+        key: str | None = None,
+        version: int | None = None,
+        inbox_id: UUID | None = None,
+        trace_parent: Mapping[str, Any] | None = None,
+    ) -> Result:
+        """Start a saga, or find the one already started with ``key``: the outcome is APPLIED
+        when this call started it and DUPLICATE when it existed. The input is checked against
+        the definition's input model first: :class:`InvalidInputError`, and nothing is stored.
+
+        Its trace continues ``trace_parent`` (a carrier such as a message's headers) or the
+        current span; without either it is the root of a new trace."""
+        definition = self.registry.get(name, version)
+        checked = validated_input(definition, input)
+        saga_id = saga_id_for_key(name, key) if key is not None else uuid.uuid4()
+        existing = await self.store.load(saga_id)
+        if existing is not None:
+            return Result(Outcome.DUPLICATE, existing)
+        trace = self.tracing.saga_trace(definition.name, trace_parent)
+        return await self.submit(
+            saga_id,
+            Started(saga_id, checked, key, trace),
+            inbox_id=inbox_id,
+            definition=definition,
+        )
 
     async def start(
         self,
@@ -122,21 +159,9 @@ class Orchestrator:
         inbox_id: UUID | None = None,
         trace_parent: Mapping[str, Any] | None = None,
     ) -> SagaState:
-        """Start a saga, or return the one already started with this ``key``.
-
-        Its trace continues ``trace_parent`` (a carrier such as a message's headers) or the
-        current span; without either it is the root of a new trace."""
-        definition = self.registry.get(name, version)
-        saga_id = saga_id_for_key(name, key) if key is not None else uuid.uuid4()
-        existing = await self.store.load(saga_id)
-        if existing is not None:
-            return existing
-        trace = self.tracing.saga_trace(definition.name, trace_parent)
-        result = await self.submit(
-            saga_id,
-            Started(saga_id, dict(input), key, trace),
-            inbox_id=inbox_id,
-            definition=definition,
+        """Start a saga, or return the one already started with this ``key`` (:meth:`begin`)."""
+        result = await self.begin(
+            name, input, key=key, version=version, inbox_id=inbox_id, trace_parent=trace_parent
         )
         return result.state
 
@@ -192,101 +217,75 @@ class Orchestrator:
         definition: SagaDefinition | None = None,
     ) -> Result:
         """Queue one event; resolves once its transaction committed."""
-        future: asyncio.Future[Result] = asyncio.get_running_loop().create_future()
-        self._pending.append(
-            _Item(saga_id, event, inbox_id, definition, future, otel_context.get_current())
-        )
-        if self._draining is None or self._draining.done():
-            self._draining = asyncio.create_task(self._drain())
-        return await future
+        item = _Item(saga_id, event, inbox_id, definition, otel_context.get_current())
+        return await self._group.submit(item)
+
+    @property
+    def batches(self) -> int:
+        """Transactions committed, for tests and metrics."""
+        return self._group.batches
 
     async def drained(self) -> None:
         """Wait until no event is queued or being committed (used on shutdown)."""
-        while self._draining is not None and not self._draining.done():
-            await asyncio.shield(self._draining)
+        await self._group.drained()
 
-    async def _drain(self) -> None:
-        while self._pending:
-            batch = self._pending[: self.max_batch]
-            del self._pending[: self.max_batch]
-            self._pending[:0] = await self._commit_batch(batch)
-
-    async def _commit_batch(self, batch: list[_Item]) -> list[_Item]:
-        """Process ``batch``; returns the items to decide again (version conflicts)."""
-        try:
-            return await self._process(batch)
-        except BaseException as exc:  # the store failed: nothing of this batch is committed
-            if isinstance(exc, Exception) and len(batch) > 1 and not database_fault(exc):
-                # One event's write failed the shared transaction (a poison message): commit
-                # each alone, so only that one fails and its batch-mates go through. Not when
-                # the database is down: every one of them would fail alike, one by one.
-                retry: list[_Item] = []
-                for item in batch:
-                    if item.future.done() and not item.future.cancelled():
-                        continue  # answered already: its decision failed, nothing to write
-                    retry += await self._commit_batch([item])
-                return retry
-            for item in batch:
-                _settle(item, exc)
-            if not isinstance(exc, Exception):
-                raise
-            return []
-
-    async def _process(self, batch: list[_Item]) -> list[_Item]:
+    async def _process(self, batch: Sequence[_Item]) -> list[Result | BaseException | Requeue]:
+        """Decide every event of ``batch`` and commit them in one transaction: each answered
+        with its result, its error, or REQUEUE after a version conflict."""
         now = self.clock.now()
         loaded = await self.store.load_many(list({item.saga_id: None for item in batch}))
         working: dict[UUID, SagaState | None] = dict(loaded)
-        decided: list[tuple[_Item, Change]] = []
-        before: list[SagaState | None] = []
+        answers: list[Result | BaseException | Requeue] = []
+        decided: list[tuple[int, _Item, Change, SagaState | None]] = []
         for item in batch:
             state = working.get(item.saga_id)
             try:
                 change = self._decide(item, state, now)
             except MessageError as exc:
-                _settle(item, exc)
+                answers.append(exc)
                 continue
             except Exception as exc:  # a bug deciding one event must not fail its batch-mates
-                _settle(item, MessageError("decide_failed", f"{type(exc).__name__}: {exc}"))
+                answers.append(MessageError("decide_failed", f"{type(exc).__name__}: {exc}"))
                 continue
             if change.transition.applied:
                 working[item.saga_id] = change.transition.state
-            decided.append((item, change))
-            before.append(state)
+            decided.append((len(answers), item, change, state))
+            answers.append(REQUEUE)  # a placeholder until the commit answers
             self.events += 1
         if not decided:
-            return []
+            return answers
         began = time.time_ns()
-        results = await self.store.commit([change for _, change in decided])
+        results = await self.store.commit([change for _, _, change, _ in decided])
         ended = time.time_ns()
-        self.batches += 1
         wrote_outbox = any(
             r in (CommitResult.APPLIED, CommitResult.RECORDED) and c.outbox
-            for (_, c), r in zip(decided, results, strict=True)
+            for (_, _, c, _), r in zip(decided, results, strict=True)
         )
         if wrote_outbox and self.on_commit is not None:
             self.on_commit()  # first: the relay must hear of rows even if a caller is gone
-        retry: list[_Item] = []
-        for (item, change), result, prior in zip(decided, results, before, strict=True):
+        for (at, item, change, prior), result in zip(decided, results, strict=True):
             self.tracing.database(self.database_system, item.trace, began, ended, len(decided))
-            if result is CommitResult.APPLIED:
-                self._observe(prior, change.transition)
-            if result is CommitResult.CONFLICT:
-                if isinstance(item.event, Started):
-                    existing = await self.store.load(item.saga_id)
-                    if existing is not None:
-                        _settle(item, Result(Outcome.DUPLICATE, existing))
-                        continue
-                item.conflicts += 1
-                if item.conflicts > _MAX_CONFLICT_RETRIES:
-                    _settle(item, ConcurrencyError(f"saga {item.saga_id} kept changing under us"))
-                else:
-                    retry.append(item)
-            elif result is CommitResult.DUPLICATE:
-                _settle(item, Result(Outcome.DUPLICATE, change.transition.state))
-            else:
-                outcome = Outcome.APPLIED if result is CommitResult.APPLIED else Outcome.IGNORED
-                _settle(item, Result(outcome, change.transition.state, change.transition))
-        return retry
+            answers[at] = await self._answer(item, change, prior, result)
+        return answers
+
+    async def _answer(
+        self, item: _Item, change: Change, prior: SagaState | None, result: CommitResult
+    ) -> Result | BaseException | Requeue:
+        if result is CommitResult.APPLIED:
+            self._observe(prior, change.transition)
+        if result is CommitResult.CONFLICT:
+            if isinstance(item.event, Started):
+                existing = await self.store.load(item.saga_id)
+                if existing is not None:
+                    return Result(Outcome.DUPLICATE, existing)
+            item.conflicts += 1
+            if item.conflicts > _MAX_CONFLICT_RETRIES:
+                return ConcurrencyError(f"saga {item.saga_id} kept changing under us")
+            return REQUEUE
+        if result is CommitResult.DUPLICATE:
+            return Result(Outcome.DUPLICATE, change.transition.state)
+        outcome = Outcome.APPLIED if result is CommitResult.APPLIED else Outcome.IGNORED
+        return Result(outcome, change.transition.state, change.transition)
 
     def _decide(self, item: _Item, state: SagaState | None, now: datetime) -> Change:
         if state is None and not isinstance(item.event, Started):
@@ -299,6 +298,10 @@ class Orchestrator:
         else:
             assert item.definition is not None
             definition = item.definition
+        if state is not None and isinstance(item.event, ReplySucceeded | ReplyFailed):
+            mismatch = reply_mismatch(definition, state, item.event)
+            if mismatch is not None:
+                raise MessageError("reply_mismatch", mismatch)
         transition = decide(definition, state, item.event, now)
         outbox = tuple(
             encode_command(
@@ -367,12 +370,21 @@ def _message_fields(state: SagaState, entry: HistoryEntry) -> dict[str, str]:
     return fields
 
 
-def _settle(item: _Item, outcome: Result | BaseException) -> None:
-    """Resolve a submitter's future, unless it gave up waiting (its task was cancelled): the
-    commit happened regardless, and the other events of the batch must still be settled."""
-    if item.future.done():
-        return
-    if isinstance(outcome, BaseException):
-        item.future.set_exception(outcome)
-    else:
-        item.future.set_result(outcome)
+def validated_input(definition: SagaDefinition, input: Mapping[str, JSON]) -> dict[str, JSON]:
+    """``input`` as the definition's input model reads it (its JSON form, defaults filled in),
+    or InvalidInputError naming every field that does not fit. Without a model, as it is."""
+    model = definition.input_model
+    if model is None:
+        return dict(input)
+    try:
+        valid = model.model_validate_json(to_json(input))
+    except PydanticSerializationError as exc:
+        error = FieldError((), f"not a JSON object: {exc}", "invalid_json")
+        raise InvalidInputError(definition.name, (error,)) from None
+    except ValidationError as exc:
+        errors = tuple(
+            FieldError(tuple(e["loc"]), e["msg"].removeprefix("Value error, "), e["type"])
+            for e in exc.errors(include_url=False, include_input=False, include_context=False)
+        )
+        raise InvalidInputError(definition.name, errors) from None
+    return cast(dict[str, JSON], valid.model_dump(mode="json"))

@@ -1,14 +1,24 @@
-"""The small library every demo participant uses to join sagas.
+"""The participant library: join sagas from your own service, for your own command types.
 
-A participant registers one handler per command type. For each command it runs the handler's
-business change, records the command's idempotency key with the reply it produced, and writes
-the reply to its own outbox, all in ONE transaction of its own database; a relay publishes the
-outbox with publisher confirms. A redelivered or retried command gets the stored reply again
-without a second side effect.
+A participant registers one handler per command type, typed with its own pydantic models (or
+plain JSON). For each command it runs the handler's business change, records the command's
+idempotency key with the final answer it produced, and writes the reply to its own outbox, all
+in ONE transaction of its own database; a relay publishes the outbox with publisher confirms. A
+redelivered or retried command gets the stored answer again without a second side effect, and
+an action that arrives after its compensation is refused (:data:`ALREADY_COMPENSATED`).
+docs/writing-a-participant.md walks through one.
 """
 
 from saga.participant.errors import BusinessError, TransientError
-from saga.participant.runtime import Handler, Participant
-from saga.participant.settings import ServiceSettings
+from saga.participant.runtime import ALREADY_COMPENSATED, Handler, Participant
+from saga.participant.settings import ParticipantSettings, load_participant_settings
 
-__all__ = ["BusinessError", "Handler", "Participant", "ServiceSettings", "TransientError"]
+__all__ = [
+    "ALREADY_COMPENSATED",
+    "BusinessError",
+    "Handler",
+    "Participant",
+    "ParticipantSettings",
+    "TransientError",
+    "load_participant_settings",
+]

@@ -3,7 +3,8 @@
 ``processed`` maps a command's idempotency key (the same for every attempt of one step in one
 direction) to the final reply it produced, so a redelivery or a retry gets that reply again and
 the effect happens once. Retryable failures are not recorded: nothing changed, so the next
-attempt runs the handler afresh.
+attempt runs the handler afresh. ``tombstones`` holds the keys of actions whose compensation
+ran before them.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from saga.store.fresh import OutboxCopy
 from saga.store.schema import UTCDateTime
 from saga.store.sql import delete_sent, sqlite_engine
 
-__all__ = ["Ledger", "ledger_metadata", "outbox", "processed", "replies"]
+__all__ = ["Ledger", "ledger_metadata", "outbox", "processed", "replies", "tombstones"]
 
 ledger_metadata = sa.MetaData()
 
@@ -50,6 +51,18 @@ replies = sa.Table(
     sa.Column("message_id", sa.Uuid, primary_key=True),
     sa.Column("command_message_id", sa.Uuid, nullable=False),
     sa.Column("body", sa.LargeBinary, nullable=False),
+    sa.Column("created_at", UTCDateTime, nullable=False),
+)
+
+#: actions closed before they arrived: a compensation that found its action unanswered leaves the
+#: action's idempotency key here, and the action, should it come late, is refused unapplied
+tombstones = sa.Table(
+    "ledger_tombstones",
+    ledger_metadata,
+    sa.Column("idempotency_key", sa.Uuid, primary_key=True),
+    sa.Column("saga_id", sa.Uuid, nullable=False),
+    sa.Column("step", sa.String(64), nullable=False),
+    sa.Column("compensation_message_id", sa.Uuid, nullable=False),
     sa.Column("created_at", UTCDateTime, nullable=False),
 )
 

@@ -1,4 +1,25 @@
-"""The participant runtime: consume commands, run handlers exactly once, reply via the outbox."""
+"""The participant runtime: consume commands, run each handler once, reply through an outbox.
+
+A handler is registered for one command type of the participant's own, with its own types::
+
+    flights = Participant("flights", ParticipantSettings(), business=metadata)
+
+    @flights.handler("flights.book")
+    async def book(conn: AsyncConnection, payload: BookFlight, command: CommandEnvelope) -> Booked:
+        ...
+
+The payload model (the second parameter's annotation, a pydantic model) validates every
+command's payload before the handler runs; a payload annotated ``dict[str, JsonValue]`` comes
+as plain JSON. The return annotation says what the success reply carries: a pydantic model, a
+plain JSON object, or ``None`` for nothing. ``payload=`` and ``reply=`` on :meth:`handler` say the
+same explicitly.
+
+For each command, ONE transaction of the participant's database holds the handler's effect, the
+ledger row that records its final answer under the command's idempotency key, and the reply in
+the outbox; the relay publishes the outbox with confirms. So a redelivered message gets its
+first reply again, a retry (same key, new message id) gets the same final answer, and a late
+action whose compensation already ran is refused (a tombstone), all without running the handler.
+"""
 
 from __future__ import annotations
 
@@ -6,44 +27,77 @@ import asyncio
 import contextlib
 import signal
 import time
+import types
+import typing
 import uuid
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any, NamedTuple, cast
+from typing import Any, NamedTuple, TypeVar, cast
 
 import sqlalchemy as sa
 import structlog
 from opentelemetry import context as otel_context
-from opentelemetry import trace
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
-from pydantic import JsonValue
+from pydantic import BaseModel, JsonValue, TypeAdapter
+from pydantic import ValidationError as PydanticValidationError
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from contracts.catalog import CATALOG, CommandContract
-from contracts.common import Contract, ContractError
-from contracts.envelope import CommandEnvelope, ReplyEnvelope, dump_data, parse, parse_data
+from contracts.common import ContractError
+from contracts.envelope import CommandEnvelope, ReplyEnvelope, parse_data
+from saga.core.definition import NAME
+from saga.core.errors import MessageError
+from saga.core.ids import idempotency_key, reply_id
 from saga.faults import crash_point
-from saga.messaging.poison import PoisonGuard, delivery_key
+from saga.messaging.group import GroupCommit
+from saga.messaging.pipeline import Pipeline
+from saga.messaging.poison import PoisonGuard
 from saga.participant.errors import BusinessError, TransientError
 from saga.participant.faults import INJECTED_REFUSAL, INJECTED_TRANSIENT, load_fault_plan
-from saga.participant.group import GroupCommit
-from saga.participant.ledger import Ledger, now, outbox, processed, replies
-from saga.participant.settings import ServiceSettings
+from saga.participant.ledger import Ledger, now, outbox, processed, replies, tombstones
+from saga.participant.settings import ParticipantSettings
 from saga.ports import OutboxMessage
 from saga.relay import Relay
 from saga.secrets import redact_url
-from saga.store.faults import database_reachable, describe_error
-from saga.telemetry import Metrics, MetricsServer, Tracing, trace_ids
+from saga.store.faults import database_reachable
+from saga.telemetry import Metrics, MetricsServer, Tracing
 from saga.transport.broker import AmqpBroker, Broker, Consumer, IncomingMessage
 from saga.transport.topology import Topology
 
-__all__ = ["Handler", "Participant"]
+__all__ = ["ALREADY_COMPENSATED", "Handler", "Participant"]
 
 log = structlog.get_logger("saga.participant")
 
-Handler = Callable[[AsyncConnection, Any, CommandEnvelope], Awaitable[Contract]]
+P = TypeVar("P")
+R = TypeVar("R")
+
+#: ``handler(conn, payload, command) -> reply data``: ``conn`` is the participant's open
+#: transaction (the ledger and the reply outbox are written in it too)
+Handler = Callable[[AsyncConnection, P, CommandEnvelope], Awaitable[R]]
 Seed = Callable[[AsyncConnection], Awaitable[None]]
+
+#: the reason a late action is refused with when its compensation ran first
+ALREADY_COMPENSATED = "already_compensated"
+
 _PROPAGATOR = TraceContextTextMapPropagator()
+_JSON_OBJECT: TypeAdapter[dict[str, JsonValue]] = TypeAdapter(dict[str, JsonValue])
+
+
+class _Infer:
+    """Marker: take the model from the handler's annotations."""
+
+
+_INFER = _Infer()
+
+
+@dataclass(frozen=True, slots=True)
+class _Registered:
+    """One command type this participant serves: its payload and reply shapes, its handler."""
+
+    command_type: str
+    payload: type[BaseModel] | None  # None: the payload as a plain JSON object
+    reply: type[BaseModel] | type[dict[str, JsonValue]] | None  # None: no data
+    fn: Handler[Any, Any]
 
 
 class _Work(NamedTuple):
@@ -53,16 +107,46 @@ class _Work(NamedTuple):
     trace: otel_context.Context
 
 
+class _Final(NamedTuple):
+    """A final outcome recorded in the ledger: repeated to every later attempt."""
+
+    outcome: str
+    reason: str | None
+    detail: str | None
+    data: dict[str, Any]
+
+
+@dataclass(slots=True)
+class _Tally:
+    """What one transaction handled, counted once it committed."""
+
+    handled: int = 0
+    duplicates: int = 0
+    outcomes: list[tuple[str, str]] = field(default_factory=list)
+
+
+@dataclass(slots=True)
+class _Known:
+    """What the ledger holds for a batch's keys: final answers, and tombstoned action keys."""
+
+    finals: dict[uuid.UUID, _Final]
+    closed: set[uuid.UUID]
+
+
 class Participant:
     """A participant service on a broker: RabbitMQ at ``settings.rabbitmq_url`` unless
     ``broker`` (or the ``broker`` attribute, set before :meth:`start`) gives another. A broker
     given belongs to the caller, who closes it; the one :meth:`start` connects, :meth:`stop`
-    closes."""
+    closes.
+
+    ``business`` is the metadata of the service's own tables, created beside the ledger in the
+    same database; ``seed`` runs once at start in a transaction of its own.
+    """
 
     def __init__(
         self,
         name: str,
-        settings: ServiceSettings,
+        settings: ParticipantSettings | None = None,
         *,
         business: sa.MetaData | None = None,
         seed: Seed | None = None,
@@ -70,6 +154,7 @@ class Participant:
         tracing: Tracing | None = None,
         metrics: Metrics | None = None,
     ):
+        settings = settings if settings is not None else ParticipantSettings()
         self.name = name
         self.settings = settings
         self.topology = Topology(prefix=settings.prefix, quorum=settings.quorum_queues)
@@ -83,14 +168,14 @@ class Participant:
         #: failures to give on purpose, by (saga id, command type): SAGA_FAULT_PLAN's, and the
         #: demo's stuck refund
         self.faults = load_fault_plan(settings.fault_plan)
-        self._handlers: dict[str, tuple[CommandContract, Handler]] = {}
+        self._handlers: dict[str, _Registered] = {}
         self.broker: Broker | None = broker
         self._own_broker: Broker | None = None  # made by start(), closed by stop()
         self._consumer: Consumer | None = None
+        self._pipeline: Pipeline[CommandEnvelope] | None = None
         self._started = False
         self._relay: Relay | None = None
         self._relay_task: asyncio.Task[None] | None = None
-        self._in_flight: set[asyncio.Task[Any]] = set()
         self._group: GroupCommit[_Work, ReplyEnvelope] = GroupCommit(self._apply)
         self.tracing = tracing if tracing is not None else Tracing()
         #: shared by every participant of a ``saga-service all`` process (one /metrics port)
@@ -99,16 +184,37 @@ class Participant:
         self._poison = PoisonGuard(settings.max_deliveries, self._database_up)
         self.handled = 0
         self.duplicates = 0
-        self.dead_lettered = 0
 
-    def handler(self, command_type: str) -> Callable[[Handler], Handler]:
-        """Register the handler of ``command_type`` (a command of this participant's)."""
-        contract = CATALOG.get(command_type)
-        if contract is None or contract.participant != self.name:
-            raise ValueError(f"{command_type!r} is not a command of participant {self.name!r}")
+    @property
+    def command_types(self) -> tuple[str, ...]:
+        """The command types this participant serves, in registration order."""
+        return tuple(self._handlers)
 
-        def register(fn: Handler) -> Handler:
-            self._handlers[command_type] = (contract, fn)
+    @property
+    def dead_lettered(self) -> int:
+        return 0 if self._pipeline is None else self._pipeline.dead_lettered
+
+    def handler(
+        self,
+        command_type: str,
+        *,
+        payload: type[BaseModel] | type[dict[str, JsonValue]] | _Infer = _INFER,
+        reply: type[BaseModel] | type[dict[str, JsonValue]] | _Infer | None = _INFER,
+    ) -> Callable[[Handler[P, R]], Handler[P, R]]:
+        """Register the handler of ``command_type``; the payload and reply models come from
+        its annotations unless given here. Raises ValueError at once for a command type that is
+        not a valid name, is registered twice, or a handler whose types cannot be read."""
+        if not _is_name(command_type):
+            raise ValueError(
+                f"command type {command_type!r} must match [a-z][a-z0-9_.-]* (at most 64 "
+                "characters): it goes on the wire"
+            )
+        if command_type in self._handlers:
+            raise ValueError(f"{self.name} already has a handler for {command_type!r}")
+
+        def register(fn: Handler[P, R]) -> Handler[P, R]:
+            payload_model, reply_model = _shapes(fn, command_type, payload, reply)
+            self._handlers[command_type] = _Registered(command_type, payload_model, reply_model, fn)
             return fn
 
         return register
@@ -122,6 +228,8 @@ class Participant:
                 await self.seed(conn)
 
     async def start(self) -> None:
+        if not self._handlers:
+            raise ValueError(f"participant {self.name!r} has no handler: register one first")
         await self.setup_database()
         if self.broker is None:
             self.broker = self._own_broker = await AmqpBroker.connect(
@@ -137,6 +245,19 @@ class Participant:
             metrics=self.metrics,
         )
         self._relay_task = asyncio.create_task(self._relay.run(), name=f"{self.name}-relay")
+        self._pipeline = Pipeline(
+            self.topology.command_queue(self.name),
+            CommandEnvelope,
+            self._on_command,
+            broker=self.broker,
+            topology=self.topology,
+            tracing=self.tracing,
+            metrics=self.metrics,
+            poison=self._poison,
+            max_bytes=self.settings.max_message_bytes,
+            span_attributes=_span_attributes,
+            log_fields=_log_fields,
+        )
         self._started = True
         await self.resume()
         log.info("participant_started", participant=self.name, database=redact_url(self.ledger.url))
@@ -149,10 +270,9 @@ class Participant:
 
     async def resume(self) -> None:
         if self._consumer is None and self._started and self.broker is not None:
+            assert self._pipeline is not None
             self._consumer = await self.broker.consume(
-                self.topology.command_queue(self.name),
-                self._on_message,
-                prefetch=self.settings.prefetch,
+                self._pipeline.queue, self._pipeline, prefetch=self.settings.prefetch
             )
 
     async def stop(self) -> None:
@@ -161,8 +281,8 @@ class Participant:
             consumer, self._consumer = self._consumer, None
             with contextlib.suppress(Exception):
                 await consumer.cancel()
-        if self._in_flight:
-            await asyncio.wait(self._in_flight, timeout=10)
+        if self._pipeline is not None and self._pipeline.in_flight:
+            await asyncio.wait(self._pipeline.in_flight, timeout=10)
         if self._relay is not None and self._relay_task is not None:
             self._relay.stop()
             await asyncio.wait([self._relay_task], timeout=10)
@@ -177,6 +297,8 @@ class Participant:
         await self.ledger.close()
 
     async def serve(self) -> None:
+        """Run until SIGTERM or SIGINT, then stop: finish the commands in hand, flush the
+        replies, close the broker and the database."""
         stopped = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
@@ -191,95 +313,36 @@ class Participant:
         finally:
             server.stop()
 
+    def run(self) -> None:
+        """Serve this participant as the process's main program: logging and tracing set up
+        from ``SAGA_*`` and ``OTEL_*``, a bad setting or an unreachable broker ends it with one
+        line and exit status 2."""
+        from saga.process import launch  # noqa: PLC0415 (the launcher imports the CLI helpers)
+
+        launch(f"saga-{self.name}", self.serve, log_level=self.settings.log_level)
+
     # --- handling ------------------------------------------------------------------------
 
-    async def _on_message(self, message: IncomingMessage) -> None:
-        task = asyncio.current_task()
-        assert task is not None
-        self._in_flight.add(task)
-        queue = self.topology.command_queue(self.name)
-        try:
-            with (
-                self.tracing.process(queue, message.headers, message.message_id, len(message.body)),
-                structlog.contextvars.bound_contextvars(**trace_ids()),
-            ):
-                await self._consume(message, queue)
-        finally:
-            self._in_flight.discard(task)
-
-    async def _consume(self, message: IncomingMessage, queue: str) -> None:
-        if message.content_type not in (None, "application/json"):
-            await self._dead_letter(message, queue, "wrong_content_type", str(message.content_type))
-            return
-        try:
-            command = parse(
-                CommandEnvelope, message.body, max_bytes=self.settings.max_message_bytes
-            )
-        except ContractError as exc:
-            await self._dead_letter(message, queue, exc.reason, exc.detail)
-            return
+    async def _on_command(self, command: CommandEnvelope, message: IncomingMessage) -> str:
+        """The pipeline's handler: refuse what cannot be answered, else apply and reply."""
         if command.participant != self.name or command.command_type not in self._handlers:
-            await self._dead_letter(
-                message,
-                queue,
+            raise MessageError(
                 "unknown_command",
                 f"{self.name} does not handle {command.command_type!r} "
                 f"(addressed to {command.participant!r})",
             )
-            return
         if command.reply_to != self.topology.reply_queue:  # no reply could ever be delivered
-            await self._dead_letter(
-                message,
-                queue,
+            raise MessageError(
                 "unknown_reply_to",
                 f"reply_to {command.reply_to!r} is not this deployment's reply queue "
                 f"{self.topology.reply_queue!r}",
             )
-            return
-        key = delivery_key(message.message_id, message.body)
-        trace.get_current_span().set_attributes(
-            {
-                "messaging.message.conversation_id": str(command.saga_id),
-                "saga.id": str(command.saga_id),
-                "saga.name": command.saga_name,
-                "saga.step": command.step,
-                "saga.direction": command.direction,
-                "saga.attempt": command.attempt,
-                "saga.command_type": command.command_type,
-            }
-        )
-        with structlog.contextvars.bound_contextvars(
-            saga_id=str(command.saga_id),
-            saga_name=command.saga_name,
-            step=command.step,
-            direction=command.direction,
-            attempt=command.attempt,
-            message_id=str(command.message_id),
-        ):
-            await self._handle_delivery(message, queue, command, key)
-
-    async def _handle_delivery(
-        self, message: IncomingMessage, queue: str, command: CommandEnvelope, key: str
-    ) -> None:
-        try:
-            reply = await self.handle(command)
-        except Exception as exc:  # nothing committed: try again later, unless it is poison
-            failures = await self._poison.failed(key, exc)
-            if self._poison.exhausted(failures):
-                detail = f"failed {failures} deliveries; last error: {describe_error(exc)}"
-                await self._dead_letter(message, queue, "poison", detail)
-                return
-            log.warning("command_failed_will_retry", error=repr(exc), message_id=message.message_id)
-            await asyncio.sleep(1.0)
-            with contextlib.suppress(Exception):
-                await message.nack(requeue=True)
-            return
+        reply = await self.handle(command)
         crash_point("participant_after_commit_before_reply")
         if self._relay is not None:
             self._relay.wake()
-        await message.ack()
-        self._poison.settled(key)
         log.debug("command_answered", outcome=reply.outcome, reason=reply.reason)
+        return "applied"
 
     async def _database_up(self) -> bool:
         return await database_reachable(self.ledger.reader)
@@ -288,7 +351,7 @@ class Participant:
         """Apply ``command`` once and queue its reply; returns the reply once committed.
 
         Commands that arrive while a transaction is in flight share the next one (group
-        commit, :mod:`saga.participant.group`); each is still applied exactly once."""
+        commit, :mod:`saga.messaging.group`); each is still applied exactly once."""
         return await self._group.submit(_Work(command, otel_context.get_current()))
 
     async def _apply(self, work: Sequence[_Work]) -> list[ReplyEnvelope]:
@@ -308,15 +371,17 @@ class Participant:
 
     async def _apply_batch(self, work: Sequence[_Work]) -> list[ReplyEnvelope]:
         commands = [w.command for w in work]
-        at = now()
-        reply_ids = [uuid.uuid5(c.message_id, "reply") for c in commands]
-        keys = [c.idempotency_key for c in commands]
+        rows = _Rows(now())
+        reply_ids = [reply_id(c.message_id) for c in commands]
+        #: the action each compensation undoes: a compensation that finds it unanswered leaves a
+        #: tombstone under the action's key, so the action, should it arrive late, is refused
+        undone = {
+            c.idempotency_key: idempotency_key(c.saga_id, c.step, "action")
+            for c in commands
+            if c.direction == "compensation"
+        }
         results: list[ReplyEnvelope] = []
-        processed_rows: list[dict[str, Any]] = []
-        reply_rows: list[dict[str, Any]] = []
-        outbox_rows: list[dict[str, Any]] = []
-        handled = duplicates = 0
-        counted: list[tuple[str, str]] = []
+        tally = _Tally()
         async with self.ledger.engine.begin() as conn:
             sent = self.ledger.take_deletes()
             if sent is not None:
@@ -331,183 +396,361 @@ class Participant:
                     )
                 )
             }
-            finals = {
-                row.idempotency_key: _Final(row.outcome, row.reason, row.detail, dict(row.data))
-                for row in await conn.execute(
-                    sa.select(processed).where(processed.c.idempotency_key.in_(keys))
-                )
-            }
-            for (command, received_in), reply_id in zip(work, reply_ids, strict=True):
-                reply = given.get(reply_id)
-                outcome = "duplicate"
+            keys = [c.idempotency_key for c in commands]
+            known = await self._finals(conn, [*keys, *undone.values()])
+            for (command, received_in), answer_id in zip(work, reply_ids, strict=True):
+                reply = given.get(answer_id)
                 if reply is not None:
-                    duplicates += 1
+                    tally.duplicates += 1
                     body = reply.model_dump_json().encode()
+                    outcome = "duplicate"
                 else:
-                    handled += 1
-                    prior = finals.get(command.idempotency_key)
-                    if prior is not None:
-                        duplicates += 1
-                        reply = _reply(command, reply_id, *prior[:3], False, prior.data)
-                    else:
-                        contract, fn = self._handlers[command.command_type]
-                        reply, final = await self._run(conn, contract, fn, command, reply_id)
-                        outcome = reply.outcome if final else "retryable_failure"
-                        if final:
-                            data = dict(reply.data)
-                            finals[command.idempotency_key] = _Final(
-                                reply.outcome, reply.reason, reply.detail, data
-                            )
-                            processed_rows.append(
-                                {
-                                    "idempotency_key": command.idempotency_key,
-                                    "message_id": command.message_id,
-                                    "saga_id": command.saga_id,
-                                    "command_type": command.command_type,
-                                    "direction": command.direction,
-                                    "outcome": reply.outcome,
-                                    "reason": reply.reason,
-                                    "detail": reply.detail,
-                                    "data": data,
-                                    "processed_at": at,
-                                }
-                            )
-                    given[reply_id] = reply
-                    body = reply.model_dump_json().encode()
-                    reply_rows.append(
-                        {
-                            "message_id": reply.message_id,
-                            "command_message_id": command.message_id,
-                            "body": body,
-                            "created_at": at,
-                        }
+                    tally.handled += 1
+                    reply, outcome = await self._answer(
+                        conn, command, answer_id, known, undone, rows
                     )
-                outbox_rows.append(_outbox_row(command, reply, body, received_in, at))
-                counted.append((command.command_type, outcome))
+                    tally.duplicates += outcome == "duplicate"
+                    given[answer_id] = reply
+                    body = reply.model_dump_json().encode()
+                    rows.reply(command, reply, body)
+                rows.outbox(command, reply, body, received_in)
+                tally.outcomes.append((command.command_type, outcome))
                 results.append(reply)
-            if processed_rows:
-                await conn.execute(processed.insert(), processed_rows)
-            if reply_rows:
-                await conn.execute(replies.insert(), reply_rows)
-            await conn.execute(self.ledger.insert_ignore(outbox), outbox_rows)
-        self.ledger.wrote(OutboxMessage(exchange="", **row) for row in outbox_rows)
-        for command_type, outcome in counted:
+            await rows.write(conn, self.ledger)
+        # counted once committed: a batch that failed is tried again and counted then
+        self.ledger.wrote(OutboxMessage(exchange="", **row) for row in rows.outbox_rows)
+        for command_type, outcome in tally.outcomes:
             self.metrics.commands.labels(self.name, command_type, outcome).inc()
-        self.handled += handled
-        self.duplicates += duplicates
+        self.handled += tally.handled
+        self.duplicates += tally.duplicates
         return results
+
+    async def _answer(
+        self,
+        conn: AsyncConnection,
+        command: CommandEnvelope,
+        answer_id: uuid.UUID,
+        known: _Known,
+        undone: Mapping[uuid.UUID, uuid.UUID],
+        rows: _Rows,
+    ) -> tuple[ReplyEnvelope, str]:
+        """The reply to a command not answered before, and its outcome for the metrics: the
+        final answer already recorded under its key, a tombstone's refusal, or the handler's."""
+        key = command.idempotency_key
+        prior = known.finals.get(key)
+        if prior is not None:
+            return _reply(command, answer_id, *prior[:3], False, prior.data), "duplicate"
+        if command.direction == "action" and key in known.closed:
+            detail = (
+                f"step {command.step} of saga {command.saga_id} was compensated before this "
+                "action arrived; it is refused so that no effect is left without its compensation"
+            )
+            reply, final = _reply(command, answer_id, "failure", ALREADY_COMPENSATED, detail), True
+        else:
+            registered = self._handlers[command.command_type]
+            reply, final = await self._run(conn, registered, command, answer_id)
+        if not final:
+            return reply, "retryable_failure"
+        data = dict(reply.data)
+        known.finals[key] = _Final(reply.outcome, reply.reason, reply.detail, data)
+        rows.processed(command, reply, data)
+        action_key = undone.get(key)
+        if action_key is not None and not (
+            action_key in known.finals or action_key in known.closed
+        ):
+            known.closed.add(action_key)
+            rows.tombstone(command, action_key)
+        return reply, reply.outcome
+
+    @staticmethod
+    async def _finals(conn: AsyncConnection, keys: Sequence[uuid.UUID]) -> _Known:
+        """The final answers recorded under ``keys``, and which of them are tombstones: one
+        statement for both."""
+        recorded = sa.select(
+            processed.c.idempotency_key,
+            processed.c.outcome,
+            processed.c.reason,
+            processed.c.detail,
+            processed.c.data,
+            sa.literal(False).label("tombstone"),
+        ).where(processed.c.idempotency_key.in_(keys))
+        buried = sa.select(
+            tombstones.c.idempotency_key,
+            sa.null(),
+            sa.null(),
+            sa.null(),
+            sa.null(),
+            sa.literal(True),
+        ).where(tombstones.c.idempotency_key.in_(keys))
+        known = _Known({}, set())
+        for row in await conn.execute(sa.union_all(recorded, buried)):
+            key = row[0]
+            if isinstance(key, str):  # a UNION loses the column type on some dialects
+                key = uuid.UUID(key)
+            if row.tombstone:
+                known.closed.add(key)
+            else:
+                known.finals[key] = _Final(row.outcome, row.reason, row.detail, dict(row.data))
+        return known
 
     async def _run(
         self,
         conn: AsyncConnection,
-        contract: CommandContract,
-        fn: Handler,
+        registered: _Registered,
         command: CommandEnvelope,
-        reply_id: uuid.UUID,
+        answer_id: uuid.UUID,
     ) -> tuple[ReplyEnvelope, bool]:
         """Run the handler in a savepoint; (reply, whether the outcome is final)."""
         try:
-            payload = parse_data(contract.payload, command.payload)
+            payload = _payload(registered, command)
         except ContractError as exc:
-            return _reply(command, reply_id, "failure", "invalid_payload", exc.detail, False), True
+            return _reply(command, answer_id, "failure", "invalid_payload", exc.detail, False), True
         fault = self.faults.get((command.saga_id, command.command_type))
         if fault is not None:
             if fault.mode == "refuse":
                 detail = "refused by the fault plan"
-                return _reply(command, reply_id, "failure", INJECTED_REFUSAL, detail, False), True
+                return _reply(command, answer_id, "failure", INJECTED_REFUSAL, detail, False), True
             if command.attempt <= fault.times:
                 detail = f"attempt {command.attempt} of the {fault.times} the fault plan fails"
-                return _reply(command, reply_id, "failure", INJECTED_TRANSIENT, detail, True), False
+                return _reply(
+                    command, answer_id, "failure", INJECTED_TRANSIENT, detail, True
+                ), False
         savepoint = await conn.begin_nested()
         try:
-            result = await fn(conn, payload, command)
+            result = await registered.fn(conn, payload, command)
         except BusinessError as exc:
             await savepoint.rollback()
-            return _reply(command, reply_id, "failure", exc.reason, exc.detail, False), True
+            return _reply(command, answer_id, "failure", exc.reason, exc.detail, False), True
         except TransientError as exc:
             await savepoint.rollback()
-            return _reply(command, reply_id, "failure", exc.reason, exc.detail, True), False
+            return _reply(command, answer_id, "failure", exc.reason, exc.detail, True), False
         except Exception as exc:
             await savepoint.rollback()
             log.exception("handler_error", command_type=command.command_type)
             detail = f"{type(exc).__name__}: {exc}"[:1000]
-            return _reply(command, reply_id, "failure", "handler_error", detail, True), False
-        if not isinstance(result, contract.reply):  # a handler bug: undo, and let it be retried
-            await savepoint.rollback()
-            detail = f"handler returned {type(result).__name__}, not {contract.reply.__name__}"
-            log.error("handler_error", command_type=command.command_type, detail=detail)
-            return _reply(command, reply_id, "failure", "handler_error", detail, True), False
-        await savepoint.commit()
-        return _reply(command, reply_id, "success", None, None, False, dump_data(result)), True
-
-    async def _dead_letter(
-        self, message: IncomingMessage, queue: str, reason: str, detail: str
-    ) -> None:
-        assert self.broker is not None
-        log.warning(
-            "message_dead_lettered",
-            queue=queue,
-            reason=reason,
-            detail=detail,
-            message_id=message.message_id,
-        )
+            return _reply(command, answer_id, "failure", "handler_error", detail, True), False
         try:
-            await self.broker.dead_letter(
-                message, queue=queue, topology=self.topology, reason=reason, detail=detail
+            data = _reply_data(registered, result)
+        except (TypeError, ValueError) as exc:  # a handler bug: undo, and let it be retried
+            await savepoint.rollback()
+            detail = str(exc)[:1000]
+            log.error("handler_error", command_type=command.command_type, detail=detail)
+            return _reply(command, answer_id, "failure", "handler_error", detail, True), False
+        await savepoint.commit()
+        return _reply(command, answer_id, "success", None, None, False, data), True
+
+
+# --- handler shapes ------------------------------------------------------------------------
+
+
+def _is_name(value: str) -> bool:
+    return NAME.fullmatch(value) is not None
+
+
+def _shapes(
+    fn: Callable[..., Any],
+    command_type: str,
+    payload: type[BaseModel] | type[dict[str, JsonValue]] | _Infer,
+    reply: type[BaseModel] | type[dict[str, JsonValue]] | _Infer | None,
+) -> tuple[type[BaseModel] | None, type[BaseModel] | type[dict[str, JsonValue]] | None]:
+    """(payload model or None for plain JSON, reply model, dict or None) of a handler."""
+    where = f"handler of {command_type!r} ({getattr(fn, '__qualname__', fn)!r})"
+    hints: dict[str, Any] = {}
+    if isinstance(payload, _Infer) or isinstance(reply, _Infer):
+        try:
+            hints = typing.get_type_hints(fn)
+        except Exception as exc:
+            raise ValueError(f"{where}: cannot read its annotations: {exc}") from None
+    if isinstance(payload, _Infer):
+        params = [p for p in hints if p != "return"]
+        if len(params) < 2:
+            raise ValueError(
+                f"{where}: annotate its payload parameter (fn(conn, payload: Model, command)) "
+                "with a pydantic model, or dict[str, JsonValue] for plain JSON, or pass payload="
             )
-        except Exception as exc:  # not copied: keep the original, or it would be lost
-            log.warning("dead_letter_failed_will_retry", error=repr(exc))
-            await asyncio.sleep(1.0)
-            with contextlib.suppress(Exception):
-                await message.nack(requeue=True)
-            return
-        self.dead_lettered += 1
-        self.metrics.dead_lettered.labels(queue, reason).inc()
-        await message.ack()
-        self._poison.settled(delivery_key(message.message_id, message.body))
+        payload = hints[params[1]]
+    if isinstance(reply, _Infer):
+        if "return" not in hints:
+            raise ValueError(
+                f"{where}: annotate what it returns (a pydantic model, dict[str, JsonValue] or "
+                "None), or pass reply="
+            )
+        reply = hints["return"]
+    return _payload_shape(payload, where), _reply_shape(reply, where)
 
 
-def _outbox_row(
-    command: CommandEnvelope,
-    reply: ReplyEnvelope,
-    body: bytes,
-    received_in: otel_context.Context,
-    at: datetime,
-) -> dict[str, Any]:
-    headers: dict[str, str] = {}
-    _PROPAGATOR.inject(headers, context=received_in)  # the reply continues the command's trace
+def _is_json_object(tp: Any) -> bool:
+    return typing.get_origin(tp) in (dict, Mapping) or tp is dict
+
+
+def _payload_shape(tp: Any, where: str) -> type[BaseModel] | None:
+    if isinstance(tp, type) and issubclass(tp, BaseModel):
+        return tp
+    if _is_json_object(tp):
+        return None
+    raise ValueError(
+        f"{where}: its payload type {tp!r} is neither a pydantic model nor a JSON object "
+        "(dict[str, JsonValue])"
+    )
+
+
+def _reply_shape(tp: Any, where: str) -> type[BaseModel] | type[dict[str, JsonValue]] | None:
+    if tp is None or tp is type(None):
+        return None
+    if isinstance(tp, type) and issubclass(tp, BaseModel):
+        return tp
+    if _is_json_object(tp):
+        return dict
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):
+        raise ValueError(f"{where}: return one reply type, not {tp!r}")
+    raise ValueError(
+        f"{where}: its reply type {tp!r} is neither a pydantic model, a JSON object nor None"
+    )
+
+
+def _payload(registered: _Registered, command: CommandEnvelope) -> object:
+    if registered.payload is None:
+        return dict(command.payload)
+    return parse_data(registered.payload, command.payload)
+
+
+def _reply_data(registered: _Registered, result: object) -> dict[str, JsonValue]:
+    """The success reply's data; TypeError or ValueError when the handler returned something
+    else than it declared."""
+    shape = registered.reply
+    if shape is None:
+        if result is not None:
+            raise TypeError(f"handler returned {type(result).__name__}, not None")
+        return {}
+    if shape is dict:
+        if not isinstance(result, Mapping):
+            raise TypeError(f"handler returned {type(result).__name__}, not a JSON object")
+        try:
+            return _JSON_OBJECT.validate_python(dict(result))
+        except PydanticValidationError as exc:
+            raise ValueError(f"handler returned an object that is not JSON: {exc}") from None
+    assert isinstance(shape, type) and issubclass(shape, BaseModel)
+    if not isinstance(result, shape):
+        raise TypeError(f"handler returned {type(result).__name__}, not {shape.__name__}")
+    return cast(dict[str, JsonValue], result.model_dump(mode="json"))
+
+
+# --- rows and replies ----------------------------------------------------------------------
+
+
+def _span_attributes(command: CommandEnvelope) -> dict[str, str | int]:
     return {
-        "message_id": reply.message_id,
-        "saga_id": command.saga_id,
-        "routing_key": command.reply_to,
-        "message_type": f"{command.command_type}.reply",
-        "body": body,
-        "headers": headers,
-        "created_at": at,
+        "messaging.message.conversation_id": str(command.saga_id),
+        "saga.id": str(command.saga_id),
+        "saga.name": command.saga_name,
+        "saga.step": command.step,
+        "saga.direction": command.direction,
+        "saga.attempt": command.attempt,
+        "saga.command_type": command.command_type,
     }
 
 
-class _Final(NamedTuple):
-    """A final outcome recorded in the ledger: repeated to every later attempt."""
+def _log_fields(command: CommandEnvelope) -> dict[str, str | int]:
+    return {
+        "saga_id": str(command.saga_id),
+        "saga_name": command.saga_name,
+        "step": command.step,
+        "direction": command.direction,
+        "attempt": command.attempt,
+        "message_id": str(command.message_id),
+    }
 
-    outcome: str
-    reason: str | None
-    detail: str | None
-    data: dict[str, Any]
+
+class _Rows:
+    """The rows one transaction of a participant writes, each kind with one statement."""
+
+    def __init__(self, at: datetime):
+        self.at = at
+        self.processed_rows: list[dict[str, Any]] = []
+        self.tombstone_rows: list[dict[str, Any]] = []
+        self.reply_rows: list[dict[str, Any]] = []
+        self.outbox_rows: list[dict[str, Any]] = []
+
+    def processed(self, command: CommandEnvelope, reply: ReplyEnvelope, data: Any) -> None:
+        self.processed_rows.append(
+            {
+                "idempotency_key": command.idempotency_key,
+                "message_id": command.message_id,
+                "saga_id": command.saga_id,
+                "command_type": command.command_type,
+                "direction": command.direction,
+                "outcome": reply.outcome,
+                "reason": reply.reason,
+                "detail": reply.detail,
+                "data": data,
+                "processed_at": self.at,
+            }
+        )
+
+    def tombstone(self, command: CommandEnvelope, action_key: uuid.UUID) -> None:
+        self.tombstone_rows.append(
+            {
+                "idempotency_key": action_key,
+                "saga_id": command.saga_id,
+                "step": command.step,
+                "compensation_message_id": command.message_id,
+                "created_at": self.at,
+            }
+        )
+
+    def reply(self, command: CommandEnvelope, reply: ReplyEnvelope, body: bytes) -> None:
+        self.reply_rows.append(
+            {
+                "message_id": reply.message_id,
+                "command_message_id": command.message_id,
+                "body": body,
+                "created_at": self.at,
+            }
+        )
+
+    def outbox(
+        self,
+        command: CommandEnvelope,
+        reply: ReplyEnvelope,
+        body: bytes,
+        received_in: otel_context.Context,
+    ) -> None:
+        headers: dict[str, str] = {}
+        _PROPAGATOR.inject(headers, context=received_in)  # the reply continues the command's trace
+        self.outbox_rows.append(
+            {
+                "message_id": reply.message_id,
+                "saga_id": command.saga_id,
+                "routing_key": command.reply_to,
+                "message_type": f"{command.command_type}.reply",
+                "body": body,
+                "headers": headers,
+                "created_at": self.at,
+            }
+        )
+
+    async def write(self, conn: AsyncConnection, ledger: Ledger) -> None:
+        if self.processed_rows:
+            await conn.execute(processed.insert(), self.processed_rows)
+        if self.tombstone_rows:
+            await conn.execute(tombstones.insert(), self.tombstone_rows)
+        if self.reply_rows:
+            await conn.execute(replies.insert(), self.reply_rows)
+        await conn.execute(ledger.insert_ignore(outbox), self.outbox_rows)
 
 
 def _reply(
     command: CommandEnvelope,
-    reply_id: uuid.UUID,
+    answer_id: uuid.UUID,
     outcome: str,
     reason: str | None,
     detail: str | None,
-    retryable: bool,
-    data: dict[str, Any] | None = None,
+    retryable: bool = False,
+    data: Mapping[str, Any] | None = None,
 ) -> ReplyEnvelope:
     if outcome == "success":
         return ReplyEnvelope.success(
-            command, cast(dict[str, JsonValue], data or {}), message_id=reply_id
+            command, cast(dict[str, JsonValue], dict(data or {})), message_id=answer_id
         )
     assert reason is not None
-    return ReplyEnvelope.failure(command, reason, detail, retryable=retryable, message_id=reply_id)
+    return ReplyEnvelope.failure(command, reason, detail, retryable=retryable, message_id=answer_id)

@@ -11,10 +11,10 @@ from pydantic_settings import SettingsConfigDict
 from saga.core.errors import ConfigError
 from saga.settings import AmqpSettings
 
-__all__ = ["ServiceSettings", "load_service_settings"]
+__all__ = ["ParticipantSettings", "load_participant_settings"]
 
 
-class ServiceSettings(AmqpSettings):
+class ParticipantSettings(AmqpSettings):
     model_config = SettingsConfigDict(env_prefix="SAGA_", extra="ignore", frozen=True)
 
     prefix: str = Field("saga", pattern=r"^[a-z][a-z0-9_.-]{0,40}$")
@@ -33,7 +33,7 @@ class ServiceSettings(AmqpSettings):
     #: Prometheus /metrics; 0 turns it off (``saga-service all`` serves the four on one port)
     metrics_host: str = "127.0.0.1"
     metrics_port: int = Field(0, ge=0, le=65_535)
-    #: failures to inject on purpose (chaos soaks only): see services/participant/faults.py
+    #: failures to inject on purpose (chaos soaks only): see saga/participant/faults.py
     fault_plan: Path | None = None
 
     @field_validator("services_database_url")
@@ -55,9 +55,9 @@ class ServiceSettings(AmqpSettings):
         return self.services_database_url, schema
 
 
-def load_service_settings(**overrides: object) -> ServiceSettings:
+def load_participant_settings(**overrides: object) -> ParticipantSettings:
     try:
-        return ServiceSettings(**overrides)  # type: ignore[arg-type]
+        return ParticipantSettings(**overrides)  # type: ignore[arg-type]
     except ValidationError as exc:
         lines = [
             f"SAGA_{str(e['loc'][0]).upper()}: {str(e['msg']).removeprefix('Value error, ')}"

@@ -13,22 +13,27 @@ command to a reply::
 Commands go through the real wire encoding (they are parsed back into
 :class:`contracts.envelope.CommandEnvelope`), replies through the real reply path, and when
 nothing is left to deliver the clock jumps to the next deadline, so timeouts and backoff take no
-real time.
+real time. Operator actions (:meth:`Harness.retry`, :meth:`~Harness.abort`,
+:meth:`~Harness.resolve`) go through the same path as the admin API's, a participant registered
+with ``twice=True`` has each reply delivered twice (as a broker redelivery would), and the
+orchestrator's info lines are kept quiet unless the test configured logging itself.
 """
 
 from __future__ import annotations
 
-import uuid
+import logging
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import cast
 from uuid import UUID
 
+import structlog
 from pydantic import JsonValue
 
 from contracts.envelope import CommandEnvelope, ReplyEnvelope
 from saga.core.definition import Registry, SagaDefinition
+from saga.core.ids import reply_id
 from saga.core.state import JSON, HistoryEntry, SagaState
 from saga.orchestrator.runtime import Orchestrator, Result
 from saga.store.memory import MemoryStore
@@ -90,7 +95,13 @@ class Harness:
         definitions: Registry | Iterable[SagaDefinition],
         *,
         clock: FakeClock | None = None,
+        quiet: bool = True,
     ):
+        if quiet and not structlog.is_configured():
+            # warnings only: a saga's story is in its history, not on the test's output
+            structlog.configure(
+                wrapper_class=structlog.make_filtering_bound_logger(logging.WARNING)
+            )
         if isinstance(definitions, Registry):
             self.registry = definitions
         else:
@@ -101,12 +112,21 @@ class Harness:
         self.store = MemoryStore()
         self.orchestrator = Orchestrator(self.registry, self.store, clock=self.clock)
         self._handlers: dict[str, Handler] = {}
+        self._twice: set[str] = set()
         #: every command delivered to a participant, in order
         self.delivered: list[CommandEnvelope] = []
+        #: what each reply delivered came to (applied, ignored, duplicate), in order
+        self.outcomes: list[Result] = []
 
-    def on(self, command_type: str, handler: Handler) -> None:
-        """Answer ``command_type`` with ``handler``; return None from it to stay silent."""
+    def on(self, command_type: str, handler: Handler, *, twice: bool = False) -> None:
+        """Answer ``command_type`` with ``handler``; return None from it to stay silent.
+        ``twice`` delivers each of its replies a second time, the same message, as a broker
+        redelivery would: the orchestrator must recognise it and change nothing."""
         self._handlers[command_type] = handler
+        if twice:
+            self._twice.add(command_type)
+        else:
+            self._twice.discard(command_type)
 
     async def start(
         self, name: str, input: Mapping[str, JSON] | None = None, *, key: str | None = None
@@ -158,14 +178,26 @@ class Harness:
                 )
             reply = handler(command)
             if reply is not None:
-                await self.reply(command, reply)
+                envelope = self.envelope(command, reply)
+                for _ in range(2 if command.command_type in self._twice else 1):
+                    self.outcomes.append(await self.deliver_reply(envelope))
         return len(pending)
 
     async def reply(self, command: CommandEnvelope, reply: Reply) -> Result:
         """Send ``reply`` to ``command`` through the same path as a reply from RabbitMQ."""
-        envelope = ReplyEnvelope(
+        return await self.deliver_reply(self.envelope(command, reply))
+
+    async def deliver_reply(self, envelope: ReplyEnvelope) -> Result:
+        """Deliver one reply envelope (again, to test a redelivery), through JSON."""
+        parsed = ReplyEnvelope.model_validate_json(envelope.model_dump_json())
+        return await self.orchestrator.handle_reply(parsed)
+
+    @staticmethod
+    def envelope(command: CommandEnvelope, reply: Reply) -> ReplyEnvelope:
+        """The reply envelope a participant would send; its id derived from the command's."""
+        return ReplyEnvelope(
             schema_version=1,
-            message_id=uuid.uuid4(),
+            message_id=reply_id(command.message_id),
             causation_id=command.message_id,
             saga_id=command.saga_id,
             participant=command.participant,
@@ -176,8 +208,38 @@ class Harness:
             retryable=reply.retryable,
             data=cast(dict[str, JsonValue], dict(reply.data)),
         )
-        parsed = ReplyEnvelope.model_validate_json(envelope.model_dump_json())
-        return await self.orchestrator.handle_reply(parsed)
+
+    # --- operator actions, as the admin API and the CLI take them -----------------------
+
+    async def retry(
+        self, saga_id: UUID, reason: str = "retried in a test", *, actor: str = "test"
+    ) -> SagaState:
+        """Retry a FAILED saga's stuck step with a new budget, then settle."""
+        await self.orchestrator.retry(saga_id, actor=actor, reason=reason)
+        await self.settle()
+        return await self.saga(saga_id)
+
+    async def abort(
+        self, saga_id: UUID, reason: str = "aborted in a test", *, actor: str = "test"
+    ) -> SagaState:
+        """Abort a RUNNING saga (before its pivot): compensate what ran, then settle."""
+        await self.orchestrator.abort(saga_id, actor=actor, reason=reason)
+        await self.settle()
+        return await self.saga(saga_id)
+
+    async def resolve(
+        self,
+        saga_id: UUID,
+        reason: str = "resolved in a test",
+        *,
+        data: Mapping[str, JSON] | None = None,
+        actor: str = "test",
+    ) -> SagaState:
+        """Mark a FAILED saga's stuck step done by hand (an action with output ``data``), and
+        carry on from there until the saga settles."""
+        await self.orchestrator.resolve(saga_id, actor=actor, reason=reason, data=data)
+        await self.settle()
+        return await self.saga(saga_id)
 
     async def advance(self, seconds: float) -> int:
         """Move the clock and fire what became due; returns how many timers acted."""

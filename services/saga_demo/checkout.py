@@ -1,8 +1,10 @@
 """The checkout saga: create order -> charge payment -> reserve stock -> schedule shipping.
 
-Every payload is built with the contract models, so a bad input fails the step with a readable
-reason instead of reaching a participant. The order reference of every command is the saga id:
-each participant keys its effect (and its compensation's tombstone) on it.
+The saga names its contracts: ``CheckoutInput`` is checked before a checkout is started (a bad
+input is refused, nothing stored), and each step names the models of its command payloads and
+replies, so every payload is validated before it is sent and ``saga schema export`` publishes
+them. The order reference of every command is the saga id: each participant keys its effect
+(and its compensation's tombstone) on it.
 
 There is no pivot: the shipment is only *scheduled* here, and cancelling a scheduled shipment is
 an ordinary compensation. In a shop where shipping dispatches goods at once, ``schedule_shipping``
@@ -14,19 +16,19 @@ from __future__ import annotations
 from collections.abc import Mapping
 from datetime import timedelta
 from decimal import Decimal
+from enum import StrEnum
 from typing import Any, cast
 from uuid import UUID
 
-from pydantic import JsonValue
-
 from contracts import inventory, order, payment, shipping
-from contracts.catalog import PARTICIPANTS
+from contracts.checkout import CheckoutInput
 from contracts.common import Contract
-from contracts.envelope import dump_data, parse_data
 from saga import Registry, RetryPolicy, SagaContext, SagaDefinition, Step
 from saga.core.state import JSON
 
-__all__ = ["CHECKOUT", "checkout_input", "registry"]
+__all__ = ["CHECKOUT", "PARTICIPANTS", "checkout_input", "registry"]
+
+PARTICIPANTS = ("order", "payment", "inventory", "shipping")
 
 _ACTION_RETRY = RetryPolicy(
     max_attempts=3,
@@ -41,78 +43,70 @@ _COMPENSATION_RETRY = RetryPolicy(
 _TIMEOUT = timedelta(seconds=3)
 
 
-def _payload(model: type[Contract], data: Mapping[str, Any]) -> Mapping[str, JSON]:
-    """Validate through the contract model and return its wire form."""
-    return cast(Mapping[str, JSON], dump_data(parse_data(model, cast(dict[str, JsonValue], data))))
-
-
 def _ref(ctx: SagaContext) -> str:
     assert ctx.saga_id is not None
     return str(ctx.saga_id)
 
 
-def _lines(ctx: SagaContext) -> list[dict[str, Any]]:
-    items = cast(list[dict[str, Any]], ctx.input["items"])
+def _lines(ctx: SagaContext) -> list[JSON]:
+    items = cast(list[dict[str, JSON]], ctx.input["items"])
     return [{"sku": i["sku"], "quantity": i["quantity"]} for i in items]
 
 
 def _create_order(ctx: SagaContext) -> Mapping[str, JSON]:
     i = ctx.input
-    return _payload(
-        order.CreateOrder,
-        {
-            "order_ref": _ref(ctx),
-            "customer_id": i["customer_id"],
-            "items": i["items"],
-            "currency": i["currency"],
-        },
-    )
+    return {
+        "order_ref": _ref(ctx),
+        "customer_id": i["customer_id"],
+        "items": i["items"],
+        "currency": i["currency"],
+    }
 
 
 def _cancel_order(ctx: SagaContext) -> Mapping[str, JSON]:
-    reason = "checkout compensated"
-    return _payload(order.CancelOrder, {"order_ref": _ref(ctx), "reason": reason})
+    return {"order_ref": _ref(ctx), "reason": "checkout compensated"}
 
 
 def _charge(ctx: SagaContext) -> Mapping[str, JSON]:
-    total = ctx.output("create_order")["total"]
-    return _payload(
-        payment.ChargePayment,
-        {
-            "order_ref": _ref(ctx),
-            "customer_id": ctx.input["customer_id"],
-            "amount": total,
-            "currency": ctx.input["currency"],
-        },
-    )
+    return {
+        "order_ref": _ref(ctx),
+        "customer_id": ctx.input["customer_id"],
+        "amount": ctx.output("create_order")["total"],
+        "currency": ctx.input["currency"],
+    }
 
 
 def _refund(ctx: SagaContext) -> Mapping[str, JSON]:
-    return _payload(
-        payment.RefundPayment, {"order_ref": _ref(ctx), "customer_id": ctx.input["customer_id"]}
-    )
+    return {"order_ref": _ref(ctx), "customer_id": ctx.input["customer_id"]}
 
 
 def _reserve(ctx: SagaContext) -> Mapping[str, JSON]:
-    return _payload(inventory.ReserveStock, {"order_ref": _ref(ctx), "items": _lines(ctx)})
+    return {"order_ref": _ref(ctx), "items": _lines(ctx)}
 
 
 def _release(ctx: SagaContext) -> Mapping[str, JSON]:
-    return _payload(inventory.ReleaseStock, {"order_ref": _ref(ctx)})
+    return {"order_ref": _ref(ctx)}
 
 
 def _schedule(ctx: SagaContext) -> Mapping[str, JSON]:
-    return _payload(
-        shipping.ScheduleShipment,
-        {"order_ref": _ref(ctx), "address": ctx.input["address"], "items": _lines(ctx)},
-    )
+    return {"order_ref": _ref(ctx), "address": ctx.input["address"], "items": _lines(ctx)}
 
 
 def _cancel_shipment(ctx: SagaContext) -> Mapping[str, JSON]:
-    return _payload(shipping.CancelShipment, {"order_ref": _ref(ctx)})
+    return {"order_ref": _ref(ctx)}
 
 
-def _step(name: str, participant: str, action: str, build: Any, undo: str, unbuild: Any) -> Step:
+def _step(
+    name: str,
+    action: str,
+    build: Any,
+    undo: str,
+    unbuild: Any,
+    models: tuple[type[Contract], type[Contract], type[Contract], type[Contract]],
+    failures: type[StrEnum],
+) -> Step:
+    participant = action.split(".", 1)[0]
+    payload, reply, undo_payload, undo_reply = models
     return Step(
         name,
         participant=participant,
@@ -123,6 +117,11 @@ def _step(name: str, participant: str, action: str, build: Any, undo: str, unbui
         timeout=_TIMEOUT,
         retry=_ACTION_RETRY,
         compensation_retry=_COMPENSATION_RETRY,
+        payload_model=payload,
+        reply_model=reply,
+        compensation_payload_model=undo_payload,
+        compensation_reply_model=undo_reply,
+        failures=tuple(f.value for f in failures),
     )
 
 
@@ -130,25 +129,59 @@ CHECKOUT = SagaDefinition(
     "checkout",
     1,
     [
-        _step("create_order", "order", order.CREATE, _create_order, order.CANCEL, _cancel_order),
-        _step("charge_payment", "payment", payment.CHARGE, _charge, payment.REFUND, _refund),
+        _step(
+            "create_order",
+            order.CREATE,
+            _create_order,
+            order.CANCEL,
+            _cancel_order,
+            (order.CreateOrder, order.OrderCreated, order.CancelOrder, order.OrderCancelled),
+            order.OrderFailure,
+        ),
+        _step(
+            "charge_payment",
+            payment.CHARGE,
+            _charge,
+            payment.REFUND,
+            _refund,
+            (
+                payment.ChargePayment,
+                payment.PaymentCharged,
+                payment.RefundPayment,
+                payment.PaymentRefunded,
+            ),
+            payment.PaymentFailure,
+        ),
         _step(
             "reserve_inventory",
-            "inventory",
             inventory.RESERVE,
             _reserve,
             inventory.RELEASE,
             _release,
+            (
+                inventory.ReserveStock,
+                inventory.StockReserved,
+                inventory.ReleaseStock,
+                inventory.StockReleased,
+            ),
+            inventory.InventoryFailure,
         ),
         _step(
             "schedule_shipping",
-            "shipping",
             shipping.SCHEDULE,
             _schedule,
             shipping.CANCEL,
             _cancel_shipment,
+            (
+                shipping.ScheduleShipment,
+                shipping.ShipmentScheduled,
+                shipping.CancelShipment,
+                shipping.ShipmentCancelled,
+            ),
+            shipping.ShippingFailure,
         ),
     ],
+    input_model=CheckoutInput,
 )
 
 

@@ -15,21 +15,18 @@ import uuid
 from collections.abc import Callable, Mapping, Sequence
 from decimal import Decimal
 from enum import StrEnum
-from typing import Annotated, Any, NoReturn
+from typing import Annotated, Any
 
 import aio_pika
 import aiormq
 import typer
-from sqlalchemy.exc import SQLAlchemyError
 
 from contracts.envelope import StartSaga
 from saga.core.errors import ConfigError
 from saga.core.ids import saga_id_for_key
-from saga.logs import configure_logging
-from saga.loop import run as run_loop
-from saga.participant import Participant, ServiceSettings
-from saga.participant.settings import load_service_settings
-from saga.secrets import redact
+from saga.participant import Participant, ParticipantSettings
+from saga.participant.settings import load_participant_settings
+from saga.process import fail, launch
 from saga.telemetry import Metrics, MetricsServer, Tracing, configure_tracing
 from saga.transport.amqp import connect_once
 from saga.transport.topology import Topology
@@ -48,7 +45,7 @@ __all__ = [
     "serve_all",
 ]
 
-BUILDERS: dict[str, Callable[[ServiceSettings], Participant]] = {
+BUILDERS: dict[str, Callable[[ParticipantSettings], Participant]] = {
     "order": order.build,
     "payment": payment.build,
     "inventory": inventory.build,
@@ -64,7 +61,7 @@ class Service(StrEnum):
     ALL = "all"
 
 
-async def serve_all(settings: ServiceSettings) -> None:
+async def serve_all(settings: ParticipantSettings) -> None:
     """Run the four services in this process until SIGTERM or SIGINT.
 
     One signal handler for all of them: ``Participant.serve`` installs its own, and a loop keeps
@@ -95,32 +92,13 @@ async def serve_all(settings: ServiceSettings) -> None:
 def run_service(name: str) -> None:
     """Run service ``name`` (or ``all``) until SIGTERM or SIGINT."""
     try:
-        settings = load_service_settings()
+        settings = load_participant_settings()
     except ConfigError as exc:
-        _fail(exc, 2)
-    configure_logging(settings.log_level)
-    try:
-        provider = configure_tracing(f"saga-{name}" if name != Service.ALL else "saga-services")
-    except ConfigError as exc:
-        _fail(exc, 2)
-    try:
-        if name == Service.ALL:
-            run_loop(serve_all(settings))
-        else:
-            run_loop(BUILDERS[name](settings).serve())
-    except ConfigError as exc:  # e.g. RabbitMQ unreachable
-        _fail(exc, 2)
-    except (OSError, SQLAlchemyError) as exc:
-        _fail(exc, 1)
-    finally:
-        provider.shutdown()  # export the spans still batched
-
-
-def _fail(exc: Exception, code: int) -> NoReturn:
-    lines = [line.strip() for line in redact(str(exc)).splitlines() if line.strip()]
-    head, rest = (lines[0], lines[1:]) if lines else (type(exc).__name__, [])
-    typer.echo(f"error: {head} {'; '.join(rest)}".rstrip(), err=True)
-    raise SystemExit(code)
+        fail(exc, 2)
+    if name == Service.ALL:
+        launch("saga-services", lambda: serve_all(settings), log_level=settings.log_level)
+    else:
+        launch(f"saga-{name}", BUILDERS[name](settings).serve, log_level=settings.log_level)
 
 
 # --- sample checkouts ----------------------------------------------------------------------
@@ -295,20 +273,20 @@ def place_orders_command(
     Uses SAGA_RABBITMQ_URL and SAGA_PREFIX; every checkout gets a new key sample-<uuid>.
     """
     try:
-        settings = load_service_settings()
+        settings = load_participant_settings()
     except ConfigError as exc:
-        _fail(exc, 2)
+        fail(exc, 2)
     starts = sample_checkouts(count, seed)
     try:
         provider = configure_tracing("saga-client")
     except ConfigError as exc:
-        _fail(exc, 2)
+        fail(exc, 2)
     try:
         asyncio.run(place_orders(settings.rabbitmq_url, settings.prefix, starts, wait=wait))
     except ConfigError as exc:
-        _fail(exc, 2)
+        fail(exc, 2)
     except (OSError, aiormq.exceptions.AMQPError) as exc:  # refused, or the connection broke
-        _fail(exc, 1)
+        fail(exc, 1)
     finally:
         provider.shutdown()
     for start in starts:

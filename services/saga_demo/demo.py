@@ -32,7 +32,7 @@ from saga.logs import configure_logging
 from saga.orchestrator.service import OrchestratorService
 from saga.participant import Participant
 from saga.participant.faults import InjectedFault
-from saga.participant.settings import ServiceSettings, load_service_settings
+from saga.participant.settings import ParticipantSettings, load_participant_settings
 from saga.settings import Settings, load_settings
 from saga.telemetry import configure_tracing
 from saga.transport.broker import Broker
@@ -318,7 +318,7 @@ def _settings(
     database_url: str | None,
     rabbitmq_url: str,
     admin: tuple[int, str] | None,
-) -> tuple[Settings, ServiceSettings]:
+) -> tuple[Settings, ParticipantSettings]:
     """The demo's settings: short timers and polls, so its six stories take seconds."""
     orch_settings = load_settings(
         database_url=database_url or f"sqlite+aiosqlite:///{data_dir / 'saga.db'}",
@@ -330,7 +330,7 @@ def _settings(
         relay_poll_interval=0.5,
         **({"admin_port": admin[0], "admin_token": admin[1]} if admin else {}),
     )
-    svc_settings = load_service_settings(
+    svc_settings = load_participant_settings(
         rabbitmq_url=rabbitmq_url,
         prefix=prefix,
         data_dir=data_dir,

@@ -26,7 +26,7 @@ from contracts.inventory import (
     StockReleased,
     StockReserved,
 )
-from saga.participant import BusinessError, Participant, ServiceSettings
+from saga.participant import BusinessError, Participant, ParticipantSettings
 from saga.participant.ledger import Ledger
 from saga.store.schema import UTCDateTime
 
@@ -94,7 +94,7 @@ async def seed(conn: AsyncConnection) -> None:
     await conn.execute(dialect.insert(stock).on_conflict_do_nothing(), list(SEED))
 
 
-def build(settings: ServiceSettings) -> Participant:
+def build(settings: ParticipantSettings) -> Participant:
     participant = Participant(PARTICIPANT, settings, business=metadata, seed=seed)
     participant.handler(RESERVE)(reserve)
     participant.handler(RELEASE)(release)

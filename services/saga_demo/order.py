@@ -26,7 +26,7 @@ from contracts.order import (
     OrderCreated,
     OrderFailure,
 )
-from saga.participant import BusinessError, Participant, ServiceSettings
+from saga.participant import BusinessError, Participant, ParticipantSettings
 from saga.participant.ledger import Ledger
 from saga.store.schema import UTCDateTime
 from saga_demo.payment import Amount
@@ -58,7 +58,7 @@ orders = sa.Table(
 )
 
 
-def build(settings: ServiceSettings) -> Participant:
+def build(settings: ParticipantSettings) -> Participant:
     participant = Participant(PARTICIPANT, settings, business=metadata)
     participant.handler(CREATE)(create)
     participant.handler(CANCEL)(cancel)

@@ -30,7 +30,7 @@ from contracts.payment import (
     PaymentRefunded,
     RefundPayment,
 )
-from saga.participant import BusinessError, Participant, ServiceSettings, TransientError
+from saga.participant import BusinessError, Participant, ParticipantSettings, TransientError
 from saga.participant.ledger import Ledger
 from saga.store.schema import UTCDateTime
 
@@ -150,7 +150,7 @@ async def seed(conn: AsyncConnection) -> None:
     await conn.execute(dialect.insert(accounts).on_conflict_do_nothing(), list(SEED))
 
 
-def build(settings: ServiceSettings) -> Participant:
+def build(settings: ParticipantSettings) -> Participant:
     participant = Participant(PARTICIPANT, settings, business=metadata, seed=seed)
     participant.handler(CHARGE)(charge)
     participant.handler(REFUND)(refund)

@@ -27,7 +27,7 @@ from contracts.shipping import (
     ShipmentScheduled,
     ShippingFailure,
 )
-from saga.participant import BusinessError, Participant, ServiceSettings, TransientError
+from saga.participant import BusinessError, Participant, ParticipantSettings, TransientError
 from saga.participant.ledger import Ledger
 from saga.store.schema import UTCDateTime
 
@@ -99,7 +99,7 @@ async def seed(conn: AsyncConnection) -> None:
     await conn.execute(dialect.insert(carriers).on_conflict_do_nothing(), list(SEED))
 
 
-def build(settings: ServiceSettings) -> Participant:
+def build(settings: ParticipantSettings) -> Participant:
     participant = Participant(PARTICIPANT, settings, business=metadata, seed=seed)
     participant.handler(SCHEDULE)(schedule)
     participant.handler(CANCEL)(cancel)

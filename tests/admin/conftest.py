@@ -19,6 +19,7 @@ from typing import Any
 import httpx
 import pytest
 
+from contracts.checkout import CheckoutInput
 from saga import Registry, RetryPolicy, SagaDefinition, Step
 from saga.orchestrator.service import OrchestratorService
 from tests.conftest import require_postgres, require_rabbitmq
@@ -79,8 +80,17 @@ PIVOTED = SagaDefinition(
 )
 
 
+#: a saga with an input model (the demo checkout's): its input is checked before it starts
+ORDERED = SagaDefinition(
+    "ordered",
+    1,
+    [Step("alpha", participant="alpha", action="alpha.do", compensation="alpha.undo")],
+    input_model=CheckoutInput,
+)
+
+
 def admin_registry() -> Registry:
-    return Registry([TRIP, HOLD, PIVOTED], participants=PARTICIPANTS)
+    return Registry([TRIP, HOLD, PIVOTED, ORDERED], participants=PARTICIPANTS)
 
 
 def free_port() -> int:

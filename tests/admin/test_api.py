@@ -206,6 +206,76 @@ async def test_start_is_idempotent_by_key(stack: Stack) -> None:
     assert no_key[0].json()["saga"]["saga_id"] != no_key[1].json()["saga"]["saga_id"]
 
 
+GOOD_ORDER: dict[str, Any] = {
+    "customer_id": "0b3c6f1e-3d5e-4c5a-9a52-2f1f0b3a7d42",
+    "currency": "EUR",
+    "items": [{"sku": "BOOK-1", "quantity": 2, "unit_price": "19.9"}],
+    "address": {
+        "name": "Ann Smith",
+        "street": "Main St 1",
+        "city": "Berlin",
+        "postal_code": "10115",
+        "country": "DE",
+    },
+}
+
+
+@pytest.mark.parametrize(
+    ("change", "fields"),
+    [
+        ({"order": 17}, ["input.customer_id", "input.currency", "input.items", "input.order"]),
+        ({"items": []}, ["input.items"]),
+        (
+            {"items": [{"sku": "BOOK-1", "quantity": 0, "unit_price": "1.00"}]},
+            ["input.items.0.quantity"],
+        ),
+        (
+            {"items": [{"sku": "BOOK-1", "quantity": -1, "unit_price": "1.00"}]},
+            ["input.items.0.quantity"],
+        ),
+        (
+            {"items": [{"sku": "BOOK-1", "quantity": 1, "unit_price": "-5.00"}]},
+            ["input.items.0.unit_price"],
+        ),
+        ({"customer_id": None}, ["input.customer_id"]),
+    ],
+    ids=[
+        "unrelated",
+        "no-items",
+        "quantity-0",
+        "quantity-negative",
+        "negative-price",
+        "no-customer",
+    ],
+)
+async def test_an_invalid_input_is_refused_with_the_fields_and_nothing_stored_or_sent(
+    stack: Stack, change: dict[str, Any], fields: list[str]
+) -> None:
+    order = {"order": 17} if "order" in change else {**GOOD_ORDER, **change}
+    if change.get("customer_id", "") is None:
+        del order["customer_id"]
+    answer = await stack.client.post(
+        "/api/sagas", json={"name": "ordered", "input": order, "key": "k-1"}
+    )
+    assert answer.status_code == 422, answer.text
+    body = answer.json()
+    found = sorted({".".join(str(p) for p in e["loc"][1:]) for e in body["errors"]})
+    assert found == sorted(fields), body
+    for field in fields:
+        assert field in body["detail"]
+    listed = await stack.client.get("/api/sagas", params={"name": "ordered"})
+    assert listed.json()["sagas"] == []  # nothing stored
+    assert await stack.service.store.pending_outbox(10) == []  # nothing to send
+    assert stack.harness.responder is None or stack.harness.responder.received == []
+
+
+async def test_a_valid_input_is_stored_as_its_model_reads_it(stack: Stack) -> None:
+    answer = await stack.client.post("/api/sagas", json={"name": "ordered", "input": GOOD_ORDER})
+    assert answer.status_code == 201, answer.text
+    saga = await stack.wait(answer.json()["saga"]["saga_id"], ["COMPLETED"])
+    assert saga["input"]["items"][0]["unit_price"] == "19.90"  # canonical: the model's form
+
+
 @BOTH
 async def test_retry_a_failed_saga_with_a_stuck_compensation(stack: Stack) -> None:
     saga_id = await stack.start("trip", COMPENSATION_STUCK)

@@ -16,10 +16,10 @@ from collections.abc import AsyncIterator
 
 import pytest
 
-from contracts.catalog import PARTICIPANTS
 from saga.core.errors import ConfigError
 from saga.transport.broker import AmqpBroker
 from saga.transport.topology import Topology
+from saga_demo.checkout import PARTICIPANTS
 from tests.conftest import require_rabbitmq
 from tests.e2e.stack import delete_topology
 

@@ -14,7 +14,7 @@ import structlog
 
 from saga.core.errors import ConfigError
 from saga.logs import configure_logging
-from saga.participant.settings import ServiceSettings, load_service_settings
+from saga.participant.settings import ParticipantSettings, load_participant_settings
 from saga.secrets import redact, redact_url
 from saga.settings import AmqpSettings, Settings, load_settings
 from saga.transport.amqp import broker_urls, connect, connect_once
@@ -33,7 +33,7 @@ THREE = (
 # --- accepted and split ----------------------------------------------------------------
 
 
-@pytest.mark.parametrize("cls", [AmqpSettings, Settings, ServiceSettings])
+@pytest.mark.parametrize("cls", [AmqpSettings, Settings, ParticipantSettings])
 def test_a_list_of_nodes_is_accepted_as_it_is(cls: type[AmqpSettings]) -> None:
     settings = cls(rabbitmq_url=THREE)
     assert settings.rabbitmq_url == THREE  # connect() splits it; nothing else changes
@@ -93,7 +93,7 @@ def test_tls_files_need_every_node_on_amqps(tmp_path: Path) -> None:
     ],
 )
 def test_a_bad_entry_is_named_without_its_password(value: str, expected: str) -> None:
-    for load in (load_settings, load_service_settings):
+    for load in (load_settings, load_participant_settings):
         with pytest.raises(ConfigError) as caught:
             load(rabbitmq_url=value)
         message = str(caught.value)
@@ -130,7 +130,7 @@ def test_every_url_of_a_list_is_redacted(text: str, expected: str) -> None:
     assert redact_url(text) == expected
 
 
-@pytest.mark.parametrize("cls", [AmqpSettings, Settings, ServiceSettings])
+@pytest.mark.parametrize("cls", [AmqpSettings, Settings, ParticipantSettings])
 def test_reprs_hide_every_password_of_the_list(cls: type[AmqpSettings]) -> None:
     settings = cls(rabbitmq_url=THREE)
     for text in (repr(settings), str(settings)):

@@ -18,8 +18,7 @@ from typing import Any
 import jsonschema
 import pytest
 
-from contracts.catalog import CATALOG
-from saga import asyncapi
+from saga.protocol import export as asyncapi
 from saga.transport.memory import MemoryBroker
 from saga.transport.topology import Topology
 from saga_demo.checkout import registry
@@ -41,7 +40,7 @@ def message_names(document: dict[str, Any]) -> set[str]:
     return {m["name"] for m in document["components"]["messages"].values()}
 
 
-@pytest.mark.parametrize("with_registry", [True, False], ids=["checkout", "catalog"])
+@pytest.mark.parametrize("with_registry", [True, False], ids=["checkout", "protocol"])
 def test_the_document_is_valid_asyncapi_3(with_registry: bool) -> None:
     document = asyncapi.document(registry() if with_registry else None, Topology("saga"))
     assert document["asyncapi"] == "3.0.0"
@@ -55,9 +54,9 @@ def test_the_validation_catches_a_broken_document() -> None:
     assert problems(broken), "the schema check must be able to fail"
 
 
-def test_every_command_and_reply_of_the_catalog_is_described() -> None:
-    document = asyncapi.document(None, Topology("saga"))
-    expected = {c.command_type for c in CATALOG.values()}
+def test_every_command_and_reply_of_the_registry_is_described() -> None:
+    document = asyncapi.document(registry(), Topology("saga"))
+    expected = {c.command_type for c in registry().commands()}
     expected |= {f"{c}.reply" for c in expected} | {"saga.start"}
     assert message_names(document) == expected
     channels = {c["address"] for c in document["channels"].values()}
@@ -99,5 +98,6 @@ def test_saga_schema_export_writes_the_documents(tmp_path: Path) -> None:
     schemas = {p.name for p in (out / "messages").iterdir()}
     assert {"CommandEnvelope.schema.json", "ReplyEnvelope.schema.json"} <= schemas
     assert (out / "saga-contracts.schema.json").is_file()
+    assert "CheckoutInput.schema.json" in schemas
     for path in (out / "messages").iterdir():
         jsonschema.Draft202012Validator.check_schema(json.loads(path.read_text()))

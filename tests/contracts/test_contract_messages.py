@@ -12,7 +12,6 @@ import pydantic
 import pytest
 
 from contracts import (
-    CATALOG,
     Address,
     CancelOrder,
     CancelShipment,
@@ -39,10 +38,10 @@ from contracts import (
     StockReleased,
     StockReserved,
     dump_data,
-    lookup,
     parse,
     parse_data,
 )
+from saga_demo.checkout import registry
 
 SAGA = UUID("00000000-0000-4000-8000-000000000001")
 CUSTOMER = UUID("00000000-0000-4000-8000-000000000002")
@@ -94,8 +93,12 @@ NOTHING_TO_UNDO: list[Contract] = [
 ]
 
 
+#: the demo's command types, from the checkout saga's steps
+COMMANDS = {c.command_type: c for c in registry().commands()}
+
+
 def command(command_type: str = "payment.charge", attempt: int = 1) -> CommandEnvelope:
-    contract = lookup(command_type)
+    contract = COMMANDS[command_type]
     return CommandEnvelope(
         schema_version=1,
         message_id=UUID(int=100 + attempt),
@@ -103,7 +106,7 @@ def command(command_type: str = "payment.charge", attempt: int = 1) -> CommandEn
         saga_id=SAGA,
         saga_name="checkout",
         step="charge_payment",
-        direction="compensation" if contract.is_compensation else "action",
+        direction="action" if contract.compensates is None else "compensation",
         attempt=attempt,
         participant=contract.participant,
         command_type=command_type,
@@ -129,7 +132,7 @@ EXAMPLES: list[Contract] = [
     *PAYLOADS.values(),
     *REPLIES.values(),
     *NOTHING_TO_UNDO,
-    *(command(t) for t in CATALOG),
+    *(command(t) for t in COMMANDS),
     SUCCESS,
     FAILURE,
     START,
@@ -144,10 +147,10 @@ def _id(example: Contract) -> str:
 
 
 def test_examples_cover_the_catalog() -> None:
-    assert set(PAYLOADS) == set(CATALOG) == set(REPLIES)
-    for command_type, contract in CATALOG.items():
-        assert type(PAYLOADS[command_type]) is contract.payload
-        assert type(REPLIES[command_type]) is contract.reply
+    assert set(PAYLOADS) == set(COMMANDS) == set(REPLIES)
+    for command_type, contract in COMMANDS.items():
+        assert type(PAYLOADS[command_type]) is contract.payload_model
+        assert type(REPLIES[command_type]) is contract.reply_model
 
 
 @pytest.mark.parametrize("example", EXAMPLES, ids=_id)
@@ -158,16 +161,17 @@ def test_round_trip_through_json(example: Contract) -> None:
     assert parsed.model_dump_json() == example.model_dump_json()
 
 
-@pytest.mark.parametrize("command_type", list(CATALOG))
+@pytest.mark.parametrize("command_type", list(COMMANDS))
 def test_payload_and_reply_round_trip_through_envelopes(command_type: str) -> None:
-    contract = lookup(command_type)
+    contract = COMMANDS[command_type]
     cmd = parse(CommandEnvelope, command(command_type).model_dump_json().encode())
-    assert contract.parse_payload(cmd.payload) == PAYLOADS[command_type]
+    assert contract.payload_model is not None and contract.reply_model is not None
+    assert parse_data(contract.payload_model, cmd.payload) == PAYLOADS[command_type]
     reply = parse(
         ReplyEnvelope, ReplyEnvelope.success(cmd, REPLIES[command_type]).model_dump_json().encode()
     )
     assert reply.causation_id == cmd.message_id and reply.command_type == command_type
-    assert contract.parse_reply(reply.data) == REPLIES[command_type]
+    assert parse_data(contract.reply_model, reply.data) == REPLIES[command_type]
 
 
 def test_amounts_are_canonical_decimal_strings() -> None:

@@ -34,17 +34,16 @@ import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import create_async_engine
 from sqlalchemy.pool import NullPool
 
-from contracts.catalog import PARTICIPANTS
 from contracts.envelope import StartSaga
 from saga.core.ids import saga_id_for_key
 from saga.core.state import HistoryEntry, HistoryKind, SagaState, SagaStatus
 from saga.participant.ledger import Ledger, outbox
-from saga.participant.settings import ServiceSettings
+from saga.participant.settings import ParticipantSettings
 from saga.store.schema import sagas
 from saga.store.sql import SqlStore, sqlite_engine
 from saga.transport.topology import Topology
 from saga_demo import inventory, order, payment, shipping
-from saga_demo.checkout import checkout_input
+from saga_demo.checkout import PARTICIPANTS, checkout_input
 from saga_demo.cli import SAMPLE_PRICES
 from saga_demo.demo import HOME
 from tests.crash.helpers import REPO, Proc, base_env, publish_starts, wait_exit, wait_for_output
@@ -240,8 +239,8 @@ class Stack:
             return self.postgres_url
         return f"sqlite+aiosqlite:///{self.data_dir / 'saga.db'}"
 
-    def service_settings(self) -> ServiceSettings:
-        return ServiceSettings(
+    def service_settings(self) -> ParticipantSettings:
+        return ParticipantSettings(
             rabbitmq_url=self.rabbitmq_url,
             prefix=self.prefix,
             data_dir=self.data_dir,

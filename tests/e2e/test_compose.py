@@ -33,7 +33,7 @@ from typer.exceptions import TyperException
 
 from saga import logs
 from saga.core.errors import ConfigError
-from saga.participant.settings import ServiceSettings, load_service_settings
+from saga.participant.settings import ParticipantSettings, load_participant_settings
 from saga.settings import Settings, load_settings
 from saga.transport.amqp import broker_urls
 from saga_demo import payment
@@ -46,13 +46,13 @@ from tests.e2e.stack import SERVICES, Stack
 COMPOSE = REPO / "docker-compose.yml"
 
 #: the programs of the image, their settings, and the subcommands compose may use
-SETTINGS: dict[str, type[Settings] | type[ServiceSettings]] = {
+SETTINGS: dict[str, type[Settings] | type[ParticipantSettings]] = {
     "saga": Settings,
-    "saga-service": ServiceSettings,
+    "saga-service": ParticipantSettings,
 }
 LOADERS: dict[str, Callable[[], object]] = {
     "saga": load_settings,
-    "saga-service": load_service_settings,
+    "saga-service": load_participant_settings,
 }
 SUBCOMMANDS = {
     "saga": {"run", "migrate"},

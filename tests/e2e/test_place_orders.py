@@ -12,14 +12,13 @@ from uuid import UUID, uuid4
 import aio_pika
 import pytest
 
-from contracts.catalog import PARTICIPANTS
 from contracts.envelope import StartSaga, parse
 from saga.core.ids import saga_id_for_key
 from saga.core.state import SagaContext
 from saga.transport.amqp import declare
 from saga.transport.topology import Topology
 from saga_demo import payment
-from saga_demo.checkout import CHECKOUT
+from saga_demo.checkout import CHECKOUT, PARTICIPANTS
 from saga_demo.cli import SAMPLE_ADDRESSES, SAMPLE_PRICES, sample_checkouts
 from saga_tools.chaos.model import total
 from tests.conftest import require_rabbitmq

@@ -10,7 +10,7 @@ from uuid import UUID
 import pytest
 
 from saga.core.definition import RetryPolicy, SagaDefinition, seed_for
-from saga.core.engine import decide
+from saga.core.engine import decide, reply_mismatch
 from saga.core.errors import UnknownSagaError
 from saga.core.ids import command_id, idempotency_key
 from saga.core.state import (
@@ -744,7 +744,25 @@ def test_reply_from_the_wrong_participant_is_ignored(success: bool) -> None:
     event: Event = (
         ReplySucceeded(cmd.message_id, "p2") if success else ReplyFailed(cmd.message_id, "p2", "x")
     )
-    _assert_ignored(drv, event, "reply from 'p2'", "s1 is run by 'p1'")
+    _assert_ignored(drv, event, "comes from participant 'p2'", "the command went to 'p1'")
+    # the runtime refuses it before the engine sees it: the engine says why
+    assert reply_mismatch(drv.definition, drv.s, event) is not None
+
+
+@pytest.mark.parametrize("success", [True, False], ids=["success", "failure"])
+def test_a_reply_naming_another_command_type_does_not_match_its_command(success: bool) -> None:
+    drv = started(make_definition(2))
+    cmd = drv.last_command
+    event: Event = (
+        ReplySucceeded(cmd.message_id, "p1", command_type="p1.teleport")
+        if success
+        else ReplyFailed(cmd.message_id, "p1", "x", command_type="p1.teleport")
+    )
+    why = reply_mismatch(drv.definition, drv.s, event)
+    assert why is not None and "'p1.teleport'" in why and repr(cmd.command_type) in why
+    _assert_ignored(drv, event, "names command type 'p1.teleport'")
+    right = ReplySucceeded(cmd.message_id, "p1", command_type=cmd.command_type)
+    assert reply_mismatch(drv.definition, drv.s, right) is None
 
 
 @pytest.mark.parametrize(

@@ -33,12 +33,16 @@ from pydantic import JsonValue
 from sqlalchemy import event
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
+import saga.messaging.pipeline
+import saga.orchestrator.inbound
+import saga.orchestrator.service
+import saga.participant.runtime
 from contracts.envelope import CommandEnvelope, ReplyEnvelope
 from contracts.payment import CHARGE, PARTICIPANT, REFUND
 from saga import Registry, RetryPolicy, SagaDefinition, Step
 from saga.core.ids import command_id, idempotency_key
 from saga.orchestrator.service import OrchestratorService
-from saga.participant import Participant, ServiceSettings
+from saga.participant import Participant, ParticipantSettings
 from saga.ports import Clock
 from saga.store.sql import SqlStore
 from saga.transport.topology import DEAD_LETTER_REASON, Topology
@@ -134,6 +138,18 @@ async def start_orchestrator(
 # --- logs -----------------------------------------------------------------------------------
 
 
+def record_logs(monkeypatch: Any, recorder: LogRecorder, *, of: str) -> None:
+    """Route the log lines of the orchestrator's (``of="orchestrator"``) or a participant's
+    modules, and of the consume pipeline they share, to ``recorder``."""
+    own = (
+        (saga.orchestrator.service, saga.orchestrator.inbound)
+        if of == "orchestrator"
+        else (saga.participant.runtime,)
+    )
+    for module in (*own, saga.messaging.pipeline):
+        monkeypatch.setattr(module, "log", recorder)
+
+
 class LogRecorder:
     """Stands in for a module's structlog logger (``monkeypatch.setattr(module, "log", ...)``)
     and keeps every line, whatever structlog's global configuration is."""
@@ -143,6 +159,9 @@ class LogRecorder:
 
     def _log(self, level: str, event: str, **fields: Any) -> None:
         self.lines.append({"level": level, "event": event, **fields})
+
+    def is_enabled_for(self, level: int) -> bool:
+        return True
 
     def debug(self, event: str, **fields: Any) -> None:
         self._log("debug", event, **fields)
@@ -528,7 +547,7 @@ async def payment_world(
     url = require_rabbitmq()
     prefix = f"fp-{unique}"
     service = payment.build(
-        ServiceSettings(
+        ParticipantSettings(
             rabbitmq_url=url,
             prefix=prefix,
             data_dir=tmp_path,

@@ -29,11 +29,10 @@ from uuid import UUID, uuid5
 
 import pytest
 
-from contracts.catalog import PARTICIPANTS
 from saga import Registry, SagaDefinition
 from saga.core.state import HistoryKind
 from saga_demo import inventory, payment
-from saga_demo.checkout import CHECKOUT
+from saga_demo.checkout import CHECKOUT, PARTICIPANTS
 from saga_demo.demo import HOME, NOWHERE
 from saga_tools.chaos.model import Run, World, check_run, conserved, contended, predict
 from saga_tools.chaos.node import NodeError, RabbitNode

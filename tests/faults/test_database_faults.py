@@ -26,8 +26,6 @@ from uuid import UUID
 import pytest
 import sqlalchemy as sa
 
-import saga.orchestrator.service
-import saga.participant.runtime
 from contracts.envelope import ReplyEnvelope, StartSaga
 from saga.core.ids import command_id, saga_id_for_key
 from saga.core.state import SagaStatus
@@ -44,6 +42,7 @@ from tests.faults._db_helpers import (
     payment_world,
     ready,
     reason_of,
+    record_logs,
     reject_inbox,
     reject_rows,
     slow_trip,
@@ -112,7 +111,7 @@ async def test_a_poison_reply_is_dead_lettered_while_other_sagas_flow(
     tmp_path: Path, unique: str, monkeypatch: pytest.MonkeyPatch, backend: str, error: str
 ) -> None:
     recorder = LogRecorder()
-    monkeypatch.setattr(saga.orchestrator.service, "log", recorder)
+    record_logs(monkeypatch, recorder, of="orchestrator")
     async with open_harness(tmp_path, unique, backend) as harness:
         service = await start_orchestrator(harness, slow_trip())
         assert service.settings.max_deliveries == 5  # the default
@@ -177,7 +176,7 @@ async def test_a_poison_command_is_dead_lettered_while_other_commands_flow(
     tmp_path: Path, unique: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     recorder = LogRecorder()
-    monkeypatch.setattr(saga.participant.runtime, "log", recorder)
+    record_logs(monkeypatch, recorder, of="participant")
     async with payment_world(tmp_path, unique) as world:
         assert world.service.settings.max_deliveries == 5  # the default
         opening = await world.balance()
@@ -197,7 +196,7 @@ async def test_a_poison_command_is_dead_lettered_while_other_commands_flow(
         assert dead.headers["x-saga-dead-letter-detail"] == (
             "failed 5 deliveries; last error: IntegrityError: poisoned"
         )
-        assert _failures(recorder, "command_failed_will_retry") == {str(poisoned.message_id): 4}
+        assert _failures(recorder, "apply_failed_will_retry") == {str(poisoned.message_id): 4}
         replies = await world.replies(len(healthy))
         assert set(replies) == {c.message_id for c in healthy}
         assert all(r.outcome == "success" for copies in replies.values() for r in copies)
@@ -275,7 +274,7 @@ async def test_the_orchestrator_rides_out_a_locked_database(
     tmp_path: Path, unique: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     recorder = LogRecorder()
-    monkeypatch.setattr(saga.orchestrator.service, "log", recorder)
+    record_logs(monkeypatch, recorder, of="orchestrator")
     async with open_harness(tmp_path, unique) as harness:
         service = await start_orchestrator(
             harness, slow_trip(), busy_timeout_ms=500, max_deliveries=2
@@ -320,7 +319,7 @@ async def test_the_orchestrator_rides_out_a_full_disk(
     tmp_path: Path, unique: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     recorder = LogRecorder()
-    monkeypatch.setattr(saga.orchestrator.service, "log", recorder)
+    record_logs(monkeypatch, recorder, of="orchestrator")
     async with open_harness(tmp_path, unique) as harness:
         service = await start_orchestrator(harness, slow_trip(), max_deliveries=2)
         await harness.start_responder()
@@ -373,12 +372,12 @@ async def _participant_rides_out(
         for command in commands:
             await world.send_command(command)
         deadline = time.monotonic() + 30
-        while not enough(failures := _failures(recorder, "command_failed_will_retry")):
+        while not enough(failures := _failures(recorder, "apply_failed_will_retry")):
             dead = recorder.named("message_dead_lettered")
             assert world.service.dead_lettered == 0, f"dead-lettered during the fault: {dead}"
             assert time.monotonic() < deadline, f"the fault did not bite: {failures}"
             await asyncio.sleep(0.1)
-        errors = [str(line["error"]) for line in recorder.named("command_failed_will_retry")]
+        errors = [str(line["error"]) for line in recorder.named("apply_failed_will_retry")]
         assert any(symptom in e for e in errors), errors[:3]
         assert world.service.handled < count  # some are held back ...
         assert await ready(world.channel, world.topology.dead_letter_queue(world.queue)) == 0
@@ -406,7 +405,7 @@ async def test_a_participant_rides_out_a_locked_database(
     tmp_path: Path, unique: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     recorder = LogRecorder()
-    monkeypatch.setattr(saga.participant.runtime, "log", recorder)
+    record_logs(monkeypatch, recorder, of="participant")
     async with payment_world(tmp_path, unique, start=False, max_deliveries=2) as world:
         ledger = world.service.ledger
         await ledger.engine.dispose()  # the same engine, with a busy timeout of 0.5 s
@@ -430,7 +429,7 @@ async def test_a_participant_rides_out_a_full_disk(
     tmp_path: Path, unique: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     recorder = LogRecorder()
-    monkeypatch.setattr(saga.participant.runtime, "log", recorder)
+    record_logs(monkeypatch, recorder, of="participant")
     async with payment_world(tmp_path, unique, max_deliveries=2) as world:
         limit = PageLimit(world.service.ledger.engine)
 

@@ -23,8 +23,6 @@ from uuid import UUID
 import pytest
 import sqlalchemy as sa
 
-import saga.orchestrator.service
-import saga.participant.runtime
 from contracts.common import Contract
 from contracts.envelope import CommandEnvelope, ReplyEnvelope, StartSaga
 from contracts.payment import CHARGE
@@ -38,6 +36,7 @@ from tests.faults._db_helpers import (
     open_harness,
     payment_world,
     reason_of,
+    record_logs,
     reply_json,
     slow_trip,
     start_orchestrator,
@@ -76,7 +75,7 @@ async def test_replies_for_another_saga_step_or_service_change_nothing(
     tmp_path: Path, unique: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     recorder = LogRecorder()
-    monkeypatch.setattr(saga.orchestrator.service, "log", recorder)
+    record_logs(monkeypatch, recorder, of="orchestrator")
     async with open_harness(tmp_path, unique) as harness:
         service = await start_orchestrator(harness, slow_trip())
         tap = CommandTap(harness)
@@ -108,18 +107,29 @@ async def test_replies_for_another_saga_step_or_service_change_nothing(
                 "duplicate or late reply to alpha compensation attempt 1; "
                 "awaiting alpha action attempt 1"
             ),
-            # the awaited command, answered by the wrong service
-            await _send_reply(harness, reply_json(a_alpha, participant="beta")): (
-                "reply from 'beta', but alpha is run by 'alpha'"
-            ),
         }
         version_two = await _send_reply(harness, reply_json(a_alpha, schema_version=2))
+        # the awaited command, answered by the wrong service, or naming a command never sent:
+        # it matches the awaited command in its causation id only, so it is refused outright
+        wrong_service = await _send_reply(harness, reply_json(a_alpha, participant="beta"))
+        teleport = await _send_reply(harness, reply_json(a_alpha, command_type="alpha.teleport"))
 
-        [dead] = await harness.dead_letters(harness.topology.reply_queue, 1)
-        assert dead.message_id == str(version_two)
-        assert dead.reason == "schema_violation"
-        assert "schema_version" in dead.headers["x-saga-dead-letter-detail"]
-        assert json.loads(dead.body)["schema_version"] == 2  # the original body, untouched
+        dead = {
+            d.message_id: d for d in await harness.dead_letters(harness.topology.reply_queue, 3)
+        }
+        assert dead[str(version_two)].reason == "schema_violation"
+        assert "schema_version" in dead[str(version_two)].headers["x-saga-dead-letter-detail"]
+        assert json.loads(dead[str(version_two)].body)["schema_version"] == 2  # body untouched
+        assert dead[str(wrong_service)].reason == "reply_mismatch"
+        assert dead[str(wrong_service)].headers["x-saga-dead-letter-detail"] == (
+            "reply to alpha action attempt 1 comes from participant 'beta', but the command "
+            "went to 'alpha'"
+        )
+        assert dead[str(teleport)].reason == "reply_mismatch"
+        assert dead[str(teleport)].headers["x-saga-dead-letter-detail"] == (
+            "reply to alpha action attempt 1 names command type 'alpha.teleport', but "
+            "'alpha.do' was sent"
+        )
         await _settle_all(harness)
 
         # nothing moved: same versions, same awaited commands, no command sent
@@ -132,7 +142,7 @@ async def test_replies_for_another_saga_step_or_service_change_nothing(
         assert len(tap.received) == 2
         history_a = await service.orchestrator.history(a.saga_id)
         assert _ignored(history_a) == expected
-        assert kinds(history_a) == ["started", "command_sent", *["ignored"] * 4]
+        assert kinds(history_a) == ["started", "command_sent", *["ignored"] * 3]
         assert kinds(await service.orchestrator.history(b.saga_id)) == ["started", "command_sent"]
 
         # every one of them left a log line with its reason
@@ -142,6 +152,8 @@ async def test_replies_for_another_saga_step_or_service_change_nothing(
             assert line["reason"] == why
         [line] = recorder.named("message_dead_lettered", message_id=str(version_two))
         assert line["reason"] == "schema_violation"
+        [line] = recorder.named("message_dead_lettered", message_id=str(teleport))
+        assert line["reason"] == "reply_mismatch"
 
         # and both sagas go on normally
         for saga_id, first in ((a.saga_id, a_alpha), (b.saga_id, b_alpha)):
@@ -156,14 +168,14 @@ async def test_replies_for_another_saga_step_or_service_change_nothing(
             assert [tap.count(saga_id, step) for step in ("alpha", "beta", "gamma")] == [1, 1, 1]
             history = await service.orchestrator.history(saga_id)
             assert kinds(history).count("step_succeeded") == 3
-        assert service.dead_lettered == 1
+        assert service.dead_lettered == 3
 
 
 async def test_replies_for_a_compensated_step_change_nothing(
     tmp_path: Path, unique: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     recorder = LogRecorder()
-    monkeypatch.setattr(saga.orchestrator.service, "log", recorder)
+    record_logs(monkeypatch, recorder, of="orchestrator")
     async with open_harness(tmp_path, unique) as harness:
         service = await start_orchestrator(harness, slow_trip())
         tap = CommandTap(harness)
@@ -244,10 +256,16 @@ async def test_oversize_messages_are_dead_lettered_before_parsing(
         [dead_reply] = await harness.dead_letters(reply_queue, 1)
         [dead_start] = await harness.dead_letters(start_queue, 1)
         assert (dead_reply.message_id, dead_reply.reason) == (big_reply, "too_large")
-        assert dead_reply.headers["x-saga-dead-letter-detail"] == "4096 bytes > limit 2048"
+        assert (
+            dead_reply.headers["x-saga-dead-letter-detail"]
+            == "message is 4096 bytes, the limit is 2048"
+        )
         assert dead_reply.body == binary
         assert (dead_start.message_id, dead_start.reason) == (big_start, "too_large")
-        assert dead_start.headers["x-saga-dead-letter-detail"] == "5000 bytes > limit 2048"
+        assert (
+            dead_start.headers["x-saga-dead-letter-detail"]
+            == "message is 5000 bytes, the limit is 2048"
+        )
         assert parsed == []
 
         started = await service.start_saga("trip", {"script": {}})
@@ -266,7 +284,7 @@ async def test_participant_refuses_wrong_commands(
     tmp_path: Path, unique: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     recorder = LogRecorder()
-    monkeypatch.setattr(saga.participant.runtime, "log", recorder)
+    record_logs(monkeypatch, recorder, of="participant")
     async with payment_world(tmp_path, unique) as world:
         opening = await world.balance()
         negative = world.charge("-5.00")

@@ -33,7 +33,6 @@ from pydantic import JsonValue
 from pydantic_core import from_json
 
 from contracts import (
-    CATALOG,
     DEFAULT_MAX_BYTES,
     CancelOrder,
     CancelShipment,
@@ -61,12 +60,13 @@ from contracts import (
     parse_data,
 )
 from saga.orchestrator.service import OrchestratorService
-from saga.participant import ServiceSettings
+from saga.participant import ParticipantSettings
 from saga.settings import load_settings
 from saga.transport.broker import IncomingMessage
 from saga.transport.memory import MemoryBroker
 from saga.transport.topology import DEAD_LETTER_DETAIL, DEAD_LETTER_QUEUE, DEAD_LETTER_REASON
 from saga_demo import order
+from tests.support.catalog import CATALOG
 from tests.support.sagas import registry
 
 EXAMPLES = int(os.environ.get("SAGA_FUZZ_EXAMPLES", "300"))
@@ -759,7 +759,14 @@ class Collector:
         await message.ack()
 
 
-OTHER_CONTENT_TYPES = ["text/plain", "application/json; charset=utf-8", "", "APPLICATION/JSON"]
+OTHER_CONTENT_TYPES = [
+    "text/plain",
+    "application/json; charset=utf-8",
+    "application/json; charset=latin-1",
+    "application/json;foo=bar",
+    "",
+    "APPLICATION/JSON",
+]
 CONTENT_TYPES = (
     st.sampled_from([None, "application/json"])  # mostly the ones that pass
     | st.sampled_from([None, "application/json", *OTHER_CONTENT_TYPES])
@@ -820,13 +827,21 @@ async def settle(broker: RecordingBroker, *queues: str) -> None:
         await asyncio.sleep(0.001)
 
 
-def verdict(
-    model: type[Contract], d: Delivery, limit: int, *, size_first: bool = True
-) -> tuple[str | None, Any]:
+def json_content_type(value: str | None) -> bool:
+    """The protocol's rule: none, or application/json with at most a UTF-8 charset."""
+    if value is None:
+        return True
+    media, *params = [p.strip().lower() for p in value.split(";")]
+    return media == "application/json" and all(
+        p.replace(" ", "") in ("charset=utf-8", "charset=utf8", 'charset="utf-8"') for p in params
+    )
+
+
+def verdict(model: type[Contract], d: Delivery, limit: int) -> tuple[str | None, Any]:
     """(dead-letter reason, None) for a message a consumer must refuse, else (None, message)."""
-    if size_first and len(d.body) > limit:
+    if len(d.body) > limit:  # first: an oversize body is refused unread, whatever else it is
         return "too_large", None
-    if d.content_type not in (None, "application/json"):
+    if not json_content_type(d.content_type):
         return "wrong_content_type", None
     try:
         return None, parse(model, d.body, max_bytes=limit)
@@ -946,6 +961,7 @@ TRIP_STARTS = st.fixed_dictionaries(
 
 async def check_orchestrator_delivery(h: Orchestrated, data: st.DataObject) -> None:
     topology = h.service.topology
+    command = h.commands[-1]
     if data.draw(st.integers(0, 4)) == 0:
         queue, model = topology.start_queue, StartSaga
         d = data.draw(delivery(TRIP_STARTS))
@@ -957,6 +973,15 @@ async def check_orchestrator_delivery(h: Orchestrated, data: st.DataObject) -> N
     expected, message = verdict(model, d, MESSAGE_LIMIT)
     if expected is None and isinstance(message, ReplyEnvelope) and message.saga_id not in h.sagas:
         expected = "unknown_saga"
+    if (
+        expected is None
+        and isinstance(message, ReplyEnvelope)
+        and message.causation_id == command.message_id
+        and message.saga_id == command.saga_id
+        and (message.participant, message.command_type)
+        != (command.participant, command.command_type)
+    ):
+        expected = "reply_mismatch"  # names a command sent, and disagrees with it
     if expected is None and isinstance(message, StartSaga) and message.saga_name != "trip":
         expected = "unknown_saga_name"
     collector = h.dead[queue]
@@ -1035,7 +1060,7 @@ class Participating:
 
 async def participant_on_memory(tmp_path: Path) -> Participating:
     broker = RecordingBroker()
-    settings = ServiceSettings(
+    settings = ParticipantSettings(
         prefix="fuzzp",
         data_dir=tmp_path,
         services_database_url=None,
@@ -1080,7 +1105,7 @@ def keep_reply_to(tree: Any) -> Any:
 async def check_participant_delivery(h: Participating, data: st.DataObject) -> None:
     queue = h.service.topology.command_queue(order.PARTICIPANT)
     d = data.draw(delivery(order_commands()))
-    expected, command = verdict(CommandEnvelope, d, MESSAGE_LIMIT, size_first=False)
+    expected, command = verdict(CommandEnvelope, d, MESSAGE_LIMIT)
     if expected is None and (
         command.participant != order.PARTICIPANT or command.command_type not in ORDER_COMMANDS
     ):

@@ -11,12 +11,16 @@ from typing import Any
 
 import sqlalchemy as sa
 
-from contracts.catalog import CATALOG
 from contracts.common import Contract
 from contracts.envelope import CommandEnvelope, Direction, dump_data
-from saga.participant import Participant, ServiceSettings
+from saga.core.ids import idempotency_key
+from saga.participant import Participant, ParticipantSettings
 from saga.participant.ledger import Ledger
+from saga_demo.checkout import registry
 from tests.conftest import require_postgres
+
+#: the demo's command types, with the step and participant of each
+COMMANDS = {c.command_type: c for c in registry().commands()}
 
 
 def command(
@@ -24,19 +28,19 @@ def command(
 ) -> CommandEnvelope:
     """A fresh message of one step of ``saga_id``: the idempotency key is the same for every
     attempt of that step in that direction, the message id new each time."""
-    contract = CATALOG[command_type]
-    step = (contract.compensates or command_type).replace(".", "_")
-    direction: Direction = "compensation" if contract.is_compensation else "action"
+    spec = COMMANDS[command_type]
+    step = spec.step
+    direction: Direction = "action" if spec.compensates is None else "compensation"
     return CommandEnvelope(
         schema_version=1,
         message_id=uuid.uuid4(),
-        idempotency_key=uuid.uuid5(saga_id, f"{step}/{direction}"),
+        idempotency_key=idempotency_key(saga_id, step, direction),
         saga_id=saga_id,
         saga_name="checkout",
         step=step,
         direction=direction,
         attempt=attempt,
-        participant=contract.participant,
+        participant=spec.participant,
         command_type=command_type,
         reply_to="saga.replies",
         deadline=datetime.now(UTC) + timedelta(seconds=10),
@@ -46,15 +50,15 @@ def command(
 
 @asynccontextmanager
 async def participant(
-    build: Callable[[ServiceSettings], Participant], tmp_path: Path, backend: str = "sqlite"
+    build: Callable[[ParticipantSettings], Participant], tmp_path: Path, backend: str = "sqlite"
 ) -> AsyncIterator[Participant]:
     """A built, set-up and seeded participant on a SQLite file, or on a PostgreSQL schema of
     its own (named per test, so tests running side by side do not share state)."""
     if backend == "sqlite":
-        service = build(ServiceSettings(data_dir=tmp_path, services_database_url=None))
+        service = build(ParticipantSettings(data_dir=tmp_path, services_database_url=None))
     else:
         service = build(
-            ServiceSettings(data_dir=tmp_path, services_database_url=require_postgres())
+            ParticipantSettings(data_dir=tmp_path, services_database_url=require_postgres())
         )
         shared = service.ledger
         service.ledger = Ledger(

@@ -14,8 +14,8 @@ from pathlib import Path
 import aio_pika
 import pytest
 
-from contracts.catalog import PARTICIPANTS
 from saga.transport.topology import Topology
+from saga_demo.checkout import PARTICIPANTS
 from tests.conftest import require_rabbitmq
 
 

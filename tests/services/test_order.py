@@ -94,7 +94,7 @@ async def test_a_cancel_before_the_create_refuses_the_late_create(svc: Participa
         order_id=None, nothing_to_undo=True
     )
     late = await svc.handle(create(saga, ref, BOOKS))
-    assert (late.outcome, late.reason, late.retryable) == ("failure", "order_cancelled", False)
+    assert (late.outcome, late.reason, late.retryable) == ("failure", "already_compensated", False)
     stored = await row(svc, order.orders, ref)
     assert stored is not None
     assert (stored["status"], stored["order_id"], stored["total"]) == ("CANCELLED", None, None)

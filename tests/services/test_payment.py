@@ -153,7 +153,7 @@ async def test_a_refund_before_its_charge_refuses_the_late_charge(svc: Participa
     undo = refunded(await svc.handle(refund(saga, ref, payment.ALICE)))
     assert undo == PaymentRefunded(payment_id=None, amount=Decimal("0.00"), nothing_to_undo=True)
     late = await svc.handle(charge(saga, ref, payment.ALICE, "10.00"))
-    assert (late.outcome, late.reason, late.retryable) == ("failure", "payment_cancelled", False)
+    assert (late.outcome, late.reason, late.retryable) == ("failure", "already_compensated", False)
     assert await payment.snapshot(svc.ledger) == SEEDED
     stored = await row(svc, payment.payments, ref)
     assert stored is not None

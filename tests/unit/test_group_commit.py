@@ -8,7 +8,7 @@ from collections.abc import Sequence
 import pytest
 import sqlalchemy as sa
 
-from saga.participant.group import GroupCommit
+from saga.messaging.group import REQUEUE, GroupCommit, Requeue
 
 
 class WriteError(Exception):
@@ -68,3 +68,46 @@ async def test_when_the_database_is_down_the_batch_fails_whole_without_retries()
         await first
     assert all(isinstance(o, sa.exc.OperationalError) for o in outcomes)
     assert calls == [[0], [1, 2]]  # not tried one by one: each would fail the same way
+
+
+async def test_an_item_answered_with_an_error_fails_alone_and_a_requeued_one_goes_first() -> None:
+    calls: list[list[int]] = []
+    conflicts = {2: 1}  # item 2 conflicts once, then commits
+
+    async def apply(items: Sequence[int]) -> list[int | BaseException | Requeue]:
+        calls.append(list(items))
+        await asyncio.sleep(0)
+        answers: list[int | BaseException | Requeue] = []
+        for i in items:
+            if i == 1:
+                answers.append(WriteError("item 1 is refused"))
+            elif conflicts.get(i, 0) > 0:
+                conflicts[i] -= 1
+                answers.append(REQUEUE)
+            else:
+                answers.append(i)
+        return answers
+
+    group = GroupCommit(apply)
+    first = asyncio.ensure_future(group.submit(0))
+    await asyncio.sleep(0)
+    outcomes = await asyncio.gather(*(group.submit(i) for i in (1, 2, 3)), return_exceptions=True)
+    assert await first == 0
+    assert isinstance(outcomes[0], WriteError) and outcomes[1:] == [2, 3]
+    assert calls == [[0], [1, 2, 3], [2]]  # the requeued item is decided again, first
+    assert group.batches == 3
+
+
+async def test_drained_waits_for_the_batch_in_flight() -> None:
+    done: list[int] = []
+
+    async def apply(items: Sequence[int]) -> list[int]:
+        await asyncio.sleep(0.01)
+        done.extend(items)
+        return list(items)
+
+    group = GroupCommit(apply)
+    pending = asyncio.ensure_future(group.submit(7))
+    await asyncio.sleep(0)
+    await group.drained()
+    assert done == [7] and await pending == 7

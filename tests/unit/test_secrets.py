@@ -19,7 +19,7 @@ import pytest
 import structlog
 
 from saga.logs import configure_logging
-from saga.participant.settings import ServiceSettings
+from saga.participant.settings import ParticipantSettings
 from saga.secrets import redact, redact_url
 from saga.settings import AmqpSettings, load_settings
 from saga.transport.amqp import TlsFiles
@@ -54,7 +54,7 @@ def test_settings_reprs_mask_passwords() -> None:
         rabbitmq_url=f"amqp://app:{SECRET}@broker:5672/",
         database_url=f"postgresql+asyncpg://app:{SECRET}@db/saga",
     )
-    service = ServiceSettings(
+    service = ParticipantSettings(
         rabbitmq_url=f"amqp://svc:{SECRET}@broker:5672/",
         services_database_url=f"postgresql+asyncpg://svc:{SECRET}@db/x",
     )

@@ -1,7 +1,7 @@
 import pytest
 
 from saga.core.errors import ConfigError
-from saga.orchestrator.service import load_registry
+from saga.orchestrator.loader import load_registry
 from saga.settings import load_settings
 
 

@@ -16,9 +16,9 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 from opentelemetry.trace import StatusCode
 from structlog.testing import LogCapture
 
-from saga.orchestrator import runtime
 from saga.core.errors import ConfigError
 from saga.core.state import SagaStatus
+from saga.orchestrator import runtime
 from saga.orchestrator.runtime import Orchestrator
 from saga.ports import BrokerStats
 from saga.telemetry import Metrics, ReservedIds, Tracing, configure_tracing, span_id_for

@@ -13,9 +13,8 @@ import dataclasses
 import os
 from datetime import timedelta
 
-from contracts.catalog import PARTICIPANTS
 from saga import Registry, SagaDefinition
-from saga_demo.checkout import CHECKOUT
+from saga_demo.checkout import CHECKOUT, PARTICIPANTS
 
 __all__ = ["registry"]
 

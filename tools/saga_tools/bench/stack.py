@@ -30,10 +30,10 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import create_async_engine
 from sqlalchemy.pool import NullPool
 
-from contracts.catalog import PARTICIPANTS
-from saga.participant.settings import ServiceSettings
+from saga.participant.settings import ParticipantSettings
 from saga.transport.topology import Topology
 from saga_demo import inventory, payment
+from saga_demo.checkout import PARTICIPANTS
 from saga_demo.cli import BUILDERS
 from saga_tools.bench.definitions import STEP_TIMEOUT_ENV
 
@@ -92,8 +92,8 @@ class StackConfig:
             return ("orchestrator",)
         return tuple(f"orchestrator-{i}" for i in range(1, self.instances + 1))
 
-    def service_settings(self) -> ServiceSettings:
-        return ServiceSettings(
+    def service_settings(self) -> ParticipantSettings:
+        return ParticipantSettings(
             rabbitmq_url=self.rabbitmq_url,
             prefix=self.prefix,
             data_dir=self.data_dir,

@@ -36,7 +36,7 @@ from aio_pika.abc import AbstractConnection
 from contracts.envelope import StartSaga
 from saga.core.state import SagaStatus
 from saga.participant.ledger import Ledger, outbox, replies
-from saga.participant.settings import ServiceSettings
+from saga.participant.settings import ParticipantSettings
 from saga.store.schema import sagas as sagas_table
 from saga.store.sql import SqlStore, sqlite_engine
 from saga.transport.topology import DEAD_LETTER_REASON, Topology
@@ -141,8 +141,8 @@ class Stack:
     def fault_plan(self) -> Path:
         return self.directory / "fault-plan.json"
 
-    def service_settings(self) -> ServiceSettings:
-        return ServiceSettings(
+    def service_settings(self) -> ParticipantSettings:
+        return ParticipantSettings(
             rabbitmq_url=self.amqp_url, prefix=self.prefix, data_dir=self.data_dir
         )
 

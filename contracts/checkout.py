@@ -1,0 +1,34 @@
+"""The checkout saga's input: who buys what, in which currency, shipped where."""
+
+from __future__ import annotations
+
+from decimal import Decimal
+from typing import Annotated, Self
+from uuid import UUID
+
+from pydantic import AfterValidator, Field, model_validator
+
+from contracts.common import MAX_AMOUNT, Contract, Currency, unique_skus
+from contracts.order import OrderLine
+from contracts.shipping import Address
+
+__all__ = ["CheckoutInput"]
+
+
+class CheckoutInput(Contract):
+    """Checked before a checkout is started: a bad input is refused with the field that is
+    wrong, and no saga is stored, instead of compensating a saga that could never succeed."""
+
+    customer_id: UUID
+    currency: Currency
+    items: Annotated[
+        list[OrderLine], Field(min_length=1, max_length=50), AfterValidator(unique_skus)
+    ]
+    address: Address
+
+    @model_validator(mode="after")
+    def _total_is_chargeable(self) -> Self:
+        total = sum((line.unit_price * line.quantity for line in self.items), Decimal("0.00"))
+        if total > MAX_AMOUNT:
+            raise ValueError(f"the order total must not exceed {MAX_AMOUNT}")
+        return self

@@ -1,0 +1,81 @@
+"""The timer loop: fires the deadlines of awaited replies and of backoffs, honestly.
+
+A step's timeout measures its participant's silence. So timers never fire while the broker
+connection is down (no reply can arrive, no retry can leave); after an outage they wait as long
+again as it lasted, for the participants' held-up replies; and while replies wait in the reply
+queue not yet delivered to us (a backlog after a restart or a burst), they wait for those to be
+applied first. Each wait is capped by ``SAGA_TIMER_OUTAGE_CREDIT_MAX``, so a silent participant
+is always timed out in the end. Without this, every held-up reply arrives after its step timed
+out, every timeout adds a retry to the backlog, and the retry budgets run out on steps that had
+answered.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable
+
+import structlog
+
+from saga.orchestrator.runtime import Orchestrator
+from saga.transport.broker import Broker
+
+__all__ = ["TimerLoop"]
+
+log = structlog.get_logger("saga.orchestrator")
+
+
+class TimerLoop:
+    """Fires due timers every ``interval`` seconds, after ``grace`` seconds at start (replies
+    that arrived while the orchestrator was down are applied first)."""
+
+    def __init__(
+        self,
+        orchestrator: Orchestrator,
+        broker: Callable[[], Broker | None],
+        replies_waiting: Callable[[], Awaitable[bool]],
+        *,
+        interval: float,
+        grace: float,
+        credit_max: float,
+    ):
+        self._orchestrator = orchestrator
+        self._broker = broker
+        self._replies_waiting = replies_waiting
+        self.interval = interval
+        self.grace = grace
+        self.credit_max = credit_max
+
+    async def run(self) -> None:
+        loop = asyncio.get_running_loop()
+        await asyncio.sleep(self.grace)
+        down_since: float | None = None
+        backlog_since: float | None = None
+        while True:
+            broker = self._broker()
+            if broker is not None and not broker.is_connected():
+                if down_since is None:
+                    down_since = loop.time()
+                    log.warning("timers_paused", why="broker connection down")
+                await asyncio.sleep(self.interval)
+                continue
+            if down_since is not None:
+                outage = loop.time() - down_since
+                wait = min(max(outage, self.grace), self.credit_max)
+                log.info("timers_resume", outage_s=round(outage, 2), after_s=round(wait, 2))
+                down_since = None
+                await asyncio.sleep(wait)
+                continue  # down again meanwhile? check before firing
+            if await self._replies_waiting():
+                if backlog_since is None:
+                    backlog_since = loop.time()
+                if loop.time() - backlog_since < self.credit_max:
+                    await asyncio.sleep(self.interval)
+                    continue
+            else:
+                backlog_since = None
+            try:
+                await self._orchestrator.fire_due_timers()
+            except Exception as exc:
+                log.warning("timer_loop_failed", error=repr(exc))
+            await asyncio.sleep(self.interval)

@@ -1,0 +1,278 @@
+"""The participant library serves any command type, with the user's own models, and gives it
+every guarantee: one transaction per command, dedup by idempotency key and by message, tombstones
+against a late action, typed payloads, and refusals for handlers it cannot read."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections.abc import AsyncIterator
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+import sqlalchemy as sa
+from pydantic import BaseModel, JsonValue
+from sqlalchemy.ext.asyncio import AsyncConnection
+
+from contracts.envelope import CommandEnvelope
+from saga.core.ids import command_id, idempotency_key
+from saga.participant import (
+    ALREADY_COMPENSATED,
+    BusinessError,
+    Participant,
+    ParticipantSettings,
+    TransientError,
+)
+
+metadata = sa.MetaData()
+bookings = sa.Table(
+    "bookings",
+    metadata,
+    sa.Column("saga_id", sa.Uuid, primary_key=True),
+    sa.Column("flight", sa.String(20), nullable=False),
+    sa.Column("seats", sa.Integer, nullable=False),
+    sa.Column("cancelled", sa.Boolean, nullable=False, default=False),
+)
+
+
+class BookFlight(BaseModel):
+    flight: str
+    seats: int
+
+
+class FlightBooked(BaseModel):
+    booking: uuid.UUID
+    seats: int
+
+
+calls: list[str] = []
+
+
+def flights(tmp_path: Path) -> Participant:
+    """A user's participant: its own name, command types, models and tables."""
+    service = Participant(
+        "flights", ParticipantSettings(data_dir=tmp_path, prefix="acme"), business=metadata
+    )
+
+    @service.handler("flights.book")
+    async def book(
+        conn: AsyncConnection, payload: BookFlight, command: CommandEnvelope
+    ) -> FlightBooked:
+        calls.append(f"book {command.attempt}")
+        if payload.flight == "FULL":
+            raise BusinessError("sold_out", f"{payload.flight} has no seats")
+        if payload.flight == "FLAKY" and command.attempt == 1:
+            raise TransientError("gds_timeout")
+        await conn.execute(
+            bookings.insert().values(
+                saga_id=command.saga_id, flight=payload.flight, seats=payload.seats
+            )
+        )
+        return FlightBooked(booking=command.saga_id, seats=payload.seats)
+
+    @service.handler("flights.cancel")
+    async def cancel(
+        conn: AsyncConnection, payload: dict[str, JsonValue], command: CommandEnvelope
+    ) -> dict[str, JsonValue]:
+        calls.append("cancel")
+        done = await conn.execute(
+            bookings.update().where(bookings.c.saga_id == command.saga_id).values(cancelled=True)
+        )
+        return {"nothing_to_undo": done.rowcount == 0}
+
+    @service.handler("flights.notify")
+    async def notify(
+        conn: AsyncConnection, payload: dict[str, JsonValue], command: CommandEnvelope
+    ) -> None:
+        calls.append("notify")
+
+    return service
+
+
+@pytest.fixture
+async def svc(tmp_path: Path) -> AsyncIterator[Participant]:
+    calls.clear()
+    service = flights(tmp_path)
+    await service.setup_database()
+    try:
+        yield service
+    finally:
+        await service.ledger.close()
+
+
+def command(
+    command_type: str,
+    payload: dict[str, Any],
+    saga_id: uuid.UUID,
+    *,
+    step: str = "flight",
+    direction: str = "action",
+    attempt: int = 1,
+) -> CommandEnvelope:
+    """A command exactly as the orchestrator derives its ids."""
+    return CommandEnvelope(
+        schema_version=1,
+        message_id=command_id(saga_id, step, direction, attempt),
+        idempotency_key=idempotency_key(saga_id, step, direction),
+        saga_id=saga_id,
+        saga_name="trip",
+        step=step,
+        direction=direction,  # type: ignore[arg-type]
+        attempt=attempt,
+        participant="flights",
+        command_type=command_type,
+        reply_to="acme.replies",
+        deadline=datetime.now(UTC) + timedelta(seconds=10),
+        payload=payload,
+    )
+
+
+def book(saga: uuid.UUID, flight: str = "LH400", attempt: int = 1) -> CommandEnvelope:
+    return command("flights.book", {"flight": flight, "seats": 2}, saga, attempt=attempt)
+
+
+def cancel(saga: uuid.UUID) -> CommandEnvelope:
+    return command("flights.cancel", {}, saga, direction="compensation")
+
+
+async def booked(svc: Participant) -> list[tuple[str, bool]]:
+    async with svc.ledger.reader.connect() as conn:
+        rows = await conn.execute(sa.select(bookings.c.flight, bookings.c.cancelled))
+        return [(r.flight, r.cancelled) for r in rows]
+
+
+async def test_a_users_own_command_types_are_served_with_their_models(svc: Participant) -> None:
+    assert svc.command_types == ("flights.book", "flights.cancel", "flights.notify")
+    saga = uuid.uuid4()
+    reply = await svc.handle(book(saga))
+    assert (reply.outcome, reply.command_type, reply.participant) == (
+        "success",
+        "flights.book",
+        "flights",
+    )
+    assert FlightBooked.model_validate(reply.data) == FlightBooked(booking=saga, seats=2)
+    assert reply.causation_id == book(saga).message_id
+    assert reply.message_id == uuid.uuid5(book(saga).message_id, "reply")
+    assert await booked(svc) == [("LH400", False)]
+    undo = await svc.handle(cancel(saga))
+    assert (undo.outcome, undo.data) == ("success", {"nothing_to_undo": False})
+    note = await svc.handle(command("flights.notify", {"any": ["json"]}, saga, step="notify"))
+    assert (note.outcome, note.data) == ("success", {})
+    assert await booked(svc) == [("LH400", True)]
+
+
+async def test_the_same_key_gets_the_same_answer_and_the_effect_happens_once(
+    svc: Participant,
+) -> None:
+    saga = uuid.uuid4()
+    first = await svc.handle(book(saga))
+    again = await svc.handle(book(saga))  # the same message redelivered
+    retry = await svc.handle(book(saga, attempt=2))  # a new attempt, the same key
+    assert again == first
+    assert (retry.outcome, retry.data) == (first.outcome, first.data)
+    assert retry.causation_id == book(saga, attempt=2).message_id
+    assert calls == ["book 1"]
+    assert await booked(svc) == [("LH400", False)]
+
+
+async def test_business_and_transient_failures(svc: Participant) -> None:
+    refused = await svc.handle(book(uuid.uuid4(), "FULL"))
+    assert (refused.outcome, refused.reason, refused.retryable) == ("failure", "sold_out", False)
+    saga = uuid.uuid4()
+    flaky = await svc.handle(book(saga, "FLAKY"))
+    assert (flaky.outcome, flaky.reason, flaky.retryable) == ("failure", "gds_timeout", True)
+    # a retryable failure is not recorded: the next attempt runs the handler again
+    second = await svc.handle(book(saga, "FLAKY", attempt=2))
+    assert second.outcome == "success"
+    assert calls == ["book 1", "book 1", "book 2"]
+
+
+async def test_a_late_action_after_its_compensation_is_refused_unapplied(
+    svc: Participant,
+) -> None:
+    saga = uuid.uuid4()
+    undo = await svc.handle(cancel(saga))  # the compensation overtook its action
+    assert (undo.outcome, undo.data) == ("success", {"nothing_to_undo": True})
+    late = await svc.handle(book(saga))
+    assert (late.outcome, late.reason, late.retryable) == ("failure", ALREADY_COMPENSATED, False)
+    assert await booked(svc) == []
+    assert calls == ["cancel"]  # the action's handler never ran
+    assert (await svc.handle(book(saga, attempt=2))).reason == ALREADY_COMPENSATED
+    history = await svc.ledger.history()
+    assert [(h["command_type"], h["outcome"], h["reason"]) for h in history] == [
+        ("flights.cancel", "success", None),
+        ("flights.book", "failure", ALREADY_COMPENSATED),
+    ]
+
+
+async def test_an_action_and_its_compensation_in_one_batch(svc: Participant) -> None:
+    """Group commit: the action first, then its compensation, in one transaction: the
+    compensation sees the booking and undoes it; no tombstone is left."""
+    saga = uuid.uuid4()
+    done, undone = await asyncio.gather(svc.handle(book(saga)), svc.handle(cancel(saga)))
+    assert done.outcome == "success" and undone.data == {"nothing_to_undo": False}
+    assert await booked(svc) == [("LH400", True)]
+
+
+async def test_an_invalid_payload_is_a_final_refusal_before_the_handler(svc: Participant) -> None:
+    reply = await svc.handle(command("flights.book", {"flight": "LH400"}, uuid.uuid4()))
+    assert (reply.outcome, reply.reason, reply.retryable) == ("failure", "invalid_payload", False)
+    assert reply.detail is not None and "seats" in reply.detail
+    assert calls == []
+
+
+async def test_a_handler_that_returns_the_wrong_type_is_a_retryable_handler_error(
+    tmp_path: Path,
+) -> None:
+    service = Participant("flights", ParticipantSettings(data_dir=tmp_path), business=metadata)
+
+    @service.handler("flights.book")
+    async def sloppy(
+        conn: AsyncConnection, payload: BookFlight, command: CommandEnvelope
+    ) -> FlightBooked:
+        await conn.execute(bookings.insert().values(saga_id=command.saga_id, flight="X", seats=1))
+        return {"booking": "not the model"}  # type: ignore[return-value]
+
+    await service.setup_database()
+    try:
+        reply = await service.handle(book(uuid.uuid4()))
+        assert (reply.outcome, reply.reason, reply.retryable) == ("failure", "handler_error", True)
+        assert reply.detail == "handler returned dict, not FlightBooked"
+        assert await booked(service) == []  # its writes were rolled back
+    finally:
+        await service.ledger.close()
+
+
+def test_handlers_are_checked_when_they_are_registered(tmp_path: Path) -> None:
+    service = Participant("flights", ParticipantSettings(data_dir=tmp_path))
+
+    async def untyped(conn, payload, command):  # type: ignore[no-untyped-def]
+        return None
+
+    async def any_payload(conn: AsyncConnection, payload: Any, command: CommandEnvelope) -> None:
+        return None
+
+    async def two_replies(
+        conn: AsyncConnection, payload: BookFlight, command: CommandEnvelope
+    ) -> FlightBooked | None:
+        return None
+
+    with pytest.raises(ValueError, match="annotate its payload parameter"):
+        service.handler("flights.book")(untyped)
+    with pytest.raises(ValueError, match="neither a pydantic model nor a JSON object"):
+        service.handler("flights.book")(any_payload)
+    with pytest.raises(ValueError, match="return one reply type"):
+        service.handler("flights.book")(two_replies)
+    with pytest.raises(ValueError, match="must match"):
+        service.handler("Flights Book")
+    # explicit models need no annotations
+    service.handler("flights.book", payload=BookFlight, reply=None)(untyped)
+    with pytest.raises(ValueError, match="already has a handler"):
+        service.handler("flights.book")
+
+
+async def test_a_participant_without_handlers_does_not_start(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="has no handler"):
+        await Participant("idle", ParticipantSettings(data_dir=tmp_path)).start()
