@@ -28,10 +28,10 @@ import structlog
 from opentelemetry import trace
 from pydantic import BaseModel
 
-from contracts.common import ContractError
-from contracts.envelope import parse
 from saga.core.errors import MessageError
 from saga.messaging.poison import PoisonGuard, delivery_key
+from saga.protocol.envelope import parse
+from saga.protocol.types import ContractError
 from saga.store.faults import describe_error
 from saga.telemetry import Metrics, Tracing, trace_ids
 from saga.transport.broker import Broker, IncomingMessage

@@ -8,9 +8,9 @@ from typing import cast
 
 from pydantic import JsonValue
 
-from contracts.envelope import CommandEnvelope, ReplyEnvelope
 from saga.core.state import JSON, Command, ReplyFailed, ReplySucceeded
 from saga.ports import OutboxMessage
+from saga.protocol.envelope import CommandEnvelope, ReplyEnvelope
 
 __all__ = ["COMMANDS_EXCHANGE", "REPLY_QUEUE", "encode_command", "reply_event"]
 

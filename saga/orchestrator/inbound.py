@@ -9,10 +9,10 @@ import logging
 import structlog
 from opentelemetry import trace
 
-from contracts.envelope import ReplyEnvelope, StartSaga
 from saga.core.errors import InvalidInputError, MessageError, UnknownSagaError
 from saga.faults import crash_point
 from saga.orchestrator.runtime import Orchestrator, Outcome
+from saga.protocol.envelope import ReplyEnvelope, StartSaga
 from saga.transport.broker import IncomingMessage
 
 __all__ = ["Inbound", "reply_attributes", "start_attributes"]

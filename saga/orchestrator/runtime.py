@@ -26,7 +26,6 @@ from opentelemetry import context as otel_context
 from pydantic import ValidationError
 from pydantic_core import PydanticSerializationError, to_json
 
-from contracts.envelope import ReplyEnvelope
 from saga.core.definition import Registry, SagaDefinition
 from saga.core.engine import decide, reply_mismatch
 from saga.core.errors import (
@@ -55,6 +54,7 @@ from saga.core.state import (
 from saga.messaging.group import REQUEUE, GroupCommit, Requeue
 from saga.orchestrator.codec import COMMANDS_EXCHANGE, REPLY_QUEUE, encode_command, reply_event
 from saga.ports import Change, Clock, CommitResult, Store, SystemClock
+from saga.protocol.envelope import ReplyEnvelope
 from saga.telemetry import Metrics, Tracing, attempt_ended, span_id_for
 
 __all__ = ["Orchestrator", "Outcome", "Result", "validated_input"]

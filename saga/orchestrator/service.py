@@ -27,7 +27,6 @@ from typing import Any
 
 import structlog
 
-from contracts.envelope import ReplyEnvelope, StartSaga
 from saga.core.definition import Registry
 from saga.core.state import JSON, SagaState
 from saga.faults import crash_point
@@ -39,6 +38,7 @@ from saga.orchestrator.runtime import Orchestrator
 from saga.orchestrator.timers import TimerLoop
 from saga.orchestrator.upkeep import outbox_gauges, prune_inbox
 from saga.ports import Clock
+from saga.protocol.envelope import ReplyEnvelope, StartSaga
 from saga.relay import Relay
 from saga.settings import Settings
 from saga.store.faults import describe_error

@@ -43,8 +43,6 @@ from pydantic import BaseModel, JsonValue, TypeAdapter
 from pydantic import ValidationError as PydanticValidationError
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from contracts.common import ContractError
-from contracts.envelope import CommandEnvelope, ReplyEnvelope, parse_data
 from saga.core.definition import NAME
 from saga.core.errors import MessageError
 from saga.core.ids import idempotency_key, reply_id
@@ -57,6 +55,8 @@ from saga.participant.faults import INJECTED_REFUSAL, INJECTED_TRANSIENT, load_f
 from saga.participant.ledger import Ledger, now, outbox, processed, replies, tombstones
 from saga.participant.settings import ParticipantSettings
 from saga.ports import OutboxMessage
+from saga.protocol.envelope import CommandEnvelope, ReplyEnvelope, parse_data
+from saga.protocol.types import ContractError
 from saga.relay import Relay
 from saga.secrets import redact_url
 from saga.store.faults import database_reachable

@@ -13,9 +13,9 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from contracts.common import SCHEMA_VERSION
-from contracts.envelope import DEFAULT_MAX_BYTES, CommandEnvelope, ReplyEnvelope, StartSaga
 from saga.core.definition import CommandSpec, SagaDefinition
+from saga.protocol.envelope import DEFAULT_MAX_BYTES, CommandEnvelope, ReplyEnvelope, StartSaga
+from saga.protocol.types import SCHEMA_VERSION
 
 __all__ = ["ASYNCAPI_VERSION", "Names", "asyncapi_document"]
 

@@ -20,10 +20,10 @@ from typing import Any
 from pydantic import BaseModel
 from pydantic.json_schema import models_json_schema
 
-from contracts.common import SCHEMA_VERSION, CommonFailure
-from contracts.envelope import DEFAULT_MAX_BYTES, CommandEnvelope, ReplyEnvelope, StartSaga
 from saga.core.definition import CommandSpec, Registry, SagaDefinition
 from saga.protocol.asyncapi import REF, Names, asyncapi_document
+from saga.protocol.envelope import DEFAULT_MAX_BYTES, CommandEnvelope, ReplyEnvelope, StartSaga
+from saga.protocol.types import SCHEMA_VERSION, CommonFailure
 from saga.transport.topology import Topology
 
 __all__ = ["BUNDLE_FILENAME", "ENVELOPES", "bundle", "document", "export", "message_schemas"]

@@ -45,9 +45,9 @@ from aio_pika.abc import (
     AbstractQueue,
 )
 
-from contracts.envelope import CommandEnvelope, ReplyEnvelope
 from saga.core.errors import ConfigError
 from saga.core.ids import command_id, idempotency_key
+from saga.protocol.envelope import CommandEnvelope, ReplyEnvelope
 from saga.transport.topology import DEAD_LETTER_REASON, Topology
 
 __all__ = ["CASES", "Case", "Check", "Target", "render", "run_conformance"]

@@ -31,11 +31,11 @@ from uuid import UUID
 import structlog
 from pydantic import JsonValue
 
-from contracts.envelope import CommandEnvelope, ReplyEnvelope
 from saga.core.definition import Registry, SagaDefinition
 from saga.core.ids import reply_id
 from saga.core.state import JSON, HistoryEntry, SagaState
 from saga.orchestrator.runtime import Orchestrator, Result
+from saga.protocol.envelope import CommandEnvelope, ReplyEnvelope
 from saga.store.memory import MemoryStore
 
 __all__ = ["FakeClock", "Harness", "Reply", "fail", "ok", "silence"]

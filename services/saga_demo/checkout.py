@@ -20,11 +20,11 @@ from enum import StrEnum
 from typing import Any, cast
 from uuid import UUID
 
-from contracts import inventory, order, payment, shipping
-from contracts.checkout import CheckoutInput
-from contracts.common import Contract
 from saga import Registry, RetryPolicy, SagaContext, SagaDefinition, Step
 from saga.core.state import JSON
+from saga.protocol.types import Contract
+from saga_demo.contracts import inventory, order, payment, shipping
+from saga_demo.contracts.checkout import CheckoutInput
 
 __all__ = ["CHECKOUT", "PARTICIPANTS", "checkout_input", "registry"]
 

@@ -21,12 +21,12 @@ import aio_pika
 import aiormq
 import typer
 
-from contracts.envelope import StartSaga
 from saga.core.errors import ConfigError
 from saga.core.ids import saga_id_for_key
 from saga.participant import Participant, ParticipantSettings
 from saga.participant.settings import load_participant_settings
 from saga.process import fail, launch
+from saga.protocol.envelope import StartSaga
 from saga.telemetry import Metrics, MetricsServer, Tracing, configure_tracing
 from saga.transport.amqp import connect_once
 from saga.transport.topology import Topology

@@ -24,7 +24,6 @@ from typing import Any, Literal
 
 import aio_pika
 
-from contracts.payment import REFUND
 from saga.core.errors import ConfigError
 from saga.core.ids import saga_id_for_key
 from saga.core.state import HistoryEntry, HistoryKind, SagaState, SagaStatus
@@ -40,6 +39,7 @@ from saga.transport.memory import MemoryBroker
 from saga.transport.topology import Topology
 from saga_demo import inventory, order, payment, shipping
 from saga_demo.checkout import checkout_input, registry
+from saga_demo.contracts.payment import REFUND
 
 __all__ = ["MEMORY_BANNER", "SCENARIOS", "BrokerKind", "Scenario", "main", "run_demo"]
 

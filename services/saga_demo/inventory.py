@@ -15,8 +15,11 @@ import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from contracts.envelope import CommandEnvelope, dump_data
-from contracts.inventory import (
+from saga.participant import BusinessError, Participant, ParticipantSettings
+from saga.participant.ledger import Ledger
+from saga.protocol.envelope import CommandEnvelope, dump_data
+from saga.store.schema import UTCDateTime
+from saga_demo.contracts.inventory import (
     PARTICIPANT,
     RELEASE,
     RESERVE,
@@ -26,9 +29,6 @@ from contracts.inventory import (
     StockReleased,
     StockReserved,
 )
-from saga.participant import BusinessError, Participant, ParticipantSettings
-from saga.participant.ledger import Ledger
-from saga.store.schema import UTCDateTime
 
 __all__ = [
     "BOOK",

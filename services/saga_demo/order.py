@@ -15,8 +15,11 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from contracts.envelope import CommandEnvelope, dump_data
-from contracts.order import (
+from saga.participant import BusinessError, Participant, ParticipantSettings
+from saga.participant.ledger import Ledger
+from saga.protocol.envelope import CommandEnvelope, dump_data
+from saga.store.schema import UTCDateTime
+from saga_demo.contracts.order import (
     CANCEL,
     CREATE,
     PARTICIPANT,
@@ -26,9 +29,6 @@ from contracts.order import (
     OrderCreated,
     OrderFailure,
 )
-from saga.participant import BusinessError, Participant, ParticipantSettings
-from saga.participant.ledger import Ledger
-from saga.store.schema import UTCDateTime
 from saga_demo.payment import Amount
 
 __all__ = ["OrderStatus", "build", "cancel", "create", "metadata", "orders", "snapshot"]

@@ -19,8 +19,11 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Dialect
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from contracts.envelope import CommandEnvelope
-from contracts.payment import (
+from saga.participant import BusinessError, Participant, ParticipantSettings, TransientError
+from saga.participant.ledger import Ledger
+from saga.protocol.envelope import CommandEnvelope
+from saga.store.schema import UTCDateTime
+from saga_demo.contracts.payment import (
     CHARGE,
     PARTICIPANT,
     REFUND,
@@ -30,9 +33,6 @@ from contracts.payment import (
     PaymentRefunded,
     RefundPayment,
 )
-from saga.participant import BusinessError, Participant, ParticipantSettings, TransientError
-from saga.participant.ledger import Ledger
-from saga.store.schema import UTCDateTime
 
 __all__ = [
     "ALICE",

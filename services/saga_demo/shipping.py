@@ -15,8 +15,11 @@ import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from contracts.envelope import CommandEnvelope, dump_data
-from contracts.shipping import (
+from saga.participant import BusinessError, Participant, ParticipantSettings, TransientError
+from saga.participant.ledger import Ledger
+from saga.protocol.envelope import CommandEnvelope, dump_data
+from saga.store.schema import UTCDateTime
+from saga_demo.contracts.shipping import (
     CANCEL,
     PARTICIPANT,
     SCHEDULE,
@@ -27,9 +30,6 @@ from contracts.shipping import (
     ShipmentScheduled,
     ShippingFailure,
 )
-from saga.participant import BusinessError, Participant, ParticipantSettings, TransientError
-from saga.participant.ledger import Ledger
-from saga.store.schema import UTCDateTime
 
 __all__ = [
     "SEED",

@@ -19,9 +19,9 @@ from typing import Any
 import httpx
 import pytest
 
-from contracts.checkout import CheckoutInput
 from saga import Registry, RetryPolicy, SagaDefinition, Step
 from saga.orchestrator.service import OrchestratorService
+from saga_demo.contracts.checkout import CheckoutInput
 from tests.conftest import require_postgres, require_rabbitmq
 from tests.integration.harness import Harness
 from tests.support.sagas import PARTICIPANTS

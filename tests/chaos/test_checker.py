@@ -14,7 +14,6 @@ from uuid import UUID, uuid4
 
 import pytest
 
-from contracts.inventory import InventoryFailure
 from saga.core.state import (
     Direction,
     HistoryEntry,
@@ -30,6 +29,7 @@ from saga.participant.faults import INJECTED_REFUSAL
 from saga_demo import inventory, payment
 from saga_demo.checkout import CHECKOUT, checkout_input
 from saga_demo.cli import SAMPLE_ADDRESSES, SAMPLE_PRICES
+from saga_demo.contracts.inventory import InventoryFailure
 from saga_demo.inventory import ReservationStatus
 from saga_demo.order import OrderStatus
 from saga_demo.payment import PaymentStatus

@@ -11,9 +11,6 @@ from typing import Any
 
 import pytest
 
-from contracts.inventory import InventoryFailure
-from contracts.payment import PaymentFailure
-from contracts.shipping import ShippingFailure
 from saga.core.errors import ConfigError
 from saga.participant.faults import (
     INJECTED_REFUSAL,
@@ -24,6 +21,9 @@ from saga.participant.faults import (
 from saga_demo import inventory, payment
 from saga_demo.checkout import CHECKOUT, checkout_input
 from saga_demo.cli import SAMPLE_ADDRESSES, SAMPLE_PRICES
+from saga_demo.contracts.inventory import InventoryFailure
+from saga_demo.contracts.payment import PaymentFailure
+from saga_demo.contracts.shipping import ShippingFailure
 from saga_tools.chaos.model import STEPS, World
 from saga_tools.chaos.plan import (
     FAULT_KINDS,

@@ -11,14 +11,21 @@ from uuid import UUID
 import pydantic
 import pytest
 
-from contracts import (
+from saga.protocol.envelope import (
+    CommandEnvelope,
+    ReplyEnvelope,
+    StartSaga,
+    dump_data,
+    parse,
+    parse_data,
+)
+from saga.protocol.types import Contract, ContractError
+from saga_demo.checkout import registry
+from saga_demo.contracts import (
     Address,
     CancelOrder,
     CancelShipment,
     ChargePayment,
-    CommandEnvelope,
-    Contract,
-    ContractError,
     CreateOrder,
     OrderCancelled,
     OrderCreated,
@@ -28,20 +35,14 @@ from contracts import (
     PaymentRefunded,
     RefundPayment,
     ReleaseStock,
-    ReplyEnvelope,
     ReserveStock,
     ScheduleShipment,
     ShipmentCancelled,
     ShipmentScheduled,
-    StartSaga,
     StockLine,
     StockReleased,
     StockReserved,
-    dump_data,
-    parse,
-    parse_data,
 )
-from saga_demo.checkout import registry
 
 SAGA = UUID("00000000-0000-4000-8000-000000000001")
 CUSTOMER = UUID("00000000-0000-4000-8000-000000000002")

@@ -15,8 +15,8 @@ import jsonschema
 import pytest
 from pydantic import BaseModel
 
-from contracts.envelope import CommandEnvelope, ReplyEnvelope, StartSaga
 from saga import Registry, SagaDefinition, Step
+from saga.protocol.envelope import CommandEnvelope, ReplyEnvelope, StartSaga
 from saga.protocol.export import BUNDLE_FILENAME, bundle, export, message_schemas
 from saga.transport.topology import Topology
 from saga_demo.checkout import CHECKOUT, registry

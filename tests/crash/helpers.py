@@ -24,9 +24,9 @@ import aio_pika
 import aiormq
 import pytest
 
-from contracts.envelope import StartSaga
 from saga.core.ids import saga_id_for_key
 from saga.core.state import SagaStatus
+from saga.protocol.envelope import StartSaga
 from saga.transport.topology import Topology
 from tests.support.sagas import PARTICIPANTS
 

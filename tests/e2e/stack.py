@@ -34,11 +34,11 @@ import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import create_async_engine
 from sqlalchemy.pool import NullPool
 
-from contracts.envelope import StartSaga
 from saga.core.ids import saga_id_for_key
 from saga.core.state import HistoryEntry, HistoryKind, SagaState, SagaStatus
 from saga.participant.ledger import Ledger, outbox
 from saga.participant.settings import ParticipantSettings
+from saga.protocol.envelope import StartSaga
 from saga.store.schema import sagas
 from saga.store.sql import SqlStore, sqlite_engine
 from saga.transport.topology import Topology

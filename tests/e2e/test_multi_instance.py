@@ -21,9 +21,9 @@ import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import create_async_engine
 from sqlalchemy.pool import NullPool
 
-from contracts.envelope import StartSaga
 from saga.core.ids import saga_id_for_key
 from saga.core.state import HistoryKind, SagaStatus
+from saga.protocol.envelope import StartSaga
 from saga.store.schema import sagas
 from saga_demo.cli import sample_checkouts
 from saga_tools.bench.stack import temporary_database

@@ -12,9 +12,9 @@ from uuid import UUID, uuid4
 import aio_pika
 import pytest
 
-from contracts.envelope import StartSaga, parse
 from saga.core.ids import saga_id_for_key
 from saga.core.state import SagaContext
+from saga.protocol.envelope import StartSaga, parse
 from saga.transport.amqp import declare
 from saga.transport.topology import Topology
 from saga_demo import payment

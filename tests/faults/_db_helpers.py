@@ -37,16 +37,16 @@ import saga.messaging.pipeline
 import saga.orchestrator.inbound
 import saga.orchestrator.service
 import saga.participant.runtime
-from contracts.envelope import CommandEnvelope, ReplyEnvelope
-from contracts.payment import CHARGE, PARTICIPANT, REFUND
 from saga import Registry, RetryPolicy, SagaDefinition, Step
 from saga.core.ids import command_id, idempotency_key
 from saga.orchestrator.service import OrchestratorService
 from saga.participant import Participant, ParticipantSettings
 from saga.ports import Clock
+from saga.protocol.envelope import CommandEnvelope, ReplyEnvelope
 from saga.store.sql import SqlStore
 from saga.transport.topology import DEAD_LETTER_REASON, Topology
 from saga_demo import payment
+from saga_demo.contracts.payment import CHARGE, PARTICIPANT, REFUND
 from tests.conftest import require_postgres, require_rabbitmq
 from tests.integration.harness import DeadLetter, Harness
 from tests.support.sagas import PARTICIPANTS

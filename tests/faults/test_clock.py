@@ -19,10 +19,10 @@ from uuid import UUID
 
 import pytest
 
-from contracts.envelope import CommandEnvelope, ReplyEnvelope
 from saga.core.definition import RetryPolicy
 from saga.core.state import HistoryEntry, HistoryKind, SagaStatus
 from saga.orchestrator.service import OrchestratorService
+from saga.protocol.envelope import CommandEnvelope, ReplyEnvelope
 from saga.testing import FakeClock
 from tests.faults._db_helpers import CommandTap, open_harness, slow_trip, start_orchestrator
 from tests.integration.harness import Harness, describe

@@ -26,11 +26,11 @@ from uuid import UUID
 import pytest
 import sqlalchemy as sa
 
-from contracts.envelope import ReplyEnvelope, StartSaga
 from saga.core.ids import command_id, saga_id_for_key
 from saga.core.state import SagaStatus
 from saga.messaging.poison import PoisonGuard
 from saga.participant.ledger import processed
+from saga.protocol.envelope import ReplyEnvelope, StartSaga
 from saga.store.sql import sqlite_engine
 from tests.faults._db_helpers import (
     LogRecorder,

@@ -23,12 +23,12 @@ from uuid import UUID
 import pytest
 import sqlalchemy as sa
 
-from contracts.common import Contract
-from contracts.envelope import CommandEnvelope, ReplyEnvelope, StartSaga
-from contracts.payment import CHARGE
 from saga.core.ids import command_id
 from saga.core.state import HistoryEntry, HistoryKind, SagaStatus, StepStatus
 from saga.participant.ledger import processed
+from saga.protocol.envelope import CommandEnvelope, ReplyEnvelope, StartSaga
+from saga.protocol.types import Contract
+from saga_demo.contracts.payment import CHARGE
 from tests.faults._db_helpers import (
     CommandTap,
     LogRecorder,

@@ -32,14 +32,27 @@ from hypothesis import strategies as st
 from pydantic import JsonValue
 from pydantic_core import from_json
 
-from contracts import (
+from saga.orchestrator.service import OrchestratorService
+from saga.participant import ParticipantSettings
+from saga.protocol.envelope import (
     DEFAULT_MAX_BYTES,
+    CommandEnvelope,
+    ReplyEnvelope,
+    StartSaga,
+    dump_data,
+    parse,
+    parse_data,
+)
+from saga.protocol.types import Contract, ContractError
+from saga.settings import load_settings
+from saga.transport.broker import IncomingMessage
+from saga.transport.memory import MemoryBroker
+from saga.transport.topology import DEAD_LETTER_DETAIL, DEAD_LETTER_QUEUE, DEAD_LETTER_REASON
+from saga_demo import order
+from saga_demo.contracts import (
     CancelOrder,
     CancelShipment,
     ChargePayment,
-    CommandEnvelope,
-    Contract,
-    ContractError,
     CreateOrder,
     OrderCancelled,
     OrderCreated,
@@ -47,25 +60,13 @@ from contracts import (
     PaymentRefunded,
     RefundPayment,
     ReleaseStock,
-    ReplyEnvelope,
     ReserveStock,
     ScheduleShipment,
     ShipmentCancelled,
     ShipmentScheduled,
-    StartSaga,
     StockReleased,
     StockReserved,
-    dump_data,
-    parse,
-    parse_data,
 )
-from saga.orchestrator.service import OrchestratorService
-from saga.participant import ParticipantSettings
-from saga.settings import load_settings
-from saga.transport.broker import IncomingMessage
-from saga.transport.memory import MemoryBroker
-from saga.transport.topology import DEAD_LETTER_DETAIL, DEAD_LETTER_QUEUE, DEAD_LETTER_REASON
-from saga_demo import order
 from tests.support.catalog import CATALOG
 from tests.support.sagas import registry
 

@@ -17,9 +17,9 @@ import aio_pika
 import pytest
 from aio_pika.abc import AbstractChannel, AbstractRobustConnection
 
-from contracts.envelope import ReplyEnvelope
 from saga.core.state import HistoryEntry, HistoryKind, SagaState
 from saga.orchestrator.service import OrchestratorService
+from saga.protocol.envelope import ReplyEnvelope
 from saga.settings import Settings, load_settings
 from saga.store.sql import SqlStore
 from saga.transport.topology import DEAD_LETTER_REASON, Topology

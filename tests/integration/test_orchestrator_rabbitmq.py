@@ -15,10 +15,10 @@ from datetime import UTC, datetime
 
 import pytest
 
-from contracts.envelope import StartSaga
 from saga.core.ids import command_id, saga_id_for_key
 from saga.core.state import JSON, HistoryEntry, HistoryKind, SagaStatus, StepStatus
 from saga.ports import SagaFilter
+from saga.protocol.envelope import StartSaga
 from tests.integration.harness import (
     Harness,
     command_types,

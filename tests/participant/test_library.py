@@ -16,7 +16,6 @@ import sqlalchemy as sa
 from pydantic import BaseModel, JsonValue
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from contracts.envelope import CommandEnvelope
 from saga.core.ids import command_id, idempotency_key
 from saga.participant import (
     ALREADY_COMPENSATED,
@@ -25,6 +24,7 @@ from saga.participant import (
     ParticipantSettings,
     TransientError,
 )
+from saga.protocol.envelope import CommandEnvelope
 
 metadata = sa.MetaData()
 bookings = sa.Table(

@@ -11,11 +11,11 @@ from typing import Any
 
 import sqlalchemy as sa
 
-from contracts.common import Contract
-from contracts.envelope import CommandEnvelope, Direction, dump_data
 from saga.core.ids import idempotency_key
 from saga.participant import Participant, ParticipantSettings
 from saga.participant.ledger import Ledger
+from saga.protocol.envelope import CommandEnvelope, Direction, dump_data
+from saga.protocol.types import Contract
 from saga_demo.checkout import registry
 from tests.conftest import require_postgres
 

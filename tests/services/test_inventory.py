@@ -8,8 +8,10 @@ from pathlib import Path
 
 import pytest
 
-from contracts.envelope import CommandEnvelope, parse_data
-from contracts.inventory import (
+from saga.participant import Participant
+from saga.protocol.envelope import CommandEnvelope, parse_data
+from saga_demo import inventory
+from saga_demo.contracts.inventory import (
     RELEASE,
     RESERVE,
     ReleaseStock,
@@ -18,8 +20,6 @@ from contracts.inventory import (
     StockReleased,
     StockReserved,
 )
-from saga.participant import Participant
-from saga_demo import inventory
 from saga_demo.inventory import BOOK, LAMP, RARE
 from tests.services.helpers import command, participant, row, rows
 

@@ -9,8 +9,10 @@ from pathlib import Path
 
 import pytest
 
-from contracts.envelope import CommandEnvelope, parse_data
-from contracts.order import (
+from saga.participant import Participant
+from saga.protocol.envelope import CommandEnvelope, parse_data
+from saga_demo import order
+from saga_demo.contracts.order import (
     CANCEL,
     CREATE,
     CancelOrder,
@@ -19,8 +21,6 @@ from contracts.order import (
     OrderCreated,
     OrderLine,
 )
-from saga.participant import Participant
-from saga_demo import order
 from tests.services.helpers import command, participant, row, rows
 
 CUSTOMER = uuid.UUID(int=42)

@@ -10,8 +10,10 @@ from pathlib import Path
 import pytest
 import sqlalchemy as sa
 
-from contracts.envelope import CommandEnvelope, ReplyEnvelope, parse_data
-from contracts.payment import (
+from saga.participant import Participant
+from saga.protocol.envelope import CommandEnvelope, ReplyEnvelope, parse_data
+from saga_demo import payment
+from saga_demo.contracts.payment import (
     CHARGE,
     REFUND,
     ChargePayment,
@@ -19,8 +21,6 @@ from contracts.payment import (
     PaymentRefunded,
     RefundPayment,
 )
-from saga.participant import Participant
-from saga_demo import payment
 from tests.services.helpers import command, participant, row, rows
 
 SEEDED = {"alice": Decimal("500.00"), "bob": Decimal("20.00"), "carol": Decimal("1000.00")}

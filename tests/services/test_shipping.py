@@ -8,9 +8,11 @@ from pathlib import Path
 
 import pytest
 
-from contracts.envelope import CommandEnvelope, parse_data
-from contracts.inventory import StockLine
-from contracts.shipping import (
+from saga.participant import Participant
+from saga.protocol.envelope import CommandEnvelope, parse_data
+from saga_demo import shipping
+from saga_demo.contracts.inventory import StockLine
+from saga_demo.contracts.shipping import (
     CANCEL,
     SCHEDULE,
     Address,
@@ -19,8 +21,6 @@ from contracts.shipping import (
     ShipmentCancelled,
     ShipmentScheduled,
 )
-from saga.participant import Participant
-from saga_demo import shipping
 from tests.services.helpers import command, participant, row, rows
 
 HOME = Address(

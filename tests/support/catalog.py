@@ -9,8 +9,8 @@ from typing import Any
 
 from pydantic import JsonValue
 
-from contracts.common import Contract
-from contracts.envelope import parse_data
+from saga.protocol.envelope import parse_data
+from saga.protocol.types import Contract
 from saga_demo.checkout import registry
 
 __all__ = ["CATALOG", "DemoCommand"]

@@ -20,7 +20,7 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-from contracts.envelope import CommandEnvelope, ReplyEnvelope
+from saga.protocol.envelope import CommandEnvelope, ReplyEnvelope
 from saga.transport.broker import AmqpBroker, IncomingMessage
 from saga.transport.topology import Topology
 from tests.support.sagas import PARTICIPANTS

@@ -3,12 +3,12 @@
 from decimal import Decimal
 from uuid import uuid4
 
-from contracts.envelope import CommandEnvelope, parse_data
-from contracts.inventory import ReserveStock
-from contracts.payment import ChargePayment
 from saga import SagaStatus
+from saga.protocol.envelope import CommandEnvelope, parse_data
 from saga.testing import Harness, fail, ok
 from saga_demo.checkout import CHECKOUT, checkout_input, registry
+from saga_demo.contracts.inventory import ReserveStock
+from saga_demo.contracts.payment import ChargePayment
 
 ADDRESS = {"name": "A", "street": "Main St 1", "city": "Berlin", "postal_code": "10115",
            "country": "DE"}  # fmt: skip

@@ -26,8 +26,8 @@ import sqlalchemy as sa
 from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
-from contracts.envelope import StartSaga
 from saga.core.state import SagaStatus
+from saga.protocol.envelope import StartSaga
 from saga.store.schema import outbox, sagas
 from saga.store.sql import sqlite_engine
 from saga.transport.topology import Topology

@@ -17,12 +17,12 @@ from decimal import Decimal
 from typing import Any
 from uuid import UUID
 
-from contracts.inventory import InventoryFailure
-from contracts.payment import PaymentFailure
-from contracts.shipping import ShippingFailure
 from saga.core.state import HistoryEntry, HistoryKind, SagaState, SagaStatus, StepStatus
 from saga_demo import inventory, payment, shipping
 from saga_demo.checkout import CHECKOUT
+from saga_demo.contracts.inventory import InventoryFailure
+from saga_demo.contracts.payment import PaymentFailure
+from saga_demo.contracts.shipping import ShippingFailure
 
 __all__ = [
     "STEPS",

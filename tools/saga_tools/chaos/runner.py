@@ -33,10 +33,10 @@ import sqlalchemy as sa
 import structlog
 from aio_pika.abc import AbstractConnection
 
-from contracts.envelope import StartSaga
 from saga.core.state import SagaStatus
 from saga.participant.ledger import Ledger, outbox, replies
 from saga.participant.settings import ParticipantSettings
+from saga.protocol.envelope import StartSaga
 from saga.store.schema import sagas as sagas_table
 from saga.store.sql import SqlStore, sqlite_engine
 from saga.transport.topology import DEAD_LETTER_REASON, Topology

@@ -8,7 +8,8 @@ from uuid import UUID
 
 from pydantic import AfterValidator, Field, model_validator
 
-from contracts.common import Contract, Quantity, Sku, unique_skus
+from saga.protocol.types import Contract
+from saga_demo.contracts.types import Quantity, Sku, unique_skus
 
 __all__ = [
     "PARTICIPANT",

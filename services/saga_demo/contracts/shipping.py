@@ -8,8 +8,9 @@ from uuid import UUID
 
 from pydantic import model_validator
 
-from contracts.common import Contract, Country, PostalCode, ShortText
-from contracts.inventory import StockLines
+from saga.protocol.types import Contract
+from saga_demo.contracts.inventory import StockLines
+from saga_demo.contracts.types import Country, PostalCode, ShortText
 
 __all__ = [
     "CANCEL",

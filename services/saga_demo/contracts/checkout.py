@@ -8,9 +8,10 @@ from uuid import UUID
 
 from pydantic import AfterValidator, Field, model_validator
 
-from contracts.common import MAX_AMOUNT, Contract, Currency, unique_skus
-from contracts.order import OrderLine
-from contracts.shipping import Address
+from saga.protocol.types import Contract
+from saga_demo.contracts.order import OrderLine
+from saga_demo.contracts.shipping import Address
+from saga_demo.contracts.types import MAX_AMOUNT, Currency, unique_skus
 
 __all__ = ["CheckoutInput"]
 

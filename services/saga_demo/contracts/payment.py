@@ -8,7 +8,8 @@ from uuid import UUID
 
 from pydantic import model_validator
 
-from contracts.common import Contract, Currency, Money, NonNegativeMoney
+from saga.protocol.types import Contract
+from saga_demo.contracts.types import Currency, Money, NonNegativeMoney
 
 __all__ = [
     "CHARGE",

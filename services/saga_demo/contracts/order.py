@@ -9,9 +9,9 @@ from uuid import UUID
 
 from pydantic import AfterValidator, Field, model_validator
 
-from contracts.common import (
+from saga.protocol.types import Contract
+from saga_demo.contracts.types import (
     MAX_AMOUNT,
-    Contract,
     Currency,
     Money,
     Quantity,

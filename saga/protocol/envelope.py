@@ -23,7 +23,7 @@ from pydantic import (
 )
 from pydantic_core import PydanticSerializationError, to_json
 
-from contracts.common import Contract, ContractError, JsonObject, Name, ReasonCode
+from saga.protocol.types import Contract, ContractError, JsonObject, Name, ReasonCode
 
 __all__ = [
     "DEFAULT_MAX_BYTES",
