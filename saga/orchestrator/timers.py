@@ -19,6 +19,7 @@ import structlog
 
 from saga.orchestrator.runtime import Orchestrator
 from saga.transport.broker import Broker
+from saga.transport.link import own_cancellation
 
 __all__ = ["TimerLoop"]
 
@@ -52,6 +53,11 @@ class TimerLoop:
         down_since: float | None = None
         backlog_since: float | None = None
         while True:
+            if own_cancellation():
+                # Python 3.11's wait_for can swallow a cancellation that arrives as its inner
+                # call completes (a broker probe, a commit), leaving the task marked
+                # "cancelling" yet running: stop here, or a graceful stop waits for ever.
+                raise asyncio.CancelledError
             broker = self._broker()
             if broker is not None and not broker.is_connected():
                 if down_since is None:

@@ -9,6 +9,7 @@ import structlog
 
 from saga.store.sql import SqlStore
 from saga.telemetry import Metrics
+from saga.transport.link import own_cancellation
 
 __all__ = ["outbox_gauges", "prune_inbox"]
 
@@ -17,7 +18,7 @@ log = structlog.get_logger("saga.orchestrator")
 
 async def prune_inbox(store: SqlStore, retention: timedelta, every: float = 3600.0) -> None:
     """Forget inbox ids older than ``retention``, hourly: their redeliveries are long over."""
-    while True:
+    while not own_cancellation():  # see TimerLoop.run: a swallowed cancellation ends it too
         try:
             pruned = await store.prune_inbox(datetime.now(UTC) - retention)
             if pruned:
@@ -29,7 +30,7 @@ async def prune_inbox(store: SqlStore, retention: timedelta, every: float = 3600
 
 async def outbox_gauges(store: SqlStore, metrics: Metrics, every: float = 5.0) -> None:
     """Outbox size and the age of its oldest row, for /metrics: a stuck relay shows here."""
-    while True:
+    while not own_cancellation():
         try:
             size, age = await store.outbox_stats(datetime.now(UTC))
             metrics.outbox_size.set(size)
