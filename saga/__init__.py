@@ -8,11 +8,14 @@ from saga.core.errors import (
     ConcurrencyError,
     ConfigError,
     DefinitionError,
+    FieldError,
+    InvalidInputError,
     MessageError,
     SagaError,
     UnknownSagaError,
 )
 from saga.core.state import (
+    JSON,
     Command,
     Direction,
     HistoryEntry,
@@ -27,13 +30,16 @@ from saga.core.state import (
 __version__ = "0.1.0"
 
 __all__ = [
+    "JSON",
     "Command",
     "ConcurrencyError",
     "ConfigError",
     "DefinitionError",
     "Direction",
+    "FieldError",
     "HistoryEntry",
     "HistoryKind",
+    "InvalidInputError",
     "MessageError",
     "Registry",
     "RetryPolicy",

@@ -9,8 +9,10 @@ I/O error it could not recover from, with status 1; spans still batched are expo
 
 from __future__ import annotations
 
+import asyncio
+import signal
 import sys
-from collections.abc import Callable, Coroutine
+from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any, NoReturn
 
 from sqlalchemy.exc import SQLAlchemyError
@@ -21,7 +23,7 @@ from saga.loop import run as run_loop
 from saga.secrets import redact
 from saga.telemetry import configure_tracing
 
-__all__ = ["fail", "launch"]
+__all__ = ["fail", "launch", "serve"]
 
 
 def launch(
@@ -41,6 +43,23 @@ def launch(
         fail(exc, 1)
     finally:
         provider.shutdown()  # export the spans still batched
+
+
+async def serve(start: Callable[[], Awaitable[None]], stop: Callable[[], Awaitable[None]]) -> None:
+    """Run a service until SIGTERM or SIGINT: ``start()``, wait for the signal, ``stop()``.
+    ``stop()`` runs however ``start()`` ended, so a start that failed half way still closes
+    what it opened before the error goes on up."""
+    stopped = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stopped.set)
+    try:
+        await start()
+        await stopped.wait()
+    finally:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.remove_signal_handler(sig)
+        await stop()
 
 
 def fail(exc: BaseException, code: int = 2) -> NoReturn:

@@ -64,6 +64,15 @@ class Relay:
         self._stopping = True
         self._wake.set()
 
+    async def shutdown(self, task: asyncio.Task[None] | None, timeout: float) -> None:  # noqa: ASYNC109
+        """Stop ``task`` (this relay's :meth:`run`), then publish what is left once more: a
+        graceful stop sends every row it can before the process exits."""
+        self.stop()
+        if task is not None:
+            await asyncio.wait([task], timeout=timeout)
+        with contextlib.suppress(Exception):
+            await self.flush()
+
     async def run(self) -> None:
         backoff = 0.0
         while not self._stopping:

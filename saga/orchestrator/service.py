@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import signal
 from collections.abc import Mapping
 from datetime import timedelta
 from typing import Any
@@ -38,6 +37,7 @@ from saga.orchestrator.runtime import Orchestrator
 from saga.orchestrator.timers import TimerLoop
 from saga.orchestrator.upkeep import outbox_gauges, prune_inbox
 from saga.ports import Clock
+from saga.process import serve
 from saga.protocol.envelope import ReplyEnvelope, StartSaga
 from saga.relay import Relay
 from saga.settings import Settings
@@ -45,7 +45,7 @@ from saga.store.faults import describe_error
 from saga.store.schema import HEAD
 from saga.store.sql import SqlStore
 from saga.telemetry import Metrics, MetricsServer, Tracing
-from saga.transport.broker import AmqpBroker, Broker, Consumer
+from saga.transport.broker import Broker, BrokerSlot, Consumer
 from saga.transport.topology import Topology
 
 __all__ = ["OrchestratorService"]
@@ -87,15 +87,22 @@ class OrchestratorService:
             metrics=self.metrics,
             database_system=self.store.dialect,
         )
-        self.broker: Broker | None = broker
-        self._own_broker: Broker | None = None  # made by start(), closed by stop()
+        self._broker = BrokerSlot(broker)  # given: the caller's; else made by start()
         self._pipelines: list[Pipeline[Any]] = []
         self._consumers: list[Consumer] = []
         self._tasks: list[asyncio.Task[None]] = []
-        self._stopped = asyncio.Event()
         self._poison = PoisonGuard(settings.max_deliveries, self.store.ping)
         self._admin: Any = None  # saga.admin.server.AdminServer when SAGA_ADMIN_PORT is set
         self._metrics_server: MetricsServer | None = None
+
+    @property
+    def broker(self) -> Broker | None:
+        """The broker in use: the one given, or the one :meth:`start` connected."""
+        return self._broker.broker
+
+    @broker.setter
+    def broker(self, broker: Broker | None) -> None:
+        self._broker.broker = broker
 
     @property
     def dead_lettered(self) -> int:
@@ -117,11 +124,7 @@ class OrchestratorService:
             if self.settings.auto_migrate:
                 await self.store.migrate()
             await self.store.setup()
-            if self.broker is None:
-                self.broker = self._own_broker = await AmqpBroker.connect(
-                    self.settings.rabbitmq_url, tls=self.settings.tls
-                )
-            broker = self.broker
+            broker = await self._broker.connect(self.settings.rabbitmq_url, tls=self.settings.tls)
             self.metrics.watch_broker(broker.stats)
             await broker.declare(self.topology, self.participants)
             self.relay = Relay(
@@ -207,12 +210,7 @@ class OrchestratorService:
 
     async def serve(self) -> None:
         """Run until SIGTERM or SIGINT, then shut down gracefully."""
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, self._stopped.set)
-        await self.start()
-        await self._stopped.wait()
-        await self.stop()
+        await serve(self.start, self.stop)
 
     async def stop(self) -> None:
         in_flight = [t for p in self._pipelines for t in p.in_flight]
@@ -225,12 +223,10 @@ class OrchestratorService:
             await asyncio.wait(in_flight, timeout=self.settings.shutdown_timeout)
         await self.orchestrator.drained()
         if self.relay is not None:
-            self.relay.stop()
-            relay_tasks = [t for t in self._tasks if t.get_name() == "saga-relay"]
-            if relay_tasks:
-                await asyncio.wait(relay_tasks, timeout=self.settings.shutdown_timeout)
-            with contextlib.suppress(Exception):
-                await self.relay.flush()
+            relaying = [t for t in self._tasks if t.get_name() == "saga-relay"]
+            await self.relay.shutdown(
+                relaying[0] if relaying else None, self.settings.shutdown_timeout
+            )
         await self._close()
         log.info("orchestrator_stopped")
 
@@ -255,12 +251,7 @@ class OrchestratorService:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task
         self._tasks.clear()
-        if self._own_broker is not None:
-            with contextlib.suppress(Exception):
-                await self._own_broker.close()
-            if self.broker is self._own_broker:
-                self.broker = None
-            self._own_broker = None
+        await self._broker.release()
         await self.store.close()
         if self._lock is not None:
             self._lock.release()

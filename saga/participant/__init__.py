@@ -10,15 +10,19 @@ docs/writing-a-participant.md walks through one.
 """
 
 from saga.participant.errors import BusinessError, TransientError
+from saga.participant.ledger import Ledger
 from saga.participant.runtime import ALREADY_COMPENSATED, Handler, Participant
 from saga.participant.settings import ParticipantSettings, load_participant_settings
+from saga.store.schema import UTCDateTime
 
 __all__ = [
     "ALREADY_COMPENSATED",
     "BusinessError",
     "Handler",
+    "Ledger",
     "Participant",
     "ParticipantSettings",
     "TransientError",
+    "UTCDateTime",
     "load_participant_settings",
 ]

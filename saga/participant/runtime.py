@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import signal
+import functools
 import time
 import types
 import typing
@@ -44,24 +44,30 @@ from pydantic import ValidationError as PydanticValidationError
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from saga.core.definition import NAME
-from saga.core.errors import MessageError
+from saga.core.errors import ConfigError, MessageError
 from saga.core.ids import idempotency_key, reply_id
 from saga.faults import crash_point
 from saga.messaging.group import GroupCommit
 from saga.messaging.pipeline import Pipeline
 from saga.messaging.poison import PoisonGuard
 from saga.participant.errors import BusinessError, TransientError
-from saga.participant.faults import INJECTED_REFUSAL, INJECTED_TRANSIENT, load_fault_plan
+from saga.participant.faults import (
+    INJECTED_REFUSAL,
+    INJECTED_TRANSIENT,
+    FaultPlan,
+    load_fault_plan,
+)
 from saga.participant.ledger import Ledger, now, outbox, processed, replies, tombstones
-from saga.participant.settings import ParticipantSettings
+from saga.participant.settings import ParticipantSettings, load_participant_settings
 from saga.ports import OutboxMessage
+from saga.process import fail, launch, serve
 from saga.protocol.envelope import CommandEnvelope, ReplyEnvelope, parse_data
-from saga.protocol.types import ContractError
+from saga.protocol.types import CommonFailure, ContractError
 from saga.relay import Relay
 from saga.secrets import redact_url
 from saga.store.faults import database_reachable
 from saga.telemetry import Metrics, MetricsServer, Tracing
-from saga.transport.broker import AmqpBroker, Broker, Consumer, IncomingMessage
+from saga.transport.broker import Broker, BrokerSlot, Consumer, IncomingMessage
 from saga.transport.topology import Topology
 
 __all__ = ["ALREADY_COMPENSATED", "Handler", "Participant"]
@@ -77,7 +83,7 @@ Handler = Callable[[AsyncConnection, P, CommandEnvelope], Awaitable[R]]
 Seed = Callable[[AsyncConnection], Awaitable[None]]
 
 #: the reason a late action is refused with when its compensation ran first
-ALREADY_COMPENSATED = "already_compensated"
+ALREADY_COMPENSATED = CommonFailure.ALREADY_COMPENSATED.value
 
 _PROPAGATOR = TraceContextTextMapPropagator()
 _JSON_OBJECT: TypeAdapter[dict[str, JsonValue]] = TypeAdapter(dict[str, JsonValue])
@@ -154,23 +160,16 @@ class Participant:
         tracing: Tracing | None = None,
         metrics: Metrics | None = None,
     ):
-        settings = settings if settings is not None else ParticipantSettings()
         self.name = name
-        self.settings = settings
-        self.topology = Topology(prefix=settings.prefix, quorum=settings.quorum_queues)
-        url, schema = settings.database_url(name)
-        if url.startswith("sqlite"):
-            settings.data_dir.mkdir(parents=True, exist_ok=True)
-        self.ledger = Ledger(
-            url, schema=schema, business=business, sqlite_synchronous=settings.sqlite_synchronous
-        )
+        #: read from ``SAGA_*`` when first needed, so that a module may build its participant
+        #: at import and a bad setting still ends ``run()`` with one line (exit status 2)
+        self._settings = settings
+        self.business = business
         self.seed = seed
-        #: failures to give on purpose, by (saga id, command type): SAGA_FAULT_PLAN's, and the
-        #: demo's stuck refund
-        self.faults = load_fault_plan(settings.fault_plan)
+        self._ledger: Ledger | None = None
+        self._faults: FaultPlan | None = None
         self._handlers: dict[str, _Registered] = {}
-        self.broker: Broker | None = broker
-        self._own_broker: Broker | None = None  # made by start(), closed by stop()
+        self._broker = BrokerSlot(broker)  # given: the caller's; else made by start()
         self._consumer: Consumer | None = None
         self._pipeline: Pipeline[CommandEnvelope] | None = None
         self._started = False
@@ -180,10 +179,55 @@ class Participant:
         self.tracing = tracing if tracing is not None else Tracing()
         #: shared by every participant of a ``saga-service all`` process (one /metrics port)
         self.metrics = metrics if metrics is not None else Metrics()
-        self._database_system = "sqlite" if self.ledger.is_sqlite else "postgresql"
-        self._poison = PoisonGuard(settings.max_deliveries, self._database_up)
         self.handled = 0
         self.duplicates = 0
+
+    @property
+    def settings(self) -> ParticipantSettings:
+        if self._settings is None:
+            self._settings = load_participant_settings()  # ConfigError names each bad one
+        return self._settings
+
+    @functools.cached_property
+    def topology(self) -> Topology:
+        return Topology(prefix=self.settings.prefix, quorum=self.settings.quorum_queues)
+
+    @property
+    def ledger(self) -> Ledger:
+        """The participant's database: its ledger, reply outbox and business tables."""
+        if self._ledger is None:
+            settings = self.settings
+            url, schema = settings.database_url(self.name)
+            if url.startswith("sqlite"):
+                settings.data_dir.mkdir(parents=True, exist_ok=True)
+            self._ledger = Ledger(
+                url,
+                schema=schema,
+                business=self.business,
+                sqlite_synchronous=settings.sqlite_synchronous,
+            )
+        return self._ledger
+
+    @ledger.setter
+    def ledger(self, ledger: Ledger) -> None:
+        self._ledger = ledger
+
+    @property
+    def faults(self) -> FaultPlan:
+        """Failures to give on purpose, by (saga id, command type): SAGA_FAULT_PLAN's, and the
+        demo's stuck refund."""
+        if self._faults is None:
+            self._faults = load_fault_plan(self.settings.fault_plan)
+        return self._faults
+
+    @property
+    def broker(self) -> Broker | None:
+        """The broker in use: the one given, or the one :meth:`start` connected."""
+        return self._broker.broker
+
+    @broker.setter
+    def broker(self, broker: Broker | None) -> None:
+        self._broker.broker = broker
 
     @property
     def command_types(self) -> tuple[str, ...]:
@@ -231,29 +275,27 @@ class Participant:
         if not self._handlers:
             raise ValueError(f"participant {self.name!r} has no handler: register one first")
         await self.setup_database()
-        if self.broker is None:
-            self.broker = self._own_broker = await AmqpBroker.connect(
-                self.settings.rabbitmq_url, tls=self.settings.tls
-            )
-        self.metrics.watch_broker(self.broker.stats)
-        await self.broker.declare(self.topology, [self.name])
+        broker = await self._broker.connect(self.settings.rabbitmq_url, tls=self.settings.tls)
+        self.metrics.watch_broker(broker.stats)
+        await broker.declare(self.topology, [self.name])
         self._relay = Relay(
             self.ledger,
-            self.broker.publish,
+            broker.publish,
             poll_interval=self.settings.relay_poll_interval,
             tracing=self.tracing,
             metrics=self.metrics,
         )
         self._relay_task = asyncio.create_task(self._relay.run(), name=f"{self.name}-relay")
+        poison = PoisonGuard(self.settings.max_deliveries, self._database_up)
         self._pipeline = Pipeline(
             self.topology.command_queue(self.name),
             CommandEnvelope,
             self._on_command,
-            broker=self.broker,
+            broker=broker,
             topology=self.topology,
             tracing=self.tracing,
             metrics=self.metrics,
-            poison=self._poison,
+            poison=poison,
             max_bytes=self.settings.max_message_bytes,
             span_attributes=_span_attributes,
             log_fields=_log_fields,
@@ -283,33 +325,19 @@ class Participant:
                 await consumer.cancel()
         if self._pipeline is not None and self._pipeline.in_flight:
             await asyncio.wait(self._pipeline.in_flight, timeout=10)
-        if self._relay is not None and self._relay_task is not None:
-            self._relay.stop()
-            await asyncio.wait([self._relay_task], timeout=10)
-            with contextlib.suppress(Exception):
-                await self._relay.flush()
-        if self._own_broker is not None:
-            with contextlib.suppress(Exception):
-                await self._own_broker.close()
-            if self.broker is self._own_broker:
-                self.broker = None
-            self._own_broker = None
+        if self._relay is not None:
+            await self._relay.shutdown(self._relay_task, 10)
+        await self._broker.release()
         await self.ledger.close()
 
     async def serve(self) -> None:
         """Run until SIGTERM or SIGINT, then stop: finish the commands in hand, flush the
         replies, close the broker and the database."""
-        stopped = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, stopped.set)
         server = MetricsServer(self.metrics.registry)
         if self.settings.metrics_port:
             server.start(self.settings.metrics_host, self.settings.metrics_port)
         try:
-            await self.start()
-            await stopped.wait()
-            await self.stop()
+            await serve(self.start, self.stop)
         finally:
             server.stop()
 
@@ -317,9 +345,11 @@ class Participant:
         """Serve this participant as the process's main program: logging and tracing set up
         from ``SAGA_*`` and ``OTEL_*``, a bad setting or an unreachable broker ends it with one
         line and exit status 2."""
-        from saga.process import launch  # noqa: PLC0415 (the launcher imports the CLI helpers)
-
-        launch(f"saga-{self.name}", self.serve, log_level=self.settings.log_level)
+        try:
+            settings = self.settings
+        except ConfigError as exc:
+            fail(exc, 2)
+        launch(f"saga-{self.name}", self.serve, log_level=settings.log_level)
 
     # --- handling ------------------------------------------------------------------------
 
@@ -366,7 +396,8 @@ class Participant:
         self.ledger.deletes_done(committed=True)
         ended = time.time_ns()
         for each in work:
-            self.tracing.database(self._database_system, each.trace, began, ended, len(work))
+            system = "sqlite" if self.ledger.is_sqlite else "postgresql"
+            self.tracing.database(system, each.trace, began, ended, len(work))
         return results
 
     async def _apply_batch(self, work: Sequence[_Work]) -> list[ReplyEnvelope]:

@@ -56,6 +56,7 @@ class ParticipantSettings(AmqpSettings):
 
 
 def load_participant_settings(**overrides: object) -> ParticipantSettings:
+    """The settings from ``SAGA_*`` (and ``overrides``), or ConfigError naming each bad one."""
     try:
         return ParticipantSettings(**overrides)  # type: ignore[arg-type]
     except ValidationError as exc:

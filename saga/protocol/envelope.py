@@ -15,6 +15,7 @@ from uuid import UUID, uuid4
 from pydantic import (
     AwareDatetime,
     BaseModel,
+    ConfigDict,
     Field,
     JsonValue,
     StringConstraints,
@@ -79,8 +80,29 @@ class ReplyEnvelope(Contract):
     """A participant's answer to one command, correlated by ``causation_id``.
 
     ``retryable`` marks a transient failure (the orchestrator may resend); a non-retryable failure
-    is a business decision and triggers compensation.
+    is a business decision and triggers compensation. A failure names its ``reason``; a success
+    has none and is never retryable (the JSON Schema says so too).
     """
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "allOf": [
+                {
+                    "if": {"properties": {"outcome": {"const": "failure"}}},
+                    "then": {
+                        "required": ["reason"],
+                        "properties": {"reason": {"type": "string"}},
+                    },
+                },
+                {
+                    "if": {"properties": {"outcome": {"const": "success"}}},
+                    "then": {
+                        "properties": {"reason": {"type": "null"}, "retryable": {"const": False}}
+                    },
+                },
+            ]
+        }
+    )
 
     schema_version: Literal[1]
     message_id: UUID

@@ -50,9 +50,9 @@ class ContractError(ValueError):
 class CommonFailure(StrEnum):
     """Failure reasons any participant may reply with, whatever the command."""
 
-    INVALID_PAYLOAD = "invalid_payload"
+    INVALID_PAYLOAD = "invalid_payload"  # final: the payload does not fit its model
     HANDLER_ERROR = "handler_error"  # a bug in the participant; retryable
-    UNKNOWN_COMMAND = "unknown_command"
+    ALREADY_COMPENSATED = "already_compensated"  # final: an action after its compensation
 
 
 class Contract(BaseModel):

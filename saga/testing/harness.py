@@ -72,10 +72,12 @@ class Reply:
 
 
 def ok(**data: JSON) -> Reply:
+    """A success reply carrying ``data`` (later steps read it as ``ctx.output(step)``)."""
     return Reply(True, data)
 
 
 def fail(reason: str, *, retryable: bool = False) -> Reply:
+    """A failure reply: final (the saga compensates), or ``retryable`` (it is tried again)."""
     return Reply(False, {}, reason, retryable)
 
 

@@ -48,6 +48,7 @@ __all__ = [
     "AmqpBroker",
     "Broker",
     "BrokerBase",
+    "BrokerSlot",
     "Callback",
     "Consumer",
     "IncomingMessage",
@@ -225,6 +226,32 @@ class BrokerBase:
             headers=dead_letter_headers(message, queue=queue, reason=reason, detail=detail),
             content_type=message.content_type,
         )
+
+
+class BrokerSlot:
+    """Whose broker a service uses: one the caller gave (the caller closes it), or one the
+    service connects at start and closes at stop. The orchestrator and the participants hold
+    their broker in one of these."""
+
+    def __init__(self, given: Broker | None = None):
+        self.broker: Broker | None = given
+        self._own: Broker | None = None
+
+    async def connect(self, url: str, *, tls: TlsFiles | None = None) -> Broker:
+        """The broker given, or a connection to RabbitMQ at ``url`` made now."""
+        if self.broker is None:
+            self.broker = self._own = await AmqpBroker.connect(url, tls=tls)
+        return self.broker
+
+    async def release(self) -> None:
+        """Close the broker if this slot connected it; leave a given one alone."""
+        if self._own is None:
+            return
+        with contextlib.suppress(Exception):
+            await self._own.close()
+        if self.broker is self._own:
+            self.broker = None
+        self._own = None
 
 
 class _AmqpConsumer:

@@ -20,9 +20,8 @@ from enum import StrEnum
 from typing import Any, cast
 from uuid import UUID
 
-from saga import Registry, RetryPolicy, SagaContext, SagaDefinition, Step
-from saga.core.state import JSON
-from saga.protocol.types import Contract
+from saga import JSON, Registry, RetryPolicy, SagaContext, SagaDefinition, Step
+from saga.protocol import Contract
 from saga_demo.contracts import inventory, order, payment, shipping
 from saga_demo.contracts.checkout import CheckoutInput
 

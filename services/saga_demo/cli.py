@@ -9,26 +9,24 @@ from __future__ import annotations
 
 import asyncio
 import random
-import signal
 import sys
 import uuid
 from collections.abc import Callable, Mapping, Sequence
 from decimal import Decimal
 from enum import StrEnum
-from typing import Annotated, Any
+from typing import Annotated
 
-import aio_pika
 import aiormq
 import typer
 
+from saga.client import SagaClient
 from saga.core.errors import ConfigError
 from saga.core.ids import saga_id_for_key
 from saga.participant import Participant, ParticipantSettings
 from saga.participant.settings import load_participant_settings
-from saga.process import fail, launch
+from saga.process import fail, launch, serve
 from saga.protocol.envelope import StartSaga
-from saga.telemetry import Metrics, MetricsServer, Tracing, configure_tracing
-from saga.transport.amqp import connect_once
+from saga.telemetry import Metrics, MetricsServer, configure_tracing
 from saga.transport.topology import Topology
 from saga_demo import inventory, order, payment, shipping
 from saga_demo.checkout import CHECKOUT, checkout_input
@@ -71,21 +69,22 @@ async def serve_all(settings: ParticipantSettings) -> None:
     metrics = Metrics()  # one /metrics for the four; every series names its participant
     for participant in participants:
         participant.metrics = metrics
-    stopped = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stopped.set)
     server = MetricsServer(metrics.registry)
     if settings.metrics_port:
         server.start(settings.metrics_host, settings.metrics_port)
-    try:
+
+    async def start() -> None:
         started = await asyncio.gather(*(p.start() for p in participants), return_exceptions=True)
         for outcome in started:
             if isinstance(outcome, BaseException):
                 raise outcome
-        await stopped.wait()
-    finally:
+
+    async def stop() -> None:
         await asyncio.gather(*(p.stop() for p in participants), return_exceptions=True)
+
+    try:
+        await serve(start, stop)
+    finally:
         server.stop()
 
 
@@ -180,56 +179,8 @@ async def place_orders(
     Waits up to ``wait`` seconds for the orchestrator to have declared the queue (a container
     may start before the orchestrator is ready); raises ConfigError if it never appears.
     """
-    queue = Topology(prefix=prefix).start_queue
-    connection = await connect_once(rabbitmq_url, connect_timeout=10)  # or ConfigError
-    async with connection:
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + wait
-        while True:
-            probe = await connection.channel()
-            try:
-                await probe.declare_queue(queue, passive=True)
-                break
-            except aiormq.exceptions.ChannelNotFoundEntity:
-                if loop.time() >= deadline:
-                    raise ConfigError(
-                        f"queue {queue!r} does not exist after {wait:g}s: is the orchestrator "
-                        f"running with SAGA_PREFIX={prefix}?"
-                    ) from None
-                await asyncio.sleep(0.5)
-            finally:
-                if not probe.is_closed:
-                    await probe.close()
-        channel = await connection.channel(publisher_confirms=True, on_return_raises=True)
-        tracing = Tracing()
-
-        async def publish(start: StartSaga) -> Any:
-            # The client's publish span begins the saga's trace: the orchestrator continues it.
-            span, headers = tracing.publish(
-                "", queue, start.message_id, saga_id_for_key(start.saga_name, start.key), {}
-            )
-            try:
-                return await channel.default_exchange.publish(
-                    aio_pika.Message(
-                        start.model_dump_json().encode(),
-                        message_id=str(start.message_id),
-                        type="saga.start",
-                        content_type="application/json",
-                        delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
-                        headers=headers,
-                    ),
-                    routing_key=queue,
-                    mandatory=True,
-                )
-            finally:
-                span.end()
-
-        confirms = await asyncio.gather(
-            *(publish(start) for start in starts), return_exceptions=True
-        )
-        refused = [c for c in confirms if not isinstance(c, aiormq.spec.Basic.Ack)]
-        if refused:
-            raise OSError(f"{len(refused)} of {len(starts)} not confirmed: {refused[0]!r}")
+    async with await SagaClient.connect(rabbitmq_url, prefix=prefix, wait=wait) as client:
+        await client.publish(starts)
 
 
 # --- the command line ----------------------------------------------------------------------

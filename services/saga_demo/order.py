@@ -15,10 +15,8 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from saga.participant import BusinessError, Participant, ParticipantSettings
-from saga.participant.ledger import Ledger
-from saga.protocol.envelope import CommandEnvelope, dump_data
-from saga.store.schema import UTCDateTime
+from saga.participant import BusinessError, Ledger, Participant, ParticipantSettings, UTCDateTime
+from saga.protocol import CommandEnvelope, dump_data
 from saga_demo.contracts.order import (
     CANCEL,
     CREATE,

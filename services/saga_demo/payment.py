@@ -19,10 +19,15 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Dialect
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from saga.participant import BusinessError, Participant, ParticipantSettings, TransientError
-from saga.participant.ledger import Ledger
-from saga.protocol.envelope import CommandEnvelope
-from saga.store.schema import UTCDateTime
+from saga.participant import (
+    BusinessError,
+    Ledger,
+    Participant,
+    ParticipantSettings,
+    TransientError,
+    UTCDateTime,
+)
+from saga.protocol import CommandEnvelope
 from saga_demo.contracts.payment import (
     CHARGE,
     PARTICIPANT,

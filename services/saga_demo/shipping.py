@@ -15,10 +15,15 @@ import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from saga.participant import BusinessError, Participant, ParticipantSettings, TransientError
-from saga.participant.ledger import Ledger
-from saga.protocol.envelope import CommandEnvelope, dump_data
-from saga.store.schema import UTCDateTime
+from saga.participant import (
+    BusinessError,
+    Ledger,
+    Participant,
+    ParticipantSettings,
+    TransientError,
+    UTCDateTime,
+)
+from saga.protocol import CommandEnvelope, dump_data
 from saga_demo.contracts.shipping import (
     CANCEL,
     PARTICIPANT,

@@ -9,8 +9,10 @@ from typing import Any
 
 import pytest
 
+from saga import InvalidInputError
 from saga.core.ids import saga_id_for_key
 from saga.core.state import HistoryKind
+from saga.protocol import StartSaga
 from tests.admin.conftest import Stack
 
 pytestmark = pytest.mark.rabbitmq
@@ -168,7 +170,7 @@ async def test_definitions_list_every_step(stack: Stack) -> None:
     answer = await stack.client.get("/api/definitions")
     assert answer.status_code == 200
     found = {d["name"]: d for d in answer.json()}
-    assert sorted(found) == ["hold", "pivoted", "trip"]
+    assert sorted(found) == ["hold", "ordered", "pivoted", "trip"]
     alpha = found["trip"]["steps"][0]
     assert alpha["participant"] == "alpha"
     assert alpha["action"] == "alpha.do"
@@ -223,7 +225,10 @@ GOOD_ORDER: dict[str, Any] = {
 @pytest.mark.parametrize(
     ("change", "fields"),
     [
-        ({"order": 17}, ["input.customer_id", "input.currency", "input.items", "input.order"]),
+        (
+            {"order": 17},
+            ["input.address", "input.currency", "input.customer_id", "input.items", "input.order"],
+        ),
         ({"items": []}, ["input.items"]),
         (
             {"items": [{"sku": "BOOK-1", "quantity": 0, "unit_price": "1.00"}]},
@@ -264,9 +269,29 @@ async def test_an_invalid_input_is_refused_with_the_fields_and_nothing_stored_or
     for field in fields:
         assert field in body["detail"]
     listed = await stack.client.get("/api/sagas", params={"name": "ordered"})
-    assert listed.json()["sagas"] == []  # nothing stored
+    assert listed.json()["items"] == []  # nothing stored
     assert await stack.service.store.pending_outbox(10) == []  # nothing to send
     assert stack.harness.responder is None or stack.harness.responder.received == []
+
+
+async def test_an_invalid_input_by_message_or_in_process_is_refused_too(stack: Stack) -> None:
+    """The start queue dead-letters it (invalid_input, the fields in the detail); the in-process
+    start raises; neither stores a saga or sends a command."""
+    bad = {**GOOD_ORDER, "items": []}
+    with pytest.raises(InvalidInputError) as refused:
+        await stack.service.start_saga("ordered", bad, key="in-process")
+    assert [e.loc for e in refused.value.errors] == [("items",)]
+    request = StartSaga(
+        schema_version=1, message_id=uuid.uuid4(), saga_name="ordered", key="by-message", input=bad
+    )
+    harness = stack.harness
+    await harness.publish(harness.topology.start_queue, request.model_dump_json().encode())
+    [dead] = await harness.dead_letters(harness.topology.start_queue, 1)
+    assert dead.reason == "invalid_input"
+    assert "items: List should have at least 1 item" in dead.headers["x-saga-dead-letter-detail"]
+    for key in ("in-process", "by-message"):
+        assert await stack.service.store.load(saga_id_for_key("ordered", key)) is None
+    assert await stack.service.store.pending_outbox(10) == []
 
 
 async def test_a_valid_input_is_stored_as_its_model_reads_it(stack: Stack) -> None:

@@ -106,7 +106,7 @@ async def test_list_show_and_definitions(stack: Stack) -> None:
     assert "trip v1" in defs.out
     assert "beta (pivot)" in defs.out
     assert "alpha.undo" in defs.out
-    assert sorted(d["name"] for d in defs_json.json()) == ["hold", "pivoted", "trip"]
+    assert sorted(d["name"] for d in defs_json.json()) == ["hold", "ordered", "pivoted", "trip"]
 
     assert listed.code == 0, listed.err
     assert listed.out.splitlines()[0].split()[:3] == ["SAGA", "ID", "NAME"]

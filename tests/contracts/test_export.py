@@ -229,3 +229,35 @@ def test_a_failing_export_writes_nothing(tmp_path: Path) -> None:
 
 def test_message_schemas_without_a_registry_are_the_envelopes() -> None:
     assert set(message_schemas(None)) == {"CommandEnvelope", "ReplyEnvelope", "StartSaga"}
+
+
+def test_the_reply_schema_refuses_what_the_orchestrator_refuses() -> None:
+    """A failure without a reason, or a retryable success, fails the exported schema as it
+    fails the orchestrator's parser."""
+    schema = message_schemas(None)["ReplyEnvelope"]
+    validator = jsonschema.Draft202012Validator(schema)
+    base = {
+        "schema_version": 1,
+        "message_id": "4b1cfd7e-54e7-5ac2-9c33-7b9320c3a4df",
+        "causation_id": "4b1cfd7e-54e7-5ac2-9c33-7b9320c3a4df",
+        "saga_id": "00000000-0000-4000-8000-000000000001",
+        "participant": "flights",
+        "command_type": "flights.book",
+    }
+    good = [
+        {**base, "outcome": "success", "data": {"seat": "1A"}},
+        {**base, "outcome": "failure", "reason": "no_seats", "retryable": True},
+    ]
+    bad = [
+        {**base, "outcome": "failure"},
+        {**base, "outcome": "failure", "reason": None},
+        {**base, "outcome": "success", "reason": "odd"},
+        {**base, "outcome": "success", "retryable": True},
+    ]
+    for body in good:
+        assert list(validator.iter_errors(body)) == [], body
+        ReplyEnvelope.model_validate_json(json.dumps(body))
+    for body in bad:
+        assert list(validator.iter_errors(body)), body
+        with pytest.raises(ValueError):
+            ReplyEnvelope.model_validate_json(json.dumps(body))

@@ -4,8 +4,9 @@ import asyncio
 from datetime import timedelta
 
 import pytest
+from pydantic import BaseModel, Field
 
-from saga import HistoryKind, RetryPolicy, SagaDefinition, SagaStatus, Step
+from saga import HistoryKind, InvalidInputError, RetryPolicy, SagaDefinition, SagaStatus, Step
 from saga.orchestrator.runtime import Outcome
 from saga.testing import FakeClock, Harness, fail, ok, silence
 
@@ -143,3 +144,74 @@ async def test_a_caller_that_gives_up_does_not_fail_its_batch_mates() -> None:
     saga_id = await second
     assert (await h.saga(saga_id)).status is SagaStatus.RUNNING
     assert len(await h.store.pending_outbox(10)) == 2  # both committed, both commands queued
+
+
+# --- operator actions, replies twice, validated input -----------------------------------------
+
+
+async def test_operator_retry_finishes_a_saga_stuck_in_its_compensation() -> None:
+    h = harness()
+    h.on("bank.charge", lambda cmd: fail("declined"))
+    h.on("stock.release", lambda cmd: fail("warehouse_offline", retryable=True))
+    saga = await h.run("pay", {"amount": 5})
+    assert saga.status is SagaStatus.FAILED
+    h.on("stock.release", lambda cmd: ok())  # the warehouse is back
+    fixed = await h.retry(saga.saga_id, "warehouse back online", actor="ops")
+    assert fixed.status is SagaStatus.COMPENSATED
+    retried = [e for e in await h.history(saga.saga_id) if e.kind is HistoryKind.OPERATOR]
+    assert [(e.actor, e.detail) for e in retried][-1][0] == "ops"
+
+
+async def test_operator_abort_compensates_a_running_saga() -> None:
+    h = harness()
+    h.on("bank.charge", silence)
+    saga_id = await h.start("pay", {"amount": 5})
+    await h.deliver()  # the reserve is answered, the charge is waiting
+    assert (await h.saga(saga_id)).status is SagaStatus.RUNNING
+    aborted = await h.abort(saga_id, "customer cancelled")
+    assert aborted.status is SagaStatus.COMPENSATED
+    assert h.commands(saga_id) == [
+        "stock.reserve",
+        "bank.charge",
+        "bank.refund",
+        "stock.release",
+    ]
+
+
+async def test_operator_resolve_marks_a_stuck_compensation_done() -> None:
+    h = harness()
+    h.on("bank.charge", lambda cmd: fail("declined"))
+    h.on("stock.release", lambda cmd: fail("gone"))  # final: the saga stops for an operator
+    saga = await h.run("pay", {"amount": 5})
+    assert saga.status is SagaStatus.FAILED
+    resolved = await h.resolve(saga.saga_id, "released by hand")
+    assert resolved.status is SagaStatus.COMPENSATED
+
+
+async def test_replies_delivered_twice_change_nothing_the_second_time() -> None:
+    h = harness()
+    for command_type in ("stock.reserve", "bank.charge"):
+        h.on(command_type, lambda cmd: ok(hold="H1", payment="P1"), twice=True)
+    saga = await h.run("pay", {"amount": 5})
+    assert saga.status is SagaStatus.COMPLETED
+    assert h.commands(saga.saga_id) == ["stock.reserve", "bank.charge"]
+    assert [r.outcome for r in h.outcomes] == [
+        Outcome.APPLIED,
+        Outcome.DUPLICATE,
+        Outcome.APPLIED,
+        Outcome.DUPLICATE,
+    ]
+
+
+async def test_an_input_that_does_not_fit_the_input_model_is_refused_before_anything() -> None:
+    class PayInput(BaseModel):
+        amount: int = Field(gt=0)
+
+    checked = SagaDefinition("pay", 2, PAY.steps, input_model=PayInput)
+    h = Harness([checked])
+    with pytest.raises(InvalidInputError) as refused:
+        await h.run("pay", {"amount": -1})
+    assert [(e.loc, e.type) for e in refused.value.errors] == [(("amount",), "greater_than")]
+    assert h.store._sagas == {}  # nothing stored
+    assert await h.store.pending_outbox(10) == []  # nothing to send
+    assert h.delivered == []

@@ -13,6 +13,7 @@ import pytest
 
 PUBLIC = {
     "saga": [
+        "JSON",
         "Command",
         "ConcurrencyError",
         "ConfigError",
@@ -49,9 +50,11 @@ PUBLIC = {
         "ALREADY_COMPENSATED",
         "BusinessError",
         "Handler",
+        "Ledger",
         "Participant",
         "ParticipantSettings",
         "TransientError",
+        "UTCDateTime",
         "load_participant_settings",
     ],
     "saga.protocol": [
@@ -75,6 +78,7 @@ PUBLIC = {
         "reply_id",
         "saga_id_for_key",
     ],
+    "saga.client": ["SagaClient", "StartRefusedError"],
     "saga.testing": ["FakeClock", "Harness", "Reply", "fail", "ok", "silence"],
     "saga.testing.conformance": ["CASES", "Case", "Check", "Target", "render", "run_conformance"],
 }

@@ -8,7 +8,7 @@ from uuid import UUID
 
 from pydantic import AfterValidator, Field, model_validator
 
-from saga.protocol.types import Contract
+from saga.protocol import Contract
 from saga_demo.contracts.types import Quantity, Sku, unique_skus
 
 __all__ = [

@@ -9,7 +9,7 @@ from uuid import UUID
 
 from pydantic import AfterValidator, Field, model_validator
 
-from saga.protocol.types import Contract
+from saga.protocol import Contract
 from saga_demo.contracts.types import (
     MAX_AMOUNT,
     Currency,

@@ -8,7 +8,7 @@ from uuid import UUID
 
 from pydantic import model_validator
 
-from saga.protocol.types import Contract
+from saga.protocol import Contract
 from saga_demo.contracts.types import Currency, Money, NonNegativeMoney
 
 __all__ = [

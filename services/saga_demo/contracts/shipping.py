@@ -8,7 +8,7 @@ from uuid import UUID
 
 from pydantic import model_validator
 
-from saga.protocol.types import Contract
+from saga.protocol import Contract
 from saga_demo.contracts.inventory import StockLines
 from saga_demo.contracts.types import Country, PostalCode, ShortText
 

@@ -18,6 +18,7 @@ from typing import Any
 from uuid import UUID
 
 from saga.core.state import HistoryEntry, HistoryKind, SagaState, SagaStatus, StepStatus
+from saga.participant import ALREADY_COMPENSATED
 from saga_demo import inventory, payment, shipping
 from saga_demo.checkout import CHECKOUT
 from saga_demo.contracts.inventory import InventoryFailure
@@ -247,6 +248,11 @@ def replay(
                 continue
             _, direction = COMMANDS[row["command_type"]]
             ok = row["outcome"] == "success"
+            if direction == "action" and row["reason"] == ALREADY_COMPENSATED:
+                # its compensation came first (the step had timed out): refused unapplied,
+                # whatever the rules say
+                verdicts[row["saga_id"]] = row["reason"]
+                continue
             if direction == "action":
                 refused = (
                     state.charge_refused(checkout)
