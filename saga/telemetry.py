@@ -34,6 +34,7 @@ from opentelemetry import context as otel_context
 from opentelemetry import trace
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace import TracerProvider as SdkTracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter
 from opentelemetry.sdk.trace.id_generator import IdGenerator, RandomIdGenerator
 from opentelemetry.sdk.trace.sampling import ALWAYS_OFF
@@ -192,8 +193,22 @@ class Tracing:
     tests pass their own."""
 
     def __init__(self, provider: trace.TracerProvider | None = None):
+        self._provider = provider
         provider = provider if provider is not None else trace.get_tracer_provider()
         self.tracer = provider.get_tracer("saga", __version__)
+
+    @property
+    def recording(self) -> bool:
+        """Whether spans made now could be exported at all. With no exporter (the default)
+        nothing is: then no span is built per message, publish or commit, while ids are still
+        made and propagated for the logs. Read at each use, as the global provider may be
+        installed after this object was made."""
+        provider = self._provider if self._provider is not None else trace.get_tracer_provider()
+        if not isinstance(provider, SdkTracerProvider):
+            return False
+        if provider.sampler is ALWAYS_OFF:
+            return False
+        return bool(getattr(provider._active_span_processor, "_span_processors", True))
 
     # --- the saga's own context ------------------------------------------------------------
 
@@ -201,10 +216,21 @@ class Tracing:
         """Ids for a new saga's span: a child of ``parent`` (a carrier such as a message's
         headers) or of the current span, else the root of a new trace."""
         ctx = _PROPAGATOR.extract(_text(parent)) if parent else otel_context.get_current()
-        # A span only to obtain ids and the sampling decision; never ended, so never exported.
-        # The real one is made when the saga ends (see end_saga).
-        probe = self.tracer.start_span(f"saga {name}", context=ctx)
-        span_context = probe.get_span_context()
+        up = trace.get_current_span(ctx).get_span_context()
+        if self.recording:
+            # A span only to obtain ids and the sampling decision; never ended, so never
+            # exported. The real one is made when the saga ends (see end_saga).
+            span_context = self.tracer.start_span(f"saga {name}", context=ctx).get_span_context()
+        elif up.is_valid:  # not recording: stay in the caller's trace, unsampled
+            span_context = SpanContext(
+                up.trace_id,
+                random.getrandbits(64) or 1,
+                is_remote=False,
+                trace_flags=trace.TraceFlags(0),
+                trace_state=up.trace_state,
+            )
+        else:
+            span_context = trace.INVALID_SPAN_CONTEXT
         if span_context.is_valid:
             trace_id, span_id = span_context.trace_id, span_context.span_id
             flags, state = int(span_context.trace_flags), span_context.trace_state
@@ -214,7 +240,6 @@ class Tracing:
         carrier = {"traceparent": _traceparent(trace_id, span_id, flags)}
         if state:
             carrier["tracestate"] = state.to_header()
-        up = trace.get_current_span(ctx).get_span_context()
         if up.is_valid:
             carrier["parent"] = _traceparent(up.trace_id, up.span_id, int(up.trace_flags))
         return carrier
@@ -241,6 +266,8 @@ class Tracing:
         self, before: SagaState, end: datetime, outcome: str, error: str | None = None
     ) -> None:
         """Export the span of the attempt ``before`` was waiting for."""
+        if not self.recording:
+            return
         saga = _parse(*_saga_ids(before))
         if saga is None or before.awaiting is None or before.sent_at is None:
             return
@@ -267,6 +294,8 @@ class Tracing:
 
     def end_saga(self, state: SagaState, end: datetime) -> None:
         """Export the saga's span, with the ids it was given when it started."""
+        if not self.recording:
+            return
         saga = _parse(*_saga_ids(state))
         if saga is None:
             return
@@ -304,6 +333,14 @@ class Tracing:
         """The span of consuming a message from ``queue``: current while it is handled, a
         child of the span that published it (its ``traceparent`` header)."""
         ctx = _PROPAGATOR.extract(_text(headers))
+        if not self.recording:
+            # no span to build: the publisher's context is current, for the logs' ids
+            token = otel_context.attach(ctx)
+            try:
+                yield trace.get_current_span(ctx)
+            finally:
+                otel_context.detach(token)
+            return
         attrs = {
             **_MESSAGING,
             "messaging.operation.type": "process",
@@ -329,6 +366,8 @@ class Tracing:
     ) -> tuple[trace.Span, dict[str, Any]]:
         """Start the span of publishing a message; returns it (end it once confirmed) and the
         headers to send, whose ``traceparent`` now names it."""
+        if not self.recording:
+            return trace.INVALID_SPAN, dict(headers)
         destination = exchange or "amq.default"
         span = self.tracer.start_span(
             f"publish {destination}",
@@ -362,7 +401,9 @@ class Tracing:
         """A span for one event's share of a (group) commit: from when its batch began to
         when it committed. Only inside a span (a message being processed): a timer's commit
         alone would be a trace of its own, which says nothing."""
-        if parent is None or not trace.get_current_span(parent).get_span_context().is_valid:
+        if parent is None or not self.recording:
+            return
+        if not trace.get_current_span(parent).get_span_context().is_valid:
             return
         span = self.tracer.start_span(
             f"{operation} {system}",
