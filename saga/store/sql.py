@@ -57,6 +57,7 @@ from saga.store.schema import (
     sagas,
     schema_version,
 )
+from saga.store.sqlite_batch import Prepared, Work, prepare, run_transaction
 
 __all__ = ["SqlStore", "delete_sent", "sqlite_engine"]
 
@@ -146,6 +147,7 @@ class SqlStore:
         self._cache_states = self.dialect == "sqlite"  # see _remember
         self._states: dict[UUID, SagaState] = {}
         self._absent: dict[UUID, None] = {}  # looked up and not there (insertion-ordered set)
+        self._prepared: dict[tuple[int, tuple[str, ...]], Prepared] = {}  # see _work
         options: dict[str, Any] = {}
         if schema is not None:
             options["schema_translate_map"] = {None: schema}
@@ -300,6 +302,19 @@ class SqlStore:
     def _saga_insert(self) -> Any:
         return self._insert_ignore(sagas)
 
+    def _work(self, statement: Any, rows: list[dict[str, Any]], *, exact: bool = False) -> Work:
+        """``rows`` for ``statement`` compiled once (per set of keys) for :func:`_commit_bulk`."""
+        if not rows:
+            return Work("", [])
+        keys = tuple(rows[0])
+        prepared = self._prepared.get((id(statement), keys))
+        if prepared is None:
+            columns = [k for k in keys if not k.startswith("w_")]  # not the WHERE's binds
+            prepared = self._prepared[id(statement), keys] = prepare(
+                self._write, statement, columns
+            )
+        return Work(prepared.sql, prepared.rows(rows), exact)
+
     async def commit(self, changes: Sequence[Change]) -> list[CommitResult]:
         results: list[CommitResult] = []
         history_rows: list[dict[str, Any]] = []
@@ -342,8 +357,9 @@ class SqlStore:
         None (nothing written) when any is a duplicate or a version conflict, which the
         row-by-row path then sorts out.
 
-        SQLite only, where the row count of an ``executemany`` is exact; per statement the
-        async driver costs far more than SQLite's work, so this is most of a batch's cost.
+        SQLite only, where the row count of an ``executemany`` is exact; the whole transaction
+        is one call to a worker thread with statements compiled once (:mod:`.sqlite_batch`):
+        through SQLAlchemy, per statement, the async driver cost far more than SQLite's work.
         """
         inbox_rows, inserts, updates = [], [], []
         history_rows: list[dict[str, Any]] = []
@@ -364,22 +380,15 @@ class SqlStore:
                     updates.append(row)
                 outbox_rows.extend(_outbox_row(m, now) for m in change.outbox)
             history_rows.extend(_history_row(state.saga_id, h) for h in change.transition.history)
-        try:
-            async with self._write.begin() as conn:
-                if doomed:
-                    await conn.execute(outbox.delete().where(outbox.c.message_id.in_(doomed)))
-                for statement, rows in (
-                    (self._inbox_insert, inbox_rows),
-                    (self._saga_insert, inserts),
-                    (_SAGA_UPDATE, updates),
-                ):
-                    if rows and (await conn.execute(statement, rows)).rowcount != len(rows):
-                        raise _NotAllRowsError
-                if history_rows:
-                    await conn.execute(history.insert(), history_rows)
-                if outbox_rows:
-                    await conn.execute(outbox.insert(), outbox_rows)
-        except _NotAllRowsError:
+        work = [
+            self._work(_OUTBOX_DELETE, [{"message_id": i} for i in doomed]),
+            self._work(self._inbox_insert, inbox_rows, exact=True),
+            self._work(self._saga_insert, inserts, exact=True),
+            self._work(_SAGA_UPDATE, updates, exact=True),
+            self._work(_HISTORY_INSERT, history_rows),
+            self._work(_OUTBOX_INSERT, outbox_rows),
+        ]
+        if not await run_transaction(self._write, work):
             return None
         return [
             CommitResult.APPLIED if c.transition.applied else CommitResult.RECORDED for c in changes
@@ -645,6 +654,11 @@ _SAGA_UPDATE = (
     .where(sagas.c.saga_id == sa.bindparam("w_saga_id"))
     .where(sagas.c.version == sa.bindparam("w_version"))
 )
+
+
+_OUTBOX_DELETE = outbox.delete().where(outbox.c.message_id == sa.bindparam("message_id"))
+_HISTORY_INSERT = history.insert()
+_OUTBOX_INSERT = outbox.insert()
 
 
 def _drop_all(conn: sa.Connection) -> None:

@@ -147,6 +147,12 @@ class Connection:
             return True
         return self.lock_now(self._conn.cursor(), "BEGIN IMMEDIATE")
 
+    @property
+    def raw(self) -> sqlite3.Connection:
+        """The sqlite3 connection itself, for a whole transaction run in a worker thread
+        (:mod:`saga.store.sqlite_batch`) while the pool lends this connection out."""
+        return self._conn
+
     def set_synchronous(self, level: str) -> None:
         """``PRAGMA synchronous`` for the transactions that follow (not inside one)."""
         self._conn.execute(f"PRAGMA synchronous={level}")

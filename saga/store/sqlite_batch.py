@@ -1,0 +1,114 @@
+"""A whole group-commit batch on SQLite in ONE hand-off to a worker thread.
+
+Through SQLAlchemy every statement of a batch pays for its execution context, its parameter
+processing and its result on the event loop's thread, and the COMMIT (the fsync) is another
+hand-off; that was most of the orchestrator's and the participants' CPU per event. Here each
+statement is compiled once, by SQLAlchemy, for the engine's own dialect (:func:`prepare`); a
+batch turns its rows into tuples with the same bind processors (so values are stored exactly as
+SQLAlchemy stores and reads them), and :func:`run_transaction` runs ``BEGIN IMMEDIATE``, every
+``executemany`` and the ``COMMIT`` on the raw connection in one thread call. sqlite3 releases
+the GIL inside SQLite, so the loop goes on decoding and deciding the next batch meanwhile.
+
+SQLAlchemy still owns the schema, the migrations, PostgreSQL and every read; the connection is
+the one the writer engine's pool hands out (one writer per file), checked out for the call.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import sqlite3
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.engine import Dialect
+from sqlalchemy.ext.asyncio import AsyncEngine
+from sqlalchemy.sql.compiler import SQLCompiler
+
+from saga.store import sqlite_driver
+
+__all__ = ["Prepared", "Work", "prepare", "run_transaction"]
+
+
+@dataclass(frozen=True, slots=True)
+class Prepared:
+    """A statement compiled once: its SQL with ``?`` placeholders, and for each placeholder
+    the parameter's name and SQLAlchemy's bind processor for its type (None: stored as is)."""
+
+    sql: str
+    names: tuple[str, ...]
+    processors: tuple[Callable[[Any], Any] | None, ...]
+
+    def rows(self, values: Iterable[Mapping[str, Any]]) -> list[tuple[Any, ...]]:
+        """``values`` (dicts keyed by parameter name) as the tuples sqlite3 binds."""
+        pairs = tuple(zip(self.names, self.processors, strict=True))
+        return [
+            tuple(
+                each[name] if process is None or each[name] is None else process(each[name])
+                for name, process in pairs
+            )
+            for each in values
+        ]
+
+
+def prepare(engine: AsyncEngine, statement: sa.ClauseElement, keys: Sequence[str] = ()) -> Prepared:
+    """Compile ``statement`` for ``engine``'s dialect; an INSERT binds exactly ``keys``."""
+    dialect: Dialect = engine.dialect
+    compiled = statement.compile(dialect=dialect, column_keys=list(keys) or None)
+    assert isinstance(compiled, SQLCompiler)
+    if compiled.positiontup is None:
+        raise ValueError(f"{engine.dialect.name} does not bind by position")
+    by_name = {name: bind for bind, name in compiled.bind_names.items()}
+    names = tuple(compiled.positiontup)
+    processors = tuple(by_name[name].type.bind_processor(dialect) for name in names)
+    return Prepared(compiled.string, names, processors)
+
+
+@dataclass(frozen=True, slots=True)
+class Work:
+    """One ``executemany`` of a transaction. ``exact``: every row must change one row (an
+    insert that met a duplicate, an update that met another version), else the whole
+    transaction is rolled back and :func:`run_transaction` returns False."""
+
+    sql: str
+    rows: list[tuple[Any, ...]]
+    exact: bool = False
+
+
+def _run(conn: sqlite3.Connection, work: Sequence[Work]) -> bool:
+    conn.execute("BEGIN IMMEDIATE")  # waits out another writer in the busy handler, here
+    try:
+        for each in work:
+            if not each.rows:
+                continue
+            cursor = conn.executemany(each.sql, each.rows)
+            if each.exact and cursor.rowcount != len(each.rows):
+                conn.rollback()
+                return False
+        conn.commit()
+    except BaseException:
+        if conn.in_transaction:
+            conn.rollback()
+        raise
+    return True
+
+
+async def run_transaction(engine: AsyncEngine, work: Sequence[Work]) -> bool:
+    """Run ``work`` as one write transaction on the writer connection of ``engine`` (a
+    :func:`saga.store.sql.sqlite_engine`); False (nothing written) when an ``exact`` step
+    did not change every row."""
+    async with engine.connect() as conn:
+        driver = (await conn.get_raw_connection()).driver_connection
+        if not isinstance(driver, sqlite_driver.Connection):
+            raise TypeError("run_transaction needs an engine made by sqlite_engine")
+        # the pool lends this connection to one caller at a time, so the thread may use it;
+        # it goes back to the pool only once the thread is done with it, even when cancelled
+        running = asyncio.ensure_future(asyncio.to_thread(_run, driver.raw, work))
+        try:
+            return await asyncio.shield(running)
+        finally:
+            while not running.done():
+                with contextlib.suppress(BaseException):
+                    await asyncio.shield(running)
