@@ -24,14 +24,12 @@ import uuid
 from collections import Counter
 from collections.abc import Awaitable, Callable, Iterable, Mapping
 from datetime import datetime
-from typing import Any, Protocol
+from typing import Any, Protocol, cast
 
 import aiormq
 from aio_pika.abc import (
     AbstractChannel,
     AbstractConnection,
-    AbstractIncomingMessage,
-    AbstractQueue,
 )
 
 from saga.ports import BrokerStats, OutboxMessage
@@ -254,6 +252,61 @@ class BrokerSlot:
         self._own = None
 
 
+class _Delivery:
+    """A delivery as :class:`IncomingMessage`, read straight from aiormq's frame: aio-pika's
+    ``IncomingMessage`` decodes and copies every property of every message, most of which
+    nothing here reads. Settled without waiting for the socket to drain: an ack that never
+    reaches the broker only means a redelivery, which every handler takes."""
+
+    __slots__ = ("_channel", "_settled", "body", "delivery_tag", "properties", "redelivered")
+
+    def __init__(self, message: aiormq.abc.DeliveredMessage, channel: aiormq.Channel):
+        self.body: bytes = message.body
+        self.properties = message.header.properties
+        delivery = cast(aiormq.spec.Basic.Deliver, message.delivery)
+        self.delivery_tag = int(delivery.delivery_tag or 0)
+        self.redelivered = bool(delivery.redelivered)
+        self._channel = channel
+        self._settled = False
+
+    @property
+    def channel(self) -> aiormq.Channel:
+        """The aiormq channel it came on (as aio-pika's ``IncomingMessage.channel``)."""
+        return self._channel
+
+    @property
+    def content_type(self) -> str | None:
+        return self.properties.content_type
+
+    @property
+    def message_id(self) -> str | None:
+        return self.properties.message_id
+
+    @property
+    def correlation_id(self) -> str | None:
+        return self.properties.correlation_id
+
+    @property
+    def type(self) -> str | None:
+        return self.properties.message_type
+
+    @property
+    def headers(self) -> Mapping[str, Any]:
+        return self.properties.headers or {}
+
+    async def ack(self) -> None:
+        if self._settled:
+            raise RuntimeError("the message was settled already")
+        self._settled = True
+        await self._channel.basic_ack(self.delivery_tag, wait=False)
+
+    async def nack(self, *, requeue: bool = True) -> None:
+        if self._settled:
+            raise RuntimeError("the message was settled already")
+        self._settled = True
+        await self._channel.basic_nack(self.delivery_tag, requeue=requeue, wait=False)
+
+
 class _AmqpConsumer:
     """One consumer on a channel of its own (so its prefetch bound is its own), attached anew to
     every connection of the link, and repaired when the broker drops it on a live connection.
@@ -274,7 +327,7 @@ class _AmqpConsumer:
         self._callback = callback
         self._prefetch = prefetch
         self._channel: AbstractChannel | None = None
-        self._queue: AbstractQueue | None = None
+        self._underlay: aiormq.Channel | None = None
         self._tag: str | None = None
         self._generation = 0
         self._attachments = 0
@@ -304,18 +357,21 @@ class _AmqpConsumer:
         attachment = self._attachments
         tag = f"saga-{uuid.uuid4().hex}"  # ours before the broker can cancel it
 
-        async def deliver(message: AbstractIncomingMessage) -> None:
-            await self._deliver(message, attachment)
-
         channel = await asyncio.wait_for(connection.channel(publisher_confirms=False), bound)
         try:
             await asyncio.wait_for(channel.set_qos(prefetch_count=self._prefetch), bound)
             # passive: the queue must exist (declared at start), and it needs no configure
             # permission
-            queue = await asyncio.wait_for(channel.declare_queue(self.queue, passive=True), bound)
-            underlay = await channel.get_underlay_channel()
+            await asyncio.wait_for(channel.declare_queue(self.queue, passive=True), bound)
+            underlay = cast(aiormq.Channel, await channel.get_underlay_channel())
+
+            async def deliver(message: aiormq.abc.DeliveredMessage) -> None:
+                await self._deliver(_Delivery(message, underlay), attachment)
+
             underlay.on_consumer_cancel_callbacks.add(self._on_broker_cancel)
-            await asyncio.wait_for(queue.consume(deliver, consumer_tag=tag), bound)
+            await asyncio.wait_for(
+                underlay.basic_consume(self.queue, deliver, consumer_tag=tag), bound
+            )
         except BaseException:
             await quietly(channel.close(), 5)
             raise
@@ -324,7 +380,8 @@ class _AmqpConsumer:
             return
         old, old_attachment = self._channel, attachment - 1
         same_connection = self._generation == generation
-        self._channel, self._queue, self._tag, self._generation = channel, queue, tag, generation
+        self._channel, self._underlay, self._tag = channel, underlay, tag
+        self._generation = generation
         channel.close_callbacks.add(self._on_channel_close)
         if same_connection and old is not None and not old.is_closed:
             # a repair: the old channel's consumer is gone, but deliveries may still run on it
@@ -406,7 +463,7 @@ class _AmqpConsumer:
 
     # --- deliveries and cancelling ------------------------------------------------------------
 
-    async def _deliver(self, message: AbstractIncomingMessage, attachment: int) -> None:
+    async def _deliver(self, message: _Delivery, attachment: int) -> None:
         if self._cancelled:  # sent before the broker saw the cancel: it goes back to the queue
             return
         self._running += 1
@@ -452,12 +509,12 @@ class _AmqpConsumer:
         try:
             channel = self._channel
             if (
-                self._queue is not None
+                self._underlay is not None
                 and self._tag is not None
                 and channel is not None
                 and not channel.is_closed
             ):
-                await quietly(self._queue.cancel(self._tag), 5)
+                await quietly(self._underlay.basic_cancel(self._tag), 5)
         finally:
             if self._running == 0:
                 self._close_soon()
