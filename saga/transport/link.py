@@ -34,6 +34,7 @@ from yarl import URL
 
 from saga.core.errors import ConfigError
 from saga.secrets import redact_url
+from saga.transport.wire import BatchingTransportFactory
 
 __all__ = ["Link", "LinkDownError", "note", "own_cancellation", "quietly", "reach_error"]
 
@@ -205,7 +206,12 @@ class Link:
     # --- the supervisor -------------------------------------------------------------------
 
     async def _connect(self) -> AbstractConnection:
-        connection = aio_pika.Connection(self.nodes[self._index], ssl_context=self._ssl_context)
+        node = self.nodes[self._index]
+        connection = aio_pika.Connection(node, ssl_context=self._ssl_context)
+        # aio-pika passes its kwargs on to aiormq's Connection (see saga.transport.wire)
+        connection.kwargs["transport_factory"] = BatchingTransportFactory(
+            tls=str(node).startswith("amqps://")
+        )
         try:
             await connection.connect(timeout=self.connect_timeout)
         except BaseException:
