@@ -183,13 +183,11 @@ class Ledger:
         if message_ids:
             self._outbox.sent(message_ids)
 
-    def take_deletes(self) -> sa.Delete | None:
-        """The delete of sent replies for the caller's write transaction to run; report how
-        it ended with :meth:`deletes_done`."""
+    def take_deletes(self) -> list[UUID]:
+        """The ids of sent replies for the caller's write transaction to delete; report how it
+        ended with :meth:`deletes_done`."""
         self._doomed = self._outbox.take_deletes()
-        if not self._doomed:
-            return None
-        return outbox.delete().where(outbox.c.message_id.in_(self._doomed))
+        return list(self._doomed)
 
     def deletes_done(self, *, committed: bool) -> None:
         self._outbox.deletes_done(self._doomed, committed=committed)

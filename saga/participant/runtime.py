@@ -57,7 +57,8 @@ from saga.participant.faults import (
     FaultPlan,
     load_fault_plan,
 )
-from saga.participant.ledger import Ledger, now, outbox, processed, replies, tombstones
+from saga.participant.ledger import Ledger, now
+from saga.participant.ledger_sql import Statements, statements
 from saga.participant.settings import ParticipantSettings, load_participant_settings
 from saga.ports import OutboxMessage
 from saga.process import fail, launch, serve
@@ -414,21 +415,26 @@ class Participant:
         results: list[ReplyEnvelope] = []
         tally = _Tally()
         async with self.ledger.engine.begin() as conn:
+            ledger = await statements(conn, self.ledger)
             sent = self.ledger.take_deletes()
-            if sent is not None:
-                await conn.execute(sent)
+            if sent:
+                await ledger.delete_sent(sent)
             # The same message again (a redelivery): its first reply, whatever it was. Running
             # the handler anew could turn an answered transient failure into an unseen success.
             given = {
-                row.message_id: ReplyEnvelope.model_validate_json(bytes(row.body))
-                for row in await conn.execute(
-                    sa.select(replies.c.message_id, replies.c.body).where(
-                        replies.c.message_id.in_(reply_ids)
-                    )
-                )
+                message_id: ReplyEnvelope.model_validate_json(body)
+                for message_id, body in (await ledger.given(reply_ids)).items()
             }
             keys = [c.idempotency_key for c in commands]
-            known = await self._finals(conn, [*keys, *undone.values()])
+            known = _Known({}, set())
+            for row in await ledger.recorded([*keys, *undone.values()]):
+                if row.tombstone:
+                    known.closed.add(row.key)
+                else:
+                    assert row.outcome is not None
+                    known.finals[row.key] = _Final(
+                        row.outcome, row.reason, row.detail, row.data or {}
+                    )
             for (command, received_in), answer_id in zip(work, reply_ids, strict=True):
                 reply = given.get(answer_id)
                 if reply is not None:
@@ -438,7 +444,7 @@ class Participant:
                 else:
                     tally.handled += 1
                     reply, outcome = await self._answer(
-                        conn, command, answer_id, known, undone, rows
+                        conn, ledger, command, answer_id, known, undone, rows
                     )
                     tally.duplicates += outcome == "duplicate"
                     given[answer_id] = reply
@@ -447,7 +453,7 @@ class Participant:
                 rows.outbox(command, reply, body, received_in)
                 tally.outcomes.append((command.command_type, outcome))
                 results.append(reply)
-            await rows.write(conn, self.ledger)
+            await ledger.write(rows)
         # counted once committed: a batch that failed is tried again and counted then
         self.ledger.wrote(OutboxMessage(exchange="", **row) for row in rows.outbox_rows)
         for command_type, outcome in tally.outcomes:
@@ -459,6 +465,7 @@ class Participant:
     async def _answer(
         self,
         conn: AsyncConnection,
+        ledger: Statements,
         command: CommandEnvelope,
         answer_id: uuid.UUID,
         known: _Known,
@@ -479,7 +486,7 @@ class Participant:
             reply, final = _reply(command, answer_id, "failure", ALREADY_COMPENSATED, detail), True
         else:
             registered = self._handlers[command.command_type]
-            reply, final = await self._run(conn, registered, command, answer_id)
+            reply, final = await self._run(conn, ledger, registered, command, answer_id)
         if not final:
             return reply, "retryable_failure"
         data = dict(reply.data)
@@ -493,40 +500,10 @@ class Participant:
             rows.tombstone(command, action_key)
         return reply, reply.outcome
 
-    @staticmethod
-    async def _finals(conn: AsyncConnection, keys: Sequence[uuid.UUID]) -> _Known:
-        """The final answers recorded under ``keys``, and which of them are tombstones: one
-        statement for both."""
-        recorded = sa.select(
-            processed.c.idempotency_key,
-            processed.c.outcome,
-            processed.c.reason,
-            processed.c.detail,
-            processed.c.data,
-            sa.literal(False).label("tombstone"),
-        ).where(processed.c.idempotency_key.in_(keys))
-        buried = sa.select(
-            tombstones.c.idempotency_key,
-            sa.null(),
-            sa.null(),
-            sa.null(),
-            sa.null(),
-            sa.literal(True),
-        ).where(tombstones.c.idempotency_key.in_(keys))
-        known = _Known({}, set())
-        for row in await conn.execute(sa.union_all(recorded, buried)):
-            key = row[0]
-            if isinstance(key, str):  # a UNION loses the column type on some dialects
-                key = uuid.UUID(key)
-            if row.tombstone:
-                known.closed.add(key)
-            else:
-                known.finals[key] = _Final(row.outcome, row.reason, row.detail, dict(row.data))
-        return known
-
     async def _run(
         self,
         conn: AsyncConnection,
+        ledger: Statements,
         registered: _Registered,
         command: CommandEnvelope,
         answer_id: uuid.UUID,
@@ -546,7 +523,7 @@ class Participant:
                 return _reply(
                     command, answer_id, "failure", INJECTED_TRANSIENT, detail, True
                 ), False
-        savepoint = await conn.begin_nested()
+        savepoint = await ledger.savepoint()
         try:
             result = await registered.fn(conn, payload, command)
         except BusinessError as exc:
@@ -759,15 +736,6 @@ class _Rows:
                 "created_at": self.at,
             }
         )
-
-    async def write(self, conn: AsyncConnection, ledger: Ledger) -> None:
-        if self.processed_rows:
-            await conn.execute(processed.insert(), self.processed_rows)
-        if self.tombstone_rows:
-            await conn.execute(tombstones.insert(), self.tombstone_rows)
-        if self.reply_rows:
-            await conn.execute(replies.insert(), self.reply_rows)
-        await conn.execute(ledger.insert_ignore(outbox), self.outbox_rows)
 
 
 def _reply(
