@@ -63,9 +63,25 @@ def build(settings: ParticipantSettings) -> Participant:
     return participant
 
 
+# The per-command statements are built once: building one per call costs more CPU than the
+# database's work on it. An UPDATE's WHERE binds are prefixed "w_", as column names are reserved.
+_SELECT_ORDER = (
+    sa.select(orders).where(orders.c.order_ref == sa.bindparam("order_ref")).with_for_update()
+)
+_INSERT_ORDER = orders.insert()
+_MARK_CANCELLED = (
+    orders.update()
+    .where(orders.c.order_ref == sa.bindparam("w_order_ref"))
+    .values(
+        status=sa.bindparam("status", type_=orders.c.status.type),
+        cancelled_at=sa.bindparam("cancelled_at", type_=orders.c.cancelled_at.type),
+        cancel_reason=sa.bindparam("cancel_reason", type_=orders.c.cancel_reason.type),
+    )
+)
+
+
 async def _order(conn: AsyncConnection, order_ref: uuid.UUID) -> sa.Row[Any] | None:
-    query = sa.select(orders).where(orders.c.order_ref == order_ref).with_for_update()
-    return (await conn.execute(query)).first()
+    return (await conn.execute(_SELECT_ORDER, {"order_ref": order_ref})).first()
 
 
 async def create(
@@ -82,7 +98,7 @@ async def create(
     order_id = uuid.uuid4()
     total = payload.total
     await conn.execute(
-        orders.insert(),
+        _INSERT_ORDER,
         dict(
             order_ref=payload.order_ref,
             order_id=order_id,
@@ -105,23 +121,24 @@ async def cancel(
     prior = await _order(conn, payload.order_ref)
     if prior is None:
         await conn.execute(
-            orders.insert().values(
-                order_ref=payload.order_ref,
-                status=OrderStatus.CANCELLED,
-                cancelled_at=datetime.now(UTC),
-                cancel_reason=payload.reason,
-            )
+            _INSERT_ORDER,
+            {
+                "order_ref": payload.order_ref,
+                "status": OrderStatus.CANCELLED,
+                "cancelled_at": datetime.now(UTC),
+                "cancel_reason": payload.reason,
+            },
         )
         return OrderCancelled(order_id=None, nothing_to_undo=True)
     if prior.status == OrderStatus.CREATED:
         await conn.execute(
-            orders.update()
-            .where(orders.c.order_ref == payload.order_ref)
-            .values(
-                status=OrderStatus.CANCELLED,
-                cancelled_at=datetime.now(UTC),
-                cancel_reason=payload.reason,
-            )
+            _MARK_CANCELLED,
+            {
+                "w_order_ref": payload.order_ref,
+                "status": OrderStatus.CANCELLED,
+                "cancelled_at": datetime.now(UTC),
+                "cancel_reason": payload.reason,
+            },
         )
     return OrderCancelled(order_id=prior.order_id, nothing_to_undo=prior.order_id is None)
 

@@ -162,20 +162,42 @@ def build(settings: ParticipantSettings) -> Participant:
     return participant
 
 
+# The per-command statements are built once: building one per call costs more CPU than the
+# database's work on it. An UPDATE's WHERE binds are prefixed "w_", as column names are reserved.
+_SELECT_PAYMENT = (
+    sa.select(payments).where(payments.c.order_ref == sa.bindparam("order_ref")).with_for_update()
+)
+_SELECT_ACCOUNT = (
+    sa.select(accounts)
+    .where(accounts.c.customer_id == sa.bindparam("customer_id"))
+    .with_for_update()
+)
+_SET_BALANCE = (
+    accounts.update()
+    .where(accounts.c.customer_id == sa.bindparam("w_customer_id"))
+    .values(balance=sa.bindparam("balance", type_=accounts.c.balance.type))
+)
+_INSERT_PAYMENT = payments.insert()
+_MARK_REFUNDED = (
+    payments.update()
+    .where(payments.c.order_ref == sa.bindparam("w_order_ref"))
+    .values(
+        status=sa.bindparam("status", type_=payments.c.status.type),
+        refunded_at=sa.bindparam("refunded_at", type_=payments.c.refunded_at.type),
+    )
+)
+
+
 async def _payment(conn: AsyncConnection, order_ref: uuid.UUID) -> sa.Row[Any] | None:
-    query = sa.select(payments).where(payments.c.order_ref == order_ref).with_for_update()
-    return (await conn.execute(query)).first()
+    return (await conn.execute(_SELECT_PAYMENT, {"order_ref": order_ref})).first()
 
 
 async def _account(conn: AsyncConnection, customer: uuid.UUID) -> sa.Row[Any] | None:
-    query = sa.select(accounts).where(accounts.c.customer_id == customer).with_for_update()
-    return (await conn.execute(query)).first()
+    return (await conn.execute(_SELECT_ACCOUNT, {"customer_id": customer})).first()
 
 
 async def _set_balance(conn: AsyncConnection, customer: uuid.UUID, balance: Decimal) -> None:
-    await conn.execute(
-        accounts.update().where(accounts.c.customer_id == customer).values(balance=balance)
-    )
+    await conn.execute(_SET_BALANCE, {"w_customer_id": customer, "balance": balance})
 
 
 async def charge(
@@ -216,7 +238,7 @@ async def charge(
     payment_id = uuid.uuid4()
     await _set_balance(conn, payload.customer_id, balance_after)
     await conn.execute(
-        payments.insert(),
+        _INSERT_PAYMENT,
         dict(
             order_ref=payload.order_ref,
             payment_id=payment_id,
@@ -239,12 +261,13 @@ async def refund(
     prior = await _payment(conn, payload.order_ref)
     if prior is None:
         await conn.execute(
-            payments.insert().values(
-                order_ref=payload.order_ref,
-                customer_id=payload.customer_id,
-                status=PaymentStatus.TOMBSTONE,
-                refunded_at=datetime.now(UTC),
-            )
+            _INSERT_PAYMENT,
+            {
+                "order_ref": payload.order_ref,
+                "customer_id": payload.customer_id,
+                "status": PaymentStatus.TOMBSTONE,
+                "refunded_at": datetime.now(UTC),
+            },
         )
         return PaymentRefunded(payment_id=None, amount=_ZERO, nothing_to_undo=True)
     if prior.status == PaymentStatus.TOMBSTONE:
@@ -254,9 +277,12 @@ async def refund(
         assert account is not None, "accounts are never deleted"
         await _set_balance(conn, prior.customer_id, account.balance + prior.amount)
         await conn.execute(
-            payments.update()
-            .where(payments.c.order_ref == payload.order_ref)
-            .values(status=PaymentStatus.REFUNDED, refunded_at=datetime.now(UTC))
+            _MARK_REFUNDED,
+            {
+                "w_order_ref": payload.order_ref,
+                "status": PaymentStatus.REFUNDED,
+                "refunded_at": datetime.now(UTC),
+            },
         )
     return PaymentRefunded(payment_id=prior.payment_id, amount=prior.amount, nothing_to_undo=False)
 
