@@ -20,6 +20,7 @@ import contextlib
 import sqlite3
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from operator import itemgetter
 from typing import Any
 
 import sqlalchemy as sa
@@ -41,16 +42,22 @@ class Prepared:
     names: tuple[str, ...]
     processors: tuple[Callable[[Any], Any] | None, ...]
 
-    def rows(self, values: Iterable[Mapping[str, Any]]) -> list[tuple[Any, ...]]:
-        """``values`` (dicts keyed by parameter name) as the tuples sqlite3 binds."""
-        pairs = tuple(zip(self.names, self.processors, strict=True))
-        return [
-            tuple(
-                each[name] if process is None or each[name] is None else process(each[name])
-                for name, process in pairs
-            )
-            for each in values
-        ]
+    def rows(self, values: Iterable[Mapping[str, Any]]) -> list[Sequence[Any]]:
+        """``values`` (dicts keyed by parameter name) as the sequences sqlite3 binds; a
+        processor sees every value, None included (JSON stores None as ``null``)."""
+        get = itemgetter(*self.names) if len(self.names) > 1 else _one(self.names[0])
+        converted = [(i, p) for i, p in enumerate(self.processors) if p is not None]
+        out: list[Sequence[Any]] = []
+        for each in values:
+            row = list(get(each))
+            for i, process in converted:
+                row[i] = process(row[i])
+            out.append(row)
+        return out
+
+
+def _one(name: str) -> Callable[[Mapping[str, Any]], tuple[Any]]:
+    return lambda each: (each[name],)
 
 
 def prepare(engine: AsyncEngine, statement: sa.ClauseElement, keys: Sequence[str] = ()) -> Prepared:
@@ -62,7 +69,10 @@ def prepare(engine: AsyncEngine, statement: sa.ClauseElement, keys: Sequence[str
         raise ValueError(f"{engine.dialect.name} does not bind by position")
     by_name = {name: bind for bind, name in compiled.bind_names.items()}
     names = tuple(compiled.positiontup)
-    processors = tuple(by_name[name].type.bind_processor(dialect) for name in names)
+    # the dialect's own type (sqlite.DATETIME, not the generic DateTime), as SQLAlchemy uses
+    processors = tuple(
+        by_name[name].type.dialect_impl(dialect).bind_processor(dialect) for name in names
+    )
     return Prepared(compiled.string, names, processors)
 
 
@@ -73,7 +83,7 @@ class Work:
     transaction is rolled back and :func:`run_transaction` returns False."""
 
     sql: str
-    rows: list[tuple[Any, ...]]
+    rows: list[Sequence[Any]]
     exact: bool = False
 
 
@@ -105,6 +115,10 @@ async def run_transaction(engine: AsyncEngine, work: Sequence[Work]) -> bool:
             raise TypeError("run_transaction needs an engine made by sqlite_engine")
         # the pool lends this connection to one caller at a time, so the thread may use it;
         # it goes back to the pool only once the thread is done with it, even when cancelled
+        counts = driver.counts
+        counts.statements += 2 + sum(1 for each in work if each.rows)  # BEGIN and COMMIT
+        counts.transactions += 1
+        counts.handoffs += 1
         running = asyncio.ensure_future(asyncio.to_thread(_run, driver.raw, work))
         try:
             return await asyncio.shield(running)

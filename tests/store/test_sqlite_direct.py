@@ -1,0 +1,199 @@
+"""What the direct SQLite paths write is exactly what SQLAlchemy writes.
+
+The orchestrator's group commit (:mod:`saga.store.sqlite_batch`) and the participants' ledger
+statements (:mod:`saga.participant.ledger_sql`) bypass SQLAlchemy's execution on SQLite. The
+same changes are written both ways into two files here and every stored value is compared with
+its SQLite storage class: a value stored in another format (a datetime without its
+microseconds, a UUID with dashes) would sort and compare differently from rows SQLAlchemy
+writes, and from the values the admin API binds.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import uuid
+from collections.abc import Callable
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from saga.core.definition import SagaDefinition, Step
+from saga.core.engine import decide
+from saga.core.state import ReplySucceeded, Started
+from saga.participant.ledger import Ledger, outbox, processed, replies, tombstones
+from saga.participant.ledger_sql import CoreStatements, SqliteStatements, statements
+from saga.ports import Change, CommitResult, OutboxMessage
+from saga.store import sql as sql_module
+from saga.store.sql import SqlStore
+
+T0 = datetime(2030, 1, 2, 3, 4, 5, tzinfo=UTC)  # no microseconds: the format must add them
+SAGA = uuid.UUID("11111111-2222-3333-4444-555555555555")
+DEF = SagaDefinition(
+    "order",
+    1,
+    [
+        Step("charge", participant="pay", action="pay.charge", compensation="pay.refund"),
+        Step("ship", participant="ship", action="ship.send", compensatable=False),
+    ],
+)
+
+
+def dump(path: Path) -> dict[str, list[tuple[Any, ...]]]:
+    """Every row of every table, each value with its SQLite storage class."""
+    with sqlite3.connect(path) as conn:
+        tables = [
+            name
+            for (name,) in conn.execute(
+                "SELECT name FROM sqlite_master WHERE type = 'table' AND name NOT LIKE 'sqlite%'"
+            )
+        ]
+        found: dict[str, list[tuple[Any, ...]]] = {}
+        for table in tables:
+            columns = [row[1] for row in conn.execute(f"PRAGMA table_info({table})")]
+            select = ", ".join(f"{c}, typeof({c})" for c in columns)
+            found[table] = sorted(
+                conn.execute(f"SELECT {select} FROM {table}").fetchall(), key=repr
+            )
+    return found
+
+
+async def write_sagas(path: Path, *, bulk: bool) -> None:
+    store = SqlStore(f"sqlite+aiosqlite:///{path}")
+    await store.migrate()
+    store._bulk = bulk  # False: SQLAlchemy Core, row by row
+    try:
+        first = decide(DEF, None, Started(SAGA, {"n": 1}, "key-1"), T0)
+        assert first.state.awaiting is not None
+        command = OutboxMessage(
+            message_id=first.state.awaiting,
+            saga_id=SAGA,
+            exchange="saga.commands",
+            routing_key="pay",
+            message_type="pay.charge",
+            body=b'{"n": 1}',
+            headers={"traceparent": "00-" + "1" * 32 + "-" + "2" * 16 + "-01"},
+            created_at=T0,
+        )
+        change = Change(first, None, inbox_id=uuid.UUID(int=1), outbox=(command,))
+        assert await store.commit([change]) == [CommitResult.APPLIED]
+        second = decide(
+            DEF,
+            first.state,
+            ReplySucceeded(first.state.awaiting, "pay", {"id": "p-1"}),
+            T0 + timedelta(milliseconds=1500),
+        )
+        change = Change(second, first.state.version, inbox_id=uuid.UUID(int=2))
+        assert await store.commit([change]) == [CommitResult.APPLIED]
+    finally:
+        await store.close()
+
+
+async def test_the_group_commit_stores_rows_as_sqlalchemy_does(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(sql_module, "_now", lambda: T0 + timedelta(seconds=1))
+    await write_sagas(tmp_path / "direct.db", bulk=True)
+    await write_sagas(tmp_path / "core.db", bulk=False)
+    direct, core = dump(tmp_path / "direct.db"), dump(tmp_path / "core.db")
+    assert direct["saga_instances"], "nothing was written"
+    assert direct == core
+
+
+class Rows:
+    """One transaction's ledger rows, as the runtime builds them."""
+
+    def __init__(self, at: datetime):
+        key, message = uuid.UUID(int=10), uuid.UUID(int=11)
+        self.processed_rows = [
+            {
+                "idempotency_key": key,
+                "message_id": message,
+                "saga_id": SAGA,
+                "command_type": "pay.charge",
+                "direction": "action",
+                "outcome": "success",
+                "reason": None,
+                "detail": None,
+                "data": {"amount": "1.50", "nested": {"a": [1, 2]}},
+                "processed_at": at,
+            }
+        ]
+        self.tombstone_rows = [
+            {
+                "idempotency_key": uuid.UUID(int=12),
+                "saga_id": SAGA,
+                "step": "ship",
+                "compensation_message_id": uuid.UUID(int=13),
+                "created_at": at,
+            }
+        ]
+        self.reply_rows = [
+            {
+                "message_id": uuid.UUID(int=14),
+                "command_message_id": message,
+                "body": b'{"reply": true}',
+                "created_at": at,
+            }
+        ]
+        self.outbox_rows = [
+            {
+                "message_id": uuid.UUID(int=14),
+                "saga_id": SAGA,
+                "routing_key": "saga.replies",
+                "message_type": "pay.charge.reply",
+                "body": b'{"reply": true}',
+                "headers": {"traceparent": "00-" + "3" * 32 + "-" + "4" * 16 + "-01"},
+                "created_at": at,
+            }
+        ]
+
+
+async def write_ledger(path: Path, pick: Callable[[Any, Ledger, Any], Any]) -> tuple[Any, ...]:
+    """Write :class:`Rows` in one transaction; in another, read them back and delete the reply
+    from the outbox inside a savepoint that is rolled back."""
+    ledger = Ledger(f"sqlite+aiosqlite:///{path}")
+    await ledger.setup()
+    try:
+        async with ledger.engine.begin() as conn:
+            await pick(conn, ledger, await statements(conn, ledger)).write(Rows(T0))
+        async with ledger.engine.begin() as conn:
+            ledger_sql = pick(conn, ledger, await statements(conn, ledger))
+            keys = [uuid.UUID(int=10), uuid.UUID(int=12), uuid.UUID(int=99)]
+            read = (
+                await ledger_sql.given([uuid.UUID(int=14), uuid.UUID(int=98)]),
+                sorted(await ledger_sql.recorded(keys)),
+            )
+            savepoint = await ledger_sql.savepoint()
+            await ledger_sql.delete_sent([uuid.UUID(int=14)])
+            await savepoint.rollback()
+    finally:
+        await ledger.close()
+    return read
+
+
+async def test_the_ledger_statements_store_and_read_rows_as_sqlalchemy_does(
+    tmp_path: Path,
+) -> None:
+    def direct(conn: Any, ledger: Ledger, chosen: Any) -> Any:
+        assert isinstance(chosen, SqliteStatements)
+        return chosen
+
+    def core(conn: Any, ledger: Ledger, chosen: Any) -> Any:
+        return CoreStatements(conn, ledger)
+
+    read_direct = await write_ledger(tmp_path / "direct.db", direct)
+    read_core = await write_ledger(tmp_path / "core.db", core)
+    assert dump(tmp_path / "direct.db") == dump(tmp_path / "core.db")
+    stored = dump(tmp_path / "direct.db")
+    for table in (processed, replies, tombstones, outbox):
+        assert len(stored[table.name]) == 1, table.name  # written, and the delete undone
+    assert read_direct == read_core
+    given, recorded = read_direct
+    assert given == {uuid.UUID(int=14): b'{"reply": true}'}
+    assert [(r.key, r.tombstone) for r in recorded] == [
+        (uuid.UUID(int=10), False),
+        (uuid.UUID(int=12), True),
+    ]
+    assert recorded[0].data == {"amount": "1.50", "nested": {"a": [1, 2]}}
