@@ -30,6 +30,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 from saga.participant.ledger import Ledger, outbox, processed, replies, tombstones
 from saga.store import sqlite_driver
 from saga.store.sqlite_batch import Prepared, prepare
+from saga.work import WorkCounts
 
 __all__ = ["CoreStatements", "Recorded", "Savepoint", "SqliteStatements", "statements"]
 
@@ -78,7 +79,7 @@ async def statements(conn: AsyncConnection, ledger: Ledger) -> Statements:
     if ledger.is_sqlite:
         driver = (await conn.get_raw_connection()).driver_connection
         if isinstance(driver, sqlite_driver.Connection):
-            return SqliteStatements(driver.raw, _compiled(ledger.engine))
+            return SqliteStatements(driver.raw, _compiled(ledger.engine), driver.counts)
     return CoreStatements(conn, ledger)
 
 
@@ -144,12 +145,12 @@ class _Compiled:
     def __init__(self, engine: AsyncEngine):
         self.engine = engine
         dialect = engine.dialect
-        uuid_type = processed.c.idempotency_key.type
+        # the dialect's own types, whose processors SQLAlchemy itself uses
+        uuid_type = processed.c.idempotency_key.type.dialect_impl(dialect)
+        json_type = processed.c.data.type.dialect_impl(dialect)
         self.uuid_in: Callable[[Any], Any] = uuid_type.bind_processor(dialect) or _same
         self.uuid_out: Callable[[Any], Any] = uuid_type.result_processor(dialect, None) or _same
-        self.json_out: Callable[[Any], Any] = (
-            processed.c.data.type.result_processor(dialect, None) or _same
-        )
+        self.json_out: Callable[[Any], Any] = json_type.result_processor(dialect, None) or _same
         self._inserts: dict[tuple[str, tuple[str, ...]], Prepared] = {}
 
     def insert(self, table: sa.Table, keys: tuple[str, ...], ignore: bool = False) -> Prepared:
@@ -180,15 +181,19 @@ _SAVEPOINTS = itertools.count(1)
 
 
 class _RawSavepoint:
-    def __init__(self, conn: sqlite3.Connection):
+    def __init__(self, conn: sqlite3.Connection, counts: WorkCounts):
         self._conn = conn
+        self._counts = counts
         self._name = f"ledger_{next(_SAVEPOINTS)}"
+        counts.statements += 1
         conn.execute(f"SAVEPOINT {self._name}")
 
     async def commit(self) -> None:
+        self._counts.statements += 1
         self._conn.execute(f"RELEASE SAVEPOINT {self._name}")
 
     async def rollback(self) -> None:
+        self._counts.statements += 2
         self._conn.execute(f"ROLLBACK TO SAVEPOINT {self._name}")
         self._conn.execute(f"RELEASE SAVEPOINT {self._name}")
 
@@ -197,14 +202,16 @@ class SqliteStatements:
     """Directly on the sqlite3 connection of the transaction; inline, as
     :mod:`saga.store.sqlite_driver` runs every statement but BEGIN and COMMIT."""
 
-    def __init__(self, conn: sqlite3.Connection, compiled: _Compiled):
+    def __init__(self, conn: sqlite3.Connection, compiled: _Compiled, counts: WorkCounts):
         self._conn = conn
         self._c = compiled
+        self._counts = counts
 
     def _ids(self, values: Iterable[UUID]) -> list[Any]:
         return [self._c.uuid_in(v) for v in values]
 
     async def delete_sent(self, message_ids: Sequence[UUID]) -> None:
+        self._counts.statements += 1
         self._conn.executemany(
             f"DELETE FROM {outbox.name} WHERE message_id = ?",
             [(each,) for each in self._ids(message_ids)],
@@ -214,6 +221,7 @@ class SqliteStatements:
         if not reply_ids:
             return {}
         marks = ",".join("?" * len(reply_ids))
+        self._counts.statements += 1
         found = self._conn.execute(
             f"SELECT message_id, body FROM {replies.name} WHERE message_id IN ({marks})",
             self._ids(reply_ids),
@@ -225,6 +233,7 @@ class SqliteStatements:
             return []
         marks = ",".join("?" * len(keys))
         ids = self._ids(keys)
+        self._counts.statements += 1
         found = self._conn.execute(
             f"SELECT idempotency_key, outcome, reason, detail, data, 0 FROM {processed.name} "
             f"WHERE idempotency_key IN ({marks}) UNION ALL "
@@ -245,7 +254,7 @@ class SqliteStatements:
         ]
 
     async def savepoint(self) -> Savepoint:
-        return _RawSavepoint(self._conn)
+        return _RawSavepoint(self._conn, self._counts)
 
     async def write(self, rows: Rows) -> None:
         for table, values, ignore in (
@@ -256,4 +265,5 @@ class SqliteStatements:
         ):
             if values:
                 prepared = self._c.insert(table, tuple(values[0]), ignore)
+                self._counts.statements += 1
                 self._conn.executemany(prepared.sql, prepared.rows(values))
