@@ -334,7 +334,11 @@ def reply_mismatch(
     """Why a reply that names one of this saga's commands (its causation id) cannot be its
     answer: it comes from another participant, or names another command type. None when it
     agrees, or names no command of this saga (then it is only noted as ignored)."""
-    found = locate_command(d, state, event.causation_id)
+    if state.phase is Phase.AWAITING_REPLY and event.causation_id == state.awaiting:
+        # the common case, the command awaited: known without deriving every command's id
+        found: tuple[int, Direction, int] | None = (state.current, state.direction, state.attempt)
+    else:
+        found = locate_command(d, state, event.causation_id)
     if found is None:
         return None
     index, direction, attempt = found

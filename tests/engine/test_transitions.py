@@ -9,8 +9,8 @@ from uuid import UUID
 
 import pytest
 
-from saga.core.definition import RetryPolicy, SagaDefinition, seed_for
-from saga.core.engine import decide, reply_mismatch
+from saga.core.definition import RetryPolicy, SagaDefinition, Step, seed_for
+from saga.core.engine import decide, locate_command, reply_mismatch
 from saga.core.errors import UnknownSagaError
 from saga.core.ids import command_id, idempotency_key
 from saga.core.state import (
@@ -1032,3 +1032,33 @@ def test_state_of_another_definition_is_an_error() -> None:
     state = started(make_definition(2)).s
     with pytest.raises(UnknownSagaError):
         decide(make_definition(2, name="other"), state, OperatorRetry("a", "b"), T0)
+
+
+def test_the_awaited_command_is_located_as_every_other_command() -> None:
+    """reply_mismatch knows the awaited command from the state; it must agree with
+    locate_command, which derives the id of every command the saga sent."""
+    d = SagaDefinition(
+        "pair",
+        1,
+        [
+            Step("a", participant="p", action="p.a", compensation="p.undo_a"),
+            Step("b", participant="q", action="q.b", compensation="q.undo_b"),
+        ],
+    )
+    t = decide(d, None, Started(SAGA_ID, {}, None), T0)
+    seen = 0
+    while t.state.phase is Phase.AWAITING_REPLY:
+        state = t.state
+        assert state.awaiting is not None
+        assert locate_command(d, state, state.awaiting) == (
+            state.current,
+            state.direction,
+            state.attempt,
+        )
+        seen += 1
+        if state.current == 1 and state.direction is Direction.ACTION:
+            event = ReplyFailed(state.awaiting, "q", "refused")  # compensate a
+        else:
+            event = ReplySucceeded(state.awaiting, d.steps[state.current].participant, {})
+        t = decide(d, state, event, T0)
+    assert seen == 3  # a, b refused, undo a
