@@ -54,6 +54,7 @@ from saga import __version__
 from saga.core.errors import ConfigError
 from saga.core.state import Direction, HistoryKind, Phase, SagaState, SagaStatus, Transition
 from saga.ports import BrokerStats
+from saga.work import WorkCollector, WorkCounts
 
 __all__ = [
     "Metrics",
@@ -475,6 +476,7 @@ class Metrics:
     def __init__(self, registry: CollectorRegistry | None = None):
         self.registry = registry if registry is not None else CollectorRegistry()
         self._brokers: list[Callable[[], BrokerStats]] | None = None
+        self._work: list[Callable[[], WorkCounts]] | None = None
         r = self.registry
         self.started = Counter("saga_started", "Sagas started.", ["saga_name"], registry=r)
         self.finished = Counter(
@@ -558,6 +560,21 @@ class Metrics:
             self._brokers = []
             self.registry.register(_BrokerCollector(self._brokers))
         self._brokers.append(stats)
+
+    def watch_work(self, read: Callable[[], WorkCounts]) -> None:
+        """Export what ``read`` counts as ``saga_work_total{kind}``, read at each scrape;
+        several sources of one process add up."""
+        if self._work is None:
+            self._work = []
+            self.registry.register(WorkCollector(self._work))
+        self._work.append(read)
+
+    def work(self) -> WorkCounts:
+        """The work counted so far by every source given to :meth:`watch_work`."""
+        total = WorkCounts()
+        for read in self._work or ():
+            total = total + read()
+        return total
 
     def transition(self, before: SagaState | None, transition: Transition) -> None:
         """Count what one committed transition did."""

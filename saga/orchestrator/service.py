@@ -126,6 +126,7 @@ class OrchestratorService:
             await self.store.setup()
             broker = await self._broker.connect(self.settings.rabbitmq_url, tls=self.settings.tls)
             self.metrics.watch_broker(broker.stats)
+            self.metrics.watch_work(lambda: self.store.counts + broker.counts)
             await broker.declare(self.topology, self.participants)
             self.relay = Relay(
                 self.store,

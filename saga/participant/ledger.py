@@ -22,6 +22,7 @@ from saga.ports import OutboxMessage
 from saga.store.fresh import OutboxCopy
 from saga.store.schema import UTCDateTime
 from saga.store.sql import delete_sent, sqlite_engine
+from saga.work import WorkCounts
 
 __all__ = ["Ledger", "ledger_metadata", "outbox", "processed", "replies", "tombstones"]
 
@@ -106,12 +107,14 @@ class Ledger:
         self._doomed: list[UUID] = []
         self._outbox = OutboxCopy(self._delete_sent)  # replies the relay has not sent yet
         self.is_sqlite = url.startswith("sqlite")
+        #: statements, transactions and thread hand-offs (SQLite; saga.work)
+        self.counts = WorkCounts()
         if self.is_sqlite:
             self.engine: AsyncEngine = sqlite_engine(
-                url, immediate=True, synchronous=sqlite_synchronous
+                url, immediate=True, synchronous=sqlite_synchronous, counts=self.counts
             )
             self.reader: AsyncEngine = sqlite_engine(
-                url, immediate=False, synchronous=sqlite_synchronous
+                url, immediate=False, synchronous=sqlite_synchronous, counts=self.counts
             )
         else:
             options: dict[str, Any] = {}

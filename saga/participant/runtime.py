@@ -278,6 +278,7 @@ class Participant:
         await self.setup_database()
         broker = await self._broker.connect(self.settings.rabbitmq_url, tls=self.settings.tls)
         self.metrics.watch_broker(broker.stats)
+        self.metrics.watch_work(lambda: self.ledger.counts + broker.counts)
         await broker.declare(self.topology, [self.name])
         self._relay = Relay(
             self.ledger,

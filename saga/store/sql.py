@@ -58,12 +58,18 @@ from saga.store.schema import (
     schema_version,
 )
 from saga.store.sqlite_batch import Prepared, Work, prepare, run_transaction
+from saga.work import WorkCounts
 
 __all__ = ["SqlStore", "delete_sent", "sqlite_engine"]
 
 
 def sqlite_engine(
-    url: str, *, immediate: bool, synchronous: str = "FULL", busy_timeout_ms: int = 10_000
+    url: str,
+    *,
+    immediate: bool,
+    synchronous: str = "FULL",
+    busy_timeout_ms: int = 10_000,
+    counts: WorkCounts | None = None,
 ) -> AsyncEngine:
     """An aiosqlite engine set up as the module docstring explains; ``immediate`` makes every
     transaction ``BEGIN IMMEDIATE`` (for writers)."""
@@ -73,7 +79,7 @@ def sqlite_engine(
     pool = {"pool_size": 1, "max_overflow": 0} if immediate else {"pool_size": 4}
     database = make_url(url).database or ""
     # Statements run on the loop's thread, BEGIN and COMMIT in a thread: see sqlite_driver.
-    creator = sqlite_driver.connect(database, timeout=busy_timeout_ms / 1000)
+    creator = sqlite_driver.connect(database, timeout=busy_timeout_ms / 1000, counts=counts)
     engine = create_async_engine(url, async_creator=creator, pool_timeout=60, **pool)
 
     @event.listens_for(engine.sync_engine, "connect")
@@ -141,6 +147,8 @@ class SqlStore:
                 "sqlite+aiosqlite:///path/to/saga.db or postgresql+asyncpg://user@host/db"
             )
         self.schema = schema
+        #: statements, transactions and thread hand-offs (SQLite; saga.work)
+        self.counts = WorkCounts()
         self._outbox = OutboxCopy(self._delete_sent)  # what the relay has not sent yet
         self._synchronous = sqlite_synchronous.upper()
         self._bulk = self.dialect == "sqlite"  # see _commit_bulk
@@ -155,13 +163,18 @@ class SqlStore:
             if sqlite_synchronous.upper() not in ("FULL", "NORMAL", "EXTRA"):
                 raise ConfigError("sqlite synchronous must be FULL, NORMAL or EXTRA")
             self._write = sqlite_engine(
-                url, immediate=True, synchronous=sqlite_synchronous, busy_timeout_ms=busy_timeout_ms
+                url,
+                immediate=True,
+                synchronous=sqlite_synchronous,
+                busy_timeout_ms=busy_timeout_ms,
+                counts=self.counts,
             )
             self._read = sqlite_engine(
                 url,
                 immediate=False,
                 synchronous=sqlite_synchronous,
                 busy_timeout_ms=busy_timeout_ms,
+                counts=self.counts,
             )
         else:
             self._write = create_async_engine(

@@ -23,6 +23,8 @@ import sqlite3
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
+from saga.work import WorkCounts
+
 __all__ = ["Connection", "connect"]
 
 
@@ -76,13 +78,18 @@ class Cursor:
     async def execute(self, sql: str, parameters: Sequence[Any] | None = None) -> Cursor:
         args = () if parameters is None else parameters
         kind = _kind(sql)
+        counts = self._owner.counts
+        counts.statements += 1
         if kind == _INLINE:
             self._cursor.execute(sql, args)
         elif kind == _COMMIT or not self._owner.lock_now(self._cursor, sql):
+            counts.handoffs += 1
+            counts.transactions += kind == _COMMIT
             await asyncio.to_thread(self._cursor.execute, sql, args)
         return self
 
     async def executemany(self, sql: str, parameters: Iterable[Sequence[Any]]) -> Cursor:
+        self._owner.counts.statements += 1
         self._cursor.executemany(sql, parameters)
         return self
 
@@ -118,8 +125,10 @@ class _Inline:
 class Connection:
     """The part of ``aiosqlite.Connection`` that SQLAlchemy's dialect uses."""
 
-    def __init__(self, conn: sqlite3.Connection, timeout: float):
+    def __init__(self, conn: sqlite3.Connection, timeout: float, counts: WorkCounts | None = None):
         self._conn = conn
+        #: statements, commits and thread hand-offs on this connection (saga.work)
+        self.counts = counts if counts is not None else WorkCounts()
         self._connection: sqlite3.Connection | None = conn  # checked before commit/rollback
         self._tx = _Inline()
         self._busy_ms = int(timeout * 1000)
@@ -142,6 +151,7 @@ class Connection:
         """Open a transaction directly, without a statement through SQLAlchemy (a tenth of a
         short transaction's CPU); False when the write lock is taken: then the caller issues
         ``BEGIN IMMEDIATE`` as a statement, which waits for the lock in a thread."""
+        self.counts.statements += 1
         if not immediate:
             self._conn.execute("BEGIN")
             return True
@@ -169,9 +179,14 @@ class Connection:
 
     async def commit(self) -> None:
         if self._conn.in_transaction:
+            self.counts.statements += 1
+            self.counts.transactions += 1
+            self.counts.handoffs += 1
             await asyncio.to_thread(self._conn.commit)
 
     async def rollback(self) -> None:
+        if self._conn.in_transaction:
+            self.counts.statements += 1
         self._conn.rollback()
 
     async def create_function(self, *args: Any, **kwargs: Any) -> None:
@@ -188,8 +203,9 @@ class Connection:
             self._conn.close()
 
 
-def connect(path: str, *, timeout: float) -> Callable[[], Any]:
-    """An ``async_creator`` for ``create_async_engine``: a new connection to ``path``."""
+def connect(path: str, *, timeout: float, counts: WorkCounts | None = None) -> Callable[[], Any]:
+    """An ``async_creator`` for ``create_async_engine``: a new connection to ``path``, its
+    work counted in ``counts``."""
 
     async def create() -> Connection:
         conn = await asyncio.to_thread(
@@ -199,6 +215,6 @@ def connect(path: str, *, timeout: float) -> Callable[[], Any]:
             isolation_level=None,  # BEGIN is issued by the engine's "begin" listener
             check_same_thread=False,
         )
-        return Connection(conn, timeout)
+        return Connection(conn, timeout, counts)
 
     return create

@@ -315,6 +315,7 @@ class Publisher:
         content_type: str | None = "application/json",
     ) -> None:
         channel, underlay = await self._open()
+        self._link.counts.publishes += 1
         # aiormq's own channel: aio-pika's Message and Exchange objects per publish cost more
         # CPU than the frame itself; the properties are the same ones they would build
         properties = aiormq.spec.Basic.Properties(

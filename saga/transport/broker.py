@@ -41,6 +41,7 @@ from saga.transport.topology import (
     DEAD_LETTER_REASON,
     Topology,
 )
+from saga.work import WorkCounts
 
 __all__ = [
     "AmqpBroker",
@@ -91,6 +92,9 @@ class Consumer(Protocol):
 
 
 class Broker(Protocol):
+    #: the work done through this broker (saga.work)
+    counts: WorkCounts
+
     async def declare(self, topology: Topology, participants: Iterable[str]) -> None:
         """Declare every exchange, queue and binding of ``topology``; idempotent."""
 
@@ -258,15 +262,26 @@ class _Delivery:
     nothing here reads. Settled without waiting for the socket to drain: an ack that never
     reaches the broker only means a redelivery, which every handler takes."""
 
-    __slots__ = ("_channel", "_settled", "body", "delivery_tag", "properties", "redelivered")
+    __slots__ = (
+        "_channel",
+        "_counts",
+        "_settled",
+        "body",
+        "delivery_tag",
+        "properties",
+        "redelivered",
+    )
 
-    def __init__(self, message: aiormq.abc.DeliveredMessage, channel: aiormq.Channel):
+    def __init__(
+        self, message: aiormq.abc.DeliveredMessage, channel: aiormq.Channel, counts: WorkCounts
+    ):
         self.body: bytes = message.body
         self.properties = message.header.properties
         delivery = cast(aiormq.spec.Basic.Deliver, message.delivery)
         self.delivery_tag = int(delivery.delivery_tag or 0)
         self.redelivered = bool(delivery.redelivered)
         self._channel = channel
+        self._counts = counts
         self._settled = False
 
     @property
@@ -298,12 +313,14 @@ class _Delivery:
         if self._settled:
             raise RuntimeError("the message was settled already")
         self._settled = True
+        self._counts.settles += 1
         await self._channel.basic_ack(self.delivery_tag, wait=False)
 
     async def nack(self, *, requeue: bool = True) -> None:
         if self._settled:
             raise RuntimeError("the message was settled already")
         self._settled = True
+        self._counts.settles += 1
         await self._channel.basic_nack(self.delivery_tag, requeue=requeue, wait=False)
 
 
@@ -366,7 +383,8 @@ class _AmqpConsumer:
             underlay = cast(aiormq.Channel, await channel.get_underlay_channel())
 
             async def deliver(message: aiormq.abc.DeliveredMessage) -> None:
-                await self._deliver(_Delivery(message, underlay), attachment)
+                self._link.counts.deliveries += 1
+                await self._deliver(_Delivery(message, underlay, self._link.counts), attachment)
 
             underlay.on_consumer_cancel_callbacks.add(self._on_broker_cancel)
             await asyncio.wait_for(
@@ -539,6 +557,8 @@ class AmqpBroker(BrokerBase):
 
     def __init__(self, link: Link):
         self.link = link
+        #: publishes, deliveries, settles and socket writes (saga.work)
+        self.counts = link.counts
         self._publisher = Publisher(link)
         self._declared: list[tuple[Topology, tuple[str, ...]]] = []
         self._consumers: list[_AmqpConsumer] = []

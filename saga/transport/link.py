@@ -35,6 +35,7 @@ from yarl import URL
 from saga.core.errors import ConfigError
 from saga.secrets import redact_url
 from saga.transport.wire import BatchingTransportFactory
+from saga.work import WorkCounts
 
 __all__ = ["Link", "LinkDownError", "note", "own_cancellation", "quietly", "reach_error"]
 
@@ -111,6 +112,8 @@ class Link:
         self.connect_timeout = connect_timeout
         self.reconnect_interval = reconnect_interval
         self._ssl_context = ssl_context
+        #: publishes, deliveries, settles and socket writes over this link (saga.work)
+        self.counts = WorkCounts()
         self._restore: Restore | None = None
         self._index = 0
         self._connection: AbstractConnection | None = None
@@ -210,7 +213,7 @@ class Link:
         connection = aio_pika.Connection(node, ssl_context=self._ssl_context)
         # aio-pika passes its kwargs on to aiormq's Connection (see saga.transport.wire)
         connection.kwargs["transport_factory"] = BatchingTransportFactory(
-            tls=str(node).startswith("amqps://")
+            tls=str(node).startswith("amqps://"), counts=self.counts
         )
         try:
             await connection.connect(timeout=self.connect_timeout)

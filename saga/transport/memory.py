@@ -47,6 +47,7 @@ from saga.transport.broker import (
     PublishRefusedError,
 )
 from saga.transport.topology import Topology
+from saga.work import WorkCounts
 
 __all__ = ["MemoryBroker", "MemoryMessage"]
 
@@ -218,6 +219,7 @@ class MemoryBroker(BrokerBase):
         self._closed = False
         self.published = 0
         self.dead_lettered = 0  # routed through a dead-letter exchange by the broker itself
+        self.counts = WorkCounts()  # nothing is counted in memory
 
     # --- the Broker protocol -----------------------------------------------------------
 

@@ -19,6 +19,8 @@ from typing import Any
 from aiormq.connection import TCPTransportFactory, TLSTransportFactory, TransportFactory
 from yarl import URL
 
+from saga.work import WorkCounts
+
 __all__ = ["BatchingTransportFactory", "BatchingWriter"]
 
 
@@ -26,12 +28,12 @@ class BatchingWriter:
     """The part of :class:`asyncio.StreamWriter` that aiormq uses, sending writes made in one
     turn of the loop together."""
 
-    def __init__(self, writer: asyncio.StreamWriter):
+    def __init__(self, writer: asyncio.StreamWriter, counts: WorkCounts | None = None):
         self._writer = writer
         self._held: list[bytes] = []
         self._flush: asyncio.Handle | None = None
-        #: system-level writes made, and frame sets written: for tests of the batching
-        self.sends = 0
+        self.counts = counts if counts is not None else WorkCounts()
+        #: frame sets written to this writer (each would have been a send without it)
         self.writes = 0
 
     def write(self, data: bytes) -> None:
@@ -49,7 +51,7 @@ class BatchingWriter:
             self._held.clear()
             return
         held, self._held = self._held, []
-        self.sends += 1
+        self.counts.sends += 1
         self._writer.write(held[0] if len(held) == 1 else b"".join(held))
 
     async def drain(self) -> None:
@@ -84,8 +86,9 @@ class BatchingWriter:
 class BatchingTransportFactory(TransportFactory):
     """aiormq's own TCP or TLS transport, with a :class:`BatchingWriter` in front."""
 
-    def __init__(self, tls: bool):
+    def __init__(self, tls: bool, counts: WorkCounts | None = None):
         self._inner: TransportFactory = TLSTransportFactory() if tls else TCPTransportFactory()
+        self._counts = counts
         #: the writer of the newest connection (tests)
         self.writer: BatchingWriter | None = None
 
@@ -93,6 +96,6 @@ class BatchingTransportFactory(TransportFactory):
         self, url: URL, **kwargs: Any
     ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
         reader, writer = await self._inner.create(url, **kwargs)
-        self.writer = BatchingWriter(writer)
+        self.writer = BatchingWriter(writer, self._counts)
         # aiormq only calls the StreamWriter methods above
         return reader, self.writer  # type: ignore[return-value]
