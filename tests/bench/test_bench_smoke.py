@@ -122,3 +122,23 @@ def test_several_instances_are_refused_on_sqlite() -> None:
     assert "2 orchestrator instances need PostgreSQL" in said, done.stderr
     assert "SQLite allows one orchestrator per file" in said, done.stderr
     assert not done.stdout
+
+
+def test_bench_with_echo_participants_measures_the_orchestrator_alone() -> None:
+    doc = run_bench(
+        "--participants", "echo", "--sagas", "30", "--concurrency", "8", "--warmup", "4",
+        "--ceiling-round-trips", "200",
+    )  # fmt: skip
+    assert doc["all_finished"] is True
+    assert doc["sagas"]["completed"] == 30
+    assert doc["config"]["services"] == "echo"
+    cpu = doc["cpu_ms_per_saga"]
+    assert {"orchestrator", "order", "payment", "inventory", "shipping"} <= set(cpu)
+    assert doc["ceiling"]["ratio"] > 0
+
+
+def test_echo_participants_refuse_what_they_cannot_do() -> None:
+    done = _bench("--participants", "echo", "--fail-rate", "0.5", "--sagas", "10")
+    assert done.returncode == 2, done.stdout + done.stderr
+    said = " ".join(done.stderr.replace("│", " ").split())
+    assert "not with --connect, --fail-rate or --services all" in said, done.stderr

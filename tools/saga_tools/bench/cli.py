@@ -52,6 +52,11 @@ class ServicesMode(StrEnum):
     ALL = "all"
 
 
+class Participants(StrEnum):
+    DEMO = "demo"
+    ECHO = "echo"
+
+
 class Synchronous(StrEnum):
     FULL = "FULL"
     NORMAL = "NORMAL"
@@ -95,6 +100,14 @@ def main(
     services: Annotated[
         ServicesMode, typer.Option(help="A process per service, or all four in one.")
     ] = ServicesMode.SEPARATE,
+    participants: Annotated[
+        Participants,
+        typer.Option(
+            help="demo: the four demo services with their databases and ledgers; echo: "
+            "responders that answer every command at once (no database), to measure the "
+            "orchestrator alone against the ceiling."
+        ),
+    ] = Participants.DEMO,
     instances: Annotated[
         int,
         typer.Option(
@@ -171,6 +184,12 @@ def main(
         raise typer.BadParameter("--crash-after needs a stack the bench started")
     if connect and instances > 1:
         raise typer.BadParameter("--instances needs a stack the bench started")
+    if participants is Participants.ECHO and (connect or fail_rate > 0 or services.value == "all"):
+        raise typer.BadParameter(
+            "echo participants answer every command with success in processes of their own: "
+            "not with --connect, --fail-rate or --services all",
+            param_hint="--participants",
+        )
     if instances > 1 and (database_url is None or is_sqlite(database_url)):
         raise typer.BadParameter(
             f"{instances} orchestrator instances need PostgreSQL (--database-url "
@@ -182,6 +201,7 @@ def main(
         rabbitmq_url=rabbitmq_url,
         database_url=database_url,
         services_mode=services.value,
+        participants=participants.value,
         instances=instances,
         ceiling=ceiling,
         ceiling_round_trips=ceiling_round_trips,
@@ -211,6 +231,7 @@ class _Options:
     rabbitmq_url: str
     database_url: str | None
     services_mode: str
+    participants: str
     instances: int
     ceiling: bool
     ceiling_round_trips: int | None
@@ -275,6 +296,7 @@ async def bench(workload: Workload, options: _Options) -> dict[str, Any]:
             step_timeout=options.step_timeout,
             sqlite_synchronous=options.sqlite_synchronous,
             instances=options.instances,
+            participants=options.participants,
         )
         if options.connect:
             config = _with_data_dir(config, data_dir)
@@ -310,7 +332,9 @@ async def bench(workload: Workload, options: _Options) -> dict[str, Any]:
             workload=workload,
             load=load,
             database=database,
-            services_mode="external" if options.connect else options.services_mode,
+            services_mode="external"
+            if options.connect
+            else ("echo" if options.participants == "echo" else options.services_mode),
             prefix=prefix,
             cpu_s=cpu_s,
             orchestrators=config.orchestrators,

@@ -71,6 +71,7 @@ class StackConfig:
     step_timeout: float | None = None  # None: the checkout's own
     sqlite_synchronous: str | None = None  # None: the processes' default (FULL)
     instances: int = 1  # orchestrator processes on the one database; > 1 needs PostgreSQL
+    participants: str = "demo"  # "echo": saga_tools.bench.echo answers instead of the services
 
     def __post_init__(self) -> None:
         if self.instances < 1:
@@ -127,9 +128,7 @@ class BenchStack:
             SAGA_RABBITMQ_URL=c.rabbitmq_url,
             SAGA_PREFIX=c.prefix,
             SAGA_DATABASE_URL=c.database_url,
-            SAGA_DEFINITIONS="saga_demo.checkout:registry"
-            if c.step_timeout is None
-            else "saga_tools.bench.definitions:registry",
+            SAGA_DEFINITIONS=_definitions(c),
             SAGA_DATA_DIR=str(c.data_dir),
             SAGA_LOG_LEVEL=c.log_level,
         )
@@ -166,9 +165,14 @@ class BenchStack:
         first, *others = self.config.orchestrators
         await self.start_orchestrator(first)
         await asyncio.gather(*(self.start_orchestrator(name) for name in others))
-        names = ["all"] if self.config.services_mode == "all" else list(SERVICES)
-        started = [self._spawn(n, ["saga-service", n]) for n in names]
-        expected = len(SERVICES) if self.config.services_mode == "all" else 1
+        if self.config.participants == "echo":
+            echo = [sys.executable, "-m", "saga_tools.bench.echo"]
+            started = [self._spawn(n, [*echo, n]) for n in SERVICES]
+            expected = 1
+        else:
+            names = ["all"] if self.config.services_mode == "all" else list(SERVICES)
+            started = [self._spawn(n, ["saga-service", n]) for n in names]
+            expected = len(SERVICES) if self.config.services_mode == "all" else 1
         await asyncio.gather(*(_ready(p, "participant_started", expected) for p in started))
 
     async def start_orchestrator(self, name: str = "orchestrator") -> None:
@@ -212,8 +216,20 @@ class BenchStack:
         return None
 
 
+def _definitions(config: StackConfig) -> str:
+    """SAGA_DEFINITIONS for the orchestrators."""
+    if config.participants == "echo":
+        return "saga_tools.bench.definitions:echo_registry"
+    if config.step_timeout is not None:
+        return "saga_tools.bench.definitions:registry"
+    return "saga_demo.checkout:registry"
+
+
 def _script(name: str) -> str:
-    """A console script of this installation (next to the interpreter), else from PATH."""
+    """A console script of this installation (next to the interpreter), else from PATH; an
+    absolute path as it is."""
+    if os.path.isabs(name):
+        return name
     local = Path(sys.executable).parent / name
     if local.exists():
         return str(local)
@@ -241,6 +257,8 @@ async def _ready(proc: _Proc, marker: str, count: int = 1) -> None:
 
 async def seed_services(config: StackConfig) -> None:
     """Create the services' databases (as their start would) and add the bench's rows."""
+    if config.participants == "echo":
+        return  # nothing to keep
     settings = config.service_settings()
     for name in SERVICES:
         participant = BUILDERS[name](settings)
