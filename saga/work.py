@@ -34,6 +34,8 @@ class WorkCounts:
     deliveries: int = 0
     #: deliveries acked or nacked
     settles: int = 0
+    #: ack frames sent (one ``multiple`` ack settles a run of deliveries)
+    ack_frames: int = 0
     #: writes to the broker's socket (each a system call)
     sends: int = 0
 
@@ -59,7 +61,7 @@ class WorkCollector:
         family = CounterMetricFamily(
             "saga_work",
             "Work done: SQL statements, transactions, thread hand-offs, publishes, deliveries, "
-            "settles (acks and nacks) and socket writes.",
+            "settles (acks and nacks), ack frames and socket writes.",
             labels=["kind"],
         )
         for kind, value in total.as_dict().items():

@@ -256,14 +256,91 @@ class BrokerSlot:
         self._own = None
 
 
+_OPEN, _ACKED, _NACKING = 0, 1, 2
+
+
+class _Acks:
+    """The acks of one consumer channel, sent at the end of the loop's turn in as few frames as
+    possible: one ``basic.ack`` with ``multiple=True`` for the longest run of acked deliveries
+    at the front, and one each for acked deliveries behind one still being handled.
+
+    A group commit settles a batch of deliveries together, so a batch costs the broker one ack
+    frame instead of one per message. A multiple ack settles every outstanding delivery up to
+    its tag, so a delivery being nacked holds the run back until its nack is queued (frames
+    leave in the order they are queued)."""
+
+    def __init__(self, channel: aiormq.Channel, counts: WorkCounts):
+        self.channel = channel
+        self._counts = counts
+        self._open: dict[int, int] = {}  # delivery tag -> state, in delivery order
+        self._scheduled: asyncio.Handle | None = None
+        self._sending: set[asyncio.Task[None]] = set()
+
+    def received(self, tag: int) -> None:
+        self._open[tag] = _OPEN
+
+    def ack(self, tag: int) -> None:
+        self._open[tag] = _ACKED
+        if self._scheduled is None:
+            self._scheduled = asyncio.get_running_loop().call_soon(self._send_soon)
+
+    async def nack(self, tag: int, requeue: bool) -> None:
+        self._open[tag] = _NACKING
+        try:
+            await self.channel.basic_nack(tag, requeue=requeue, wait=False)
+        finally:
+            self._open.pop(tag, None)
+
+    def _send_soon(self) -> None:
+        self._scheduled = None
+        task = asyncio.ensure_future(self.flush())
+        self._sending.add(task)
+        task.add_done_callback(self._sending.discard)
+
+    async def flush(self) -> None:
+        """Queue the acks taken so far. A channel that is gone loses them: its unacked
+        deliveries go back to the queue, and every handler takes a redelivery."""
+        last, run = 0, 0
+        for tag, state in self._open.items():
+            if state != _ACKED:
+                break
+            last, run = tag, run + 1
+        for tag in list(self._open)[:run]:
+            del self._open[tag]
+        alone = [tag for tag, state in self._open.items() if state == _ACKED]
+        for tag in alone:
+            del self._open[tag]
+        try:
+            if run:
+                self._counts.ack_frames += 1
+                await self.channel.basic_ack(last, multiple=run > 1, wait=False)
+            for tag in alone:
+                self._counts.ack_frames += 1
+                await self.channel.basic_ack(tag, wait=False)
+        except asyncio.CancelledError:
+            if own_cancellation():
+                raise
+        except Exception:
+            pass
+
+    async def drain(self) -> None:
+        """Send what is pending now and wait until it is queued (before the channel closes)."""
+        if self._scheduled is not None:
+            self._scheduled.cancel()
+            self._scheduled = None
+        await self.flush()
+        await asyncio.gather(*self._sending, return_exceptions=True)
+
+
 class _Delivery:
     """A delivery as :class:`IncomingMessage`, read straight from aiormq's frame: aio-pika's
     ``IncomingMessage`` decodes and copies every property of every message, most of which
-    nothing here reads. Settled without waiting for the socket to drain: an ack that never
-    reaches the broker only means a redelivery, which every handler takes."""
+    nothing here reads. Acks are sent together at the end of the loop's turn (:class:`_Acks`),
+    without waiting for the socket to drain: an ack that never reaches the broker only means a
+    redelivery, which every handler takes."""
 
     __slots__ = (
-        "_channel",
+        "_acks",
         "_counts",
         "_settled",
         "body",
@@ -272,22 +349,21 @@ class _Delivery:
         "redelivered",
     )
 
-    def __init__(
-        self, message: aiormq.abc.DeliveredMessage, channel: aiormq.Channel, counts: WorkCounts
-    ):
+    def __init__(self, message: aiormq.abc.DeliveredMessage, acks: _Acks, counts: WorkCounts):
         self.body: bytes = message.body
         self.properties = message.header.properties
         delivery = cast(aiormq.spec.Basic.Deliver, message.delivery)
         self.delivery_tag = int(delivery.delivery_tag or 0)
         self.redelivered = bool(delivery.redelivered)
-        self._channel = channel
+        self._acks = acks
         self._counts = counts
         self._settled = False
+        acks.received(self.delivery_tag)
 
     @property
     def channel(self) -> aiormq.Channel:
         """The aiormq channel it came on (as aio-pika's ``IncomingMessage.channel``)."""
-        return self._channel
+        return self._acks.channel
 
     @property
     def content_type(self) -> str | None:
@@ -314,14 +390,14 @@ class _Delivery:
             raise RuntimeError("the message was settled already")
         self._settled = True
         self._counts.settles += 1
-        await self._channel.basic_ack(self.delivery_tag, wait=False)
+        self._acks.ack(self.delivery_tag)
 
     async def nack(self, *, requeue: bool = True) -> None:
         if self._settled:
             raise RuntimeError("the message was settled already")
         self._settled = True
         self._counts.settles += 1
-        await self._channel.basic_nack(self.delivery_tag, requeue=requeue, wait=False)
+        await self._acks.nack(self.delivery_tag, requeue)
 
 
 class _AmqpConsumer:
@@ -345,6 +421,7 @@ class _AmqpConsumer:
         self._prefetch = prefetch
         self._channel: AbstractChannel | None = None
         self._underlay: aiormq.Channel | None = None
+        self._acks: _Acks | None = None
         self._tag: str | None = None
         self._generation = 0
         self._attachments = 0
@@ -381,10 +458,11 @@ class _AmqpConsumer:
             # permission
             await asyncio.wait_for(channel.declare_queue(self.queue, passive=True), bound)
             underlay = cast(aiormq.Channel, await channel.get_underlay_channel())
+            acks = _Acks(underlay, self._link.counts)
 
             async def deliver(message: aiormq.abc.DeliveredMessage) -> None:
                 self._link.counts.deliveries += 1
-                await self._deliver(_Delivery(message, underlay, self._link.counts), attachment)
+                await self._deliver(_Delivery(message, acks, self._link.counts), attachment)
 
             underlay.on_consumer_cancel_callbacks.add(self._on_broker_cancel)
             await asyncio.wait_for(
@@ -398,16 +476,18 @@ class _AmqpConsumer:
             return
         old, old_attachment = self._channel, attachment - 1
         same_connection = self._generation == generation
+        old_acks = self._acks
         self._channel, self._underlay, self._tag = channel, underlay, tag
+        self._acks = acks
         self._generation = generation
         channel.close_callbacks.add(self._on_channel_close)
         if same_connection and old is not None and not old.is_closed:
             # a repair: the old channel's consumer is gone, but deliveries may still run on it
-            self._retire(old, old_attachment)
+            self._retire(old, old_attachment, old_acks)
         if channel.is_closed or tag in self._cancelled_tags:
             self._repair_soon("lost while it was being attached")
 
-    def _retire(self, channel: AbstractChannel, attachment: int) -> None:
+    def _retire(self, channel: AbstractChannel, attachment: int, acks: _Acks | None) -> None:
         """Close ``channel`` once the deliveries running on it have returned (bounded):
         closing it at once would cancel them half-way."""
 
@@ -421,6 +501,8 @@ class _AmqpConsumer:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(drained.wait(), self.DRAIN_TIMEOUT)
             self._drained.pop(attachment, None)
+            if acks is not None:
+                await quietly(acks.drain(), 5)
             await quietly(channel.close(), 5)
 
         task = asyncio.create_task(drain())
@@ -513,6 +595,8 @@ class _AmqpConsumer:
             task.cancel()
         await asyncio.gather(*self._retiring, return_exceptions=True)
         if self._channel is not None and not self._channel.is_closed:
+            if self._acks is not None:  # the acks taken, before the rest goes back
+                await quietly(self._acks.drain(), 5)
             await quietly(self._channel.close(), 5)
 
     def _stop_repairs(self) -> None:

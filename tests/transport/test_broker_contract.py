@@ -232,3 +232,41 @@ async def test_what_a_cancelled_consumer_left_unsettled_goes_back(w: World) -> N
     [got] = await later.wait_for(1)
     assert got.message_id == sent
     assert got.redelivered
+
+
+async def test_acks_settled_together_leave_nothing_behind_and_a_nack_is_kept_apart(
+    w: World,
+) -> None:
+    """Deliveries settled in one turn of the loop (as a group commit settles its batch): every
+    acked one is gone, the one nacked between them comes back, and on RabbitMQ the acks went
+    out as a few frames (a ``multiple`` ack for the run in front), not one per message."""
+    count, held = 30, asyncio.Event()
+    waiting: list[IncomingMessage] = []
+
+    async def hold(message: IncomingMessage) -> None:
+        waiting.append(message)
+        if len(waiting) == count:
+            held.set()
+        await held.wait()
+
+    consumer = await w.broker.consume(w.topology.start_queue, hold, prefetch=count)
+    sent = [await w.send(w.topology.start_queue, message_id=f"m{n}") for n in range(count)]
+    await asyncio.wait_for(held.wait(), 10)
+    frames_before = w.broker.counts.ack_frames
+    nacked = waiting[count // 2]
+    for message in waiting:  # all in one turn, the nack in the middle
+        if message is nacked:
+            await message.nack(requeue=True)
+        else:
+            await message.ack()
+    await asyncio.sleep(0.3)
+    if w.kind == "amqp":
+        frames = w.broker.counts.ack_frames - frames_before
+        assert 1 <= frames <= 3, frames  # the run before the nack, the rest after it
+    await consumer.cancel()
+    again = Inbox()
+    await w.broker.consume(w.topology.start_queue, again, prefetch=count)
+    [back] = await again.wait_for(1)
+    assert back.message_id == nacked.message_id and back.redelivered
+    await again.quiet(1)
+    assert set(sent) == {m.message_id for m in waiting}  # the nacked one may come twice
