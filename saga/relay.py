@@ -125,7 +125,8 @@ class Relay:
                 message.saga_id,
                 message.headers,
             )
-            message = dataclasses.replace(message, headers=headers)
+            if headers != message.headers:  # the publish span's context: a copy of the row
+                message = dataclasses.replace(message, headers=headers)
             began = time.perf_counter()
             try:
                 await self._send(message)
