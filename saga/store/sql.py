@@ -270,7 +270,7 @@ class SqlStore:
         missing = [i for i in saga_ids if i not in found and i not in self._absent]
         if missing:
             async with self._read.connect() as conn:
-                rows = await conn.execute(sa.select(sagas).where(sagas.c.saga_id.in_(missing)))
+                rows = await conn.execute(_SELECT_SAGAS, {"ids": missing})
                 loaded = {row.saga_id: _state_from_row(row._mapping) for row in rows}
             self._remember(loaded.values())
             if self._cache_states:  # a start looks its saga up twice: once is enough
@@ -669,6 +669,7 @@ _SAGA_UPDATE = (
 )
 
 
+_SELECT_SAGAS = sa.select(sagas).where(sagas.c.saga_id.in_(sa.bindparam("ids", expanding=True)))
 _OUTBOX_DELETE = outbox.delete().where(outbox.c.message_id == sa.bindparam("message_id"))
 _HISTORY_INSERT = history.insert()
 _OUTBOX_INSERT = outbox.insert()
