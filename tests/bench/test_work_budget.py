@@ -34,6 +34,7 @@ from saga.store.sql import sqlite_engine
 from saga.work import WorkCounts
 from saga_demo import inventory, order, payment, shipping
 from saga_demo.checkout import checkout_input, registry
+from saga_demo.cli import SAMPLE_ADDRESSES
 from tests.conftest import require_rabbitmq
 from tests.e2e.stack import delete_topology
 
@@ -59,13 +60,7 @@ PARTICIPANT_BUDGET = {
     "ack_frames": 1,
 }
 
-ADDRESS = {
-    "name": "Ann Smith",
-    "street": "Main St 1",
-    "city": "Berlin",
-    "postal_code": "10115",
-    "country": "DE",
-}
+ADDRESS = SAMPLE_ADDRESSES[0]
 
 
 @dataclass
