@@ -19,6 +19,7 @@ SQLite is used the way it needs to be under concurrency:
 
 from __future__ import annotations
 
+import asyncio
 import functools
 from collections.abc import Iterable, Sequence
 from datetime import UTC, datetime, timedelta
@@ -156,6 +157,9 @@ class SqlStore:
         self._states: dict[UUID, SagaState] = {}
         self._absent: dict[UUID, None] = {}  # looked up and not there (insertion-ordered set)
         self._prepared: dict[tuple[int, tuple[str, ...]], Prepared] = {}  # see _work
+        self._loading: dict[UUID, list[asyncio.Future[SagaState | None]]] = {}  # see load
+        self._load_soon: asyncio.Handle | None = None
+        self._load_tasks: set[asyncio.Task[None]] = set()
         options: dict[str, Any] = {}
         if schema is not None:
             options["schema_translate_map"] = {None: schema}
@@ -262,8 +266,45 @@ class SqlStore:
     # --- sagas ---------------------------------------------------------------------------
 
     async def load(self, saga_id: UUID) -> SagaState | None:
-        found = await self.load_many([saga_id])
-        return found.get(saga_id)
+        """One saga's state. Look-ups made in the same turn of the loop (every start being
+        handled checks that its saga is new) are read together, with one statement and one
+        connection, instead of one each."""
+        if saga_id in self._states:
+            return self._states[saga_id]
+        future: asyncio.Future[SagaState | None] = asyncio.get_running_loop().create_future()
+        self._loading.setdefault(saga_id, []).append(future)
+        if self._load_soon is None:
+            self._load_soon = asyncio.get_running_loop().call_soon(self._load_together)
+        return await future
+
+    def _load_together(self) -> None:
+        self._load_soon = None
+        waiting, self._loading = self._loading, {}
+        task = asyncio.ensure_future(self._load_waiting(waiting))
+        self._load_tasks.add(task)
+        task.add_done_callback(self._load_tasks.discard)
+
+    async def _load_waiting(
+        self, waiting: dict[UUID, list[asyncio.Future[SagaState | None]]]
+    ) -> None:
+        try:
+            found = await self.load_many(list(waiting))
+        except BaseException as exc:
+            for futures in waiting.values():
+                for future in futures:
+                    if future.done():
+                        continue
+                    if isinstance(exc, asyncio.CancelledError):
+                        future.cancel()
+                    else:
+                        future.set_exception(exc)
+            if not isinstance(exc, Exception):
+                raise
+            return
+        for saga_id, futures in waiting.items():
+            for future in futures:
+                if not future.done():
+                    future.set_result(found.get(saga_id))
 
     async def load_many(self, saga_ids: Sequence[UUID]) -> dict[UUID, SagaState]:
         found = {i: self._states[i] for i in saga_ids if i in self._states}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import uuid
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
@@ -65,6 +66,21 @@ async def test_created_saga_loads_back_equal(store: Store) -> None:
     assert loaded == t.state
     assert loaded is not None and loaded.deadline is not None and loaded.deadline.tzinfo is not None
     assert await store.load(uuid.uuid4()) is None
+
+
+async def test_look_ups_at_the_same_time_each_get_their_own_saga(store: Store) -> None:
+    """Concurrent loads (every start being handled checks its saga is new) are read together
+    by the SQL store; each caller still gets exactly its saga, or None."""
+    made = [await create(store, f"k-{n}") for n in range(8)]
+    unknown = [uuid.uuid4() for _ in range(3)]
+    if isinstance(store, SqlStore):
+        store._states.clear()  # the SQLite copy of sagas in flight would answer without a read
+    before = store.counts.statements if isinstance(store, SqlStore) else 0
+    asked = [s.saga_id for s in made] + unknown + [made[0].saga_id]
+    found = await asyncio.gather(*(store.load(saga_id) for saga_id in asked))
+    assert found == [*made, None, None, None, made[0]]
+    if isinstance(store, SqlStore) and store.dialect == "sqlite":
+        assert store.counts.statements - before <= 3  # one SELECT, with its BEGIN and end
 
 
 async def test_creating_twice_conflicts(store: Store) -> None:
