@@ -5,7 +5,10 @@ takes it from the queue: one ``send`` system call, and usually one TCP segment t
 read and parse, per message. Under load many frames are written within one turn of the event
 loop; :class:`BatchingWriter` holds them until the end of that turn and sends them together, so
 a burst of publishes and acks costs one system call instead of dozens, on our side and on the
-broker's. A lone frame leaves in the same turn it was written: nothing waits for a timer.
+broker's (on a loopback connection the sender's ``send`` also runs the receiver's TCP work).
+A frame written on a quiet connection leaves in the same turn; one written within ``BUSY`` of
+the last send waits ``WINDOW`` (half a millisecond) so the frames of the next few turns share
+its write: under load that halves the writes again, at a cost well below one fsync.
 
 ``drain()`` and ``close()`` send what is held first, so aiormq's flow control and its orderly
 close (Connection.Close, after everything else) are unchanged.
@@ -23,6 +26,11 @@ from saga.work import WorkCounts
 
 __all__ = ["BatchingTransportFactory", "BatchingWriter"]
 
+#: a write within this many seconds of the last send finds the connection busy ...
+BUSY = 0.002
+#: ... and waits this long for more frames to share its send; otherwise it leaves this turn
+WINDOW = 0.0005
+
 
 class BatchingWriter:
     """The part of :class:`asyncio.StreamWriter` that aiormq uses, sending writes made in one
@@ -33,6 +41,7 @@ class BatchingWriter:
         self._held: list[bytes] = []
         self._flush: asyncio.Handle | None = None
         self.counts = counts if counts is not None else WorkCounts()
+        self._last = float("-inf")  # loop time of the last send
         #: frame sets written to this writer (each would have been a send without it)
         self.writes = 0
 
@@ -40,7 +49,12 @@ class BatchingWriter:
         self.writes += 1
         self._held.append(data)
         if self._flush is None:
-            self._flush = asyncio.get_running_loop().call_soon(self.flush)
+            loop = asyncio.get_running_loop()
+            if loop.time() - self._last < BUSY:
+                # busy: frames keep coming, so wait a moment for more to share the write
+                self._flush = loop.call_later(WINDOW, self.flush)
+            else:
+                self._flush = loop.call_soon(self.flush)
 
     def flush(self) -> None:
         """Send what is held now."""
@@ -51,6 +65,7 @@ class BatchingWriter:
             self._held.clear()
             return
         held, self._held = self._held, []
+        self._last = asyncio.get_running_loop().time()
         self.counts.sends += 1
         self._writer.write(held[0] if len(held) == 1 else b"".join(held))
 
