@@ -40,6 +40,7 @@ from saga_tools.bench.stack import (
     is_sqlite,
     seed_services,
     temporary_database,
+    work_done,
 )
 
 __all__ = ["app", "bench"]
@@ -327,6 +328,7 @@ async def bench(workload: Workload, options: _Options) -> dict[str, Any]:
             begin=meter.begin,
         )
         cpu_s, rss, commits = await meter.end()
+        work = await meter.work_since_begin()
         database = "sqlite" if is_sqlite(database_url) else "postgresql"
         return result_document(
             workload=workload,
@@ -341,6 +343,7 @@ async def bench(workload: Workload, options: _Options) -> dict[str, Any]:
             orchestrator_rss_mib=rss,
             killed=meter.killed,
             database_commits=commits,
+            work=work,
             ceiling=result,
             step_timeout=options.step_timeout,
             sqlite_synchronous=options.sqlite_synchronous,
@@ -380,6 +383,7 @@ class _Meter:
         self.peak_rss: dict[str, float] = {}  # orchestrator instance -> MiB, of gone processes
         self.killed: str | None = None  # the instance killed and restarted
         self.broker = _broker_pid()
+        self.work: dict[str, dict[str, float]] = {}  # saga_work_total at the start, by process
 
     def _now(self) -> dict[str, float]:
         values = {name: cpu_seconds(pid) for name, pid in self.stack.pids().items()}
@@ -389,6 +393,7 @@ class _Meter:
         return values
 
     async def begin(self) -> None:
+        self.work = await work_done(self.stack.metrics_ports)
         self.start = self._now()
         self.commits = await self.observer.commits()
         if self.postgres is not None:
@@ -405,6 +410,16 @@ class _Meter:
         self.killed = name
         await self.stack.start_orchestrator(name)
         self.start[name] = cpu_seconds(self.stack.pids()[name])
+
+    async def work_since_begin(self) -> dict[str, dict[str, float]]:
+        """The work each process did over the measured part, by kind (a restarted process
+        started counting anew: left out)."""
+        now = await work_done(self.stack.metrics_ports)
+        return {
+            name: {kind: value - self.work[name].get(kind, 0.0) for kind, value in kinds.items()}
+            for name, kinds in now.items()
+            if name in self.work and name != self.killed
+        }
 
     async def end(self) -> tuple[dict[str, float], dict[str, float], int | None]:
         """(CPU seconds by process, peak RSS MiB by orchestrator instance, transactions

@@ -42,6 +42,7 @@ def result_document(
     database_commits: int | None = None,
     step_timeout: float | None = None,
     sqlite_synchronous: str | None = None,
+    work: Mapping[str, Mapping[str, float]] | None = None,
 ) -> dict[str, Any]:
     """The result; ``cpu_s`` is CPU seconds by process name, ``orchestrators`` the names of the
     orchestrator instances among them (their sum is reported as ``orchestrator``), and
@@ -137,6 +138,11 @@ def result_document(
         "outbox": {
             "max_rows": load.max_outbox_rows,
             "max_lag_ms": round(load.max_outbox_lag_s * 1000, 1),
+        },
+        # saga_work_total of each process over the measured part, per saga (saga.work)
+        "work_per_saga": {
+            name: {kind: round(value / max(finished, 1), 2) for kind, value in kinds.items()}
+            for name, kinds in (work or {}).items()
         },
         "ceiling": None,
         "crash": None,

@@ -14,11 +14,13 @@ import contextlib
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
+import urllib.request
 import uuid
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from decimal import Decimal
 from pathlib import Path
@@ -119,6 +121,8 @@ class BenchStack:
 
     config: StackConfig
     processes: dict[str, _Proc] = field(default_factory=dict)
+    #: the /metrics port of each process that serves one
+    metrics_ports: dict[str, int] = field(default_factory=dict)
     _spawned: int = 0
 
     def _env(self) -> dict[str, str]:
@@ -140,13 +144,23 @@ class BenchStack:
             env["SAGA_SQLITE_SYNCHRONOUS"] = c.sqlite_synchronous
         return env
 
-    def _spawn(self, name: str, argv: Sequence[str]) -> _Proc:
+    def _spawn(self, name: str, argv: Sequence[str], *, metrics: bool = True) -> _Proc:
+        """Start ``argv`` as process ``name``; ``metrics``: with a /metrics port of its own,
+        from which the bench reads the work it did (``saga_work_total``)."""
         self._spawned += 1
+        env = self._env()
+        if metrics:
+            self.metrics_ports[name] = _free_port()
+            env.update(
+                SAGA_METRICS_HOST="127.0.0.1", SAGA_METRICS_PORT=str(self.metrics_ports[name])
+            )
+        else:
+            self.metrics_ports.pop(name, None)
         log = self.config.directory / f"{self._spawned:02d}-{name}.log"
         with log.open("wb") as out:
             popen = subprocess.Popen(
                 [_script(argv[0]), *argv[1:]],
-                env=self._env(),
+                env=env,
                 stdin=subprocess.DEVNULL,
                 stdout=out,
                 stderr=subprocess.STDOUT,
@@ -167,7 +181,7 @@ class BenchStack:
         await asyncio.gather(*(self.start_orchestrator(name) for name in others))
         if self.config.participants == "echo":
             echo = [sys.executable, "-m", "saga_tools.bench.echo"]
-            started = [self._spawn(n, [*echo, n]) for n in SERVICES]
+            started = [self._spawn(n, [*echo, n], metrics=False) for n in SERVICES]
             expected = 1
         else:
             names = ["all"] if self.config.services_mode == "all" else list(SERVICES)
@@ -214,6 +228,35 @@ class BenchStack:
                 tail = "\n".join(proc.log.read_text(errors="replace").splitlines()[-15:])
                 return f"{proc.name} exited with status {code}:\n{tail}"
         return None
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+async def work_done(ports: Mapping[str, int]) -> dict[str, dict[str, float]]:
+    """``saga_work_total`` of each process, by kind, read from its /metrics (a process that
+    does not answer is left out)."""
+
+    def read(port: int) -> dict[str, float]:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as answer:
+            text = answer.read().decode()
+        found = {}
+        for line in text.splitlines():
+            if line.startswith('saga_work_total{kind="'):
+                kind = line.split('"', 2)[1]
+                found[kind] = float(line.rsplit(" ", 1)[1])
+        return found
+
+    done: dict[str, dict[str, float]] = {}
+    for name, port in ports.items():
+        try:
+            done[name] = await asyncio.to_thread(read, port)
+        except OSError:
+            continue
+    return done
 
 
 def _definitions(config: StackConfig) -> str:
