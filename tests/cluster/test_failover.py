@@ -130,10 +130,10 @@ async def test_a_nack_renews_the_publishing_channel(unique: str) -> None:
         await setup.declare_queue(  # full at once: every publish to it is nacked
             queue, arguments={"x-max-length": 0, "x-overflow": "reject-publish"}
         )
-        first, _ = await publisher._exchange("")
+        first, _ = await publisher._open()
         with pytest.raises(PublishRefusedError, match="did not confirm"):
             await publisher.publish_raw(exchange="", routing_key=queue, body=b"", message_id="m")
-        second, _ = await publisher._exchange("")
+        second, _ = await publisher._open()
         assert second is not first and not second.is_closed
     finally:
         await setup.queue_delete(queue)
