@@ -288,8 +288,13 @@ class _Acks:
         self._open[tag] = _NACKING
         try:
             await self.channel.basic_nack(tag, requeue=requeue, wait=False)
-        finally:
-            self._open.pop(tag, None)
+        except BaseException:
+            # not queued (cancelled while the write queue was full, or the channel is gone):
+            # the delivery stays unsettled and keeps every later multiple ack short of it, so
+            # the broker hands it back when the channel closes
+            self._open[tag] = _OPEN
+            raise
+        self._open.pop(tag, None)
 
     def _send_soon(self) -> None:
         self._scheduled = None
