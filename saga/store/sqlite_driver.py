@@ -19,13 +19,16 @@ thread for those calls and back is safe (``check_same_thread=False``).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import sqlite3
 from collections.abc import Callable, Iterable, Sequence
-from typing import Any
+from typing import Any, TypeVar
 
 from saga.work import WorkCounts
 
-__all__ = ["Connection", "connect"]
+__all__ = ["Connection", "connect", "in_thread"]
+
+T = TypeVar("T")
 
 
 _INLINE, _LOCK, _COMMIT = 0, 1, 2
@@ -40,6 +43,19 @@ def _kind(sql: str) -> int:
     if head in ("BEGIN IMMEDIATE", "BEGIN EXCLUSIVE"):
         return _LOCK
     return _COMMIT if head.startswith(("COMMIT", "END")) else _INLINE
+
+
+async def in_thread(function: Callable[..., T], *args: Any) -> T:
+    """``function(*args)`` in a worker thread, with the connection it uses: a caller cancelled
+    meanwhile still waits for the thread to finish before the cancellation goes on, so the
+    pool never lends the connection out while a thread holds it."""
+    running = asyncio.ensure_future(asyncio.to_thread(function, *args))
+    try:
+        return await asyncio.shield(running)
+    finally:
+        while not running.done():
+            with contextlib.suppress(BaseException):
+                await asyncio.shield(running)
 
 
 class Cursor:
@@ -85,7 +101,7 @@ class Cursor:
         elif kind == _COMMIT or not self._owner.lock_now(self._cursor, sql):
             counts.handoffs += 1
             counts.transactions += kind == _COMMIT
-            await asyncio.to_thread(self._cursor.execute, sql, args)
+            await in_thread(self._cursor.execute, sql, args)
         return self
 
     async def executemany(self, sql: str, parameters: Iterable[Sequence[Any]]) -> Cursor:
@@ -182,7 +198,7 @@ class Connection:
             self.counts.statements += 1
             self.counts.transactions += 1
             self.counts.handoffs += 1
-            await asyncio.to_thread(self._conn.commit)
+            await in_thread(self._conn.commit)
 
     async def rollback(self) -> None:
         if self._conn.in_transaction:
