@@ -250,6 +250,10 @@ class SqlStore:
         return await database_reachable(self._read)
 
     async def close(self) -> None:
+        if self._load_soon is not None:  # look-ups not started yet: read them now
+            self._load_soon.cancel()
+            self._load_together()
+        await asyncio.gather(*self._load_tasks, return_exceptions=True)
         await self._outbox.close()
         await self._write.dispose()
         if self._read is not self._write:
