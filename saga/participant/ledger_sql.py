@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import itertools
 import sqlite3
+import weakref
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any, NamedTuple, Protocol
 from uuid import UUID
@@ -79,7 +80,7 @@ async def statements(conn: AsyncConnection, ledger: Ledger) -> Statements:
     if ledger.is_sqlite:
         driver = (await conn.get_raw_connection()).driver_connection
         if isinstance(driver, sqlite_driver.Connection):
-            return SqliteStatements(driver.raw, _compiled(ledger.engine), driver.counts)
+            return SqliteStatements(driver.raw, _compiled(ledger), driver.counts)
     return CoreStatements(conn, ledger)
 
 
@@ -163,13 +164,14 @@ class _Compiled:
         return prepared
 
 
-_COMPILED: dict[int, _Compiled] = {}
+_COMPILED: weakref.WeakKeyDictionary[Ledger, _Compiled] = weakref.WeakKeyDictionary()
 
 
-def _compiled(engine: AsyncEngine) -> _Compiled:
-    found = _COMPILED.get(id(engine))
-    if found is None or found.engine is not engine:
-        found = _COMPILED[id(engine)] = _Compiled(engine)
+def _compiled(ledger: Ledger) -> _Compiled:
+    """The ledger's statements compiled for its engine, made once and gone with the ledger."""
+    found = _COMPILED.get(ledger)
+    if found is None or found.engine is not ledger.engine:
+        found = _COMPILED[ledger] = _Compiled(ledger.engine)
     return found
 
 
