@@ -222,12 +222,12 @@ class Tracing:
             # A span only to obtain ids and the sampling decision; never ended, so never
             # exported. The real one is made when the saga ends (see end_saga).
             span_context = self.tracer.start_span(f"saga {name}", context=ctx).get_span_context()
-        elif up.is_valid:  # not recording: stay in the caller's trace, unsampled
+        elif up.is_valid:  # not recording here: stay in the caller's trace, as sampled as it
             span_context = SpanContext(
                 up.trace_id,
                 random.getrandbits(64) or 1,
                 is_remote=False,
-                trace_flags=trace.TraceFlags(0),
+                trace_flags=up.trace_flags,
                 trace_state=up.trace_state,
             )
         else:
@@ -335,7 +335,13 @@ class Tracing:
         child of the span that published it (its ``traceparent`` header)."""
         ctx = _PROPAGATOR.extract(_text(headers))
         if not self.recording:
-            # no span to build: the publisher's context is current, for the logs' ids
+            # no span to build: the publisher's context is current, for the logs' ids; a
+            # message without one gets ids of its own
+            if not trace.get_current_span(ctx).get_span_context().is_valid:
+                own = SpanContext(
+                    random.getrandbits(128) or 1, random.getrandbits(64) or 1, is_remote=False
+                )
+                ctx = trace.set_span_in_context(NonRecordingSpan(own), ctx)
             token = otel_context.attach(ctx)
             try:
                 yield trace.get_current_span(ctx)

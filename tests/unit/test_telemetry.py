@@ -13,6 +13,7 @@ import structlog
 from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from opentelemetry.sdk.trace.sampling import ALWAYS_OFF
 from opentelemetry.trace import StatusCode
 from structlog.testing import LogCapture
 
@@ -21,7 +22,14 @@ from saga.core.state import SagaStatus
 from saga.orchestrator import runtime
 from saga.orchestrator.runtime import Orchestrator
 from saga.ports import BrokerStats
-from saga.telemetry import Metrics, ReservedIds, Tracing, configure_tracing, span_id_for
+from saga.telemetry import (
+    Metrics,
+    ReservedIds,
+    Tracing,
+    configure_tracing,
+    span_id_for,
+    trace_ids,
+)
 from saga.testing import Harness, fail, ok, silence
 from tests.support.sagas import TRIP, registry
 
@@ -267,3 +275,23 @@ def test_broker_connections_are_read_at_each_scrape_and_add_up() -> None:
     second = BrokerStats(connected=False, reconnects=1)  # read anew: one connection is down
     assert value("saga_broker_connected") == 0
     assert value("saga_broker_reconnects_total") == 3
+
+
+def test_with_nothing_to_export_no_span_is_built_but_logs_still_get_ids() -> None:
+    """The default (ALWAYS_OFF, no exporter): ``process`` builds no span, yet a message logs
+    under its publisher's ids, or under ids of its own when it came without a traceparent;
+    a saga started under a sampled caller passes the caller's sampled flag on."""
+    tracing = Tracing(TracerProvider(sampler=ALWAYS_OFF))
+    assert not tracing.recording
+    parent = "00-" + "ab" * 16 + "-" + "cd" * 8 + "-01"
+    with tracing.process("q", {"traceparent": parent}, "m-1", 10):
+        assert trace_ids() == {"trace_id": "ab" * 16, "span_id": "cd" * 8}
+    with tracing.process("q", {}, "m-2", 10):
+        ids = trace_ids()
+        assert len(ids.get("trace_id", "")) == 32 and len(ids.get("span_id", "")) == 16
+    assert trace_ids() == {}
+    carrier = tracing.saga_trace("trip", {"traceparent": parent})
+    assert carrier["traceparent"].startswith("00-" + "ab" * 16 + "-")
+    assert carrier["traceparent"].endswith("-01")  # sampled upstream: still sampled
+    assert carrier["parent"] == parent
+    assert tracer()[0].recording  # with a span processor: recording
