@@ -111,6 +111,10 @@ async def run_transaction(engine: AsyncEngine, work: Sequence[Work]) -> bool:
         driver = (await conn.get_raw_connection()).driver_connection
         if not isinstance(driver, sqlite_driver.Connection):
             raise TypeError("run_transaction needs an engine made by sqlite_engine")
+        counts = driver.counts
+        counts.statements += 2 + sum(1 for each in work if each.rows)  # BEGIN and COMMIT
+        counts.transactions += 1
+        counts.handoffs += 1
         # the pool lends this connection to one caller at a time, so the thread may use it;
         # a cancelled caller still waits for the thread (in_thread). If the transaction
         # committed meanwhile, the caller only loses its bookkeeping: the relay reads the

@@ -173,6 +173,13 @@ async def test_work_per_saga_and_per_command_stays_within_its_budget(
         assert work["deliveries"] == 1, f"{name}\n{report}"
         assert work["settles"] == 1, f"{name}\n{report}"
 
+    # one saga at a time: every event and every command commits a transaction of its own (a
+    # lower bound too, so work that stops being counted fails here as well)
+    assert per_saga["transactions"] >= 1 + STEPS, report
+    assert per_saga["handoffs"] >= 1 + STEPS, report
+    for name, work in per_command.items():
+        assert work["transactions"] >= 1, f"{name}\n{report}"
+
     # database and socket: bounded, and counted at all
     for kind, bound in ORCHESTRATOR_BUDGET.items():
         assert 0 < per_saga[kind] <= bound, f"orchestrator {kind}\n{report}"
