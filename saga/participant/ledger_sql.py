@@ -30,7 +30,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from saga.participant.ledger import Ledger, outbox, processed, replies, tombstones
 from saga.store import sqlite_driver
-from saga.store.sqlite_batch import Prepared, prepare
+from saga.store.sqlite_batch import Prepared, PreparedCache
 from saga.work import WorkCounts
 
 __all__ = ["CoreStatements", "Recorded", "Savepoint", "SqliteStatements", "statements"]
@@ -152,16 +152,15 @@ class _Compiled:
         self.uuid_in: Callable[[Any], Any] = uuid_type.bind_processor(dialect) or _same
         self.uuid_out: Callable[[Any], Any] = uuid_type.result_processor(dialect, None) or _same
         self.json_out: Callable[[Any], Any] = json_type.result_processor(dialect, None) or _same
-        self._inserts: dict[tuple[str, tuple[str, ...]], Prepared] = {}
+        self._inserts = PreparedCache(engine)
 
     def insert(self, table: sa.Table, keys: tuple[str, ...], ignore: bool = False) -> Prepared:
-        prepared = self._inserts.get((table.name, keys))
-        if prepared is None:
-            statement = (
-                sqlite_dialect.insert(table).on_conflict_do_nothing() if ignore else table.insert()
-            )
-            prepared = self._inserts[table.name, keys] = prepare(self.engine, statement, keys)
-        return prepared
+        def build() -> sa.ClauseElement:
+            if ignore:
+                return sqlite_dialect.insert(table).on_conflict_do_nothing()
+            return table.insert()
+
+        return self._inserts.get((table.name, ignore), keys, build)
 
 
 _COMPILED: weakref.WeakKeyDictionary[Ledger, _Compiled] = weakref.WeakKeyDictionary()

@@ -58,7 +58,7 @@ from saga.store.schema import (
     sagas,
     schema_version,
 )
-from saga.store.sqlite_batch import Prepared, Work, prepare, run_transaction
+from saga.store.sqlite_batch import PreparedCache, Work, run_transaction
 from saga.work import WorkCounts
 
 __all__ = ["SqlStore", "delete_sent", "sqlite_engine"]
@@ -156,7 +156,6 @@ class SqlStore:
         self._cache_states = self.dialect == "sqlite"  # see _remember
         self._states: dict[UUID, SagaState] = {}
         self._absent: dict[UUID, None] = {}  # looked up and not there (insertion-ordered set)
-        self._prepared: dict[tuple[int, tuple[str, ...]], Prepared] = {}  # see _work
         self._loading: dict[UUID, list[asyncio.Future[SagaState | None]]] = {}  # see load
         self._load_soon: asyncio.Handle | None = None
         self._load_tasks: set[asyncio.Task[None]] = set()
@@ -360,17 +359,17 @@ class SqlStore:
     def _saga_insert(self) -> Any:
         return self._insert_ignore(sagas)
 
+    @functools.cached_property
+    def _prepared(self) -> PreparedCache:
+        return PreparedCache(self._write)
+
     def _work(self, statement: Any, rows: list[dict[str, Any]], *, exact: bool = False) -> Work:
         """``rows`` for ``statement`` compiled once (per set of keys) for :func:`_commit_bulk`."""
         if not rows:
             return Work("", [])
         keys = tuple(rows[0])
-        prepared = self._prepared.get((id(statement), keys))
-        if prepared is None:
-            columns = [k for k in keys if not k.startswith("w_")]  # not the WHERE's binds
-            prepared = self._prepared[id(statement), keys] = prepare(
-                self._write, statement, columns
-            )
+        columns = [k for k in keys if not k.startswith("w_")]  # not the WHERE's binds
+        prepared = self._prepared.get(id(statement), keys, lambda: statement, columns)
         return Work(prepared.sql, prepared.rows(rows), exact)
 
     async def commit(self, changes: Sequence[Change]) -> list[CommitResult]:

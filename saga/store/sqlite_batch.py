@@ -16,7 +16,7 @@ the one the writer engine's pool hands out (one writer per file), checked out fo
 from __future__ import annotations
 
 import sqlite3
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Hashable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from operator import itemgetter
 from typing import Any
@@ -28,7 +28,7 @@ from sqlalchemy.sql.compiler import SQLCompiler
 
 from saga.store import sqlite_driver
 
-__all__ = ["Prepared", "Work", "prepare", "run_transaction"]
+__all__ = ["Prepared", "PreparedCache", "Work", "prepare", "run_transaction"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -72,6 +72,30 @@ def prepare(engine: AsyncEngine, statement: sa.ClauseElement, keys: Sequence[str
         by_name[name].type.dialect_impl(dialect).bind_processor(dialect) for name in names
     )
     return Prepared(compiled.string, names, processors)
+
+
+class PreparedCache:
+    """The statements of one engine, each compiled once per ``(name, keys)``: the store's batch
+    and the participants' ledger both look theirs up here."""
+
+    def __init__(self, engine: AsyncEngine):
+        self._engine = engine
+        self._known: dict[tuple[Hashable, tuple[str, ...]], Prepared] = {}
+
+    def get(
+        self,
+        name: Hashable,
+        keys: tuple[str, ...],
+        build: Callable[[], sa.ClauseElement],
+        columns: Sequence[str] | None = None,
+    ) -> Prepared:
+        """The statement ``build()`` makes, binding ``columns`` (``keys`` unless given),
+        compiled the first time ``name`` is asked for with these ``keys``."""
+        found = self._known.get((name, keys))
+        if found is None:
+            bound = keys if columns is None else columns
+            found = self._known[name, keys] = prepare(self._engine, build(), bound)
+        return found
 
 
 @dataclass(frozen=True, slots=True)
