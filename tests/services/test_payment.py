@@ -86,6 +86,22 @@ async def test_a_charge_may_reach_the_limit_and_empty_the_account(svc: Participa
     assert balances["bob"] == Decimal("0.00")
 
 
+async def test_a_balance_above_one_charge_s_maximum_is_answered_as_it_is(
+    svc: Participant,
+) -> None:
+    """The reply's balance holds what the ledger's NUMERIC(12, 2) holds, not only what one
+    charge may move: an account with millions in it can still be charged."""
+    async with svc.ledger.engine.begin() as conn:
+        await conn.execute(
+            sa.update(payment.accounts)
+            .where(payment.accounts.c.customer_id == payment.ALICE)
+            .values(balance=Decimal("5000000.00"), per_charge_limit=None)
+        )
+    result = charged(await svc.handle(charge(uuid.uuid4(), uuid.uuid4(), payment.ALICE, "10.00")))
+    assert result.balance_after == Decimal("4999990.00")
+    assert (await payment.snapshot(svc.ledger))["alice"] == Decimal("4999990.00")
+
+
 @pytest.mark.parametrize(
     ("customer", "amount", "currency", "reason"),
     [

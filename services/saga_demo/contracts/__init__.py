@@ -40,6 +40,8 @@ from saga_demo.contracts.shipping import (
 )
 from saga_demo.contracts.types import (
     MAX_AMOUNT,
+    MAX_BALANCE,
+    Balance,
     Country,
     Currency,
     Money,
@@ -63,6 +65,8 @@ __all__ = [
     "InventoryFailure",
     "Money",
     "NonNegativeMoney",
+    "Balance",
+    "MAX_BALANCE",
     "OrderCancelled",
     "OrderCreated",
     "OrderFailure",

@@ -9,7 +9,7 @@ from uuid import UUID
 from pydantic import model_validator
 
 from saga.protocol import Contract
-from saga_demo.contracts.types import Currency, Money, NonNegativeMoney
+from saga_demo.contracts.types import Balance, Currency, Money, NonNegativeMoney
 
 __all__ = [
     "CHARGE",
@@ -50,7 +50,7 @@ class ChargePayment(Contract):
 class PaymentCharged(Contract):
     payment_id: UUID
     amount: Money
-    balance_after: NonNegativeMoney
+    balance_after: Balance
 
 
 class RefundPayment(Contract):

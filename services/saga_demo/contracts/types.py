@@ -17,6 +17,7 @@ from pydantic_core import PydanticCustomError
 __all__ = [
     "MAX_AMOUNT",
     "Country",
+    "Balance",
     "Currency",
     "Money",
     "NonNegativeMoney",
@@ -72,7 +73,25 @@ NonNegativeMoney = Annotated[
     AfterValidator(_to_cents),
     WithJsonSchema({**_AMOUNT_SCHEMA, "description": "Amount from 0 to 1000000.00."}),
 ]
-"""Like :data:`Money` but zero is allowed (balances, refunds of nothing)."""
+"""Like :data:`Money` but zero is allowed (refunds of nothing)."""
+
+MAX_BALANCE = Decimal("9999999999.99")
+
+Balance = Annotated[
+    Decimal,
+    BeforeValidator(_decimal_text),
+    Field(ge=0, le=MAX_BALANCE, max_digits=12, decimal_places=2),
+    AfterValidator(_to_cents),
+    WithJsonSchema(
+        {
+            "type": "string",
+            "pattern": r"^[0-9]{1,10}(\.[0-9]{1,2})?$",
+            "description": "An account balance from 0 to 9999999999.99 (NUMERIC(12, 2)).",
+        }
+    ),
+]
+"""An account's balance: what the payment ledger's ``NUMERIC(12, 2)`` column holds, which is more
+than one charge may move (:data:`Money`)."""
 
 Currency = Annotated[str, StringConstraints(pattern=r"^[A-Z]{3}$")]
 """ISO 4217 style currency code."""
