@@ -39,6 +39,24 @@ class _CurrentStderr:
         sys.stderr.flush()
 
 
+#: libraries whose log lines repeat, raw and with tracebacks, what the link already logs as
+#: one structured event (amqp_connection_lost, amqp_connect_failed, ...)
+QUIET_LIBRARIES = ("aiormq", "aio_pika")
+
+
+class _QuietLibraries(logging.Filter):
+    """Keeps the AMQP libraries' own lines out unless the level is DEBUG: a reset connection
+    would otherwise print their traceback next to our one-line event, and before the one-line
+    error of a process that cannot start."""
+
+    def __init__(self, verbose: bool):
+        super().__init__()
+        self.verbose = verbose
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return self.verbose or not record.name.startswith(QUIET_LIBRARIES)
+
+
 def add_trace_ids(
     _logger: Any, _method: str, event: MutableMapping[str, Any]
 ) -> MutableMapping[str, Any]:
@@ -72,6 +90,7 @@ def configure_logging(level: str | None = None) -> None:
         cache_logger_on_first_use=True,
     )
     handler = _StderrHandler()
+    handler.addFilter(_QuietLibraries(numeric <= logging.DEBUG))
     handler.setFormatter(
         structlog.stdlib.ProcessorFormatter(
             foreign_pre_chain=[*shared, structlog.stdlib.add_logger_name],

@@ -5,14 +5,21 @@ the CPU spent per message in every process (the orchestrator, each service, the 
 clients) by roughly a sixth, most of it in the loop's own bookkeeping and socket calls; see
 docs/benchmarks.md. ``SAGA_EVENT_LOOP=asyncio`` keeps the standard loop (to compare, or where
 uvloop is unavailable); ``uvloop`` insists on it.
+
+Unlike ``asyncio.run``, :func:`run` does not wait without end for the tasks still running when
+the main coroutine returns: they are cancelled and given ``LEFTOVER_GRACE`` seconds, and a task
+that outlives that (a library that swallowed its cancellation) is left behind, logged by name,
+rather than keeping a stopped process alive.
 """
 
 from __future__ import annotations
 
 import asyncio
 import os
-from collections.abc import Coroutine
+from collections.abc import Callable, Coroutine
 from typing import Any, TypeVar
+
+import structlog
 
 from saga.core.errors import ConfigError
 
@@ -20,13 +27,20 @@ __all__ = ["run"]
 
 T = TypeVar("T")
 
+log = structlog.get_logger("saga.loop")
+
+#: seconds the tasks left when the program ends get to finish their cancellation
+LEFTOVER_GRACE = 3.0
+
 
 def run(main: Coroutine[Any, Any, T]) -> T:
-    """``asyncio.run(main)`` on the loop ``SAGA_EVENT_LOOP`` chooses (auto, uvloop, asyncio)."""
+    """Run ``main`` to its end on the loop ``SAGA_EVENT_LOOP`` chooses (auto, uvloop,
+    asyncio), then end the tasks it left within LEFTOVER_GRACE seconds."""
     choice = os.environ.get("SAGA_EVENT_LOOP", "auto").lower()
     if choice not in ("auto", "uvloop", "asyncio"):
         main.close()
         raise ConfigError(f"SAGA_EVENT_LOOP={choice!r}: use auto, uvloop or asyncio")
+    factory: Callable[[], asyncio.AbstractEventLoop] = asyncio.new_event_loop
     if choice != "asyncio":
         try:
             import uvloop  # noqa: PLC0415 - optional, and only the processes need it
@@ -35,5 +49,38 @@ def run(main: Coroutine[Any, Any, T]) -> T:
                 main.close()
                 raise ConfigError("SAGA_EVENT_LOOP=uvloop but uvloop is not installed") from None
         else:
-            return uvloop.run(main)
-    return asyncio.run(main)
+            factory = uvloop.new_event_loop
+    loop = factory()
+    try:
+        asyncio.set_event_loop(loop)
+        return loop.run_until_complete(main)
+    finally:
+        try:
+            _end_leftovers(loop)
+            loop.run_until_complete(loop.shutdown_asyncgens())
+            loop.run_until_complete(_bounded(loop.shutdown_default_executor()))
+        finally:
+            asyncio.set_event_loop(None)
+            loop.close()
+
+
+async def _bounded(shutdown: Coroutine[Any, Any, None]) -> None:
+    try:
+        await asyncio.wait_for(shutdown, LEFTOVER_GRACE)
+    except TimeoutError:
+        log.warning("executor_threads_left_running", grace=LEFTOVER_GRACE)
+
+
+def _end_leftovers(loop: asyncio.AbstractEventLoop) -> None:
+    tasks = asyncio.all_tasks(loop)
+    if not tasks:
+        return
+    for task in tasks:
+        task.cancel()
+    loop.run_until_complete(asyncio.wait(tasks, timeout=LEFTOVER_GRACE))
+    for task in tasks:
+        if task.done() and not task.cancelled():
+            task.exception()  # retrieved: an error of a task being torn down is no news
+    stuck = sorted(task.get_name() for task in tasks if not task.done())
+    if stuck:
+        log.warning("tasks_left_running", tasks=stuck, grace=LEFTOVER_GRACE)

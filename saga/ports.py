@@ -49,6 +49,8 @@ class BrokerStats:
     connected: bool
     reconnects: int = 0
     consumer_repairs: int = 0
+    #: the last thing that went wrong with the connection, for a start-up that did not finish
+    last_failure: str | None = field(default=None, compare=False)
 
 
 @dataclass(frozen=True, slots=True)

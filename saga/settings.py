@@ -35,6 +35,11 @@ class AmqpSettings(BaseSettings):
     rabbitmq_ca_file: Path | None = None
     rabbitmq_cert_file: Path | None = None
     rabbitmq_key_file: Path | None = None
+    #: seconds a process may take to start (database, broker, topology, consumers); past it,
+    #: it exits with status 2 and what it was waiting for
+    start_timeout: float = Field(60.0, gt=0, le=3600)
+    #: seconds a stop (SIGTERM) may take: in-flight work drained, outbox flushed, broker closed
+    shutdown_timeout: float = Field(10.0, gt=0, le=600)
 
     @field_validator("rabbitmq_url")
     @classmethod
@@ -97,7 +102,6 @@ class Settings(AmqpSettings):
     timer_outage_credit_max: float = Field(30.0, ge=0, le=3600)
     auto_migrate: bool = False
     sqlite_synchronous: Literal["FULL", "NORMAL", "EXTRA"] = "FULL"
-    shutdown_timeout: float = Field(10.0, gt=0, le=600)
     inbox_retention_hours: float = Field(168.0, ge=1, le=24 * 365)
     #: Prometheus /metrics; 0 turns it off. Loopback unless told otherwise, like the admin API.
     metrics_host: str = "127.0.0.1"

@@ -37,9 +37,10 @@ from saga.orchestrator.runtime import Orchestrator
 from saga.orchestrator.timers import TimerLoop
 from saga.orchestrator.upkeep import outbox_gauges, prune_inbox
 from saga.ports import Clock
-from saga.process import serve
+from saga.process import Budget, serve, starting
 from saga.protocol.envelope import ReplyEnvelope, StartSaga
 from saga.relay import Relay
+from saga.secrets import redact_url
 from saga.settings import Settings
 from saga.store.faults import describe_error
 from saga.store.schema import HEAD
@@ -121,12 +122,15 @@ class OrchestratorService:
         if self._lock is not None:
             self._lock.acquire()
         try:
+            starting(f"opening the database {self.store.safe_url}")
             if self.settings.auto_migrate:
                 await self.store.migrate()
             await self.store.setup()
+            starting(f"connecting to RabbitMQ at {redact_url(self.settings.rabbitmq_url)}")
             broker = await self._broker.connect(self.settings.rabbitmq_url, tls=self.settings.tls)
             self.metrics.watch_broker(broker.stats)
             self.metrics.watch_work(lambda: self.store.counts + broker.counts)
+            starting("declaring the topology on RabbitMQ", lambda: broker.stats().last_failure)
             await broker.declare(self.topology, self.participants)
             self.relay = Relay(
                 self.store,
@@ -138,6 +142,7 @@ class OrchestratorService:
                 metrics=self.metrics,
             )
             self._tasks = [asyncio.create_task(self.relay.run(), name="saga-relay")]
+            starting("consuming the reply and start queues", lambda: broker.stats().last_failure)
             await self._consume(broker)
             # Timers start last and after a grace period: replies that arrived while we were
             # down are already queued, and applying them beats timing their commands out.
@@ -165,6 +170,7 @@ class OrchestratorService:
             if self.settings.admin_port:
                 from saga.admin.server import AdminServer  # noqa: PLC0415 (FastAPI only when used)
 
+                starting(f"starting the admin API on port {self.settings.admin_port}")
                 self._admin = AdminServer(self)
                 await self._admin.start()
         except BaseException:
@@ -211,7 +217,12 @@ class OrchestratorService:
 
     async def serve(self) -> None:
         """Run until SIGTERM or SIGINT, then shut down gracefully."""
-        await serve(self.start, self.stop)
+        await serve(
+            self.start,
+            self.stop,
+            start_timeout=self.settings.start_timeout,
+            stop_timeout=self.settings.shutdown_timeout,
+        )
 
     async def stop(self) -> None:
         in_flight = [t for p in self._pipelines for t in p.in_flight]
@@ -220,14 +231,13 @@ class OrchestratorService:
         for task in self._tasks:  # no new timer events while the last ones drain
             if task.get_name() == "saga-timers":
                 task.cancel()
+        budget = Budget(self.settings.shutdown_timeout)
         if in_flight:
-            await asyncio.wait(in_flight, timeout=self.settings.shutdown_timeout)
+            await asyncio.wait(in_flight, timeout=budget.share(0.5))
         await self.orchestrator.drained()
         if self.relay is not None:
             relaying = [t for t in self._tasks if t.get_name() == "saga-relay"]
-            await self.relay.shutdown(
-                relaying[0] if relaying else None, self.settings.shutdown_timeout
-            )
+            await self.relay.shutdown(relaying[0] if relaying else None, budget.share(0.6))
         await self._close()
         log.info("orchestrator_stopped")
 

@@ -61,7 +61,7 @@ from saga.participant.ledger import Ledger, now
 from saga.participant.ledger_sql import Statements, statements
 from saga.participant.settings import ParticipantSettings, load_participant_settings
 from saga.ports import OutboxMessage
-from saga.process import fail, launch, serve
+from saga.process import Budget, fail, launch, serve, starting
 from saga.protocol.envelope import CommandEnvelope, ReplyEnvelope, parse_data
 from saga.protocol.types import CommonFailure, ContractError
 from saga.relay import Relay
@@ -275,10 +275,13 @@ class Participant:
     async def start(self) -> None:
         if not self._handlers:
             raise ValueError(f"participant {self.name!r} has no handler: register one first")
+        starting(f"setting up {self.name}'s database")
         await self.setup_database()
+        starting(f"connecting to RabbitMQ at {redact_url(self.settings.rabbitmq_url)}")
         broker = await self._broker.connect(self.settings.rabbitmq_url, tls=self.settings.tls)
         self.metrics.watch_broker(broker.stats)
         self.metrics.watch_work(lambda: self.ledger.counts + broker.counts)
+        starting(f"declaring {self.name}'s queues on RabbitMQ", lambda: broker.stats().last_failure)
         await broker.declare(self.topology, [self.name])
         self._relay = Relay(
             self.ledger,
@@ -303,6 +306,10 @@ class Participant:
             log_fields=_log_fields,
         )
         self._started = True
+        starting(
+            f"consuming {self.topology.command_queue(self.name)}",
+            lambda: broker.stats().last_failure,
+        )
         await self.resume()
         log.info("participant_started", participant=self.name, database=redact_url(self.ledger.url))
 
@@ -325,10 +332,11 @@ class Participant:
             consumer, self._consumer = self._consumer, None
             with contextlib.suppress(Exception):
                 await consumer.cancel()
+        budget = Budget(self.settings.shutdown_timeout)
         if self._pipeline is not None and self._pipeline.in_flight:
-            await asyncio.wait(self._pipeline.in_flight, timeout=10)
+            await asyncio.wait(self._pipeline.in_flight, timeout=budget.share(0.5))
         if self._relay is not None:
-            await self._relay.shutdown(self._relay_task, 10)
+            await self._relay.shutdown(self._relay_task, budget.share(0.6))
         await self._broker.release()
         await self.ledger.close()
 
@@ -339,7 +347,12 @@ class Participant:
         if self.settings.metrics_port:
             server.start(self.settings.metrics_host, self.settings.metrics_port)
         try:
-            await serve(self.start, self.stop)
+            await serve(
+                self.start,
+                self.stop,
+                start_timeout=self.settings.start_timeout,
+                stop_timeout=self.settings.shutdown_timeout,
+            )
         finally:
             server.stop()
 

@@ -33,6 +33,7 @@ from yarl import URL
 from saga.core.errors import ConfigError
 from saga.secrets import redact_url
 from saga.transport.link import (
+    CONNECT_ERRORS,
     Link,
     LinkDownError,
     note,
@@ -193,12 +194,14 @@ async def connect_once(
     urls = _urls_or_config_error(url)
     context = _tls_context(url, tls) if urls[0].startswith("amqps://") and tls else None
     failures: list[str] = []
+    errors: list[BaseException] = []
     for node in urls:
         try:
             return await aio_pika.connect(node, timeout=connect_timeout, ssl_context=context)
-        except (OSError, TimeoutError, aiormq.exceptions.AMQPError) as exc:
+        except CONNECT_ERRORS as exc:
             failures.append(f"{safe_url(node)}: {exc!r}" if len(urls) > 1 else repr(exc))
-    raise reach_error(url, failures)
+            errors.append(exc)
+    raise reach_error(url, failures, errors)
 
 
 async def declare(

@@ -671,6 +671,7 @@ class AmqpBroker(BrokerBase):
             connected=self.is_connected(),
             reconnects=self.link.reconnects,
             consumer_repairs=self.link.consumer_repairs,
+            last_failure=self.link.last_failure,
         )
 
     async def _restore(self, connection: AbstractConnection, generation: int) -> None:
@@ -704,10 +705,38 @@ class AmqpBroker(BrokerBase):
 
     async def declare(self, topology: Topology, participants: Iterable[str]) -> None:
         names = tuple(participants)
-        connection, _ = await self.link.wait(self.WAIT_CONNECTED)
-        await self._declare_on(connection, [(topology, names)])
+
+        async def declare_on(connection: AbstractConnection, _generation: int) -> None:
+            await self._declare_on(connection, [(topology, names)])
+
+        await self._on_live_connection(f"declaring the topology of {topology.prefix}", declare_on)
         if (topology, names) not in self._declared:
             self._declared.append((topology, names))
+
+    async def _on_live_connection(
+        self, what: str, step: Callable[[AbstractConnection, int], Awaitable[None]]
+    ) -> None:
+        """Run ``step`` on the live connection; when that connection is lost under it, again on
+        the next one, until WAIT_CONNECTED passes without a connection. A start-up step is then
+        never failed by a connection the link replaces a moment later (a reset right after the
+        handshake); an error on a connection that is still up (a refused declare, a timeout)
+        goes on up."""
+        while True:
+            connection, generation = await self.link.wait(self.WAIT_CONNECTED)
+            try:
+                await step(connection, generation)
+                return
+            except (Exception, asyncio.CancelledError) as exc:
+                if isinstance(exc, asyncio.CancelledError) and own_cancellation():
+                    raise
+                await asyncio.sleep(0)  # the connection's close callbacks run first
+                if self.link.generation == generation and self.link.is_connected():
+                    if isinstance(exc, asyncio.CancelledError):
+                        raise ConnectionError(f"{what}: cancelled by the connection") from exc
+                    raise
+                note("warning", "amqp_connection_lost_during", step=what, error=repr(exc))
+                self.link.last_failure = f"the connection was lost {what}: {exc!r}"
+                await self.link.next_generation(generation, self.WAIT_CONNECTED)
 
     async def _declare_on(
         self, connection: AbstractConnection, topologies: list[tuple[Topology, tuple[str, ...]]]
@@ -748,9 +777,8 @@ class AmqpBroker(BrokerBase):
 
     async def consume(self, queue: str, callback: Callback, *, prefetch: int) -> Consumer:
         consumer = _AmqpConsumer(self.link, queue, callback, prefetch)
-        connection, generation = await self.link.wait(self.WAIT_CONNECTED)
         try:
-            await consumer.attach(connection, generation)
+            await self._on_live_connection(f"consuming {queue}", consumer.attach)
         except BaseException:
             await consumer.close()
             raise

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import socket
 import ssl
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
@@ -50,8 +51,15 @@ def note(level: str, event: str, **fields: Any) -> None:
 
 Restore = Callable[[AbstractConnection, int], Awaitable[None]]
 
-#: what a connection attempt may fail with (the node is down, refuses us, or answers nothing)
-CONNECT_ERRORS = (OSError, TimeoutError, aiormq.exceptions.AMQPError, ConnectionError)
+#: what a connection attempt may fail with (the node is down, refuses us, or answers nothing;
+#: aiormq ends its frame reader with StopAsyncIteration when the peer closes mid-handshake)
+CONNECT_ERRORS = (
+    OSError,
+    TimeoutError,
+    aiormq.exceptions.AMQPError,
+    ConnectionError,
+    StopAsyncIteration,
+)
 
 
 def own_cancellation() -> bool:
@@ -76,12 +84,44 @@ async def quietly(awaitable: Awaitable[Any], within: float) -> None:
         pass
 
 
-def reach_error(url: str, failures: Sequence[str]) -> ConfigError:
-    """The start-up error when no node of ``url`` answered: each node and why, no password."""
-    return ConfigError(
-        f"cannot reach RabbitMQ at {redact_url(url)}: {'; '.join(failures)}. Is it running? "
-        "Set SAGA_RABBITMQ_URL to its amqp:// address (several nodes: comma-separated)."
-    )
+_NOT_RUNNING = (
+    "Is it running? Set SAGA_RABBITMQ_URL to its amqp:// address (several nodes: comma-separated)."
+)
+_LOGIN_REFUSED = (
+    "RabbitMQ refused the login: check the user and password in SAGA_RABBITMQ_URL and that the "
+    "user may use its vhost."
+)
+_NO_HANDSHAKE = (
+    "It accepted the connection but did not complete the AMQP handshake: check that "
+    "SAGA_RABBITMQ_URL names RabbitMQ's AMQP port and vhost, and the broker's log."
+)
+_LOGIN_ERRORS = (
+    aiormq.exceptions.AuthenticationError,
+    aiormq.exceptions.ProbableAuthenticationError,
+)
+
+
+def reach_error(
+    url: str, failures: Sequence[str], errors: Sequence[BaseException] = ()
+) -> ConfigError:
+    """The start-up error when no node of ``url`` answered: each node and why, no password, and
+    what to check given how they failed (``errors``)."""
+    if errors and all(isinstance(e, _LOGIN_ERRORS) for e in errors):
+        hint = _LOGIN_REFUSED
+    elif errors and not all(_refused(e) for e in errors):
+        hint = _NO_HANDSHAKE
+    else:
+        hint = _NOT_RUNNING
+    return ConfigError(f"cannot reach RabbitMQ at {redact_url(url)}: {'; '.join(failures)}. {hint}")
+
+
+def _refused(exc: BaseException) -> bool:
+    """Nothing listens there, nothing answers, or the name does not resolve: no broker there."""
+    if isinstance(exc, ConnectionRefusedError | socket.gaierror | TimeoutError):
+        return True
+    errno = exc.args[0] if exc.args and isinstance(exc.args[0], int) else None
+    # refused, timed out, no network or route, no such name
+    return errno in (111, 110, 101, 113, -2, -3, -5)
 
 
 class LinkDownError(ConnectionError):
@@ -127,6 +167,8 @@ class Link:
         self.reconnects = 0
         #: consumers the broker dropped on a live connection and that were attached again
         self.consumer_repairs = 0
+        #: the last failure to connect or restore (or of a step the owner retried), if any
+        self.last_failure: str | None = None
 
     # --- state ----------------------------------------------------------------------------
 
@@ -167,23 +209,41 @@ class Link:
             raise LinkDownError(f"the connection to RabbitMQ ({self.node}) was just lost")
         return connection, self.generation
 
+    async def next_generation(self, generation: int, within: float) -> None:
+        """Wait until a connection newer than ``generation`` is up; LinkDownError when none
+        comes ``within`` seconds."""
+        loop = asyncio.get_running_loop()
+        end = loop.time() + within
+        while self.generation <= generation or not self.is_connected():
+            if self._closing:
+                raise LinkDownError("the connection to RabbitMQ is closing")
+            left = end - loop.time()
+            if left <= 0:
+                raise LinkDownError(f"no new connection to RabbitMQ ({self.node}) for {within:g}s")
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._up.wait(), min(left, 0.5))
+            if self.is_connected() and self.generation <= generation:
+                await asyncio.sleep(min(left, 0.05))  # up, but still the old one: not yet lost
+
     # --- life cycle -----------------------------------------------------------------------
 
     async def open(self) -> None:
         """Connect to the first node that answers, or ConfigError naming each and why."""
         failures: list[str] = []
+        errors: list[BaseException] = []
         for index in range(len(self.nodes)):
             self._index = index
             try:
                 connection = await self._connect()
             except CONNECT_ERRORS as exc:
                 failures.append(f"{self.node}: {exc!r}" if len(self.nodes) > 1 else repr(exc))
+                errors.append(exc)
                 continue
             self._adopt(connection)
             self._up.set()
             self._task = asyncio.create_task(self._supervise(), name="amqp-link")
             return
-        raise reach_error(",".join(str(n) for n in self.nodes), failures)
+        raise reach_error(",".join(str(n) for n in self.nodes), failures, errors)
 
     async def reset(self, why: str, generation: int) -> None:
         """Drop connection ``generation`` if it is still the live one: the supervisor makes a
@@ -270,6 +330,7 @@ class Link:
                 connection = await self._connect()
             except CONNECT_ERRORS as exc:
                 note("info", "amqp_connect_failed", node=self.node, error=repr(exc))
+                self.last_failure = f"connecting to {self.node}: {exc!r}"
                 continue
             self._adopt(connection)
             try:
@@ -281,6 +342,7 @@ class Link:
                 if isinstance(exc, asyncio.CancelledError) and own_cancellation():
                     raise
                 note("warning", "amqp_restore_failed", node=self.node, error=repr(exc))
+                self.last_failure = f"restoring on {self.node}: {exc!r}"
                 await quietly(connection.close(), 5)
                 continue
             if self._lost.is_set() or not connection.connected.is_set():

@@ -83,7 +83,12 @@ async def serve_all(settings: ParticipantSettings) -> None:
         await asyncio.gather(*(p.stop() for p in participants), return_exceptions=True)
 
     try:
-        await serve(start, stop)
+        await serve(
+            start,
+            stop,
+            start_timeout=settings.start_timeout,
+            stop_timeout=settings.shutdown_timeout,
+        )
     finally:
         server.stop()
 

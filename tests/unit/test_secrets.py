@@ -67,8 +67,8 @@ def test_structlog_and_stdlib_lines_are_redacted(capsys: pytest.CaptureFixture[s
     configure_logging("INFO")
     try:
         structlog.get_logger("t").info("connecting", url=f"amqp://u:{SECRET}@h/")
-        logging.getLogger("aio_pika.robust_connection").warning(
-            "Connection attempt to amqp://u:%s@h/ failed", SECRET
+        logging.getLogger("sqlalchemy.pool").warning(
+            "Connection attempt to postgresql://u:%s@h/ failed", SECRET
         )
         try:
             raise OSError(f"cannot open postgresql://u:{SECRET}@db/x")

@@ -11,6 +11,10 @@ that take effect at once, for live connections too:
   Clearing it forwards whatever waited, and held connections then reach the upstream.
 * :meth:`TcpProxy.drop_connections`: reset (RST) every live connection, both sides, as a
   crashed middlebox or a broker-side disconnect does.
+* ``stage``: a :class:`StageFault` that reads the AMQP frames a client sends and, at a stage of
+  its start-up (the TCP accept, the handshake, opening a channel, declaring the topology,
+  attaching a consumer), resets the connection or holds it silent before the broker sees that
+  frame; for the next ``times`` connections, or every one.
 
 Counters say what happened (``connections``, ``active``, ``bytes_up``, ``bytes_down``,
 ``drops``), so a test can check the clients really reconnected rather than sat idle.
@@ -25,9 +29,85 @@ import struct
 import time
 from dataclasses import dataclass, field
 
-__all__ = ["ProxyStats", "TcpProxy"]
+__all__ = ["STAGES", "ProxyStats", "StageFault", "TcpProxy"]
 
 _CHUNK = 64 * 1024
+
+#: the start-up stages a :class:`StageFault` can cut at: the first frame of each that a client
+#: sends, as AMQP (class id, method id); ``connect`` is the TCP accept itself, before any byte
+STAGES: dict[str, tuple[int, int] | None] = {
+    "connect": None,
+    "start-ok": (10, 11),  # the handshake: credentials
+    "tune-ok": (10, 31),
+    "open": (10, 40),  # the handshake's last step: the vhost
+    "channel": (20, 10),  # the first thing after the handshake
+    "confirm": (85, 10),
+    "exchange": (40, 10),  # the topology
+    "queue": (50, 10),
+    "bind": (50, 20),
+    "qos": (60, 10),  # a consumer being attached
+    "consume": (60, 20),
+}
+
+_PROTOCOL_HEADER = 8  # b"AMQP\x00\x00\x09\x01"
+
+
+@dataclass
+class StageFault:
+    """At ``stage`` (a key of :data:`STAGES`), ``reset`` the connection (RST), ``close`` it (FIN,
+    as a peer that hangs up) or ``hold`` it (nothing forwarded either way, nothing closed), for
+    the next ``times`` connections (None: every one). The frame that reaches the stage is never
+    forwarded, so the broker has not seen it."""
+
+    stage: str
+    action: str = "reset"
+    times: int | None = None
+    hits: int = 0  # connections it was armed for
+    reached: int = 0  # connections that reached the stage (and were cut or held there)
+    held: int = 0  # connections held at the stage
+
+    def __post_init__(self) -> None:
+        if self.stage not in STAGES:
+            raise ValueError(f"unknown stage {self.stage!r}: one of {', '.join(STAGES)}")
+        if self.action not in ("reset", "close", "hold"):
+            raise ValueError(f"unknown action {self.action!r}: reset, close or hold")
+
+    def armed(self) -> bool:
+        return self.times is None or self.hits < self.times
+
+
+class _FrameWatch:
+    """Follows the frames a client sends to find the first method of a stage."""
+
+    def __init__(self, method: tuple[int, int]):
+        self.method = method
+        self._buffer = b""
+        self._start = 0  # the stream offset of the buffer's first byte
+        self._received = 0  # bytes of the stream seen so far
+        self._header_left = _PROTOCOL_HEADER
+
+    def reached(self, data: bytes) -> int | None:
+        """Where in ``data`` (the next chunk of the client's stream) the stage's method frame
+        begins, or None when the stage is not in it."""
+        chunk_start = self._received
+        self._received += len(data)
+        self._buffer += data
+        if self._header_left:
+            skipped = min(self._header_left, len(self._buffer))
+            self._buffer = self._buffer[skipped:]
+            self._start += skipped
+            self._header_left -= skipped
+        while len(self._buffer) >= 7:
+            kind, size = self._buffer[0], struct.unpack(">I", self._buffer[3:7])[0]
+            if kind == 1 and len(self._buffer) < 11:
+                return None  # wait for the method's ids
+            if kind == 1 and struct.unpack(">HH", self._buffer[7:11]) == self.method:
+                return max(0, self._start - chunk_start)
+            if len(self._buffer) < 8 + size:
+                return None
+            self._buffer = self._buffer[8 + size :]
+            self._start += 8 + size
+        return None
 
 
 @dataclass
@@ -46,6 +126,14 @@ class _Link:
     client: asyncio.StreamWriter
     upstream: asyncio.StreamWriter | None = None
     tasks: set[asyncio.Task[None]] = field(default_factory=set)
+
+    def close(self) -> None:
+        """Close both sockets with FIN (a peer that hangs up) and stop its tasks."""
+        for writer in (self.client, self.upstream):
+            if writer is not None:
+                writer.close()
+        for task in self.tasks:
+            task.cancel()
 
     def reset(self) -> None:
         """Close both sockets with RST rather than FIN (an abrupt failure) and stop its tasks."""
@@ -87,6 +175,8 @@ class TcpProxy:
         self.port = listen_port
         self.connect_timeout = connect_timeout
         self.latency = 0.0
+        #: a fault at a start-up stage of the next connections (see StageFault)
+        self.stage: StageFault | None = None
         self.stats = ProxyStats()
         self._open = asyncio.Event()  # set: forwarding; clear: blackholed
         self._open.set()
@@ -162,7 +252,21 @@ class TcpProxy:
         me = asyncio.current_task()
         if me is not None:
             link.tasks.add(me)  # so a drop while connecting cancels the connect too
+        fault = self.stage if self.stage is not None and self.stage.armed() else None
+        if fault is not None:
+            fault.hits += 1
+        method = STAGES[fault.stage] if fault is not None else None
         try:
+            if fault is not None and method is None:  # the stage is the accept itself
+                fault.reached += 1
+                if fault.action == "reset":
+                    _rst(writer)
+                    return
+                if fault.action == "close":
+                    writer.close()
+                    return
+                fault.held += 1
+                await asyncio.Event().wait()  # held until the link is reset or closed
             await self._open.wait()  # a blackhole holds new connections here
             try:
                 up_reader, up_writer = await asyncio.wait_for(
@@ -176,8 +280,9 @@ class TcpProxy:
             link.upstream = up_writer
             up: asyncio.Queue[tuple[float, bytes]] = asyncio.Queue()
             down: asyncio.Queue[tuple[float, bytes]] = asyncio.Queue()
+            watch = _FrameWatch(method) if fault is not None and method is not None else None
             pumps = [
-                asyncio.create_task(self._read(reader, up)),
+                asyncio.create_task(self._read(reader, up, watch, fault, link)),
                 asyncio.create_task(self._send(up, up_writer, upstream=True)),
                 asyncio.create_task(self._read(up_reader, down)),
                 asyncio.create_task(self._send(down, writer, upstream=False)),
@@ -199,18 +304,44 @@ class TcpProxy:
                         w.transport.abort()
 
     async def _read(
-        self, reader: asyncio.StreamReader, queue: asyncio.Queue[tuple[float, bytes]]
+        self,
+        reader: asyncio.StreamReader,
+        queue: asyncio.Queue[tuple[float, bytes]],
+        watch: _FrameWatch | None = None,
+        fault: StageFault | None = None,
+        link: _Link | None = None,
     ) -> None:
         """Stamp each chunk with the time it is due; returns at EOF once all of it was sent.
 
         A sender task per direction sends each chunk when due, so latency delays every chunk
-        by the same amount without limiting throughput."""
+        by the same amount without limiting throughput. With ``watch``, the chunk that reaches
+        its stage is not forwarded: the link is reset (``action`` reset) or reads stop for good
+        (hold)."""
         with contextlib.suppress(ConnectionError, OSError):
             while True:
                 await self._open.wait()  # blackholed: stop reading, let TCP back up
                 data = await reader.read(_CHUNK)
                 if not data:
                     break
+                at = watch.reached(data) if watch is not None else None
+                if at is not None:
+                    if fault is not None:
+                        fault.reached += 1
+                    if at:  # what came before the stage reaches the broker
+                        queue.put_nowait((time.monotonic() + self.latency, data[:at]))
+                        await queue.join()
+                    action = fault.action if fault is not None else "hold"
+                    if action == "reset" and link is not None:
+                        link.reset()
+                        self._links.discard(link)
+                        return
+                    if action == "close" and link is not None:
+                        link.close()
+                        self._links.discard(link)
+                        return
+                    if fault is not None:
+                        fault.held += 1
+                    await asyncio.Event().wait()  # held: silent until reset or closed
                 queue.put_nowait((time.monotonic() + self.latency, data))
         await queue.join()
 
