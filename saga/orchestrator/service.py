@@ -72,6 +72,8 @@ class OrchestratorService:
         self.registry = registry
         self.topology = Topology(prefix=settings.prefix, quorum=settings.quorum_queues)
         self.store = SqlStore(settings.database_url, sqlite_synchronous=settings.sqlite_synchronous)
+        # a deadline waits for its saga's unsent commands as long as for any other backlog
+        self.store.unsent_hold = timedelta(seconds=settings.timer_outage_credit_max)
         self.tracing = tracing if tracing is not None else Tracing()
         self.metrics = Metrics()
         self._lock = SqliteLock(settings.database_url) if settings.is_sqlite else None
@@ -126,6 +128,7 @@ class OrchestratorService:
             if self.settings.auto_migrate:
                 await self.store.migrate()
             await self.store.setup()
+            await self.store.join()  # PostgreSQL: claims of a killed instance free at once
             starting(f"connecting to RabbitMQ at {redact_url(self.settings.rabbitmq_url)}")
             broker = await self._broker.connect(self.settings.rabbitmq_url, tls=self.settings.tls)
             self.metrics.watch_broker(broker.stats)

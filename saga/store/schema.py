@@ -68,6 +68,8 @@ sagas = sa.Table(
     #: an instance that claimed this saga's due timer (PostgreSQL, several instances): others
     #: skip it until then; every write of the saga clears it
     sa.Column("timer_claimed_until", UTCDateTime, nullable=True),
+    #: the instance (saga.store.presence) that holds that claim: free once it is gone
+    sa.Column("timer_claimed_by", sa.Integer, nullable=True),
     sa.UniqueConstraint("name", "key", name="uq_saga_instances_name_key"),
     sa.Index("ix_saga_instances_deadline", "deadline"),
     sa.Index("ix_saga_instances_status_created", "status", "created_at"),
@@ -105,8 +107,13 @@ outbox = sa.Table(
     #: the instance that wrote (or later claimed) the row publishes it; another instance may
     #: claim it once this has passed (the writer died, or cannot reach the broker)
     sa.Column("claimed_until", UTCDateTime, nullable=True),
+    #: the instance (saga.store.presence) that holds the claim: free once it is gone
+    sa.Column("claimed_by", sa.Integer, nullable=True),
     sa.Index("ix_saga_outbox_created", "created_at"),
 )
+
+outbox_saga_index = sa.Index("ix_saga_outbox_saga", outbox.c.saga_id)
+outbox.indexes.discard(outbox_saga_index)  # created by migration 5, not with the table
 
 inbox = sa.Table(
     "saga_inbox",
@@ -146,6 +153,12 @@ def _v4_claims(conn: Connection) -> None:
     _add_column(conn, outbox, "claimed_until")
 
 
+def _v5_claim_owners(conn: Connection) -> None:
+    _add_column(conn, sagas, "timer_claimed_by")
+    _add_column(conn, outbox, "claimed_by")
+    outbox_saga_index.create(conn, checkfirst=True)
+
+
 def _add_column(conn: Connection, table: sa.Table, name: str) -> None:
     """Add a column to a released table; migration 1 creates it on a new database already."""
     schema = _schema(conn)
@@ -172,5 +185,6 @@ MIGRATIONS: list[tuple[int, str, Callable[[Connection], None]]] = [
     (2, "index on inbox arrival time, for pruning", _v2_inbox_received_index),
     (3, "when the awaited command was sent, for step latency", _v3_sent_at),
     (4, "claims of outbox rows and due timers, for several instances", _v4_claims),
+    (5, "the instance holding each claim, and outbox rows by saga", _v5_claim_owners),
 ]
 HEAD = MIGRATIONS[-1][0]

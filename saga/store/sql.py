@@ -48,6 +48,7 @@ from saga.ports import Change, CommitResult, DueTimer, OutboxMessage, SagaFilter
 from saga.store import sqlite_driver
 from saga.store.faults import database_reachable
 from saga.store.fresh import OutboxCopy
+from saga.store.presence import Presence, live_instances
 from saga.store.schema import (
     HEAD,
     MIGRATIONS,
@@ -159,6 +160,10 @@ class SqlStore:
         self._loading: dict[UUID, list[asyncio.Future[SagaState | None]]] = {}  # see load
         self._load_soon: asyncio.Handle | None = None
         self._load_tasks: set[asyncio.Task[None]] = set()
+        #: this instance's presence (PostgreSQL, after join()): claims name it
+        self._presence: Presence | None = None
+        #: how long a due deadline waits for its saga's unsent commands (see due_timers)
+        self.unsent_hold = timedelta(seconds=30)
         options: dict[str, Any] = {}
         if schema is not None:
             options["schema_translate_map"] = {None: schema}
@@ -240,6 +245,20 @@ class SqlStore:
                 f"understands ({HEAD}): upgrade saga"
             )
 
+    async def join(self) -> None:
+        """Take part in claiming outbox rows and timers as an instance among several
+        (PostgreSQL): hold the presence lock whose loss frees this instance's claims at once
+        (:mod:`saga.store.presence`). Nothing to do on SQLite, where one instance runs."""
+        if self.dialect == "postgresql" and self._presence is None:
+            presence = Presence(self._write)
+            await presence.start()
+            self._presence = presence
+
+    @property
+    def instance(self) -> int | None:
+        """This instance's number in claims, once joined (PostgreSQL)."""
+        return self._presence.instance if self._presence is not None else None
+
     @property
     def safe_url(self) -> str:
         return make_url(self.url).render_as_string(hide_password=True)
@@ -254,6 +273,9 @@ class SqlStore:
             self._load_together()
         await asyncio.gather(*self._load_tasks, return_exceptions=True)
         await self._outbox.close()
+        if self._presence is not None:
+            await self._presence.stop()
+            self._presence = None
         await self._write.dispose()
         if self._read is not self._write:
             await self._read.dispose()
@@ -435,7 +457,7 @@ class SqlStore:
                     row["w_saga_id"] = row.pop("saga_id")
                     row["w_version"] = change.expected_version
                     updates.append(row)
-                outbox_rows.extend(_outbox_row(m, now) for m in change.outbox)
+                outbox_rows.extend(_outbox_row(m, now, None) for m in change.outbox)
             history_rows.extend(_history_row(state.saga_id, h) for h in change.transition.history)
         work = [
             self._work(_OUTBOX_DELETE, [{"message_id": i} for i in doomed]),
@@ -511,7 +533,7 @@ class SqlStore:
                 if change.inbox_id is not None:
                     await conn.execute(inbox.delete().where(inbox.c.message_id == change.inbox_id))
                 return CommitResult.CONFLICT
-            outbox_rows.extend(_outbox_row(m, now) for m in change.outbox)
+            outbox_rows.extend(_outbox_row(m, now, self.instance) for m in change.outbox)
         history_rows.extend(_history_row(state.saga_id, h) for h in change.transition.history)
         return CommitResult.APPLIED if change.transition.applied else CommitResult.RECORDED
 
@@ -521,8 +543,8 @@ class SqlStore:
         share the rows instead of queueing on them."""
         now = _now()
         claim = _claim(
-            outbox, outbox.c.message_id, outbox.c.claimed_until, outbox.c.created_at, (), now,
-            limit, outbox.c,
+            outbox, outbox.c.message_id, outbox.c.claimed_until, outbox.c.claimed_by,
+            outbox.c.created_at, (), now, limit, outbox.c, self.instance,
         )  # fmt: skip
         async with self._write.begin() as conn:
             rows = (await conn.execute(claim)).all()
@@ -535,12 +557,25 @@ class SqlStore:
             sa.select(sagas.c.saga_id, sagas.c.awaiting, sagas.c.deadline)
             .where(sagas.c.deadline.is_not(None))
             .where(sagas.c.deadline <= now)
+            .where(self._sent(now))
             .order_by(sagas.c.deadline)
             .limit(limit)
         )
         async with self._read.connect() as conn:
             rows = await conn.execute(query)
             return [DueTimer(r.saga_id, r.awaiting, r.deadline) for r in rows if r.awaiting]
+
+    def _sent(self, now: datetime) -> sa.ColumnElement[bool]:
+        """The saga has no command waiting in the outbox (younger than ``unsent_hold``): a
+        step's deadline never fires while its command has not left, for instance while a
+        killed instance's claim on it is being taken over."""
+        waiting = (
+            sa.select(outbox.c.message_id)
+            .where(outbox.c.saga_id == sagas.c.saga_id)
+            .where(outbox.c.created_at > now - self.unsent_hold)
+            .exists()
+        )
+        return ~waiting
 
     async def _claim_timers(self, now: datetime, limit: int) -> list[DueTimer]:
         """Due timers no other instance is firing, claimed by this one until it commits the
@@ -555,9 +590,10 @@ class SqlStore:
             if (await conn.execute(probe)).first() is None:
                 return []
         claim = _claim(
-            sagas, sagas.c.saga_id, sagas.c.timer_claimed_until, sagas.c.deadline,
-            (sagas.c.deadline.is_not(None), sagas.c.deadline <= now), now, limit,
-            (sagas.c.saga_id, sagas.c.awaiting, sagas.c.deadline),
+            sagas, sagas.c.saga_id, sagas.c.timer_claimed_until, sagas.c.timer_claimed_by,
+            sagas.c.deadline,
+            (sagas.c.deadline.is_not(None), sagas.c.deadline <= now, self._sent(now)), now,
+            limit, (sagas.c.saga_id, sagas.c.awaiting, sagas.c.deadline), self.instance,
         )  # fmt: skip
         async with self._write.begin() as conn:
             rows = (await conn.execute(claim)).all()
@@ -756,6 +792,7 @@ def _row_from_state(s: SagaState) -> dict[str, Any]:
         "stuck_step": s.stuck_step,
         "sent_at": s.sent_at,
         "timer_claimed_until": None,  # a claim is for the deadline this write replaces
+        "timer_claimed_by": None,
         "trace_context": None if s.trace is None else dict(s.trace),
         "steps": [
             {
@@ -810,18 +847,27 @@ def _claim(
     table: sa.Table,
     key: sa.Column[Any],
     claimed_until: sa.Column[Any],
+    claimed_by: sa.Column[Any],
     order: sa.Column[Any],
     due: Sequence[sa.ColumnElement[bool]],
     now: datetime,
     limit: int,
     returning: Iterable[sa.ColumnElement[Any]],
+    instance: int | None,
 ) -> sa.UpdateBase:
     """Claim up to ``limit`` rows that match ``due`` and no live claim, for CLAIM: one
-    statement, ``FOR UPDATE SKIP LOCKED`` so instances claiming at once take different rows."""
+    statement, ``FOR UPDATE SKIP LOCKED`` so instances claiming at once take different rows.
+    A claim is live while its time lasts and its instance is alive (saga.store.presence)."""
     free = (
         sa.select(key)
         .where(*due)
-        .where(sa.or_(claimed_until.is_(None), claimed_until < now))
+        .where(
+            sa.or_(
+                claimed_until.is_(None),
+                claimed_until < now,
+                sa.and_(claimed_by.is_not(None), claimed_by.not_in(live_instances())),
+            )
+        )
         .order_by(order)
         .limit(limit)
         .with_for_update(skip_locked=True)
@@ -829,7 +875,7 @@ def _claim(
     return (
         table.update()
         .where(key.in_(free.scalar_subquery()))
-        .values({claimed_until.name: now + CLAIM})
+        .values({claimed_until.name: now + CLAIM, claimed_by.name: instance})
         .returning(*returning)
     )
 
@@ -847,7 +893,7 @@ def _outbox_message(r: Any) -> OutboxMessage:
     )
 
 
-def _outbox_row(m: OutboxMessage, now: datetime) -> dict[str, Any]:
+def _outbox_row(m: OutboxMessage, now: datetime, instance: int | None) -> dict[str, Any]:
     return {
         "message_id": m.message_id,
         "saga_id": m.saga_id,
@@ -859,6 +905,7 @@ def _outbox_row(m: OutboxMessage, now: datetime) -> dict[str, Any]:
         "created_at": m.created_at,
         # the writer publishes it; other instances leave it alone for a while (see CLAIM)
         "claimed_until": now + CLAIM,
+        "claimed_by": instance,
     }
 
 

@@ -176,9 +176,23 @@ async def test_outbox_holds_committed_commands_until_marked_sent(store: Store) -
     assert mine[0].message_id not in {m.message_id for m in await store.pending_outbox(100)}
 
 
+async def publish_all(store: Store) -> None:
+    """What the relay does: publish every outbox row, mark it sent, and wait for the delete."""
+    pending = await store.pending_outbox(1000)
+    await store.mark_sent([m.message_id for m in pending])
+    if isinstance(store, SqlStore):
+        for _ in range(100):
+            size, _ = await store.outbox_stats(datetime.now(UTC))
+            if size == 0:
+                return
+            await asyncio.sleep(0.02)
+        raise AssertionError("sent outbox rows were not deleted")
+
+
 async def test_due_timers_in_deadline_order_and_only_due(store: Store) -> None:
     early = await create(store, at=T0)
     late = await create(store, at=T0 + timedelta(seconds=5))
+    await publish_all(store)
     assert early.deadline is not None and late.deadline is not None
     assert await store.due_timers(early.deadline - timedelta(seconds=1), 10) == []
     due = await store.due_timers(late.deadline, 10)
@@ -192,6 +206,23 @@ async def test_due_timers_in_deadline_order_and_only_due(store: Store) -> None:
         assert len(await store.due_timers(late.deadline, 1)) == 1
 
 
+async def test_a_deadline_waits_while_its_command_is_unsent(store: Store) -> None:
+    """A step's timeout never runs while its command has not left the outbox (a killed
+    instance's claim on it being taken over, a relay behind), up to ``unsent_hold``."""
+    if not isinstance(store, SqlStore):
+        return  # the in-memory store has no relay behind it: nothing waits unsent
+    s = await create(store, at=T0)
+    assert s.deadline is not None
+    assert await store.due_timers(s.deadline, 10) == []
+    later = s.deadline + store.unsent_hold  # the command waited longer than the hold
+    assert [t.saga_id for t in await store.due_timers(later, 10)] == [s.saga_id]
+    other = await create(store, "k-2", at=T0)
+    assert other.deadline is not None
+    assert other.saga_id not in {t.saga_id for t in await store.due_timers(other.deadline, 10)}
+    await publish_all(store)
+    assert other.saga_id in {t.saga_id for t in await store.due_timers(other.deadline, 10)}
+
+
 def claims(store: Store) -> bool:
     """PostgreSQL stores claim due timers and outbox rows (several instances share them)."""
     return isinstance(store, SqlStore) and store.dialect == "postgresql"
@@ -201,6 +232,7 @@ async def test_a_claimed_timer_is_skipped_until_the_saga_is_written_or_the_claim
     store: Store,
 ) -> None:
     s = await create(store, at=T0)
+    await publish_all(store)
     assert s.deadline is not None
     (first,) = await store.due_timers(s.deadline, 10)
     if not claims(store):
