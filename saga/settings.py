@@ -94,6 +94,8 @@ class Settings(AmqpSettings):
     #: deliveries that fail with the database up before a message is dead-lettered as poison
     max_deliveries: int = Field(5, ge=1, le=1000)
     max_batch: int = Field(128, ge=1, le=10_000)
+    #: sagas running at once in this orchestrator; more starts wait in the start queue
+    max_in_flight: int = Field(200, ge=1, le=1_000_000)
     relay_batch: int = Field(500, ge=1, le=10_000)
     relay_in_flight: int = Field(256, ge=1, le=10_000)
     relay_poll_interval: float = Field(1.0, gt=0, le=60)

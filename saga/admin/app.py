@@ -49,6 +49,7 @@ from saga.admin.models import (
 )
 from saga.core.errors import ConcurrencyError, InvalidInputError, MessageError, UnknownSagaError
 from saga.core.state import SagaState, SagaStatus
+from saga.orchestrator.admission import InFlightLimitError
 from saga.orchestrator.runtime import Outcome, Result
 from saga.ports import SagaFilter
 from saga.store.faults import database_fault, describe_error
@@ -307,11 +308,19 @@ def _operator_routes(api: APIRouter, service: OrchestratorService) -> None:
         response_model=StartResult,
         status_code=201,
         tags=["sagas"],
-        responses={200: {"model": StartResult, "description": "the key existed: that saga"}},
+        responses={
+            200: {"model": StartResult, "description": "the key existed: that saga"},
+            429: {
+                "model": ErrorBody,
+                "description": "SAGA_MAX_IN_FLIGHT sagas are in flight: retry after the "
+                "Retry-After seconds (nothing was stored)",
+            },
+        },
     )
     async def start_saga(body: StartRequest) -> JSONResponse:
         """Start a saga; with a ``key``, idempotently: 201 when created, 200 (and the saga
-        as it is, whatever input was given now) when that key was used before."""
+        as it is, whatever input was given now) when that key was used before; 429 when the
+        orchestrator is at its bound of sagas in flight (the start queue waits instead)."""
         try:
             definition = service.registry.get(body.name)
         except UnknownSagaError as exc:
@@ -324,7 +333,11 @@ def _operator_routes(api: APIRouter, service: OrchestratorService) -> None:
                 f"SAGA_MAX_MESSAGE_BYTES={service.settings.max_message_bytes}",
             )
         try:
-            result = await service.orchestrator.begin(definition.name, body.input, key=body.key)
+            result = await service.orchestrator.begin(
+                definition.name, body.input, key=body.key, wait_for_slot=False
+            )
+        except InFlightLimitError as exc:
+            return JSONResponse({"detail": str(exc)}, status_code=429, headers={"Retry-After": "1"})
         except InvalidInputError as exc:
             # the same shape as any request that does not validate, paths under "input"
             errors = [

@@ -14,7 +14,7 @@ import asyncio
 import logging
 import time
 import uuid
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from enum import StrEnum
@@ -44,6 +44,7 @@ from saga.core.state import (
     OperatorAbort,
     OperatorResolve,
     OperatorRetry,
+    Phase,
     ReplyFailed,
     ReplySucceeded,
     SagaState,
@@ -52,6 +53,7 @@ from saga.core.state import (
     Transition,
 )
 from saga.messaging.group import REQUEUE, GroupCommit, Requeue
+from saga.orchestrator.admission import Admission
 from saga.orchestrator.codec import COMMANDS_EXCHANGE, REPLY_QUEUE, encode_command, reply_event
 from saga.ports import Change, Clock, CommitResult, Store, SystemClock
 from saga.protocol.envelope import ReplyEnvelope
@@ -103,6 +105,7 @@ class Orchestrator:
         tracing: Tracing | None = None,
         metrics: Metrics | None = None,
         database_system: str = "sqlite",
+        admission: Admission | None = None,
     ):
         self.registry = registry
         self.store = store
@@ -114,6 +117,8 @@ class Orchestrator:
         self.tracing = tracing if tracing is not None else Tracing()
         self.metrics = metrics
         self.database_system = database_system
+        #: the bound on sagas in flight (None: none), see saga.orchestrator.admission
+        self.admission = admission
         self._group: GroupCommit[_Item, Result] = GroupCommit(self._process, max_batch)
         self.events = 0  # events decided
 
@@ -128,19 +133,37 @@ class Orchestrator:
         version: int | None = None,
         inbox_id: UUID | None = None,
         trace_parent: Mapping[str, Any] | None = None,
+        wait_for_slot: bool = True,
     ) -> Result:
         """Start a saga, or find the one already started with ``key``: the outcome is APPLIED
         when this call started it and DUPLICATE when it existed. The input is checked against
         the definition's input model first: :class:`InvalidInputError`, and nothing is stored.
 
-        Its trace continues ``trace_parent`` (a carrier such as a message's headers) or the
-        current span; without either it is the root of a new trace."""
+        With an admission bound, a new saga waits for a slot, or raises
+        :class:`~saga.orchestrator.admission.InFlightLimitError` when ``wait_for_slot`` is
+        false and every slot is taken. Its trace continues ``trace_parent`` (a carrier such as
+        a message's headers) or the current span; without either it is the root of a new
+        trace."""
         definition = self.registry.get(name, version)
         checked = validated_input(definition, input)
         saga_id = saga_id_for_key(name, key) if key is not None else uuid.uuid4()
         existing = await self.store.load(saga_id)
         if existing is not None:
             return Result(Outcome.DUPLICATE, existing)
+        if self.admission is None:
+            return await self._begin(definition, saga_id, checked, key, inbox_id, trace_parent)
+        async with self.admission.slot(wait=wait_for_slot):
+            return await self._begin(definition, saga_id, checked, key, inbox_id, trace_parent)
+
+    async def _begin(
+        self,
+        definition: SagaDefinition,
+        saga_id: UUID,
+        checked: dict[str, JSON],
+        key: str | None,
+        inbox_id: UUID | None,
+        trace_parent: Mapping[str, Any] | None,
+    ) -> Result:
         trace = self.tracing.saga_trace(definition.name, trace_parent)
         return await self.submit(
             saga_id,
@@ -169,9 +192,14 @@ class Orchestrator:
         """Apply a participant's reply; raises :class:`MessageError` for an unknown saga."""
         return await self.submit(reply.saga_id, reply_event(reply), inbox_id=reply.message_id)
 
-    async def fire_due_timers(self, limit: int = 500) -> int:
-        """Fire every deadline that has passed; returns how many changed a saga."""
+    async def fire_due_timers(self, limit: int = 500, hold: Collection[str] = ()) -> int:
+        """Fire every deadline that has passed, except the reply deadlines of steps whose
+        participant is in ``hold`` (its queue has a backlog: the command may not have been
+        taken yet); returns how many changed a saga."""
         due = await self.store.due_timers(self.clock.now(), limit)
+        if hold and due:
+            states = await self.store.load_many([t.saga_id for t in due])
+            due = [t for t in due if not self._held(states.get(t.saga_id), t.timer_id, hold)]
         results = await asyncio.gather(
             *(self.submit(t.saga_id, TimerFired(t.timer_id)) for t in due),
             return_exceptions=True,
@@ -180,6 +208,16 @@ class Orchestrator:
             if isinstance(r, BaseException) and not isinstance(r, MessageError):
                 raise r
         return sum(1 for r in results if isinstance(r, Result) and r.outcome is Outcome.APPLIED)
+
+    def _held(self, state: SagaState | None, timer_id: UUID, hold: Collection[str]) -> bool:
+        """Whether this deadline waits for a reply from a participant in ``hold``."""
+        if state is None or state.phase is not Phase.AWAITING_REPLY or state.awaiting != timer_id:
+            return False  # a backoff's end sends the next attempt: never held
+        try:
+            definition = self.registry.get(state.name, state.definition_version)
+        except UnknownSagaError:
+            return False
+        return definition.steps[state.current].participant in hold
 
     async def retry(self, saga_id: UUID, *, actor: str, reason: str) -> Result:
         return await self.submit(saga_id, OperatorRetry(actor, reason))
@@ -336,6 +374,11 @@ class Orchestrator:
         finished = after.status.is_terminal and (before is None or not before.status.is_terminal)
         if finished:
             self.tracing.end_saga(after, end)
+        if self.admission is not None:
+            if finished:
+                self.admission.finished(after.saga_id)
+            elif before is None:
+                self.admission.started(after.saga_id)
         debug = log.is_enabled_for(logging.DEBUG)
         for entry in transition.history:
             if entry.kind in _QUIET and not debug:

@@ -31,11 +31,17 @@ from saga.core.state import JSON, SagaState
 from saga.faults import crash_point
 from saga.messaging.pipeline import Pipeline
 from saga.messaging.poison import PoisonGuard
+from saga.orchestrator.admission import Admission
 from saga.orchestrator.inbound import Inbound, reply_attributes, start_attributes
 from saga.orchestrator.lock import SqliteLock
 from saga.orchestrator.runtime import Orchestrator
 from saga.orchestrator.timers import TimerLoop
-from saga.orchestrator.upkeep import outbox_gauges, prune_inbox
+from saga.orchestrator.upkeep import (
+    adopt_in_flight,
+    outbox_gauges,
+    prune_inbox,
+    reconcile_admission,
+)
 from saga.ports import Clock
 from saga.process import Budget, serve, starting
 from saga.protocol.envelope import ReplyEnvelope, StartSaga
@@ -89,6 +95,7 @@ class OrchestratorService:
             tracing=self.tracing,
             metrics=self.metrics,
             database_system=self.store.dialect,
+            admission=Admission(settings.max_in_flight),
         )
         self._broker = BrokerSlot(broker)  # given: the caller's; else made by start()
         self._pipelines: list[Pipeline[Any]] = []
@@ -129,6 +136,8 @@ class OrchestratorService:
                 await self.store.migrate()
             await self.store.setup()
             await self.store.join()  # PostgreSQL: claims of a killed instance free at once
+            assert self.orchestrator.admission is not None
+            recovered = await adopt_in_flight(self.store, self.orchestrator.admission)
             starting(f"connecting to RabbitMQ at {redact_url(self.settings.rabbitmq_url)}")
             broker = await self._broker.connect(self.settings.rabbitmq_url, tls=self.settings.tls)
             self.metrics.watch_broker(broker.stats)
@@ -156,11 +165,18 @@ class OrchestratorService:
                 interval=self.settings.timer_interval,
                 grace=self.settings.timer_grace,
                 credit_max=self.settings.timer_outage_credit_max,
+                backlogged=self._backlogged_participants,
             )
             retention = timedelta(hours=self.settings.inbox_retention_hours)
             self._tasks.append(asyncio.create_task(timers.run(), name="saga-timers"))
             self._tasks.append(
                 asyncio.create_task(prune_inbox(self.store, retention), name="saga-housekeeping")
+            )
+            self._tasks.append(
+                asyncio.create_task(
+                    reconcile_admission(self.store, self.orchestrator.admission),
+                    name="saga-admission",
+                )
             )
             if self.settings.metrics_port:
                 self._metrics_server = MetricsServer(self.metrics.registry)
@@ -184,6 +200,8 @@ class OrchestratorService:
             sagas=[f"{d.name}@v{d.version}" for d in self.registry.all()],
             database=self.store.safe_url,
             prefix=self.settings.prefix,
+            in_flight=recovered,
+            max_in_flight=self.settings.max_in_flight,
         )
 
     async def _consume(self, broker: Broker) -> None:
@@ -304,6 +322,17 @@ class OrchestratorService:
         """Start a saga in-process; idempotent by ``key``. The input is checked against the
         definition's input model first (:class:`~saga.core.errors.InvalidInputError`)."""
         return await self.orchestrator.start(name, input, key=key)
+
+    async def _backlogged_participants(self) -> set[str]:
+        """Participants whose command queue has commands no consumer has taken yet."""
+        broker = self.broker
+        if broker is None:
+            return set()
+        names = sorted(self.participants)
+        counts = await asyncio.gather(
+            *(broker.ready_count(self.topology.command_queue(n)) for n in names)
+        )
+        return {n for n, c in zip(names, counts, strict=True) if c}
 
     async def _replies_waiting(self) -> bool:
         if self.broker is None:

@@ -4,10 +4,13 @@ A step's timeout measures its participant's silence. So timers never fire while 
 connection is down (no reply can arrive, no retry can leave); after an outage they wait as long
 again as it lasted, for the participants' held-up replies; and while replies wait in the reply
 queue not yet delivered to us (a backlog after a restart or a burst), they wait for those to be
-applied first. Each wait is capped by ``SAGA_TIMER_OUTAGE_CREDIT_MAX``, so a silent participant
-is always timed out in the end. Without this, every held-up reply arrives after its step timed
-out, every timeout adds a retry to the backlog, and the retry budgets run out on steps that had
-answered.
+applied first. And a step's own deadline waits while its participant's command queue holds
+commands not yet delivered to any consumer: the participant is busy or restarting, and the
+command may still be in the queue, so its silence says nothing yet (Temporal's split between
+schedule-to-start and start-to-close: the step's timeout is the second). Each wait is capped by
+``SAGA_TIMER_OUTAGE_CREDIT_MAX``, so a silent participant is always timed out in the end.
+Without this, every held-up reply arrives after its step timed out, every timeout adds a retry
+to the backlog, and the retry budgets run out on steps that had answered.
 """
 
 from __future__ import annotations
@@ -39,6 +42,8 @@ class TimerLoop:
         interval: float,
         grace: float,
         credit_max: float,
+        backlogged: Callable[[], Awaitable[set[str]]] | None = None,
+        backlog_every: float = 0.5,
     ):
         self._orchestrator = orchestrator
         self._broker = broker
@@ -46,6 +51,35 @@ class TimerLoop:
         self.interval = interval
         self.grace = grace
         self.credit_max = credit_max
+        self._backlogged = backlogged
+        self.backlog_every = backlog_every
+        self._held_since: dict[str, float] = {}  # participant -> when its backlog was first seen
+        self._hold: set[str] = set()
+        self._hold_checked = float("-inf")
+
+    async def _participants_held(self, now: float) -> set[str]:
+        """Participants whose command queues have a backlog, each for at most credit_max in
+        one stretch; refreshed every ``backlog_every`` seconds (one passive declare each)."""
+        if self._backlogged is None:
+            return set()
+        if now - self._hold_checked >= self.backlog_every:
+            self._hold_checked = now
+            try:
+                backlogged = await self._backlogged()
+            except Exception as exc:
+                log.warning("timer_backlog_check_failed", error=repr(exc))
+                backlogged = set()
+            for name in list(self._held_since):
+                if name not in backlogged:
+                    del self._held_since[name]
+            for name in backlogged:
+                if name not in self._held_since:
+                    self._held_since[name] = now
+                    log.info("timers_held", participant=name, why="its command queue has a backlog")
+            self._hold = {
+                name for name, since in self._held_since.items() if now - since < self.credit_max
+            }
+        return self._hold
 
     async def run(self) -> None:
         loop = asyncio.get_running_loop()
@@ -81,7 +115,8 @@ class TimerLoop:
             else:
                 backlog_since = None
             try:
-                await self._orchestrator.fire_due_timers()
+                held = await self._participants_held(loop.time())
+                await self._orchestrator.fire_due_timers(hold=held)
             except Exception as exc:
                 log.warning("timer_loop_failed", error=repr(exc))
             await asyncio.sleep(self.interval)

@@ -1,4 +1,5 @@
-"""Background upkeep of the store: inbox pruning, and the outbox gauges of /metrics."""
+"""Background upkeep of the store: inbox pruning, the outbox gauges of /metrics, and the
+admission slots of sagas that ended elsewhere."""
 
 from __future__ import annotations
 
@@ -7,11 +8,16 @@ from datetime import UTC, datetime, timedelta
 
 import structlog
 
+from saga.core.state import SagaStatus
+from saga.orchestrator.admission import Admission
+from saga.ports import SagaFilter
 from saga.store.sql import SqlStore
 from saga.telemetry import Metrics
 from saga.transport.link import own_cancellation
 
-__all__ = ["outbox_gauges", "prune_inbox"]
+__all__ = ["adopt_in_flight", "outbox_gauges", "prune_inbox", "reconcile_admission"]
+
+_IN_FLIGHT = frozenset({SagaStatus.RUNNING, SagaStatus.COMPENSATING})
 
 log = structlog.get_logger("saga.orchestrator")
 
@@ -38,3 +44,31 @@ async def outbox_gauges(store: SqlStore, metrics: Metrics, every: float = 5.0) -
         except Exception as exc:
             log.warning("outbox_stats_failed", error=repr(exc))
         await asyncio.sleep(every)
+
+
+async def adopt_in_flight(store: SqlStore, admission: Admission, page: int = 1000) -> int:
+    """Give the sagas in flight at start-up (recovered after a restart) their slots."""
+    position = None
+    adopted = 0
+    while True:
+        found = await store.list_sagas(
+            SagaFilter(statuses=_IN_FLIGHT, limit=page, start_after=position)
+        )
+        admission.adopt(s.saga_id for s in found)
+        adopted += len(found)
+        if len(found) < page:
+            return adopted
+        position = (found[-1].created_at, found[-1].saga_id)
+
+
+async def reconcile_admission(store: SqlStore, admission: Admission, every: float = 5.0) -> None:
+    """Free the slots of sagas that ended in another instance (or were deleted)."""
+    while not own_cancellation():
+        await asyncio.sleep(every)
+        try:
+            ids = admission.active()
+            if ids:
+                states = await store.load_many(ids)
+                admission.release(i for i in ids if i not in states or states[i].status.is_terminal)
+        except Exception as exc:
+            log.warning("admission_reconcile_failed", error=repr(exc))

@@ -184,6 +184,35 @@ async def test_definitions_list_every_step(stack: Stack) -> None:
     assert found["hold"]["steps"][1]["timeout_s"] == 60
 
 
+async def test_a_start_beyond_the_in_flight_bound_is_429_and_stores_nothing(
+    stack: Stack,
+) -> None:
+    admission = stack.service.orchestrator.admission
+    assert admission is not None
+    known = await stack.client.post(
+        "/api/sagas", json={"name": "trip", "input": {"script": {}}, "key": "known"}
+    )
+    assert known.status_code == 201, known.text
+    await stack.wait(known.json()["saga"]["saga_id"], ["COMPLETED"])
+    filler = [uuid.uuid4() for _ in range(admission.limit)]
+    admission.adopt(filler)  # every slot taken
+    try:
+        full = await stack.client.post("/api/sagas", json={"name": "trip", "input": {}})
+        assert full.status_code == 429, full.text
+        assert full.headers["retry-after"] == "1"
+        assert "SAGA_MAX_IN_FLIGHT" in full.json()["detail"]
+        listed = (await stack.client.get("/api/sagas", params={"limit": 100})).json()
+        assert len(listed["items"]) == 1  # only the known one: nothing was stored
+        again = await stack.client.post(
+            "/api/sagas", json={"name": "trip", "input": {"script": {}}, "key": "known"}
+        )
+        assert again.status_code == 200, again.text  # an existing key needs no slot
+    finally:
+        admission.release(filler)
+    after = await stack.client.post("/api/sagas", json={"name": "trip", "input": {"script": {}}})
+    assert after.status_code == 201, after.text
+
+
 async def test_start_is_idempotent_by_key(stack: Stack) -> None:
     body = {"name": "trip", "input": {"script": {}, "n": 1}, "key": "order-17"}
     first = await stack.client.post("/api/sagas", json=body)

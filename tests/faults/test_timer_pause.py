@@ -1,8 +1,10 @@
-"""Step timeouts do not run while the orchestrator's own broker connection is down.
+"""Step timeouts do not run while the orchestrator's own broker connection is down, while
+replies wait undelivered, or while the step's participant has commands it has not taken yet.
 
 A timeout measures the participant's silence; while our connection is down no reply can arrive
-and no retry can leave, so firing timers then would only burn retry budgets. The service runs on
-a real SQLite file with the in-memory broker, whose connection the test takes down and back up.
+and no retry can leave, and while the command waits in its queue the participant has not had it,
+so firing timers then would only burn retry budgets. The service runs on a real SQLite file with
+the in-memory broker, whose connection the test takes down and back up.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from uuid import UUID
 from saga.core.state import Direction, HistoryKind, SagaStatus
 from saga.orchestrator.service import OrchestratorService
 from saga.settings import Settings, load_settings
+from saga.transport.broker import IncomingMessage
 from saga.transport.memory import MemoryBroker
 from tests.support.sagas import registry
 
@@ -56,7 +59,9 @@ async def test_no_timeout_fires_while_the_broker_is_down_and_they_resume_after(
     tmp_path: Path,
 ) -> None:
     broker = FlakyBroker()
-    service = OrchestratorService(_settings(tmp_path), registry(), broker=broker)
+    # nobody takes alpha's commands: they are held back while queued, at most 6 s in a row
+    settings = _settings(tmp_path, timer_outage_credit_max=6.0)
+    service = OrchestratorService(settings, registry(), broker=broker)
     await service.start()
     try:
         # nobody consumes alpha's commands: its step (1.5 s timeout) can only time out
@@ -73,7 +78,7 @@ async def test_no_timeout_fires_while_the_broker_is_down_and_they_resume_after(
         assert not [e for e in history if e.kind is HistoryKind.STEP_TIMED_OUT], (
             "fired before the outage credit ran out"
         )
-        for _ in range(200):
+        for _ in range(400):
             state = (await service.store.load_many([saga.saga_id]))[saga.saga_id]
             if state.status.is_terminal:
                 break
@@ -93,10 +98,15 @@ async def test_no_timeout_fires_while_the_broker_is_down_and_they_resume_after(
         await service.stop()
 
 
+async def _silent(message: IncomingMessage) -> None:
+    await message.ack()  # a participant that takes its command and never answers
+
+
 async def test_timeouts_wait_while_replies_queue_up_undelivered(tmp_path: Path) -> None:
     broker = FlakyBroker()
     service = OrchestratorService(_settings(tmp_path), registry(), broker=broker)
     await service.start()
+    await broker.consume("pause.cmd.alpha", _silent, prefetch=10)
     try:
         broker.backlog = 40  # replies wait in the queue: they come before any timeout
         saga = await service.start_saga("trip", {"n": 1})
@@ -121,6 +131,49 @@ async def test_a_backlog_that_never_drains_holds_timeouts_back_only_so_long(
     await service.start()
     try:
         broker.backlog = 40
+        saga = await service.start_saga("trip", {"n": 1})
+        for _ in range(100):  # deadline 1.5 s, held back at most 1 s more
+            if await _timeouts(service, saga.saga_id):
+                break
+            await asyncio.sleep(0.1)
+        assert await _timeouts(service, saga.saga_id) == [1]
+    finally:
+        await service.stop()
+
+
+async def test_a_step_s_timeout_waits_while_its_command_is_still_queued(tmp_path: Path) -> None:
+    """Schedule-to-start is not start-to-close: alpha's command waits in alpha's queue (nobody
+    takes it) well past the step's 1.5 s; once a consumer takes it and stays silent, the step
+    times out at once."""
+    broker = FlakyBroker()
+    service = OrchestratorService(_settings(tmp_path), registry(), broker=broker)
+    await service.start()
+    try:
+        saga = await service.start_saga("trip", {"n": 1})
+        await asyncio.sleep(3.5)
+        assert await _timeouts(service, saga.saga_id) == []
+        assert await broker.ready_count("pause.cmd.alpha") == 1
+        consumer = await broker.consume("pause.cmd.alpha", _silent, prefetch=10)
+        try:
+            for _ in range(60):
+                if await _timeouts(service, saga.saga_id):
+                    break
+                await asyncio.sleep(0.05)
+            assert await _timeouts(service, saga.saga_id) == [1]
+        finally:
+            await consumer.cancel()
+    finally:
+        await service.stop()
+
+
+async def test_a_participant_that_never_takes_its_commands_is_timed_out_after_the_cap(
+    tmp_path: Path,
+) -> None:
+    broker = FlakyBroker()
+    settings = _settings(tmp_path, timer_outage_credit_max=1.0)
+    service = OrchestratorService(settings, registry(), broker=broker)
+    await service.start()
+    try:
         saga = await service.start_saga("trip", {"n": 1})
         for _ in range(100):  # deadline 1.5 s, held back at most 1 s more
             if await _timeouts(service, saga.saga_id):
