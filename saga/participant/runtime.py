@@ -273,8 +273,18 @@ class Participant:
                 await self.seed(conn)
 
     async def start(self) -> None:
+        """Connect, declare and consume. A start that fails (or is cancelled) half way closes
+        what it opened before the error goes on up, so a caller that does not go through
+        :meth:`serve` is not left with a broker connection reconnecting in the background."""
         if not self._handlers:
             raise ValueError(f"participant {self.name!r} has no handler: register one first")
+        try:
+            await self._start()
+        except BaseException:
+            await self.stop()
+            raise
+
+    async def _start(self) -> None:
         starting(f"setting up {self.name}'s database")
         await self.setup_database()
         starting(f"connecting to RabbitMQ at {redact_url(self.settings.rabbitmq_url)}")

@@ -11,11 +11,13 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+import aio_pika
 import pytest
 import sqlalchemy as sa
 from pydantic import BaseModel, JsonValue
 from sqlalchemy.ext.asyncio import AsyncConnection
 
+from saga.core.errors import ConfigError
 from saga.core.ids import command_id, idempotency_key
 from saga.participant import (
     ALREADY_COMPENSATED,
@@ -25,6 +27,7 @@ from saga.participant import (
     TransientError,
 )
 from saga.protocol.envelope import CommandEnvelope
+from tests.conftest import require_rabbitmq
 
 metadata = sa.MetaData()
 bookings = sa.Table(
@@ -50,10 +53,12 @@ class FlightBooked(BaseModel):
 calls: list[str] = []
 
 
-def flights(tmp_path: Path) -> Participant:
+def flights(tmp_path: Path, settings: ParticipantSettings | None = None) -> Participant:
     """A user's participant: its own name, command types, models and tables."""
     service = Participant(
-        "flights", ParticipantSettings(data_dir=tmp_path, prefix="acme"), business=metadata
+        "flights",
+        settings or ParticipantSettings(data_dir=tmp_path, prefix="acme"),
+        business=metadata,
     )
 
     @service.handler("flights.book")
@@ -276,3 +281,30 @@ def test_handlers_are_checked_when_they_are_registered(tmp_path: Path) -> None:
 async def test_a_participant_without_handlers_does_not_start(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="has no handler"):
         await Participant("idle", ParticipantSettings(data_dir=tmp_path)).start()
+
+
+@pytest.mark.rabbitmq
+async def test_a_start_that_fails_half_way_closes_its_own_broker(
+    tmp_path: Path, unique: str
+) -> None:
+    """The command queue exists with other arguments (a quorum queue): the declare is refused
+    after the connection was made. The start's error says why, and nothing is left open."""
+    url = require_rabbitmq()
+    prefix = f"half-{unique}"
+    connection = await aio_pika.connect(url)
+    try:
+        channel = await connection.channel()
+        await channel.declare_queue(
+            f"{prefix}.cmd.flights", durable=True, arguments={"x-queue-type": "quorum"}
+        )
+        settings = ParticipantSettings(data_dir=tmp_path, prefix=prefix, rabbitmq_url=url)
+        service = flights(tmp_path, settings)
+        with pytest.raises(ConfigError, match="SAGA_QUORUM_QUEUES"):
+            await service.start()
+        assert service.broker is None, "the broker it connected was left open"
+    finally:
+        channel = await connection.channel()
+        await channel.queue_delete(f"{prefix}.cmd.flights")
+        for name in (f"{prefix}.commands", f"{prefix}.dlx"):
+            await channel.exchange_delete(name)
+        await connection.close()
