@@ -75,6 +75,10 @@ def run(
     faults: Annotated[
         str, typer.Option(help=f"Comma-separated fault kinds: {', '.join(FAULT_KINDS)}.")
     ] = ",".join(FAULT_KINDS),
+    max_in_flight: Annotated[
+        int | None,
+        typer.Option(min=1, help="The orchestrator's SAGA_MAX_IN_FLIGHT (default: its own)."),
+    ] = None,
     directory: Directory = None,
     as_json: AsJson = False,
 ) -> None:
@@ -88,6 +92,7 @@ def run(
             rate=rate,
             fault_every=fault_every,
             kinds=kinds,
+            max_in_flight=max_in_flight,
         )
     except ValueError as exc:
         typer.echo(f"error: {exc}", err=True)

@@ -18,6 +18,10 @@ from saga_demo import inventory, payment
 from saga_demo.checkout import CHECKOUT, checkout_input
 from saga_demo.cli import SAMPLE_ADDRESSES, SAMPLE_PRICES
 from saga_tools.chaos.model import STEPS, Expectation, World, predict
+from saga_tools.chaos.proxy import STAGES
+
+#: the start-up stages a ``startup_cut`` fault picks from (see saga_tools.chaos.proxy)
+START_STAGES = tuple(STAGES)
 
 __all__ = [
     "FAULT_KINDS",
@@ -40,6 +44,9 @@ FAULT_KINDS = (
     "duplicate_replies",
     "malformed",
     "db_lock",
+    "partition",
+    "sigterm",
+    "startup_cut",
 )
 SERVICES = ("order", "payment", "inventory", "shipping")
 
@@ -106,6 +113,8 @@ class ChaosPlan:
     rate: float  # sagas started per second
     balances: Mapping[str, str] = field(default_factory=dict)
     stock: Mapping[str, int] = field(default_factory=dict)
+    #: the orchestrator's SAGA_MAX_IN_FLIGHT (None: its default)
+    max_in_flight: int | None = None
 
     @property
     def duration(self) -> float:
@@ -164,6 +173,7 @@ class ChaosPlan:
             rate=float(raw["rate"]),
             balances=dict(raw.get("balances", {})),
             stock={k: int(v) for k, v in raw.get("stock", {}).items()},
+            max_in_flight=raw.get("max_in_flight"),
         )
 
 
@@ -276,6 +286,15 @@ def _schedule(
         elif kind == "db_lock":
             target = rng.choice(("orchestrator", *SERVICES))
             length = rng.uniform(0.5, 2.0)
+        elif kind == "partition":  # every process cut off from the broker, nothing closed
+            length = rng.uniform(1.0, 4.0)
+        elif kind == "sigterm":  # a graceful stop under load, then a restart
+            target = rng.choice(("orchestrator", *SERVICES))
+            length = rng.uniform(0.5, 2.0)
+        elif kind == "startup_cut":  # killed, and its restart's connection cut at a stage
+            target = rng.choice(("orchestrator", *SERVICES))
+            length = rng.uniform(0.5, 2.0)
+            amount = float(rng.randrange(len(START_STAGES)))
         faults.append(Nemesis(round(at, 3), kind, target, round(length, 3), amount))
         at += every * rng.uniform(0.7, 1.3)
     return tuple(faults)
@@ -288,6 +307,7 @@ def make_plan(
     rate: float = 40.0,
     fault_every: float = 3.0,
     kinds: Sequence[str] = FAULT_KINDS,
+    max_in_flight: int | None = None,
 ) -> ChaosPlan:
     """``count`` checkouts started at ``rate`` per second, and a fault about every
     ``fault_every`` seconds while they start and for a while after."""
@@ -307,6 +327,7 @@ def make_plan(
         rate=rate,
         balances={name: str(PLENTY_BALANCE) for name in ("alice", "bob", "carol", "dave")},
         stock={inventory.BOOK: PLENTY_STOCK, inventory.LAMP: PLENTY_STOCK},
+        max_in_flight=max_in_flight,
     )
 
 

@@ -44,8 +44,8 @@ from saga_demo import inventory, order, payment, shipping
 from saga_demo.checkout import CHECKOUT
 from saga_tools.chaos.checker import DeadLetter, Evidence, Report, check
 from saga_tools.chaos.node import RabbitNode
-from saga_tools.chaos.plan import SERVICES, ChaosPlan, Nemesis
-from saga_tools.chaos.proxy import TcpProxy
+from saga_tools.chaos.plan import SERVICES, START_STAGES, ChaosPlan, Nemesis
+from saga_tools.chaos.proxy import StageFault, TcpProxy
 
 __all__ = ["SoakError", "run_soak"]
 
@@ -59,6 +59,8 @@ BUSINESS = {
 }
 FORGED_HEADER = "x-chaos-id"
 STARTUP_TIMEOUT = 60.0
+#: seconds a process may take to stop on SIGTERM (its SAGA_SHUTDOWN_TIMEOUT is 10)
+STOP_BOUND = 15.0
 
 
 class SoakError(RuntimeError):
@@ -128,6 +130,7 @@ class Stack:
     prefix: str
     amqp_url: str  # through the proxy
     processes: dict[str, Process] = field(default_factory=dict)
+    max_in_flight: int | None = None  # the orchestrator's SAGA_MAX_IN_FLIGHT
 
     @property
     def data_dir(self) -> Path:
@@ -168,6 +171,11 @@ class Stack:
                 "SAGA_DEFINITIONS": "saga_demo.checkout:registry",
                 "SAGA_TIMER_INTERVAL": "0.05",
                 "SAGA_TIMER_GRACE": "0.5",
+                **(
+                    {"SAGA_MAX_IN_FLIGHT": str(self.max_in_flight)}
+                    if self.max_in_flight is not None
+                    else {}
+                ),
             },
             logs / "orchestrator.log",
         )
@@ -263,6 +271,17 @@ class Nemeses:
             await asyncio.to_thread(
                 _hold_lock, self.stack.sqlite_file(fault.target), fault.duration
             )
+        elif fault.kind == "partition":
+            self.proxy.blackhole = True
+            try:
+                await asyncio.sleep(fault.duration)
+            finally:
+                self.proxy.blackhole = False
+        elif fault.kind == "sigterm":
+            await self._term_and_restart(fault.target, fault.duration)
+        elif fault.kind == "startup_cut":
+            stage = START_STAGES[int(fault.amount) % len(START_STAGES)]
+            await self._restart_with_a_cut(fault.target, stage, fault.duration)
         else:
             raise SoakError(f"unknown fault {fault.kind}")
 
@@ -274,6 +293,43 @@ class Nemeses:
             await asyncio.sleep(down)
             proc.start()
         finally:
+            self.held.discard(name)
+
+    async def _term_and_restart(self, name: str, down: float) -> None:
+        """SIGTERM under load: the process must stop by itself, with status 0, within
+        STOP_BOUND seconds; anything else is a note in the report."""
+        proc = self.stack.processes[name]
+        self.held.add(name)
+        try:
+            if proc.popen is not None and proc.alive():
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(proc.popen.pid, signal.SIGTERM)
+                await _until(lambda: not proc.alive(), STOP_BOUND)
+                if proc.alive():
+                    self.notes.append(f"{name} still ran {STOP_BOUND:g}s after SIGTERM")
+                    proc.kill()
+                elif proc.popen.returncode != 0:
+                    self.notes.append(f"{name} exited {proc.popen.returncode} on SIGTERM")
+            await asyncio.sleep(down)
+            proc.start()
+        finally:
+            self.held.discard(name)
+
+    async def _restart_with_a_cut(self, name: str, stage: str, down: float) -> None:
+        """Kill ``name`` and cut the next connection made through the proxy at ``stage`` (its
+        restart's, most likely): it must start anyway, or exit for the supervisor to restart."""
+        proc = self.stack.processes[name]
+        self.held.add(name)
+        cut = StageFault(stage, "reset", times=1)
+        try:
+            proc.kill()
+            await asyncio.sleep(down)
+            self.proxy.stage = cut
+            proc.start()
+            await _until(lambda: bool(cut.reached) or not proc.alive(), 10)
+        finally:
+            if self.proxy.stage is cut:
+                self.proxy.stage = None
             self.held.discard(name)
 
     async def supervise(self) -> None:
@@ -392,6 +448,16 @@ class Nemeses:
                 self.forged.append(forged)
 
 
+async def _until(condition: Callable[[], bool], within: float) -> bool:
+    """Poll ``condition`` (a process, a counter: nothing to await) until it holds."""
+    deadline = time.monotonic() + within
+    while not condition():
+        if time.monotonic() > deadline:
+            return False
+        await asyncio.sleep(0.05)
+    return True
+
+
 def _hold_lock(path: Path, seconds: float) -> None:
     """Hold SQLite's write lock on ``path`` for ``seconds``, as a stuck writer would."""
     conn = sqlite3.connect(path, timeout=30, isolation_level=None)
@@ -433,11 +499,17 @@ class Soak:
 
     async def _run(self, node: RabbitNode, proxy: TcpProxy) -> Report:
         prefix = f"chaos{self.plan.seed % 100_000}"
-        stack = Stack(self.directory, prefix, f"amqp://guest:guest@127.0.0.1:{proxy.port}/")
+        stack = Stack(
+            self.directory,
+            prefix,
+            f"amqp://guest:guest@127.0.0.1:{proxy.port}/",
+            max_in_flight=self.plan.max_in_flight,
+        )
         stack.build()
         stack.fault_plan.write_text(json.dumps(self.plan.fault_plan()))
         await self._prepare_services(stack)
         nemeses = Nemeses(stack, node, proxy, node.url, random.Random(self.plan.seed))
+        timing: dict[str, float] = {}  # seconds from the first start
         try:
             for proc in stack.processes.values():
                 proc.start()
@@ -453,10 +525,17 @@ class Soak:
             nemesis = asyncio.create_task(nemeses.run(self.plan.schedule, t0))
             try:
                 await self._publish_all(node.url, prefix, t0)
+                published = time.monotonic() - t0
+                self.progress(
+                    f"every start published in {published:.1f}s "
+                    f"({len(self.plan.sagas) / published:.1f}/s offered)"
+                )
                 await nemesis
                 await nemeses.heal()
                 self.progress("nemesis done; everything healed; waiting for every saga to end")
                 await self._wait_terminal(stack, nemeses)
+                timing["starts_published_s"] = round(published, 1)
+                timing["all_terminal_s"] = round(time.monotonic() - t0, 1)
                 await self._wait_quiet(stack, node.url)
             finally:
                 supervisor.cancel()
@@ -467,6 +546,7 @@ class Soak:
         report = check(evidence)
         report.messages["nemesis_notes"] = len(nemeses.notes)
         report.messages["supervisor_restarts"] = dict(nemeses.restarts)
+        report.messages.update(timing)
         (self.directory / "report.json").write_text(json.dumps(report.to_dict(), indent=1))
         (self.directory / "report.txt").write_text(report.render() + "\n")
         if nemeses.notes:
