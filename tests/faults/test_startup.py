@@ -25,13 +25,14 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
 from saga_tools.chaos.proxy import StageFault, TcpProxy
+from saga_tools.chaos.runner import until
 from tests.conftest import RABBITMQ_URL, require_rabbitmq
 from tests.crash.helpers import REPO, base_env
 
@@ -99,23 +100,13 @@ class Run:
         return [line for line in self.output().splitlines() if line.startswith("error:")]
 
     async def exit_code(self, within: float) -> int | None:
-        await _until(lambda: self.popen.poll() is not None, within)
+        await until(lambda: self.popen.poll() is not None, within)
         return self.popen.poll()
 
     def kill(self) -> None:
         if self.popen.poll() is None:
             self.popen.kill()
             self.popen.wait(5)
-
-
-async def _until(condition: Callable[[], bool], within: float) -> bool:
-    """Poll ``condition`` (a subprocess or a counter: nothing to wait on) until it holds."""
-    deadline = time.monotonic() + within
-    while not condition():
-        if time.monotonic() > deadline:
-            return False
-        await asyncio.sleep(0.05)
-    return True
 
 
 async def _case(
@@ -154,7 +145,7 @@ async def _judge(
             if len(lines) != 1 or "cannot reach RabbitMQ" not in lines[0]:
                 return f"expected one line saying it cannot reach RabbitMQ, got {lines}"
             return None
-        if not await _until(lambda: run.started() or run.popen.poll() is not None, START_BOUND):
+        if not await until(lambda: run.started() or run.popen.poll() is not None, START_BOUND):
             return f"not started within {START_BOUND:g}s of one cut"
         if not run.started():
             return f"exited {run.popen.poll()} instead of starting after one cut"
@@ -162,7 +153,7 @@ async def _judge(
             return "the stage was never reached"
         return await _terminate(run, "after starting")
     if mode == "term":  # held at the stage, then SIGTERM
-        if not await _until(lambda: fault.held >= 1 or run.popen.poll() is not None, 15):
+        if not await until(lambda: fault.held >= 1 or run.popen.poll() is not None, 15):
             return "the stage was never reached"
         if run.popen.poll() is not None:
             return f"exited {run.popen.poll()} before the stage"
@@ -223,21 +214,17 @@ async def _all(cases: Sequence[Awaitable[str | None]]) -> None:
 
 
 @pytest.mark.parametrize("kind", list(KINDS))
-async def test_a_cut_at_any_start_up_stage_ends_in_a_start_or_exit_2(
-    kind: str, tmp_path: Path
-) -> None:
+@pytest.mark.parametrize(
+    "mode",
+    [
+        pytest.param("cut", id="a cut ends in a start or exit 2"),
+        pytest.param("term", id="SIGTERM while held stops it with 0"),
+    ],
+)
+async def test_every_start_up_stage(kind: str, mode: str, tmp_path: Path) -> None:
     require_rabbitmq()
     stages = HANDSHAKE + AFTER_HANDSHAKE
-    await _all([_case(KINDS[kind], "cut", s, tmp_path / f"c{n}") for n, s in enumerate(stages)])
-
-
-@pytest.mark.parametrize("kind", list(KINDS))
-async def test_sigterm_at_any_start_up_stage_stops_the_process_with_0(
-    kind: str, tmp_path: Path
-) -> None:
-    require_rabbitmq()
-    stages = HANDSHAKE + AFTER_HANDSHAKE
-    await _all([_case(KINDS[kind], "term", s, tmp_path / f"t{n}") for n, s in enumerate(stages)])
+    await _all([_case(KINDS[kind], mode, s, tmp_path / f"s{n}") for n, s in enumerate(stages)])
 
 
 async def test_a_start_that_cannot_finish_exits_2_naming_its_step(tmp_path: Path) -> None:

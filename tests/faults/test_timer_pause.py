@@ -13,6 +13,8 @@ import asyncio
 from pathlib import Path
 from uuid import UUID
 
+import pytest
+
 from saga.core.state import Direction, HistoryKind, SagaStatus
 from saga.orchestrator.service import OrchestratorService
 from saga.settings import Settings, load_settings
@@ -98,6 +100,17 @@ async def test_no_timeout_fires_while_the_broker_is_down_and_they_resume_after(
         await service.stop()
 
 
+async def _timed_out(
+    service: OrchestratorService, saga_id: UUID, within: float
+) -> list[int | None]:
+    """The saga's timed-out attempts, once there are any (or after ``within`` seconds)."""
+    for _ in range(int(within / 0.05)):
+        if found := await _timeouts(service, saga_id):
+            return found
+        await asyncio.sleep(0.05)
+    return await _timeouts(service, saga_id)
+
+
 async def _silent(message: IncomingMessage) -> None:
     await message.ack()  # a participant that takes its command and never answers
 
@@ -113,30 +126,7 @@ async def test_timeouts_wait_while_replies_queue_up_undelivered(tmp_path: Path) 
         await asyncio.sleep(3.5)  # the 1.5 s deadline is long past
         assert await _timeouts(service, saga.saga_id) == []
         broker.backlog = 0
-        for _ in range(100):
-            if await _timeouts(service, saga.saga_id):
-                break
-            await asyncio.sleep(0.05)
-        assert await _timeouts(service, saga.saga_id) == [1]
-    finally:
-        await service.stop()
-
-
-async def test_a_backlog_that_never_drains_holds_timeouts_back_only_so_long(
-    tmp_path: Path,
-) -> None:
-    broker = FlakyBroker()
-    settings = _settings(tmp_path, timer_outage_credit_max=1.0)
-    service = OrchestratorService(settings, registry(), broker=broker)
-    await service.start()
-    try:
-        broker.backlog = 40
-        saga = await service.start_saga("trip", {"n": 1})
-        for _ in range(100):  # deadline 1.5 s, held back at most 1 s more
-            if await _timeouts(service, saga.saga_id):
-                break
-            await asyncio.sleep(0.1)
-        assert await _timeouts(service, saga.saga_id) == [1]
+        assert await _timed_out(service, saga.saga_id, 5) == [1]
     finally:
         await service.stop()
 
@@ -155,30 +145,27 @@ async def test_a_step_s_timeout_waits_while_its_command_is_still_queued(tmp_path
         assert await broker.ready_count("pause.cmd.alpha") == 1
         consumer = await broker.consume("pause.cmd.alpha", _silent, prefetch=10)
         try:
-            for _ in range(60):
-                if await _timeouts(service, saga.saga_id):
-                    break
-                await asyncio.sleep(0.05)
-            assert await _timeouts(service, saga.saga_id) == [1]
+            assert await _timed_out(service, saga.saga_id, 3) == [1]
         finally:
             await consumer.cancel()
     finally:
         await service.stop()
 
 
-async def test_a_participant_that_never_takes_its_commands_is_timed_out_after_the_cap(
-    tmp_path: Path,
+@pytest.mark.parametrize("backlog", ["replies queued for us", "commands never taken"])
+async def test_a_backlog_that_never_drains_holds_timeouts_back_only_so_long(
+    tmp_path: Path, backlog: str
 ) -> None:
     broker = FlakyBroker()
     settings = _settings(tmp_path, timer_outage_credit_max=1.0)
     service = OrchestratorService(settings, registry(), broker=broker)
     await service.start()
     try:
+        if backlog == "replies queued for us":
+            broker.backlog = 40
+            await broker.consume("pause.cmd.alpha", _silent, prefetch=10)
         saga = await service.start_saga("trip", {"n": 1})
-        for _ in range(100):  # deadline 1.5 s, held back at most 1 s more
-            if await _timeouts(service, saga.saga_id):
-                break
-            await asyncio.sleep(0.1)
-        assert await _timeouts(service, saga.saga_id) == [1]
+        # deadline 1.5 s, held back at most 1 s more
+        assert await _timed_out(service, saga.saga_id, 10) == [1]
     finally:
         await service.stop()

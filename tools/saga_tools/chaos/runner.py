@@ -47,7 +47,7 @@ from saga_tools.chaos.node import RabbitNode
 from saga_tools.chaos.plan import SERVICES, START_STAGES, ChaosPlan, Nemesis
 from saga_tools.chaos.proxy import StageFault, TcpProxy
 
-__all__ = ["SoakError", "run_soak"]
+__all__ = ["SoakError", "run_soak", "until"]
 
 log = structlog.get_logger("saga_tools.chaos")
 
@@ -304,7 +304,7 @@ class Nemeses:
             if proc.popen is not None and proc.alive():
                 with contextlib.suppress(ProcessLookupError):
                     os.killpg(proc.popen.pid, signal.SIGTERM)
-                await _until(lambda: not proc.alive(), STOP_BOUND)
+                await until(lambda: not proc.alive(), STOP_BOUND)
                 if proc.alive():
                     self.notes.append(f"{name} still ran {STOP_BOUND:g}s after SIGTERM")
                     proc.kill()
@@ -326,7 +326,7 @@ class Nemeses:
             await asyncio.sleep(down)
             self.proxy.stage = cut
             proc.start()
-            await _until(lambda: bool(cut.reached) or not proc.alive(), 10)
+            await until(lambda: bool(cut.reached) or not proc.alive(), 10)
         finally:
             if self.proxy.stage is cut:
                 self.proxy.stage = None
@@ -448,7 +448,7 @@ class Nemeses:
                 self.forged.append(forged)
 
 
-async def _until(condition: Callable[[], bool], within: float) -> bool:
+async def until(condition: Callable[[], bool], within: float) -> bool:
     """Poll ``condition`` (a process, a counter: nothing to await) until it holds."""
     deadline = time.monotonic() + within
     while not condition():
