@@ -193,12 +193,36 @@ async def _stop(stop: Callable[[], Awaitable[None]], within: float | None) -> No
             if (error := task.exception()) is not None:
                 log.warning("stop_failed", error=describe(error))
         return
+    log.warning("stop_overran", within=within, waiting_on=_where(task), tasks=_task_stacks())
     task.cancel()
     await asyncio.wait({task}, timeout=1.0)
     raise StopTimeoutError(
         f"did not stop within {within:g}s (SAGA_SHUTDOWN_TIMEOUT); "
         "work not finished is redelivered or resent after the next start"
     )
+
+
+def _where(task: asyncio.Future[Any]) -> str:
+    """Where a task is suspended now: its innermost frame, as file:line function."""
+    if not isinstance(task, asyncio.Task):
+        return ""
+    frames = task.get_stack()
+    if not frames:
+        return ""
+    frame = frames[-1]
+    return f"{frame.f_code.co_filename}:{frame.f_lineno} {frame.f_code.co_name}"
+
+
+def _task_stacks() -> dict[str, list[str]]:
+    """Every task still running and the frames it is suspended in: what a stop waits for."""
+    stacks: dict[str, list[str]] = {}
+    for task in asyncio.all_tasks():
+        if task is asyncio.current_task():
+            continue
+        stacks[task.get_name()] = [
+            f"{f.f_code.co_filename}:{f.f_lineno} {f.f_code.co_name}" for f in task.get_stack()
+        ]
+    return stacks
 
 
 def fail(exc: BaseException, code: int = 2) -> NoReturn:

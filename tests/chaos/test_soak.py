@@ -40,6 +40,8 @@ async def test_a_short_soak_under_every_kind_of_fault_loses_and_doubles_nothing(
     assert sum(report.actual.values()) == 240
     assert sum(report.faults.values()) == len(plan.schedule)
     assert report.messages["malformed_injected"] == report.messages["dead_lettered"] > 0
+    # every SIGTERM under load stopped its process by itself, with status 0, in time
+    assert report.messages["nemesis_notes"] == 0, report.render()
 
 
 async def test_a_burst_beyond_the_in_flight_bound_waits_and_nothing_times_out_for_it(

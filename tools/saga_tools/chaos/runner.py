@@ -96,6 +96,12 @@ class Process:
     def alive(self) -> bool:
         return self.popen is not None and self.popen.poll() is None
 
+    def started(self) -> bool:
+        """Whether its latest start got as far as logging that it started."""
+        text = self.log_path.read_text(errors="replace")
+        latest = text.rpartition(f"--- start {self.starts} ---")[2]
+        return "_started" in latest
+
     def kill(self) -> None:
         if self.popen is not None and self.alive():
             with contextlib.suppress(ProcessLookupError):
@@ -304,12 +310,16 @@ class Nemeses:
             if proc.popen is not None and proc.alive():
                 with contextlib.suppress(ProcessLookupError):
                     os.killpg(proc.popen.pid, signal.SIGTERM)
+                started = proc.started()
                 await until(lambda: not proc.alive(), STOP_BOUND)
+                code = proc.popen.returncode
                 if proc.alive():
                     self.notes.append(f"{name} still ran {STOP_BOUND:g}s after SIGTERM")
                     proc.kill()
-                elif proc.popen.returncode != 0:
-                    self.notes.append(f"{name} exited {proc.popen.returncode} on SIGTERM")
+                elif code != 0 and (started or code != -signal.SIGTERM):
+                    # killed by the signal itself only counts before it had started: still
+                    # importing, it had opened nothing to close
+                    self.notes.append(f"{name} exited {code} on SIGTERM")
             await asyncio.sleep(down)
             proc.start()
         finally:
@@ -541,7 +551,9 @@ class Soak:
                 supervisor.cancel()
                 nemesis.cancel()
         finally:
-            stack.stop_all()
+            # in a thread: the proxy runs on this loop, and the processes' last frames (a
+            # consumer's cancel, a channel's close) must still reach the broker while they stop
+            await asyncio.to_thread(stack.stop_all)
         evidence = await self._collect(stack, node.url, nemeses)
         report = check(evidence)
         report.messages["nemesis_notes"] = len(nemeses.notes)
