@@ -75,7 +75,7 @@ class TimerLoop:
             for name in backlogged:
                 if name not in self._held_since:
                     self._held_since[name] = now
-                    log.info("timers_held", participant=name, why="its command queue has a backlog")
+                    log.debug("timers_held", participant=name, why="commands not taken yet")
             self._hold = {
                 name for name, since in self._held_since.items() if now - since < self.credit_max
             }
