@@ -142,9 +142,7 @@ def test_log_lines_hide_every_password_of_the_list(capsys: pytest.CaptureFixture
     configure_logging("INFO")
     try:
         structlog.get_logger("t").info("connecting", url=THREE)
-        logging.getLogger("aio_pika.robust_connection").warning(
-            'Connection attempt to "%s" failed', THREE
-        )
+        logging.getLogger("sqlalchemy.pool").warning('Connection attempt to "%s" failed', THREE)
     finally:
         structlog.reset_defaults()
         logging.getLogger().handlers.clear()
