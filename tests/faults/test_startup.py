@@ -44,6 +44,10 @@ AFTER_HANDSHAKE = ("channel", "exchange", "queue", "bind", "qos", "consume")
 STOP_BOUND = 8.0
 #: seconds a healthy start may take on this machine (imports, database, broker)
 START_BOUND = 20.0
+#: seconds from spawning a process whose start cannot finish to its exit, past its start
+#: timeout: imports on a loaded machine, then at most the cancelled start's grace (5 s), the
+#: stop (SAGA_SHUTDOWN_TIMEOUT, 5 s here) and the leftover tasks' (3 s)
+EXIT_BOUND = 25.0
 CONCURRENCY = 4  # processes at a time: each case is mostly waiting
 
 
@@ -136,7 +140,7 @@ async def _judge(
 ) -> str | None:
     if mode == "cut":
         if stage in HANDSHAKE:  # nothing runs yet: exit 2 with one line
-            code = await run.exit_code(15)
+            code = await run.exit_code(EXIT_BOUND)
             if code != 2:
                 return f"exit code {code}, expected 2"
             if fault.reached < 1:
@@ -160,9 +164,9 @@ async def _judge(
         await asyncio.sleep(0.3)
         return await _terminate(run, "held at the stage")
     # held for good, or cut every time: exit 2 once the start deadline passes, naming the step
-    code = await run.exit_code(start_timeout + STOP_BOUND)
+    code = await run.exit_code(start_timeout + EXIT_BOUND)
     if code != 2:
-        return f"exit code {code} {start_timeout + STOP_BOUND:g}s in, expected 2"
+        return f"exit code {code} {start_timeout + EXIT_BOUND:g}s in, expected 2"
     if fault.reached < 1:
         return "the stage was never reached"
     lines = run.errors()
