@@ -14,7 +14,7 @@ import asyncio
 import logging
 import time
 import uuid
-from collections.abc import Callable, Collection, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from enum import StrEnum
@@ -192,10 +192,13 @@ class Orchestrator:
         """Apply a participant's reply; raises :class:`MessageError` for an unknown saga."""
         return await self.submit(reply.saga_id, reply_event(reply), inbox_id=reply.message_id)
 
-    async def fire_due_timers(self, limit: int = 500, hold: Collection[str] = ()) -> int:
+    async def fire_due_timers(
+        self, limit: int = 500, hold: Mapping[str, float] | None = None
+    ) -> int:
         """Fire every deadline that has passed, except the reply deadlines of steps whose
-        participant is in ``hold`` (its queue has a backlog: the command may not have been
-        taken yet); returns how many changed a saga."""
+        participant is in ``hold`` (participant -> seconds since its queue's backlog was seen
+        gone, 0 while it lasts: the command may have been taken only then) and that has not
+        had the step's timeout since; returns how many changed a saga."""
         due = await self.store.due_timers(self.clock.now(), limit)
         if hold and due:
             states = await self.store.load_many([t.saga_id for t in due])
@@ -209,7 +212,7 @@ class Orchestrator:
                 raise r
         return sum(1 for r in results if isinstance(r, Result) and r.outcome is Outcome.APPLIED)
 
-    def _held(self, state: SagaState | None, timer_id: UUID, hold: Collection[str]) -> bool:
+    def _held(self, state: SagaState | None, timer_id: UUID, hold: Mapping[str, float]) -> bool:
         """Whether this deadline waits for a reply from a participant in ``hold``."""
         if state is None or state.phase is not Phase.AWAITING_REPLY or state.awaiting != timer_id:
             return False  # a backoff's end sends the next attempt: never held
@@ -217,7 +220,9 @@ class Orchestrator:
             definition = self.registry.get(state.name, state.definition_version)
         except UnknownSagaError:
             return False
-        return definition.steps[state.current].participant in hold
+        step = definition.steps[state.current]
+        since = hold.get(step.participant)
+        return since is not None and since < step.timeout_for(state.direction).total_seconds()
 
     async def retry(self, saga_id: UUID, *, actor: str, reason: str) -> Result:
         return await self.submit(saga_id, OperatorRetry(actor, reason))

@@ -7,8 +7,11 @@ queue not yet delivered to us (a backlog after a restart or a burst), they wait 
 applied first. And a step's own deadline waits while its participant's command queue holds
 commands not yet delivered to any consumer: the participant is busy or restarting, and the
 command may still be in the queue, so its silence says nothing yet (Temporal's split between
-schedule-to-start and start-to-close: the step's timeout is the second). Each wait is capped by
-``SAGA_TIMER_OUTAGE_CREDIT_MAX``, so a silent participant is always timed out in the end.
+schedule-to-start and start-to-close: the step's timeout is the second). Once the backlog is
+gone the participant still gets the step's whole timeout from that moment, since it may have
+taken the command only then (a restarted service draining its queue answers in turn, not at
+once). Each wait is capped by ``SAGA_TIMER_OUTAGE_CREDIT_MAX``, so a silent participant is
+always timed out in the end.
 Without this, every held-up reply arrives after its step timed out, every timeout adds a retry
 to the backlog, and the retry budgets run out on steps that had answered.
 """
@@ -16,7 +19,7 @@ to the backlog, and the retry budgets run out on steps that had answered.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 
 import structlog
 
@@ -54,14 +57,16 @@ class TimerLoop:
         self._backlogged = backlogged
         self.backlog_every = backlog_every
         self._held_since: dict[str, float] = {}  # participant -> when its backlog was first seen
-        self._hold: set[str] = set()
+        self._cleared_at: dict[str, float] = {}  # participant -> when its backlog was seen gone
         self._hold_checked = float("-inf")
 
-    async def _participants_held(self, now: float) -> set[str]:
-        """Participants whose command queues have a backlog, each for at most credit_max in
-        one stretch; refreshed every ``backlog_every`` seconds (one passive declare each)."""
+    async def _participants_held(self, now: float) -> Mapping[str, float]:
+        """Participants whose deadlines wait, each with the seconds since its backlog was seen
+        gone (0 while it lasts): a deadline waits until that reaches its step's timeout. A
+        backlog holds for at most credit_max in one stretch; the queues are looked at every
+        ``backlog_every`` seconds (one passive declare each)."""
         if self._backlogged is None:
-            return set()
+            return {}
         if now - self._hold_checked >= self.backlog_every:
             self._hold_checked = now
             try:
@@ -72,14 +77,20 @@ class TimerLoop:
             for name in list(self._held_since):
                 if name not in backlogged:
                     del self._held_since[name]
+                    self._cleared_at[name] = now
             for name in backlogged:
+                self._cleared_at.pop(name, None)
                 if name not in self._held_since:
                     self._held_since[name] = now
                     log.debug("timers_held", participant=name, why="commands not taken yet")
-            self._hold = {
-                name for name, since in self._held_since.items() if now - since < self.credit_max
-            }
-        return self._hold
+            for name, at in list(self._cleared_at.items()):
+                if now - at >= self.credit_max:
+                    del self._cleared_at[name]
+        hold = {name: now - at for name, at in self._cleared_at.items()}
+        hold.update(
+            (name, 0.0) for name, since in self._held_since.items() if now - since < self.credit_max
+        )
+        return hold
 
     async def run(self) -> None:
         loop = asyncio.get_running_loop()

@@ -133,8 +133,9 @@ async def test_timeouts_wait_while_replies_queue_up_undelivered(tmp_path: Path) 
 
 async def test_a_step_s_timeout_waits_while_its_command_is_still_queued(tmp_path: Path) -> None:
     """Schedule-to-start is not start-to-close: alpha's command waits in alpha's queue (nobody
-    takes it) well past the step's 1.5 s; once a consumer takes it and stays silent, the step
-    times out at once."""
+    takes it) well past the step's 1.5 s; once a consumer takes it, the step's whole timeout
+    runs from then (a restarted service drains its queue in turn: the last command it takes
+    must not time out the moment the queue is empty), and only then, silent, it times out."""
     broker = FlakyBroker()
     service = OrchestratorService(_settings(tmp_path), registry(), broker=broker)
     await service.start()
@@ -144,8 +145,11 @@ async def test_a_step_s_timeout_waits_while_its_command_is_still_queued(tmp_path
         assert await _timeouts(service, saga.saga_id) == []
         assert await broker.ready_count("pause.cmd.alpha") == 1
         consumer = await broker.consume("pause.cmd.alpha", _silent, prefetch=10)
+        taken = asyncio.get_running_loop().time()
         try:
-            assert await _timed_out(service, saga.saga_id, 3) == [1]
+            assert await _timed_out(service, saga.saga_id, 5) == [1]
+            waited = asyncio.get_running_loop().time() - taken
+            assert waited >= 1.5, f"timed out {waited:.2f}s after the command was taken"
         finally:
             await consumer.cancel()
     finally:
