@@ -26,6 +26,7 @@ from saga_demo.contracts.payment import PaymentFailure
 from saga_demo.contracts.shipping import ShippingFailure
 from saga_tools.chaos.model import STEPS, World
 from saga_tools.chaos.plan import (
+    CLUSTER_KINDS,
     FAULT_KINDS,
     MIX,
     PLENTY_BALANCE,
@@ -268,7 +269,38 @@ def test_the_schedule_uses_only_the_chosen_kinds() -> None:
     targets = {n.target for n in plan.schedule if n.kind == "kill_service"}
     assert targets <= {"order", "payment", "inventory", "shipping"}
     assert make_plan(8, 50, kinds=()).schedule == ()
-    assert {n.kind for n in make_plan(8, 200, fault_every=0.05).schedule} == set(FAULT_KINDS)
+    one_node = set(FAULT_KINDS) - set(CLUSTER_KINDS)
+    assert {n.kind for n in make_plan(8, 200, fault_every=0.05).schedule} == one_node
+
+
+def test_a_cluster_plan_targets_nodes_and_instances_and_a_single_node_plan_is_unchanged() -> None:
+    wide = make_plan(8, 200, fault_every=0.05, nodes=3, instances=3, backend="postgresql")
+    assert {n.kind for n in wide.schedule} == set(FAULT_KINDS)
+    assert wide.orchestrators == ("orchestrator-1", "orchestrator-2", "orchestrator-3")
+    processes = {*wide.orchestrators, "order", "payment", "inventory", "shipping"}
+    for fault in wide.schedule:
+        if fault.kind in ("kill_broker", "partition_nodes"):
+            assert fault.target in {"node-1", "node-2", "node-3"}, fault
+        elif fault.kind == "kill_orchestrator":
+            assert fault.target in wide.orchestrators, fault
+        elif fault.kind in ("partition", "sigterm", "startup_cut", "db_lock"):
+            assert fault.target in processes, fault
+    assert ChaosPlan.load_text(wide.to_json()) == wide
+    # one node and one orchestrator: the draws of old, so a seed still means what it meant
+    narrow = make_plan(8, 200, fault_every=0.05)
+    assert narrow.orchestrators == ("orchestrator",)
+    assert all(
+        n.target == "" for n in narrow.schedule if n.kind in ("kill_orchestrator", "partition")
+    )
+
+
+def test_a_shape_that_cannot_run_is_refused() -> None:
+    with pytest.raises(ValueError, match="partition_nodes needs a cluster"):
+        make_plan(1, 10, kinds=("partition_nodes",))
+    with pytest.raises(ValueError, match="need backend postgresql"):
+        make_plan(1, 10, instances=2)
+    with pytest.raises(ValueError, match="nodes must be 1"):
+        make_plan(1, 10, nodes=2)
 
 
 # --- how each planned saga must end --------------------------------------------------------

@@ -14,7 +14,7 @@ import typer
 
 from saga.logs import configure_logging
 from saga_tools.chaos.plan import FAULT_KINDS, ChaosPlan, make_plan
-from saga_tools.chaos.runner import SoakError, run_soak
+from saga_tools.chaos.runner import DEFAULT_POSTGRES, SoakError, run_soak
 
 app = typer.Typer(
     name="chaos",
@@ -31,13 +31,21 @@ Directory = Annotated[
     ),
 ]
 AsJson = Annotated[bool, typer.Option("--json", help="Print the report as JSON.")]
+Postgres = Annotated[
+    str,
+    typer.Option(
+        "--postgres",
+        help="With --backend postgresql: the server on which the soak creates (and drops) a "
+        "database of its own.",
+    ),
+]
 
 
 def _progress(line: str) -> None:
     print(f"  {line}", file=sys.stderr, flush=True)
 
 
-def _soak(plan: ChaosPlan, directory: Path | None, as_json: bool) -> None:
+def _soak(plan: ChaosPlan, directory: Path | None, as_json: bool, postgres: str) -> None:
     where = directory or Path(tempfile.mkdtemp(prefix=f"saga-chaos-{plan.seed}-"))
     print(
         f"chaos soak: seed {plan.seed}, {len(plan.sagas)} sagas, {len(plan.schedule)} faults; "
@@ -49,7 +57,7 @@ def _soak(plan: ChaosPlan, directory: Path | None, as_json: bool) -> None:
         print(f"    at {fault.at:7.2f}s {fault.kind}{target}", file=sys.stderr)
     configure_logging("WARNING")
     try:
-        report = asyncio.run(run_soak(plan, where, _progress))
+        report = asyncio.run(run_soak(plan, where, _progress, postgres))
     except SoakError as exc:
         typer.echo(f"error: the soak could not run: {exc}", err=True)
         raise typer.Exit(code=2) from None
@@ -73,18 +81,36 @@ def run(
         float, typer.Option(min=0.2, help="Seconds between faults, on average.")
     ] = 3.0,
     faults: Annotated[
-        str, typer.Option(help=f"Comma-separated fault kinds: {', '.join(FAULT_KINDS)}.")
-    ] = ",".join(FAULT_KINDS),
+        str | None,
+        typer.Option(
+            help=f"Comma-separated fault kinds: {', '.join(FAULT_KINDS)} (default: every kind "
+            "the stack's shape allows)."
+        ),
+    ] = None,
     max_in_flight: Annotated[
         int | None,
         typer.Option(min=1, help="The orchestrator's SAGA_MAX_IN_FLIGHT (default: its own)."),
     ] = None,
+    nodes: Annotated[
+        int,
+        typer.Option(
+            help="RabbitMQ nodes: 1, a private node; 3, a private cluster with quorum queues, "
+            "partitioned by netfilter (root and iptables)."
+        ),
+    ] = 1,
+    backend: Annotated[
+        str, typer.Option(help="The orchestrators' database: sqlite or postgresql.")
+    ] = "sqlite",
+    instances: Annotated[
+        int, typer.Option(min=1, help="Orchestrator processes (several need postgresql).")
+    ] = 1,
+    postgres: Postgres = DEFAULT_POSTGRES,
     directory: Directory = None,
     as_json: AsJson = False,
 ) -> None:
     """Run a new seeded soak. Exit 0: every counter is 0; 1: the checker found a violation;
     2: the soak itself could not run."""
-    kinds = [k.strip() for k in faults.split(",") if k.strip()]
+    kinds = None if faults is None else [k.strip() for k in faults.split(",") if k.strip()]
     try:
         plan = make_plan(
             seed if seed is not None else random.SystemRandom().randrange(1, 2**31),
@@ -93,16 +119,20 @@ def run(
             fault_every=fault_every,
             kinds=kinds,
             max_in_flight=max_in_flight,
+            nodes=nodes,
+            instances=instances,
+            backend=backend,
         )
     except ValueError as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(code=2) from None
-    _soak(plan, directory, as_json)
+    _soak(plan, directory, as_json, postgres)
 
 
 @app.command()
 def replay(
     plan_file: Annotated[Path, typer.Argument(help="A plan.json saved by an earlier soak.")],
+    postgres: Postgres = DEFAULT_POSTGRES,
     directory: Directory = None,
     as_json: AsJson = False,
 ) -> None:
@@ -112,4 +142,4 @@ def replay(
     except (OSError, ValueError, KeyError, TypeError) as exc:
         typer.echo(f"error: cannot read {plan_file}: {exc}", err=True)
         raise typer.Exit(code=2) from None
-    _soak(plan, directory, as_json)
+    _soak(plan, directory, as_json, postgres)

@@ -41,6 +41,8 @@ class RabbitCluster:
         startup_timeout: float = 120.0,
         sbin: Path = SBIN,
         extra_config: str = "",
+        partitionable: bool = False,
+        net_ticktime: int | None = None,
     ):
         if size < 1:
             raise ValueError("a cluster needs at least one node")
@@ -49,10 +51,21 @@ class RabbitCluster:
         cookie = secrets.token_hex(20).upper()
         taken: set[int] = set()
         nodes = []
+        #: per node, the loopback address its outgoing distribution connections come from
+        #: (``partitionable``), so that netfilter can tell one node's traffic from another's
+        self.dist_sources: tuple[str, ...] = ()
+        if partitionable:
+            self.dist_sources = tuple(f"127.0.0.{10 + i}" for i in range(1, size + 1))
         for index in range(1, size + 1):
             port = free_port(taken)
             dist_port = free_port(taken | {port})
             taken |= {port, dist_port}
+            kernel = []
+            if partitionable:
+                address = self.dist_sources[index - 1].replace(".", ",")
+                kernel.append(f"{{inet_dist_connect_options, [{{ip, {{{address}}}}}]}}")
+            if net_ticktime is not None:
+                kernel.append(f"{{net_ticktime, {net_ticktime}}}")
             nodes.append(
                 RabbitNode(
                     f"{self.name}-{index}",
@@ -61,6 +74,7 @@ class RabbitCluster:
                     startup_timeout=startup_timeout,
                     sbin=sbin,
                     extra_config=extra_config,
+                    advanced_config=f"[{{kernel, [{', '.join(kernel)}]}}].\n",
                     cookie=cookie,
                 )
             )

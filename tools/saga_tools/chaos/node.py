@@ -107,6 +107,7 @@ class RabbitNode:
         startup_timeout: float = 90.0,
         sbin: Path = SBIN,
         extra_config: str = "",
+        advanced_config: str = "[].\n",
         cookie: str | None = None,
     ):
         self.name = name or f"saga-{secrets.token_hex(4)}"
@@ -116,6 +117,7 @@ class RabbitNode:
         self.startup_timeout = startup_timeout
         self.sbin = sbin
         self.extra_config = extra_config  # more rabbitmq.conf lines, e.g. a TLS listener
+        self.advanced_config = advanced_config  # advanced.config (Erlang terms)
         #: the Erlang cookie; nodes of one cluster must share it (a random one by default)
         self.cookie = cookie or secrets.token_hex(20).upper()
         self.user = "rabbitmq" if os.geteuid() == 0 else pwd.getpwuid(os.geteuid()).pw_name
@@ -420,7 +422,7 @@ class RabbitNode:
             "log.console = false\n"
             "log.file.level = info\n" + self.extra_config
         )
-        (base / "advanced.config").write_text("[].\n")
+        (base / "advanced.config").write_text(self.advanced_config)
         (base / "enabled_plugins").write_text("[].\n")
         (base / "rabbitmq-env.conf").write_text(
             # distribution and epmd on loopback only, like the shared node

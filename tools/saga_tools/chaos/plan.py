@@ -24,6 +24,7 @@ from saga_tools.chaos.proxy import STAGES
 START_STAGES = tuple(STAGES)
 
 __all__ = [
+    "CLUSTER_KINDS",
     "FAULT_KINDS",
     "ChaosPlan",
     "Nemesis",
@@ -31,6 +32,7 @@ __all__ = [
     "PlannedSaga",
     "expectation",
     "make_plan",
+    "orchestrator_names",
 ]
 
 #: what the nemesis can do; ``make_plan(kinds=...)`` picks a subset
@@ -47,7 +49,10 @@ FAULT_KINDS = (
     "partition",
     "sigterm",
     "startup_cut",
+    "partition_nodes",
 )
+#: the kinds that need a cluster of several broker nodes
+CLUSTER_KINDS = ("partition_nodes",)
 SERVICES = ("order", "payment", "inventory", "shipping")
 
 #: balances and stock big enough that no checkout competes with another for them: every
@@ -115,10 +120,21 @@ class ChaosPlan:
     stock: Mapping[str, int] = field(default_factory=dict)
     #: the orchestrator's SAGA_MAX_IN_FLIGHT (None: its default)
     max_in_flight: int | None = None
+    #: RabbitMQ nodes: 1, a private node; more, a private cluster with quorum queues
+    nodes: int = 1
+    #: orchestrator processes (several need ``backend`` postgresql)
+    instances: int = 1
+    #: where the orchestrators keep sagas: ``sqlite`` (a file) or ``postgresql``
+    backend: str = "sqlite"
 
     @property
     def duration(self) -> float:
         return len(self.sagas) / self.rate
+
+    @property
+    def orchestrators(self) -> tuple[str, ...]:
+        """The orchestrator processes' names (a fault's ``target``)."""
+        return orchestrator_names(self.instances)
 
     def world(self) -> World:
         """The services' state the plan's expectations are computed against."""
@@ -157,7 +173,11 @@ class ChaosPlan:
 
     @classmethod
     def load(cls, path: Path) -> ChaosPlan:
-        raw = json.loads(path.read_text())
+        return cls.load_text(path.read_text())
+
+    @classmethod
+    def load_text(cls, text: str) -> ChaosPlan:
+        raw = json.loads(text)
         return cls(
             seed=int(raw["seed"]),
             sagas=tuple(
@@ -174,7 +194,16 @@ class ChaosPlan:
             balances=dict(raw.get("balances", {})),
             stock={k: int(v) for k, v in raw.get("stock", {}).items()},
             max_in_flight=raw.get("max_in_flight"),
+            nodes=int(raw.get("nodes", 1)),
+            instances=int(raw.get("instances", 1)),
+            backend=str(raw.get("backend", "sqlite")),
         )
+
+
+def orchestrator_names(instances: int) -> tuple[str, ...]:
+    if instances == 1:
+        return ("orchestrator",)
+    return tuple(f"orchestrator-{i}" for i in range(1, instances + 1))
 
 
 def _reserved(sku: str) -> int:
@@ -260,8 +289,16 @@ def _saga(rng: random.Random, kind: str) -> PlannedSaga:
 
 
 def _schedule(
-    rng: random.Random, duration: float, every: float, kinds: Sequence[str]
+    rng: random.Random,
+    duration: float,
+    every: float,
+    kinds: Sequence[str],
+    nodes: int = 1,
+    orchestrators: Sequence[str] = ("orchestrator",),
 ) -> tuple[Nemesis, ...]:
+    """The faults; with one node and one orchestrator, the same draws as ever, so a seed gives
+    the plan it always gave."""
+    processes = (*orchestrators, *SERVICES)
     faults = []
     at = every
     bag: list[str] = []  # every kind once, in a random order, then again: all get their turn
@@ -278,21 +315,32 @@ def _schedule(
             length = rng.uniform(0.5, 2.0)  # down this long before it is restarted
         elif kind in ("kill_orchestrator", "kill_broker"):
             length = rng.uniform(0.5, 2.0)
+            if kind == "kill_orchestrator" and len(orchestrators) > 1:
+                target = rng.choice(orchestrators)
+            elif kind == "kill_broker" and nodes > 1:
+                target = f"node-{rng.randrange(nodes) + 1}"
         elif kind == "latency":
             length = rng.uniform(1.0, 3.0)
             amount = rng.choice((0.005, 0.02, 0.05))
         elif kind in ("duplicate_commands", "duplicate_replies", "malformed"):
             amount = float(rng.randint(1, 5))
         elif kind == "db_lock":
-            target = rng.choice(("orchestrator", *SERVICES))
+            target = rng.choice(processes)
             length = rng.uniform(0.5, 2.0)
-        elif kind == "partition":  # every process cut off from the broker, nothing closed
+        elif kind == "partition":
+            # one node: every process cut off from the broker, nothing closed; a cluster: one
+            # process cut off from the node it is connected to
             length = rng.uniform(1.0, 4.0)
+            if nodes > 1:
+                target = rng.choice(processes)
+        elif kind == "partition_nodes":  # a node cut off from the others, then healed
+            target = f"node-{rng.randrange(nodes) + 1}"
+            length = rng.uniform(3.0, 20.0)
         elif kind == "sigterm":  # a graceful stop under load, then a restart
-            target = rng.choice(("orchestrator", *SERVICES))
+            target = rng.choice(processes)
             length = rng.uniform(0.5, 2.0)
         elif kind == "startup_cut":  # killed, and its restart's connection cut at a stage
-            target = rng.choice(("orchestrator", *SERVICES))
+            target = rng.choice(processes)
             length = rng.uniform(0.5, 2.0)
             amount = float(rng.randrange(len(START_STAGES)))
         faults.append(Nemesis(round(at, 3), kind, target, round(length, 3), amount))
@@ -306,20 +354,47 @@ def make_plan(
     *,
     rate: float = 40.0,
     fault_every: float = 3.0,
-    kinds: Sequence[str] = FAULT_KINDS,
+    kinds: Sequence[str] | None = None,
     max_in_flight: int | None = None,
+    nodes: int = 1,
+    instances: int = 1,
+    backend: str = "sqlite",
 ) -> ChaosPlan:
     """``count`` checkouts started at ``rate`` per second, and a fault about every
-    ``fault_every`` seconds while they start and for a while after."""
+    ``fault_every`` seconds while they start and for a while after. ``kinds`` defaults to every
+    kind the shape allows (partitions between nodes need several nodes)."""
+    if kinds is None:
+        kinds = [k for k in FAULT_KINDS if nodes > 1 or k not in CLUSTER_KINDS]
     unknown = set(kinds) - set(FAULT_KINDS)
     if unknown:
         raise ValueError(f"unknown fault kinds {sorted(unknown)}; known: {', '.join(FAULT_KINDS)}")
+    if nodes not in (1, 3):
+        raise ValueError(f"nodes must be 1 (a private node) or 3 (a cluster), not {nodes}")
+    if nodes == 1 and set(kinds) & set(CLUSTER_KINDS):
+        raise ValueError(f"{', '.join(CLUSTER_KINDS)} needs a cluster: add --nodes 3")
+    if backend not in ("sqlite", "postgresql"):
+        raise ValueError(f"backend must be sqlite or postgresql, not {backend!r}")
+    if instances < 1 or (instances > 1 and backend != "postgresql"):
+        raise ValueError(
+            "several orchestrator instances need backend postgresql: SQLite allows one per file"
+        )
     rng = random.Random(seed)
     names = [k for k, _ in MIX]
     weights = [w for _, w in MIX]
     sagas = tuple(_saga(rng, rng.choices(names, weights)[0]) for _ in range(count))
     # faults keep coming until the last start, plus a little: the tail is hit too
-    schedule = _schedule(rng, count / rate + 2 * fault_every, fault_every, kinds) if kinds else ()
+    schedule = (
+        _schedule(
+            rng,
+            count / rate + 2 * fault_every,
+            fault_every,
+            kinds,
+            nodes,
+            orchestrator_names(instances),
+        )
+        if kinds
+        else ()
+    )
     return ChaosPlan(
         seed=seed,
         sagas=sagas,
@@ -328,6 +403,9 @@ def make_plan(
         balances={name: str(PLENTY_BALANCE) for name in ("alice", "bob", "carol", "dave")},
         stock={inventory.BOOK: PLENTY_STOCK, inventory.LAMP: PLENTY_STOCK},
         max_in_flight=max_in_flight,
+        nodes=nodes,
+        instances=instances,
+        backend=backend,
     )
 
 

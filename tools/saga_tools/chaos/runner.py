@@ -32,6 +32,8 @@ import aiormq
 import sqlalchemy as sa
 import structlog
 from aio_pika.abc import AbstractConnection
+from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
+from sqlalchemy.pool import NullPool
 
 from saga.core.state import SagaStatus
 from saga.participant.ledger import Ledger, outbox, replies
@@ -42,8 +44,11 @@ from saga.store.sql import SqlStore, sqlite_engine
 from saga.transport.topology import DEAD_LETTER_REASON, Topology
 from saga_demo import inventory, order, payment, shipping
 from saga_demo.checkout import CHECKOUT
+from saga_tools.bench.stack import temporary_database
 from saga_tools.chaos.checker import DeadLetter, Evidence, Report, check
-from saga_tools.chaos.node import RabbitNode
+from saga_tools.chaos.cluster import RabbitCluster
+from saga_tools.chaos.netfilter import PartitionError, Partitions
+from saga_tools.chaos.node import NodeError, RabbitNode
 from saga_tools.chaos.plan import SERVICES, START_STAGES, ChaosPlan, Nemesis
 from saga_tools.chaos.proxy import StageFault, TcpProxy
 
@@ -61,6 +66,13 @@ FORGED_HEADER = "x-chaos-id"
 STARTUP_TIMEOUT = 60.0
 #: seconds a process may take to stop on SIGTERM (its SAGA_SHUTDOWN_TIMEOUT is 10)
 STOP_BOUND = 15.0
+#: a cluster's Erlang net tick (RabbitMQ's default is 60 s): a partition longer than about this
+#: is seen by both sides, and the minority node pauses (``pause_minority``)
+NET_TICKTIME = 8
+#: seconds to wait for the confirms of a chunk of starts before trying again elsewhere
+PUBLISH_TIMEOUT = 15.0
+#: the PostgreSQL server whose temporary database the orchestrators use with backend postgresql
+DEFAULT_POSTGRES = "postgresql+asyncpg://postgres@127.0.0.1:5432/test"
 
 
 class SoakError(RuntimeError):
@@ -137,6 +149,12 @@ class Stack:
     amqp_url: str  # through the proxy
     processes: dict[str, Process] = field(default_factory=dict)
     max_in_flight: int | None = None  # the orchestrator's SAGA_MAX_IN_FLIGHT
+    orchestrators: tuple[str, ...] = ("orchestrator",)
+    #: the orchestrators' database on PostgreSQL (None: a SQLite file in the data directory)
+    postgres_url: str | None = None
+    quorum: bool = False  # SAGA_QUORUM_QUEUES of every process
+    #: a process's own SAGA_RABBITMQ_URL (a cluster: its proxies, its own node first)
+    urls: dict[str, str] = field(default_factory=dict)
 
     @property
     def data_dir(self) -> Path:
@@ -144,7 +162,15 @@ class Stack:
 
     @property
     def database_url(self) -> str:
+        if self.postgres_url is not None:
+            return self.postgres_url
         return f"sqlite+aiosqlite:///{self.data_dir / 'saga.db'}"
+
+    def engine(self) -> AsyncEngine:
+        """An engine reading the orchestrators' database (dispose of it after use)."""
+        if self.postgres_url is not None:
+            return create_async_engine(self.postgres_url, poolclass=NullPool)
+        return sqlite_engine(self.database_url, immediate=False)
 
     @property
     def fault_plan(self) -> Path:
@@ -156,7 +182,7 @@ class Stack:
         )
 
     def sqlite_file(self, name: str) -> Path:
-        return self.data_dir / ("saga.db" if name == "orchestrator" else f"{name}.db")
+        return self.data_dir / ("saga.db" if name in self.orchestrators else f"{name}.db")
 
     def build(self) -> None:
         base = {k: v for k, v in os.environ.items() if not k.startswith(("SAGA_", "OTEL_"))}
@@ -166,31 +192,36 @@ class Stack:
             SAGA_PREFIX=self.prefix,
             SAGA_RELAY_POLL_INTERVAL="0.2",
         )
+        if self.quorum:
+            base["SAGA_QUORUM_QUEUES"] = "true"
         logs = self.directory / "logs"
         logs.mkdir(parents=True, exist_ok=True)
-        self.processes["orchestrator"] = Process(
-            "orchestrator",
-            [sys.executable, "-m", "saga", "run", "--migrate"],
-            {
-                **base,
-                "SAGA_DATABASE_URL": self.database_url,
-                "SAGA_DEFINITIONS": "saga_demo.checkout:registry",
-                "SAGA_TIMER_INTERVAL": "0.05",
-                "SAGA_TIMER_GRACE": "0.5",
-                **(
-                    {"SAGA_MAX_IN_FLIGHT": str(self.max_in_flight)}
-                    if self.max_in_flight is not None
-                    else {}
-                ),
-            },
-            logs / "orchestrator.log",
-        )
+        for name in self.orchestrators:
+            self.processes[name] = Process(
+                name,
+                [sys.executable, "-m", "saga", "run", "--migrate"],
+                {
+                    **base,
+                    "SAGA_RABBITMQ_URL": self.urls.get(name, self.amqp_url),
+                    "SAGA_DATABASE_URL": self.database_url,
+                    "SAGA_DEFINITIONS": "saga_demo.checkout:registry",
+                    "SAGA_TIMER_INTERVAL": "0.05",
+                    "SAGA_TIMER_GRACE": "0.5",
+                    **(
+                        {"SAGA_MAX_IN_FLIGHT": str(self.max_in_flight)}
+                        if self.max_in_flight is not None
+                        else {}
+                    ),
+                },
+                logs / f"{name}.log",
+            )
         for name in SERVICES:
             self.processes[name] = Process(
                 name,
                 [sys.executable, "-m", "saga_demo", name],
                 {
                     **base,
+                    "SAGA_RABBITMQ_URL": self.urls.get(name, self.amqp_url),
                     "SAGA_DATA_DIR": str(self.data_dir),
                     "SAGA_FAULT_PLAN": str(self.fault_plan),
                 },
@@ -199,7 +230,7 @@ class Stack:
 
     async def wait_started(self, name: str, within: float = STARTUP_TIMEOUT) -> None:
         proc = self.processes[name]
-        needle = "orchestrator_started" if name == "orchestrator" else "participant_started"
+        needle = "orchestrator_started" if name in self.orchestrators else "participant_started"
         deadline = time.monotonic() + within
         while True:
             text = proc.log_path.read_text(errors="replace")
@@ -220,6 +251,108 @@ class Stack:
         return [p.name for p in self.processes.values() if p.popen is not None and not p.alive()]
 
 
+# --- the broker ------------------------------------------------------------------------------
+
+
+@dataclass
+class Broker:
+    """The soak's RabbitMQ: one private node, or a private cluster, and the proxies the
+    processes reach it through.
+
+    With one node every process shares one proxy. With a cluster each process has a proxy of
+    its own to each node, and its URL lists them with "its" node first (processes spread over
+    the nodes), so a partition between one process and its node is one proxy blackholed.
+    """
+
+    nodes: tuple[RabbitNode, ...]
+    proxies: dict[str, list[TcpProxy]]  # by process, in the order of its URL
+    cluster: RabbitCluster | None = None
+    partitions: Partitions | None = None
+
+    @classmethod
+    async def start(cls, plan: ChaosPlan, processes: Sequence[str]) -> Broker:
+        name = f"chaos-{plan.seed}"
+        if plan.nodes == 1:
+            node = RabbitNode(name)
+            await asyncio.to_thread(node.start)
+            broker = cls((node,), {})
+            try:
+                proxy = TcpProxy("127.0.0.1", node.port)
+                await proxy.start()
+            except BaseException:
+                await broker.close()
+                raise
+            broker.proxies = {p: [proxy] for p in processes}
+            return broker
+        cluster = RabbitCluster(
+            name,
+            size=plan.nodes,
+            partitionable=True,
+            net_ticktime=NET_TICKTIME,
+            extra_config="cluster_partition_handling = pause_minority\n",
+        )
+        await asyncio.to_thread(cluster.start)
+        broker = cls(cluster.nodes, {}, cluster)
+        try:
+            broker.partitions = Partitions(cluster, name)
+            for index, process in enumerate(processes):
+                order = [cluster.nodes[(index + k) % plan.nodes] for k in range(plan.nodes)]
+                broker.proxies[process] = []
+                for node in order:
+                    proxy = TcpProxy("127.0.0.1", node.port)
+                    await proxy.start()
+                    broker.proxies[process].append(proxy)
+        except BaseException:
+            await broker.close()
+            raise
+        return broker
+
+    def url(self, process: str) -> str:
+        return ",".join(f"amqp://guest:guest@127.0.0.1:{p.port}/" for p in self.proxies[process])
+
+    def all_proxies(self) -> list[TcpProxy]:
+        return list({id(p): p for ps in self.proxies.values() for p in ps}.values())
+
+    def node(self, target: str) -> RabbitNode:
+        """The node a fault names (``node-2``); the only node when there is one."""
+        if not target:
+            return self.nodes[0]
+        return self.nodes[int(target.rpartition("-")[2]) - 1]
+
+    async def connect(self) -> AbstractConnection:
+        """A direct connection (no proxy) to the first node that takes one."""
+        failure: BaseException | None = None
+        for node in self.nodes:
+            try:
+                return await aio_pika.connect(node.url, timeout=10)
+            except (OSError, TimeoutError, aiormq.exceptions.AMQPError) as exc:
+                failure = exc
+        raise SoakError(f"no RabbitMQ node takes a connection: {failure!r}")
+
+    async def heal(self) -> None:
+        """Every node running and joined, no partition, no latency or blackhole."""
+        for proxy in self.all_proxies():
+            proxy.latency = 0.0
+            proxy.blackhole = False
+        if self.partitions is not None and self.partitions.isolated:
+            await asyncio.to_thread(self.partitions.heal)
+        for node in self.nodes:
+            if not await asyncio.to_thread(node.running):
+                await asyncio.to_thread(node.start)
+
+    async def close(self) -> None:
+        for proxy in self.all_proxies():
+            with contextlib.suppress(Exception):
+                await proxy.close()
+        if self.partitions is not None:
+            await asyncio.to_thread(self.partitions.close)
+        if self.cluster is not None:
+            await asyncio.to_thread(self.cluster.close)
+        else:
+            for node in self.nodes:
+                await asyncio.to_thread(node.close)
+
+
 # --- the nemesis ---------------------------------------------------------------------------
 
 
@@ -228,9 +361,7 @@ class Nemeses:
     """Carries out the plan's schedule against one stack."""
 
     stack: Stack
-    node: RabbitNode
-    proxy: TcpProxy
-    direct_url: str
+    broker: Broker
     rng: random.Random
     injected: Counter[str] = field(default_factory=Counter)
     forged: list[str] = field(default_factory=list)
@@ -253,20 +384,25 @@ class Nemeses:
     async def inflict(self, fault: Nemesis) -> None:
         log.info("nemesis", kind=fault.kind, target=fault.target, duration=fault.duration)
         self.injected[fault.kind] += 1
+        proxies = self.broker.all_proxies()
         if fault.kind == "kill_orchestrator":
-            await self._kill_and_restart("orchestrator", fault.duration)
+            await self._kill_and_restart(fault.target or "orchestrator", fault.duration)
         elif fault.kind == "kill_service":
             await self._kill_and_restart(fault.target, fault.duration)
         elif fault.kind == "kill_broker":
-            await asyncio.to_thread(self.node.kill)
+            node = self.broker.node(fault.target)
+            await asyncio.to_thread(node.kill)
             await asyncio.sleep(fault.duration)
-            await asyncio.to_thread(self.node.start)
+            await asyncio.to_thread(node.start)
         elif fault.kind == "drop_connections":
-            self.proxy.drop_connections()
+            for proxy in proxies:
+                proxy.drop_connections()
         elif fault.kind == "latency":
-            self.proxy.latency = fault.amount
+            for proxy in proxies:
+                proxy.latency = fault.amount
             await asyncio.sleep(fault.duration)
-            self.proxy.latency = 0.0
+            for proxy in proxies:
+                proxy.latency = 0.0
         elif fault.kind == "duplicate_commands":
             self.duplicates += await self._duplicate_commands(int(fault.amount))
         elif fault.kind == "duplicate_replies":
@@ -274,15 +410,14 @@ class Nemeses:
         elif fault.kind == "malformed":
             await self._forge(int(fault.amount))
         elif fault.kind == "db_lock":
-            await asyncio.to_thread(
-                _hold_lock, self.stack.sqlite_file(fault.target), fault.duration
-            )
-        elif fault.kind == "partition":
-            self.proxy.blackhole = True
-            try:
-                await asyncio.sleep(fault.duration)
-            finally:
-                self.proxy.blackhole = False
+            if fault.target in self.stack.orchestrators and self.stack.postgres_url:
+                await _hold_table_locks(self.stack.postgres_url, fault.duration)
+            else:
+                await asyncio.to_thread(
+                    _hold_lock, self.stack.sqlite_file(fault.target), fault.duration
+                )
+        elif fault.kind in ("partition", "partition_nodes"):
+            await self._partition(fault)
         elif fault.kind == "sigterm":
             await self._term_and_restart(fault.target, fault.duration)
         elif fault.kind == "startup_cut":
@@ -290,6 +425,28 @@ class Nemeses:
             await self._restart_with_a_cut(fault.target, stage, fault.duration)
         else:
             raise SoakError(f"unknown fault {fault.kind}")
+
+    async def _partition(self, fault: Nemesis) -> None:
+        if fault.kind == "partition":
+            # a cluster: the process and the node it is on now; one node: everyone and it
+            cut = self._current(fault.target) if fault.target else self.broker.all_proxies()
+            for proxy in cut:
+                proxy.blackhole = True
+            try:
+                await asyncio.sleep(fault.duration)
+            finally:
+                for proxy in cut:
+                    proxy.blackhole = False
+            return
+        partitions = self.broker.partitions
+        if partitions is None:
+            raise SoakError("partition_nodes needs a cluster (nodes 3)")
+        index = self.broker.nodes.index(self.broker.node(fault.target))
+        await asyncio.to_thread(partitions.isolate, index)
+        try:
+            await asyncio.sleep(fault.duration)
+        finally:
+            await asyncio.to_thread(partitions.heal)
 
     async def _kill_and_restart(self, name: str, down: float) -> None:
         proc = self.stack.processes[name]
@@ -331,16 +488,24 @@ class Nemeses:
         proc = self.stack.processes[name]
         self.held.add(name)
         cut = StageFault(stage, "reset", times=1)
+        proxies = self.broker.proxies[name]  # shared by all with one node: its next connection
         try:
             proc.kill()
             await asyncio.sleep(down)
-            self.proxy.stage = cut
+            for proxy in proxies:
+                proxy.stage = cut
             proc.start()
             await until(lambda: bool(cut.reached) or not proc.alive(), 10)
         finally:
-            if self.proxy.stage is cut:
-                self.proxy.stage = None
+            for proxy in proxies:
+                if proxy.stage is cut:
+                    proxy.stage = None
             self.held.discard(name)
+
+    def _current(self, name: str) -> list[TcpProxy]:
+        """The proxy (so, the node) ``name`` is connected through now; its first if none."""
+        proxies = self.broker.proxies[name]
+        return [next((p for p in proxies if p.active), proxies[0])]
 
     async def supervise(self) -> None:
         """Restart a process that exited by itself, as a supervisor would (the compose file's
@@ -355,16 +520,14 @@ class Nemeses:
                     proc.start()
 
     async def heal(self) -> None:
-        """Everything back up: the broker, the proxy, every process."""
-        self.proxy.latency = 0.0
-        if not await asyncio.to_thread(self.node.running):
-            await asyncio.to_thread(self.node.start)
+        """Everything back up: the broker, the proxies, every process."""
+        await self.broker.heal()
         for proc in self.stack.processes.values():
             if not proc.alive():
                 proc.start()
 
     async def _connection(self) -> AbstractConnection:
-        return await aio_pika.connect(self.direct_url, timeout=10)
+        return await self.broker.connect()
 
     async def _duplicate_commands(self, n: int) -> int:
         """Republish copies of recent commands, taken from the tap queue, unchanged."""
@@ -479,6 +642,20 @@ def _hold_lock(path: Path, seconds: float) -> None:
         conn.close()
 
 
+async def _hold_table_locks(url: str, seconds: float) -> None:
+    """Hold exclusive locks on the orchestrators' tables for ``seconds`` on PostgreSQL, as a
+    stuck migration or a long batch job would: every writer waits behind it."""
+    engine = create_async_engine(url, poolclass=NullPool)
+    try:
+        async with engine.begin() as conn:
+            await conn.execute(
+                sa.text("LOCK TABLE saga_instances, saga_outbox, saga_inbox IN EXCLUSIVE MODE")
+            )
+            await asyncio.sleep(seconds)
+    finally:
+        await engine.dispose()
+
+
 def _tap_name(prefix: str) -> str:
     return f"{prefix}.chaos.tap"
 
@@ -492,49 +669,73 @@ class Soak:
     directory: Path
     progress: Callable[[str], None]
 
+    postgres: str = DEFAULT_POSTGRES  # the server of the temporary database (postgresql)
+
     async def run(self) -> Report:
         self.directory.mkdir(parents=True, exist_ok=True)
         self.plan.save(self.directory / "plan.json")
-        node = RabbitNode(f"chaos-{self.plan.seed}")
-        await asyncio.to_thread(node.start)
+        processes = (*self.plan.orchestrators, *SERVICES)
         try:
-            proxy = TcpProxy("127.0.0.1", node.port)
-            await proxy.start()
+            broker = await Broker.start(self.plan, processes)
+        except (NodeError, PartitionError) as exc:
+            raise SoakError(str(exc)) from exc
+        try:
+            if self.plan.backend != "postgresql":
+                return await self._run(broker, None)
+            name = f"saga_chaos_{self.plan.seed}_{uuid.uuid4().hex[:6]}"
             try:
-                return await self._run(node, proxy)
+                database = temporary_database(self.postgres, name)
+                url = await database.__aenter__()
+            except (OSError, sa.exc.SQLAlchemyError) as exc:
+                raise SoakError(
+                    f"cannot create a database on {self.postgres}: {exc} (is PostgreSQL "
+                    "running? scripts/services postgres starts it)"
+                ) from exc
+            try:
+                return await self._run(broker, url)
             finally:
-                await proxy.close()
+                await database.__aexit__(None, None, None)
         finally:
-            await asyncio.to_thread(node.close)
+            await broker.close()
 
-    async def _run(self, node: RabbitNode, proxy: TcpProxy) -> Report:
+    async def _run(self, broker: Broker, postgres_url: str | None) -> Report:
         prefix = f"chaos{self.plan.seed % 100_000}"
         stack = Stack(
             self.directory,
             prefix,
-            f"amqp://guest:guest@127.0.0.1:{proxy.port}/",
+            broker.url(self.plan.orchestrators[0]),
             max_in_flight=self.plan.max_in_flight,
+            orchestrators=self.plan.orchestrators,
+            postgres_url=postgres_url,
+            quorum=self.plan.nodes > 1,
+            urls={name: broker.url(name) for name in broker.proxies},
         )
         stack.build()
         stack.fault_plan.write_text(json.dumps(self.plan.fault_plan()))
         await self._prepare_services(stack)
-        nemeses = Nemeses(stack, node, proxy, node.url, random.Random(self.plan.seed))
+        nemeses = Nemeses(stack, broker, random.Random(self.plan.seed))
         timing: dict[str, float] = {}  # seconds from the first start
+        where = (
+            "a private RabbitMQ node"
+            if self.plan.nodes == 1
+            else (f"a private {self.plan.nodes}-node RabbitMQ cluster (quorum queues)")
+        )
         try:
             for proc in stack.processes.values():
                 proc.start()
             for name in stack.processes:
                 await stack.wait_started(name)
-            await self._declare_tap(node.url, prefix)
+            await self._declare_tap(broker, prefix, quorum=stack.quorum)
             self.progress(
-                f"stack up on a private RabbitMQ node; {len(self.plan.sagas)} sagas at "
+                f"stack up on {where}, {len(stack.orchestrators)} orchestrator(s) on "
+                f"{self.plan.backend}; {len(self.plan.sagas)} sagas at "
                 f"{self.plan.rate:g}/s, {len(self.plan.schedule)} faults"
             )
             t0 = time.monotonic()
             supervisor = asyncio.create_task(nemeses.supervise())
             nemesis = asyncio.create_task(nemeses.run(self.plan.schedule, t0))
             try:
-                await self._publish_all(node.url, prefix, t0)
+                await self._publish_all(broker, prefix, t0)
                 published = time.monotonic() - t0
                 self.progress(
                     f"every start published in {published:.1f}s "
@@ -546,7 +747,7 @@ class Soak:
                 await self._wait_terminal(stack, nemeses)
                 timing["starts_published_s"] = round(published, 1)
                 timing["all_terminal_s"] = round(time.monotonic() - t0, 1)
-                await self._wait_quiet(stack, node.url)
+                await self._wait_quiet(stack, broker)
             finally:
                 supervisor.cancel()
                 nemesis.cancel()
@@ -554,7 +755,7 @@ class Soak:
             # in a thread: the proxy runs on this loop, and the processes' last frames (a
             # consumer's cancel, a channel's close) must still reach the broker while they stop
             await asyncio.to_thread(stack.stop_all)
-        evidence = await self._collect(stack, node.url, nemeses)
+        evidence = await self._collect(stack, broker, nemeses)
         report = check(evidence)
         report.messages["nemesis_notes"] = len(nemeses.notes)
         report.messages["supervisor_restarts"] = dict(nemeses.restarts)
@@ -564,7 +765,7 @@ class Soak:
         if nemeses.notes:
             (self.directory / "nemesis-notes.txt").write_text("\n".join(nemeses.notes) + "\n")
         with contextlib.suppress(Exception):
-            await _delete_prefix(node.url, prefix)
+            await _delete_prefix(broker, prefix)
         return report
 
     async def _prepare_services(self, stack: Stack) -> None:
@@ -593,22 +794,22 @@ class Soak:
             finally:
                 await participant.ledger.close()
 
-    async def _declare_tap(self, url: str, prefix: str) -> None:
+    async def _declare_tap(self, broker: Broker, prefix: str, *, quorum: bool) -> None:
         """A bounded queue receiving a copy of every command, for the duplicate-command fault."""
         topology = Topology(prefix=prefix)
-        connection = await aio_pika.connect(url)
+        arguments: dict[str, Any] = {"x-max-length": 500, "x-overflow": "drop-head"}
+        if quorum:  # a cluster: it must outlive the node it was declared on
+            arguments["x-queue-type"] = "quorum"
+        connection = await broker.connect()
         async with connection:
             channel = await connection.channel()
-            tap = await channel.declare_queue(
-                _tap_name(prefix),
-                durable=True,
-                arguments={"x-max-length": 500, "x-overflow": "drop-head"},
-            )
+            tap = await channel.declare_queue(_tap_name(prefix), durable=True, arguments=arguments)
             for service in SERVICES:
                 await tap.bind(topology.commands_exchange, routing_key=service)
 
-    async def _publish_all(self, url: str, prefix: str, t0: float) -> None:
-        """Every start at the plan's rate, each confirmed; republished after a broker outage."""
+    async def _publish_all(self, broker: Broker, prefix: str, t0: float) -> None:
+        """Every start at the plan's rate, each confirmed; republished after a broker outage
+        (on a cluster, through the next node)."""
         queue = Topology(prefix=prefix).start_queue
         batch = max(1, round(self.plan.rate / 4))
         starts = [
@@ -623,6 +824,7 @@ class Soak:
         ]
         connection: AbstractConnection | None = None
         done = 0
+        attempts = 0  # failed tries: the next goes to the next node
         try:
             while done < len(starts):
                 due = t0 + done / self.plan.rate - time.monotonic()
@@ -631,28 +833,34 @@ class Soak:
                 chunk = starts[done : done + batch]
                 try:
                     if connection is None or connection.is_closed:
-                        connection = await aio_pika.connect(url, timeout=5)
+                        node = broker.nodes[attempts % len(broker.nodes)]
+                        connection = await aio_pika.connect(node.url, timeout=5)
                     channel = await connection.channel(
                         publisher_confirms=True, on_return_raises=True
                     )
-                    await asyncio.gather(
-                        *(
-                            channel.default_exchange.publish(
-                                aio_pika.Message(
-                                    s.model_dump_json().encode(),
-                                    message_id=str(s.message_id),
-                                    content_type="application/json",
-                                    delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
-                                ),
-                                routing_key=queue,
-                                mandatory=True,
+                    # a confirm may never come from a node cut off from its cluster
+                    await asyncio.wait_for(
+                        asyncio.gather(
+                            *(
+                                channel.default_exchange.publish(
+                                    aio_pika.Message(
+                                        s.model_dump_json().encode(),
+                                        message_id=str(s.message_id),
+                                        content_type="application/json",
+                                        delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+                                    ),
+                                    routing_key=queue,
+                                    mandatory=True,
+                                )
+                                for s in chunk
                             )
-                            for s in chunk
-                        )
+                        ),
+                        PUBLISH_TIMEOUT,
                     )
                     await channel.close()
                 except (TimeoutError, OSError, aiormq.exceptions.AMQPError, RuntimeError) as exc:
                     log.info("start_publish_retry", error=repr(exc))
+                    attempts += 1
                     if connection is not None:
                         with contextlib.suppress(Exception):
                             await connection.close()
@@ -671,7 +879,7 @@ class Soak:
         ids = [s.saga_id for s in self.plan.sagas]
         within = 240.0 + 0.1 * len(ids)
         deadline = time.monotonic() + within
-        engine = sqlite_engine(stack.database_url, immediate=False)
+        engine = stack.engine()
         query = sa.select(sagas_table.c.status, sa.func.count()).group_by(sagas_table.c.status)
         last = ""
         try:
@@ -679,7 +887,7 @@ class Soak:
                 try:
                     async with engine.connect() as conn:
                         counts = {SagaStatus(r[0]): int(r[1]) for r in await conn.execute(query)}
-                except sa.exc.OperationalError:
+                except (sa.exc.OperationalError, sa.exc.DBAPIError, OSError):
                     await asyncio.sleep(1.0)
                     continue
                 terminal = sum(n for s, n in counts.items() if s.is_terminal)
@@ -697,7 +905,7 @@ class Soak:
             await engine.dispose()
         self.progress(f"not every saga ended within {within:g}s; the checker reports them")
 
-    async def _wait_quiet(self, stack: Stack, url: str, within: float = 60.0) -> None:
+    async def _wait_quiet(self, stack: Stack, broker: Broker, within: float = 60.0) -> None:
         """Outboxes drained and no queue holding a message, twice in a row."""
         topology = Topology(prefix=stack.prefix)
         names = [topology.reply_queue, topology.start_queue] + [
@@ -707,20 +915,22 @@ class Soak:
         calm = 0
         while time.monotonic() < deadline and calm < 2:
             pending = await _outbox_counts(stack)
-            depths = await _depths(url, names)
+            depths = await _depths(broker, names)
             calm = calm + 1 if not any(pending.values()) and not any(depths.values()) else 0
             await asyncio.sleep(0.5)
 
-    async def _collect(self, stack: Stack, url: str, nemeses: Nemeses) -> Evidence:
+    async def _collect(self, stack: Stack, broker: Broker, nemeses: Nemeses) -> Evidence:
         store = SqlStore(stack.database_url)
+        engine = stack.engine()
         try:
-            async with sqlite_engine(stack.database_url, immediate=False).connect() as conn:
+            async with engine.connect() as conn:
                 ids = [r[0] for r in await conn.execute(sa.select(sagas_table.c.saga_id))]
             states = await store.load_many(ids)
             histories = {i: await store.history(i) for i in ids}
             orchestrator_outbox, _ = await store.outbox_stats(_now())
         finally:
             await store.close()
+            await engine.dispose()
         rows: list[dict[str, Any]] = []
         tables: dict[str, list[dict[str, Any]]] = {}
         replies_given: dict[str, int] = {}
@@ -768,7 +978,7 @@ class Soak:
             balances=balances,
             reserved=reserved,
             reserved_before={s["sku"]: int(s["reserved"]) for s in inventory.SEED},
-            dead_letters=await _drain_dead_letters(url, stack.prefix),
+            dead_letters=await _drain_dead_letters(broker, stack.prefix),
             faults=dict(nemeses.injected),
             forged=list(nemeses.forged),
             duplicates_published=nemeses.duplicates,
@@ -805,9 +1015,9 @@ async def _outbox_counts(stack: Stack) -> dict[str, int]:
     return counts
 
 
-async def _depths(url: str, names: Sequence[str]) -> dict[str, int]:
+async def _depths(broker: Broker, names: Sequence[str]) -> dict[str, int]:
     found: dict[str, int] = {}
-    connection = await aio_pika.connect(url, timeout=10)
+    connection = await broker.connect()
     async with connection:
         for name in names:
             channel = await connection.channel()
@@ -822,13 +1032,13 @@ async def _depths(url: str, names: Sequence[str]) -> dict[str, int]:
     return found
 
 
-async def _drain_dead_letters(url: str, prefix: str) -> list[DeadLetter]:
+async def _drain_dead_letters(broker: Broker, prefix: str) -> list[DeadLetter]:
     topology = Topology(prefix=prefix)
     names = [topology.reply_queue, topology.start_queue] + [
         topology.command_queue(s) for s in SERVICES
     ]
     found: list[DeadLetter] = []
-    connection = await aio_pika.connect(url, timeout=10)
+    connection = await broker.connect()
     async with connection:
         channel = await connection.channel()
         for name in names:
@@ -847,9 +1057,9 @@ async def _drain_dead_letters(url: str, prefix: str) -> list[DeadLetter]:
     return found
 
 
-async def _delete_prefix(url: str, prefix: str) -> None:
+async def _delete_prefix(broker: Broker, prefix: str) -> None:
     topology = Topology(prefix=prefix)
-    connection = await aio_pika.connect(url, timeout=10)
+    connection = await broker.connect()
     async with connection:
         channel = await connection.channel()
         for spec in topology.queues(SERVICES):
@@ -859,6 +1069,12 @@ async def _delete_prefix(url: str, prefix: str) -> None:
             await channel.exchange_delete(exchange.name)
 
 
-async def run_soak(plan: ChaosPlan, directory: Path, progress: Callable[[str], None]) -> Report:
-    """Run ``plan`` in ``directory`` (plan, logs, databases and report are kept there)."""
-    return await Soak(plan, directory, progress).run()
+async def run_soak(
+    plan: ChaosPlan,
+    directory: Path,
+    progress: Callable[[str], None],
+    postgres: str = DEFAULT_POSTGRES,
+) -> Report:
+    """Run ``plan`` in ``directory`` (plan, logs, databases and report are kept there); with
+    backend postgresql the orchestrators use a temporary database on the ``postgres`` server."""
+    return await Soak(plan, directory, progress, postgres).run()
