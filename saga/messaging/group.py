@@ -18,16 +18,21 @@ implementation. ``apply`` answers each item of a batch with one of:
 If the shared transaction itself fails, every item of it is tried again in a transaction of its
 own, so one bad item cannot fail the others that happened to share its batch, unless the
 database is down (:func:`saga.store.faults.database_fault`): then each alone would fail alike.
+A transaction the database rolled back to break a deadlock or a serialization conflict with
+another writer (PostgreSQL, several instances) did nothing: the batch runs again at once, a few
+times, before its items are failed; otherwise every message of the batch would go back to its
+queue for a second, long enough for steps to time out.
 """
 
 from __future__ import annotations
 
 import asyncio
 import enum
+import random
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Generic, TypeVar
 
-from saga.store.faults import database_fault
+from saga.store.faults import database_fault, rolled_back
 
 __all__ = ["REQUEUE", "Apply", "GroupCommit", "Requeue"]
 
@@ -53,11 +58,15 @@ class GroupCommit(Generic[T, R]):
     raising means nothing of the batch was committed.
     """
 
+    #: runs of a batch that the database rolled back (deadlock, serialization) before giving up
+    ROLLED_BACK_RUNS = 5
+
     def __init__(self, apply: Apply[T, R], max_batch: int = 128):
         if max_batch < 1:
             raise ValueError("max_batch must be at least 1")
         self._apply = apply
         self.max_batch = max_batch
+        self.rolled_back = 0  # batches run again after the database rolled them back
         self._pending: list[tuple[T, asyncio.Future[R]]] = []
         self._draining: asyncio.Task[None] | None = None
         self.batches = 0  # transactions committed, for tests, metrics and tuning
@@ -93,7 +102,7 @@ class GroupCommit(Generic[T, R]):
     ) -> list[tuple[T, asyncio.Future[R]]]:
         """Commit ``batch``; returns the items to decide again."""
         try:
-            answers = await self._apply([item for item, _ in batch])
+            answers = await self._run([item for item, _ in batch])
         except Exception as exc:
             if len(batch) == 1 or database_fault(exc):
                 for _, future in batch:
@@ -111,6 +120,20 @@ class GroupCommit(Generic[T, R]):
             else:
                 _settle(pair[1], answer)
         return again
+
+    async def _run(self, items: list[T]) -> Sequence[R | BaseException | Requeue]:
+        """``apply``, again while the database rolls the transaction back to break a deadlock
+        (after a short random pause, so the two sides do not collide again)."""
+        runs = 0
+        while True:
+            runs += 1
+            try:
+                return await self._apply(items)
+            except Exception as exc:
+                if runs >= self.ROLLED_BACK_RUNS or not rolled_back(exc):
+                    raise
+                self.rolled_back += 1
+                await asyncio.sleep(random.uniform(0.002, 0.02) * runs)
 
 
 def _settle(future: asyncio.Future[R], answer: R | BaseException) -> None:

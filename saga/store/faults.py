@@ -12,7 +12,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from saga.core.errors import ConcurrencyError
 
-__all__ = ["database_fault", "database_reachable", "describe_error"]
+__all__ = ["database_fault", "database_reachable", "describe_error", "rolled_back"]
 
 #: SQLite primary result codes that describe the database, not the statement
 _SQLITE_FAULTS = frozenset(
@@ -34,6 +34,26 @@ _SQLITE_FAULTS = frozenset(
 #: deadlock), lock not available, read-only transaction (a standby)
 _PG_FAULT_CLASSES = ("08", "53", "57", "58", "40")
 _PG_FAULT_CODES = frozenset({"55P03", "25006"})
+
+
+#: SQLSTATEs of a transaction the server rolled back to resolve a conflict between
+#: transactions: a deadlock, a serialization failure. Nothing of it was written, and the same
+#: transaction run again at once most likely goes through.
+_PG_ROLLED_BACK = frozenset({"40P01", "40001"})
+
+
+def rolled_back(exc: BaseException) -> bool:
+    """True when ``exc`` (or what caused it) is PostgreSQL breaking a deadlock or a
+    serialization conflict: the transaction did nothing and is worth running again now."""
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        for candidate in (current, getattr(current, "orig", None)):
+            if getattr(candidate, "sqlstate", None) in _PG_ROLLED_BACK:
+                return True
+        current = current.__cause__ or current.__context__
+    return False
 
 
 def database_fault(exc: BaseException) -> bool:

@@ -483,15 +483,21 @@ class SqlStore:
         outbox_rows: list[dict[str, Any]],
         broken: set[UUID],
     ) -> None:
+        # Rows are locked in the order of their sagas' ids (a saga's own changes keep their
+        # order): two instances whose batches touch the same sagas then wait for each other
+        # instead of deadlocking, whatever order the messages came in.
+        order = sorted(range(len(changes)), key=lambda i: changes[i].transition.state.saga_id)
+        answers: list[CommitResult | None] = [None] * len(changes)
         async with self._write.begin() as conn:
             if doomed:
-                await conn.execute(outbox.delete().where(outbox.c.message_id.in_(doomed)))
-            for change in changes:
+                await conn.execute(outbox.delete().where(outbox.c.message_id.in_(sorted(doomed))))
+            for index in order:
+                change = changes[index]
                 saga_id = change.transition.state.saga_id
                 if saga_id in broken:
                     # decided on top of a state that was not written: never let it land, even
                     # if another instance moved the saga to the version it expects
-                    results.append(CommitResult.CONFLICT)
+                    answers[index] = CommitResult.CONFLICT
                     continue
                 result = await self._apply(conn, change, now, history_rows, outbox_rows)
                 if change.transition.applied and result in (
@@ -499,7 +505,8 @@ class SqlStore:
                     CommitResult.DUPLICATE,
                 ):
                     broken.add(saga_id)
-                results.append(result)
+                answers[index] = result
+            results.extend(a for a in answers if a is not None)
             if history_rows:
                 await conn.execute(history.insert(), history_rows)
             if outbox_rows:

@@ -52,6 +52,44 @@ async def test_a_failed_batch_is_retried_item_by_item_so_only_the_bad_one_fails(
     assert calls == [[0], [1, 2, 3], [1], [2], [3]]
 
 
+class DeadlockError(Exception):
+    """What asyncpg raises when PostgreSQL breaks a deadlock by rolling this transaction back."""
+
+    sqlstate = "40P01"
+
+
+async def test_a_batch_the_database_rolled_back_for_a_deadlock_runs_again_at_once() -> None:
+    calls: list[list[int]] = []
+
+    async def apply(items: Sequence[int]) -> list[int]:
+        calls.append(list(items))
+        await asyncio.sleep(0)
+        if len(calls) <= 2:
+            raise sa.exc.DBAPIError("UPDATE saga_instances", {}, DeadlockError("deadlock detected"))
+        return [i * 10 for i in items]
+
+    group = GroupCommit(apply)
+    outcomes = await asyncio.gather(*(group.submit(i) for i in (1, 2, 3)))
+    assert outcomes == [10, 20, 30]  # nobody saw the deadlock: nothing goes back to a queue
+    assert calls == [[1, 2, 3]] * 3
+    assert group.rolled_back == 2
+
+
+async def test_a_batch_rolled_back_every_time_fails_in_the_end() -> None:
+    calls = 0
+
+    async def apply(items: Sequence[int]) -> list[int]:
+        nonlocal calls
+        calls += 1
+        await asyncio.sleep(0)
+        raise sa.exc.DBAPIError("INSERT INTO saga_inbox", {}, DeadlockError("deadlock detected"))
+
+    group = GroupCommit(apply)
+    with pytest.raises(sa.exc.DBAPIError):
+        await group.submit(1)
+    assert calls == GroupCommit.ROLLED_BACK_RUNS
+
+
 async def test_when_the_database_is_down_the_batch_fails_whole_without_retries() -> None:
     calls: list[list[int]] = []
 
