@@ -39,6 +39,7 @@ from saga.core.state import SagaStatus
 from saga.participant.ledger import Ledger, outbox, replies
 from saga.participant.settings import ParticipantSettings
 from saga.protocol.envelope import StartSaga
+from saga.store.faults import rolled_back
 from saga.store.schema import sagas as sagas_table
 from saga.store.sql import SqlStore, sqlite_engine
 from saga.transport.topology import DEAD_LETTER_REASON, Topology
@@ -67,8 +68,10 @@ STARTUP_TIMEOUT = 60.0
 #: seconds a process may take to stop on SIGTERM (its SAGA_SHUTDOWN_TIMEOUT is 10)
 STOP_BOUND = 15.0
 #: a cluster's Erlang net tick (RabbitMQ's default is 60 s): a partition longer than about this
-#: is seen by both sides, and the minority node pauses (``pause_minority``)
-NET_TICKTIME = 8
+#: is seen by both sides, and the minority node pauses (``pause_minority``). Until then the
+#: processes on the cut-off node are stalled, so it must be well below what the checkout's
+#: steps allow (3 s timeouts, three attempts), or a partition times steps out for good
+NET_TICKTIME = 4
 #: seconds to wait for the confirms of a chunk of starts before trying again elsewhere
 PUBLISH_TIMEOUT = 15.0
 #: the PostgreSQL server whose temporary database the orchestrators use with backend postgresql
@@ -643,15 +646,21 @@ def _hold_lock(path: Path, seconds: float) -> None:
 
 
 async def _hold_table_locks(url: str, seconds: float) -> None:
-    """Hold exclusive locks on the orchestrators' tables for ``seconds`` on PostgreSQL, as a
-    stuck migration or a long batch job would: every writer waits behind it."""
+    """Hold an exclusive lock on the orchestrators' saga table for ``seconds`` on PostgreSQL, as
+    a stuck migration or a long batch job would: every writer waits behind it. PostgreSQL may
+    pick the lock's own session to break a deadlock with the writers queued behind it: then it
+    is taken again."""
     engine = create_async_engine(url, poolclass=NullPool)
     try:
-        async with engine.begin() as conn:
-            await conn.execute(
-                sa.text("LOCK TABLE saga_instances, saga_outbox, saga_inbox IN EXCLUSIVE MODE")
-            )
-            await asyncio.sleep(seconds)
+        for attempt in range(5):
+            try:
+                async with engine.begin() as conn:
+                    await conn.execute(sa.text("LOCK TABLE saga_instances IN EXCLUSIVE MODE"))
+                    await asyncio.sleep(seconds)
+                return
+            except sa.exc.DBAPIError as exc:
+                if not rolled_back(exc) or attempt == 4:
+                    raise
     finally:
         await engine.dispose()
 
