@@ -207,7 +207,11 @@ class Stack:
                     **base,
                     "SAGA_RABBITMQ_URL": self.urls.get(name, self.amqp_url),
                     "SAGA_DATABASE_URL": self.database_url,
-                    "SAGA_DEFINITIONS": "saga_demo.checkout:registry",
+                    "SAGA_DEFINITIONS": (
+                        "saga_tools.chaos.definitions:cluster_registry"
+                        if self.quorum
+                        else "saga_demo.checkout:registry"
+                    ),
                     "SAGA_TIMER_INTERVAL": "0.05",
                     "SAGA_TIMER_GRACE": "0.5",
                     **(
