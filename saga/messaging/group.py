@@ -21,7 +21,9 @@ database is down (:func:`saga.store.faults.database_fault`): then each alone wou
 A transaction the database rolled back to break a deadlock or a serialization conflict with
 another writer (PostgreSQL, several instances) did nothing: the batch runs again at once, a few
 times, before its items are failed; otherwise every message of the batch would go back to its
-queue for a second, long enough for steps to time out.
+queue for a second, long enough for steps to time out. So does a batch that met a dead pooled
+connection (the pools do not ping each connection they hand out): if its commit went through
+after all, the second run finds its inbox ids and ledger rows and changes nothing.
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ import random
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Generic, TypeVar
 
-from saga.store.faults import database_fault, rolled_back
+from saga.store.faults import database_fault, rolled_back, stale_connection
 
 __all__ = ["REQUEUE", "Apply", "GroupCommit", "Requeue"]
 
@@ -60,6 +62,9 @@ class GroupCommit(Generic[T, R]):
 
     #: runs of a batch that the database rolled back (deadlock, serialization) before giving up
     ROLLED_BACK_RUNS = 5
+    #: of which at most this many after a dead pooled connection (a server restart leaves a
+    #: few in the pool; more means the server is down: the batch fails and waits its turn)
+    STALE_RUNS = 2
 
     def __init__(self, apply: Apply[T, R], max_batch: int = 128):
         if max_batch < 1:
@@ -124,13 +129,18 @@ class GroupCommit(Generic[T, R]):
     async def _run(self, items: list[T]) -> Sequence[R | BaseException | Requeue]:
         """``apply``, again while the database rolls the transaction back to break a deadlock
         (after a short random pause, so the two sides do not collide again)."""
-        runs = 0
+        runs = stale = 0
         while True:
             runs += 1
             try:
                 return await self._apply(items)
             except Exception as exc:
-                if runs >= self.ROLLED_BACK_RUNS or not rolled_back(exc):
+                if runs >= self.ROLLED_BACK_RUNS:
+                    raise
+                if stale_connection(exc) and stale < self.STALE_RUNS:
+                    stale += 1  # the pool has dropped it: the next run gets a fresh one
+                    continue
+                if not rolled_back(exc):
                     raise
                 self.rolled_back += 1
                 await asyncio.sleep(random.uniform(0.002, 0.02) * runs)

@@ -120,7 +120,7 @@ class Ledger:
             options: dict[str, Any] = {}
             if schema is not None:
                 options["schema_translate_map"] = {None: schema}
-            self.engine = create_async_engine(url, pool_pre_ping=True, execution_options=options)
+            self.engine = create_async_engine(url, execution_options=options)
             self.reader = self.engine
 
     async def setup(self) -> None:

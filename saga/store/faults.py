@@ -12,7 +12,13 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from saga.core.errors import ConcurrencyError
 
-__all__ = ["database_fault", "database_reachable", "describe_error", "rolled_back"]
+__all__ = [
+    "database_fault",
+    "database_reachable",
+    "describe_error",
+    "rolled_back",
+    "stale_connection",
+]
 
 #: SQLite primary result codes that describe the database, not the statement
 _SQLITE_FAULTS = frozenset(
@@ -52,6 +58,21 @@ def rolled_back(exc: BaseException) -> bool:
         for candidate in (current, getattr(current, "orig", None)):
             if getattr(candidate, "sqlstate", None) in _PG_ROLLED_BACK:
                 return True
+        current = current.__cause__ or current.__context__
+    return False
+
+
+def stale_connection(exc: BaseException) -> bool:
+    """True when ``exc`` came from a pooled connection that turned out dead (the server
+    restarted, a proxy dropped it): SQLAlchemy has thrown it away, and the next checkout gets a
+    new one. The pools do not ping every connection they hand out (a round trip per
+    transaction); a transaction that hits a dead one is run again instead."""
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        if isinstance(current, sa.exc.DBAPIError) and current.connection_invalidated:
+            return True
         current = current.__cause__ or current.__context__
     return False
 

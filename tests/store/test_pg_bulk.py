@@ -1,0 +1,121 @@
+"""The PostgreSQL group commit's bulk path writes exactly what the row-by-row path writes.
+
+A batch goes to PostgreSQL as one statement per kind of row (``SqlStore._commit_bulk_pg``): the
+version-checked update is raw SQL over ``unnest`` arrays, so its JSON text, timestamps and
+cleared claims must equal what SQLAlchemy writes row by row. The same changes are written both
+ways, each into a schema of its own, and every stored row is compared as text; a batch holding
+a duplicate or a stale version must fall back and answer exactly as row by row does.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import AsyncIterator
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import pytest
+import sqlalchemy as sa
+
+from saga.core.engine import decide
+from saga.ports import Change, CommitResult, OutboxMessage
+from saga.store import sql as sql_module
+from saga.store.sql import SqlStore
+from tests.conftest import require_postgres
+from tests.store.test_store_contract import DEF, change_for, reply_ok, started
+
+pytestmark = pytest.mark.postgres
+
+T0 = datetime(2030, 1, 2, 3, 4, 5, tzinfo=UTC)
+TABLES = ("saga_instances", "saga_inbox", "saga_history", "saga_outbox")
+
+
+@pytest.fixture
+async def stores(unique: str) -> AsyncIterator[tuple[SqlStore, SqlStore]]:
+    made = []
+    for kind in ("bulk", "rows"):
+        store = SqlStore(require_postgres(), schema=f"saga_pgbulk_{kind}_{unique}")
+        await store.migrate()
+        store._bulk_pg = kind == "bulk"
+        made.append(store)
+    try:
+        yield made[0], made[1]
+    finally:
+        for store in made:
+            await store.drop_schema()
+            await store.close()
+
+
+async def dump(store: SqlStore) -> dict[str, list[tuple[str, ...]]]:
+    """Every row of every table, every value as PostgreSQL prints it."""
+    found = {}
+    async with store._write.connect() as conn:
+        for table in TABLES:
+            columns = [
+                r[0]
+                for r in await conn.execute(
+                    sa.text(
+                        "SELECT column_name FROM information_schema.columns "
+                        "WHERE table_schema = :schema AND table_name = :table "
+                        "ORDER BY ordinal_position"
+                    ),
+                    {"schema": store.schema, "table": table},
+                )
+            ]
+            text = ", ".join(f"{c}::text" for c in columns)
+            rows = await conn.execute(sa.text(f'SELECT {text} FROM "{store.schema}".{table}'))
+            found[table] = sorted(tuple(map(str, r)) for r in rows)
+    return found
+
+
+def with_outbox(change: Change) -> Change:
+    t = change.transition
+    message = OutboxMessage(
+        message_id=uuid.uuid5(t.state.saga_id, str(t.state.version)),
+        saga_id=t.state.saga_id,
+        exchange="saga.commands",
+        routing_key="stock",
+        message_type="stock.reserve",
+        body=b'{"n": "\\u00e4"}',
+        headers={"traceparent": "00-" + "1" * 32 + "-" + "2" * 16 + "-01"},
+        created_at=T0,
+    )
+    return Change(t, change.expected_version, inbox_id=change.inbox_id, outbox=(message,))
+
+
+async def test_a_batch_is_stored_alike_in_bulk_and_row_by_row(
+    stores: tuple[SqlStore, SqlStore], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(sql_module, "_now", lambda: T0)  # the inbox's and outbox's clock
+    bulk, rows = stores
+    sagas = [started(f"key-{i}", at=T0, saga_id=uuid.UUID(int=i + 1)) for i in range(6)]
+    answers: list[list[CommitResult]] = []
+    for store in stores:
+        answers.append(await store.commit([with_outbox(change_for(t, None)) for t in sagas]))
+    assert answers[0] == answers[1] == [CommitResult.APPLIED] * 6
+
+    # one reply each, in a scrambled order; later a timer that moves nothing, and a stale one
+    moved = [decide(DEF, t.state, reply_ok(t.state), T0 + timedelta(seconds=1)) for t in sagas]
+    batch = [
+        with_outbox(change_for(m, t.state.version, inbox=uuid.UUID(int=100 + i)))
+        for i, (m, t) in enumerate(zip(moved, sagas, strict=True))
+    ][::-1]
+    for store in stores:
+        assert await store.commit(batch) == [CommitResult.APPLIED] * 6
+    assert await dump(bulk) == await dump(rows)
+
+    # a duplicate inbox id and a stale version in one batch: both fall back, answer alike
+    again = decide(DEF, moved[0].state, reply_ok(moved[0].state), T0 + timedelta(seconds=2))
+    stale = decide(DEF, moved[1].state, reply_ok(moved[1].state), T0 + timedelta(seconds=2))
+    mixed = [
+        change_for(again, moved[0].state.version, inbox=uuid.UUID(int=200)),
+        change_for(stale, moved[1].state.version - 1, inbox=uuid.UUID(int=201)),
+        change_for(moved[2], sagas[2].state.version, inbox=uuid.UUID(int=102)),  # duplicate
+    ]
+    results: list[Any] = [await store.commit(mixed) for store in stores]
+    assert results[0] == results[1] == [
+        CommitResult.APPLIED,
+        CommitResult.CONFLICT,
+        CommitResult.DUPLICATE,
+    ]
+    assert await dump(bulk) == await dump(rows)

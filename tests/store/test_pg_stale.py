@@ -1,0 +1,64 @@
+"""A PostgreSQL restart leaves dead connections in the pool; the next batch still commits.
+
+The store's pool does not ping every connection it hands out (that is a round trip per
+transaction). A batch that gets a connection the server has closed fails; SQLAlchemy throws the
+connection away and the group commit runs the batch again at once on a fresh one, so no message
+goes back to its queue for it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Sequence
+
+import pytest
+import sqlalchemy as sa
+
+from saga.messaging.group import GroupCommit
+from saga.ports import Change, CommitResult
+from saga.store.sql import SqlStore
+from tests.conftest import require_postgres
+from tests.store.test_store_contract import change_for, started
+
+pytestmark = pytest.mark.postgres
+
+
+@pytest.fixture
+async def store(unique: str) -> AsyncIterator[SqlStore]:
+    sql = SqlStore(require_postgres(), schema=f"saga_stale_{unique}", pool_size=3)
+    await sql.migrate()
+    try:
+        yield sql
+    finally:
+        await sql.drop_schema()
+        await sql.close()
+
+
+async def _terminate_others(url: str, schema: str) -> int:
+    """Close, server side, every connection of this database but the one asking."""
+    admin = SqlStore(url, schema=schema)
+    try:
+        async with admin._write.connect() as conn:
+            killed = await conn.scalar(
+                sa.text(
+                    "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
+                    "WHERE datname = current_database() AND pid <> pg_backend_pid() "
+                    "AND application_name = '' AND backend_type = 'client backend'"
+                )
+            )
+    finally:
+        await admin.close()
+    return int(killed or 0)
+
+
+async def test_a_batch_on_a_connection_the_server_closed_runs_again_and_commits(
+    store: SqlStore,
+) -> None:
+    async def apply(changes: Sequence[Change]) -> list[CommitResult]:
+        return await store.commit(changes)
+
+    group: GroupCommit[Change, CommitResult] = GroupCommit(apply)
+    assert await group.submit(change_for(started("warm"), None)) is CommitResult.APPLIED
+    assert await _terminate_others(require_postgres(), store.schema or "") >= 1
+    # the pool still holds the killed connection: the first run fails on it, the second not
+    assert await group.submit(change_for(started("after"), None)) is CommitResult.APPLIED
+    assert group.batches == 2
