@@ -47,14 +47,21 @@ QUIET_LIBRARIES = ("aiormq", "aio_pika")
 class _QuietLibraries(logging.Filter):
     """Keeps the AMQP libraries' own lines out unless the level is DEBUG: a reset connection
     would otherwise print their traceback next to our one-line event, and before the one-line
-    error of a process that cannot start."""
+    error of a process that cannot start. Their Python warnings too (``py.warnings``): aio-pika
+    closes a connection dropped unclosed from ``__del__``, and when that runs outside the loop
+    the coroutine it made is never awaited, which Python reports as a RuntimeWarning."""
 
     def __init__(self, verbose: bool):
         super().__init__()
         self.verbose = verbose
 
     def filter(self, record: logging.LogRecord) -> bool:
-        return self.verbose or not record.name.startswith(QUIET_LIBRARIES)
+        if self.verbose:
+            return True
+        if record.name == "py.warnings":
+            text = record.getMessage()
+            return not any(f"/{library}/" in text for library in QUIET_LIBRARIES)
+        return not record.name.startswith(QUIET_LIBRARIES)
 
 
 def add_trace_ids(
@@ -102,6 +109,7 @@ def configure_logging(level: str | None = None) -> None:
             ],
         )
     )
+    logging.captureWarnings(True)  # warnings become log lines, through the same pipeline
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(max(numeric, logging.WARNING))

@@ -9,6 +9,7 @@ import logging
 import os
 import signal
 import sys
+import warnings
 
 import aiormq
 import pytest
@@ -126,11 +127,22 @@ def test_the_amqp_libraries_lines_show_only_at_debug(monkeypatch: pytest.MonkeyP
         logging.getLogger("aiormq.connection").warning("Cancelling cause reader exited")
         logging.getLogger("aio_pika.robust_connection").error("error when creating transport")
         logging.getLogger("sqlalchemy.pool").warning("a pool line")
+        # what aio-pika's Connection.__del__ leaves when it runs outside the loop
+        warnings.warn_explicit(
+            "coroutine 'Connection.close' was never awaited",
+            RuntimeWarning,
+            "/site-packages/aio_pika/connection.py",
+            252,
+        )
+        warnings.warn_explicit("a warning of ours", UserWarning, "/app/saga/x.py", 1)
         text = stream.getvalue()
         assert ("Cancelling cause reader" in text) is shown, text
         assert ("error when creating transport" in text) is shown, text
+        assert ("Connection.close' was never awaited" in text) is shown, text
         assert "a pool line" in text
+        assert "a warning of ours" in text  # other warnings: a log line, not raw stderr
     configure_logging("INFO")
+    logging.captureWarnings(False)
 
 
 def test_the_broker_error_says_what_to_check_by_how_it_failed() -> None:
