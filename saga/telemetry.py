@@ -44,6 +44,7 @@ from opentelemetry.trace import (
     SpanKind,
     Status,
     StatusCode,
+    TraceFlags,
     TraceState,
 )
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
@@ -333,8 +334,8 @@ class Tracing:
     ) -> Iterator[trace.Span]:
         """The span of consuming a message from ``queue``: current while it is handled, a
         child of the span that published it (its ``traceparent`` header)."""
-        ctx = _PROPAGATOR.extract(_text(headers))
         if not self.recording:
+            ctx = _remote_context(headers)
             # no span to build: the publisher's context is current, for the logs' ids; a
             # message without one gets ids of its own
             if not trace.get_current_span(ctx).get_span_context().is_valid:
@@ -348,6 +349,7 @@ class Tracing:
             finally:
                 otel_context.detach(token)
             return
+        ctx = _PROPAGATOR.extract(_text(headers))
         attrs = {
             **_MESSAGING,
             "messaging.operation.type": "process",
@@ -424,6 +426,40 @@ class Tracing:
             },
         )
         span.end(end_time=end)
+
+
+_HEX = frozenset("0123456789abcdef")
+
+
+def _remote_context(carrier: Mapping[str, Any] | None) -> otel_context.Context:
+    """The publisher's span context from a ``traceparent`` of version 00, parsed without the
+    propagator's regular expression (a tenth of a millisecond per message, when nothing is
+    recorded and only the logs' ids are wanted); anything else goes to the propagator, which
+    gives what it gives, an empty context included."""
+    text = _text(carrier)
+    parent = text.get("traceparent", "")
+    parts = parent.split("-")
+    if (
+        len(parent) == 55
+        and len(parts) == 4
+        and parts[0] == "00"
+        and len(parts[1]) == 32
+        and len(parts[2]) == 16
+        and len(parts[3]) == 2
+        and _HEX.issuperset(parent.replace("-", ""))
+    ):
+        trace_id, span_id = int(parts[1], 16), int(parts[2], 16)
+        if trace_id and span_id:
+            state = text.get("tracestate")
+            context = SpanContext(
+                trace_id,
+                span_id,
+                is_remote=True,
+                trace_flags=TraceFlags(int(parts[3], 16)),
+                trace_state=TraceState.from_header([state]) if state else None,
+            )
+            return trace.set_span_in_context(NonRecordingSpan(context))
+    return _PROPAGATOR.extract(text)
 
 
 def _text(carrier: Mapping[str, Any] | None) -> dict[str, str]:

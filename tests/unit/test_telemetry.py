@@ -295,3 +295,43 @@ def test_with_nothing_to_export_no_span_is_built_but_logs_still_get_ids() -> Non
     assert carrier["traceparent"].endswith("-01")  # sampled upstream: still sampled
     assert carrier["parent"] == parent
     assert tracer()[0].recording  # with a span processor: recording
+
+
+# --- the publisher's context without the propagator's regular expression --------------------
+
+_VALID = "00-" + "0af7651916cd43dd8448eb211c80319c" + "-" + "b7ad6b7169203331" + "-01"
+
+
+@pytest.mark.parametrize(
+    "headers",
+    [
+        {"traceparent": _VALID},
+        {"traceparent": _VALID.encode()},  # AMQP headers may arrive as bytes
+        {"traceparent": _VALID[:-2] + "00"},  # not sampled
+        {"traceparent": _VALID, "tracestate": "vendor=a1,other=b2"},
+        {"traceparent": _VALID.upper()},  # W3C wants lower case
+        {"traceparent": "ff" + _VALID[2:]},  # a forbidden version
+        {"traceparent": "01" + _VALID[2:] + "-future"},  # a later version with more fields
+        {"traceparent": "00-" + "0" * 32 + "-b7ad6b7169203331-01"},  # an invalid trace id
+        {"traceparent": "00-0af7651916cd43dd8448eb211c80319c-" + "0" * 16 + "-01"},
+        {"traceparent": _VALID[:-1]},
+        {"traceparent": _VALID.replace("-", "_")},
+        {"traceparent": "00-0af7651916cd43dd8448eb211c80319g-b7ad6b7169203331-01"},
+        {"traceparent": 42},
+        {},
+        None,
+    ],
+)
+def test_the_fast_parse_reads_what_the_w3c_propagator_reads(headers: Any) -> None:
+    from opentelemetry import trace  # noqa: PLC0415
+
+    from saga import telemetry  # noqa: PLC0415
+
+    fast = trace.get_current_span(telemetry._remote_context(headers)).get_span_context()
+    slow = trace.get_current_span(
+        telemetry._PROPAGATOR.extract(telemetry._text(headers))
+    ).get_span_context()
+    assert fast == slow
+    assert fast.is_remote == slow.is_remote
+    assert fast.trace_flags == slow.trace_flags
+    assert dict(fast.trace_state) == dict(slow.trace_state)
