@@ -109,7 +109,10 @@ def configure_logging(level: str | None = None) -> None:
             ],
         )
     )
-    logging.captureWarnings(True)  # warnings become log lines, through the same pipeline
+    # warnings become log lines, through the same pipeline; off and on again, so that the
+    # capture is ours even if something (a test runner) replaced warnings.showwarning since
+    logging.captureWarnings(False)
+    logging.captureWarnings(True)
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(max(numeric, logging.WARNING))

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Awaitable, Callable, Mapping
+from datetime import datetime
 
 import structlog
 
@@ -57,7 +58,9 @@ class TimerLoop:
         self._backlogged = backlogged
         self.backlog_every = backlog_every
         self._held_since: dict[str, float] = {}  # participant -> when its backlog was first seen
-        self._cleared_at: dict[str, float] = {}  # participant -> when its backlog was seen gone
+        #: participant -> when its backlog was seen gone: on the loop's clock (how long to keep
+        #: it at most) and on the orchestrator's, the clock its deadlines are set on
+        self._cleared_at: dict[str, tuple[float, datetime]] = {}
         self._hold_checked = float("-inf")
 
     async def _participants_held(self, now: float) -> Mapping[str, float]:
@@ -77,16 +80,17 @@ class TimerLoop:
             for name in list(self._held_since):
                 if name not in backlogged:
                     del self._held_since[name]
-                    self._cleared_at[name] = now
+                    self._cleared_at[name] = (now, self._orchestrator.clock.now())
             for name in backlogged:
                 self._cleared_at.pop(name, None)
                 if name not in self._held_since:
                     self._held_since[name] = now
                     log.debug("timers_held", participant=name, why="commands not taken yet")
-            for name, at in list(self._cleared_at.items()):
-                if now - at >= self.credit_max:
+            for name, (seen, _) in list(self._cleared_at.items()):
+                if now - seen >= self.credit_max:
                     del self._cleared_at[name]
-        hold = {name: now - at for name, at in self._cleared_at.items()}
+        today = self._orchestrator.clock.now()
+        hold = {name: (today - at).total_seconds() for name, (_, at) in self._cleared_at.items()}
         hold.update(
             (name, 0.0) for name, since in self._held_since.items() if now - since < self.credit_max
         )

@@ -129,9 +129,14 @@ async def test_clock_jumps_fire_each_timer_at_most_once(tmp_path: Path, unique: 
         await _unchanged(service, sagas)
 
         # forward past the other saga's attempt 2 timeout only; beta took attempt 2 off its
-        # queue (a command still queued holds its step's timeout back)
+        # queue (a command still queued holds its step's timeout back, and once taken the step
+        # has its whole timeout from then, on the orchestrator's clock: t1 + 5 s)
         await tap.poll()
+        await asyncio.sleep(QUIET * 2)  # the timer loop looks at the queues every 0.5 s
         clock.set(t1 + TIMEOUT + timedelta(seconds=1))
+        await _unchanged(service, sagas)
+        timed_out_at = t1 + timedelta(seconds=5) + TIMEOUT + timedelta(seconds=1)
+        clock.set(timed_out_at)
         await _wait_for(service, backs, HistoryKind.STEP_TIMED_OUT, "beta", 2)
         await _unchanged(service, sagas)
 
@@ -142,7 +147,7 @@ async def test_clock_jumps_fire_each_timer_at_most_once(tmp_path: Path, unique: 
         await _ok(harness, late)
         await _wait_for(service, waits, HistoryKind.COMPLETED)
         await asyncio.sleep(QUIET)
-        t2 = t1 + TIMEOUT + 2 * BACKOFF + timedelta(seconds=2)  # past the second backoff (60 s)
+        t2 = timed_out_at + 2 * BACKOFF + timedelta(seconds=1)  # past the second backoff (60 s)
         clock.set(t2)
         await _ok(harness, await tap.expect(backs, "beta", attempt=3))
         await _ok(harness, await tap.expect(backs, "gamma"))

@@ -123,6 +123,8 @@ def test_the_amqp_libraries_lines_show_only_at_debug(monkeypatch: pytest.MonkeyP
     for level, shown in (("WARNING", False), ("DEBUG", True)):
         stream = io.StringIO()
         monkeypatch.setattr(sys, "stderr", stream)
+        monkeypatch.setattr(warnings, "filters", [])  # every warning shown, each time
+        monkeypatch.setattr(warnings, "showwarning", warnings.showwarning)
         configure_logging(level)
         logging.getLogger("aiormq.connection").warning("Cancelling cause reader exited")
         logging.getLogger("aio_pika.robust_connection").error("error when creating transport")
