@@ -448,25 +448,9 @@ class SqlStore:
         is one call to a worker thread with statements compiled once (:mod:`.sqlite_batch`):
         through SQLAlchemy, per statement, the async driver cost far more than SQLite's work.
         """
-        inbox_rows, inserts, updates = [], [], []
-        history_rows: list[dict[str, Any]] = []
-        outbox_rows: list[dict[str, Any]] = []
-        for change in changes:
-            state = change.transition.state
-            if change.inbox_id is not None:
-                inbox_rows.append(
-                    {"message_id": change.inbox_id, "saga_id": state.saga_id, "received_at": now}
-                )
-            if change.transition.applied:
-                row = _row_from_state(state)
-                if change.expected_version is None:
-                    inserts.append(row)
-                else:
-                    row["w_saga_id"] = row.pop("saga_id")
-                    row["w_version"] = change.expected_version
-                    updates.append(row)
-                outbox_rows.extend(_outbox_row(m, now, None) for m in change.outbox)
-            history_rows.extend(_history_row(state.saga_id, h) for h in change.transition.history)
+        inbox_rows, inserts, updates, history_rows, outbox_rows = _bulk_rows(changes, now, None)
+        for row in updates:
+            row["w_saga_id"] = row.pop("saga_id")
         work = [
             self._work(_OUTBOX_DELETE, [{"message_id": i} for i in doomed]),
             self._work(self._inbox_insert, inbox_rows, exact=True),
@@ -496,27 +480,10 @@ class SqlStore:
         ids = [c.transition.state.saga_id for c in changes]
         if len(set(ids)) != len(ids):
             return None
-        inbox_rows: list[dict[str, Any]] = []
-        inserts: list[dict[str, Any]] = []
-        updates: list[dict[str, Any]] = []
-        history_rows: list[dict[str, Any]] = []
-        outbox_rows: list[dict[str, Any]] = []
-        for index in sorted(range(len(changes)), key=ids.__getitem__):
-            change = changes[index]
-            state = change.transition.state
-            if change.inbox_id is not None:
-                inbox_rows.append(
-                    {"message_id": change.inbox_id, "saga_id": state.saga_id, "received_at": now}
-                )
-            if change.transition.applied:
-                row = _row_from_state(state)
-                if change.expected_version is None:
-                    inserts.append(row)
-                else:
-                    row["w_version"] = change.expected_version
-                    updates.append(row)
-                outbox_rows.extend(_outbox_row(m, now, self.instance) for m in change.outbox)
-            history_rows.extend(_history_row(state.saga_id, h) for h in change.transition.history)
+        ordered = sorted(changes, key=lambda c: c.transition.state.saga_id)
+        inbox_rows, inserts, updates, history_rows, outbox_rows = _bulk_rows(
+            ordered, now, self.instance
+        )
         try:
             async with self._write.begin() as conn:
                 if doomed:
@@ -906,6 +873,34 @@ def _pg_update_args(rows: list[dict[str, Any]]) -> list[list[Any]]:
             values = [None if v is None else v.astimezone(UTC) for v in values]
         args.append(values)
     return args
+
+
+def _bulk_rows(
+    changes: Sequence[Change], now: datetime, instance: int | None
+) -> tuple[list[dict[str, Any]], ...]:
+    """A batch's rows by kind, in the changes' order, for the bulk paths: inbox ids, new
+    sagas, version-checked updates (with ``w_version``), history and outbox rows."""
+    inbox_rows: list[dict[str, Any]] = []
+    inserts: list[dict[str, Any]] = []
+    updates: list[dict[str, Any]] = []
+    history_rows: list[dict[str, Any]] = []
+    outbox_rows: list[dict[str, Any]] = []
+    for change in changes:
+        state = change.transition.state
+        if change.inbox_id is not None:
+            inbox_rows.append(
+                {"message_id": change.inbox_id, "saga_id": state.saga_id, "received_at": now}
+            )
+        if change.transition.applied:
+            row = _row_from_state(state)
+            if change.expected_version is None:
+                inserts.append(row)
+            else:
+                row["w_version"] = change.expected_version
+                updates.append(row)
+            outbox_rows.extend(_outbox_row(m, now, instance) for m in change.outbox)
+        history_rows.extend(_history_row(state.saga_id, h) for h in change.transition.history)
+    return inbox_rows, inserts, updates, history_rows, outbox_rows
 
 
 class _RowByRowError(Exception):
