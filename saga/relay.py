@@ -12,7 +12,7 @@ import asyncio
 import contextlib
 import dataclasses
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from datetime import UTC, datetime
 from uuid import UUID
 
@@ -33,7 +33,7 @@ class Relay:
     def __init__(
         self,
         store: OutboxSource,
-        publish: Callable[[OutboxMessage], Awaitable[None]],
+        publish: Callable[[Sequence[OutboxMessage]], Awaitable[Sequence[Exception | None]]],
         *,
         batch: int = 500,
         max_in_flight: int = 256,
@@ -44,14 +44,16 @@ class Relay:
         tracing: Tracing | None = None,
         metrics: Metrics | None = None,
     ):
+        """``publish`` is a broker's ``publish_many``: it sends a chunk of rows and returns,
+        per row, None once the broker confirmed it or the error."""
         self.store = store
         self.publish = publish
         self.batch = batch
+        self.max_in_flight = max_in_flight
         self.poll_interval = poll_interval
         self.max_backoff = max_backoff
         self.tracing = tracing if tracing is not None else Tracing()
         self.metrics = metrics
-        self._slots = asyncio.Semaphore(max_in_flight)
         self._wake = asyncio.Event()
         self._flushing = asyncio.Lock()  # one flush at a time, or two would send the same rows
         self._stopping = False
@@ -94,7 +96,8 @@ class Relay:
                 await asyncio.wait_for(self._wake.wait(), self.poll_interval)
 
     async def flush(self) -> int:
-        """Publish one batch of pending rows concurrently; returns how many were confirmed.
+        """Publish one batch of pending rows, at most ``max_in_flight`` unconfirmed at a time;
+        returns how many were confirmed.
 
         Raises when any publish failed (after marking the confirmed ones), so ``run`` backs off.
         """
@@ -105,51 +108,66 @@ class Relay:
         pending = await self.store.pending_outbox(self.batch)
         if not pending:
             return 0
-        results = await asyncio.gather(*(self._one(m) for m in pending), return_exceptions=True)
+        results: list[Exception | None] = []
+        for i in range(0, len(pending), self.max_in_flight):
+            results += await self._publish(pending[i : i + self.max_in_flight])
         confirmed: list[UUID] = [
             m.message_id for m, r in zip(pending, results, strict=True) if r is None
         ]
         crash_point("after_confirm_before_mark")
         await self.store.mark_sent(confirmed)
         self.published += len(confirmed)
-        errors = [r for r in results if isinstance(r, BaseException)]
+        errors = [r for r in results if r is not None]
         if errors:
             raise errors[0]
         return len(confirmed)
 
-    async def _one(self, message: OutboxMessage) -> None:
-        async with self._slots:
-            span: trace.Span = trace.INVALID_SPAN
-            if self.tracing.recording:  # the publish span's context goes in a copy of the row
+    async def _publish(self, chunk: Sequence[OutboxMessage]) -> Sequence[Exception | None]:
+        spans: list[trace.Span] = []
+        if self.tracing.recording:  # each publish span's context goes in a copy of its row
+            traced = []
+            for m in chunk:
                 span, headers = self.tracing.publish(
-                    message.exchange,
-                    message.routing_key,
-                    message.message_id,
-                    message.saga_id,
-                    message.headers,
+                    m.exchange, m.routing_key, m.message_id, m.saga_id, m.headers
                 )
-                message = dataclasses.replace(message, headers=headers)
-            began = time.perf_counter()
-            try:
-                await self._send(message)
-            except BaseException as exc:
+                spans.append(span)
+                traced.append(dataclasses.replace(m, headers=headers))
+            chunk = traced
+        began = time.perf_counter()
+        try:
+            results = await self._send(chunk)
+        except BaseException as exc:
+            for span in spans:
                 span.record_exception(exc)
                 span.set_status(Status(StatusCode.ERROR, type(exc).__name__))
-                raise
-            finally:
                 span.end()
-            if self.metrics is not None:
-                self.metrics.published.inc()
-                self.metrics.publish_latency.observe(time.perf_counter() - began)
-                if message.created_at.year > 1970:  # the placeholder of rows without a time
-                    lag = (datetime.now(UTC) - message.created_at).total_seconds()
-                    self.metrics.outbox_lag.observe(max(lag, 0.0))
+            raise
+        for span, result in zip(spans, results if spans else (), strict=True):
+            if result is not None:
+                span.record_exception(result)
+                span.set_status(Status(StatusCode.ERROR, type(result).__name__))
+            span.end()
+        if self.metrics is not None:
+            self._observe(chunk, results, time.perf_counter() - began)
+        return results
 
-    async def _send(self, message: OutboxMessage) -> None:
+    def _observe(
+        self, chunk: Sequence[OutboxMessage], results: Sequence[Exception | None], took: float
+    ) -> None:
+        assert self.metrics is not None
+        now = datetime.now(UTC)
+        for m, result in zip(chunk, results, strict=True):
+            if result is not None:
+                continue
+            self.metrics.published.inc()
+            self.metrics.publish_latency.observe(took)
+            if m.created_at.year > 1970:  # the placeholder of rows without a time
+                self.metrics.outbox_lag.observe(max((now - m.created_at).total_seconds(), 0.0))
+
+    async def _send(self, chunk: Sequence[OutboxMessage]) -> Sequence[Exception | None]:
         if armed("after_publish_before_confirm"):
-            sending = asyncio.ensure_future(self.publish(message))
-            await asyncio.sleep(0.02)  # the frames are on the wire; the confirm is not in
+            sending = asyncio.ensure_future(self.publish(chunk))
+            await asyncio.sleep(0.02)  # the frames are on the wire; the confirms are not in
             crash_point("after_publish_before_confirm")
-            await sending
-            return
-        await self.publish(message)
+            return await sending
+        return await self.publish(chunk)

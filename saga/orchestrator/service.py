@@ -146,7 +146,7 @@ class OrchestratorService:
             await broker.declare(self.topology, self.participants)
             self.relay = Relay(
                 self.store,
-                broker.publish,
+                broker.publish_many,
                 batch=self.settings.relay_batch,
                 max_in_flight=self.settings.relay_in_flight,
                 poll_interval=self.settings.relay_poll_interval,

@@ -295,7 +295,7 @@ class Participant:
         await broker.declare(self.topology, [self.name])
         self._relay = Relay(
             self.ledger,
-            broker.publish,
+            broker.publish_many,
             poll_interval=self.settings.relay_poll_interval,
             tracing=self.tracing,
             metrics=self.metrics,

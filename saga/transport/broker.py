@@ -22,7 +22,7 @@ import asyncio
 import contextlib
 import uuid
 from collections import Counter
-from collections.abc import Awaitable, Callable, Iterable, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from datetime import datetime
 from typing import Any, Protocol, cast
 
@@ -33,7 +33,7 @@ from aio_pika.abc import (
 )
 
 from saga.ports import BrokerStats, OutboxMessage
-from saga.transport.amqp import Publisher, PublishRefusedError, TlsFiles, connect, declare
+from saga.transport.amqp import Outgoing, Publisher, PublishRefusedError, TlsFiles, connect, declare
 from saga.transport.link import Link, LinkDownError, note, own_cancellation, quietly
 from saga.transport.topology import (
     DEAD_LETTER_DETAIL,
@@ -100,6 +100,10 @@ class Broker(Protocol):
 
     async def publish(self, message: OutboxMessage) -> None:
         """Return once the message is in a queue; PublishRefusedError when it is in none."""
+
+    async def publish_many(self, messages: Sequence[OutboxMessage]) -> list[Exception | None]:
+        """Publish ``messages`` and wait for them all: per message None once it is in a queue,
+        else the error (PublishRefusedError when it is in none)."""
 
     async def publish_raw(
         self,
@@ -203,6 +207,13 @@ class BrokerBase:
     async def publish(self, message: OutboxMessage) -> None:
         """Return once the broker holds ``message``; raise PublishRefusedError if it does not."""
         await self.publish_raw(**outbox_fields(message))
+
+    async def publish_many(self, messages: Sequence[OutboxMessage]) -> list[Exception | None]:
+        results = await asyncio.gather(*map(self.publish, messages), return_exceptions=True)
+        for r in results:
+            if isinstance(r, BaseException) and not isinstance(r, Exception):
+                raise r  # a cancellation is not a refusal
+        return cast(list[Exception | None], results)
 
     async def dead_letter(
         self,
@@ -774,6 +785,26 @@ class AmqpBroker(BrokerBase):
             timestamp=timestamp,
             content_type=content_type,
         )
+
+    async def publish_many(self, messages: Sequence[OutboxMessage]) -> list[Exception | None]:
+        outgoing = [
+            Outgoing(
+                m.exchange,
+                m.routing_key,
+                m.body,
+                aiormq.spec.Basic.Properties(
+                    content_type="application/json",
+                    headers=dict(m.headers),
+                    delivery_mode=2,  # persistent
+                    correlation_id=str(m.saga_id),
+                    message_id=str(m.message_id),
+                    timestamp=m.created_at,
+                    message_type=m.message_type,
+                ),
+            )
+            for m in messages
+        ]
+        return list(await self._publisher.publish_many(outgoing))
 
     async def consume(self, queue: str, callback: Callback, *, prefetch: int) -> Consumer:
         consumer = _AmqpConsumer(self.link, queue, callback, prefetch)

@@ -45,12 +45,12 @@ FINISH_TIMEOUT = 60.0
 QUIET_TIMEOUT = 15.0
 
 # The n-th pass through each point kills the process. A fault-free run of this workload passes
-# each point roughly: commits with outbox rows ~40, publishes ~120, relay flushes ~35, replies
-# ~120 (group commit makes the first and third fewer on a slower machine). About a third of the
-# way in, the first waves are done, later ones half-way, the last not started yet.
+# each point roughly: commits with outbox rows ~40, relay flushes (one batch of publishes each)
+# ~35, replies ~120 (group commit makes the first two fewer on a slower machine). About a third
+# of the way in, the first waves are done, later ones half-way, the last not started yet.
 CRASH_AFTER = {
     "after_commit_before_publish": 12,
-    "after_publish_before_confirm": 40,
+    "after_publish_before_confirm": 12,
     "after_confirm_before_mark": 10,
     "after_reply_commit_before_ack": 40,
 }

@@ -270,3 +270,45 @@ async def test_acks_settled_together_leave_nothing_behind_and_a_nack_is_kept_apa
     assert back.message_id == nacked.message_id and back.redelivered
     await again.quiet(1)
     assert set(sent) == {m.message_id for m in waiting}  # the nacked one may come twice
+
+
+async def test_a_batch_is_delivered_in_order_and_refusals_are_its_own(w: World) -> None:
+    """publish_many: every routable message of a batch arrives, in order, with its fields; an
+    unroutable one in the middle is refused on its own; a batch to a missing exchange (which
+    closes the channel on RabbitMQ) is refused as a whole and the next batch goes through."""
+
+    def command(participant: str, n: int, exchange: str | None = None) -> OutboxMessage:
+        return OutboxMessage(
+            message_id=uuid.uuid4(),
+            saga_id=uuid.uuid4(),
+            exchange=exchange or w.topology.commands_exchange,
+            routing_key=participant,
+            message_type=f"{participant}.do",
+            body=b'{"n": %d}' % n,
+            headers={"x-n": str(n)},
+            created_at=datetime.now(UTC),
+        )
+
+    inbox = Inbox()
+    await w.broker.consume(w.topology.command_queue("payment"), inbox, prefetch=100)
+    batch = [command("payment", n) for n in range(50)]
+    batch[20] = command("nobody-consumes-this", 20)
+    results = await w.broker.publish_many(batch)
+    assert [i for i, r in enumerate(results) if r is not None] == [20]
+    assert isinstance(results[20], PublishRefusedError)
+    got = await inbox.wait_for(49)
+    assert [g.body for g in got] == [m.body for i, m in enumerate(batch) if i != 20]
+    assert [g.message_id for g in got] == [
+        str(m.message_id) for i, m in enumerate(batch) if i != 20
+    ]
+    assert {g.type for g in got} == {"payment.do"}
+    assert [text(g.headers) for g in got[:2]] == [{"x-n": "0"}, {"x-n": "1"}]
+
+    lost = [command("payment", n, exchange=f"{w.topology.prefix}.missing") for n in range(3)]
+    refused = await w.broker.publish_many(lost)
+    assert all(isinstance(r, PublishRefusedError) for r in refused), refused
+    again = [command("payment", n) for n in range(100, 103)]
+    assert await w.broker.publish_many(again) == [None, None, None]
+    later = await inbox.wait_for(52)
+    assert [g.body for g in later[49:]] == [m.body for m in again]
+    assert await w.broker.publish_many([]) == []
