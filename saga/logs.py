@@ -5,15 +5,22 @@ from __future__ import annotations
 import logging
 import os
 import sys
-from collections.abc import MutableMapping
-from typing import Any
+from collections.abc import Callable, Mapping, MutableMapping
+from contextvars import ContextVar, Token
+from typing import Any, TypeVar
 
 import structlog
 
 from saga.secrets import redact_event
 from saga.telemetry import trace_ids
 
-__all__ = ["configure_logging"]
+__all__ = ["bind_message", "configure_logging", "unbind_message"]
+
+M = TypeVar("M")
+_Fields = tuple[Callable[[Any], Mapping[str, Any]], Any]
+
+#: the message being handled and how to describe it, for the lines logged meanwhile
+_message: ContextVar[_Fields | None] = ContextVar("saga_log_message", default=None)
 
 
 class _StderrHandler(logging.StreamHandler):  # type: ignore[type-arg]
@@ -74,6 +81,29 @@ def add_trace_ids(
     return event
 
 
+def bind_message(fields: Callable[[M], Mapping[str, Any]], message: M) -> Token[_Fields | None]:
+    """Every line logged in this context (and the tasks it starts) until :func:`unbind_message`
+    carries ``fields(message)``. The fields are built only when a line is logged: most messages
+    log nothing, and binding them one by one (structlog's ``bound_contextvars``) would cost a
+    context variable per field per message."""
+    return _message.set((fields, message))
+
+
+def unbind_message(token: Token[_Fields | None]) -> None:
+    _message.reset(token)
+
+
+def add_message_fields(
+    _logger: Any, _method: str, event: MutableMapping[str, Any]
+) -> MutableMapping[str, Any]:
+    """The fields of the message being handled (:func:`bind_message`); a line's own win."""
+    bound = _message.get()
+    if bound is not None:
+        for key, value in bound[0](bound[1]).items():
+            event.setdefault(key, value)
+    return event
+
+
 def configure_logging(level: str | None = None) -> None:
     """Our structlog lines and the stdlib's (aio-pika, SQLAlchemy) share one pipeline, whose
     last step before rendering masks URL passwords (see saga.secrets)."""
@@ -86,6 +116,7 @@ def configure_logging(level: str | None = None) -> None:
     )
     shared: list[structlog.typing.Processor] = [
         structlog.contextvars.merge_contextvars,
+        add_message_fields,
         add_trace_ids,
         structlog.processors.add_log_level,
         structlog.processors.TimeStamper(fmt="iso", utc=True),

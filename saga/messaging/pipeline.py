@@ -29,11 +29,12 @@ from opentelemetry import trace
 from pydantic import BaseModel
 
 from saga.core.errors import MessageError
+from saga.logs import bind_message, unbind_message
 from saga.messaging.poison import PoisonGuard, delivery_key
 from saga.protocol.envelope import parse
 from saga.protocol.types import ContractError
 from saga.store.faults import describe_error
-from saga.telemetry import Metrics, Tracing, trace_ids
+from saga.telemetry import Metrics, Tracing
 from saga.transport.broker import Broker, IncomingMessage
 from saga.transport.topology import Topology
 
@@ -107,11 +108,9 @@ class Pipeline(Generic[M]):
         if task is not None:
             self.in_flight.add(task)
         try:
-            with (
-                self._tracing.process(
-                    self.queue, message.headers, message.message_id, len(message.body)
-                ),
-                structlog.contextvars.bound_contextvars(**trace_ids()),
+            # log lines take their trace ids from the span current at the time (saga.logs)
+            with self._tracing.process(
+                self.queue, message.headers, message.message_id, len(message.body)
             ):
                 await self._consume(message)
         finally:
@@ -122,18 +121,20 @@ class Pipeline(Generic[M]):
         parsed = await self._parse(message)
         if parsed is None:
             return
-        if self._span_attributes is not None:
+        if self._span_attributes is not None and self._tracing.recording:
             trace.get_current_span().set_attributes(self._span_attributes(parsed))
-        fields = {} if self._log_fields is None else self._log_fields(parsed)
-        with structlog.contextvars.bound_contextvars(**fields):
-            try:
-                outcome = await self._handle(parsed, message)
-            except MessageError as exc:
-                await self.dead_letter(message, exc.reason, exc.detail)
-                return
-            except Exception as exc:
-                await self._failed(message, exc)
-                return
+        bound = None if self._log_fields is None else bind_message(self._log_fields, parsed)
+        try:
+            outcome = await self._handle(parsed, message)
+        except MessageError as exc:
+            await self.dead_letter(message, exc.reason, exc.detail)
+            return
+        except Exception as exc:
+            await self._failed(message, exc)
+            return
+        finally:
+            if bound is not None:
+                unbind_message(bound)
         await message.ack()
         self._poison.settled(delivery_key(message.message_id, message.body))
         self._metrics.messages.labels(self.queue, outcome).inc()
