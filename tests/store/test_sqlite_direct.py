@@ -13,11 +13,12 @@ from __future__ import annotations
 import sqlite3
 import uuid
 from collections.abc import Callable
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
 
 import pytest
+from sqlalchemy.dialects import sqlite
 
 from saga.core.definition import SagaDefinition, Step
 from saga.core.engine import decide
@@ -26,7 +27,9 @@ from saga.participant.ledger import Ledger, outbox, processed, replies, tombston
 from saga.participant.ledger_sql import CoreStatements, SqliteStatements, statements
 from saga.ports import Change, CommitResult, OutboxMessage
 from saga.store import sql as sql_module
+from saga.store.schema import UTCDateTime
 from saga.store.sql import SqlStore
+from saga.store.sqlite_batch import sqlite_utc_text
 
 T0 = datetime(2030, 1, 2, 3, 4, 5, tzinfo=UTC)  # no microseconds: the format must add them
 SAGA = uuid.UUID("11111111-2222-3333-4444-555555555555")
@@ -197,3 +200,27 @@ async def test_the_ledger_statements_store_and_read_rows_as_sqlalchemy_does(
         (uuid.UUID(int=12), True),
     ]
     assert recorded[0].data == {"amount": "1.50", "nested": {"a": [1, 2]}}
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        None,
+        datetime(2026, 1, 1, tzinfo=UTC),
+        datetime(2026, 12, 5, 6, 53, 47, 766224, tzinfo=UTC),
+        datetime(999, 1, 2, 3, 4, 5, 6, tzinfo=timezone(timedelta(hours=5))),
+        datetime(
+            2030, 6, 30, 23, 59, 59, 999999, tzinfo=timezone(timedelta(hours=-9, minutes=-30))
+        ),
+    ],
+)
+def test_the_fast_utc_datetime_text_is_what_sqlalchemy_stores(value: datetime | None) -> None:
+    dialect = sqlite.dialect()
+    sqlalchemy_process = UTCDateTime().dialect_impl(dialect).bind_processor(dialect)
+    assert sqlalchemy_process is not None
+    assert sqlite_utc_text(value) == sqlalchemy_process(value)
+
+
+def test_the_fast_utc_datetime_text_refuses_a_naive_time_as_sqlalchemy_does() -> None:
+    with pytest.raises(ValueError, match="naive"):
+        sqlite_utc_text(datetime(2026, 1, 1))
