@@ -2,10 +2,11 @@
 actions (retry, abort, resolve).
 
 Operator actions are events like any other: they go through ``Orchestrator.submit`` and the pure
-engine, which writes them to the saga's history with the actor and the reason, or rejects them
-(the history says why, and the API answers 409 with that reason). Everything under ``/api``
-needs ``Authorization: Bearer <SAGA_ADMIN_TOKEN>``; ``/healthz``, ``/readyz`` and the OpenAPI
-pages (``/docs``, ``/openapi.json``) are public, since they hold nothing about any saga.
+engine, which writes them to the saga's history with the actor and the reason, or refuses them
+(the API answers 409 with the engine's reason and the log keeps who tried; the history does not
+change). Everything under ``/api`` needs ``Authorization: Bearer <SAGA_ADMIN_TOKEN>``;
+``/healthz``, ``/readyz`` and the OpenAPI pages (``/docs``, ``/openapi.json``) are public,
+since they hold nothing about any saga.
 """
 
 from __future__ import annotations
@@ -460,7 +461,7 @@ async def _act(
     submit: Callable[[], Awaitable[Result]],
 ) -> ActionResult:
     """Run one operator action; 404 for an unknown saga, 409 with the engine's reason when
-    the action does not apply (the rejection is in the saga's history too)."""
+    the action does not apply (logged with who tried it; the saga's history is untouched)."""
     await _load(service, saga_id)
     try:
         result = await submit()
@@ -470,7 +471,8 @@ async def _act(
         raise HTTPException(409, f"{action} cannot be applied: {exc.detail}") from None
     except ConcurrencyError as exc:
         raise HTTPException(409, f"{exc}; try again") from None
-    entries = [] if result.transition is None else list(result.transition.history)
+    transition = result.transition
+    entries = [] if transition is None else list(transition.history)
     log.info(
         "operator_action",
         saga_id=str(saga_id),
@@ -480,6 +482,7 @@ async def _act(
         outcome=result.outcome.value,
     )
     if result.outcome is not Outcome.APPLIED:
-        why = "; ".join(h.detail for h in entries) or f"the saga is {result.state.status}"
-        raise HTTPException(409, why)
+        refused = None if transition is None else transition.refused
+        why = refused or "; ".join(h.detail for h in entries)
+        raise HTTPException(409, why or f"the saga is {result.state.status}")
     return ActionResult(saga=saga_summary(result.state), entries=[history_view(h) for h in entries])

@@ -11,10 +11,12 @@ from uuid import UUID
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from saga.core.definition import RetryPolicy, SagaDefinition
+from saga.core.engine import allowed_actions
 from saga.core.state import (
     Direction,
     HistoryEntry,
     HistoryKind,
+    OperatorAction,
     Phase,
     SagaState,
     SagaStatus,
@@ -135,6 +137,11 @@ class SagaDetail(SagaSummary):
     outputs: dict[str, dict[str, Any]]
     steps: list[StepView]
     history: list[HistoryView]
+    allowed_actions: list[OperatorAction] = Field(
+        description="the operator actions the saga's state accepts now (POST "
+        "/api/sagas/{id}/<action>); any other answers 409. Empty when nothing applies, or when "
+        "the saga's definition version is not registered"
+    )
 
 
 class RetryView(_Model):
@@ -315,6 +322,7 @@ def saga_detail(
         outputs={name: dict(data) for name, data in s.context.outputs.items()},
         steps=steps,
         history=[history_view(h) for h in history],
+        allowed_actions=[] if definition is None else list(allowed_actions(definition, s)),
     )
 
 
