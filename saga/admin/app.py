@@ -48,6 +48,7 @@ from saga.admin.models import (
     saga_detail,
     saga_summary,
 )
+from saga.admin.times import parse_time
 from saga.core.errors import ConcurrencyError, InvalidInputError, MessageError, UnknownSagaError
 from saga.core.state import SagaState, SagaStatus
 from saga.orchestrator.admission import InFlightLimitError
@@ -120,6 +121,19 @@ def decode_cursor(cursor: str) -> tuple[datetime, UUID]:
     except (ValueError, TypeError, binascii.Error):
         raise HTTPException(
             422, "cursor: not one this API returned; pass next_cursor back unchanged"
+        ) from None
+
+
+def _time_param(name: str, text: str | None) -> datetime | None:
+    """A query parameter in the CLI's time forms (one parser for both); a bad one is a 422
+    naming the parameter and the forms that work, like any invalid parameter."""
+    if text is None or not text.strip():
+        return None
+    try:
+        return _utc(parse_time(text))
+    except ValueError as exc:
+        raise RequestValidationError(
+            [{"loc": ("query", name), "msg": str(exc), "type": "value_error"}]
         ) from None
 
 
@@ -249,10 +263,16 @@ def _read_routes(api: APIRouter, service: OrchestratorService) -> None:
         ] = None,
         name: Annotated[str | None, Query(max_length=100)] = None,
         since: Annotated[
-            datetime | None, Query(description="created at or after (ISO; no offset = UTC)")
+            str | None,
+            Query(
+                max_length=64,
+                description="created at or after: an age (30m, 1h, 2d, 1w) or an ISO time "
+                "(no offset = UTC), as `saga list --since` takes it",
+            ),
         ] = None,
         until: Annotated[
-            datetime | None, Query(description="created before (ISO; no offset = UTC)")
+            str | None,
+            Query(max_length=64, description="created before: an age or an ISO time"),
         ] = None,
         key: Annotated[str | None, Query(max_length=200, description="the saga's key")] = None,
         q: Annotated[
@@ -264,13 +284,14 @@ def _read_routes(api: APIRouter, service: OrchestratorService) -> None:
         ] = None,
     ) -> SagaPage:
         """Sagas, newest first, one page at a time (keyset paging: no repeats, no gaps)."""
+        since_at, until_at = _time_param("since", since), _time_param("until", until)
         try:
             query = SagaFilter(
                 statuses=frozenset(status or ()),
                 name=name,
                 key=key,
-                since=_utc(since),
-                until=_utc(until),
+                since=since_at,
+                until=until_at,
                 id_prefix=q or None,
                 newest_first=True,
                 start_after=None if cursor is None else decode_cursor(cursor),
