@@ -38,6 +38,7 @@ __all__ = [
     "Span",
     "StartRequest",
     "StartResult",
+    "at_step",
     "definition_view",
     "saga_detail",
     "saga_summary",
@@ -85,6 +86,11 @@ class SagaSummary(_Model):
     direction: Direction
     failure: str | None = Field(description="why the saga compensates or failed")
     stuck_step: str | None = Field(description="the step an operator must look at (FAILED)")
+    at_step: str | None = Field(
+        description="the step to look at first: the one being run (RUNNING) or compensated "
+        "(COMPENSATING), the stuck one (FAILED), the one whose failure, timeout or abort turned "
+        "the saga back (COMPENSATED); null when COMPLETED"
+    )
 
 
 class SagaPage(_Model):
@@ -220,6 +226,20 @@ class ResolveRequest(ActionRequest):
 # --- building them (pure) --------------------------------------------------------------------
 
 
+def at_step(s: SagaState) -> str | None:
+    """Where an on-call engineer looks first. For a COMPENSATED saga the engine's current step
+    is the last one compensated (often the first step), which says nothing; the furthest step
+    it reached is the one that failed, timed out or was aborted, and so why it went back."""
+    if s.status is SagaStatus.COMPLETED:
+        return None
+    if s.status is SagaStatus.FAILED:
+        return s.stuck_step
+    if s.status is SagaStatus.COMPENSATED:
+        reached = [st.name for st in s.steps if st.status is not StepStatus.PENDING]
+        return reached[-1] if reached else None
+    return s.steps[s.current].name if s.current < len(s.steps) else None
+
+
 def saga_summary(s: SagaState) -> SagaSummary:
     return SagaSummary(
         saga_id=s.saga_id,
@@ -233,6 +253,7 @@ def saga_summary(s: SagaState) -> SagaSummary:
         direction=s.direction,
         failure=s.failure,
         stuck_step=s.stuck_step,
+        at_step=at_step(s),
     )
 
 
