@@ -15,7 +15,8 @@ import typer
 
 from saga import __version__
 from saga.admin import render
-from saga.admin.client import DEFAULT_URL, AdminClient, AdminError, default_actor, parse_time
+from saga.admin.client import DEFAULT_URL, AdminClient, AdminError, default_actor
+from saga.admin.times import parse_time
 from saga.core.errors import ConfigError
 from saga.core.state import SagaStatus
 from saga.secrets import redact_url

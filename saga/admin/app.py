@@ -2,10 +2,11 @@
 actions (retry, abort, resolve).
 
 Operator actions are events like any other: they go through ``Orchestrator.submit`` and the pure
-engine, which writes them to the saga's history with the actor and the reason, or rejects them
-(the history says why, and the API answers 409 with that reason). Everything under ``/api``
-needs ``Authorization: Bearer <SAGA_ADMIN_TOKEN>``; ``/healthz``, ``/readyz`` and the OpenAPI
-pages (``/docs``, ``/openapi.json``) are public, since they hold nothing about any saga.
+engine, which writes them to the saga's history with the actor and the reason, or refuses them
+(the API answers 409 with the engine's reason and the log keeps who tried; the history does not
+change). Everything under ``/api`` needs ``Authorization: Bearer <SAGA_ADMIN_TOKEN>``;
+``/healthz``, ``/readyz`` and the OpenAPI pages (``/docs``, ``/openapi.json``) are public,
+since they hold nothing about any saga.
 """
 
 from __future__ import annotations
@@ -47,6 +48,7 @@ from saga.admin.models import (
     saga_detail,
     saga_summary,
 )
+from saga.admin.times import parse_time
 from saga.core.errors import ConcurrencyError, InvalidInputError, MessageError, UnknownSagaError
 from saga.core.state import SagaState, SagaStatus
 from saga.orchestrator.admission import InFlightLimitError
@@ -119,6 +121,19 @@ def decode_cursor(cursor: str) -> tuple[datetime, UUID]:
     except (ValueError, TypeError, binascii.Error):
         raise HTTPException(
             422, "cursor: not one this API returned; pass next_cursor back unchanged"
+        ) from None
+
+
+def _time_param(name: str, text: str | None) -> datetime | None:
+    """A query parameter in the CLI's time forms (one parser for both); a bad one is a 422
+    naming the parameter and the forms that work, like any invalid parameter."""
+    if text is None or not text.strip():
+        return None
+    try:
+        return _utc(parse_time(text))
+    except ValueError as exc:
+        raise RequestValidationError(
+            [{"loc": ("query", name), "msg": str(exc), "type": "value_error"}]
         ) from None
 
 
@@ -248,10 +263,16 @@ def _read_routes(api: APIRouter, service: OrchestratorService) -> None:
         ] = None,
         name: Annotated[str | None, Query(max_length=100)] = None,
         since: Annotated[
-            datetime | None, Query(description="created at or after (ISO; no offset = UTC)")
+            str | None,
+            Query(
+                max_length=64,
+                description="created at or after: an age (30m, 1h, 2d, 1w) or an ISO time "
+                "(no offset = UTC), as `saga list --since` takes it",
+            ),
         ] = None,
         until: Annotated[
-            datetime | None, Query(description="created before (ISO; no offset = UTC)")
+            str | None,
+            Query(max_length=64, description="created before: an age or an ISO time"),
         ] = None,
         key: Annotated[str | None, Query(max_length=200, description="the saga's key")] = None,
         q: Annotated[
@@ -263,13 +284,14 @@ def _read_routes(api: APIRouter, service: OrchestratorService) -> None:
         ] = None,
     ) -> SagaPage:
         """Sagas, newest first, one page at a time (keyset paging: no repeats, no gaps)."""
+        since_at, until_at = _time_param("since", since), _time_param("until", until)
         try:
             query = SagaFilter(
                 statuses=frozenset(status or ()),
                 name=name,
                 key=key,
-                since=_utc(since),
-                until=_utc(until),
+                since=since_at,
+                until=until_at,
                 id_prefix=q or None,
                 newest_first=True,
                 start_after=None if cursor is None else decode_cursor(cursor),
@@ -460,7 +482,7 @@ async def _act(
     submit: Callable[[], Awaitable[Result]],
 ) -> ActionResult:
     """Run one operator action; 404 for an unknown saga, 409 with the engine's reason when
-    the action does not apply (the rejection is in the saga's history too)."""
+    the action does not apply (logged with who tried it; the saga's history is untouched)."""
     await _load(service, saga_id)
     try:
         result = await submit()
@@ -470,7 +492,8 @@ async def _act(
         raise HTTPException(409, f"{action} cannot be applied: {exc.detail}") from None
     except ConcurrencyError as exc:
         raise HTTPException(409, f"{exc}; try again") from None
-    entries = [] if result.transition is None else list(result.transition.history)
+    transition = result.transition
+    entries = [] if transition is None else list(transition.history)
     log.info(
         "operator_action",
         saga_id=str(saga_id),
@@ -480,6 +503,7 @@ async def _act(
         outcome=result.outcome.value,
     )
     if result.outcome is not Outcome.APPLIED:
-        why = "; ".join(h.detail for h in entries) or f"the saga is {result.state.status}"
-        raise HTTPException(409, why)
+        refused = None if transition is None else transition.refused
+        why = refused or "; ".join(h.detail for h in entries)
+        raise HTTPException(409, why or f"the saga is {result.state.status}")
     return ActionResult(saga=saga_summary(result.state), entries=[history_view(h) for h in entries])

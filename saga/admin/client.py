@@ -10,14 +10,14 @@ from __future__ import annotations
 
 import getpass
 import os
-import re
 import socket
-from datetime import UTC, datetime, timedelta
+from datetime import datetime
 from typing import Any
 from uuid import UUID
 
 import httpx
 
+from saga.admin.times import parse_time
 from saga.secrets import redact_url
 
 __all__ = [
@@ -37,8 +37,6 @@ DEFAULT_URL = "http://127.0.0.1:8080"
 EXIT_OK, EXIT_REFUSED, EXIT_ERROR = 0, 1, 2
 
 _ACTOR_HEADER = "X-Saga-Actor"  # saga.admin.app.ACTOR_HEADER, without importing FastAPI
-_AGO = re.compile(r"^\s*(\d+)\s*([smhdw])\s*$")
-_UNITS = {"s": "seconds", "m": "minutes", "h": "hours", "d": "days", "w": "weeks"}
 
 
 class AdminError(Exception):
@@ -59,21 +57,6 @@ def default_actor() -> str:
     except (KeyError, OSError):  # no name for this uid (a bare container)
         user = f"uid{os.getuid()}"
     return f"{user}@{socket.gethostname()}"
-
-
-def parse_time(text: str, now: datetime | None = None) -> datetime:
-    """``30m``, ``1h``, ``2d``, ``1w`` ago, or an ISO time (no offset means UTC)."""
-    ago = _AGO.match(text)
-    if ago:
-        delta = timedelta(**{_UNITS[ago[2]]: int(ago[1])})
-        return (now or datetime.now(UTC)) - delta
-    try:
-        when = datetime.fromisoformat(text.strip())
-    except ValueError:
-        raise ValueError(
-            f"{text!r}: use an age (30m, 1h, 2d, 1w) or an ISO time (2024-05-01T12:00:00Z)"
-        ) from None
-    return when.replace(tzinfo=UTC) if when.tzinfo is None else when
 
 
 class AdminClient:

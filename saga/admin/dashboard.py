@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from fastapi import APIRouter, FastAPI
-from fastapi.responses import RedirectResponse
+from fastapi.responses import FileResponse, RedirectResponse
 from fastapi.staticfiles import StaticFiles
 from pydantic import BaseModel, Field
 
@@ -143,6 +143,12 @@ def install(app: FastAPI, api: APIRouter, service: OrchestratorService) -> None:
     @app.get("/asyncapi.json", include_in_schema=False)
     async def asyncapi_alias() -> RedirectResponse:
         return RedirectResponse("/api/asyncapi.json")  # same origin: the token goes along
+
+    @app.get("/favicon.ico", include_in_schema=False)
+    async def favicon() -> FileResponse:
+        """Browsers ask for it on every page of this origin (the API docs too): answer with the
+        dashboard's icon rather than a 404."""
+        return FileResponse(STATIC / "favicon.svg", media_type="image/svg+xml")
 
     @app.get("/asyncapi", include_in_schema=False)
     async def contracts_page() -> RedirectResponse:

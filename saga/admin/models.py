@@ -11,10 +11,12 @@ from uuid import UUID
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from saga.core.definition import RetryPolicy, SagaDefinition
+from saga.core.engine import allowed_actions
 from saga.core.state import (
     Direction,
     HistoryEntry,
     HistoryKind,
+    OperatorAction,
     Phase,
     SagaState,
     SagaStatus,
@@ -36,6 +38,7 @@ __all__ = [
     "Span",
     "StartRequest",
     "StartResult",
+    "at_step",
     "definition_view",
     "saga_detail",
     "saga_summary",
@@ -83,6 +86,11 @@ class SagaSummary(_Model):
     direction: Direction
     failure: str | None = Field(description="why the saga compensates or failed")
     stuck_step: str | None = Field(description="the step an operator must look at (FAILED)")
+    at_step: str | None = Field(
+        description="the step to look at first: the one being run (RUNNING) or compensated "
+        "(COMPENSATING), the stuck one (FAILED), the one whose failure, timeout or abort turned "
+        "the saga back (COMPENSATED); null when COMPLETED"
+    )
 
 
 class SagaPage(_Model):
@@ -135,6 +143,11 @@ class SagaDetail(SagaSummary):
     outputs: dict[str, dict[str, Any]]
     steps: list[StepView]
     history: list[HistoryView]
+    allowed_actions: list[OperatorAction] = Field(
+        description="the operator actions the saga's state accepts now (POST "
+        "/api/sagas/{id}/<action>); any other answers 409. Empty when nothing applies, or when "
+        "the saga's definition version is not registered"
+    )
 
 
 class RetryView(_Model):
@@ -213,6 +226,20 @@ class ResolveRequest(ActionRequest):
 # --- building them (pure) --------------------------------------------------------------------
 
 
+def at_step(s: SagaState) -> str | None:
+    """Where an on-call engineer looks first. For a COMPENSATED saga the engine's current step
+    is the last one compensated (often the first step), which says nothing; the furthest step
+    it reached is the one that failed, timed out or was aborted, and so why it went back."""
+    if s.status is SagaStatus.COMPLETED:
+        return None
+    if s.status is SagaStatus.FAILED:
+        return s.stuck_step
+    if s.status is SagaStatus.COMPENSATED:
+        reached = [st.name for st in s.steps if st.status is not StepStatus.PENDING]
+        return reached[-1] if reached else None
+    return s.steps[s.current].name if s.current < len(s.steps) else None
+
+
 def saga_summary(s: SagaState) -> SagaSummary:
     return SagaSummary(
         saga_id=s.saga_id,
@@ -226,6 +253,7 @@ def saga_summary(s: SagaState) -> SagaSummary:
         direction=s.direction,
         failure=s.failure,
         stuck_step=s.stuck_step,
+        at_step=at_step(s),
     )
 
 
@@ -315,6 +343,7 @@ def saga_detail(
         outputs={name: dict(data) for name, data in s.context.outputs.items()},
         steps=steps,
         history=[history_view(h) for h in history],
+        allowed_actions=[] if definition is None else list(allowed_actions(definition, s)),
     )
 
 

@@ -19,6 +19,9 @@ The rules (docs/semantics.md has the full table):
   else (a duplicate, a late reply) only adds a history entry. A reply that names one of the
   saga's commands but disagrees with it (another participant or command type) is refused
   outright: :func:`reply_mismatch` says why, and the caller dead-letters it.
+* An operator action applies only where :func:`operator_refusal` finds nothing against it
+  (:func:`allowed_actions` lists those); otherwise the transition is ``refused`` with the
+  reason and writes nothing, not even history.
 """
 
 from __future__ import annotations
@@ -40,6 +43,7 @@ from saga.core.state import (
     HistoryEntry,
     HistoryKind,
     OperatorAbort,
+    OperatorAction,
     OperatorResolve,
     OperatorRetry,
     Phase,
@@ -55,7 +59,14 @@ from saga.core.state import (
     Transition,
 )
 
-__all__ = ["decide", "describe_command", "locate_command", "reply_mismatch"]
+__all__ = [
+    "allowed_actions",
+    "decide",
+    "describe_command",
+    "locate_command",
+    "operator_refusal",
+    "reply_mismatch",
+]
 
 _NEEDS_UNDO = (StepStatus.SUCCEEDED, StepStatus.TIMED_OUT, StepStatus.ABORTED)
 
@@ -116,6 +127,11 @@ def decide(
             f"not {definition.name} v{definition.version}"
         )
 
+    if isinstance(event, OperatorRetry | OperatorAbort | OperatorResolve):
+        why = operator_refusal(definition, state, _ACTIONS[type(event)])
+        if why is not None:
+            refused = f"{type(event).__name__} rejected: {why}"
+            return Transition(state, (), (), applied=False, refused=refused)
     new = _dispatch_event(definition, state, event, out)
     if new is None:
         return Transition(state, (), tuple(out.history), applied=False)
@@ -494,16 +510,40 @@ def _on_timer(
 
 # --- operator actions ----------------------------------------------------------------------
 
+_ACTIONS: dict[type, OperatorAction] = {
+    OperatorRetry: OperatorAction.RETRY,
+    OperatorAbort: OperatorAction.ABORT,
+    OperatorResolve: OperatorAction.RESOLVE,
+}
 
-def _reject(
-    state: SagaState, out: _Out, event: OperatorRetry | OperatorAbort | OperatorResolve, why: str
-) -> None:
-    out.note(
-        HistoryKind.REJECTED,
-        f"{type(event).__name__} rejected: {why}",
-        step=None,
-        actor=event.actor,
-    )
+
+def operator_refusal(d: SagaDefinition, state: SagaState, action: OperatorAction) -> str | None:
+    """Why the state machine refuses ``action`` on ``state``, or None when it accepts it.
+
+    The one place these rules live: :func:`decide` refuses an operator event with this reason,
+    and :func:`allowed_actions` (what the admin API and the dashboard offer) asks the same
+    question, so an offered action is never refused for its state."""
+    status = state.status
+    if action is OperatorAction.RETRY:
+        if status is not SagaStatus.FAILED:
+            return f"only a FAILED saga can be retried; this one is {status}"
+        return None
+    if action is OperatorAction.RESOLVE:
+        if status is not SagaStatus.FAILED:
+            return f"only a FAILED saga can be resolved; this one is {status}"
+        return None
+    if _stuck_at_pivot(d, state):
+        return None
+    if status is not SagaStatus.RUNNING:
+        return f"only a RUNNING saga can be aborted; this one is {status}"
+    if d.is_forward_only(state.current):
+        return "the pivot step has run; the saga can only go forward"
+    return None
+
+
+def allowed_actions(d: SagaDefinition, state: SagaState) -> tuple[OperatorAction, ...]:
+    """The operator actions :func:`decide` accepts in ``state``, in a fixed order."""
+    return tuple(a for a in OperatorAction if operator_refusal(d, state, a) is None)
 
 
 def _operator_note(
@@ -512,12 +552,12 @@ def _operator_note(
     out.note(HistoryKind.OPERATOR, f"{action}: {event.reason}", state, actor=event.actor)
 
 
+# The handlers below run only for an action operator_refusal accepted (decide checks first).
+
+
 def _on_operator_retry(
     d: SagaDefinition, state: SagaState, event: OperatorRetry, out: _Out
-) -> SagaState | None:
-    if state.status is not SagaStatus.FAILED:
-        _reject(state, out, event, f"only a FAILED saga can be retried; this one is {state.status}")
-        return None
+) -> SagaState:
     _operator_note(out, state, "retry", event)
     status = (
         SagaStatus.COMPENSATING if state.direction is Direction.COMPENSATION else SagaStatus.RUNNING
@@ -538,7 +578,7 @@ def _stuck_at_pivot(d: SagaDefinition, state: SagaState) -> bool:
 
 def _on_operator_abort(
     d: SagaDefinition, state: SagaState, event: OperatorAbort, out: _Out
-) -> SagaState | None:
+) -> SagaState:
     if _stuck_at_pivot(d, state):
         # The pivot's outcome is unknown (it timed out) or it cannot complete. The operator
         # checked that it did not take effect, so the steps before it are compensated.
@@ -547,14 +587,6 @@ def _on_operator_abort(
         state = replace(state, stuck_step=None)
         reason = f"aborted by {event.actor} at the pivot: {event.reason}"
         return _begin_compensation(d, state, state.current - 1, out, reason)
-    if state.status is not SagaStatus.RUNNING:
-        _reject(
-            state, out, event, f"only a RUNNING saga can be aborted; this one is {state.status}"
-        )
-        return None
-    if d.is_forward_only(state.current):
-        _reject(state, out, event, "the pivot step has run; the saga can only go forward")
-        return None
     _operator_note(out, state, "abort", event)
     state = _with_step(state, state.current, status=StepStatus.ABORTED)
     state = _idle(state)
@@ -564,12 +596,7 @@ def _on_operator_abort(
 
 def _on_operator_resolve(
     d: SagaDefinition, state: SagaState, event: OperatorResolve, out: _Out
-) -> SagaState | None:
-    if state.status is not SagaStatus.FAILED:
-        _reject(
-            state, out, event, f"only a FAILED saga can be resolved; this one is {state.status}"
-        )
-        return None
+) -> SagaState:
     _operator_note(out, state, "resolved by hand", event)
     name = state.steps[state.current].name
     if state.direction is Direction.COMPENSATION:

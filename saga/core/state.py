@@ -24,6 +24,7 @@ __all__ = [
     "HistoryKind",
     "JSONObject",
     "OperatorAbort",
+    "OperatorAction",
     "OperatorResolve",
     "OperatorRetry",
     "Phase",
@@ -190,6 +191,14 @@ class TimerFired:
     timer_id: UUID
 
 
+class OperatorAction(StrEnum):
+    """The operator actions, named as the admin API's paths and the CLI's commands name them."""
+
+    RETRY = "retry"
+    ABORT = "abort"
+    RESOLVE = "resolve"
+
+
 @dataclass(frozen=True, slots=True)
 class OperatorRetry:
     actor: str
@@ -255,7 +264,9 @@ class HistoryKind(StrEnum):
     FAILED = "failed"
     OPERATOR = "operator"
     IGNORED = "ignored"  # a duplicate, late or spoofed message, or a stale timer
-    REJECTED = "rejected"  # an operator action that does not apply in this state
+    #: an operator action that did not apply: written by earlier versions only (a refusal is
+    #: now answered and logged, never stored), kept so their histories still load
+    REJECTED = "rejected"
 
 
 @dataclass(frozen=True, slots=True)
@@ -275,9 +286,13 @@ class HistoryEntry:
 @dataclass(frozen=True, slots=True)
 class Transition:
     """The result of one decision. When ``applied`` is false the state is unchanged (same
-    version) and ``history`` says why the event was ignored or rejected."""
+    version) and either ``history`` says why the event was ignored, or ``refused`` says why an
+    operator action does not apply. A refusal has no history: it changed nothing, and an
+    operator trying buttons must not fill the saga's audit trail; the caller answers and logs
+    it."""
 
     state: SagaState
     commands: tuple[Command, ...] = ()
     history: tuple[HistoryEntry, ...] = ()
     applied: bool = True
+    refused: str | None = None

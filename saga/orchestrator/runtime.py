@@ -69,6 +69,7 @@ _MAX_CONFLICT_RETRIES = 20
 class Outcome(StrEnum):
     APPLIED = "applied"  # the saga changed
     IGNORED = "ignored"  # recorded in the history with the reason, state unchanged
+    REJECTED = "rejected"  # an operator action the state refuses: nothing written at all
     DUPLICATE = "duplicate"  # this message was applied before; nothing to do
 
 
@@ -290,11 +291,14 @@ class Orchestrator:
             except Exception as exc:  # a bug deciding one event must not fail its batch-mates
                 answers.append(MessageError("decide_failed", f"{type(exc).__name__}: {exc}"))
                 continue
+            self.events += 1
+            if change.transition.refused is not None:
+                answers.append(self._refused(item, change.transition))
+                continue
             if change.transition.applied:
                 working[item.saga_id] = change.transition.state
             decided.append((len(answers), item, change, state))
             answers.append(REQUEUE)  # a placeholder until the commit answers
-            self.events += 1
         if not decided:
             return answers
         began = time.time_ns()
@@ -310,6 +314,24 @@ class Orchestrator:
             self.tracing.database(self.database_system, item.trace, began, ended, len(decided))
             answers[at] = await self._answer(item, change, prior, result)
         return answers
+
+    @staticmethod
+    def _refused(item: _Item, transition: Transition) -> Result:
+        """An operator action the saga's state refuses: nothing to commit (the audit trail
+        keeps what happened to the saga, not the buttons tried on it), so it is only logged."""
+        event = item.event
+        state = transition.state
+        log.info(
+            "operator_action_refused",
+            saga_id=str(item.saga_id),
+            saga_name=state.name,
+            status=state.status.value,
+            action=type(event).__name__,
+            actor=getattr(event, "actor", None),
+            reason=getattr(event, "reason", None),
+            detail=transition.refused,
+        )
+        return Result(Outcome.REJECTED, state, transition)
 
     async def _answer(
         self, item: _Item, change: Change, prior: SagaState | None, result: CommitResult

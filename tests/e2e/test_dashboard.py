@@ -8,20 +8,26 @@ Screenshots go to ``test-artifacts/dashboard/`` (or ``$SAGA_TEST_ARTIFACTS``).
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import secrets
 import shutil
+import signal
+import time
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
+import httpx
 import pytest
 from playwright.async_api import Browser, Page, async_playwright, expect
 
 from saga.core.state import SagaStatus
 from saga_demo import inventory
 from saga_tools.chaos.node import free_port
-from tests.crash.helpers import REPO
+from tests.crash.helpers import REPO, Proc
 from tests.e2e.stack import (
     PARIS,
     SERVICES,
@@ -188,3 +194,296 @@ async def test_find_a_compensated_saga_and_fix_a_stuck_one_in_the_dashboard(
     assert final[stuck].status is SagaStatus.COMPENSATED
     history = (await stack.histories([stuck]))[stuck]
     assert any(h.actor == "ops-ann" and "payment gateway fixed" in h.detail for h in history)
+
+
+# --- what an on-call engineer found in the dashboard --------------------------------------
+
+
+@dataclass
+class Dashboard:
+    """The orchestrator of ``stack`` with its admin API (and the dashboard) on ``port``."""
+
+    stack: Stack
+    port: int
+    token: str
+    env: dict[str, str]
+    orchestrator: Proc
+
+    @property
+    def base(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def api(self) -> httpx.AsyncClient:
+        headers = {"Authorization": f"Bearer {self.token}"}
+        return httpx.AsyncClient(base_url=self.base, headers=headers, timeout=15)
+
+    async def start_checkout(self, key: str, checkout_input: dict[str, object]) -> str:
+        async with self.api() as client:
+            answer = await client.post(
+                "/api/sagas", json={"name": "checkout", "input": checkout_input, "key": key}
+            )
+        assert answer.status_code in (200, 201), answer.text
+        return str(answer.json()["saga"]["saga_id"])
+
+    async def wait(self, saga_id: str, status: str, step: str | None = None) -> dict[str, Any]:
+        """Poll the API until the saga has ``status`` (and is at ``step``)."""
+        deadline = time.monotonic() + 60
+        async with self.api() as client:
+            while True:
+                saga: dict[str, Any] = (await client.get(f"/api/sagas/{saga_id}")).json()
+                if saga["status"] == status and (step is None or saga["current_step"] == step):
+                    return saga
+                if time.monotonic() > deadline:
+                    self.stack.fail(f"saga {saga_id} is {saga['status']}, not {status}: {saga}")
+                await asyncio.sleep(0.2)
+
+    def restart(self) -> None:
+        self.orchestrator = self.stack.processes.spawn(
+            "orchestrator", ["saga", "run", "--migrate"], self.env
+        )
+
+
+async def serve(
+    stack: Stack, services: tuple[str, ...] = (), plan: Path | None = None, **env: str
+) -> Dashboard:
+    """The orchestrator with its admin API, and ``services`` (with ``plan`` for payment's and
+    order's faults)."""
+    port, token = free_port(), secrets.token_hex(16)
+    stack.data_dir.mkdir(parents=True, exist_ok=True)
+    orchestrator_env = stack.orchestrator_env(
+        SAGA_ADMIN_PORT=str(port), SAGA_ADMIN_TOKEN=token, **env
+    )
+    orchestrator = stack.processes.spawn(
+        "orchestrator", ["saga", "run", "--migrate"], orchestrator_env
+    )
+    faults = {} if plan is None else {"SAGA_FAULT_PLAN": str(plan)}
+    procs = [
+        orchestrator,
+        *(stack.processes.spawn(s, ["saga-service", s], stack.service_env(None, **faults))
+          for s in services),
+    ]  # fmt: skip
+    await stack.started(procs)
+    return Dashboard(stack, port, token, orchestrator_env, orchestrator)
+
+
+async def signed_in(browser: Browser, dash: Dashboard, width: int = 1280) -> Page:
+    page = await browser.new_page(viewport={"width": width, "height": 900})
+    await page.goto(f"{dash.base}/ui/")
+    await page.fill("#token", dash.token)
+    await page.fill("#actor", "ops-ann")
+    await page.click("#login-submit")
+    await expect(page.locator("#login")).to_be_hidden()
+    return page
+
+
+async def buttons(page: Page) -> list[str]:
+    return await page.locator("#actions button").all_inner_texts()
+
+
+async def test_only_the_actions_a_saga_accepts_are_offered_with_their_own_dialog(
+    stack: Stack, browser: Browser, tmp_path: Path
+) -> None:
+    """Shipping is down (its commands wait in its queue, and the timers wait for it), so a
+    checkout stays RUNNING at schedule_shipping, and once aborted COMPENSATING at its cancel."""
+    prefix = stack.prefix
+    stuck_key = f"{prefix}-stuck"
+    plan = tmp_path / "faults.json"  # the stuck saga's order cancellation is refused
+    stuck_id = str(saga_id(stuck_key))
+    plan.write_text(json.dumps({"faults": [
+        {"saga_id": stuck_id, "command_type": "order.cancel", "mode": "refuse", "times": 1},
+    ]}))  # fmt: skip
+    dash = await serve(
+        stack, ("order", "payment", "inventory"), plan, SAGA_TIMER_OUTAGE_CREDIT_MAX="600"
+    )
+    declined = await dash.start_checkout(
+        f"{prefix}-declined", checkout("bob", [(inventory.LAMP, 1)])
+    )
+    stuck = await dash.start_checkout(stuck_key, checkout("bob", [(inventory.LAMP, 1)]))
+    waiting = await dash.start_checkout(
+        f"{prefix}-waiting", checkout("alice", [(inventory.BOOK, 1)], PARIS)
+    )
+    await dash.wait(declined, "COMPENSATED")
+    await dash.wait(stuck, "FAILED")
+    await dash.wait(waiting, "RUNNING", step="schedule_shipping")
+
+    page = await signed_in(browser, dash)
+
+    # the list's step column: where each saga is, or where it turned back
+    await page.goto(f"{dash.base}/ui/#/sagas")
+    step = 'td[data-col="step"]'
+    await expect(page.locator(f'tr[data-saga="{declined}"] {step}')).to_have_text("charge_payment")
+    await expect(page.locator(f'tr[data-saga="{stuck}"] {step}')).to_contain_text("create_order")
+    await expect(page.locator(f'tr[data-saga="{waiting}"] {step}')).to_have_text(
+        "schedule_shipping"
+    )
+
+    # FAILED: retry or resolve; only resolving a stuck action asks for the step's output
+    await page.goto(f"{dash.base}/ui/#/saga/{stuck}")
+    await expect(page.locator("h1 .badge")).to_have_text("FAILED")
+    assert await buttons(page) == ["Retry", "Mark resolved"]
+    await page.click("#retry")
+    await expect(page.locator("#act-reason")).to_be_visible()
+    await expect(page.locator("#act-data")).to_be_hidden()
+    await page.click('#act-form button[value="cancel"]')
+    await page.click("#resolve")
+    await expect(page.locator("#act-data")).to_be_visible()
+    await page.click('#act-form button[value="cancel"]')
+    await expect(page.locator("#act")).to_be_hidden()
+
+    # RUNNING: abort only, and its dialog asks for a reason alone
+    await page.goto(f"{dash.base}/ui/#/saga/{waiting}")
+    await expect(page.locator("h1 .badge")).to_have_text("RUNNING")
+    assert await buttons(page) == ["Abort (compensate now)"]
+    await page.click("#abort")
+    await expect(page.locator("#act-data")).to_be_hidden()
+    await shot(page, "abort-dialog")
+    await page.fill("#act-reason", "customer called to cancel")
+    await page.click("#act-submit")
+
+    # COMPENSATING (the shipment's cancellation waits for shipping): nothing to offer
+    await expect(page.locator("h1 .badge")).to_have_text("COMPENSATING")
+    await expect(page.locator("#actions button")).to_have_count(0)
+    await expect(page.locator("#actions")).to_contain_text("no operator action applies")
+
+    stack.processes.spawn("shipping", ["saga-service", "shipping"], stack.service_env(None))
+    await expect(page.locator("h1 .badge")).to_have_text("COMPENSATED", timeout=30_000)
+    await expect(page.locator("#actions button")).to_have_count(0)
+
+    # no history holds a refusal: nothing refused was ever offered
+    async with dash.api() as client:
+        for sid in (declined, stuck, waiting):
+            history = (await client.get(f"/api/sagas/{sid}")).json()["history"]
+            assert "rejected" not in {h["kind"] for h in history}
+
+    # the compensated saga's step: where it turned back (the aborted shipment)
+    await page.goto(f"{dash.base}/ui/#/sagas")
+    await expect(page.locator(f'tr[data-saga="{waiting}"] {step}')).to_have_text(
+        "schedule_shipping"
+    )
+
+
+async def test_the_contracts_page_shows_what_each_message_carries(
+    stack: Stack, browser: Browser
+) -> None:
+    dash = await serve(stack)
+    page = await signed_in(browser, dash)
+    await page.goto(f"{dash.base}/ui/#/contracts")
+    replies = page.locator('[data-channel="replies"] tbody tr')
+    await expect(replies).to_have_count(8)
+    created = page.locator('[data-channel="replies"] tr[data-message="order.create.reply"]')
+    await expect(created.locator("td.payload")).to_have_text(
+        'ReplyEnvelope + data: OrderCreated when outcome is "success"'
+    )
+    for text in await page.locator('[data-channel="replies"] td.payload').all_inner_texts():
+        assert text.startswith("ReplyEnvelope + data: ") and text.endswith('"success"'), text
+    command = page.locator('[data-channel="orderCommands"] tr[data-message="order.create"]')
+    await expect(command.locator("td.payload")).to_have_text(
+        "CommandEnvelope + payload: CreateOrder"
+    )
+    start = page.locator('[data-channel="start"] td.payload')
+    await expect(start).to_have_text("StartSaga + input: CheckoutInput")
+    await shot(page, "contracts")
+
+
+async def test_a_bad_time_filter_is_shown_at_its_field_and_ages_work(
+    stack: Stack, browser: Browser
+) -> None:
+    dash = await serve(stack)
+    saga = await dash.start_checkout(
+        f"{stack.prefix}-one", checkout("alice", [(inventory.BOOK, 1)])
+    )
+    page = await signed_in(browser, dash)
+    listed: list[str] = []
+    page.on("request", lambda r: listed.append(r.url) if "/api/sagas?" in r.url else None)
+
+    await page.goto(f"{dash.base}/ui/#/sagas")
+    await expect(page.locator(f'tr[data-saga="{saga}"]')).to_be_visible()
+    await page.fill('#filters input[name="since"]', "yesterday")
+    await page.click("#filters button")
+    error = page.locator("#filters [data-error-for=since]")
+    await expect(error).to_contain_text("yesterday")
+    await expect(error).to_contain_text("1w")
+    await expect(page.locator('#filters input[name="since"]')).to_have_value("yesterday")
+    await expect(page.locator("#filters")).to_be_visible()
+    await expect(page.locator("#live")).to_be_hidden()
+    await shot(page, "bad-filter")
+    asked = len(listed)
+    await asyncio.sleep(4.5)  # two refresh periods: a refused filter is not asked again
+    assert len(listed) == asked, listed[asked:]
+
+    # an age the CLI takes, kept as typed: the list is the last week's, live
+    await page.fill('#filters input[name="since"]', "1w")
+    await page.click("#filters button")
+    await expect(page.locator(f'tr[data-saga="{saga}"]')).to_be_visible()
+    await expect(page.locator("#filters [data-error-for=since]")).to_have_count(0)
+    assert "since=1w" in page.url
+    await expect(page.locator("#live")).to_be_visible()
+    await page.fill('#filters input[name="until"]', "2d")  # created before two days ago: none
+    await page.click("#filters button")
+    await expect(page.locator("#saga-list")).to_contain_text("no saga matches")
+
+
+async def test_a_lost_server_marks_the_page_stale_and_it_reconnects(
+    stack: Stack, browser: Browser
+) -> None:
+    dash = await serve(stack)
+    saga = await dash.start_checkout(
+        f"{stack.prefix}-one", checkout("alice", [(inventory.BOOK, 1)])
+    )
+    page = await signed_in(browser, dash)
+    await page.goto(f"{dash.base}/ui/#/sagas")
+    row = page.locator(f'tr[data-saga="{saga}"]')
+    await expect(row).to_be_visible()
+    await expect(page.locator("#live")).to_have_text("● live")
+
+    dash.orchestrator.popen.send_signal(signal.SIGTERM)
+    assert await stack.wait_exit(dash.orchestrator, within=20) == 0
+    await expect(page.locator("#live")).to_have_text("● disconnected", timeout=10_000)
+    await expect(page.locator("#view")).to_have_attribute("data-stale", "true")
+    await expect(row).to_be_visible()  # the last data stays, marked stale
+    await expect(page.locator("#view")).not_to_contain_text("Failed to fetch")
+    await shot(page, "disconnected")
+
+    dash.restart()  # the same port and database
+    await stack.started([dash.orchestrator])
+    await expect(page.locator("#live")).to_have_text("● live", timeout=15_000)
+    await expect(page.locator("#view")).not_to_have_attribute("data-stale", "true")
+    await expect(row).to_be_visible()
+
+
+async def test_a_phone_wide_screen_scrolls_nothing_sideways_and_the_icon_is_served(
+    stack: Stack, browser: Browser
+) -> None:
+    dash = await serve(stack)
+    saga = await dash.start_checkout(
+        f"{stack.prefix}-one", checkout("alice", [(inventory.BOOK, 1)])
+    )
+    failed: list[str] = []
+    page = await browser.new_page(viewport={"width": 390, "height": 844})
+    page.on("response", lambda r: failed.append(f"{r.status} {r.url}") if r.status >= 400 else None)
+    await page.goto(f"{dash.base}/ui/")
+    await page.fill("#token", dash.token)
+    await page.click("#login-submit")
+    await expect(page.locator('[data-count="RUNNING"] .n')).to_be_visible()
+    pages = {
+        "overview": "#/",
+        "list": "#/sagas",
+        "saga": f"#/saga/{saga}",
+        "definitions": "#/definitions",
+        "contracts": "#/contracts",
+    }
+    for name, hash_ in pages.items():
+        await page.goto(f"{dash.base}/ui/{hash_}")
+        await expect(page.locator("#view h1")).to_be_visible()
+        await page.wait_for_load_state("networkidle")
+        width = await page.evaluate("document.documentElement.scrollWidth")
+        await shot(page, f"narrow-{name}")
+        assert width <= 390, f"the {name} page is {width} px wide on a 390 px screen"
+    assert failed == [], failed
+    # the icon: the one the page names, and /favicon.ico, which browsers ask for by default
+    icon = await page.evaluate("document.querySelector('link[rel~=icon]')?.href ?? null")
+    assert icon is not None, "the dashboard names no icon, so browsers ask /favicon.ico"
+    for url in (icon, f"{dash.base}/favicon.ico"):
+        answer = await page.request.get(url)
+        assert answer.status == 200, (url, answer.status)
+        assert answer.headers["content-type"].startswith("image/"), answer.headers

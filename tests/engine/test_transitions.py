@@ -10,7 +10,7 @@ from uuid import UUID
 import pytest
 
 from saga.core.definition import RetryPolicy, SagaDefinition, Step, seed_for
-from saga.core.engine import decide, locate_command, reply_mismatch
+from saga.core.engine import allowed_actions, decide, locate_command, reply_mismatch
 from saga.core.errors import UnknownSagaError
 from saga.core.ids import command_id, idempotency_key
 from saga.core.state import (
@@ -19,6 +19,7 @@ from saga.core.state import (
     Event,
     HistoryKind,
     OperatorAbort,
+    OperatorAction,
     OperatorResolve,
     OperatorRetry,
     Phase,
@@ -408,7 +409,8 @@ def test_abort_of_a_saga_failed_after_the_pivot_is_rejected() -> None:
     drv.fail("refused")
     assert drv.s.status is SagaStatus.FAILED and drv.s.stuck_step == "s2"
     t = drv.operator_abort()
-    assert not t.applied and [h.kind for h in t.history] == [HistoryKind.REJECTED]
+    assert not t.applied and t.history == ()
+    assert t.refused is not None and "only a RUNNING saga can be aborted" in t.refused
 
 
 def test_forward_operator_retry_clears_the_failure() -> None:
@@ -645,9 +647,45 @@ def test_operator_action_rejected(scenario: str, event: Event, why: str) -> None
     before = drv.s
     t = drv.apply(event)
     assert not t.applied and t.state is before and t.commands == ()
-    [entry] = t.history
-    assert entry.kind is HistoryKind.REJECTED and entry.actor == "bob"
-    assert why in entry.detail
+    assert t.history == (), "a refusal changed nothing, so the audit trail does not change"
+    assert t.refused is not None and why in t.refused
+    assert t.refused.startswith(f"{type(event).__name__} rejected: ")
+    action = {OperatorRetry: "retry", OperatorAbort: "abort", OperatorResolve: "resolve"}
+    assert OperatorAction(action[type(event)]) not in allowed_actions(drv.definition, before)
+
+
+def _stuck_at_pivot() -> Driver:
+    drv = started(make_definition(3, pivot=1, max_attempts=1))
+    drv.succeed()
+    drv.time_out()  # the pivot's outcome is unknown: FAILED at the pivot itself
+    return drv
+
+
+A = OperatorAction
+
+
+@pytest.mark.parametrize(
+    ("scenario", "allowed"),
+    [
+        ("running", (A.ABORT,)),
+        ("pivot-in-flight", ()),
+        ("after-pivot", ()),
+        ("compensating", ()),
+        ("failed", (A.RETRY, A.RESOLVE)),
+        ("stuck-at-pivot", (A.RETRY, A.ABORT, A.RESOLVE)),
+        ("completed", ()),
+        ("compensated", ()),
+    ],
+)
+def test_allowed_actions_are_what_the_engine_accepts(
+    scenario: str, allowed: tuple[OperatorAction, ...]
+) -> None:
+    drv = _stuck_at_pivot() if scenario == "stuck-at-pivot" else SCENARIOS[scenario]()
+    assert allowed_actions(drv.definition, drv.s) == allowed
+    for event in (RETRY, ABORT, RESOLVE):
+        accepted = decide(drv.definition, drv.s, event, drv.now).applied
+        action = {OperatorRetry: A.RETRY, OperatorAbort: A.ABORT, OperatorResolve: A.RESOLVE}
+        assert accepted == (action[type(event)] in allowed), event
 
 
 # --- messages that must not change anything -------------------------------------------------
@@ -852,8 +890,12 @@ def test_settled_saga_ignores_every_event(scenario: str) -> None:
     for event in _events_for(drv):
         t = drv.apply(event)
         assert not t.applied and t.state is settled and t.commands == ()
-        [entry] = t.history
-        assert entry.kind in (HistoryKind.IGNORED, HistoryKind.REJECTED)
+        if isinstance(event, OperatorRetry | OperatorAbort | OperatorResolve):
+            assert t.history == () and t.refused is not None
+        else:
+            [entry] = t.history
+            assert entry.kind is HistoryKind.IGNORED
+    assert allowed_actions(drv.definition, settled) == ()
 
 
 # --- payload builders that raise ------------------------------------------------------------

@@ -1,12 +1,16 @@
 """The in-memory harness drives the production orchestrator; these check it end to end."""
 
 import asyncio
+import logging
 from datetime import timedelta
 
 import pytest
+import structlog
 from pydantic import BaseModel, Field
+from structlog.testing import LogCapture
 
 from saga import HistoryKind, InvalidInputError, RetryPolicy, SagaDefinition, SagaStatus, Step
+from saga.orchestrator import runtime
 from saga.orchestrator.runtime import Outcome
 from saga.testing import FakeClock, Harness, fail, ok, silence
 
@@ -93,12 +97,29 @@ async def test_start_is_idempotent_by_key() -> None:
     assert h.commands(first).count("stock.reserve") == 1
 
 
-async def test_rejected_operator_action_changes_nothing() -> None:
+async def test_rejected_operator_action_changes_nothing(monkeypatch: pytest.MonkeyPatch) -> None:
     h = harness()
+    capture = LogCapture()  # a logger of our own: the module's may be cached already
+    logger = structlog.wrap_logger(
+        structlog.PrintLogger(),
+        processors=[capture],
+        wrapper_class=structlog.make_filtering_bound_logger(logging.INFO),
+    )
+    monkeypatch.setattr(runtime, "log", logger)
     saga = await h.run("pay", {"amount": "1.00"})
+    history = await h.history(saga.saga_id)
     result = await h.orchestrator.abort(saga.saga_id, actor="ops", reason="too late")
-    assert result.outcome is Outcome.IGNORED
+    assert result.outcome is Outcome.REJECTED
+    assert result.transition is not None and result.transition.refused is not None
+    assert "only a RUNNING saga can be aborted" in result.transition.refused
     assert (await h.saga(saga.saga_id)).version == saga.version
+    # nothing was written, not even a history entry: trying a button leaves no trace there
+    assert await h.history(saga.saga_id) == history
+    # ... it is in the log, with who tried what and why it was refused
+    [line] = [e for e in capture.entries if e["event"] == "operator_action_refused"]
+    assert line["actor"] == "ops" and line["action"] == "OperatorAbort"
+    assert line["reason"] == "too late" and line["saga_id"] == str(saga.saga_id)
+    assert "only a RUNNING saga can be aborted; this one is COMPLETED" in line["detail"]
 
 
 async def test_concurrent_events_share_commits() -> None:

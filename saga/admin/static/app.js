@@ -8,6 +8,9 @@ const STATUSES = ["RUNNING", "COMPENSATING", "COMPLETED", "COMPENSATED", "FAILED
 const view = document.getElementById("view");
 let timer = null;
 let busy = false; // a dialog is open: do not redraw under it
+// The latest route() call. One still in flight when the page changed (a refresh, a click)
+// neither draws nor schedules: it would put the page it started on back over the new one.
+let routing = 0;
 
 function esc(value) {
   return String(value ?? "").replace(/[&<>"']/g, (c) => ({
@@ -30,8 +33,9 @@ function ms(value) {
   return value < 1000 ? `${value.toFixed(0)} ms` : `${(value / 1000).toFixed(2)} s`;
 }
 
+// status 0: the server did not answer at all (down, restarting, the network)
 class ApiError extends Error {
-  constructor(status, detail) { super(detail); this.status = status; }
+  constructor(status, detail, errors) { super(detail); this.status = status; this.errors = errors || []; }
 }
 
 async function api(path, options = {}) {
@@ -39,14 +43,19 @@ async function api(path, options = {}) {
   if (!token) { askToken(); throw new ApiError(401, "no token"); }
   const headers = { Authorization: `Bearer ${token}`, ...(options.headers || {}) };
   if (options.body) headers["Content-Type"] = "application/json";
-  const response = await fetch(API + path, { ...options, headers });
+  let response;
+  try {
+    response = await fetch(API + path, { ...options, headers });
+  } catch {
+    throw new ApiError(0, "the orchestrator cannot be reached (disconnected)");
+  }
   const body = await response.json().catch(() => ({}));
   if (response.status === 401 || response.status === 403) {
     sessionStorage.removeItem("saga-token");
     askToken(body.detail);
     throw new ApiError(response.status, body.detail || "not authorized");
   }
-  if (!response.ok) throw new ApiError(response.status, body.detail || response.statusText);
+  if (!response.ok) throw new ApiError(response.status, body.detail || response.statusText, body.errors);
   return body;
 }
 
@@ -76,7 +85,7 @@ document.getElementById("logout").addEventListener("click", () => {
 
 // --- views -------------------------------------------------------------------------------
 
-async function overview() {
+async function overview(mine) {
   const o = await api("overview");
   const cards = STATUSES.map((s) => `
     <div class="card" data-count="${s}"><div class="muted">${badge(s)}</div>
@@ -92,6 +101,7 @@ async function overview() {
     ? '<span class="error">unknown: no broker connection</span>'
     : Object.entries(o.dead_letters).map(([q, n]) =>
       `<tr><td class="mono">${esc(q)}</td><td data-dlq="${esc(q)}">${n ?? "?"}</td></tr>`).join("");
+  if (mine !== routing) return false; // a later route() owns the view now
   view.innerHTML = `
     <h1>Overview</h1>
     <div class="cards">${cards}
@@ -113,7 +123,26 @@ function listQuery() {
   return query;
 }
 
-async function sagas() {
+// A filter the API refuses (422) is shown at its field, the form kept as typed; the list is
+// not asked again until the filter changes. Times go as typed: the API reads ages (1h, 2d, 1w)
+// and ISO times with the same parser as `saga list --since`.
+function fieldErrors(e) {
+  const errors = {};
+  for (const item of e.errors || []) {
+    if (item.loc && item.loc[0] === "query") errors[item.loc[1]] = item.msg;
+  }
+  if (!Object.keys(errors).length) errors._ = e.message;
+  return errors;
+}
+
+function stepCell(s) {
+  // where to look: the step being run, compensated (↩), stuck, or that turned the saga back
+  const step = s.at_step || "";
+  const text = s.status === "COMPENSATING" && step ? `↩ ${step}` : step;
+  return `<td data-col="step">${esc(text)}</td>`;
+}
+
+async function sagas(mine) {
   const query = listQuery();
   const params = new URLSearchParams();
   for (const s of query.getAll("status")) params.append("status", s);
@@ -121,50 +150,59 @@ async function sagas() {
     if (query.get(k)) params.set(k, query.get(k));
   }
   params.set("limit", "50");
-  const [page, definitions] = await Promise.all([api(`sagas?${params}`), api("definitions")]);
+  const definitions = await api("definitions");
+  let page = null;
+  let errors = {};
+  try {
+    page = await api(`sagas?${params}`);
+  } catch (e) {
+    if (e.status !== 422) throw e;
+    errors = fieldErrors(e);
+  }
+  const err = (k) => errors[k] ? `<span class="field-error error" data-error-for="${esc(k)}">${esc(errors[k])}</span>` : "";
   const names = [...new Set(definitions.map((d) => d.name))];
   const chosen = new Set(query.getAll("status"));
   const statusBoxes = STATUSES.map((s) => `<label><span>${s.toLowerCase()}</span>
     <input type="checkbox" name="status" value="${s}" ${chosen.has(s) ? "checked" : ""}></label>`).join("");
-  const rows = page.items.map((s) => `
+  const rows = (page ? page.items : []).map((s) => `
     <tr data-saga="${esc(s.saga_id)}"><td class="mono"><a href="#/saga/${esc(s.saga_id)}">${esc(s.saga_id.slice(0, 8))}…</a></td>
     <td>${esc(s.name)}</td><td>${badge(s.status)}</td><td>${esc(s.key || "")}</td>
-    <td>${esc(s.current_step || "")}</td><td>${when(s.created_at)}</td><td>${when(s.updated_at)}</td>
+    ${stepCell(s)}<td>${when(s.created_at)}</td><td>${when(s.updated_at)}</td>
     <td>${esc(s.failure || "")}</td></tr>`).join("");
-  const next = page.next_cursor
+  const next = page && page.next_cursor
     ? (() => { const q = new URLSearchParams(query); q.set("cursor", page.next_cursor);
       return `<a id="next-page" href="#/sagas?${q}">next page →</a>`; })()
     : "";
+  const empty = page
+    ? '<tr><td colspan="8" class="muted">no saga matches</td></tr>'
+    : '<tr><td colspan="8" class="error">fix the filter above</td></tr>';
+  if (mine !== routing) return false; // a later route() owns the view now
   view.innerHTML = `
     <h1>Sagas</h1>
     <form class="filters" id="filters">
       ${statusBoxes}
       <label>saga <select name="name"><option value="">any</option>${names.map((n) =>
         `<option ${query.get("name") === n ? "selected" : ""}>${esc(n)}</option>`).join("")}</select></label>
-      <label>key <input name="key" value="${esc(query.get("key") || "")}" size="14"></label>
-      <label>id <input name="q" value="${esc(query.get("q") || "")}" placeholder="id or prefix" size="14"></label>
-      <label>since <input name="since" value="${esc(query.get("since") || "")}" placeholder="1h or ISO" size="10"></label>
-      <label>until <input name="until" value="${esc(query.get("until") || "")}" placeholder="ISO" size="10"></label>
+      <label>key <input name="key" value="${esc(query.get("key") || "")}" size="14">${err("key")}</label>
+      <label>id <input name="q" value="${esc(query.get("q") || "")}" placeholder="id or prefix" size="14">${err("q")}</label>
+      <label>since <input name="since" value="${esc(query.get("since") || "")}" placeholder="1h or ISO" size="10">${err("since")}</label>
+      <label>until <input name="until" value="${esc(query.get("until") || "")}" placeholder="2d or ISO" size="10">${err("until")}</label>
       <button>Filter</button>
+      ${err("_")}${err("status")}${err("name")}${err("cursor")}
     </form>
-    <table id="saga-list"><thead><tr><th>id</th><th>saga</th><th>status</th><th>key</th><th>step</th>
+    <table id="saga-list"><thead><tr><th>id</th><th>saga</th><th>status</th><th>key</th><th title="where it runs, is stuck, or turned back">step</th>
       <th>started</th><th>updated</th><th>why</th></tr></thead>
-      <tbody>${rows || '<tr><td colspan="8" class="muted">no saga matches</td></tr>'}</tbody></table>
+      <tbody>${rows || empty}</tbody></table>
     <p>${next}</p>`;
   document.getElementById("filters").addEventListener("submit", (event) => {
     event.preventDefault();
     const form = new FormData(event.target);
     const q = new URLSearchParams();
-    for (const [k, v] of form.entries()) if (v) q.append(k, v);
-    const since = q.get("since");
-    if (since && /^\d+[smhd]$/.test(since)) q.set("since", relative(since));
-    window.location.hash = `#/sagas?${q}`;
+    for (const [k, v] of form.entries()) if (v.trim()) q.append(k, v.trim());
+    const hash = `#/sagas?${q}`;
+    if (window.location.hash === hash) route(); else window.location.hash = hash;
   });
-}
-
-function relative(text) {
-  const unit = { s: 1, m: 60, h: 3600, d: 86400 }[text.slice(-1)];
-  return new Date(Date.now() - Number(text.slice(0, -1)) * unit * 1000).toISOString();
+  return page !== null; // refresh only a list the API answered
 }
 
 function entryClass(h) {
@@ -178,7 +216,7 @@ function entryClass(h) {
   return classes.join(" ");
 }
 
-async function detail(id) {
+async function detail(id, mine) {
   const s = await api(`sagas/${encodeURIComponent(id)}`);
   const start = new Date(s.created_at).getTime();
   const timeline = s.history.map((h) => `
@@ -195,6 +233,7 @@ async function detail(id) {
     <td>${st.action ? ms(st.action.duration_ms) : ""}</td><td>${st.compensation ? ms(st.compensation.duration_ms) : ""}</td>
     <td>${esc(st.error || "")}</td></tr>`).join("");
   const terminal = TERMINAL.has(s.status);
+  if (mine !== routing) return false; // a later route() owns the view now
   view.innerHTML = `
     <h1>${esc(s.name)} <span class="mono">${esc(s.saga_id)}</span> ${badge(s.status)}</h1>
     <dl class="kv">
@@ -205,11 +244,7 @@ async function detail(id) {
       ${s.failure ? `<dt>why</dt><dd id="failure" class="error">${esc(s.failure)}</dd>` : ""}
       ${s.stuck_step ? `<dt>stuck at</dt><dd id="stuck">${esc(s.stuck_step)}</dd>` : ""}
     </dl>
-    <div class="actions">
-      <button id="retry" data-action="retry" ${s.status === "FAILED" ? "" : "disabled"}>Retry</button>
-      <button id="abort" data-action="abort" class="secondary" ${terminal ? "disabled" : ""}>Abort (compensate now)</button>
-      <button id="resolve" data-action="resolve" class="secondary" ${s.status === "FAILED" || !terminal ? "" : "disabled"}>Mark resolved</button>
-    </div>
+    <div class="actions" id="actions">${actions(s)}</div>
     <h2>Timeline</h2>
     <p class="legend"><span>→ action</span><span style="color: var(--comp)">↩ compensation (newest first)</span></p>
     <ol class="timeline" id="timeline">${timeline}</ol>
@@ -223,6 +258,21 @@ async function detail(id) {
     button.addEventListener("click", () => act(s, button.dataset.action));
   }
   return terminal;
+}
+
+// The buttons: only the actions the saga's state accepts (the API's allowed_actions, which the
+// engine's own rules produce), so a button is never one the server would refuse.
+const BUTTONS = [
+  ["retry", "Retry", ""],
+  ["abort", "Abort (compensate now)", "secondary"],
+  ["resolve", "Mark resolved", "secondary"],
+];
+
+function actions(s) {
+  const allowed = new Set(s.allowed_actions || []);
+  const buttons = BUTTONS.filter(([action]) => allowed.has(action)).map(([action, label, cls]) =>
+    `<button id="${action}" data-action="${action}" class="${cls}">${label}</button>`).join("");
+  return buttons || `<span class="muted">no operator action applies to a ${esc(s.status)} saga</span>`;
 }
 
 const HELP = {
@@ -309,8 +359,9 @@ function diagram(d) {
     ${parts.join("")}</svg></div>`;
 }
 
-async function definitions() {
+async function definitions(mine) {
   const defs = await api("definitions");
+  if (mine !== routing) return false; // a later route() owns the view now
   view.innerHTML = `<h1>Definitions</h1>
     <p class="legend"><span style="color: var(--ok)">→ actions, in order</span>
     <span style="color: var(--comp)">↩ compensations, run newest first when a step fails</span></p>
@@ -321,19 +372,47 @@ async function definitions() {
     </section>`).join("")}`;
 }
 
-async function contracts() {
+// A readable line for a message's payload schema: the envelope, then what each part adds
+// (a $ref'd model, the alternatives of an anyOf/oneOf, a part that applies only on a condition).
+function schemaText(p, ref) {
+  if (!p || typeof p !== "object") return "";
+  if (p.$ref) return ref(p.$ref);
+  if (p.type === "null") return "null";
+  const parts = [];
+  if (p.allOf) parts.push(...p.allOf.map((q) => schemaText(q, ref)));
+  const alternatives = p.anyOf || p.oneOf;
+  if (alternatives) {
+    const texts = alternatives.map((q) => schemaText(q, ref)).filter(Boolean);
+    parts.push(texts.length > 1 ? `one of (${texts.join(" | ")})` : texts.join(""));
+  }
+  if (p.properties) {
+    parts.push(Object.entries(p.properties).map(([k, v]) => {
+      const text = v.const === undefined ? schemaText(v, ref) : "";
+      return text ? `${k}: ${text}` : "";
+    }).filter(Boolean).join(", "));
+  }
+  if (p.if && p.then) {
+    const when = Object.entries(p.if.properties || {}).map(([k, v]) =>
+      v.const === undefined ? k : `${k} is ${JSON.stringify(v.const)}`).join(" and ");
+    const then = schemaText(p.then, ref);
+    if (then) parts.push(when ? `${then} when ${when}` : then);
+  }
+  return parts.filter(Boolean).join(" + ");
+}
+
+async function contracts(mine) {
   const doc = await api("asyncapi.json");
   const messages = doc.components.messages;
-  const ref = (r) => r.$ref.split("/").pop();
+  const ref = (r) => r.split("/").pop();
   const channels = Object.entries(doc.channels).map(([id, ch]) => `
     <section data-channel="${esc(id)}"><h2>${esc(ch.title || id)} <span class="mono muted">${esc(ch.address)}</span></h2>
     <p class="muted">${esc(ch.description || "")}</p>
     <table><thead><tr><th>message (AMQP type)</th><th>summary</th><th>payload</th></tr></thead><tbody>
-    ${Object.values(ch.messages).map((m) => { const msg = messages[ref(m)]; return `<tr>
+    ${Object.values(ch.messages).map((m) => { const msg = messages[ref(m.$ref)]; return `<tr data-message="${esc(msg.name)}">
       <td class="mono">${esc(msg.name)}</td><td>${esc(msg.summary || "")}</td>
-      <td class="mono">${esc((msg.payload.allOf || [msg.payload]).map((p) => p.$ref ? ref(p) :
-        Object.entries(p.properties || {}).map(([k, v]) => v.$ref ? `${k}: ${ref(v)}` : "").filter(Boolean).join(", ")).join(" + "))}</td>
+      <td class="mono payload">${esc(schemaText(msg.payload, ref))}</td>
     </tr>`; }).join("")}</tbody></table></section>`).join("");
+  if (mine !== routing) return false; // a later route() owns the view now
   view.innerHTML = `<h1>Contracts <span class="muted">AsyncAPI ${esc(doc.asyncapi)}</span></h1>
     <p>${esc(doc.info.description).replaceAll("\n\n", "<br><br>")}</p>
     <p><a id="asyncapi-download" href="#" download="asyncapi.json">Download asyncapi.json</a>
@@ -344,8 +423,23 @@ async function contracts() {
 
 // --- routing and live refresh --------------------------------------------------------------
 
-async function route() {
+// The connection marker: live, or (when the server does not answer or fails) the last data
+// kept on screen marked stale while the page keeps trying, and live again once it answers.
+function connection(state, why) {
+  const live = document.getElementById("live");
+  live.dataset.state = state;
+  live.textContent = { live: "● live", disconnected: "● disconnected", error: "● server error" }[state];
+  live.title = why || "refreshes every 2 seconds";
+  if (state === "live") view.removeAttribute("data-stale");
+  else view.dataset.stale = "true";
+}
+
+let shown = false; // the view holds data of the current page (kept, stale, while disconnected)
+
+async function route(event) {
   clearTimeout(timer);
+  const mine = ++routing;
+  if (event && event.type === "hashchange") shown = false;
   const hash = window.location.hash || "#/";
   const path = hash.slice(1).split("?")[0];
   for (const a of document.querySelectorAll("header nav a")) {
@@ -353,21 +447,33 @@ async function route() {
   }
   document.getElementById("logout").hidden = !sessionStorage.getItem("saga-token");
   let again = true;
+  let state = "live";
   try {
     const typing = view.contains(document.activeElement) && document.activeElement.matches("input, select, textarea");
     if (busy || typing) { /* a dialog is open, or someone is typing a filter */ }
-    else if (path === "/" || path === "") await overview();
-    else if (path === "/sagas") await sagas();
-    else if (path.startsWith("/saga/")) again = !(await detail(decodeURIComponent(path.slice(6))));
-    else if (path === "/definitions") { await definitions(); again = false; }
-    else if (path === "/contracts") { await contracts(); again = false; }
+    else if (path === "/" || path === "") await overview(mine);
+    else if (path === "/sagas") again = await sagas(mine);
+    else if (path.startsWith("/saga/")) again = !(await detail(decodeURIComponent(path.slice(6)), mine));
+    else if (path === "/definitions") { await definitions(mine); again = false; }
+    else if (path === "/contracts") { await contracts(mine); again = false; }
     else view.innerHTML = '<p class="error">No such page.</p>';
+    if (mine !== routing) return;
+    if (!busy && !typing) shown = true;
+    connection("live");
   } catch (e) {
+    if (mine !== routing) return;
     if (e.status === 404) { view.innerHTML = `<p class="error" id="not-found">${esc(e.message)}</p>`; again = false; }
-    else if (e.status !== 401 && e.status !== 403) view.innerHTML = `<p class="error">${esc(e.message)}</p>`;
+    else if (e.status === 401 || e.status === 403) { /* the sign-in dialog asks again */ }
+    else {
+      // the server is down or failing: keep what is shown, marked stale, and try again
+      state = e.status === 0 ? "disconnected" : "error";
+      connection(state, e.message);
+      if (!shown) view.innerHTML = `<p class="error" id="unreachable">${esc(e.message)}; trying again every 2 s</p>`;
+    }
   }
-  document.getElementById("live").hidden = !again;
-  if (again) timer = setTimeout(route, 2000);
+  if (mine !== routing) return;
+  document.getElementById("live").hidden = !again && state === "live";
+  if (again || state !== "live") timer = setTimeout(route, 2000);
 }
 
 for (const dialog of document.querySelectorAll("dialog")) {
