@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import shutil
 from collections.abc import Callable, Iterator
 from datetime import datetime
 from importlib.metadata import entry_points
@@ -156,6 +157,12 @@ def _when(text: str | None, option: str) -> datetime | None:
         raise typer.BadParameter(str(exc), param_hint=option) from None
 
 
+def _terminal_width() -> int | None:
+    """The terminal's width (or $COLUMNS); None when printing to a pipe, so that a script
+    reading the table gets every note whole."""
+    return shutil.get_terminal_size((0, 0)).columns or None
+
+
 @app.command("list")
 def list_sagas(
     status: Annotated[
@@ -194,7 +201,7 @@ def list_sagas(
             limit=limit,
             cursor=cursor,
         )
-    _show(page, as_json, lambda: render.saga_list(page))
+    _show(page, as_json, lambda: render.saga_list(page, _terminal_width()))
 
 
 @app.command()

@@ -31,6 +31,7 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from saga import __version__
 from saga.admin import dashboard
 from saga.admin.models import (
+    CAUSE_KINDS,
     ActionRequest,
     ActionResult,
     DefinitionView,
@@ -280,8 +281,9 @@ def _read_routes(api: APIRouter, service: OrchestratorService) -> None:
         found = await service.store.list_sagas(query)
         page = found[:limit]
         more = len(found) > limit
+        causes = await service.store.histories([s.saga_id for s in page], CAUSE_KINDS)
         return SagaPage(
-            items=[saga_summary(s) for s in page],
+            items=[saga_summary(s, causes[s.saga_id]) for s in page],
             next_cursor=encode_cursor(page[-1]) if more else None,
         )
 
@@ -349,7 +351,8 @@ def _operator_routes(api: APIRouter, service: OrchestratorService) -> None:
         saga_id = state.saga_id
         if created:
             log.info("saga_started_by_api", saga_id=str(saga_id), name=body.name, key=body.key)
-        answer = StartResult(created=created, saga=saga_summary(state))
+        history = [] if created else await service.store.history(saga_id)
+        answer = StartResult(created=created, saga=saga_summary(state, history))
         return JSONResponse(
             answer.model_dump(mode="json"),
             status_code=201 if created else 200,
@@ -482,4 +485,7 @@ async def _act(
     if result.outcome is not Outcome.APPLIED:
         why = "; ".join(h.detail for h in entries) or f"the saga is {result.state.status}"
         raise HTTPException(409, why)
-    return ActionResult(saga=saga_summary(result.state), entries=[history_view(h) for h in entries])
+    history = await service.store.history(saga_id)  # the root cause, and this resolution
+    return ActionResult(
+        saga=saga_summary(result.state, history), entries=[history_view(h) for h in entries]
+    )

@@ -22,7 +22,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import json
-from collections.abc import Iterable, Sequence
+from collections.abc import Collection, Iterable, Sequence
 from datetime import UTC, datetime, timedelta
 from typing import Any
 from uuid import UUID
@@ -675,6 +675,23 @@ class SqlStore:
         query = sa.select(history).where(history.c.saga_id == saga_id).order_by(history.c.id)
         async with self._read.connect() as conn:
             return [_history_from_row(r._mapping) for r in await conn.execute(query)]
+
+    async def histories(
+        self, saga_ids: Sequence[UUID], kinds: Collection[HistoryKind]
+    ) -> dict[UUID, list[HistoryEntry]]:
+        found: dict[UUID, list[HistoryEntry]] = {i: [] for i in saga_ids}
+        if not found or not kinds:
+            return found
+        query = (
+            sa.select(history)
+            .where(history.c.saga_id.in_(list(found)))
+            .where(history.c.kind.in_(sorted(k.value for k in kinds)))
+            .order_by(history.c.id)
+        )
+        async with self._read.connect() as conn:
+            for r in await conn.execute(query):
+                found[r.saga_id].append(_history_from_row(r._mapping))
+        return found
 
     async def list_sagas(self, query: SagaFilter) -> list[SagaState]:
         # One order both ways, (created_at, saga_id), served by ix_saga_instances_created

@@ -362,6 +362,65 @@ async def test_retry_a_failed_saga_with_a_stuck_compensation(stack: Stack) -> No
 
 
 @BOTH
+async def test_a_fixed_saga_keeps_its_root_cause_apart_from_its_resolution(stack: Stack) -> None:
+    """A compensation that failed and was then retried, or an action resolved by hand, is not
+    what went wrong: the root cause stays the first failure, and the fix is named beside it."""
+    retried = await stack.start("trip", COMPENSATION_STUCK)
+    resolved = await stack.start("pivoted", {"gamma": ["fail"]})
+    failed = await stack.wait(retried, ["FAILED"])
+    await stack.wait(resolved, ["FAILED"])
+    cause = {"step": "gamma", "error": "refused", "detail": "step gamma failed: refused"}
+    assert failed["failure"].startswith("compensation of beta failed")  # why it is stuck now
+    assert {k: failed["root_cause"][k] for k in cause} == cause
+    assert failed["resolution"] is None
+
+    answer = await stack.client.post(
+        f"/api/sagas/{retried}/retry",
+        json={"reason": "beta's ledger fixed"},
+        headers={"X-Saga-Actor": "alice@ops"},
+    )
+    assert answer.status_code == 200, answer.text
+    assert answer.json()["saga"]["root_cause"]["detail"] == cause["detail"]
+    answer = await stack.client.post(
+        f"/api/sagas/{resolved}/resolve",
+        json={"reason": "shipped by hand", "data": {"tracking": "T-1"}},
+        headers={"X-Saga-Actor": "bob"},
+    )
+    assert answer.status_code == 200, answer.text
+
+    done = await stack.wait(retried, ["COMPENSATED"])
+    retry_entry = next(h for h in done["history"] if h["kind"] == "operator")
+    assert {k: done["root_cause"][k] for k in cause} == cause
+    assert done["root_cause"]["at"] == next(
+        h["at"] for h in done["history"] if h["kind"] == "compensation_started"
+    )
+    assert done["resolution"] == {
+        "action": "retry",
+        "actor": "alice@ops",
+        "reason": "beta's ledger fixed",
+        "at": retry_entry["at"],
+    }
+    completed = await stack.wait(resolved, ["COMPLETED"])
+    assert {k: completed["root_cause"][k] for k in ("step", "error", "detail")} == {
+        "step": "gamma",
+        "error": "refused",
+        "detail": "step gamma after the pivot cannot complete: refused",
+    }
+    assert (completed["resolution"]["action"], completed["resolution"]["actor"]) == (
+        "resolve",
+        "bob",
+    )
+    assert completed["resolution"]["reason"] == "shipped by hand"
+
+    listed = await stack.client.get("/api/sagas", params={"limit": 10})
+    assert listed.status_code == 200, listed.text
+    items = {s["saga_id"]: s for s in listed.json()["items"]}
+    for saga_id, shown in ((retried, done), (resolved, completed)):
+        assert items[saga_id]["root_cause"] == shown["root_cause"]
+        assert items[saga_id]["resolution"] == shown["resolution"]
+
+
+@BOTH
 async def test_abort_a_running_saga_compensates_it(stack: Stack) -> None:
     saga_id = await stack.start("hold", {"beta": ["silent"]})
     await stack.wait(saga_id, ["RUNNING"], step="beta")
