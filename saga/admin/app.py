@@ -25,7 +25,8 @@ import structlog
 from fastapi import APIRouter, Depends, FastAPI, Header, HTTPException, Query, Request, Security
 from fastapi.encoders import jsonable_encoder
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.openapi.docs import get_redoc_html, get_swagger_ui_html
+from fastapi.responses import HTMLResponse, JSONResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
 from saga import __version__
@@ -143,6 +144,8 @@ def create_app(service: OrchestratorService) -> FastAPI:
             f"actions record the `{ACTOR_HEADER}` header (default `{DEFAULT_ACTOR}`) as who "
             'acted. Errors are `{"detail": "why"}`.'
         ),
+        docs_url=None,  # served by _docs_routes, from the package
+        redoc_url=None,
     )
 
     async def authorized(
@@ -179,6 +182,7 @@ def create_app(service: OrchestratorService) -> FastAPI:
     api = APIRouter(prefix="/api", dependencies=[Depends(authorized)], responses=_AUTH_ERRORS)
 
     _error_handlers(app)
+    _docs_routes(app)
     _health_routes(app, service)
     _read_routes(api, service)
     _operator_routes(api, service)
@@ -217,6 +221,37 @@ def _error_handlers(app: FastAPI) -> None:
         return JSONResponse({"detail": detail}, status_code=500)
 
     app.add_exception_handler(Exception, _unexpected)
+
+
+#: where the dashboard's static mount serves the vendored viewers (saga/admin/static/vendor)
+_VENDOR = "/ui/vendor"
+
+
+def _docs_routes(app: FastAPI) -> None:
+    """``/docs`` and ``/redoc`` with their scripts, styles and icon from the package: FastAPI's
+    defaults load them from a CDN (and ReDoc's fonts from Google), which leaves both pages blank
+    on a machine without internet access, where an orchestrator often runs."""
+    openapi_url = app.openapi_url or "/openapi.json"
+
+    @app.get("/docs", include_in_schema=False)
+    async def swagger_ui() -> HTMLResponse:
+        return get_swagger_ui_html(
+            openapi_url=openapi_url,
+            title=f"{app.title} - Swagger UI",
+            swagger_js_url=f"{_VENDOR}/swagger-ui/swagger-ui-bundle.js",
+            swagger_css_url=f"{_VENDOR}/swagger-ui/swagger-ui.css",
+            swagger_favicon_url=f"{_VENDOR}/swagger-ui/favicon-32x32.png",
+        )
+
+    @app.get("/redoc", include_in_schema=False)
+    async def redoc() -> HTMLResponse:
+        return get_redoc_html(
+            openapi_url=openapi_url,
+            title=f"{app.title} - ReDoc",
+            redoc_js_url=f"{_VENDOR}/redoc/redoc.standalone.js",
+            redoc_favicon_url=f"{_VENDOR}/swagger-ui/favicon-32x32.png",
+            with_google_fonts=False,
+        )
 
 
 def _health_routes(app: FastAPI, service: OrchestratorService) -> None:
