@@ -44,7 +44,9 @@ def version() -> None:
 
 
 def _fail(exc: Exception) -> NoReturn:
-    typer.echo(f"error: {redact_url(str(exc))}", err=True)
+    """``error: ...`` on one line (a driver's message may hold several) and exit status 2."""
+    lines = [line.strip() for line in redact_url(str(exc)).splitlines() if line.strip()]
+    typer.echo(f"error: {'; '.join(lines) or type(exc).__name__}", err=True)
     raise typer.Exit(code=2)
 
 
@@ -82,6 +84,7 @@ def migrate() -> None:
         _fail(exc)
     from sqlalchemy.exc import SQLAlchemyError  # noqa: PLC0415
 
+    from saga.store.faults import describe_error  # noqa: PLC0415
     from saga.store.sql import SqlStore  # noqa: PLC0415
 
     async def go() -> tuple[list[int], int]:
@@ -94,8 +97,14 @@ def migrate() -> None:
 
     try:
         applied, version = asyncio.run(go())
+    except ConfigError as exc:  # the database cannot be reached: the line `saga run` prints
+        _fail(exc)
     except (OSError, SQLAlchemyError) as exc:
-        _fail(ConfigError(f"cannot migrate {redact_url(settings.database_url)}: {exc}"))
+        _fail(
+            ConfigError(
+                f"cannot migrate {redact_url(settings.database_url)}: {describe_error(exc)}"
+            )
+        )
     typer.echo(f"schema at version {version}" + (f" (applied {applied})" if applied else ""))
 
 
