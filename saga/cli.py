@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Annotated, Any, NoReturn
 
 import typer
+from typer.core import TyperCommand, TyperGroup, TyperOption
 
 from saga import __version__
 from saga.admin import render
@@ -25,14 +26,36 @@ from saga.settings import load_settings
 # The orchestrator, SQLAlchemy and OpenTelemetry are imported by the commands that use them, so
 # the operator commands (list, show, retry, ...) start in a fraction of the time.
 
+
+class _FlagsTakeNoValue:
+    """Help without a value type beside a flag: typer shows ``--json <bool>`` (and
+    ``--help <bool>``), which reads as if the flag wanted an argument."""
+
+    def get_params(self, ctx: Any) -> list[Any]:  # typer's own click types are private
+        params: list[Any] = super().get_params(ctx)  # type: ignore[misc]
+        for param in params:
+            if isinstance(param, TyperOption) and param.is_flag and param.metavar is None:
+                param.metavar = ""  # what the help shows as the value's type
+        return params
+
+
+class _Command(_FlagsTakeNoValue, TyperCommand):
+    pass
+
+
+class _Group(_FlagsTakeNoValue, TyperGroup):
+    pass
+
+
 app = typer.Typer(
     name="saga",
     help="A saga orchestrator over RabbitMQ with a transactional outbox.",
     no_args_is_help=True,
     add_completion=False,
+    cls=_Group,
 )
 schema_app = typer.Typer(
-    help="Message contracts: AsyncAPI and JSON Schema export.", no_args_is_help=True
+    help="Message contracts: AsyncAPI and JSON Schema export.", no_args_is_help=True, cls=_Group
 )
 app.add_typer(schema_app, name="schema")
 
@@ -425,3 +448,9 @@ def _add_plugins() -> None:
 def main() -> None:
     _add_plugins()
     app()
+
+
+for _typer in (app, schema_app):  # every command of ours, without repeating cls= on each
+    for _info in _typer.registered_commands:
+        if _info.cls in (None, TyperCommand):
+            _info.cls = _Command

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import re
 import shutil
 import signal
 import sys
@@ -275,6 +276,23 @@ def test_every_command_has_help(command: str) -> None:
     assert ran.exit_code == 0, ran.output
     assert "--url" in ran.output
     assert "SAGA_ADMIN_TOKEN" in ran.output
+
+
+@pytest.mark.parametrize(
+    "command",
+    ["", "run", "migrate", "list", "show", "retry", "resolve", "definitions", "schema export"],
+)
+def test_help_shows_no_value_type_beside_a_flag(command: str) -> None:
+    """A flag takes no value: `--json <bool>` or `--help <bool>` would read as if it did."""
+    ran = CliRunner().invoke(cli.app, [*command.split(), "--help"], env={"COLUMNS": "200"})
+    assert ran.exit_code == 0, ran.output
+    assert "<bool>" not in ran.output
+    flags = [line for line in ran.output.splitlines() if "--help" in line]
+    assert len(flags) == 1
+    assert re.search(r"--help\s+Show this message and exit", flags[0]), flags[0]
+    if command in ("list", "show", "definitions"):
+        json_flag = next(line for line in ran.output.splitlines() if "--json" in line)
+        assert re.search(r"--json\s+Print the API's JSON answer", json_flag), json_flag
 
 
 async def test_saga_run_serves_the_admin_api_and_stops_on_sigterm(
