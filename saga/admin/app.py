@@ -15,7 +15,7 @@ import base64
 import binascii
 import hmac
 import json
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Annotated, Any
 from uuid import UUID
@@ -24,10 +24,15 @@ import sqlalchemy as sa
 import structlog
 from fastapi import APIRouter, Depends, FastAPI, Header, HTTPException, Query, Request, Security
 from fastapi.encoders import jsonable_encoder
+from fastapi.exception_handlers import http_exception_handler
 from fastapi.exceptions import RequestValidationError
 from fastapi.openapi.docs import get_redoc_html, get_swagger_ui_html
-from fastapi.responses import HTMLResponse, JSONResponse
+from fastapi.responses import HTMLResponse, JSONResponse, Response
+from fastapi.routing import APIRoute
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from pydantic import BeforeValidator
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import Route
 
 from saga import __version__
 from saga.admin import dashboard
@@ -95,6 +100,41 @@ Actor = Annotated[
         description=f"who acts, for the history (default `{DEFAULT_ACTOR}`)",
     ),
 ]
+
+
+class _JsonBodyRoute(APIRoute):
+    """A body that cannot even be decoded (not UTF-8, say) answers 422 like any other body
+    that is not the JSON asked for, as the OpenAPI document says: FastAPI answers 400."""
+
+    def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
+        handle = super().get_route_handler()
+
+        async def handler(request: Request) -> Response:
+            try:
+                return await handle(request)
+            except StarletteHTTPException as exc:  # FastAPI raises Starlette's own here
+                cause = exc.__cause__
+                if exc.status_code != 400 or not isinstance(cause, ValueError):
+                    raise  # only a body that could not be decoded (UnicodeDecodeError, ...)
+                why = f"not JSON: {cause}" if str(cause) else "not JSON"
+                error = {"type": "json_invalid", "loc": ("body",), "msg": why, "input": None}
+                raise RequestValidationError([error]) from cause
+
+        return handler
+
+
+def _iso_time(value: object) -> object:
+    """Only ISO times: pydantic would read a number (``until=0.5``) as seconds since 1970."""
+    if isinstance(value, str) and value.strip().lstrip("+-").replace(".", "", 1).isdigit():
+        raise ValueError(
+            "give an ISO time, e.g. 2024-05-01T12:00:00Z or 2024-05-01 (a number is not "
+            "taken as a Unix time)"
+        )
+    return value
+
+
+#: a time filter of the list: ISO only, no offset = UTC
+IsoTime = Annotated[datetime | None, BeforeValidator(_iso_time)]
 
 
 def _utc(value: datetime | None) -> datetime | None:
@@ -179,9 +219,14 @@ def create_app(service: OrchestratorService) -> FastAPI:
         if not hmac.compare_digest(presented.encode(), expected.encode()):
             raise HTTPException(403, "wrong token: use the orchestrator's SAGA_ADMIN_TOKEN")
 
-    api = APIRouter(prefix="/api", dependencies=[Depends(authorized)], responses=_AUTH_ERRORS)
+    api = APIRouter(
+        prefix="/api",
+        dependencies=[Depends(authorized)],
+        responses=_AUTH_ERRORS,
+        route_class=_JsonBodyRoute,
+    )
 
-    _error_handlers(app)
+    _error_handlers(app, api)
     _docs_routes(app)
     _health_routes(app, service)
     _read_routes(api, service)
@@ -191,8 +236,10 @@ def create_app(service: OrchestratorService) -> FastAPI:
     return app
 
 
-def _error_handlers(app: FastAPI) -> None:
-    """Every error answers ``{"detail": "why"}``: validation errors as one readable line."""
+def _error_handlers(app: FastAPI, *routers: APIRouter) -> None:
+    """Every error answers ``{"detail": "why"}``: validation errors as one readable line.
+    ``routers``: those included in ``app``, whose routes a 405 names too."""
+    routers_of_app: list[FastAPI | APIRouter] = [app, *routers]
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(_request: Request, exc: RequestValidationError) -> JSONResponse:
@@ -210,6 +257,15 @@ def _error_handlers(app: FastAPI) -> None:
             detail = f"the database cannot be reached: {describe_error(exc)}"
             return JSONResponse({"detail": detail}, status_code=503)
         return JSONResponse({"detail": f"database error: {describe_error(exc)}"}, 500)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request: Request, exc: StarletteHTTPException) -> Response:
+        if exc.status_code != 405:
+            return await http_exception_handler(request, exc)
+        # Starlette's Allow names only the methods of the first route on the path
+        allowed = _allowed_methods(routers_of_app, request.url.path)
+        detail = f"{request.method} is not allowed on {request.url.path}: use {', '.join(allowed)}"
+        return JSONResponse({"detail": detail}, 405, headers={"Allow": ", ".join(allowed)})
 
     for error in (sa.exc.SQLAlchemyError, OSError, TimeoutError):
         app.add_exception_handler(error, _database_error)
@@ -254,6 +310,16 @@ def _docs_routes(app: FastAPI) -> None:
         )
 
 
+def _allowed_methods(routers: Sequence[FastAPI | APIRouter], path: str) -> list[str]:
+    """Every method some route of ``routers`` serves on ``path``."""
+    allowed: set[str] = set()
+    for router in routers:
+        for route in router.routes:
+            if isinstance(route, Route) and route.methods and route.path_regex.match(path):
+                allowed |= route.methods
+    return sorted(allowed - {"HEAD"})
+
+
 def _health_routes(app: FastAPI, service: OrchestratorService) -> None:
     @app.get("/healthz", response_model=Health, tags=["health"])
     async def healthz() -> Health:
@@ -284,10 +350,10 @@ def _read_routes(api: APIRouter, service: OrchestratorService) -> None:
         ] = None,
         name: Annotated[str | None, Query(max_length=100)] = None,
         since: Annotated[
-            datetime | None, Query(description="created at or after (ISO; no offset = UTC)")
+            IsoTime, Query(description="created at or after (ISO time; no offset = UTC)")
         ] = None,
         until: Annotated[
-            datetime | None, Query(description="created before (ISO; no offset = UTC)")
+            IsoTime, Query(description="created before (ISO time; no offset = UTC)")
         ] = None,
         key: Annotated[str | None, Query(max_length=200, description="the saga's key")] = None,
         q: Annotated[

@@ -544,3 +544,59 @@ async def test_every_error_says_why(stack: Stack) -> None:
     body = (await client.post(path, json={})).json()
     assert body["errors"][0]["loc"] == ["body", "reason"]
     assert (await stack.saga(running))["status"] == "RUNNING"  # nothing was applied
+
+
+async def test_a_body_that_is_not_json_is_422_as_the_openapi_document_says(stack: Stack) -> None:
+    """Bytes that are not even text (not UTF-8) got FastAPI's 400, which no endpoint documents."""
+    running = await stack.start("hold", {"beta": ["silent"]})
+    await stack.wait(running, ["RUNNING"], step="beta")
+    document = (await stack.client.get("/openapi.json")).json()
+    paths = [
+        "/api/sagas",
+        f"/api/sagas/{running}/retry",
+        f"/api/sagas/{running}/abort",
+        f"/api/sagas/{running}/resolve",
+    ]
+    for path in paths:
+        documented = document["paths"][path.replace(running, "{saga_id}")]["post"]["responses"]
+        assert "422" in documented
+        assert "400" not in documented
+        for body in (b'{"reason": "\x80"}', b"\x80", b"{not json", b"[1, 2]"):  # not UTF-8 first
+            answer = await stack.client.post(
+                path, content=body, headers={"Content-Type": "application/json"}
+            )
+            assert answer.status_code == 422, (path, body, answer.text)
+            why = answer.json()
+            assert why["detail"].startswith("body"), why
+            assert why["errors"][0]["loc"][0] == "body", why
+    assert (await stack.saga(running))["status"] == "RUNNING"  # nothing was applied
+
+
+async def test_a_method_the_path_does_not_serve_names_every_one_it_does(stack: Stack) -> None:
+    for method, path, allowed in (
+        ("OPTIONS", "/api/sagas", "GET, POST"),
+        ("DELETE", "/api/sagas", "GET, POST"),
+        ("PUT", f"/api/sagas/{uuid.uuid4()}", "GET"),
+        ("GET", f"/api/sagas/{uuid.uuid4()}/retry", "POST"),
+    ):
+        answer = await stack.client.request(method, path)
+        assert answer.status_code == 405, (method, path, answer.text)
+        assert answer.headers["allow"] == allowed, (method, path)
+        assert answer.json()["detail"] == f"{method} is not allowed on {path}: use {allowed}"
+
+
+async def test_a_time_filter_is_an_iso_time_never_a_number(stack: Stack) -> None:
+    """`until=0.5` was read as half a second after 1970 (so nothing matched, silently)."""
+    saga_id = await stack.start("trip", {})
+    for number in ("0.5", "0", "1700000000", "-1"):
+        for name in ("since", "until"):
+            answer = await stack.client.get("/api/sagas", params={name: number})
+            assert answer.status_code == 422, (name, number, answer.text)
+            assert answer.json()["detail"] == (
+                f"query.{name}: give an ISO time, e.g. 2024-05-01T12:00:00Z or 2024-05-01 "
+                "(a number is not taken as a Unix time)"
+            )
+    for until in ("2999-01-01", "2999-01-01T00:00:00Z", "2999-01-01T00:00:00"):
+        answer = await stack.client.get("/api/sagas", params={"until": until})
+        assert answer.status_code == 200, answer.text
+        assert saga_id in [s["saga_id"] for s in answer.json()["items"]]
