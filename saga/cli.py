@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import shutil
 from collections.abc import Callable, Iterator
 from datetime import datetime
 from importlib.metadata import entry_points
@@ -12,6 +13,7 @@ from pathlib import Path
 from typing import Annotated, Any, NoReturn
 
 import typer
+from typer.core import TyperCommand, TyperGroup, TyperOption
 
 from saga import __version__
 from saga.admin import render
@@ -25,14 +27,36 @@ from saga.settings import load_settings
 # The orchestrator, SQLAlchemy and OpenTelemetry are imported by the commands that use them, so
 # the operator commands (list, show, retry, ...) start in a fraction of the time.
 
+
+class _FlagsTakeNoValue:
+    """Help without a value type beside a flag: typer shows ``--json <bool>`` (and
+    ``--help <bool>``), which reads as if the flag wanted an argument."""
+
+    def get_params(self, ctx: Any) -> list[Any]:  # typer's own click types are private
+        params: list[Any] = super().get_params(ctx)  # type: ignore[misc]
+        for param in params:
+            if isinstance(param, TyperOption) and param.is_flag and param.metavar is None:
+                param.metavar = ""  # what the help shows as the value's type
+        return params
+
+
+class _Command(_FlagsTakeNoValue, TyperCommand):
+    pass
+
+
+class _Group(_FlagsTakeNoValue, TyperGroup):
+    pass
+
+
 app = typer.Typer(
     name="saga",
     help="A saga orchestrator over RabbitMQ with a transactional outbox.",
     no_args_is_help=True,
     add_completion=False,
+    cls=_Group,
 )
 schema_app = typer.Typer(
-    help="Message contracts: AsyncAPI and JSON Schema export.", no_args_is_help=True
+    help="Message contracts: AsyncAPI and JSON Schema export.", no_args_is_help=True, cls=_Group
 )
 app.add_typer(schema_app, name="schema")
 
@@ -44,7 +68,9 @@ def version() -> None:
 
 
 def _fail(exc: Exception) -> NoReturn:
-    typer.echo(f"error: {redact_url(str(exc))}", err=True)
+    """``error: ...`` on one line (a driver's message may hold several) and exit status 2."""
+    lines = [line.strip() for line in redact_url(str(exc)).splitlines() if line.strip()]
+    typer.echo(f"error: {'; '.join(lines) or type(exc).__name__}", err=True)
     raise typer.Exit(code=2)
 
 
@@ -82,6 +108,7 @@ def migrate() -> None:
         _fail(exc)
     from sqlalchemy.exc import SQLAlchemyError  # noqa: PLC0415
 
+    from saga.store.faults import describe_error  # noqa: PLC0415
     from saga.store.sql import SqlStore  # noqa: PLC0415
 
     async def go() -> tuple[list[int], int]:
@@ -94,8 +121,14 @@ def migrate() -> None:
 
     try:
         applied, version = asyncio.run(go())
+    except ConfigError as exc:  # the database cannot be reached: the line `saga run` prints
+        _fail(exc)
     except (OSError, SQLAlchemyError) as exc:
-        _fail(ConfigError(f"cannot migrate {redact_url(settings.database_url)}: {exc}"))
+        _fail(
+            ConfigError(
+                f"cannot migrate {redact_url(settings.database_url)}: {describe_error(exc)}"
+            )
+        )
     typer.echo(f"schema at version {version}" + (f" (applied {applied})" if applied else ""))
 
 
@@ -157,6 +190,12 @@ def _when(text: str | None, option: str) -> datetime | None:
         raise typer.BadParameter(str(exc), param_hint=option) from None
 
 
+def _terminal_width() -> int | None:
+    """The terminal's width (or $COLUMNS); None when printing to a pipe, so that a script
+    reading the table gets every note whole."""
+    return shutil.get_terminal_size((0, 0)).columns or None
+
+
 @app.command("list")
 def list_sagas(
     status: Annotated[
@@ -195,7 +234,7 @@ def list_sagas(
             limit=limit,
             cursor=cursor,
         )
-    _show(page, as_json, lambda: render.saga_list(page))
+    _show(page, as_json, lambda: render.saga_list(page, _terminal_width()))
 
 
 @app.command()
@@ -410,3 +449,9 @@ def _add_plugins() -> None:
 def main() -> None:
     _add_plugins()
     app()
+
+
+for _typer in (app, schema_app):  # every command of ours, without repeating cls= on each
+    for _info in _typer.registered_commands:
+        if _info.cls in (None, TyperCommand):
+            _info.cls = _Command

@@ -7,14 +7,14 @@ contract test suite runs against every implementation.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from enum import StrEnum
 from typing import Protocol
 from uuid import UUID
 
-from saga.core.state import HistoryEntry, SagaState, SagaStatus, Transition
+from saga.core.state import HistoryEntry, HistoryKind, SagaState, SagaStatus, Transition
 
 __all__ = [
     "BrokerStats",
@@ -181,6 +181,12 @@ class Store(Protocol):
     async def due_timers(self, now: datetime, limit: int) -> list[DueTimer]: ...
 
     async def history(self, saga_id: UUID) -> list[HistoryEntry]: ...
+
+    async def histories(
+        self, saga_ids: Sequence[UUID], kinds: Collection[HistoryKind]
+    ) -> dict[UUID, list[HistoryEntry]]:
+        """The entries of ``kinds`` of every saga in ``saga_ids``, in order, in one query: what
+        a page of the saga list needs to say why each saga went wrong."""
 
     async def pending_outbox(self, limit: int) -> list[OutboxMessage]: ...
 

@@ -16,7 +16,7 @@ import base64
 import binascii
 import hmac
 import json
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Annotated, Any
 from uuid import UUID
@@ -25,13 +25,19 @@ import sqlalchemy as sa
 import structlog
 from fastapi import APIRouter, Depends, FastAPI, Header, HTTPException, Query, Request, Security
 from fastapi.encoders import jsonable_encoder
+from fastapi.exception_handlers import http_exception_handler
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.openapi.docs import get_redoc_html, get_swagger_ui_html
+from fastapi.responses import HTMLResponse, JSONResponse, Response
+from fastapi.routing import APIRoute
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import Route
 
 from saga import __version__
 from saga.admin import dashboard
 from saga.admin.models import (
+    CAUSE_KINDS,
     ActionRequest,
     ActionResult,
     DefinitionView,
@@ -97,6 +103,27 @@ Actor = Annotated[
 ]
 
 
+class _JsonBodyRoute(APIRoute):
+    """A body that cannot even be decoded (not UTF-8, say) answers 422 like any other body
+    that is not the JSON asked for, as the OpenAPI document says: FastAPI answers 400."""
+
+    def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
+        handle = super().get_route_handler()
+
+        async def handler(request: Request) -> Response:
+            try:
+                return await handle(request)
+            except StarletteHTTPException as exc:  # FastAPI raises Starlette's own here
+                cause = exc.__cause__
+                if exc.status_code != 400 or not isinstance(cause, ValueError):
+                    raise  # only a body that could not be decoded (UnicodeDecodeError, ...)
+                why = f"not JSON: {cause}" if str(cause) else "not JSON"
+                error = {"type": "json_invalid", "loc": ("body",), "msg": why, "input": None}
+                raise RequestValidationError([error]) from cause
+
+        return handler
+
+
 def _utc(value: datetime | None) -> datetime | None:
     """Times without an offset are taken as UTC, like every time the API returns."""
     if value is None:
@@ -157,6 +184,8 @@ def create_app(service: OrchestratorService) -> FastAPI:
             f"actions record the `{ACTOR_HEADER}` header (default `{DEFAULT_ACTOR}`) as who "
             'acted. Errors are `{"detail": "why"}`.'
         ),
+        docs_url=None,  # served by _docs_routes, from the package
+        redoc_url=None,
     )
 
     async def authorized(
@@ -190,9 +219,15 @@ def create_app(service: OrchestratorService) -> FastAPI:
         if not hmac.compare_digest(presented.encode(), expected.encode()):
             raise HTTPException(403, "wrong token: use the orchestrator's SAGA_ADMIN_TOKEN")
 
-    api = APIRouter(prefix="/api", dependencies=[Depends(authorized)], responses=_AUTH_ERRORS)
+    api = APIRouter(
+        prefix="/api",
+        dependencies=[Depends(authorized)],
+        responses=_AUTH_ERRORS,
+        route_class=_JsonBodyRoute,
+    )
 
-    _error_handlers(app)
+    _error_handlers(app, api)
+    _docs_routes(app)
     _health_routes(app, service)
     _read_routes(api, service)
     _operator_routes(api, service)
@@ -201,8 +236,10 @@ def create_app(service: OrchestratorService) -> FastAPI:
     return app
 
 
-def _error_handlers(app: FastAPI) -> None:
-    """Every error answers ``{"detail": "why"}``: validation errors as one readable line."""
+def _error_handlers(app: FastAPI, *routers: APIRouter) -> None:
+    """Every error answers ``{"detail": "why"}``: validation errors as one readable line.
+    ``routers``: those included in ``app``, whose routes a 405 names too."""
+    routers_of_app: list[FastAPI | APIRouter] = [app, *routers]
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(_request: Request, exc: RequestValidationError) -> JSONResponse:
@@ -221,6 +258,15 @@ def _error_handlers(app: FastAPI) -> None:
             return JSONResponse({"detail": detail}, status_code=503)
         return JSONResponse({"detail": f"database error: {describe_error(exc)}"}, 500)
 
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request: Request, exc: StarletteHTTPException) -> Response:
+        if exc.status_code != 405:
+            return await http_exception_handler(request, exc)
+        # Starlette's Allow names only the methods of the first route on the path
+        allowed = _allowed_methods(routers_of_app, request.url.path)
+        detail = f"{request.method} is not allowed on {request.url.path}: use {', '.join(allowed)}"
+        return JSONResponse({"detail": detail}, 405, headers={"Allow": ", ".join(allowed)})
+
     for error in (sa.exc.SQLAlchemyError, OSError, TimeoutError):
         app.add_exception_handler(error, _database_error)
 
@@ -231,6 +277,47 @@ def _error_handlers(app: FastAPI) -> None:
         return JSONResponse({"detail": detail}, status_code=500)
 
     app.add_exception_handler(Exception, _unexpected)
+
+
+#: where the dashboard's static mount serves the vendored viewers (saga/admin/static/vendor)
+_VENDOR = "/ui/vendor"
+
+
+def _docs_routes(app: FastAPI) -> None:
+    """``/docs`` and ``/redoc`` with their scripts, styles and icon from the package: FastAPI's
+    defaults load them from a CDN (and ReDoc's fonts from Google), which leaves both pages blank
+    on a machine without internet access, where an orchestrator often runs."""
+    openapi_url = app.openapi_url or "/openapi.json"
+
+    @app.get("/docs", include_in_schema=False)
+    async def swagger_ui() -> HTMLResponse:
+        return get_swagger_ui_html(
+            openapi_url=openapi_url,
+            title=f"{app.title} - Swagger UI",
+            swagger_js_url=f"{_VENDOR}/swagger-ui/swagger-ui-bundle.js",
+            swagger_css_url=f"{_VENDOR}/swagger-ui/swagger-ui.css",
+            swagger_favicon_url=f"{_VENDOR}/swagger-ui/favicon-32x32.png",
+        )
+
+    @app.get("/redoc", include_in_schema=False)
+    async def redoc() -> HTMLResponse:
+        return get_redoc_html(
+            openapi_url=openapi_url,
+            title=f"{app.title} - ReDoc",
+            redoc_js_url=f"{_VENDOR}/redoc/redoc.standalone.js",
+            redoc_favicon_url=f"{_VENDOR}/swagger-ui/favicon-32x32.png",
+            with_google_fonts=False,
+        )
+
+
+def _allowed_methods(routers: Sequence[FastAPI | APIRouter], path: str) -> list[str]:
+    """Every method some route of ``routers`` serves on ``path``."""
+    allowed: set[str] = set()
+    for router in routers:
+        for route in router.routes:
+            if isinstance(route, Route) and route.methods and route.path_regex.match(path):
+                allowed |= route.methods
+    return sorted(allowed - {"HEAD"})
 
 
 def _health_routes(app: FastAPI, service: OrchestratorService) -> None:
@@ -302,8 +389,9 @@ def _read_routes(api: APIRouter, service: OrchestratorService) -> None:
         found = await service.store.list_sagas(query)
         page = found[:limit]
         more = len(found) > limit
+        causes = await service.store.histories([s.saga_id for s in page], CAUSE_KINDS)
         return SagaPage(
-            items=[saga_summary(s) for s in page],
+            items=[saga_summary(s, causes[s.saga_id]) for s in page],
             next_cursor=encode_cursor(page[-1]) if more else None,
         )
 
@@ -371,7 +459,8 @@ def _operator_routes(api: APIRouter, service: OrchestratorService) -> None:
         saga_id = state.saga_id
         if created:
             log.info("saga_started_by_api", saga_id=str(saga_id), name=body.name, key=body.key)
-        answer = StartResult(created=created, saga=saga_summary(state))
+        history = [] if created else await service.store.history(saga_id)
+        answer = StartResult(created=created, saga=saga_summary(state, history))
         return JSONResponse(
             answer.model_dump(mode="json"),
             status_code=201 if created else 200,
@@ -506,4 +595,7 @@ async def _act(
         refused = None if transition is None else transition.refused
         why = refused or "; ".join(h.detail for h in entries)
         raise HTTPException(409, why or f"the saga is {result.state.status}")
-    return ActionResult(saga=saga_summary(result.state), entries=[history_view(h) for h in entries])
+    history = await service.store.history(saga_id)  # the root cause, and this resolution
+    return ActionResult(
+        saga=saga_summary(result.state, history), entries=[history_view(h) for h in entries]
+    )

@@ -24,6 +24,7 @@ from saga.core.state import (
 )
 
 __all__ = [
+    "CAUSE_KINDS",
     "ActionRequest",
     "ActionResult",
     "DefinitionView",
@@ -31,7 +32,9 @@ __all__ = [
     "Health",
     "HistoryView",
     "Readiness",
+    "Resolution",
     "ResolveRequest",
+    "RootCause",
     "SagaDetail",
     "SagaPage",
     "SagaSummary",
@@ -40,6 +43,8 @@ __all__ = [
     "StartResult",
     "at_step",
     "definition_view",
+    "resolution",
+    "root_cause",
     "saga_detail",
     "saga_summary",
     "step_spans",
@@ -72,6 +77,29 @@ class Readiness(_Model):
     checks: dict[str, str | None]
 
 
+class RootCause(_Model):
+    """What first went wrong: the failure that started the compensation or, past the pivot,
+    stopped the saga. Kept apart from ``failure``, which later trouble (a compensation that
+    failed too) overwrites, so a saga an operator fixed still says why it went wrong."""
+
+    at: datetime
+    step: str | None = Field(description="the step whose action failed, timed out or was aborted")
+    error: str | None = Field(
+        description="the participant's reason, e.g. `undeliverable_address`; null when the "
+        "step timed out, was aborted or its command could not be built"
+    )
+    detail: str = Field(description="the engine's words, as in the history")
+
+
+class Resolution(_Model):
+    """The latest operator action that took the saga out of FAILED."""
+
+    action: str = Field(description="`retry`, `resolve` or `abort`")
+    actor: str
+    reason: str
+    at: datetime
+
+
 class SagaSummary(_Model):
     """One line of the saga list."""
 
@@ -84,12 +112,22 @@ class SagaSummary(_Model):
     updated_at: datetime
     current_step: str | None = Field(description="the step being run or compensated")
     direction: Direction
-    failure: str | None = Field(description="why the saga compensates or failed")
+    failure: str | None = Field(
+        description="the engine's latest reason: why the saga compensates, or why it is stuck "
+        "(FAILED); it is not cleared when an operator fixes a stuck compensation, so read "
+        "root_cause and resolution for what started it and how it ended"
+    )
     stuck_step: str | None = Field(description="the step an operator must look at (FAILED)")
     at_step: str | None = Field(
         description="the step to look at first: the one being run (RUNNING) or compensated "
         "(COMPENSATING), the stuck one (FAILED), the one whose failure, timeout or abort turned "
         "the saga back (COMPENSATED); null when COMPLETED"
+    )
+    root_cause: RootCause | None = Field(
+        None, description="the first failure, which started the compensation (null: none)"
+    )
+    resolution: Resolution | None = Field(
+        None, description="how an operator last got the saga out of FAILED (null: never)"
     )
 
 
@@ -240,7 +278,63 @@ def at_step(s: SagaState) -> str | None:
     return s.steps[s.current].name if s.current < len(s.steps) else None
 
 
-def saga_summary(s: SagaState) -> SagaSummary:
+#: the history kinds :func:`root_cause` and :func:`resolution` read
+CAUSE_KINDS = frozenset(
+    {
+        HistoryKind.STEP_FAILED,
+        HistoryKind.STEP_TIMED_OUT,
+        HistoryKind.COMPENSATION_STARTED,
+        HistoryKind.FAILED,
+        HistoryKind.OPERATOR,
+    }
+)
+#: the engine's words for each operator action, as its history entries begin
+_ACTIONS = {"retry": "retry", "resolved by hand": "resolve", "abort": "abort"}
+
+
+def root_cause(history: Iterable[HistoryEntry]) -> RootCause | None:
+    """The first entry that sent the saga backwards (``compensation_started``) or stopped it
+    (``failed``), with the step and the participant's reason from the action entry before it."""
+    culprit: HistoryEntry | None = None
+    for h in history:
+        if h.kind in CAUSE_KINDS - {HistoryKind.COMPENSATION_STARTED, HistoryKind.FAILED}:
+            if h.direction is Direction.ACTION and h.step is not None:
+                culprit = h
+            continue
+        if h.kind is HistoryKind.FAILED:
+            step, detail = h.step, h.detail.removeprefix("needs an operator: ")
+        elif h.kind is HistoryKind.COMPENSATION_STARTED:
+            step, detail = (None if culprit is None else culprit.step), h.detail
+        else:
+            continue
+        error = None
+        if culprit is not None and culprit.kind is HistoryKind.STEP_FAILED:
+            said = culprit.detail.removeprefix(f"{culprit.step} failed: ")
+            if said != culprit.detail:  # a reply said no (not a payload that cannot be built)
+                error = said.removesuffix(" (retryable)")
+        return RootCause(at=h.at, step=step, error=error, detail=detail)
+    return None
+
+
+def resolution(history: Iterable[HistoryEntry]) -> Resolution | None:
+    """The latest operator entry that follows a ``failed`` one: only an operator moves a FAILED
+    saga, so that entry is what got it going again."""
+    failed, found = False, None
+    for h in history:
+        if h.kind is HistoryKind.FAILED:
+            failed = True
+        elif h.kind is HistoryKind.OPERATOR and failed:
+            said, _, reason = h.detail.partition(": ")
+            found = Resolution(
+                action=_ACTIONS.get(said, said), actor=h.actor or "", reason=reason, at=h.at
+            )
+            failed = False
+    return found
+
+
+def saga_summary(s: SagaState, history: Sequence[HistoryEntry] | None = None) -> SagaSummary:
+    """``history`` (all of it, or at least its :data:`CAUSE_KINDS`) fills in the root cause
+    and the resolution; without it they are null."""
     return SagaSummary(
         saga_id=s.saga_id,
         name=s.name,
@@ -254,6 +348,8 @@ def saga_summary(s: SagaState) -> SagaSummary:
         failure=s.failure,
         stuck_step=s.stuck_step,
         at_step=at_step(s),
+        root_cause=None if history is None else root_cause(history),
+        resolution=None if history is None else resolution(history),
     )
 
 
@@ -334,7 +430,7 @@ def saga_detail(
         for st in s.steps
     ]
     return SagaDetail(
-        **saga_summary(s).model_dump(),
+        **dict(saga_summary(s, history)),
         version=s.version,
         phase=s.phase,
         awaiting=s.awaiting,

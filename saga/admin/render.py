@@ -12,7 +12,7 @@ from collections.abc import Sequence
 from datetime import datetime
 from typing import Any
 
-__all__ = ["action_result", "definitions", "saga_list", "saga_timeline"]
+__all__ = ["action_result", "definitions", "saga_list", "saga_timeline", "why"]
 
 _DEFINITION_HEADER = (
     *("", "STEP", "PARTICIPANT", "ACTION", "COMPENSATION"),
@@ -38,10 +38,36 @@ def _time(text: str | None) -> str:
     return when.strftime("%Y-%m-%d %H:%M:%S.") + f"{when.microsecond // 1000:03d}"
 
 
-def _short(text: str | None, width: int = 60) -> str:
+def _short(text: str | None, width: int | None = 60) -> str:
+    """``text`` cut to ``width`` characters (None: never cut)."""
     if not text:
         return ""
-    return text if len(text) <= width else text[: width - 3] + "..."
+    if width is None or len(text) <= width:
+        return text
+    return text[: max(width - 3, 0)] + "..."
+
+
+#: how :func:`why` words each operator action
+_DONE_BY = {"retry": "retried", "resolve": "resolved by hand", "abort": "aborted"}
+
+
+def why(s: dict[str, Any]) -> str:
+    """Why the saga went wrong and how it ended, in one line: the root cause, kept apart from
+    the reason a FAILED saga is stuck now and from the operator's fix, so a compensation that
+    failed and was then retried does not read as the cause of a COMPENSATED saga."""
+    cause, fix = s.get("root_cause"), s.get("resolution")
+    parts = []
+    if s["status"] == "FAILED" and s["stuck_step"]:
+        parts.append(f"stuck at {s['stuck_step']}: {s['failure']}")
+    if cause is not None:
+        if not parts or cause["detail"] != s["failure"]:
+            parts.append(f"cause: {cause['detail']}" if parts else cause["detail"])
+    elif not parts and s["failure"]:  # an older server: no root cause
+        parts.append(s["failure"])
+    if fix is not None:
+        done = _DONE_BY.get(fix["action"], fix["action"])
+        parts.append(f"{done} by {fix['actor']}: {fix['reason']}")
+    return "; ".join(parts)
 
 
 def _took(span: dict[str, Any] | None) -> str:
@@ -53,10 +79,13 @@ def _took(span: dict[str, Any] | None) -> str:
     return f"{ms:.0f} ms" if ms < 10_000 else f"{ms / 1000:.1f} s"
 
 
-def saga_list(page: dict[str, Any]) -> list[str]:
+def saga_list(page: dict[str, Any], width: int | None = None) -> list[str]:
+    """The page as a table; the NOTE column (:func:`why`) is cut so that a line fits in
+    ``width`` characters (None: never cut, for a pipe), but never to fewer than 20."""
     items = page["items"]
     if not items:
         return ["no sagas match"]
+    header = ["SAGA ID", "NAME", "STATUS", "CREATED (UTC)", "KEY", "NOTE"]
     rows = [
         [
             s["saga_id"],
@@ -64,15 +93,15 @@ def saga_list(page: dict[str, Any]) -> list[str]:
             s["status"],
             _time(s["created_at"]),
             s["key"] or "",
-            _short(
-                f"stuck at {s['stuck_step']}: {s['failure']}"
-                if s["stuck_step"]
-                else s["failure"] or ""  # why it compensates
-            ),
+            why(s),
         ]
         for s in items
     ]
-    lines = _table(["SAGA ID", "NAME", "STATUS", "CREATED (UTC)", "KEY", "NOTE"], rows)
+    if width is not None:
+        before = sum(max(len(r[i]) for r in [header, *rows]) + 2 for i in range(len(header) - 1))
+        room = max(width - before, 20)
+        rows = [[*row[:-1], _short(row[-1], room)] for row in rows]
+    lines = _table(header, rows)
     if page.get("next_cursor"):
         lines.append(f"more: --cursor {page['next_cursor']}")
     return lines
@@ -85,8 +114,19 @@ def saga_timeline(saga: dict[str, Any]) -> list[str]:
         f"created {_time(saga['created_at'])}  updated {_time(saga['updated_at'])} (UTC)"
         + (f"  key {saga['key']}" if saga["key"] else ""),
     ]
-    if saga["failure"]:
-        lines.append(f"failure: {saga['failure']}")
+    cause, fix = saga.get("root_cause"), saga.get("resolution")
+    if cause is not None:
+        facts = [f"step {cause['step']}"] if cause["step"] else []
+        facts += [f"error {cause['error']}"] if cause["error"] else []
+        said = f"  [{', '.join(facts)}]" if facts else ""
+        lines.append(f"root cause: {cause['detail']}{said}  at {_time(cause['at'])}")
+    if saga["failure"] and (
+        cause is None or (saga["status"] == "FAILED" and saga["failure"] != cause["detail"])
+    ):
+        lines.append(f"failure: {saga['failure']}")  # why it is stuck now
+    if fix is not None:
+        done = _DONE_BY.get(fix["action"], fix["action"])
+        lines.append(f"{done} by {fix['actor']} at {_time(fix['at'])}: {fix['reason']}")
     if saga["stuck_step"]:
         lines.append(
             f"stuck at step {saga['stuck_step']}: an operator decides "

@@ -16,6 +16,7 @@ __all__ = ["TIME_FORMS", "parse_time"]
 TIME_FORMS = "an age (30m, 1h, 2d, 1w) or an ISO time (2024-05-01T12:00:00Z)"
 
 _AGO = re.compile(r"^\s*(\d+)\s*([smhdw])\s*$")
+_NUMBER = re.compile(r"^\s*[+-]?(\d+\.?\d*|\.\d+)\s*$")
 _UNITS = {"s": "seconds", "m": "minutes", "h": "hours", "d": "days", "w": "weeks"}
 
 
@@ -28,6 +29,8 @@ def parse_time(text: str, now: datetime | None = None) -> datetime:
             return (now or datetime.now(UTC)) - timedelta(**{_UNITS[ago[2]]: int(ago[1])})
         except OverflowError:
             raise ValueError(f"{text!r} reaches back before year 1: give a smaller age") from None
+    if _NUMBER.match(text):  # read as seconds since 1970 by some tools: say so, never guess
+        raise ValueError(f"{text!r} is a number, not a time (not a Unix time): use {TIME_FORMS}")
     try:
         when = datetime.fromisoformat(text.strip())
     except ValueError:

@@ -103,6 +103,7 @@ class OrchestratorService:
         self._tasks: list[asyncio.Task[None]] = []
         self._poison = PoisonGuard(settings.max_deliveries, self.store.ping)
         self._admin: Any = None  # saga.admin.server.AdminServer when SAGA_ADMIN_PORT is set
+        self._started = False  # start() finished: stop() logs that it stops
         self._metrics_server: MetricsServer | None = None
 
     @property
@@ -195,6 +196,7 @@ class OrchestratorService:
         except BaseException:
             await self._close()
             raise
+        self._started = True
         log.info(
             "orchestrator_started",
             sagas=[f"{d.name}@v{d.version}" for d in self.registry.all()],
@@ -246,8 +248,12 @@ class OrchestratorService:
         )
 
     async def stop(self) -> None:
+        # After a start that failed, the launcher's one error line says it all: no log lines
+        # about stopping a service that never ran.
+        started, self._started = self._started, False
         in_flight = [t for p in self._pipelines for t in p.in_flight]
-        log.info("orchestrator_stopping", in_flight=len(in_flight))
+        if started:
+            log.info("orchestrator_stopping", in_flight=len(in_flight))
         await self._cancel_consumers()
         for task in self._tasks:  # no new timer events while the last ones drain
             if task.get_name() == "saga-timers":
@@ -260,7 +266,8 @@ class OrchestratorService:
             relaying = [t for t in self._tasks if t.get_name() == "saga-relay"]
             await self.relay.shutdown(relaying[0] if relaying else None, budget.share(0.6))
         await self._close()
-        log.info("orchestrator_stopped")
+        if started:
+            log.info("orchestrator_stopped")
 
     async def _cancel_consumers(self) -> None:
         for consumer in self._consumers:

@@ -6,11 +6,11 @@ Meant for tests and the harness; the orchestrator service refuses it unless aske
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from datetime import UTC, datetime
 from uuid import UUID
 
-from saga.core.state import HistoryEntry, Phase, SagaState
+from saga.core.state import HistoryEntry, HistoryKind, Phase, SagaState
 from saga.ports import Change, CommitResult, DueTimer, OutboxMessage, SagaFilter
 
 __all__ = ["MemoryStore"]
@@ -109,6 +109,11 @@ class MemoryStore:
 
     async def history(self, saga_id: UUID) -> list[HistoryEntry]:
         return list(self._history.get(saga_id, []))
+
+    async def histories(
+        self, saga_ids: Sequence[UUID], kinds: Collection[HistoryKind]
+    ) -> dict[UUID, list[HistoryEntry]]:
+        return {i: [h for h in self._history.get(i, []) if h.kind in kinds] for i in set(saga_ids)}
 
     async def pending_outbox(self, limit: int) -> list[OutboxMessage]:
         pending = [m for m in self._outbox.values() if m.message_id not in self._sent]

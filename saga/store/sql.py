@@ -22,7 +22,8 @@ from __future__ import annotations
 import asyncio
 import functools
 import json
-from collections.abc import Iterable, Sequence
+import os
+from collections.abc import Collection, Iterable, Sequence
 from datetime import UTC, datetime, timedelta
 from typing import Any
 from uuid import UUID
@@ -197,6 +198,7 @@ class SqlStore:
 
     async def migrate(self) -> list[int]:
         """Apply every missing migration; returns the versions applied."""
+        await self._reachable()
         applied: list[int] = []
         async with self._write.begin() as conn:
             if self.dialect == "postgresql":
@@ -231,12 +233,22 @@ class SqlStore:
         found = await conn.scalar(sa.select(sa.func.max(schema_version.c.version)))
         return int(found or 0)
 
+    async def _reachable(self) -> None:
+        """Open a connection, or fail with one line saying why and what to change: the same
+        line whether the caller goes on to migrate or only to check the schema."""
+        try:
+            async with self._read.connect():
+                pass
+        except (OSError, sa.exc.DBAPIError) as exc:  # nothing ran yet: the database's fault
+            raise unreachable(self.safe_url, exc) from exc
+
     async def setup(self) -> None:
         """Check the schema is exactly at the version this code needs."""
+        await self._reachable()
         try:
             current = await self.current_version()
         except (OSError, sa.exc.OperationalError, sa.exc.InterfaceError) as exc:
-            raise ConfigError(f"cannot reach the database at {self.safe_url}: {exc}") from exc
+            raise unreachable(self.safe_url, exc) from exc
         if current < HEAD:
             raise ConfigError(
                 f"the database schema is at version {current}, this saga needs {HEAD}: "
@@ -676,6 +688,23 @@ class SqlStore:
         async with self._read.connect() as conn:
             return [_history_from_row(r._mapping) for r in await conn.execute(query)]
 
+    async def histories(
+        self, saga_ids: Sequence[UUID], kinds: Collection[HistoryKind]
+    ) -> dict[UUID, list[HistoryEntry]]:
+        found: dict[UUID, list[HistoryEntry]] = {i: [] for i in saga_ids}
+        if not found or not kinds:
+            return found
+        query = (
+            sa.select(history)
+            .where(history.c.saga_id.in_(list(found)))
+            .where(history.c.kind.in_(sorted(k.value for k in kinds)))
+            .order_by(history.c.id)
+        )
+        async with self._read.connect() as conn:
+            for r in await conn.execute(query):
+                found[r.saga_id].append(_history_from_row(r._mapping))
+        return found
+
     async def list_sagas(self, query: SagaFilter) -> list[SagaState]:
         # One order both ways, (created_at, saga_id), served by ix_saga_instances_created
         # (scanned backwards for newest first); the keyset condition is a row comparison
@@ -1079,6 +1108,30 @@ def _history_row(saga_id: UUID, h: HistoryEntry) -> dict[str, Any]:
         "actor": h.actor,
         "detail": h.detail,
     }
+
+
+#: what to change when the database refuses a connection, by the server's SQLSTATE
+_CONNECT_HINTS = {
+    "3D000": "create that database, or point SAGA_DATABASE_URL at one that exists",
+    "28P01": "check the user and password in SAGA_DATABASE_URL",
+    "28000": "check the user and password in SAGA_DATABASE_URL",
+}
+
+
+def unreachable(url: str, exc: BaseException) -> ConfigError:
+    """The database could not be opened, on one line: the driver's own reason (not
+    SQLAlchemy's wrapper with its links) and what to change."""
+    cause: BaseException = exc
+    if isinstance(exc, sa.exc.DBAPIError) and exc.orig is not None:
+        cause = exc.orig.__cause__ or exc.orig  # the async driver's error, under the adapter
+    if isinstance(cause, OSError) and cause.errno:  # worded the same on every event loop
+        reason = f"[Errno {cause.errno}] {os.strerror(cause.errno)}"
+    else:
+        reason = " ".join(str(cause).split()) or type(cause).__name__
+    hint = _CONNECT_HINTS.get(str(getattr(cause, "sqlstate", "")))
+    if hint is None:
+        hint = "is it running? Check the host, port and path in SAGA_DATABASE_URL"
+    return ConfigError(f"cannot reach the database at {url}: {reason}; {hint}")
 
 
 def _history_from_row(r: Any) -> HistoryEntry:

@@ -88,8 +88,8 @@ _NOT_RUNNING = (
     "Is it running? Set SAGA_RABBITMQ_URL to its amqp:// address (several nodes: comma-separated)."
 )
 _LOGIN_REFUSED = (
-    "RabbitMQ refused the login: check the user and password in SAGA_RABBITMQ_URL and that the "
-    "user may use its vhost."
+    "The credentials were refused (ACCESS_REFUSED): check the user and password in "
+    "SAGA_RABBITMQ_URL and that the user may use its vhost."
 )
 _NO_HANDSHAKE = (
     "It accepted the connection but did not complete the AMQP handshake: check that "
@@ -107,11 +107,10 @@ def reach_error(
     """The start-up error when no node of ``url`` answered: each node and why, no password, and
     what to check given how they failed (``errors``)."""
     if errors and all(isinstance(e, _LOGIN_ERRORS) for e in errors):
-        hint = _LOGIN_REFUSED
-    elif errors and not all(_refused(e) for e in errors):
-        hint = _NO_HANDSHAKE
-    else:
-        hint = _NOT_RUNNING
+        # it answered: the credentials are wrong, not the address, so no "cannot reach"
+        return ConfigError(f"RabbitMQ at {redact_url(url)} refused the login. {_LOGIN_REFUSED}")
+    handshake = errors and not all(_refused(e) for e in errors)
+    hint = _NO_HANDSHAKE if handshake else _NOT_RUNNING
     return ConfigError(f"cannot reach RabbitMQ at {redact_url(url)}: {'; '.join(failures)}. {hint}")
 
 

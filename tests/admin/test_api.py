@@ -362,6 +362,65 @@ async def test_retry_a_failed_saga_with_a_stuck_compensation(stack: Stack) -> No
 
 
 @BOTH
+async def test_a_fixed_saga_keeps_its_root_cause_apart_from_its_resolution(stack: Stack) -> None:
+    """A compensation that failed and was then retried, or an action resolved by hand, is not
+    what went wrong: the root cause stays the first failure, and the fix is named beside it."""
+    retried = await stack.start("trip", COMPENSATION_STUCK)
+    resolved = await stack.start("pivoted", {"gamma": ["fail"]})
+    failed = await stack.wait(retried, ["FAILED"])
+    await stack.wait(resolved, ["FAILED"])
+    cause = {"step": "gamma", "error": "refused", "detail": "step gamma failed: refused"}
+    assert failed["failure"].startswith("compensation of beta failed")  # why it is stuck now
+    assert {k: failed["root_cause"][k] for k in cause} == cause
+    assert failed["resolution"] is None
+
+    answer = await stack.client.post(
+        f"/api/sagas/{retried}/retry",
+        json={"reason": "beta's ledger fixed"},
+        headers={"X-Saga-Actor": "alice@ops"},
+    )
+    assert answer.status_code == 200, answer.text
+    assert answer.json()["saga"]["root_cause"]["detail"] == cause["detail"]
+    answer = await stack.client.post(
+        f"/api/sagas/{resolved}/resolve",
+        json={"reason": "shipped by hand", "data": {"tracking": "T-1"}},
+        headers={"X-Saga-Actor": "bob"},
+    )
+    assert answer.status_code == 200, answer.text
+
+    done = await stack.wait(retried, ["COMPENSATED"])
+    retry_entry = next(h for h in done["history"] if h["kind"] == "operator")
+    assert {k: done["root_cause"][k] for k in cause} == cause
+    assert done["root_cause"]["at"] == next(
+        h["at"] for h in done["history"] if h["kind"] == "compensation_started"
+    )
+    assert done["resolution"] == {
+        "action": "retry",
+        "actor": "alice@ops",
+        "reason": "beta's ledger fixed",
+        "at": retry_entry["at"],
+    }
+    completed = await stack.wait(resolved, ["COMPLETED"])
+    assert {k: completed["root_cause"][k] for k in ("step", "error", "detail")} == {
+        "step": "gamma",
+        "error": "refused",
+        "detail": "step gamma after the pivot cannot complete: refused",
+    }
+    assert (completed["resolution"]["action"], completed["resolution"]["actor"]) == (
+        "resolve",
+        "bob",
+    )
+    assert completed["resolution"]["reason"] == "shipped by hand"
+
+    listed = await stack.client.get("/api/sagas", params={"limit": 10})
+    assert listed.status_code == 200, listed.text
+    items = {s["saga_id"]: s for s in listed.json()["items"]}
+    for saga_id, shown in ((retried, done), (resolved, completed)):
+        assert items[saga_id]["root_cause"] == shown["root_cause"]
+        assert items[saga_id]["resolution"] == shown["resolution"]
+
+
+@BOTH
 async def test_abort_a_running_saga_compensates_it(stack: Stack) -> None:
     saga_id = await stack.start("hold", {"beta": ["silent"]})
     await stack.wait(saga_id, ["RUNNING"], step="beta")
@@ -552,3 +611,57 @@ async def test_every_error_says_why(stack: Stack) -> None:
     body = (await client.post(path, json={})).json()
     assert body["errors"][0]["loc"] == ["body", "reason"]
     assert (await stack.saga(running))["status"] == "RUNNING"  # nothing was applied
+
+
+async def test_a_body_that_is_not_json_is_422_as_the_openapi_document_says(stack: Stack) -> None:
+    """Bytes that are not even text (not UTF-8) got FastAPI's 400, which no endpoint documents."""
+    running = await stack.start("hold", {"beta": ["silent"]})
+    await stack.wait(running, ["RUNNING"], step="beta")
+    document = (await stack.client.get("/openapi.json")).json()
+    paths = [
+        "/api/sagas",
+        f"/api/sagas/{running}/retry",
+        f"/api/sagas/{running}/abort",
+        f"/api/sagas/{running}/resolve",
+    ]
+    for path in paths:
+        documented = document["paths"][path.replace(running, "{saga_id}")]["post"]["responses"]
+        assert "422" in documented
+        assert "400" not in documented
+        for body in (b'{"reason": "\x80"}', b"\x80", b"{not json", b"[1, 2]"):  # not UTF-8 first
+            answer = await stack.client.post(
+                path, content=body, headers={"Content-Type": "application/json"}
+            )
+            assert answer.status_code == 422, (path, body, answer.text)
+            why = answer.json()
+            assert why["detail"].startswith("body"), why
+            assert why["errors"][0]["loc"][0] == "body", why
+    assert (await stack.saga(running))["status"] == "RUNNING"  # nothing was applied
+
+
+async def test_a_method_the_path_does_not_serve_names_every_one_it_does(stack: Stack) -> None:
+    for method, path, allowed in (
+        ("OPTIONS", "/api/sagas", "GET, POST"),
+        ("DELETE", "/api/sagas", "GET, POST"),
+        ("PUT", f"/api/sagas/{uuid.uuid4()}", "GET"),
+        ("GET", f"/api/sagas/{uuid.uuid4()}/retry", "POST"),
+    ):
+        answer = await stack.client.request(method, path)
+        assert answer.status_code == 405, (method, path, answer.text)
+        assert answer.headers["allow"] == allowed, (method, path)
+        assert answer.json()["detail"] == f"{method} is not allowed on {path}: use {allowed}"
+
+
+async def test_a_time_filter_is_an_iso_time_never_a_number(stack: Stack) -> None:
+    """`until=0.5` was read as half a second after 1970 (so nothing matched, silently)."""
+    saga_id = await stack.start("trip", {})
+    for number in ("0.5", "0", "1700000000", "-1"):
+        for name in ("since", "until"):
+            answer = await stack.client.get("/api/sagas", params={name: number})
+            assert answer.status_code == 422, (name, number, answer.text)
+            assert answer.json()["detail"].startswith(f"query.{name}: "), answer.text
+            assert "is a number, not a time (not a Unix time)" in answer.json()["detail"]
+    for until in ("2999-01-01", "2999-01-01T00:00:00Z", "2999-01-01T00:00:00"):
+        answer = await stack.client.get("/api/sagas", params={"until": until})
+        assert answer.status_code == 200, answer.text
+        assert saga_id in [s["saga_id"] for s in answer.json()["items"]]

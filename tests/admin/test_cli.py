@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import re
 import shutil
 import signal
 import sys
@@ -46,9 +47,9 @@ class Ran:
         return json.loads(self.out)
 
 
-async def saga(*args: str, url: str, token: str | None = TOKEN) -> Ran:
+async def saga(*args: str, url: str, token: str | None = TOKEN, columns: int = 200) -> Ran:
     env = {k: v for k, v in os.environ.items() if not k.startswith("SAGA_")}
-    env.update(SAGA_ADMIN_URL=url, SAGA_ACTOR=ACTOR, NO_COLOR="1", COLUMNS="200")
+    env.update(SAGA_ADMIN_URL=url, SAGA_ACTOR=ACTOR, NO_COLOR="1", COLUMNS=str(columns))
     if token is not None:
         env["SAGA_ADMIN_TOKEN"] = token
     proc = await asyncio.create_subprocess_exec(
@@ -134,7 +135,7 @@ async def test_list_show_and_definitions(stack: Stack) -> None:
 
     assert shown.code == 0, shown.err
     assert shown.out.startswith(f"saga {compensated}  trip v1  COMPENSATED")
-    assert "failure: step beta failed: refused" in shown.out
+    assert "root cause: step beta failed: refused  [step beta, error refused]  at " in shown.out
     timeline = shown.out.split("TIME (UTC)")[1].splitlines()[1:]
     undo = [line for line in timeline if "sent alpha.undo to alpha" in line]
     assert len(undo) == 1
@@ -211,6 +212,42 @@ async def test_operator_actions_and_their_exit_status(stack: Stack) -> None:
     assert (await stack.saga(pivoted))["outputs"]["gamma"] == {"tracking": "T-9"}
 
 
+async def test_a_retried_saga_shows_its_root_cause_and_its_fix_in_full(stack: Stack) -> None:
+    """``saga show`` and ``saga list`` name the first failure and the operator's retry, not
+    the compensation failure the retry fixed; the NOTE column uses the terminal's width."""
+    stuck = await stack.start("trip", {"gamma": ["fail"], "beta~undo": ["fail"]})
+    await stack.wait(stuck, ["FAILED"])
+    reason = "beta's ledger fixed by hand after the outage"
+    retried = await saga("retry", stuck, "--reason", reason, url=stack.url)
+    assert retried.code == 0, retried.err
+    await stack.wait(stuck, ["COMPENSATED"])
+
+    shown, wide, narrow = await asyncio.gather(
+        saga("show", stuck, url=stack.url),
+        saga("list", "--id", stuck, url=stack.url, columns=250),
+        saga("list", "--id", stuck, url=stack.url, columns=120),
+    )
+    assert shown.code == 0, shown.err
+    head = shown.out.split("STEP ")[0]
+    assert "root cause: step gamma failed: refused  [step gamma, error refused]" in head
+    fixed = [line for line in head.splitlines() if line.startswith(f"retried by {ACTOR} at ")]
+    assert len(fixed) == 1
+    assert fixed[0].endswith(f": {reason}")
+    assert "compensation of beta failed" not in head  # that was fixed: not why it compensated
+
+    note = f"step gamma failed: refused; retried by {ACTOR}: {reason}"
+    assert len(note) > 60
+    assert wide.code == 0, wide.err
+    assert wide.out.splitlines()[1].endswith(note)
+    assert narrow.code == 0, narrow.err
+    row = narrow.out.splitlines()[1]
+    assert len(row) <= 120
+    assert row.endswith("...")
+    cut = row[row.index("step gamma") :].removesuffix("...")
+    assert note.startswith(cut)
+    assert len(cut) >= 20
+
+
 async def test_errors_name_the_cause(stack: Stack) -> None:
     nowhere = f"http://127.0.0.1:{free_port()}"
     wrong, no_token, unreachable, elsewhere = await asyncio.gather(
@@ -239,6 +276,23 @@ def test_every_command_has_help(command: str) -> None:
     assert ran.exit_code == 0, ran.output
     assert "--url" in ran.output
     assert "SAGA_ADMIN_TOKEN" in ran.output
+
+
+@pytest.mark.parametrize(
+    "command",
+    ["", "run", "migrate", "list", "show", "retry", "resolve", "definitions", "schema export"],
+)
+def test_help_shows_no_value_type_beside_a_flag(command: str) -> None:
+    """A flag takes no value: `--json <bool>` or `--help <bool>` would read as if it did."""
+    ran = CliRunner().invoke(cli.app, [*command.split(), "--help"], env={"COLUMNS": "200"})
+    assert ran.exit_code == 0, ran.output
+    assert "<bool>" not in ran.output
+    flags = [line for line in ran.output.splitlines() if "--help" in line]
+    assert len(flags) == 1
+    assert re.search(r"--help\s+Show this message and exit", flags[0]), flags[0]
+    if command in ("list", "show", "definitions"):
+        json_flag = next(line for line in ran.output.splitlines() if "--json" in line)
+        assert re.search(r"--json\s+Print the API's JSON answer", json_flag), json_flag
 
 
 async def test_saga_run_serves_the_admin_api_and_stops_on_sigterm(

@@ -421,3 +421,25 @@ async def test_the_compose_stack_runs_natively_and_the_sample_orders_finish(
     for saga_id in ids:
         traces = {s.trace_id for s in receiver.spans if s.attributes.get("saga.id") == str(saga_id)}
         assert len(traces) == 1, (saga_id, traces)
+
+
+def test_the_postgres_profile_runs_the_orchestrator_on_postgresql_as_the_comment_says(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The header said `--profile postgres` and "point SAGA_DATABASE_URL at it", but the
+    orchestrator's URL was fixed in the file: the comment's command must do what it says."""
+    header = COMPOSE.read_text().split("\n\n", 1)[0]
+    command = re.search(r"#\s+(SAGA_DATABASE_URL=(\S+)) \\\n#\s+docker compose (.*?)\s+#", header)
+    assert command is not None, header
+    assignment, url, args = command.groups()
+    assert args.split() == ["--profile", "postgres", "up", "-d"], args
+    postgres = SERVICES_OF_COMPOSE["postgres"]
+    assert "postgres" in postgres["profiles"]
+    database = _environment(postgres)
+    assert url == (
+        f"postgresql+asyncpg://postgres:{database['POSTGRES_PASSWORD']}@postgres:5432/"
+        f"{database['POSTGRES_DB']}"
+    )
+    assert _environment(PROJECT["orchestrator"])["SAGA_DATABASE_URL"].startswith("sqlite")
+    monkeypatch.setenv(*assignment.split("=", 1))
+    assert _environment(PROJECT["orchestrator"])["SAGA_DATABASE_URL"] == url

@@ -168,6 +168,11 @@ async def test_find_a_compensated_saga_and_fix_a_stuck_one_in_the_dashboard(
     await page.goto(f"{base}/ui/#/saga/{stuck}")
     await expect(page.locator("h1 .badge")).to_have_text("FAILED")
     await expect(page.locator("#stuck")).to_have_text("charge_payment")
+    # why it went wrong (shipping to Tokyo), apart from why it is stuck now (the refund)
+    await expect(page.locator("#failure")).to_have_text(
+        "step schedule_shipping failed: undeliverable_address"
+    )
+    await expect(page.locator("#stuck-why")).to_contain_text("compensation of charge_payment")
     await shot(page, "4-stuck-saga")
     await page.click("#retry")
     await expect(page.locator("#act")).to_be_visible()
@@ -177,6 +182,13 @@ async def test_find_a_compensated_saga_and_fix_a_stuck_one_in_the_dashboard(
     operator = page.locator('#timeline li[data-kind="operator"]')
     await expect(operator).to_contain_text("payment gateway fixed")
     await expect(operator).to_contain_text("ops-ann")
+    # fixed: the root cause stays, the retry is named beside it, the refund's failure is gone
+    await expect(page.locator("#failure")).to_have_text(
+        "step schedule_shipping failed: undeliverable_address"
+    )
+    await expect(page.locator("#resolution")).to_contain_text("retried by ops-ann")
+    await expect(page.locator("#resolution")).to_contain_text("payment gateway fixed")
+    await expect(page.locator("#stuck-why")).to_have_count(0)
     await shot(page, "5-retried-saga")
 
     # definitions are drawn: four steps, three compensations (shipping's is undone too)

@@ -283,6 +283,22 @@ async def test_history_keeps_order_and_fields(store: Store) -> None:
     assert history[-1] == t.history[-1]
 
 
+async def test_histories_of_many_sagas_in_one_call_keep_order_and_filter_kinds(
+    store: Store,
+) -> None:
+    a, b, c = await create(store), await create(store), await create(store)
+    t = decide(DEF, a, reply_ok(a), T0 + timedelta(seconds=2))
+    await store.commit([change_for(t, a.version)])
+    kinds = {HistoryKind.STARTED, HistoryKind.STEP_SUCCEEDED}
+    found = await store.histories([a.saga_id, b.saga_id, uuid.uuid4()], kinds)
+    assert set(found) >= {a.saga_id, b.saga_id}
+    assert found[a.saga_id] == [h for h in await store.history(a.saga_id) if h.kind in kinds]
+    assert [h.kind for h in found[a.saga_id]] == [HistoryKind.STARTED, HistoryKind.STEP_SUCCEEDED]
+    assert [h.kind for h in found[b.saga_id]] == [HistoryKind.STARTED]
+    assert c.saga_id not in found
+    assert await store.histories([], kinds) == {}
+
+
 async def test_list_filters_and_keyset_paging(store: Store) -> None:
     created = [await create(store, key=f"k{i}", at=T0 + timedelta(seconds=i)) for i in range(5)]
     done = decide(DEF, created[0], reply_ok(created[0]), T0)

@@ -168,7 +168,7 @@ async function sagas(mine) {
     <tr data-saga="${esc(s.saga_id)}"><td class="mono"><a href="#/saga/${esc(s.saga_id)}">${esc(s.saga_id.slice(0, 8))}…</a></td>
     <td>${esc(s.name)}</td><td>${badge(s.status)}</td><td>${esc(s.key || "")}</td>
     ${stepCell(s)}<td>${when(s.created_at)}</td><td>${when(s.updated_at)}</td>
-    <td>${esc(s.failure || "")}</td></tr>`).join("");
+    <td>${esc(why(s).map(([, text]) => text).join("; "))}</td></tr>`).join("");
   const next = page && page.next_cursor
     ? (() => { const q = new URLSearchParams(query); q.set("cursor", page.next_cursor);
       return `<a id="next-page" href="#/sagas?${q}">next page →</a>`; })()
@@ -203,6 +203,23 @@ async function sagas(mine) {
     if (window.location.hash === hash) route(); else window.location.hash = hash;
   });
   return page !== null; // refresh only a list the API answered
+}
+
+// Why the saga went wrong, kept apart from how it ended: [label, text, element id] for the root
+// cause (the first failure), the reason a FAILED saga is stuck now, and the operator's fix.
+// `failure` alone would name a compensation that failed, then was retried, as the cause of a
+// COMPENSATED saga.
+function why(s) {
+  const cause = s.root_cause, fix = s.resolution, items = [];
+  if (cause) items.push(["why", cause.detail, "failure"]);
+  if (s.failure && (!cause || (s.status === "FAILED" && s.failure !== cause.detail))) {
+    items.push([cause ? "stuck now" : "why", s.failure, cause ? "stuck-why" : "failure"]);
+  }
+  if (fix) {
+    const done = { retry: "retried", resolve: "resolved by hand", abort: "aborted" }[fix.action] || fix.action;
+    items.push(["fixed", `${done} by ${fix.actor} (${when(fix.at)}): ${fix.reason}`, "resolution"]);
+  }
+  return items;
 }
 
 function entryClass(h) {
@@ -241,7 +258,7 @@ async function detail(id, mine) {
       <dt>definition</dt><dd>${esc(s.name)} v${s.definition_version}</dd>
       <dt>started</dt><dd>${when(s.created_at)}</dd><dt>updated</dt><dd>${when(s.updated_at)}</dd>
       <dt>now</dt><dd>${esc(s.current_step || "—")} (${esc(s.direction)}, ${esc(s.phase)})</dd>
-      ${s.failure ? `<dt>why</dt><dd id="failure" class="error">${esc(s.failure)}</dd>` : ""}
+      ${why(s).map(([label, text, id]) => `<dt>${label}</dt><dd id="${id}" class="error">${esc(text)}</dd>`).join("")}
       ${s.stuck_step ? `<dt>stuck at</dt><dd id="stuck">${esc(s.stuck_step)}</dd>` : ""}
     </dl>
     <div class="actions" id="actions">${actions(s)}</div>
