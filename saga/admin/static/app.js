@@ -361,6 +361,7 @@ async function route() {
     else if (path.startsWith("/saga/")) again = !(await detail(decodeURIComponent(path.slice(6))));
     else if (path === "/definitions") { await definitions(); again = false; }
     else if (path === "/contracts") { await contracts(); again = false; }
+    else if (window.sagaPages && window.sagaPages[path]) again = (await window.sagaPages[path]()) !== false;
     else view.innerHTML = '<p class="error">No such page.</p>';
   } catch (e) {
     if (e.status === 404) { view.innerHTML = `<p class="error" id="not-found">${esc(e.message)}</p>`; again = false; }
