@@ -59,6 +59,11 @@ schema_app = typer.Typer(
     help="Message contracts: AsyncAPI and JSON Schema export.", no_args_is_help=True, cls=_Group
 )
 app.add_typer(schema_app, name="schema")
+dlq_app = typer.Typer(
+    help="Dead letters: list, show, replay or discard what the deployment could not apply.",
+    no_args_is_help=True,
+)
+app.add_typer(dlq_app, name="dlq")
 
 
 @app.command()
@@ -326,6 +331,175 @@ def definitions(
     with _admin(url, token) as client:
         found = client.definitions()
     _show(found, as_json, lambda: render.definitions(found))
+
+
+# --- dead letters --------------------------------------------------------------------------
+
+DlqQueue = Annotated[
+    str | None, typer.Option("--queue", "-q", help="Only this queue (or its .dlq).")
+]
+DlqCause = Annotated[
+    str | None,
+    typer.Option("--cause", help="Only this dead-letter reason: invalid_json, poison, ..."),
+]
+DlqSaga = Annotated[str | None, typer.Option("--saga", help="Only this saga's messages.")]
+DlqSince = Annotated[
+    str | None, typer.Option("--since", help="Dead-lettered since: 30m, 1h, 2d, 1w or ISO (UTC).")
+]
+DlqUntil = Annotated[
+    str | None, typer.Option("--until", help="Dead-lettered before: an age or ISO time.")
+]
+QueueArg = Annotated[
+    str | None,
+    typer.Argument(help="The queue (or its .dlq) the message is in.", show_default=False),
+]
+MessageArg = Annotated[
+    str | None,
+    typer.Argument(help="The message's id, as `saga dlq list` gives it.", show_default=False),
+]
+DlqReason = Annotated[str, typer.Option("--reason", "-r", help="Why; goes into the audit log.")]
+
+
+@dlq_app.command("list")
+def dlq_list(
+    queue: DlqQueue = None,
+    cause: DlqCause = None,
+    saga_id: DlqSaga = None,
+    since: DlqSince = None,
+    until: DlqUntil = None,
+    limit: Annotated[int, typer.Option("--limit", min=1, max=500, help="Messages at most.")] = 100,
+    as_json: AsJson = False,
+    url: AdminUrl = DEFAULT_URL,
+    token: AdminToken = None,
+) -> None:
+    """List the messages in the dead-letter queues (they stay there), oldest first."""
+    since_at, until_at = _when(since, "--since"), _when(until, "--until")
+    with _admin(url, token) as client:
+        page = client.dead_letters(
+            queue=queue, cause=cause, saga_id=saga_id, since=since_at, until=until_at, limit=limit
+        )
+    _show(page, as_json, lambda: render.dead_letter_list(page))
+
+
+@dlq_app.command("show")
+def dlq_show(
+    queue: Annotated[str, typer.Argument(help="The queue (or its .dlq) the message is in.")],
+    message_id: Annotated[str, typer.Argument(help="The message's id, as the list gives it.")],
+    as_json: AsJson = False,
+    url: AdminUrl = DEFAULT_URL,
+    token: AdminToken = None,
+) -> None:
+    """Show one dead letter: why, its headers and its body."""
+    with _admin(url, token) as client:
+        found = client.dead_letter(queue, message_id)
+    _show(found, as_json, lambda: render.dead_letter(found))
+
+
+def _settle(
+    action: str,
+    queue: str | None,
+    message_id: str | None,
+    match: dict[str, Any],
+    every: bool,
+    reason: str,
+    limit: int,
+    actor: str | None,
+    url: str,
+    token: str | None,
+    as_json: bool,
+) -> None:
+    """One message (QUEUE ID), or every one the filters (or --all) take."""
+    if message_id is not None:
+        if any(v is not None for v in match.values()) or every:
+            raise typer.BadParameter("give QUEUE ID, or filters, not both", param_hint="ID")
+    elif queue is not None:
+        raise typer.BadParameter(
+            "give the message's id after the queue (or --queue with filters)", param_hint="ID"
+        )
+    elif not every and all(v is None for v in match.values()):
+        raise typer.BadParameter(
+            "give QUEUE ID, filters (--queue, --cause, --saga, --since, --until), or --all",
+            param_hint="filters",
+        )
+    with _admin(url, token, actor or default_actor()) as client:
+        if queue is not None and message_id is not None:
+            result = client.settle_dead_letter(action, queue, message_id, reason)
+        else:
+            result = client.settle_dead_letters(
+                action,
+                {k: v for k, v in match.items() if v is not None} | {"all": every},
+                reason,
+                limit,
+            )
+    _show(result, as_json, lambda: render.dead_letter_result(result))
+
+
+def _dlq_filter(
+    queue: str | None, cause: str | None, saga_id: str | None, since: str | None, until: str | None
+) -> dict[str, Any]:
+    since_at, until_at = _when(since, "--since"), _when(until, "--until")
+    return {
+        "queue": queue,
+        "reason": cause,
+        "saga_id": saga_id,
+        "since": since_at.isoformat() if since_at else None,
+        "until": until_at.isoformat() if until_at else None,
+    }
+
+
+Every = Annotated[bool, typer.Option("--all", help="Every dead letter (without filters).")]
+BulkLimit = Annotated[
+    int, typer.Option("--limit", min=1, max=1000, help="Messages to act on at most.")
+]
+
+
+@dlq_app.command("replay")
+def dlq_replay(
+    reason: DlqReason,
+    queue_arg: QueueArg = None,
+    message_id: MessageArg = None,
+    queue: DlqQueue = None,
+    cause: DlqCause = None,
+    saga_id: DlqSaga = None,
+    since: DlqSince = None,
+    until: DlqUntil = None,
+    every: Every = False,
+    limit: BulkLimit = 100,
+    actor: Actor = None,
+    as_json: AsJson = False,
+    url: AdminUrl = DEFAULT_URL,
+    token: AdminToken = None,
+) -> None:
+    """Send dead letters back to the queue they came from (QUEUE ID, or filters): each is
+    published with a confirm, then taken off its dead-letter queue."""
+    match = _dlq_filter(queue, cause, saga_id, since, until)
+    _settle(
+        "replay", queue_arg, message_id, match, every, reason, limit, actor, url, token, as_json
+    )
+
+
+@dlq_app.command("discard")
+def dlq_discard(
+    reason: DlqReason,
+    queue_arg: QueueArg = None,
+    message_id: MessageArg = None,
+    queue: DlqQueue = None,
+    cause: DlqCause = None,
+    saga_id: DlqSaga = None,
+    since: DlqSince = None,
+    until: DlqUntil = None,
+    every: Every = False,
+    limit: BulkLimit = 100,
+    actor: Actor = None,
+    as_json: AsJson = False,
+    url: AdminUrl = DEFAULT_URL,
+    token: AdminToken = None,
+) -> None:
+    """Take dead letters off their dead-letter queue for good (QUEUE ID, or filters)."""
+    match = _dlq_filter(queue, cause, saga_id, since, until)
+    _settle(
+        "discard", queue_arg, message_id, match, every, reason, limit, actor, url, token, as_json
+    )
 
 
 @schema_app.command("export")

@@ -18,12 +18,23 @@ import hmac
 import json
 from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from datetime import UTC, datetime
-from typing import TYPE_CHECKING, Annotated, Any
+from enum import Enum
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 from uuid import UUID
 
 import sqlalchemy as sa
 import structlog
-from fastapi import APIRouter, Depends, FastAPI, Header, HTTPException, Query, Request, Security
+from fastapi import (
+    APIRouter,
+    Depends,
+    FastAPI,
+    Header,
+    HTTPException,
+    Path,
+    Query,
+    Request,
+    Security,
+)
 from fastapi.encoders import jsonable_encoder
 from fastapi.exception_handlers import http_exception_handler
 from fastapi.exceptions import RequestValidationError
@@ -36,10 +47,15 @@ from starlette.routing import Route
 
 from saga import __version__
 from saga.admin import dashboard
+from saga.admin.deadletters import DeadLetters, Match
 from saga.admin.models import (
     CAUSE_KINDS,
     ActionRequest,
     ActionResult,
+    DeadLetterActionResult,
+    DeadLetterBulkRequest,
+    DeadLetterDetail,
+    DeadLetterPage,
     DefinitionView,
     ErrorBody,
     Health,
@@ -231,6 +247,7 @@ def create_app(service: OrchestratorService) -> FastAPI:
     _health_routes(app, service)
     _read_routes(api, service)
     _operator_routes(api, service)
+    _dead_letter_routes(api, service)
     dashboard.install(app, api, service)  # the overview, /api/asyncapi.json and /ui
     app.include_router(api)
     return app
@@ -537,6 +554,133 @@ def _operator_routes(api: APIRouter, service: OrchestratorService) -> None:
                 saga_id, actor=who, reason=body.reason, data=body.data
             ),
         )
+
+
+_NO_DEAD_LETTER: dict[int | str, dict[str, Any]] = {
+    404: {"model": ErrorBody, "description": "no such dead-letter queue, or no such message in it"},
+    501: {"model": ErrorBody, "description": "the orchestrator does not run on RabbitMQ"},
+}
+
+DeadLetterQueue = Annotated[
+    str, Path(max_length=255, description="a queue of the deployment, or its `.dlq`")
+]
+DeadLetterId = Annotated[
+    str, Path(max_length=255, description="the message id (or `sha256:...`) the list gives")
+]
+
+
+def _dead_letter_routes(api: APIRouter, service: OrchestratorService) -> None:
+    """Dead letters: read without taking them off their queues, then replay or discard.
+    Answers 503 while RabbitMQ cannot be reached (nothing was changed then)."""
+    dead = DeadLetters(service)
+    tags: list[str | Enum] = ["dead letters"]
+
+    @api.get("/dead-letters", response_model=DeadLetterPage, tags=tags, responses=_NO_DEAD_LETTER)
+    async def list_dead_letters(
+        queue: Annotated[
+            str | None, Query(max_length=255, description="only this queue (or its `.dlq`)")
+        ] = None,
+        reason: Annotated[str | None, Query(max_length=64, description="the reason")] = None,
+        saga_id: UUID | None = None,
+        since: Annotated[
+            datetime | None, Query(description="dead-lettered at or after (ISO; no offset = UTC)")
+        ] = None,
+        until: Annotated[
+            datetime | None, Query(description="dead-lettered before (ISO; no offset = UTC)")
+        ] = None,
+        limit: Annotated[int, Query(ge=1, le=500)] = 100,
+    ) -> DeadLetterPage:
+        """The messages in the deployment's dead-letter queues, oldest first in each, with why
+        they are there; they stay where they are, in their order."""
+        match = Match(reason, saga_id, _utc(since), _utc(until))
+        return await dead.listing(queue, match, limit)
+
+    @api.get(
+        "/dead-letters/{queue}/{message_id}",
+        response_model=DeadLetterDetail,
+        tags=tags,
+        responses=_NO_DEAD_LETTER,
+    )
+    async def show_dead_letter(
+        queue: DeadLetterQueue, message_id: DeadLetterId
+    ) -> DeadLetterDetail:
+        """One dead letter: its headers and its body (indented when JSON, the first 64 KiB)."""
+        return await dead.show(queue, message_id)
+
+    async def one(
+        action: Literal["replay", "discard"],
+        queue: str,
+        message_id: str,
+        body: ActionRequest,
+        actor: str | None,
+    ) -> DeadLetterActionResult:
+        match = Match(id=message_id)
+        who = _actor(actor)
+        return await dead.act(action, queue, match, 1, actor=who, reason=body.reason)
+
+    @api.post(
+        "/dead-letters/{queue}/{message_id}/replay",
+        response_model=DeadLetterActionResult,
+        tags=tags,
+        responses=_NO_DEAD_LETTER,
+    )
+    async def replay_dead_letter(
+        queue: DeadLetterQueue, message_id: DeadLetterId, body: ActionRequest, actor: Actor = None
+    ) -> DeadLetterActionResult:
+        """Send the message back to the queue it was dead-lettered from (confirmed), then take
+        it off the dead-letter queue. At-least-once: receivers dedupe by message id."""
+        return await one("replay", queue, message_id, body, actor)
+
+    @api.post(
+        "/dead-letters/{queue}/{message_id}/discard",
+        response_model=DeadLetterActionResult,
+        tags=tags,
+        responses=_NO_DEAD_LETTER,
+    )
+    async def discard_dead_letter(
+        queue: DeadLetterQueue, message_id: DeadLetterId, body: ActionRequest, actor: Actor = None
+    ) -> DeadLetterActionResult:
+        """Take the message off the dead-letter queue for good."""
+        return await one("discard", queue, message_id, body, actor)
+
+    async def bulk(
+        action: Literal["replay", "discard"], body: DeadLetterBulkRequest, actor: str | None
+    ) -> DeadLetterActionResult:
+        if body.filter.empty():
+            raise HTTPException(
+                422,
+                "filter: give at least one of queue, reason, saga_id, since, until, or "
+                '"all": true to act on every dead letter',
+            )
+        who = _actor(actor)
+        match = Match.of(body.filter)
+        return await dead.act(
+            action, body.filter.queue, match, body.limit, actor=who, reason=body.reason
+        )
+
+    @api.post(
+        "/dead-letters/replay",
+        response_model=DeadLetterActionResult,
+        tags=tags,
+        responses=_NO_DEAD_LETTER,
+    )
+    async def replay_dead_letters(
+        body: DeadLetterBulkRequest, actor: Actor = None
+    ) -> DeadLetterActionResult:
+        """Replay every dead letter the filter matches (up to ``limit``)."""
+        return await bulk("replay", body, actor)
+
+    @api.post(
+        "/dead-letters/discard",
+        response_model=DeadLetterActionResult,
+        tags=tags,
+        responses=_NO_DEAD_LETTER,
+    )
+    async def discard_dead_letters(
+        body: DeadLetterBulkRequest, actor: Actor = None
+    ) -> DeadLetterActionResult:
+        """Discard every dead letter the filter matches (up to ``limit``)."""
+        return await bulk("discard", body, actor)
 
 
 async def _readiness(service: OrchestratorService) -> dict[str, str | None]:

@@ -1,9 +1,9 @@
 """A small synchronous client of the admin API, for the ``saga`` command line.
 
 Every failure becomes an :class:`AdminError` carrying the text to show and the exit status
-scripts can branch on: 1 when the orchestrator refused (no such saga, or the action does not
-apply in the saga's state), 2 for everything else that went wrong (usage, settings, token,
-connection).
+scripts can branch on: 1 when the orchestrator refused (no such saga or dead letter, or the
+action does not apply in the saga's state), 2 for everything else that went wrong (usage,
+settings, token, connection).
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ import os
 import socket
 from datetime import datetime
 from typing import Any
+from urllib.parse import quote
 from uuid import UUID
 
 import httpx
@@ -141,6 +142,51 @@ class AdminClient:
         found: dict[str, Any] = self._call("POST", path, json=body)
         return found
 
+    def dead_letters(
+        self,
+        *,
+        queue: str | None = None,
+        cause: str | None = None,
+        saga_id: str | None = None,
+        since: datetime | None = None,
+        until: datetime | None = None,
+        limit: int = 100,
+    ) -> dict[str, Any]:
+        params = {
+            k: v
+            for k, v in (
+                ("queue", queue),
+                ("reason", cause),
+                ("saga_id", saga_id),
+                ("since", since.isoformat() if since else None),
+                ("until", until.isoformat() if until else None),
+                ("limit", str(limit)),
+            )
+            if v is not None
+        }
+        found: dict[str, Any] = self._call("GET", "/api/dead-letters", params=params)
+        return found
+
+    def dead_letter(self, queue: str, message_id: str) -> dict[str, Any]:
+        found: dict[str, Any] = self._call("GET", _dead_letter_path(queue, message_id))
+        return found
+
+    def settle_dead_letter(
+        self, action: str, queue: str, message_id: str, reason: str
+    ) -> dict[str, Any]:
+        """``replay`` or ``discard`` one dead letter; AdminError(exit 1) when it is not there."""
+        path = f"{_dead_letter_path(queue, message_id)}/{action}"
+        found: dict[str, Any] = self._call("POST", path, json={"reason": reason})
+        return found
+
+    def settle_dead_letters(
+        self, action: str, match: dict[str, Any], reason: str, limit: int = 100
+    ) -> dict[str, Any]:
+        """``replay`` or ``discard`` every dead letter ``match`` (the API's filter) takes."""
+        body = {"reason": reason, "filter": match, "limit": limit}
+        found: dict[str, Any] = self._call("POST", f"/api/dead-letters/{action}", json=body)
+        return found
+
     def find_id(self, text: str) -> str:
         """A full saga id as it is; the start of one if exactly one saga's id starts so."""
         try:
@@ -181,6 +227,10 @@ class AdminClient:
         raise _error(response)
 
 
+def _dead_letter_path(queue: str, message_id: str) -> str:
+    return f"/api/dead-letters/{quote(queue, safe='')}/{quote(message_id, safe='')}"
+
+
 def _error(response: httpx.Response) -> AdminError:
     try:
         detail = response.json().get("detail")
@@ -192,7 +242,7 @@ def _error(response: httpx.Response) -> AdminError:
         return AdminError(f"not authorized: {why} (set SAGA_ADMIN_TOKEN or --token)", status=401)
     if status == 403:
         return AdminError(f"forbidden: {why}", status=403)
-    if status == 404 and "saga" in why:
+    if status == 404 and ("saga" in why or "dead letter" in why or "dead-letter" in why):
         return AdminError(why, EXIT_REFUSED, status=404)
     if status == 404:
         return AdminError(f"{why}: is {response.url} the admin API?", status=404)

@@ -15,6 +15,7 @@ from fastapi.responses import FileResponse, RedirectResponse
 from fastapi.staticfiles import StaticFiles
 from pydantic import BaseModel, Field
 
+from saga.admin.deadletters import dead_letter_queues
 from saga.core.state import SagaStatus
 from saga.protocol import export
 
@@ -161,17 +162,7 @@ async def _dead_letters(service: OrchestratorService) -> dict[str, int | None] |
     broker = service.broker
     if broker is None or not broker.is_connected():
         return None
-    topology = service.topology
-    participants = sorted(
-        {s.participant for d in service.registry.all() for s in d.steps}
-        | set(service.registry.participants or ())
-    )
-    queues = [
-        topology.reply_queue,
-        topology.start_queue,
-        *(topology.command_queue(p) for p in participants),
-    ]
-    names = [topology.dead_letter_queue(q) for q in queues]
+    names = list(dead_letter_queues(service.topology, service.registry))
     try:
         depths = await asyncio.wait_for(
             asyncio.gather(*(broker.ready_count(n) for n in names)), timeout=3

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 from datetime import datetime
-from typing import Any
+from typing import Any, Literal
 from uuid import UUID
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
@@ -27,6 +27,14 @@ __all__ = [
     "CAUSE_KINDS",
     "ActionRequest",
     "ActionResult",
+    "DeadLetterActionResult",
+    "DeadLetterBulkRequest",
+    "DeadLetterDetail",
+    "DeadLetterFilter",
+    "DeadLetterPage",
+    "DeadLetterQueueView",
+    "DeadLetterSettled",
+    "DeadLetterSummary",
     "DefinitionView",
     "ErrorBody",
     "Health",
@@ -258,6 +266,102 @@ class ResolveRequest(ActionRequest):
     data: dict[str, Any] = Field(
         default_factory=dict,
         description="when resolving a stuck action: the step's output, as its reply would have",
+    )
+
+
+# --- dead letters ----------------------------------------------------------------------------
+
+
+class DeadLetterSummary(_Model):
+    """One message in a dead-letter queue."""
+
+    id: str = Field(
+        description="its message id, or `sha256:<digest of the body>` when it has none; "
+        "copies with one id are one message to every receiver"
+    )
+    dead_letter_queue: str
+    queue: str = Field(description="the queue it was dead-lettered from; a replay goes there")
+    reason: str = Field(description="why: `invalid_json`, `unknown_command`, `poison`, ...")
+    detail: str
+    saga_id: UUID | None = Field(description="the saga it belongs to, when it says")
+    message_id: str | None
+    message_type: str | None
+    dead_lettered_at: datetime | None
+    age_s: float | None = Field(description="seconds since it was dead-lettered")
+    size: int = Field(description="bytes of the body")
+    replays: int = Field(description="times it was replayed before and came back")
+    copies: int = Field(1, description="copies with this id in the queue (acted on together)")
+
+
+class DeadLetterQueueView(_Model):
+    dead_letter_queue: str
+    queue: str = Field(description="the queue whose rejects it holds")
+    depth: int | None = Field(description="messages in it when it was read (null: unreadable)")
+    scanned: int = Field(description="messages read, in order, from the front")
+    error: str | None = Field(None, description="why it could not be read")
+
+
+class DeadLetterPage(_Model):
+    queues: list[DeadLetterQueueView]
+    items: list[DeadLetterSummary] = Field(description="oldest first within each queue")
+    truncated: bool = Field(
+        description="more matched than `limit`, or a queue was longer than the scan limit"
+    )
+
+
+class DeadLetterDetail(DeadLetterSummary):
+    correlation_id: str | None
+    content_type: str | None
+    headers: dict[str, Any]
+    body: str = Field(description="indented when it is JSON; base64 when it is not text")
+    body_format: Literal["json", "text", "base64"]
+    body_truncated: bool = Field(description="only the first bytes are shown")
+
+
+class DeadLetterFilter(_Model):
+    """Which dead letters a bulk action takes; every criterion given must match."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    queue: str | None = Field(None, max_length=255, description="a queue or its `.dlq`")
+    reason: str | None = Field(None, max_length=64, description="the dead-letter reason")
+    saga_id: UUID | None = None
+    since: datetime | None = Field(None, description="dead-lettered at or after")
+    until: datetime | None = Field(None, description="dead-lettered before")
+    all: bool = Field(False, description="every dead letter: an empty filter is refused")
+
+    def empty(self) -> bool:
+        criteria = self.model_dump(exclude={"all"}).values()
+        return not self.all and all(v is None for v in criteria)
+
+
+class DeadLetterBulkRequest(ActionRequest):
+    filter: DeadLetterFilter
+    limit: int = Field(100, ge=1, le=1000, description="messages to act on at most")
+
+
+class DeadLetterSettled(_Model):
+    id: str
+    dead_letter_queue: str
+    queue: str
+    message_id: str | None
+    saga_id: UUID | None
+    dead_letter_reason: str
+    copies: int
+    outcome: Literal["replayed", "discarded", "refused"]
+    why: str | None = Field(None, description="why it was refused (it stays where it is)")
+
+
+class DeadLetterActionResult(_Model):
+    """What a replay or discard did, as the audit log records it."""
+
+    action: Literal["replay", "discard"]
+    actor: str
+    reason: str
+    at: datetime
+    messages: list[DeadLetterSettled]
+    truncated: bool = Field(
+        False, description="a queue was longer than the scan limit: run it again for the rest"
     )
 
 

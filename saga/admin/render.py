@@ -12,7 +12,16 @@ from collections.abc import Sequence
 from datetime import datetime
 from typing import Any
 
-__all__ = ["action_result", "definitions", "saga_list", "saga_timeline", "why"]
+__all__ = [
+    "action_result",
+    "dead_letter",
+    "dead_letter_list",
+    "dead_letter_result",
+    "definitions",
+    "saga_list",
+    "saga_timeline",
+    "why",
+]
 
 _DEFINITION_HEADER = (
     *("", "STEP", "PARTICIPANT", "ACTION", "COMPENSATION"),
@@ -214,4 +223,74 @@ def definitions(found: list[dict[str, Any]]) -> list[str]:
                 ]
             )
         lines += ["  " + line for line in _table(_DEFINITION_HEADER, rows)]
+    return lines
+
+
+def _age(seconds: float | None) -> str:
+    if seconds is None:
+        return "?"
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= size:
+            return f"{seconds / size:.0f}{unit}"
+    return f"{seconds:.0f}s"
+
+
+def dead_letter_list(page: dict[str, Any]) -> list[str]:
+    """Each dead-letter queue's depth, then the messages, oldest first in each queue."""
+    lines = [
+        f"{q['dead_letter_queue']}: "
+        + (f"unreadable ({q['error']})" if q.get("error") else f"{q['depth']} message(s)")
+        for q in page["queues"]
+    ]
+    items = page["items"]
+    if not items:
+        return [*lines, "", "no dead letters match"]
+    rows = [
+        (
+            i["id"],
+            i["queue"],
+            i["reason"],
+            _age(i["age_s"]),
+            i["saga_id"] or "-",
+            str(i["replays"]),
+            _short(i["detail"], 50),
+        )
+        for i in items
+    ]
+    header = ("ID", "QUEUE", "REASON", "AGE", "SAGA", "REPLAYS", "DETAIL")
+    lines += ["", *_table(header, rows)]
+    if page["truncated"]:
+        lines.append("(more: narrow the filters or raise --limit)")
+    return lines
+
+
+def dead_letter(d: dict[str, Any]) -> list[str]:
+    lines = [
+        f"id:           {d['id']}",
+        f"queue:        {d['queue']} (dead-letter queue {d['dead_letter_queue']})",
+        f"reason:       {d['reason']}",
+        f"detail:       {d['detail']}",
+        f"saga:         {d['saga_id'] or '-'}",
+        f"type:         {d['message_type'] or '-'}",
+        f"dead-lettered {_time(d['dead_lettered_at'])} ({_age(d['age_s'])} ago)",
+        f"replays:      {d['replays']}",
+        f"size:         {d['size']} bytes" + (f", {d['copies']} copies" if d["copies"] > 1 else ""),
+        "headers:",
+        *(f"  {k}: {v}" for k, v in sorted(d["headers"].items())),
+        f"body ({d['body_format']}{', truncated' if d['body_truncated'] else ''}):",
+        d["body"],
+    ]
+    return lines
+
+
+def dead_letter_result(result: dict[str, Any]) -> list[str]:
+    past = {"replay": "replayed", "discard": "discarded"}[result["action"]]
+    messages = result["messages"]
+    lines = [f"{past} by {result['actor']}: {len(messages)} message(s) ({result['reason']})"]
+    for m in messages:
+        to = f" -> {m['queue']}" if m["outcome"] == "replayed" else ""
+        why = f": {m['why']}" if m.get("why") else ""
+        lines.append(f"  {m['outcome']} {m['id']} from {m['dead_letter_queue']}{to}{why}")
+    if result["truncated"]:
+        lines.append("(a queue was longer than one scan: run it again for the rest)")
     return lines

@@ -15,16 +15,20 @@ import secrets
 import shutil
 import signal
 import time
+import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import aio_pika
 import httpx
 import pytest
 from playwright.async_api import Browser, Page, async_playwright, expect
 
 from saga.core.state import SagaStatus
+from saga.protocol.envelope import StartSaga
+from saga.transport.topology import Topology
 from saga_demo import inventory
 from saga_tools.chaos.node import free_port
 from tests.crash.helpers import REPO, Proc
@@ -34,6 +38,7 @@ from tests.e2e.stack import (
     TOKYO,
     Stack,
     checkout,
+    queue_depths,
     saga_id,
     submit,
 )
@@ -499,3 +504,78 @@ async def test_a_phone_wide_screen_scrolls_nothing_sideways_and_the_icon_is_serv
         answer = await page.request.get(url)
         assert answer.status == 200, (url, answer.status)
         assert answer.headers["content-type"].startswith("image/"), answer.headers
+
+
+async def _publish_raw(url: str, queue: str, body: bytes, message_id: str) -> None:
+    connection = await aio_pika.connect(url)
+    try:
+        channel = await connection.channel()
+        message = aio_pika.Message(body, content_type="application/json", message_id=message_id)
+        await channel.default_exchange.publish(message, routing_key=queue)
+    finally:
+        await connection.close()
+
+
+async def test_dead_letters_page_lists_them_and_discards_one(
+    stack: Stack, browser: Browser
+) -> None:
+    """A malformed command on payment's queue and a start of an unknown saga on the
+    orchestrator's are listed with their reasons; discarding one (behind a confirmation with
+    a reason) takes it off its queue, and the other stays."""
+    port, token = free_port(), secrets.token_hex(16)
+    stack.data_dir.mkdir(parents=True, exist_ok=True)
+    procs = [
+        stack.processes.spawn(
+            "orchestrator",
+            ["saga", "run", "--migrate"],
+            stack.orchestrator_env(SAGA_ADMIN_PORT=str(port), SAGA_ADMIN_TOKEN=token),
+        ),
+        stack.processes.spawn("payment", ["saga-service", "payment"], stack.service_env(None)),
+    ]
+    await stack.started(procs)
+    topology = Topology(prefix=stack.prefix)
+    malformed, unknown = str(uuid.uuid4()), str(uuid.uuid4())
+    start = StartSaga(
+        schema_version=1, message_id=uuid.UUID(unknown), saga_name="nosuch", key="k", input={}
+    )
+    await _publish_raw(stack.rabbitmq_url, topology.command_queue("payment"), b'{"oops', malformed)
+    await _publish_raw(
+        stack.rabbitmq_url, topology.start_queue, start.model_dump_json().encode(), unknown
+    )
+
+    page = await browser.new_page(viewport={"width": 1280, "height": 900})
+    base = f"http://127.0.0.1:{port}"
+    await page.goto(f"{base}/ui/#/dead-letters")
+    await page.fill("#token", token)
+    await page.fill("#actor", "ops-dora")
+    await page.click("#login-submit")
+    rows = page.locator("#dlq-list tr[data-dead-letter]")
+    for _ in range(50):  # dead-lettering takes a moment: refresh until both are there
+        if await rows.count() == 2:
+            break
+        await page.wait_for_timeout(200)
+        await page.click("#dlq-refresh")
+    await expect(rows).to_have_count(2)
+    bad = page.locator(f'tr[data-dead-letter="{malformed}"]')
+    await expect(bad).to_contain_text("invalid_json")
+    await expect(bad).to_contain_text(topology.command_queue("payment"))
+    await expect(page.locator(f'tr[data-dead-letter="{unknown}"]')).to_contain_text(
+        "unknown_saga_name"
+    )
+    await bad.locator("[data-dlq-show]").click()
+    await expect(page.locator("#dlq-body")).to_have_text('{"oops')
+    await shot(page, "8-dead-letters")
+
+    await bad.locator('[data-dlq-act="discard"]').click()
+    await expect(page.locator("#dlq-act")).to_be_visible()
+    await page.click("#dlq-act-submit")  # no reason: the form does not submit
+    await expect(page.locator("#dlq-act")).to_be_visible()
+    await page.fill("#dlq-act-reason", "a test message, nothing to redo")
+    await page.click("#dlq-act-submit")
+    await expect(page.locator("#dlq-result")).to_contain_text(f"discarded {malformed}")
+    await expect(page.locator("#dlq-result")).to_contain_text("ops-dora")
+    await expect(rows).to_have_count(1)
+    await expect(page.locator(f'tr[data-dead-letter="{unknown}"]')).to_be_visible()
+    depths = await queue_depths(stack.rabbitmq_url, stack.prefix)
+    assert depths[topology.dead_letter_queue(topology.command_queue("payment"))] == 0
+    assert depths[topology.dead_letter_queue(topology.start_queue)] == 1

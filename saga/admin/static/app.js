@@ -473,6 +473,7 @@ async function route(event) {
     else if (path.startsWith("/saga/")) again = !(await detail(decodeURIComponent(path.slice(6)), mine));
     else if (path === "/definitions") { await definitions(mine); again = false; }
     else if (path === "/contracts") { await contracts(mine); again = false; }
+    else if (window.sagaPages && window.sagaPages[path]) again = (await window.sagaPages[path](mine)) !== false;
     else view.innerHTML = '<p class="error">No such page.</p>';
     if (mine !== routing) return;
     if (!busy && !typing) shown = true;
