@@ -144,6 +144,23 @@ def test_bench_with_echo_participants_measures_the_orchestrator_alone() -> None:
     assert doc["ceiling"]["ratio"] > 0
 
 
+def test_bench_with_library_participants_measures_the_participant_library() -> None:
+    """The participant library with its durable ledgers and handlers of no work of their own:
+    every command goes through its ledger (one transaction and reply per command, counted)."""
+    doc = run_bench(
+        "--participants", "library", "--sagas", "30", "--concurrency", "8", "--warmup", "4",
+        "--no-ceiling",
+    )  # fmt: skip
+    assert doc["all_finished"] is True
+    assert doc["sagas"]["completed"] == 30
+    assert doc["config"]["services"] == "library"
+    work = doc["work_per_saga"]
+    for name in ("order", "payment", "inventory", "shipping"):
+        assert doc["cpu_ms_per_saga"][name] > 0
+        assert work[name]["publishes"] == 1.0  # one reply per command
+        assert work[name]["transactions"] > 0  # its ledger committed them
+
+
 def test_echo_participants_refuse_what_they_cannot_do() -> None:
     done = _bench("--participants", "echo", "--fail-rate", "0.5", "--sagas", "10")
     assert done.returncode == 2, done.stdout + done.stderr

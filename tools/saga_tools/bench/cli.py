@@ -56,6 +56,7 @@ class ServicesMode(StrEnum):
 class Participants(StrEnum):
     DEMO = "demo"
     ECHO = "echo"
+    LIBRARY = "library"
 
 
 class Synchronous(StrEnum):
@@ -106,7 +107,9 @@ def main(
         typer.Option(
             help="demo: the four demo services with their databases and ledgers; echo: "
             "responders that answer every command at once (no database), to measure the "
-            "orchestrator alone against the ceiling."
+            "orchestrator alone against the ceiling; library: the participant library with its "
+            "durable ledger and handlers of no work of their own, to measure what the library "
+            "costs per command."
         ),
     ] = Participants.DEMO,
     instances: Annotated[
@@ -185,10 +188,12 @@ def main(
         raise typer.BadParameter("--crash-after needs a stack the bench started")
     if connect and instances > 1:
         raise typer.BadParameter("--instances needs a stack the bench started")
-    if participants is Participants.ECHO and (connect or fail_rate > 0 or services.value == "all"):
+    if participants is not Participants.DEMO and (
+        connect or fail_rate > 0 or services.value == "all"
+    ):
         raise typer.BadParameter(
-            "echo participants answer every command with success in processes of their own: "
-            "not with --connect, --fail-rate or --services all",
+            f"{participants.value} participants answer every command with success in processes "
+            "of their own: not with --connect, --fail-rate or --services all",
             param_hint="--participants",
         )
     if instances > 1 and (database_url is None or is_sqlite(database_url)):
@@ -336,7 +341,11 @@ async def bench(workload: Workload, options: _Options) -> dict[str, Any]:
             database=database,
             services_mode="external"
             if options.connect
-            else ("echo" if options.participants == "echo" else options.services_mode),
+            else (
+                options.participants
+                if options.participants != Participants.DEMO.value
+                else options.services_mode
+            ),
             prefix=prefix,
             cpu_s=cpu_s,
             orchestrators=config.orchestrators,

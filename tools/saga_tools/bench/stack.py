@@ -73,7 +73,9 @@ class StackConfig:
     step_timeout: float | None = None  # None: the checkout's own
     sqlite_synchronous: str | None = None  # None: the processes' default (FULL)
     instances: int = 1  # orchestrator processes on the one database; > 1 needs PostgreSQL
-    participants: str = "demo"  # "echo": saga_tools.bench.echo answers instead of the services
+    #: "echo": saga_tools.bench.echo answers instead of the services; "library": the
+    #: participant library with handlers of no work of their own (saga_tools.bench.library)
+    participants: str = "demo"
 
     def __post_init__(self) -> None:
         if self.instances < 1:
@@ -179,9 +181,10 @@ class BenchStack:
         first, *others = self.config.orchestrators
         await self.start_orchestrator(first)
         await asyncio.gather(*(self.start_orchestrator(name) for name in others))
-        if self.config.participants == "echo":
-            echo = [sys.executable, "-m", "saga_tools.bench.echo"]
-            started = [self._spawn(n, [*echo, n], metrics=False) for n in SERVICES]
+        if self.config.participants in ("echo", "library"):
+            module = [sys.executable, "-m", f"saga_tools.bench.{self.config.participants}"]
+            metrics = self.config.participants == "library"
+            started = [self._spawn(n, [*module, n], metrics=metrics) for n in SERVICES]
             expected = 1
         else:
             names = ["all"] if self.config.services_mode == "all" else list(SERVICES)
@@ -261,7 +264,7 @@ async def work_done(ports: Mapping[str, int]) -> dict[str, dict[str, float]]:
 
 def _definitions(config: StackConfig) -> str:
     """SAGA_DEFINITIONS for the orchestrators."""
-    if config.participants == "echo":
+    if config.participants in ("echo", "library"):
         return "saga_tools.bench.definitions:echo_registry"
     if config.step_timeout is not None:
         return "saga_tools.bench.definitions:registry"
@@ -300,8 +303,8 @@ async def _ready(proc: _Proc, marker: str, count: int = 1) -> None:
 
 async def seed_services(config: StackConfig) -> None:
     """Create the services' databases (as their start would) and add the bench's rows."""
-    if config.participants == "echo":
-        return  # nothing to keep
+    if config.participants in ("echo", "library"):
+        return  # nothing to keep (the library's ledgers are made at its start)
     settings = config.service_settings()
     for name in SERVICES:
         participant = BUILDERS[name](settings)
