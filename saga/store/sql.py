@@ -351,8 +351,11 @@ class SqlStore:
         missing = [i for i in saga_ids if i not in found and i not in self._absent]
         if missing:
             async with self._read.connect() as conn:
-                rows = await conn.execute(_SELECT_SAGAS, {"ids": missing})
-                loaded = {row.saga_id: _state_from_row(row._mapping) for row in rows}
+                if self._bulk_pg:
+                    loaded = await self._load_pg(conn, missing)
+                else:
+                    rows = await conn.execute(_SELECT_SAGAS, {"ids": missing})
+                    loaded = {row.saga_id: _state_from_row(row._mapping) for row in rows}
             self._remember(loaded.values())
             if self._cache_states:  # a start looks its saga up twice: once is enough
                 self._absent.update((i, None) for i in missing if i not in loaded)
@@ -360,6 +363,23 @@ class SqlStore:
                     del self._absent[next(iter(self._absent))]
             found.update(loaded)
         return found
+
+    async def _load_pg(self, conn: AsyncConnection, ids: list[UUID]) -> dict[UUID, SagaState]:
+        """The sagas ``ids`` on PostgreSQL, one array parameter, as the driver reads them.
+
+        Through the compiled statement, the expanding ``IN`` is rendered again for every
+        number of ids and each row's columns go through SQLAlchemy's result processors: a
+        tenth of the orchestrator's CPU on PostgreSQL. The driver's values are what those
+        processors would give: aware UTC datetimes, UUIDs, and JSON decoded by the codec
+        SQLAlchemy's dialect sets on each connection. Errors still go through SQLAlchemy (a
+        dead connection is invalidated)."""
+        result = await conn.exec_driver_sql(self._pg_select_sql, (ids,))
+        return {row["saga_id"]: _state_from_row(row) for row in result.mappings()}
+
+    @functools.cached_property
+    def _pg_select_sql(self) -> str:
+        table = "saga_instances" if self.schema is None else f'"{self.schema}".saga_instances'
+        return f"SELECT * FROM {table} WHERE saga_id = ANY($1::uuid[])"
 
     def _remember(self, states: Iterable[SagaState]) -> None:
         """Keep the committed state of sagas in flight, so the next event of one needs no read
