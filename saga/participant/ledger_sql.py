@@ -33,7 +33,14 @@ from saga.store import sqlite_driver
 from saga.store.sqlite_batch import Prepared, PreparedCache
 from saga.work import WorkCounts
 
-__all__ = ["CoreStatements", "Recorded", "Savepoint", "SqliteStatements", "statements"]
+__all__ = [
+    "CoreStatements",
+    "PostgresStatements",
+    "Recorded",
+    "Savepoint",
+    "SqliteStatements",
+    "statements",
+]
 
 
 class Recorded(NamedTuple):
@@ -81,6 +88,8 @@ async def statements(conn: AsyncConnection, ledger: Ledger) -> Statements:
         driver = (await conn.get_raw_connection()).driver_connection
         if isinstance(driver, sqlite_driver.Connection):
             return SqliteStatements(driver.raw, _compiled(ledger), driver.counts)
+    if conn.dialect.driver == "asyncpg":
+        return PostgresStatements(conn, ledger)
     return CoreStatements(conn, ledger)
 
 
@@ -138,6 +147,40 @@ class CoreStatements:
             await self._conn.execute(replies.insert(), rows.reply_rows)
         if rows.outbox_rows:
             await self._conn.execute(self._ledger.insert_ignore(outbox), rows.outbox_rows)
+
+
+class PostgresStatements(CoreStatements):
+    """SQLAlchemy Core, but the savepoint around each handler on asyncpg's connection.
+
+    Through SQLAlchemy every ``SAVEPOINT`` has a name of its own, so asyncpg prepares each one
+    anew (a prepare and an execute, two round trips) and so does its ``RELEASE``: a seventh of a
+    participant's CPU on PostgreSQL. Here they are plain statements of the simple protocol, one
+    round trip each, on the very connection (and transaction) the handler's statements use, as
+    :class:`SqliteStatements` does on SQLite."""
+
+    async def savepoint(self) -> Savepoint:
+        driver = (await self._conn.get_raw_connection()).driver_connection
+        return await _PgSavepoint.open(driver)
+
+
+class _PgSavepoint:
+    def __init__(self, driver: Any, name: str):
+        self._driver = driver
+        self._name = name
+
+    @classmethod
+    async def open(cls, driver: Any) -> _PgSavepoint:
+        name = f"ledger_{next(_SAVEPOINTS)}"
+        await driver.execute(f"SAVEPOINT {name}")
+        return cls(driver, name)
+
+    async def commit(self) -> None:
+        await self._driver.execute(f"RELEASE SAVEPOINT {self._name}")
+
+    async def rollback(self) -> None:
+        await self._driver.execute(
+            f"ROLLBACK TO SAVEPOINT {self._name}; RELEASE SAVEPOINT {self._name}"
+        )
 
 
 class _Compiled:
