@@ -24,6 +24,7 @@ import functools
 import json
 import os
 from collections.abc import Collection, Iterable, Sequence
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 from uuid import UUID
@@ -516,33 +517,30 @@ class SqlStore:
         inbox_rows, inserts, updates, history_rows, outbox_rows = _bulk_rows(
             ordered, now, self.instance
         )
+        sql = self._pg_sql
         try:
             async with self._write.begin() as conn:
+                run = await _PgRun.on(conn)
                 if doomed:
-                    await conn.execute(
-                        outbox.delete().where(outbox.c.message_id.in_(sorted(doomed)))
-                    )
+                    await run.execute(sql.delete_sent, [doomed])
                 if updates:  # lock in id order first: two instances queue, never deadlock
-                    await conn.execute(_LOCK_SAGAS, {"ids": [r["saga_id"] for r in updates]})
+                    await run.fetch(sql.lock, [[r["saga_id"] for r in updates]])
                 if inbox_rows:
-                    got = await conn.execute(self._inbox_insert_returning, inbox_rows)
-                    if len(got.all()) != len(inbox_rows):
+                    got = await run.fetch(sql.inbox, _pg_arrays(_PG_INBOX, inbox_rows))
+                    if len(got) != len(inbox_rows):
                         raise _RowByRowError
                 if inserts:
-                    got = await conn.execute(self._saga_insert_returning, inserts)
-                    if len(got.all()) != len(inserts):
+                    got = await run.fetch(sql.insert, _pg_arrays(_PG_INSERT, inserts))
+                    if len(got) != len(inserts):
                         raise _RowByRowError
                 if updates:
-                    raw = await conn.get_raw_connection()
-                    driver = raw.driver_connection
-                    assert driver is not None
-                    matched = await driver.fetch(self._pg_update_sql, *_pg_update_args(updates))
+                    matched = await run.fetch(sql.update, _pg_arrays(_PG_UPDATE_COLUMNS, updates))
                     if len(matched) != len(updates):
                         raise _RowByRowError
                 if history_rows:
-                    await conn.execute(history.insert(), history_rows)
+                    await run.execute(sql.history, _pg_arrays(_PG_HISTORY, history_rows))
                 if outbox_rows:
-                    await conn.execute(outbox.insert(), outbox_rows)
+                    await run.execute(sql.outbox, _pg_arrays(_PG_OUTBOX, outbox_rows))
         except _RowByRowError:
             return None
         return [
@@ -550,17 +548,8 @@ class SqlStore:
         ]
 
     @functools.cached_property
-    def _inbox_insert_returning(self) -> Any:
-        return self._inbox_insert.returning(inbox.c.message_id)
-
-    @functools.cached_property
-    def _saga_insert_returning(self) -> Any:
-        return self._saga_insert.returning(sagas.c.saga_id)
-
-    @functools.cached_property
-    def _pg_update_sql(self) -> str:
-        table = "saga_instances" if self.schema is None else f'"{self.schema}".saga_instances'
-        return _PG_UPDATE.format(table=table)
+    def _pg_sql(self) -> _PgStatements:
+        return _PgStatements.for_schema(self.schema)
 
     async def _commit(
         self,
@@ -862,13 +851,6 @@ _SAGA_UPDATE = (
 )
 
 
-#: the rows of a batch's updated sagas, locked in id order (PostgreSQL)
-_LOCK_SAGAS = (
-    sa.select(sagas.c.saga_id)
-    .where(sagas.c.saga_id.in_(sa.bindparam("ids", expanding=True)))
-    .order_by(sagas.c.saga_id)
-    .with_for_update()
-)
 #: (column, PostgreSQL type) of the version-checked update, in the order of its arrays
 _PG_UPDATE_COLUMNS = (
     ("saga_id", "uuid"),
@@ -889,12 +871,42 @@ _PG_UPDATE_COLUMNS = (
     ("updated_at", "timestamptz"),
     ("failure", "text"),
     ("stuck_step", "varchar"),
-    ("steps", "text"),
-    ("context", "text"),
-    ("trace_context", "text"),
+    ("steps", "json"),
+    ("context", "json"),
+    ("trace_context", "json"),
     ("sent_at", "timestamptz"),
 )
 _PG_JSON = frozenset({"steps", "context", "trace_context"})
+#: the new sagas' columns (the update's, without the version check, and no timer claim)
+_PG_INSERT = (
+    *(c for c in _PG_UPDATE_COLUMNS if c[0] != "w_version"),
+    ("timer_claimed_until", "timestamptz"),
+    ("timer_claimed_by", "integer"),
+)
+_PG_INBOX = (("message_id", "uuid"), ("saga_id", "uuid"), ("received_at", "timestamptz"))
+_PG_HISTORY = (
+    ("saga_id", "uuid"),
+    ("at", "timestamptz"),
+    ("kind", "text"),
+    ("step", "text"),
+    ("direction", "text"),
+    ("attempt", "integer"),
+    ("message_id", "uuid"),
+    ("actor", "text"),
+    ("detail", "text"),
+)
+_PG_OUTBOX = (
+    ("message_id", "uuid"),
+    ("saga_id", "uuid"),
+    ("exchange", "text"),
+    ("routing_key", "text"),
+    ("message_type", "text"),
+    ("headers", "json"),
+    ("body", "bytea"),
+    ("created_at", "timestamptz"),
+    ("claimed_until", "timestamptz"),
+    ("claimed_by", "integer"),
+)
 _PG_UPDATE = (
     "UPDATE {table} AS s SET "
     + ", ".join(
@@ -903,25 +915,105 @@ _PG_UPDATE = (
         if c not in ("saga_id", "w_version")
     )
     + ", timer_claimed_until = NULL, timer_claimed_by = NULL FROM unnest("
-    + ", ".join(f"${i}::{t}[]" for i, (_, t) in enumerate(_PG_UPDATE_COLUMNS, 1))
+    + ", ".join(
+        f"${i}::{'text' if t == 'json' else t}[]" for i, (_, t) in enumerate(_PG_UPDATE_COLUMNS, 1)
+    )
     + ") AS v("
     + ", ".join(c for c, _ in _PG_UPDATE_COLUMNS)
     + ") WHERE s.saga_id = v.saga_id AND s.version = v.w_version RETURNING s.saga_id"
 )
 
 
-def _pg_update_args(rows: list[dict[str, Any]]) -> list[list[Any]]:
-    """One array per column of :data:`_PG_UPDATE`; JSON as the text SQLAlchemy's JSON type
-    would have sent, datetimes in UTC as :class:`UTCDateTime` stores them."""
+def _pg_arrays(columns: Sequence[tuple[str, str]], rows: list[dict[str, Any]]) -> list[list[Any]]:
+    """One array per column of an ``unnest`` statement; JSON as the text SQLAlchemy's JSON
+    type would have sent, datetimes in UTC as :class:`UTCDateTime` stores them."""
     args: list[list[Any]] = []
-    for column, kind in _PG_UPDATE_COLUMNS:
+    for column, kind in columns:
         values = [r[column] for r in rows]
-        if column in _PG_JSON:  # None too: SQLAlchemy's JSON type stores it as JSON null
+        if kind == "json":  # None too: SQLAlchemy's JSON type stores it as JSON null
             values = [json.dumps(v) for v in values]
         elif kind == "timestamptz":
             values = [None if v is None else v.astimezone(UTC) for v in values]
         args.append(values)
     return args
+
+
+def _pg_insert(table: str, columns: Sequence[tuple[str, str]], tail: str = "") -> str:
+    """``INSERT`` of the rows of one array per column, in the arrays' order (a history's ids
+    follow its entries)."""
+    names = ", ".join(c for c, _ in columns)
+    values = ", ".join(f"{c}::json" if t == "json" else c for c, t in columns)
+    arrays = ", ".join(
+        f"${i}::{'text' if t == 'json' else t}[]" for i, (_, t) in enumerate(columns, 1)
+    )
+    return (
+        f"INSERT INTO {table} ({names}) SELECT {values} FROM unnest({arrays}) "
+        f"WITH ORDINALITY AS v({names}, ord) ORDER BY ord{tail}"
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class _PgStatements:
+    """The bulk batch's statements on PostgreSQL, each one fixed text whatever the batch's size:
+    asyncpg prepares each once per connection (SQLAlchemy's expanding ``IN`` and multi-row
+    ``VALUES`` made a new text, so a new prepare, for every number of rows)."""
+
+    delete_sent: str
+    lock: str
+    inbox: str
+    insert: str
+    update: str
+    history: str
+    outbox: str
+
+    @classmethod
+    def for_schema(cls, schema: str | None) -> _PgStatements:
+        def t(name: str) -> str:
+            return name if schema is None else f'"{schema}".{name}'
+
+        return cls(
+            delete_sent=f"DELETE FROM {t('saga_outbox')} WHERE message_id = ANY($1::uuid[])",
+            lock=f"SELECT saga_id FROM {t('saga_instances')} WHERE saga_id = ANY($1::uuid[]) "
+            "ORDER BY saga_id FOR UPDATE",
+            inbox=_pg_insert(
+                t("saga_inbox"), _PG_INBOX, " ON CONFLICT DO NOTHING RETURNING message_id"
+            ),
+            insert=_pg_insert(
+                t("saga_instances"), _PG_INSERT, " ON CONFLICT DO NOTHING RETURNING saga_id"
+            ),
+            update=_PG_UPDATE.format(table=t("saga_instances")),
+            history=_pg_insert(t("saga_history"), _PG_HISTORY),
+            outbox=_pg_insert(t("saga_outbox"), _PG_OUTBOX),
+        )
+
+
+class _PgRun:
+    """Statements on asyncpg's connection under a SQLAlchemy transaction. The first one goes
+    through SQLAlchemy, which begins the transaction on its first statement (and wraps a
+    failure, invalidating a dead connection); the rest go to the driver directly."""
+
+    def __init__(self, conn: AsyncConnection, driver: Any):
+        self._conn = conn
+        self._driver = driver
+        self._begun = False
+
+    @classmethod
+    async def on(cls, conn: AsyncConnection) -> _PgRun:
+        raw = await conn.get_raw_connection()
+        return cls(conn, raw.driver_connection)
+
+    async def fetch(self, sql: str, args: Sequence[Any]) -> list[Any]:
+        if not self._begun:
+            self._begun = True
+            return list((await self._conn.exec_driver_sql(sql, tuple(args))).all())
+        return list(await self._driver.fetch(sql, *args))
+
+    async def execute(self, sql: str, args: Sequence[Any]) -> None:
+        if not self._begun:
+            self._begun = True
+            await self._conn.exec_driver_sql(sql, tuple(args))
+            return
+        await self._driver.execute(sql, *args)
 
 
 def _bulk_rows(
