@@ -17,6 +17,7 @@ Both take part in the one transaction the runtime opened; neither commits.
 
 from __future__ import annotations
 
+import functools
 import itertools
 import sqlite3
 import weakref
@@ -30,6 +31,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from saga.participant.ledger import Ledger, outbox, processed, replies, tombstones
 from saga.store import sqlite_driver
+from saga.store.pg_batch import PgRun, pg_arrays, pg_insert, pg_table
 from saga.store.sqlite_batch import Prepared, PreparedCache
 from saga.work import WorkCounts
 
@@ -89,7 +91,7 @@ async def statements(conn: AsyncConnection, ledger: Ledger) -> Statements:
         if isinstance(driver, sqlite_driver.Connection):
             return SqliteStatements(driver.raw, _compiled(ledger), driver.counts)
     if conn.dialect.driver == "asyncpg":
-        return PostgresStatements(conn, ledger)
+        return await PostgresStatements.on(conn, ledger)
     return CoreStatements(conn, ledger)
 
 
@@ -149,38 +151,135 @@ class CoreStatements:
             await self._conn.execute(self._ledger.insert_ignore(outbox), rows.outbox_rows)
 
 
-class PostgresStatements(CoreStatements):
-    """SQLAlchemy Core, but the savepoint around each handler on asyncpg's connection.
+class PostgresStatements:
+    """The ledger's statements on asyncpg's connection, each one fixed text whatever the
+    batch's size (:mod:`saga.store.pg_batch`), under the transaction the runtime began.
 
-    Through SQLAlchemy every ``SAVEPOINT`` has a name of its own, so asyncpg prepares each one
-    anew (a prepare and an execute, two round trips) and so does its ``RELEASE``: a seventh of a
-    participant's CPU on PostgreSQL. Here they are plain statements of the simple protocol, one
-    round trip each, on the very connection (and transaction) the handler's statements use, as
-    :class:`SqliteStatements` does on SQLite."""
+    Through SQLAlchemy the reads' ``IN (...)``, the inserts' multi-row ``VALUES`` and every
+    ``SAVEPOINT`` (named anew each time) were a new text, so asyncpg prepared them again and
+    again: two round trips per statement and most of a participant's CPU on PostgreSQL. The
+    savepoint runs on the very connection the handler's statements use, as on SQLite."""
+
+    def __init__(self, conn: AsyncConnection, ledger: Ledger, run: PgRun):
+        self._run = run
+        self._sql = _pg_statements(ledger.schema)
+
+    @classmethod
+    async def on(cls, conn: AsyncConnection, ledger: Ledger) -> PostgresStatements:
+        return cls(conn, ledger, await PgRun.on(conn))
+
+    async def delete_sent(self, message_ids: Sequence[UUID]) -> None:
+        await self._run.execute(self._sql.delete_sent, [list(message_ids)])
+
+    async def given(self, reply_ids: Sequence[UUID]) -> dict[UUID, bytes]:
+        rows = await self._run.fetch(self._sql.given, [list(reply_ids)])
+        return {row[0]: bytes(row[1]) for row in rows}
+
+    async def recorded(self, keys: Sequence[UUID]) -> list[Recorded]:
+        rows = await self._run.fetch(self._sql.recorded, [list(keys)])
+        return [
+            Recorded(
+                row[0], row[1], row[2], row[3], None if row[4] is None else dict(row[4]), row[5]
+            )
+            for row in rows
+        ]
 
     async def savepoint(self) -> Savepoint:
-        driver = (await self._conn.get_raw_connection()).driver_connection
-        return await _PgSavepoint.open(driver)
+        name = f"ledger_{next(_SAVEPOINTS)}"
+        await self._run.execute(f"SAVEPOINT {name}", [])
+        return _PgSavepoint(self._run, name)
+
+    async def write(self, rows: Rows) -> None:
+        sql = self._sql
+        for statement, columns, values in (
+            (sql.processed, _PG_PROCESSED, rows.processed_rows),
+            (sql.tombstones, _PG_TOMBSTONES, rows.tombstone_rows),
+            (sql.replies, _PG_REPLIES, rows.reply_rows),
+            (sql.outbox, _PG_OUTBOX, rows.outbox_rows),
+        ):
+            if values:
+                await self._run.execute(statement, pg_arrays(columns, values))
 
 
 class _PgSavepoint:
-    def __init__(self, driver: Any, name: str):
-        self._driver = driver
+    def __init__(self, run: PgRun, name: str):
+        self._run = run
         self._name = name
 
-    @classmethod
-    async def open(cls, driver: Any) -> _PgSavepoint:
-        name = f"ledger_{next(_SAVEPOINTS)}"
-        await driver.execute(f"SAVEPOINT {name}")
-        return cls(driver, name)
-
     async def commit(self) -> None:
-        await self._driver.execute(f"RELEASE SAVEPOINT {self._name}")
+        await self._run.execute(f"RELEASE SAVEPOINT {self._name}", [])
 
     async def rollback(self) -> None:
-        await self._driver.execute(
-            f"ROLLBACK TO SAVEPOINT {self._name}; RELEASE SAVEPOINT {self._name}"
+        await self._run.execute(
+            f"ROLLBACK TO SAVEPOINT {self._name}; RELEASE SAVEPOINT {self._name}", []
         )
+
+
+_PG_PROCESSED = (
+    ("idempotency_key", "uuid"),
+    ("message_id", "uuid"),
+    ("saga_id", "uuid"),
+    ("command_type", "text"),
+    ("direction", "text"),
+    ("outcome", "text"),
+    ("reason", "text"),
+    ("detail", "text"),
+    ("data", "json"),
+    ("processed_at", "timestamptz"),
+)
+_PG_TOMBSTONES = (
+    ("idempotency_key", "uuid"),
+    ("saga_id", "uuid"),
+    ("step", "text"),
+    ("compensation_message_id", "uuid"),
+    ("created_at", "timestamptz"),
+)
+_PG_REPLIES = (
+    ("message_id", "uuid"),
+    ("command_message_id", "uuid"),
+    ("body", "bytea"),
+    ("created_at", "timestamptz"),
+)
+_PG_OUTBOX = (
+    ("message_id", "uuid"),
+    ("saga_id", "uuid"),
+    ("routing_key", "text"),
+    ("message_type", "text"),
+    ("body", "bytea"),
+    ("created_at", "timestamptz"),
+    ("headers", "json"),
+)
+
+
+class _PgLedgerSql(NamedTuple):
+    delete_sent: str
+    given: str
+    recorded: str
+    processed: str
+    tombstones: str
+    replies: str
+    outbox: str
+
+
+@functools.lru_cache(maxsize=64)
+def _pg_statements(schema: str | None) -> _PgLedgerSql:
+    def t(table: sa.Table) -> str:
+        return pg_table(table.name, schema)
+
+    return _PgLedgerSql(
+        delete_sent=f"DELETE FROM {t(outbox)} WHERE message_id = ANY($1::uuid[])",
+        given=f"SELECT message_id, body FROM {t(replies)} WHERE message_id = ANY($1::uuid[])",
+        recorded=(
+            "SELECT idempotency_key, outcome, reason, detail, data, false "
+            f"FROM {t(processed)} WHERE idempotency_key = ANY($1::uuid[]) "
+            "UNION ALL SELECT idempotency_key, NULL, NULL, NULL, NULL::json, true "
+            f"FROM {t(tombstones)} WHERE idempotency_key = ANY($1::uuid[])"
+        ),
+        processed=pg_insert(t(processed), _PG_PROCESSED),
+        tombstones=pg_insert(t(tombstones), _PG_TOMBSTONES),
+        replies=pg_insert(t(replies), _PG_REPLIES),
+        outbox=pg_insert(t(outbox), _PG_OUTBOX, " ON CONFLICT DO NOTHING"),
+    )
 
 
 class _Compiled:

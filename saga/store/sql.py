@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import asyncio
 import functools
-import json
 import os
 from collections.abc import Collection, Iterable, Sequence
 from dataclasses import dataclass
@@ -51,6 +50,7 @@ from saga.ports import Change, CommitResult, DueTimer, OutboxMessage, SagaFilter
 from saga.store import sqlite_driver
 from saga.store.faults import database_reachable
 from saga.store.fresh import OutboxCopy
+from saga.store.pg_batch import PgRun, pg_arrays, pg_insert, pg_table
 from saga.store.presence import Presence, live_instances
 from saga.store.schema import (
     HEAD,
@@ -520,27 +520,27 @@ class SqlStore:
         sql = self._pg_sql
         try:
             async with self._write.begin() as conn:
-                run = await _PgRun.on(conn)
+                run = await PgRun.on(conn)
                 if doomed:
                     await run.execute(sql.delete_sent, [doomed])
                 if updates:  # lock in id order first: two instances queue, never deadlock
                     await run.fetch(sql.lock, [[r["saga_id"] for r in updates]])
                 if inbox_rows:
-                    got = await run.fetch(sql.inbox, _pg_arrays(_PG_INBOX, inbox_rows))
+                    got = await run.fetch(sql.inbox, pg_arrays(_PG_INBOX, inbox_rows))
                     if len(got) != len(inbox_rows):
                         raise _RowByRowError
                 if inserts:
-                    got = await run.fetch(sql.insert, _pg_arrays(_PG_INSERT, inserts))
+                    got = await run.fetch(sql.insert, pg_arrays(_PG_INSERT, inserts))
                     if len(got) != len(inserts):
                         raise _RowByRowError
                 if updates:
-                    matched = await run.fetch(sql.update, _pg_arrays(_PG_UPDATE_COLUMNS, updates))
+                    matched = await run.fetch(sql.update, pg_arrays(_PG_UPDATE_COLUMNS, updates))
                     if len(matched) != len(updates):
                         raise _RowByRowError
                 if history_rows:
-                    await run.execute(sql.history, _pg_arrays(_PG_HISTORY, history_rows))
+                    await run.execute(sql.history, pg_arrays(_PG_HISTORY, history_rows))
                 if outbox_rows:
-                    await run.execute(sql.outbox, _pg_arrays(_PG_OUTBOX, outbox_rows))
+                    await run.execute(sql.outbox, pg_arrays(_PG_OUTBOX, outbox_rows))
         except _RowByRowError:
             return None
         return [
@@ -924,34 +924,6 @@ _PG_UPDATE = (
 )
 
 
-def _pg_arrays(columns: Sequence[tuple[str, str]], rows: list[dict[str, Any]]) -> list[list[Any]]:
-    """One array per column of an ``unnest`` statement; JSON as the text SQLAlchemy's JSON
-    type would have sent, datetimes in UTC as :class:`UTCDateTime` stores them."""
-    args: list[list[Any]] = []
-    for column, kind in columns:
-        values = [r[column] for r in rows]
-        if kind == "json":  # None too: SQLAlchemy's JSON type stores it as JSON null
-            values = [json.dumps(v) for v in values]
-        elif kind == "timestamptz":
-            values = [None if v is None else v.astimezone(UTC) for v in values]
-        args.append(values)
-    return args
-
-
-def _pg_insert(table: str, columns: Sequence[tuple[str, str]], tail: str = "") -> str:
-    """``INSERT`` of the rows of one array per column, in the arrays' order (a history's ids
-    follow its entries)."""
-    names = ", ".join(c for c, _ in columns)
-    values = ", ".join(f"{c}::json" if t == "json" else c for c, t in columns)
-    arrays = ", ".join(
-        f"${i}::{'text' if t == 'json' else t}[]" for i, (_, t) in enumerate(columns, 1)
-    )
-    return (
-        f"INSERT INTO {table} ({names}) SELECT {values} FROM unnest({arrays}) "
-        f"WITH ORDINALITY AS v({names}, ord) ORDER BY ord{tail}"
-    )
-
-
 @dataclass(frozen=True, slots=True)
 class _PgStatements:
     """The bulk batch's statements on PostgreSQL, each one fixed text whatever the batch's size:
@@ -969,51 +941,22 @@ class _PgStatements:
     @classmethod
     def for_schema(cls, schema: str | None) -> _PgStatements:
         def t(name: str) -> str:
-            return name if schema is None else f'"{schema}".{name}'
+            return pg_table(name, schema)
 
         return cls(
             delete_sent=f"DELETE FROM {t('saga_outbox')} WHERE message_id = ANY($1::uuid[])",
             lock=f"SELECT saga_id FROM {t('saga_instances')} WHERE saga_id = ANY($1::uuid[]) "
             "ORDER BY saga_id FOR UPDATE",
-            inbox=_pg_insert(
+            inbox=pg_insert(
                 t("saga_inbox"), _PG_INBOX, " ON CONFLICT DO NOTHING RETURNING message_id"
             ),
-            insert=_pg_insert(
+            insert=pg_insert(
                 t("saga_instances"), _PG_INSERT, " ON CONFLICT DO NOTHING RETURNING saga_id"
             ),
             update=_PG_UPDATE.format(table=t("saga_instances")),
-            history=_pg_insert(t("saga_history"), _PG_HISTORY),
-            outbox=_pg_insert(t("saga_outbox"), _PG_OUTBOX),
+            history=pg_insert(t("saga_history"), _PG_HISTORY),
+            outbox=pg_insert(t("saga_outbox"), _PG_OUTBOX),
         )
-
-
-class _PgRun:
-    """Statements on asyncpg's connection under a SQLAlchemy transaction. The first one goes
-    through SQLAlchemy, which begins the transaction on its first statement (and wraps a
-    failure, invalidating a dead connection); the rest go to the driver directly."""
-
-    def __init__(self, conn: AsyncConnection, driver: Any):
-        self._conn = conn
-        self._driver = driver
-        self._begun = False
-
-    @classmethod
-    async def on(cls, conn: AsyncConnection) -> _PgRun:
-        raw = await conn.get_raw_connection()
-        return cls(conn, raw.driver_connection)
-
-    async def fetch(self, sql: str, args: Sequence[Any]) -> list[Any]:
-        if not self._begun:
-            self._begun = True
-            return list((await self._conn.exec_driver_sql(sql, tuple(args))).all())
-        return list(await self._driver.fetch(sql, *args))
-
-    async def execute(self, sql: str, args: Sequence[Any]) -> None:
-        if not self._begun:
-            self._begun = True
-            await self._conn.exec_driver_sql(sql, tuple(args))
-            return
-        await self._driver.execute(sql, *args)
 
 
 def _bulk_rows(

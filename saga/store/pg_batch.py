@@ -1,0 +1,82 @@
+"""Batches of rows on PostgreSQL in statements of fixed text, on asyncpg's connection.
+
+Through SQLAlchemy a batch's ``IN (...)`` and multi-row ``VALUES`` are a new statement text for
+every number of rows, and asyncpg prepares every new text (a round trip, and a parse on both
+sides); a ``SAVEPOINT`` named anew each time is prepared anew too. Here a batch of rows is one
+array per column (``unnest``, ``= ANY``), so each statement has one text, prepared once per
+connection, and the statements run on the driver's connection under the transaction that
+SQLAlchemy began: the orchestrator's bulk batch (:mod:`saga.store.sql`) and the participants'
+ledger (:mod:`saga.participant.ledger_sql`) use it alike.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from datetime import UTC
+from typing import Any
+
+from sqlalchemy.ext.asyncio import AsyncConnection
+
+__all__ = ["PgRun", "pg_arrays", "pg_insert", "pg_table"]
+
+
+def pg_table(name: str, schema: str | None) -> str:
+    return name if schema is None else f'"{schema}".{name}'
+
+
+def pg_arrays(columns: Sequence[tuple[str, str]], rows: list[dict[str, Any]]) -> list[list[Any]]:
+    """One array per column of an ``unnest`` statement; JSON as the text SQLAlchemy's JSON
+    type would have sent, datetimes in UTC as :class:`UTCDateTime` stores them."""
+    args: list[list[Any]] = []
+    for column, kind in columns:
+        values = [r[column] for r in rows]
+        if kind == "json":  # None too: SQLAlchemy's JSON type stores it as JSON null
+            values = [json.dumps(v) for v in values]
+        elif kind == "timestamptz":
+            values = [None if v is None else v.astimezone(UTC) for v in values]
+        args.append(values)
+    return args
+
+
+def pg_insert(table: str, columns: Sequence[tuple[str, str]], tail: str = "") -> str:
+    """``INSERT`` of the rows of one array per column, in the arrays' order (a history's ids
+    follow its entries)."""
+    names = ", ".join(c for c, _ in columns)
+    values = ", ".join(f"{c}::json" if t == "json" else c for c, t in columns)
+    arrays = ", ".join(
+        f"${i}::{'text' if t == 'json' else t}[]" for i, (_, t) in enumerate(columns, 1)
+    )
+    return (
+        f"INSERT INTO {table} ({names}) SELECT {values} FROM unnest({arrays}) "
+        f"WITH ORDINALITY AS v({names}, ord) ORDER BY ord{tail}"
+    )
+
+
+class PgRun:
+    """Statements on asyncpg's connection under a SQLAlchemy transaction. The first one goes
+    through SQLAlchemy, which begins the transaction on its first statement (and wraps a
+    failure, invalidating a dead connection); the rest go to the driver directly."""
+
+    def __init__(self, conn: AsyncConnection, driver: Any):
+        self._conn = conn
+        self._driver = driver
+        self._begun = False
+
+    @classmethod
+    async def on(cls, conn: AsyncConnection) -> PgRun:
+        raw = await conn.get_raw_connection()
+        return cls(conn, raw.driver_connection)
+
+    async def fetch(self, sql: str, args: Sequence[Any]) -> list[Any]:
+        if not self._begun:
+            self._begun = True
+            return list((await self._conn.exec_driver_sql(sql, tuple(args))).all())
+        return list(await self._driver.fetch(sql, *args))
+
+    async def execute(self, sql: str, args: Sequence[Any]) -> None:
+        if not self._begun:
+            self._begun = True
+            await self._conn.exec_driver_sql(sql, tuple(args))
+            return
+        await self._driver.execute(sql, *args)
