@@ -207,6 +207,17 @@ class Tracing:
         self._provider = provider
         provider = provider if provider is not None else trace.get_tracer_provider()
         self.tracer = provider.get_tracer("saga", __version__)
+        #: the broker node's (host, port), for ``server.address``/``server.port`` on messaging
+        #: spans; set by whoever connects (read per span, so a fail-over shows)
+        self.server: Callable[[], tuple[str, int] | None] | None = None
+        #: business attributes of a saga's spans, by saga name (:meth:`business_attributes`)
+        self.business: dict[str, Callable[[SagaState], dict[str, Any]]] = {}
+
+    def _server_attributes(self) -> dict[str, Any]:
+        address = self.server() if self.server is not None else None
+        if address is None:
+            return {}
+        return {"server.address": address[0], "server.port": address[1]}
 
     @property
     def recording(self) -> bool:
@@ -324,10 +335,11 @@ class Tracing:
                 start_time=_ns(state.created_at),
                 attributes={**_saga_attributes(state), "saga.status": state.status.value},
             )
+        if state.failure or state.status is SagaStatus.FAILED:
+            span.set_attribute("saga.failure", state.failure or "failed")
         if state.status is SagaStatus.FAILED:
             span.set_status(Status(StatusCode.ERROR, state.failure or "failed"))
-        elif state.failure:
-            span.set_attribute("saga.failure", state.failure)
+            span.set_attribute("error.type", "saga_failed")
         span.end(end_time=_ns(end))
 
     # --- messaging and database spans ----------------------------------------------------
@@ -339,6 +351,7 @@ class Tracing:
         headers: Mapping[str, Any] | None,
         message_id: str | None,
         body_size: int,
+        delivery_tag: int | None = None,
         **attributes: Any,
     ) -> Iterator[trace.Span]:
         """The span of consuming a message from ``queue``: current while it is handled, a
@@ -367,8 +380,11 @@ class Tracing:
             "messaging.consumer.group.name": queue,
             "messaging.message.id": message_id or "",
             "messaging.message.body.size": body_size,
+            **self._server_attributes(),
             **{k: v for k, v in attributes.items() if v is not None},
         }
+        if delivery_tag is not None:
+            attrs["messaging.rabbitmq.message.delivery_tag"] = delivery_tag
         with self.tracer.start_as_current_span(
             f"process {queue}", context=ctx, kind=SpanKind.CONSUMER, attributes=attrs
         ) as span:
@@ -386,19 +402,20 @@ class Tracing:
         headers to send, whose ``traceparent`` now names it."""
         if not self.recording:
             return trace.INVALID_SPAN, dict(headers)
-        destination = exchange or "amq.default"
+        # RabbitMQ's convention: the default exchange is named "" (and left out of the name)
         span = self.tracer.start_span(
-            f"publish {destination}",
+            f"publish {exchange}" if exchange else "publish",
             context=_PROPAGATOR.extract(_text(headers)),
             kind=SpanKind.PRODUCER,
             attributes={
                 **_MESSAGING,
                 "messaging.operation.type": "send",
                 "messaging.operation.name": "publish",
-                "messaging.destination.name": destination,
+                "messaging.destination.name": exchange,
                 "messaging.rabbitmq.destination.routing_key": routing_key,
                 "messaging.message.id": str(message_id),
                 "messaging.message.conversation_id": str(conversation_id),
+                **self._server_attributes(),
             },
         )
         if not span.get_span_context().is_valid:

@@ -26,6 +26,7 @@ from typing import Generic, TypeVar
 
 import structlog
 from opentelemetry import trace
+from opentelemetry.trace import Status, StatusCode
 from pydantic import BaseModel
 
 from saga.core.errors import MessageError
@@ -110,7 +111,11 @@ class Pipeline(Generic[M]):
         try:
             # log lines take their trace ids from the span current at the time (saga.logs)
             with self._tracing.process(
-                self.queue, message.headers, message.message_id, len(message.body)
+                self.queue,
+                message.headers,
+                message.message_id,
+                len(message.body),
+                getattr(message, "delivery_tag", None),
             ):
                 await self._consume(message)
         finally:
@@ -164,7 +169,10 @@ class Pipeline(Generic[M]):
             detail=detail,
             message_id=message.message_id,
         )
-        trace.get_current_span().set_attribute("saga.dead_letter_reason", reason)
+        span = trace.get_current_span()
+        span.set_attribute("saga.dead_letter_reason", reason)
+        span.set_attribute("error.type", reason)
+        span.set_status(Status(StatusCode.ERROR, f"dead-lettered: {reason}"))
         try:
             await self._broker.dead_letter(
                 message, queue=self.queue, topology=self._topology, reason=reason, detail=detail

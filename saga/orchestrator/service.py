@@ -142,6 +142,7 @@ class OrchestratorService:
             starting(f"connecting to RabbitMQ at {redact_url(self.settings.rabbitmq_url)}")
             broker = await self._broker.connect(self.settings.rabbitmq_url, tls=self.settings.tls)
             self.metrics.watch_broker(broker.stats)
+            self.tracing.server = broker.address
             self.metrics.watch_work(lambda: self.store.counts + broker.counts)
             starting("declaring the topology on RabbitMQ", lambda: broker.stats().last_failure)
             await broker.declare(self.topology, self.participants)

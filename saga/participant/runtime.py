@@ -290,6 +290,7 @@ class Participant:
         starting(f"connecting to RabbitMQ at {redact_url(self.settings.rabbitmq_url)}")
         broker = await self._broker.connect(self.settings.rabbitmq_url, tls=self.settings.tls)
         self.metrics.watch_broker(broker.stats)
+        self.tracing.server = broker.address
         self.metrics.watch_work(lambda: self.ledger.counts + broker.counts)
         starting(f"declaring {self.name}'s queues on RabbitMQ", lambda: broker.stats().last_failure)
         await broker.declare(self.topology, [self.name])
