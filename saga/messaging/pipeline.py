@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Generic, TypeVar
 
@@ -48,6 +49,8 @@ M = TypeVar("M", bound=BaseModel)
 #: what ``handle`` returns: the outcome label counted in ``saga_messages_consumed_total``
 Handle = Callable[[M, IncomingMessage], Awaitable[str]]
 Attributes = Callable[[M], Mapping[str, str | int]]
+#: told of each message acked after ``handle``: the message, its outcome, seconds since delivery
+Settled = Callable[[M, str, float], None]
 
 
 def acceptable_content_type(content_type: str | None) -> bool:
@@ -87,6 +90,7 @@ class Pipeline(Generic[M]):
         span_attributes: Attributes[M] | None = None,
         log_fields: Attributes[M] | None = None,
         retry_pause: float = 1.0,
+        settled: Settled[M] | None = None,
     ):
         self.queue = queue
         self.model = model
@@ -100,11 +104,13 @@ class Pipeline(Generic[M]):
         self._span_attributes = span_attributes
         self._log_fields = log_fields
         self._retry_pause = retry_pause
+        self._settled = settled
         #: deliveries being handled, for a graceful stop to wait on
         self.in_flight: set[asyncio.Task[object]] = set()
         self.dead_lettered = 0
 
     async def __call__(self, message: IncomingMessage) -> None:
+        began = time.perf_counter() if self._settled is not None else 0.0
         task = asyncio.current_task()
         if task is not None:
             self.in_flight.add(task)
@@ -117,12 +123,12 @@ class Pipeline(Generic[M]):
                 len(message.body),
                 getattr(message, "delivery_tag", None),
             ):
-                await self._consume(message)
+                await self._consume(message, began)
         finally:
             if task is not None:
                 self.in_flight.discard(task)
 
-    async def _consume(self, message: IncomingMessage) -> None:
+    async def _consume(self, message: IncomingMessage, began: float) -> None:
         parsed = await self._parse(message)
         if parsed is None:
             return
@@ -143,6 +149,8 @@ class Pipeline(Generic[M]):
         await message.ack()
         self._poison.settled(delivery_key(message.message_id, message.body))
         self._metrics.messages.labels(self.queue, outcome).inc()
+        if self._settled is not None:
+            self._settled(parsed, outcome, time.perf_counter() - began)
 
     async def _parse(self, message: IncomingMessage) -> M | None:
         """The message as ``model``, or None once it has been dead-lettered."""

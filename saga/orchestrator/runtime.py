@@ -57,7 +57,7 @@ from saga.orchestrator.admission import Admission
 from saga.orchestrator.codec import COMMANDS_EXCHANGE, REPLY_QUEUE, encode_command, reply_event
 from saga.ports import Change, Clock, CommitResult, Store, SystemClock
 from saga.protocol.envelope import ReplyEnvelope
-from saga.telemetry import Metrics, Tracing, attempt_ended, span_id_for
+from saga.telemetry import Metrics, Tracing, attempt_ended, business_attributes, span_id_for
 
 __all__ = ["Orchestrator", "Outcome", "Result", "validated_input"]
 
@@ -393,22 +393,32 @@ class Orchestrator:
             outbox=outbox,
         )
 
+    def _business(self, state: SagaState) -> dict[str, Any]:
+        """The business attributes of ``state``'s spans (its key, the definition's
+        ``span_attributes``); only asked for while spans are recorded."""
+        try:
+            fields = self.registry.get(state.name, state.definition_version).span_attributes
+        except UnknownSagaError:
+            fields = ()
+        return business_attributes(state, fields)
+
     def _observe(self, before: SagaState | None, transition: Transition) -> None:
         """Spans, metrics and log lines of a committed transition: after the commit, so they
         report only what is durable."""
         after = transition.state
         end = after.updated_at
         ended = attempt_ended(before, transition)
+        business = self._business(after) if self.tracing.recording else None
         if ended is not None and before is not None:
             outcome, detail = ended
-            self.tracing.end_attempt(before, end, outcome, detail)
+            self.tracing.end_attempt(before, end, outcome, detail, business)
             if self.metrics is not None:
                 self.metrics.attempt(before, outcome, end)
         if self.metrics is not None:
             self.metrics.transition(before, transition)
         finished = after.status.is_terminal and (before is None or not before.status.is_terminal)
         if finished:
-            self.tracing.end_saga(after, end)
+            self.tracing.end_saga(after, end, business)
         if self.admission is not None:
             if finished:
                 self.admission.finished(after.saga_id)
