@@ -418,6 +418,7 @@ class Participant:
             "command_handled",
             participant=self.name,
             saga_id=str(command.saga_id),
+            saga_name=command.saga_name,
             step=command.step,
             direction=command.direction,
             attempt=command.attempt,

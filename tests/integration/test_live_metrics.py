@@ -147,7 +147,7 @@ async def test_store_and_queue_gauges_and_participant_signals_are_live(
     assert {(line["level"], line["outcome"]) for line in lines} == {("info", "success")}
     ids = {str(s.saga_id) for s in sagas}
     for line in lines:
-        assert line["saga_id"] in ids
+        assert line["saga_id"] in ids and line["saga_name"] == "trip"
         assert line["command_type"] == f"{line['step']}.do"
         assert line["duration_ms"] > 0
 
