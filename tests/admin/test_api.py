@@ -665,3 +665,40 @@ async def test_a_time_filter_is_an_iso_time_never_a_number(stack: Stack) -> None
         answer = await stack.client.get("/api/sagas", params={"until": until})
         assert answer.status_code == 200, answer.text
         assert saga_id in [s["saga_id"] for s in answer.json()["items"]]
+
+
+async def test_the_detail_says_what_a_stuck_saga_waits_on_and_collapses_its_retries(
+    stack: Stack,
+) -> None:
+    """beta's refund fails (retryably) as often as its budget of four allows: the detail
+    names the pending step with its attempt count and the one run those attempts make."""
+    stuck = await stack.start("trip", {"gamma": ["fail"], "beta~undo": ["retry"] * 4})
+    saga = await stack.wait(stuck, ["FAILED"])
+    pending = saga["pending"]
+    assert (pending["step"], pending["direction"], pending["participant"]) == (
+        "beta",
+        "compensation",
+        "beta",
+    )
+    assert (pending["command"], pending["attempt"], pending["max_attempts"]) == ("beta.undo", 4, 4)
+    assert (pending["phase"], pending["last_error"]) == ("idle", "busy")
+    assert pending["next_retry_at"] is None and pending["reply_deadline"] is None
+    assert pending["allowed_actions"] == ["retry", "resolve"]
+    sent = [
+        h
+        for h in saga["history"]
+        if h["kind"] == "command_sent" and (h["step"], h["direction"]) == ("beta", "compensation")
+    ]
+    assert pending["last_sent_at"] == sent[-1]["at"]
+    [run] = saga["retry_runs"]
+    assert (run["step"], run["direction"], run["command"]) == ("beta", "compensation", "beta.undo")
+    assert (run["attempts"], run["errors"]) == (4, ["busy"])
+    assert saga["history"][run["first"]] == sent[0]
+    assert saga["history"][run["last"] + 1]["kind"] == "failed"
+    assert 0 < run["min_interval_s"] <= run["max_interval_s"]
+
+    done = await stack.wait(await stack.start("trip", {}), ["COMPLETED"])
+    assert done["pending"] is None and done["retry_runs"] == []
+    schema = (await stack.client.get("/openapi.json")).json()["components"]["schemas"]
+    assert "retry policy" in schema["PendingStep"]["properties"]["max_attempts"]["description"]
+    assert "RetryRun" in schema
