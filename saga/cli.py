@@ -245,14 +245,18 @@ def list_sagas(
 @app.command()
 def show(
     saga_id: SagaIdArg,
+    full: Annotated[
+        bool,
+        typer.Option("--full", help="Every history entry: a run of retries is not one line."),
+    ] = False,
     as_json: AsJson = False,
     url: AdminUrl = DEFAULT_URL,
     token: AdminToken = None,
 ) -> None:
-    """Show a saga: its steps and the timeline of everything that happened to it."""
+    """Show a saga: what it waits on, its steps and the timeline of what happened to it."""
     with _admin(url, token) as client:
         saga = client.get_saga(saga_id)
-    _show(saga, as_json, lambda: render.saga_timeline(saga))
+    _show(saga, as_json, lambda: render.saga_timeline(saga, full=full))
 
 
 def _act(

@@ -727,16 +727,17 @@ async def _act(
         raise HTTPException(409, f"{exc}; try again") from None
     transition = result.transition
     entries = [] if transition is None else list(transition.history)
-    log.info(
-        "operator_action",
-        saga_id=str(saga_id),
-        action=action,
-        actor=actor,
-        reason=reason,
-        outcome=result.outcome.value,
-    )
+    refused = None if transition is None else transition.refused
+    if refused is None:  # a refusal the runtime logged already (operator_action_refused)
+        log.info(
+            "operator_action",
+            saga_id=str(saga_id),
+            action=action,
+            actor=actor,
+            reason=reason,
+            outcome=result.outcome.value,
+        )
     if result.outcome is not Outcome.APPLIED:
-        refused = None if transition is None else transition.refused
         why = refused or "; ".join(h.detail for h in entries)
         raise HTTPException(409, why or f"the saga is {result.state.status}")
     history = await service.store.history(saga_id)  # the root cause, and this resolution

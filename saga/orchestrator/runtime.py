@@ -330,6 +330,7 @@ class Orchestrator:
             action=type(event).__name__,
             actor=getattr(event, "actor", None),
             reason=getattr(event, "reason", None),
+            outcome=Outcome.REJECTED.value,
             detail=transition.refused,
         )
         return Result(Outcome.REJECTED, state, transition)

@@ -154,6 +154,53 @@ async def test_list_show_and_definitions(stack: Stack) -> None:
     assert f"no saga with id {unknown}" in not_found.err
 
 
+async def test_show_collapses_a_run_of_retries_and_list_shows_the_step(stack: Stack) -> None:
+    """beta's refund fails (retryably) four times, its whole budget: `saga show` prints the
+    run as one line and what the saga waits on, `--full` every attempt; `saga list` has the
+    step each saga is at."""
+    stuck = await stack.start("trip", {"gamma": ["fail"], "beta~undo": ["retry"] * 4})
+    held = await stack.start("hold", {"beta": ["silent"]})
+    done = await stack.start("trip", {})
+    await stack.wait(stuck, ["FAILED"])
+    await stack.wait(held, ["RUNNING"], step="beta")
+    await stack.wait(done, ["COMPLETED"])
+
+    shown, full, listed, running = await saga_all(
+        ("show", stuck), ("show", stuck, "--full"), ("list",), ("show", held), url=stack.url
+    )
+
+    assert shown.code == 0, shown.err
+    timeline = shown.out.split("TIME (UTC)")[1].splitlines()[1:]
+    [run] = [line for line in timeline if " retried " in line]
+    assert run.startswith("<<") and " undo " in run and " #1-#4 " in run
+    assert "beta.undo \N{MULTIPLICATION SIGN}4, busy, " in run and " apart, last at " in run
+    assert not [line for line in timeline if "sent beta.undo" in line]
+    assert [line for line in timeline if "needs an operator" in line]  # the outcome stays
+    assert "--full shows them all" in shown.out
+    lines = shown.out.splitlines()
+    [pending] = [line for line in lines if line.startswith("pending: ")]
+    assert pending.startswith("pending: beta (undo) beta.undo at beta, attempt 4 of 4, ")
+    assert "waits for an operator" in pending and pending.endswith("last error: busy")
+    assert "actions: retry, resolve" in lines
+
+    assert full.code == 0, full.err
+    every = full.out.split("TIME (UTC)")[1].splitlines()[1:]
+    assert len([line for line in every if "sent beta.undo to beta" in line]) == 4
+    assert not [line for line in every if " retried " in line]
+
+    assert running.code == 0, running.err
+    [pending] = [line for line in running.out.splitlines() if line.startswith("pending: ")]
+    assert pending.startswith("pending: beta (do) beta.do at beta, attempt 1 of 1, ")
+    assert "reply due by " in pending
+    assert "actions: abort" in running.out.splitlines()
+
+    assert listed.code == 0, listed.err
+    header, *rows = listed.out.splitlines()
+    assert header.split()[:6] == ["SAGA", "ID", "NAME", "STATUS", "STEP", "CREATED"]
+    steps = {row.split()[0]: row.split()[4] for row in rows}
+    assert steps == {stuck: "beta", held: "beta", done: "-"}
+
+
 async def test_operator_actions_and_their_exit_status(stack: Stack) -> None:
     stuck = await stack.start("trip", {"gamma": ["fail"], "beta~undo": ["fail"]})
     held = await stack.start("hold", {"beta": ["silent"]})
