@@ -356,3 +356,49 @@ def dead_letter_result(result: dict[str, Any]) -> list[str]:
     if result["truncated"]:
         lines.append("(a queue was longer than one scan: run it again for the rest)")
     return lines
+
+
+def batch_preview(preview: dict[str, Any], first: int = 20) -> list[str]:
+    """A dry run: how many, and the first ``first`` of them with the step and why."""
+    action, items = preview["action"], preview["items"]
+    if not items:
+        return [f"{action}: no saga matches"]
+    lines = [
+        f"{action}: {preview['matched']} sagas match: {preview['would_apply']} accept it, "
+        f"{preview['would_skip']} would be skipped"
+    ]
+    rows = [
+        [
+            s["saga_id"],
+            s["name"],
+            s["status"],
+            s["at_step"] or "",
+            (s["why"] or "") if s["allowed"] else f"skipped: {s['refusal']}",
+        ]
+        for s in items[:first]
+    ]
+    lines += _table(["SAGA ID", "NAME", "STATUS", "STEP", "WHY"], rows)
+    if len(items) > first:
+        lines.append(f"... and {len(items) - first} more (--json lists them all)")
+    if preview["truncated"]:
+        lines.append("more sagas match than --limit: run it again for the rest")
+    return lines
+
+
+def batch_progress(progress: dict[str, Any]) -> str:
+    p = progress
+    return (
+        f"{p['action']}: {p['done']}/{p['total']} done "
+        f"(applied {p['applied']}, skipped {p['skipped']}, failed {p['failed']})"
+    )
+
+
+def batch_result(progress: dict[str, Any]) -> list[str]:
+    """The summary, then every saga that was skipped or failed, and why."""
+    lines = [batch_progress(progress)]
+    for r in progress["results"]:
+        if r["outcome"] in ("skipped", "failed"):
+            lines.append(f"  {r['outcome']} {r['saga_id']} ({r['name'] or '?'}): {r['why']}")
+    if progress["truncated"]:
+        lines.append("more sagas matched than --limit: run it again for the rest")
+    return lines

@@ -693,3 +693,78 @@ async def test_a_long_retry_run_reads_as_one_row_with_a_pending_card_and_a_gantt
     width = await phone.evaluate("document.documentElement.scrollWidth")
     await shot(phone, "narrow-retry-run")
     assert width <= 390, f"the saga page is {width} px wide on a 390 px screen"
+
+
+async def test_retry_all_on_the_list_previews_asks_and_reports_each_saga(
+    stack: Stack, browser: Browser, tmp_path: Path
+) -> None:
+    """Two checkouts FAILED (their refund failed as often as its budget allows; the next attempt
+    succeeds) and one COMPENSATED:
+    "Retry all…" over both statuses shows the three first, changes nothing until confirmed,
+    then retries the two FAILED ones and reports the compensated one as skipped."""
+    prefix = stack.prefix
+    keys = [f"{prefix}-stuck-{n}" for n in range(2)]
+    plan = tmp_path / "faults.json"
+    plan.write_text(json.dumps({"faults": [
+        {"saga_id": str(saga_id(k)), "command_type": "payment.refund", "mode": "transient",
+         "times": 10}
+        for k in keys
+    ]}))  # fmt: skip
+    dash = await serve(stack, ("order", "payment", "inventory", "shipping"), plan)
+    stuck = [  # Tokyo is not served: each compensates, and its refund gets stuck
+        await dash.start_checkout(k, checkout(who, [(inventory.BOOK, 1)], TOKYO))
+        for k, who in zip(keys, ("alice", "carol"), strict=True)
+    ]
+    declined = await dash.start_checkout(
+        f"{prefix}-declined", checkout("bob", [(inventory.LAMP, 1)])
+    )
+    for sid in stuck:
+        await dash.wait(sid, "FAILED")
+    await dash.wait(declined, "COMPENSATED")
+    async with dash.api() as client:
+        before = {s: (await client.get(f"/api/sagas/{s}")).json() for s in [*stuck, declined]}
+
+    page = await signed_in(browser, dash)
+    await page.goto(f"{dash.base}/ui/#/sagas")
+    await expect(page.locator('[data-batch="retry"]')).to_be_disabled()  # no filter: no batch
+    await page.goto(f"{dash.base}/ui/#/sagas?status=FAILED&status=COMPENSATED&name=checkout")
+    await expect(page.locator(f'tr[data-saga="{declined}"]')).to_be_visible()
+    await page.click('[data-batch="retry"]')
+    summary = page.locator("#batch-summary")
+    await expect(summary).to_have_text("3 sagas match: 2 accept retry, 1 will be skipped")
+    await expect(page.locator("#batch-preview tr[data-batch-saga]")).to_have_count(3)
+    refused = page.locator(f'#batch-preview tr[data-batch-saga="{declined}"]')
+    await expect(refused).to_contain_text("skipped: only a FAILED saga can be retried")
+    await expect(page.locator("#batch-submit")).to_have_text("Retry these 3 sagas")
+    await shot(page, "batch-preview")
+    async with dash.api() as client:  # the preview changed nothing
+        for sid, saga in before.items():
+            assert (await client.get(f"/api/sagas/{sid}")).json() == saga
+
+    await page.click("#batch-submit")  # no reason yet: the form asks for one, nothing is sent
+    await expect(page.locator("#batch-progress")).to_be_hidden()
+    await page.fill("#batch-reason", "payment gateway fixed")
+    await page.click("#batch-submit")
+    count = page.locator("#batch-count")
+    await expect(count).to_have_text(
+        "finished: 3/3 done (applied 2, skipped 1, failed 0)", timeout=15_000
+    )
+    result = page.locator(f'#batch-results li[data-batch-result="{declined}"]')
+    await expect(result).to_have_attribute("data-outcome", "skipped")
+    await expect(result).to_contain_text(
+        "only a FAILED saga can be retried; this one is COMPENSATED"
+    )
+    await expect(page.locator("#batch-results li")).to_have_count(1)
+    await shot(page, "batch-result")
+    await page.click("#batch-cancel")
+    await expect(page.locator("#batch")).to_be_hidden()
+
+    for sid in stuck:
+        done = await dash.wait(sid, "COMPENSATED")
+        operators = [(h["actor"], h["detail"]) for h in done["history"] if h["kind"] == "operator"]
+        assert operators == [("ops-ann", "retry: payment gateway fixed")]
+        row = page.locator(f'tr[data-saga="{sid}"] .badge')
+        await expect(row).to_have_text("COMPENSATED", timeout=10_000)
+    async with dash.api() as client:
+        after = (await client.get(f"/api/sagas/{declined}")).json()
+    assert after["history"] == before[declined]["history"]

@@ -176,6 +176,7 @@ async function sagas(mine) {
   const empty = page
     ? '<tr><td colspan="8" class="muted">no saga matches</td></tr>'
     : '<tr><td colspan="8" class="error">fix the filter above</td></tr>';
+  const filtered = Object.keys(batchFilter(query)).length > 0;
   if (mine !== routing) return false; // a later route() owns the view now
   view.innerHTML = `
     <h1>Sagas</h1>
@@ -190,10 +191,17 @@ async function sagas(mine) {
       <button>Filter</button>
       ${err("_")}${err("status")}${err("name")}${err("cursor")}
     </form>
+    <div class="actions" id="batch-actions">${BATCH.map(([action, label]) =>
+      `<button type="button" class="secondary" data-batch="${action}" ${filtered ? "" : "disabled"}
+        title="${filtered ? `${action} every saga this filter matches, after a preview` : "filter the list first"}">${label}</button>`).join("")}
+    </div>
     <table id="saga-list"><thead><tr><th>id</th><th>saga</th><th>status</th><th>key</th><th title="where it runs, is stuck, or turned back">step</th>
       <th>started</th><th>updated</th><th>why</th></tr></thead>
       <tbody>${rows || empty}</tbody></table>
     <p>${next}</p>`;
+  for (const button of view.querySelectorAll("[data-batch]")) {
+    button.addEventListener("click", () => batch(button.dataset.batch, batchFilter(query)));
+  }
   document.getElementById("filters").addEventListener("submit", (event) => {
     event.preventDefault();
     const form = new FormData(event.target);
@@ -203,6 +211,126 @@ async function sagas(mine) {
     if (window.location.hash === hash) route(); else window.location.hash = hash;
   });
   return page !== null; // refresh only a list the API answered
+}
+
+// --- batch actions: every saga the list's filter matches ----------------------------------
+
+const BATCH = [["retry", "Retry all…"], ["abort", "Abort all…"], ["resolve", "Resolve all…"]];
+const BATCH_SHOWN = 20; // rows of the preview shown; the count covers them all
+const BATCH_LIMIT = 1000; // the API's most per batch
+
+// The list's filter as the batch API takes it (times as typed, like the list).
+function batchFilter(query) {
+  const filter = {};
+  const statuses = query.getAll("status");
+  if (statuses.length) filter.status = statuses;
+  for (const k of ["name", "key", "q", "since", "until"]) if (query.get(k)) filter[k] = query.get(k);
+  return filter;
+}
+
+let batchRun = null; // the dialog's state: {action, filter, ids} once previewed, {batchId} once running
+
+// First the dry run (how many, and the first ones, nothing changed), then a reason and the
+// confirmation, then the run on exactly the sagas shown, its progress and each outcome.
+async function batch(action, filter) {
+  const dialog = document.getElementById("batch");
+  const verb = action[0].toUpperCase() + action.slice(1);
+  batchRun = { action, filter, ids: [] };
+  document.getElementById("batch-title").textContent = `${verb} all matching sagas`;
+  document.getElementById("batch-help").textContent = HELP[action];
+  document.getElementById("batch-filter").textContent = `filter: ${JSON.stringify(filter)}`;
+  document.getElementById("batch-summary").textContent = "Looking for the sagas this filter matches…";
+  document.querySelector("#batch-preview tbody").innerHTML = "";
+  document.getElementById("batch-reason").value = "";
+  document.getElementById("batch-reason-label").hidden = false;
+  document.getElementById("batch-progress").hidden = true;
+  document.getElementById("batch-results").innerHTML = "";
+  document.getElementById("batch-error").hidden = true;
+  const submit = document.getElementById("batch-submit");
+  submit.disabled = true;
+  submit.textContent = "Confirm";
+  document.getElementById("batch-cancel").textContent = "Cancel";
+  busy = true;
+  dialog.showModal();
+  let preview;
+  try {
+    preview = await api(`sagas/batch/${action}`, {
+      method: "POST", body: JSON.stringify({ filter, dry_run: true, limit: BATCH_LIMIT }),
+    });
+  } catch (e) {
+    batchError(e.message);
+    return;
+  }
+  batchRun.ids = preview.items.map((s) => s.saga_id);
+  document.getElementById("batch-summary").textContent = preview.matched
+    ? `${preview.matched} sagas match: ${preview.would_apply} accept ${action}, ${preview.would_skip} will be skipped` +
+      (preview.truncated ? ` (more match than ${BATCH_LIMIT}: run it again for the rest)` : "")
+    : "No saga matches this filter: nothing to do.";
+  document.querySelector("#batch-preview tbody").innerHTML = preview.items.slice(0, BATCH_SHOWN).map((s) => `
+    <tr data-batch-saga="${esc(s.saga_id)}"><td class="mono">${esc(s.saga_id.slice(0, 8))}…</td><td>${esc(s.name)}</td>
+    <td>${badge(s.status)}</td><td>${esc(s.at_step || "")}</td>
+    <td class="${s.allowed ? "" : "muted"}">${esc(s.allowed ? (s.why || "") : `skipped: ${s.refusal}`)}</td></tr>`).join("") +
+    (preview.items.length > BATCH_SHOWN
+      ? `<tr><td colspan="5" class="muted">… and ${preview.items.length - BATCH_SHOWN} more</td></tr>` : "");
+  if (preview.matched) {
+    submit.disabled = false;
+    submit.textContent = `${verb} these ${preview.matched} sagas`;
+  }
+}
+
+function batchError(message) {
+  const error = document.getElementById("batch-error");
+  error.hidden = false;
+  error.textContent = message;
+}
+
+document.getElementById("batch-form").addEventListener("submit", async (event) => {
+  const dialog = document.getElementById("batch");
+  if (event.submitter && event.submitter.value === "cancel") { busy = false; batchRun = null; route(); return; }
+  event.preventDefault();
+  const run = batchRun;
+  if (!run || run.batchId) return;
+  const submit = document.getElementById("batch-submit");
+  let progress;
+  try {
+    progress = await api(`sagas/batch/${run.action}`, {
+      method: "POST",
+      body: JSON.stringify({ filter: run.filter, saga_ids: run.ids, reason: document.getElementById("batch-reason").value }),
+      headers: { "X-Saga-Actor": localStorage.getItem("saga-actor") || "dashboard" },
+    });
+  } catch (e) {
+    batchError(e.message);
+    return;
+  }
+  run.batchId = progress.batch_id;
+  submit.disabled = true;
+  document.getElementById("batch-error").hidden = true;
+  document.getElementById("batch-reason-label").hidden = true;
+  document.getElementById("batch-progress").hidden = false;
+  document.getElementById("batch-cancel").textContent = "Close";
+  while (dialog.open) {
+    batchProgress(progress);
+    if (progress.state === "finished") break;
+    await new Promise((resolve) => setTimeout(resolve, 500));
+    try {
+      progress = await api(`sagas/batch/${progress.batch_id}`);
+    } catch (e) {
+      batchError(`${e.message}; the batch goes on in the orchestrator, each saga's history records it`);
+    }
+  }
+});
+
+function batchProgress(p) {
+  const bar = document.getElementById("batch-bar");
+  bar.max = Math.max(p.total, 1);
+  bar.value = p.done;
+  const state = p.state === "finished" ? "finished" : "running";
+  document.getElementById("batch-count").textContent =
+    `${state}: ${p.done}/${p.total} done (applied ${p.applied}, skipped ${p.skipped}, failed ${p.failed})`;
+  document.getElementById("batch-count").dataset.state = state;
+  document.getElementById("batch-results").innerHTML = p.results.filter((r) => r.outcome === "skipped" || r.outcome === "failed")
+    .map((r) => `<li data-outcome="${esc(r.outcome)}" data-batch-result="${esc(r.saga_id)}"><a href="#/saga/${esc(r.saga_id)}">${esc(r.saga_id.slice(0, 8))}…</a>
+      ${esc(r.name || "")} ${esc(r.outcome)}: ${esc(r.why || "")}</li>`).join("");
 }
 
 // Why the saga went wrong, kept apart from how it ended: [label, text, element id] for the root
