@@ -6,6 +6,8 @@ import asyncio
 import contextlib
 import json
 import shutil
+import sys
+import time
 from collections.abc import Callable, Iterator
 from datetime import datetime
 from importlib.metadata import entry_points
@@ -64,6 +66,13 @@ dlq_app = typer.Typer(
     no_args_is_help=True,
 )
 app.add_typer(dlq_app, name="dlq")
+batch_app = typer.Typer(
+    help="Retry, abort or resolve every saga a filter matches: a dry run, a confirmation, "
+    "then the action on each saga through the engine.",
+    no_args_is_help=True,
+    cls=_Group,
+)
+app.add_typer(batch_app, name="batch")
 
 
 @app.command()
@@ -245,14 +254,18 @@ def list_sagas(
 @app.command()
 def show(
     saga_id: SagaIdArg,
+    full: Annotated[
+        bool,
+        typer.Option("--full", help="Every history entry: a run of retries is not one line."),
+    ] = False,
     as_json: AsJson = False,
     url: AdminUrl = DEFAULT_URL,
     token: AdminToken = None,
 ) -> None:
-    """Show a saga: its steps and the timeline of everything that happened to it."""
+    """Show a saga: what it waits on, its steps and the timeline of what happened to it."""
     with _admin(url, token) as client:
         saga = client.get_saga(saga_id)
-    _show(saga, as_json, lambda: render.saga_timeline(saga))
+    _show(saga, as_json, lambda: render.saga_timeline(saga, full=full))
 
 
 def _act(
@@ -331,6 +344,209 @@ def definitions(
     with _admin(url, token) as client:
         found = client.definitions()
     _show(found, as_json, lambda: render.definitions(found))
+
+
+# --- batch actions -------------------------------------------------------------------------
+
+BatchStatus = Annotated[
+    list[SagaStatus] | None,
+    typer.Option("--status", "-s", case_sensitive=False, help="Any of these; repeatable."),
+]
+BatchName = Annotated[str | None, typer.Option("--name", help="The saga's name.")]
+BatchKey = Annotated[str | None, typer.Option("--key", help="The saga's business key.")]
+BatchId = Annotated[str | None, typer.Option("--id", help="A saga id or the start of one.")]
+BatchSince = Annotated[
+    str | None, typer.Option("--since", help="Created since: 30m, 1h, 2d, 1w or ISO (UTC).")
+]
+BatchUntil = Annotated[
+    str | None,
+    typer.Option("--until", help="Created before: an age (older than 1h: --until 1h) or ISO."),
+]
+BatchCause = Annotated[
+    str | None,
+    typer.Option(
+        "--cause", help="A piece of the failure or root cause, e.g. undeliverable_address."
+    ),
+]
+BatchAll = Annotated[bool, typer.Option("--all", help="Every saga (without filters).")]
+BatchLimit = Annotated[
+    int, typer.Option("--limit", min=1, max=1000, help="Sagas to act on at most (oldest first).")
+]
+DryRun = Annotated[
+    bool, typer.Option("--dry-run", help="Show how many and which sagas; change nothing.")
+]
+Yes = Annotated[
+    bool, typer.Option("--yes", "-y", help="Do not ask for confirmation (needed without a TTY).")
+]
+BatchReason = Annotated[
+    str | None,
+    typer.Option("--reason", "-r", help="Why; goes into each saga's history (not for --dry-run)."),
+]
+#: seconds between two looks at a running batch's progress
+_POLL = 0.3
+
+
+def _batch(
+    action: str,
+    flt: dict[str, Any],
+    every: bool,
+    limit: int,
+    dry_run: bool,
+    yes: bool,
+    reason: str | None,
+    actor: str | None,
+    url: str,
+    token: str | None,
+    as_json: bool,
+) -> None:
+    """Dry run, show it, confirm, then run on exactly the sagas shown and follow progress."""
+    since_at, until_at = _when(flt.pop("since"), "--since"), _when(flt.pop("until"), "--until")
+    flt.update(
+        since=since_at.isoformat() if since_at else None,
+        until=until_at.isoformat() if until_at else None,
+    )
+    flt = {k: v for k, v in flt.items() if v}
+    if not flt and not every:
+        raise typer.BadParameter(
+            "give filters (--status, --name, --key, --id, --since, --until, --cause) or --all",
+            param_hint="filters",
+        )
+    if not dry_run and not reason:
+        raise typer.BadParameter("say why: it goes into each saga's history", param_hint="--reason")
+    if not dry_run and not yes and not sys.stdin.isatty():
+        typer.echo(
+            f"error: refusing to {action} sagas without a terminal to confirm on: "
+            "pass --yes (after a --dry-run) to act without asking",
+            err=True,
+        )
+        raise typer.Exit(2)
+    body: dict[str, Any] = {"filter": flt, "all": every, "limit": limit}
+    with _admin(url, token, actor or default_actor()) as client:
+        preview = client.batch(action, {**body, "dry_run": True})
+        if dry_run:
+            _show(preview, as_json, lambda: render.batch_preview(preview))
+            return
+        # what is about to happen, before the question (on stderr when stdout is JSON)
+        typer.echo("\n".join(render.batch_preview(preview)), err=as_json)
+        ids = [item["saga_id"] for item in preview["items"]]
+        if not ids:
+            return
+        if not yes and not _confirmed(f"{action} these {len(ids)} sagas? [y/N] "):
+            typer.echo("nothing done", err=True)
+            raise typer.Exit(1)
+        progress = client.batch(action, {**body, "reason": reason, "saga_ids": ids})
+        shown = ""
+        while progress["state"] != "finished":
+            line = render.batch_progress(progress)
+            if line != shown and not as_json:
+                typer.echo(line, err=True)
+                shown = line
+            time.sleep(_POLL)
+            progress = client.batch_progress(progress["batch_id"])
+    _show(progress, as_json, lambda: render.batch_result(progress))
+    if progress["failed"]:
+        raise typer.Exit(1)
+
+
+def _confirmed(question: str) -> bool:
+    """Ask on stderr and read the answer from stdin, so stdout holds only the report (click's
+    prompt writes a space to stdout)."""
+    typer.echo(question, err=True, nl=False)
+    return sys.stdin.readline().strip().lower() in ("y", "yes")
+
+
+@batch_app.command("retry")
+def batch_retry(
+    reason: BatchReason = None,
+    status: BatchStatus = None,
+    name: BatchName = None,
+    key: BatchKey = None,
+    saga_id: BatchId = None,
+    since: BatchSince = None,
+    until: BatchUntil = None,
+    cause: BatchCause = None,
+    every: BatchAll = False,
+    limit: BatchLimit = 100,
+    dry_run: DryRun = False,
+    yes: Yes = False,
+    actor: Actor = None,
+    as_json: AsJson = False,
+    url: AdminUrl = DEFAULT_URL,
+    token: AdminToken = None,
+) -> None:
+    """Retry the stuck step of every matching saga (FAILED ones; others are skipped)."""
+    flt = _batch_filter(status, name, key, saga_id, since, until, cause)
+    _batch("retry", flt, every, limit, dry_run, yes, reason, actor, url, token, as_json)
+
+
+@batch_app.command("abort")
+def batch_abort(
+    reason: BatchReason = None,
+    status: BatchStatus = None,
+    name: BatchName = None,
+    key: BatchKey = None,
+    saga_id: BatchId = None,
+    since: BatchSince = None,
+    until: BatchUntil = None,
+    cause: BatchCause = None,
+    every: BatchAll = False,
+    limit: BatchLimit = 100,
+    dry_run: DryRun = False,
+    yes: Yes = False,
+    actor: Actor = None,
+    as_json: AsJson = False,
+    url: AdminUrl = DEFAULT_URL,
+    token: AdminToken = None,
+) -> None:
+    """Abort every matching saga (RUNNING before its pivot; others are skipped): each one
+    compensates what may have taken effect."""
+    flt = _batch_filter(status, name, key, saga_id, since, until, cause)
+    _batch("abort", flt, every, limit, dry_run, yes, reason, actor, url, token, as_json)
+
+
+@batch_app.command("resolve")
+def batch_resolve(
+    reason: BatchReason = None,
+    status: BatchStatus = None,
+    name: BatchName = None,
+    key: BatchKey = None,
+    saga_id: BatchId = None,
+    since: BatchSince = None,
+    until: BatchUntil = None,
+    cause: BatchCause = None,
+    every: BatchAll = False,
+    limit: BatchLimit = 100,
+    dry_run: DryRun = False,
+    yes: Yes = False,
+    actor: Actor = None,
+    as_json: AsJson = False,
+    url: AdminUrl = DEFAULT_URL,
+    token: AdminToken = None,
+) -> None:
+    """Mark the stuck step of every matching saga as done by hand (FAILED ones; no step
+    output: resolve a stuck action that needs one with `saga resolve --data`)."""
+    flt = _batch_filter(status, name, key, saga_id, since, until, cause)
+    _batch("resolve", flt, every, limit, dry_run, yes, reason, actor, url, token, as_json)
+
+
+def _batch_filter(
+    status: list[SagaStatus] | None,
+    name: str | None,
+    key: str | None,
+    saga_id: str | None,
+    since: str | None,
+    until: str | None,
+    cause: str | None,
+) -> dict[str, Any]:
+    return {
+        "status": [s.value for s in status or ()],
+        "name": name,
+        "key": key,
+        "q": saga_id,
+        "since": since,
+        "until": until,
+        "reason": cause,
+    }
 
 
 # --- dead letters --------------------------------------------------------------------------
@@ -625,7 +841,7 @@ def main() -> None:
     app()
 
 
-for _typer in (app, schema_app):  # every command of ours, without repeating cls= on each
+for _typer in (app, schema_app, batch_app):  # every command of ours, without repeating cls= on each
     for _info in _typer.registered_commands:
         if _info.cls in (None, TyperCommand):
             _info.cls = _Command

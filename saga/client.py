@@ -43,15 +43,31 @@ class StartRefusedError(OSError):
 class SagaClient:
     """A connection to the broker that starts sagas; build it with :meth:`connect`."""
 
-    def __init__(self, connection: AbstractConnection, channel: AbstractChannel, prefix: str):
+    def __init__(
+        self,
+        connection: AbstractConnection,
+        channel: AbstractChannel,
+        prefix: str,
+        tracing: Tracing | None = None,
+    ):
         self._connection = connection
         self._channel = channel
         self.queue = Topology(prefix=prefix).start_queue
-        self._tracing = Tracing()
+        self._tracing = tracing if tracing is not None else Tracing()
+        url = getattr(connection, "url", None)  # aio-pika's connections know their URL
+        if url is not None and url.host:
+            address = (str(url.host), int(url.port or 5672))
+            self._tracing.server = lambda: address
 
     @classmethod
     async def connect(
-        cls, url: str, *, prefix: str = "saga", wait: float = 30.0, connect_timeout: float = 10.0
+        cls,
+        url: str,
+        *,
+        prefix: str = "saga",
+        wait: float = 30.0,
+        connect_timeout: float = 10.0,
+        tracing: Tracing | None = None,
     ) -> SagaClient:
         """Connect to the broker at ``url`` and wait up to ``wait`` seconds for the
         orchestrator to have declared its start queue (a client may start first); ConfigError
@@ -64,7 +80,7 @@ class SagaClient:
         except BaseException:
             await connection.close()
             raise
-        return cls(connection, channel, prefix)
+        return cls(connection, channel, prefix, tracing)
 
     async def start(
         self, name: str, input: Mapping[str, Any], *, key: str, message_id: uuid.UUID | None = None

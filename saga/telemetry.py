@@ -22,10 +22,11 @@ from __future__ import annotations
 import contextlib
 import functools
 import hashlib
+import json
 import os
 import random
 import threading
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextvars import ContextVar
 from datetime import datetime
 from typing import Any
@@ -59,6 +60,7 @@ from saga.ports import BrokerStats
 from saga.work import WorkCollector, WorkCounts
 
 __all__ = [
+    "LIVE_STATUSES",
     "Metrics",
     "MetricsServer",
     "ReservedIds",
@@ -207,6 +209,15 @@ class Tracing:
         self._provider = provider
         provider = provider if provider is not None else trace.get_tracer_provider()
         self.tracer = provider.get_tracer("saga", __version__)
+        #: the broker node's (host, port), for ``server.address``/``server.port`` on messaging
+        #: spans; set by whoever connects (read per span, so a fail-over shows)
+        self.server: Callable[[], tuple[str, int] | None] | None = None
+
+    def _server_attributes(self) -> dict[str, Any]:
+        address = self.server() if self.server is not None else None
+        if address is None:
+            return {}
+        return {"server.address": address[0], "server.port": address[1]}
 
     @property
     def recording(self) -> bool:
@@ -274,7 +285,12 @@ class Tracing:
     # --- spans exported after the fact ---------------------------------------------------
 
     def end_attempt(
-        self, before: SagaState, end: datetime, outcome: str, error: str | None = None
+        self,
+        before: SagaState,
+        end: datetime,
+        outcome: str,
+        error: str | None = None,
+        business: Mapping[str, Any] | None = None,
     ) -> None:
         """Export the span of the attempt ``before`` was waiting for."""
         if not self.recording:
@@ -297,13 +313,16 @@ class Tracing:
                     "saga.attempt": before.attempt,
                     "saga.outcome": outcome,
                     "messaging.message.id": str(before.awaiting),
+                    **(business or {}),
                 },
             )
         if outcome != "succeeded":
             span.set_status(Status(StatusCode.ERROR, error or outcome))
         span.end(end_time=_ns(end))
 
-    def end_saga(self, state: SagaState, end: datetime) -> None:
+    def end_saga(
+        self, state: SagaState, end: datetime, business: Mapping[str, Any] | None = None
+    ) -> None:
         """Export the saga's span, with the ids it was given when it started."""
         if not self.recording:
             return
@@ -322,12 +341,17 @@ class Tracing:
                 f"saga {state.name}",
                 context=parent,
                 start_time=_ns(state.created_at),
-                attributes={**_saga_attributes(state), "saga.status": state.status.value},
+                attributes={
+                    **_saga_attributes(state),
+                    "saga.status": state.status.value,
+                    **(business or {}),
+                },
             )
+        if state.failure or state.status is SagaStatus.FAILED:
+            span.set_attribute("saga.failure", state.failure or "failed")
         if state.status is SagaStatus.FAILED:
             span.set_status(Status(StatusCode.ERROR, state.failure or "failed"))
-        elif state.failure:
-            span.set_attribute("saga.failure", state.failure)
+            span.set_attribute("error.type", "saga_failed")
         span.end(end_time=_ns(end))
 
     # --- messaging and database spans ----------------------------------------------------
@@ -339,6 +363,7 @@ class Tracing:
         headers: Mapping[str, Any] | None,
         message_id: str | None,
         body_size: int,
+        delivery_tag: int | None = None,
         **attributes: Any,
     ) -> Iterator[trace.Span]:
         """The span of consuming a message from ``queue``: current while it is handled, a
@@ -367,8 +392,11 @@ class Tracing:
             "messaging.consumer.group.name": queue,
             "messaging.message.id": message_id or "",
             "messaging.message.body.size": body_size,
+            **self._server_attributes(),
             **{k: v for k, v in attributes.items() if v is not None},
         }
+        if delivery_tag is not None:
+            attrs["messaging.rabbitmq.message.delivery_tag"] = delivery_tag
         with self.tracer.start_as_current_span(
             f"process {queue}", context=ctx, kind=SpanKind.CONSUMER, attributes=attrs
         ) as span:
@@ -386,19 +414,20 @@ class Tracing:
         headers to send, whose ``traceparent`` now names it."""
         if not self.recording:
             return trace.INVALID_SPAN, dict(headers)
-        destination = exchange or "amq.default"
+        # RabbitMQ's convention: the default exchange is named "" (and left out of the name)
         span = self.tracer.start_span(
-            f"publish {destination}",
+            f"publish {exchange}" if exchange else "publish",
             context=_PROPAGATOR.extract(_text(headers)),
             kind=SpanKind.PRODUCER,
             attributes={
                 **_MESSAGING,
                 "messaging.operation.type": "send",
                 "messaging.operation.name": "publish",
-                "messaging.destination.name": destination,
+                "messaging.destination.name": exchange,
                 "messaging.rabbitmq.destination.routing_key": routing_key,
                 "messaging.message.id": str(message_id),
                 "messaging.message.conversation_id": str(conversation_id),
+                **self._server_attributes(),
             },
         )
         if not span.get_span_context().is_valid:
@@ -505,6 +534,20 @@ def _saga_attributes(state: SagaState) -> dict[str, Any]:
     }
 
 
+def business_attributes(state: SagaState, fields: Sequence[str]) -> dict[str, Any]:
+    """``saga.key`` and ``saga.input.<field>`` for ``fields`` of the saga's input: what an
+    operator searches a trace by. Values that are not scalars go as JSON text."""
+    out: dict[str, Any] = {} if state.key is None else {"saga.key": state.key}
+    for name in fields:
+        value = state.context.input.get(name)
+        if value is None:
+            continue
+        if not isinstance(value, str | int | float | bool):
+            value = json.dumps(value, sort_keys=True)
+        out[f"saga.input.{name}"] = value
+    return out
+
+
 def _ns(at: datetime) -> int:
     return int(at.timestamp() * 1e9)
 
@@ -609,6 +652,20 @@ class Metrics:
             ["participant", "command_type", "outcome"],
             registry=r,
         )
+        self.handling = Histogram(
+            "saga_participant_handling_seconds",
+            "A command in a participant, from its delivery to its ack (the reply committed).",
+            ["participant", "command_type"],
+            buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
+            registry=r,
+        )
+        self.queue_ready = Gauge(
+            "saga_queue_messages_ready",
+            "Messages ready in a queue of the deployment, not yet delivered (refreshed every 5 s).",
+            ["queue"],
+            registry=r,
+        )
+        self._sagas: _SagaCollector | None = None
 
     def watch_broker(self, stats: Callable[[], BrokerStats]) -> None:
         """Report a broker connection's health at every scrape; several connections of one
@@ -617,6 +674,19 @@ class Metrics:
             self._brokers = []
             self.registry.register(_BrokerCollector(self._brokers))
         self._brokers.append(stats)
+
+    def watch_sagas(self, names: Sequence[str]) -> None:
+        """Export the store's sagas by status (:meth:`sagas`), with a zero for every saga name
+        in ``names`` until the first reading says otherwise."""
+        if self._sagas is None:
+            self._sagas = _SagaCollector(names)
+            self.registry.register(self._sagas)
+
+    def sagas(self, rows: Sequence[tuple[str, SagaStatus, int, float]]) -> None:
+        """A fresh reading of the store: (saga name, status, how many, age in seconds of the
+        oldest) for every status :data:`LIVE_STATUSES` with sagas."""
+        if self._sagas is not None:
+            self._sagas.rows = list(rows)
 
     def watch_work(self, read: Callable[[], WorkCounts]) -> None:
         """Export what ``read`` counts as ``saga_work_total{kind}``, read at each scrape;
@@ -657,6 +727,41 @@ class Metrics:
         self.step_duration.labels(
             before.name, before.steps[before.current].name, before.direction.value, outcome
         ).observe(max((end - before.sent_at).total_seconds(), 0.0))
+
+
+#: the statuses the store gauges report: sagas in flight, and the ones waiting for an operator.
+#: COMPLETED and COMPENSATED sagas pile up for ever; saga_finished_total counts them.
+LIVE_STATUSES = (SagaStatus.RUNNING, SagaStatus.COMPENSATING, SagaStatus.FAILED)
+
+
+class _SagaCollector:
+    """The last reading of the store's sagas by status, served at each scrape (the reading
+    itself is a periodic query, never a scrape's)."""
+
+    def __init__(self, names: Sequence[str]):
+        self._names = sorted(set(names))
+        self.rows: list[tuple[str, SagaStatus, int, float]] = []
+
+    def collect(self) -> Iterator[Metric]:
+        counts = GaugeMetricFamily(
+            "saga_sagas",
+            "Sagas in the store by name and status (running, compensating, failed).",
+            labels=["saga_name", "status"],
+        )
+        ages = GaugeMetricFamily(
+            "saga_oldest_age_seconds",
+            "Age (since its start) of the oldest saga by name and status; 0 when there is none.",
+            labels=["saga_name", "status"],
+        )
+        found = {(name, status): (n, age) for name, status, n, age in self.rows}
+        names = sorted(set(self._names) | {name for name, _ in found})
+        for name in names:
+            for status in LIVE_STATUSES:
+                n, age = found.get((name, status), (0, 0.0))
+                counts.add_metric([name, status.value.lower()], n)
+                ages.add_metric([name, status.value.lower()], age)
+        yield counts
+        yield ages
 
 
 class _BrokerCollector:

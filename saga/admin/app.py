@@ -47,6 +47,16 @@ from starlette.routing import Route
 
 from saga import __version__
 from saga.admin import dashboard
+from saga.admin.batch import (
+    Action as BatchAction,
+)
+from saga.admin.batch import (
+    Batches,
+    BatchPreview,
+    BatchProgress,
+    BatchRequest,
+    SelectionChangedError,
+)
 from saga.admin.deadletters import DeadLetters, Match
 from saga.admin.models import (
     CAUSE_KINDS,
@@ -246,6 +256,7 @@ def create_app(service: OrchestratorService) -> FastAPI:
     _docs_routes(app)
     _health_routes(app, service)
     _read_routes(api, service)
+    _batch_routes(api, service)  # before /sagas/{id}/<action>, which /sagas/batch/retry matches
     _operator_routes(api, service)
     _dead_letter_routes(api, service)
     dashboard.install(app, api, service)  # the overview, /api/asyncapi.json and /ui
@@ -427,6 +438,66 @@ def _read_routes(api: APIRouter, service: OrchestratorService) -> None:
     async def definitions() -> list[DefinitionView]:
         """Every registered saga definition, each version, with its steps."""
         return [definition_view(d) for d in service.registry.all()]
+
+
+def _batch_routes(api: APIRouter, service: OrchestratorService) -> None:
+    """Retry, abort or resolve every saga a filter matches: a dry run first, then a run that
+    answers at once with a batch id whose progress ``GET /api/sagas/batch/{id}`` gives."""
+    batches = Batches(service)
+    tags: list[str | Enum] = ["operator"]
+
+    @api.post(
+        "/sagas/batch/{action}",
+        response_model=BatchPreview | BatchProgress,
+        status_code=202,
+        tags=tags,
+        responses={
+            200: {"model": BatchPreview, "description": "dry_run: which sagas; nothing changed"},
+            202: {"model": BatchProgress, "description": "the batch runs: follow its batch_id"},
+            409: {
+                "model": ErrorBody,
+                "description": "expect differs from the selection now: nothing was done",
+            },
+        },
+    )
+    async def batch(action: BatchAction, body: BatchRequest, actor: Actor = None) -> JSONResponse:
+        """Apply ``action`` to each saga the filter (or ``saga_ids``) selects, oldest first, up
+        to ``limit``, each through the engine like a single action: one its state does not
+        accept is skipped and reported. With ``dry_run``, answer which sagas and what would
+        happen, changing nothing."""
+        who = _actor(actor)
+        try:
+            if body.dry_run:
+                preview = await batches.preview(action, body)
+                return JSONResponse(preview.model_dump(mode="json"), status_code=200)
+            assert body.reason is not None  # BatchRequest requires it unless dry_run
+            progress = await batches.start(action, body, actor=who, reason=body.reason)
+        except SelectionChangedError as exc:
+            raise HTTPException(409, str(exc)) from None
+        return JSONResponse(
+            progress.model_dump(mode="json"),
+            status_code=202,
+            headers={"Location": f"/api/sagas/batch/{progress.batch_id}"},
+        )
+
+    @api.get(
+        "/sagas/batch/{batch_id}",
+        response_model=BatchProgress,
+        tags=tags,
+        responses={404: {"model": ErrorBody, "description": "no such batch (here)"}},
+    )
+    async def batch_progress(batch_id: UUID) -> BatchProgress:
+        """A batch's progress and, per saga, applied / skipped / failed and why. Kept in the
+        memory of the orchestrator that runs it (its most recent batches)."""
+        found = batches.get(batch_id)
+        if found is None:
+            raise HTTPException(
+                404,
+                f"no batch {batch_id} on this orchestrator: batches are kept in the memory of "
+                "the instance that ran them, until it restarts; each saga's history has its "
+                "action",
+            )
+        return found
 
 
 def _operator_routes(api: APIRouter, service: OrchestratorService) -> None:
@@ -727,16 +798,17 @@ async def _act(
         raise HTTPException(409, f"{exc}; try again") from None
     transition = result.transition
     entries = [] if transition is None else list(transition.history)
-    log.info(
-        "operator_action",
-        saga_id=str(saga_id),
-        action=action,
-        actor=actor,
-        reason=reason,
-        outcome=result.outcome.value,
-    )
+    refused = None if transition is None else transition.refused
+    if refused is None:  # a refusal the runtime logged already (operator_action_refused)
+        log.info(
+            "operator_action",
+            saga_id=str(saga_id),
+            action=action,
+            actor=actor,
+            reason=reason,
+            outcome=result.outcome.value,
+        )
     if result.outcome is not Outcome.APPLIED:
-        refused = None if transition is None else transition.refused
         why = refused or "; ".join(h.detail for h in entries)
         raise HTTPException(409, why or f"the saga is {result.state.status}")
     history = await service.store.history(saga_id)  # the root cause, and this resolution

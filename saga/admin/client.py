@@ -142,6 +142,16 @@ class AdminClient:
         found: dict[str, Any] = self._call("POST", path, json=body)
         return found
 
+    def batch(self, action: str, body: dict[str, Any]) -> dict[str, Any]:
+        """A batch ``retry``, ``abort`` or ``resolve``: a dry run's preview, or the batch
+        started (follow it with :meth:`batch_progress`)."""
+        found: dict[str, Any] = self._call("POST", f"/api/sagas/batch/{action}", json=body)
+        return found
+
+    def batch_progress(self, batch_id: str) -> dict[str, Any]:
+        found: dict[str, Any] = self._call("GET", f"/api/sagas/batch/{batch_id}")
+        return found
+
     def dead_letters(
         self,
         *,

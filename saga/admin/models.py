@@ -3,8 +3,9 @@ pure functions that build them from the engine's values."""
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from datetime import datetime
+from itertools import pairwise
 from typing import Any, Literal
 from uuid import UUID
 
@@ -39,9 +40,11 @@ __all__ = [
     "ErrorBody",
     "Health",
     "HistoryView",
+    "PendingStep",
     "Readiness",
     "Resolution",
     "ResolveRequest",
+    "RetryRun",
     "RootCause",
     "SagaDetail",
     "SagaPage",
@@ -51,7 +54,9 @@ __all__ = [
     "StartResult",
     "at_step",
     "definition_view",
+    "pending_step",
     "resolution",
+    "retry_runs",
     "root_cause",
     "saga_detail",
     "saga_summary",
@@ -180,6 +185,63 @@ class HistoryView(_Model):
     detail: str
 
 
+class RetryRun(_Model):
+    """Consecutive attempts of one step in one direction, shown as one line: a step retried
+    ten times is some thirty near-identical history entries that say one thing."""
+
+    step: str
+    direction: Direction
+    command: str | None = Field(
+        description="the command type, e.g. `payment.refund`; null if the definition is not "
+        "registered"
+    )
+    first: int = Field(description="index in `history` of the run's first entry")
+    last: int = Field(description="index in `history` of its last entry (inclusive)")
+    attempts: int = Field(description="commands sent in the run")
+    first_attempt: int | None
+    last_attempt: int | None
+    errors: list[str] = Field(
+        description="the distinct failures, first seen first; `timed out` for a timeout"
+    )
+    min_interval_s: float | None = Field(description="the shortest time between two sends")
+    max_interval_s: float | None = Field(description="the longest time between two sends")
+    first_at: datetime
+    last_at: datetime
+
+
+class PendingStep(_Model):
+    """The step a RUNNING, COMPENSATING or FAILED saga waits on, with what an on-call engineer
+    asks first: which try is this, what went wrong last, and when does something happen next."""
+
+    step: str
+    direction: Direction
+    participant: str | None = Field(description="null if the definition is not registered")
+    command: str | None = Field(description="the command type it sends")
+    phase: Phase = Field(
+        description="`awaiting_reply` (sent, waiting), `backoff` (waiting to send again) or "
+        "`idle` (FAILED: waiting for an operator)"
+    )
+    attempt: int = Field(
+        description="attempts sent in the current retry budget (an operator retry starts a new one)"
+    )
+    max_attempts: int | None = Field(
+        description="the budget, from the definition's retry policy for this direction; null "
+        "when it retries forever or the definition is not registered"
+    )
+    attempts_sent: int = Field(description="attempts sent in this direction, in all budgets")
+    last_error: str | None = Field(description="the latest failure reason")
+    last_sent_at: datetime | None = Field(description="when the latest attempt was sent")
+    next_retry_at: datetime | None = Field(
+        description="when the next attempt is sent (phase `backoff`)"
+    )
+    reply_deadline: datetime | None = Field(
+        description="when the awaited reply times out (phase `awaiting_reply`)"
+    )
+    allowed_actions: list[OperatorAction] = Field(
+        description="the operator actions the saga's state accepts now"
+    )
+
+
 class SagaDetail(SagaSummary):
     version: int = Field(description="goes up by one per applied event")
     phase: Phase
@@ -193,6 +255,16 @@ class SagaDetail(SagaSummary):
         description="the operator actions the saga's state accepts now (POST "
         "/api/sagas/{id}/<action>); any other answers 409. Empty when nothing applies, or when "
         "the saga's definition version is not registered"
+    )
+    pending: PendingStep | None = Field(
+        None,
+        description="the step the saga waits on (RUNNING, COMPENSATING, FAILED); null when it "
+        "is COMPLETED or COMPENSATED",
+    )
+    retry_runs: list[RetryRun] = Field(
+        default_factory=list,
+        description="runs of two or more attempts of one step in `history`, each of which a "
+        "reader can show as one line",
     )
 
 
@@ -515,10 +587,140 @@ def step_spans(history: Iterable[HistoryEntry]) -> dict[tuple[str, Direction], S
     return spans
 
 
+#: entries that belong to one attempt of a step: sent, failed or timed out, retry scheduled
+_RUN_KINDS = frozenset(
+    {
+        HistoryKind.COMMAND_SENT,
+        HistoryKind.STEP_FAILED,
+        HistoryKind.COMPENSATION_FAILED,
+        HistoryKind.STEP_TIMED_OUT,
+        HistoryKind.RETRY_SCHEDULED,
+    }
+)
+
+
+def _error_of(h: HistoryEntry) -> str | None:
+    """The participant's reason in a failure entry, without the engine's framing, so that
+    ten failures with one reason read as one error."""
+    if h.kind is HistoryKind.STEP_TIMED_OUT:
+        return "timed out"
+    if h.kind is HistoryKind.STEP_FAILED:
+        said = h.detail.removeprefix(f"{h.step} failed: ")
+    elif h.kind is HistoryKind.COMPENSATION_FAILED:
+        said = h.detail.removeprefix(f"compensation of {h.step} failed: ")
+    else:
+        return None
+    return said.removesuffix(" (retryable)")
+
+
+def retry_runs(
+    history: Sequence[HistoryEntry],
+    commands: Mapping[tuple[str, Direction], str] | None = None,
+    min_attempts: int = 2,
+) -> list[RetryRun]:
+    """Each run of ``min_attempts`` or more attempts of one (step, direction) in a row: from
+    its first ``command_sent`` to the last entry of its last attempt. An ``ignored`` entry (a
+    late reply) between attempts stays inside the run; anything else ends it, so outcomes,
+    compensation starts and operator actions stay in view. ``commands`` names each (step,
+    direction)'s command type."""
+    runs: list[RetryRun] = []
+    i = 0
+    while i < len(history):
+        h = history[i]
+        if h.kind is not HistoryKind.COMMAND_SENT or h.step is None or h.direction is None:
+            i += 1
+            continue
+        where = (h.step, h.direction)
+        last = i
+        for k in range(i + 1, len(history)):
+            e = history[k]
+            if e.kind in _RUN_KINDS and (e.step, e.direction) == where:
+                last = k
+            elif e.kind is not HistoryKind.IGNORED:
+                break
+        entries = history[i : last + 1]
+        sent = [e for e in entries if e.kind is HistoryKind.COMMAND_SENT]
+        if len(sent) >= min_attempts:
+            errors: list[str] = []
+            for e in entries:
+                error = _error_of(e)
+                if error is not None and error not in errors:
+                    errors.append(error)
+            gaps = [(b.at - a.at).total_seconds() for a, b in pairwise(sent)]
+            runs.append(
+                RetryRun(
+                    step=h.step,
+                    direction=h.direction,
+                    command=(commands or {}).get(where),
+                    first=i,
+                    last=last,
+                    attempts=len(sent),
+                    first_attempt=sent[0].attempt,
+                    last_attempt=sent[-1].attempt,
+                    errors=errors,
+                    min_interval_s=round(min(gaps), 3),
+                    max_interval_s=round(max(gaps), 3),
+                    first_at=entries[0].at,
+                    last_at=entries[-1].at,
+                )
+            )
+        i = last + 1
+    return runs
+
+
+def pending_step(
+    s: SagaState,
+    definition: SagaDefinition | None,
+    spans: Mapping[tuple[str, Direction], Span],
+) -> PendingStep | None:
+    """What the saga waits on, or None when it is COMPLETED or COMPENSATED. The deadline is
+    the next retry's time in a backoff and the reply's timeout while a command is out; a FAILED
+    saga has neither: it waits for an operator."""
+    if s.status not in (SagaStatus.RUNNING, SagaStatus.COMPENSATING, SagaStatus.FAILED):
+        return None
+    index = s.current
+    if s.status is SagaStatus.FAILED and s.stuck_step is not None:
+        index = next((i for i, st in enumerate(s.steps) if st.name == s.stuck_step), index)
+    if index >= len(s.steps):
+        return None
+    st = s.steps[index]
+    compensating = s.direction is Direction.COMPENSATION
+    known = definition is not None and index < len(definition.steps)
+    step_def = definition.steps[index] if definition is not None and known else None
+    span = spans.get((st.name, s.direction))
+    return PendingStep(
+        step=st.name,
+        direction=s.direction,
+        participant=None if step_def is None else step_def.participant,
+        command=None
+        if step_def is None
+        else (step_def.compensation if compensating else step_def.action),
+        phase=s.phase,
+        attempt=s.tries,
+        max_attempts=None if step_def is None else step_def.retry_for(s.direction).max_attempts,
+        attempts_sent=st.compensation_attempts if compensating else st.attempts,
+        last_error=st.error,
+        last_sent_at=None if span is None else span.last_sent_at,
+        next_retry_at=s.deadline if s.phase is Phase.BACKOFF else None,
+        reply_deadline=s.deadline if s.phase is Phase.AWAITING_REPLY else None,
+        allowed_actions=[] if definition is None else list(allowed_actions(definition, s)),
+    )
+
+
 def saga_detail(
     s: SagaState, history: Sequence[HistoryEntry], definition: SagaDefinition | None
 ) -> SagaDetail:
     spans = step_spans(history)
+    commands = (
+        {}
+        if definition is None
+        else {
+            (d.name, direction): d.command_type(direction)
+            for d in definition.steps
+            for direction in Direction
+            if direction is Direction.ACTION or d.compensation is not None
+        }
+    )
     participants = {} if definition is None else {d.name: d.participant for d in definition.steps}
     steps = [
         StepView(
@@ -544,6 +746,8 @@ def saga_detail(
         steps=steps,
         history=[history_view(h) for h in history],
         allowed_actions=[] if definition is None else list(allowed_actions(definition, s)),
+        pending=pending_step(s, definition, spans),
+        retry_runs=retry_runs(history, commands),
     )
 
 

@@ -18,6 +18,8 @@ __all__ = [
     "dead_letter_list",
     "dead_letter_result",
     "definitions",
+    "pending",
+    "retry_run",
     "saga_list",
     "saga_timeline",
     "why",
@@ -88,18 +90,71 @@ def _took(span: dict[str, Any] | None) -> str:
     return f"{ms:.0f} ms" if ms < 10_000 else f"{ms / 1000:.1f} s"
 
 
+def _seconds(value: float) -> str:
+    return f"{value * 1000:.0f} ms" if value < 1 else f"{value:.1f} s"
+
+
+def retry_run(run: dict[str, Any]) -> str:
+    """A run of attempts in one line, e.g. ``payment.refund \N{MULTIPLICATION SIGN}10,
+    injected_transient, 3.6 s to 8.4 s apart``: what a reader needs of the thirty entries it
+    stands for."""
+    parts = [f"{run['command'] or run['step']} \N{MULTIPLICATION SIGN}{run['attempts']}"]
+    if run["errors"]:
+        parts.append(", ".join(run["errors"]))
+    low, high = run["min_interval_s"], run["max_interval_s"]
+    if low is not None and high is not None:
+        low_text, high_text = _seconds(low), _seconds(high)
+        same = low_text == high_text
+        parts.append(f"{low_text} apart" if same else f"{low_text} to {high_text} apart")
+    parts.append(f"last at {_time(run['last_at'])}")
+    return ", ".join(parts)
+
+
+def pending(saga: dict[str, Any]) -> list[str]:
+    """The step the saga waits on: which try it is, what went wrong last, what happens next,
+    and what an operator may do."""
+    p = saga.get("pending")
+    lines = []
+    if p is not None:
+        budget = "forever" if p["max_attempts"] is None else str(p["max_attempts"])
+        direction = "undo" if p["direction"] == "compensation" else "do"
+        facts = [
+            f"pending: {p['step']} ({direction})"
+            + (f" {p['command']} at {p['participant']}" if p["command"] else ""),
+            f"attempt {p['attempt']} of {budget}",
+        ]
+        if p["attempts_sent"] != p["attempt"]:
+            facts.append(f"{p['attempts_sent']} sent in all")
+        if p["last_sent_at"]:
+            facts.append(f"last sent {_time(p['last_sent_at'])}")
+        if p["next_retry_at"]:
+            facts.append(f"next try {_time(p['next_retry_at'])}")
+        elif p["reply_deadline"]:
+            facts.append(f"reply due by {_time(p['reply_deadline'])}")
+        elif saga["status"] == "FAILED":
+            facts.append("waits for an operator")
+        if p["last_error"]:
+            facts.append(f"last error: {p['last_error']}")
+        lines.append(", ".join(facts))
+    if "allowed_actions" in saga:
+        allowed = saga["allowed_actions"]
+        lines.append("actions: " + (", ".join(allowed) if allowed else "none apply"))
+    return lines
+
+
 def saga_list(page: dict[str, Any], width: int | None = None) -> list[str]:
     """The page as a table; the NOTE column (:func:`why`) is cut so that a line fits in
     ``width`` characters (None: never cut, for a pipe), but never to fewer than 20."""
     items = page["items"]
     if not items:
         return ["no sagas match"]
-    header = ["SAGA ID", "NAME", "STATUS", "CREATED (UTC)", "KEY", "NOTE"]
+    header = ["SAGA ID", "NAME", "STATUS", "STEP", "CREATED (UTC)", "KEY", "NOTE"]
     rows = [
         [
             s["saga_id"],
             f"{s['name']} v{s['definition_version']}",
             s["status"],
+            s.get("at_step") or "-",
             _time(s["created_at"]),
             s["key"] or "",
             why(s),
@@ -116,8 +171,10 @@ def saga_list(page: dict[str, Any], width: int | None = None) -> list[str]:
     return lines
 
 
-def saga_timeline(saga: dict[str, Any]) -> list[str]:
-    """The saga, its steps with attempts and timings, and every history entry in order."""
+def saga_timeline(saga: dict[str, Any], full: bool = False) -> list[str]:
+    """The saga, what it waits on, its steps with attempts and timings, and its history in
+    order: each run of retries in one line (the API's ``retry_runs``), or, with ``full``,
+    every entry."""
     lines = [
         f"saga {saga['saga_id']}  {saga['name']} v{saga['definition_version']}  {saga['status']}",
         f"created {_time(saga['created_at'])}  updated {_time(saga['updated_at'])} (UTC)"
@@ -141,6 +198,7 @@ def saga_timeline(saga: dict[str, Any]) -> list[str]:
             f"stuck at step {saga['stuck_step']}: an operator decides "
             "(saga retry | resolve ID --reason ...)"
         )
+    lines += pending(saga)
     lines.append(f"input: {json.dumps(saga['input'], sort_keys=True)}")
     lines.append("")
     step_rows = [
@@ -163,25 +221,29 @@ def saga_timeline(saga: dict[str, Any]) -> list[str]:
     lines.append("")
     history = saga["history"]
     start = datetime.fromisoformat(history[0]["at"]) if history else None
+    runs = {} if full else {run["first"]: run for run in saga.get("retry_runs", [])}
     rows = []
-    for h in history:
+    i = 0
+    while i < len(history):
+        h, run = history[i], runs.get(i)
         backwards = h["direction"] == "compensation" or h["kind"] in _BACKWARDS
         elapsed = (datetime.fromisoformat(h["at"]) - start).total_seconds() if start else 0.0
         direction = {"action": "do", "compensation": "undo"}.get(h["direction"] or "", "")
-        what = h["detail"] + (f"  [by {h['actor']}]" if h["actor"] else "")
+        if run is not None:
+            tried = f"#{run['first_attempt']}-#{run['last_attempt']}"
+            kind, what = "retried", retry_run(run)
+            i = run["last"] + 1
+        else:
+            tried = "" if h["attempt"] is None else f"#{h['attempt']}"
+            kind, what = h["kind"], h["detail"] + (f"  [by {h['actor']}]" if h["actor"] else "")
+            i += 1
         rows.append(
-            [
-                "<<" if backwards else "",
-                _time(h["at"]),
-                f"+{elapsed:.3f}s",
-                h["step"] or "",
-                direction,
-                "" if h["attempt"] is None else f"#{h['attempt']}",
-                h["kind"],
-                what,
-            ]
-        )
+            ["<<" if backwards else "", _time(h["at"]), f"+{elapsed:.3f}s", h["step"] or "",
+             direction, tried, kind, what]
+        )  # fmt: skip
     lines += _table(["", "TIME (UTC)", "ELAPSED", "STEP", "DIR", "TRY", "EVENT", "WHAT"], rows)
+    if runs:
+        lines.append("(each `retried` line stands for a run of attempts: --full shows them all)")
     return lines
 
 
@@ -293,4 +355,50 @@ def dead_letter_result(result: dict[str, Any]) -> list[str]:
         lines.append(f"  {m['outcome']} {m['id']} from {m['dead_letter_queue']}{to}{why}")
     if result["truncated"]:
         lines.append("(a queue was longer than one scan: run it again for the rest)")
+    return lines
+
+
+def batch_preview(preview: dict[str, Any], first: int = 20) -> list[str]:
+    """A dry run: how many, and the first ``first`` of them with the step and why."""
+    action, items = preview["action"], preview["items"]
+    if not items:
+        return [f"{action}: no saga matches"]
+    lines = [
+        f"{action}: {preview['matched']} sagas match: {preview['would_apply']} accept it, "
+        f"{preview['would_skip']} would be skipped"
+    ]
+    rows = [
+        [
+            s["saga_id"],
+            s["name"],
+            s["status"],
+            s["at_step"] or "",
+            (s["why"] or "") if s["allowed"] else f"skipped: {s['refusal']}",
+        ]
+        for s in items[:first]
+    ]
+    lines += _table(["SAGA ID", "NAME", "STATUS", "STEP", "WHY"], rows)
+    if len(items) > first:
+        lines.append(f"... and {len(items) - first} more (--json lists them all)")
+    if preview["truncated"]:
+        lines.append("more sagas match than --limit: run it again for the rest")
+    return lines
+
+
+def batch_progress(progress: dict[str, Any]) -> str:
+    p = progress
+    return (
+        f"{p['action']}: {p['done']}/{p['total']} done "
+        f"(applied {p['applied']}, skipped {p['skipped']}, failed {p['failed']})"
+    )
+
+
+def batch_result(progress: dict[str, Any]) -> list[str]:
+    """The summary, then every saga that was skipped or failed, and why."""
+    lines = [batch_progress(progress)]
+    for r in progress["results"]:
+        if r["outcome"] in ("skipped", "failed"):
+            lines.append(f"  {r['outcome']} {r['saga_id']} ({r['name'] or '?'}): {r['why']}")
+    if progress["truncated"]:
+        lines.append("more sagas matched than --limit: run it again for the rest")
     return lines

@@ -171,12 +171,17 @@ class Step:
 @dataclass(frozen=True, slots=True)
 class SagaDefinition:
     """A saga: its name, its version, its ordered steps, and optionally the model its input
-    must fit (checked before a saga is started: an invalid input is refused, nothing stored)."""
+    must fit (checked before a saga is started: an invalid input is refused, nothing stored).
+
+    ``span_attributes`` names top-level input fields whose values go on the saga's spans as
+    ``saga.input.<field>`` (an order number, a customer id), so a trace is found by the
+    business key an operator is asked about; the saga's key is always there as ``saga.key``."""
 
     name: str
     version: int
     steps: tuple[Step, ...]
     input_model: type[Any] | None = None
+    span_attributes: tuple[str, ...] = ()
 
     def __init__(
         self,
@@ -185,11 +190,13 @@ class SagaDefinition:
         steps: Iterable[Step],
         *,
         input_model: type[Any] | None = None,
+        span_attributes: Iterable[str] = (),
     ):
         object.__setattr__(self, "name", name)
         object.__setattr__(self, "version", version)
         object.__setattr__(self, "steps", tuple(steps))
         object.__setattr__(self, "input_model", input_model)
+        object.__setattr__(self, "span_attributes", tuple(span_attributes))
 
     @property
     def pivot_index(self) -> int | None:
@@ -224,6 +231,15 @@ class SagaDefinition:
             raise fail("version must be an integer >= 1")
         if not self.steps:
             raise fail("a saga needs at least one step")
+        fields = getattr(self.input_model, "model_fields", None)
+        for each in self.span_attributes:
+            if not isinstance(each, str) or not each:
+                raise fail(f"span_attributes names input fields; {each!r} is not a field name")
+            if fields is not None and each not in fields:
+                raise fail(
+                    f"span_attributes: {each!r} is not a field of the input model "
+                    f"{getattr(self.input_model, '__name__', '')}; choose from {sorted(fields)}"
+                )
         known = None if participants is None else set(participants)
         seen: set[str] = set()
         pivots = [s.name for s in self.steps if s.pivot]

@@ -21,11 +21,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Generic, TypeVar
 
 import structlog
 from opentelemetry import trace
+from opentelemetry.trace import Status, StatusCode
 from pydantic import BaseModel
 
 from saga.core.errors import MessageError
@@ -47,6 +49,8 @@ M = TypeVar("M", bound=BaseModel)
 #: what ``handle`` returns: the outcome label counted in ``saga_messages_consumed_total``
 Handle = Callable[[M, IncomingMessage], Awaitable[str]]
 Attributes = Callable[[M], Mapping[str, str | int]]
+#: told of each message acked after ``handle``: the message, its outcome, seconds since delivery
+Settled = Callable[[M, str, float], None]
 
 
 def acceptable_content_type(content_type: str | None) -> bool:
@@ -86,6 +90,7 @@ class Pipeline(Generic[M]):
         span_attributes: Attributes[M] | None = None,
         log_fields: Attributes[M] | None = None,
         retry_pause: float = 1.0,
+        settled: Settled[M] | None = None,
     ):
         self.queue = queue
         self.model = model
@@ -99,25 +104,31 @@ class Pipeline(Generic[M]):
         self._span_attributes = span_attributes
         self._log_fields = log_fields
         self._retry_pause = retry_pause
+        self._settled = settled
         #: deliveries being handled, for a graceful stop to wait on
         self.in_flight: set[asyncio.Task[object]] = set()
         self.dead_lettered = 0
 
     async def __call__(self, message: IncomingMessage) -> None:
+        began = time.perf_counter() if self._settled is not None else 0.0
         task = asyncio.current_task()
         if task is not None:
             self.in_flight.add(task)
         try:
             # log lines take their trace ids from the span current at the time (saga.logs)
             with self._tracing.process(
-                self.queue, message.headers, message.message_id, len(message.body)
+                self.queue,
+                message.headers,
+                message.message_id,
+                len(message.body),
+                getattr(message, "delivery_tag", None),
             ):
-                await self._consume(message)
+                await self._consume(message, began)
         finally:
             if task is not None:
                 self.in_flight.discard(task)
 
-    async def _consume(self, message: IncomingMessage) -> None:
+    async def _consume(self, message: IncomingMessage, began: float) -> None:
         parsed = await self._parse(message)
         if parsed is None:
             return
@@ -138,6 +149,8 @@ class Pipeline(Generic[M]):
         await message.ack()
         self._poison.settled(delivery_key(message.message_id, message.body))
         self._metrics.messages.labels(self.queue, outcome).inc()
+        if self._settled is not None:
+            self._settled(parsed, outcome, time.perf_counter() - began)
 
     async def _parse(self, message: IncomingMessage) -> M | None:
         """The message as ``model``, or None once it has been dead-lettered."""
@@ -164,7 +177,10 @@ class Pipeline(Generic[M]):
             detail=detail,
             message_id=message.message_id,
         )
-        trace.get_current_span().set_attribute("saga.dead_letter_reason", reason)
+        span = trace.get_current_span()
+        span.set_attribute("saga.dead_letter_reason", reason)
+        span.set_attribute("error.type", reason)
+        span.set_status(Status(StatusCode.ERROR, f"dead-lettered: {reason}"))
         try:
             await self._broker.dead_letter(
                 message, queue=self.queue, topology=self._topology, reason=reason, detail=detail

@@ -63,9 +63,11 @@ class Inbound:
 
     async def start(self, request: StartSaga, message: IncomingMessage) -> str:
         """Start a saga by key. The saga's span is a child of this process span, which
-        continues the requester's trace when the start message carried one."""
+        continues the requester's trace when the start message carried one. A start for a
+        saga that exists (a redelivery, a re-send, a retry under the same key) counts as
+        ``duplicate``, so ``applied`` starts equal the sagas started."""
         try:
-            await self._orchestrator.start(
+            result = await self._orchestrator.begin(
                 request.saga_name,
                 dict(request.input),
                 key=request.key,
@@ -75,7 +77,17 @@ class Inbound:
             raise MessageError("unknown_saga_name", str(exc)) from exc
         except InvalidInputError as exc:
             raise MessageError("invalid_input", str(exc)) from exc
-        return "applied"
+        outcome = "applied" if result.outcome is Outcome.APPLIED else "duplicate"
+        if self._orchestrator.tracing.recording:
+            saga_id = str(result.state.saga_id)
+            trace.get_current_span().set_attributes(
+                {
+                    "saga.id": saga_id,
+                    "messaging.message.conversation_id": saga_id,
+                    "saga.outcome": outcome,
+                }
+            )
+        return outcome
 
 
 def reply_attributes(reply: ReplyEnvelope) -> dict[str, str | int]:

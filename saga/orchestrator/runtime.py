@@ -57,7 +57,7 @@ from saga.orchestrator.admission import Admission
 from saga.orchestrator.codec import COMMANDS_EXCHANGE, REPLY_QUEUE, encode_command, reply_event
 from saga.ports import Change, Clock, CommitResult, Store, SystemClock
 from saga.protocol.envelope import ReplyEnvelope
-from saga.telemetry import Metrics, Tracing, attempt_ended, span_id_for
+from saga.telemetry import Metrics, Tracing, attempt_ended, business_attributes, span_id_for
 
 __all__ = ["Orchestrator", "Outcome", "Result", "validated_input"]
 
@@ -150,6 +150,7 @@ class Orchestrator:
         saga_id = saga_id_for_key(name, key) if key is not None else uuid.uuid4()
         existing = await self.store.load(saga_id)
         if existing is not None:
+            _duplicate_start(existing, inbox_id)
             return Result(Outcome.DUPLICATE, existing)
         if self.admission is None:
             return await self._begin(definition, saga_id, checked, key, inbox_id, trace_parent)
@@ -329,6 +330,7 @@ class Orchestrator:
             action=type(event).__name__,
             actor=getattr(event, "actor", None),
             reason=getattr(event, "reason", None),
+            outcome=Outcome.REJECTED.value,
             detail=transition.refused,
         )
         return Result(Outcome.REJECTED, state, transition)
@@ -342,13 +344,20 @@ class Orchestrator:
             if isinstance(item.event, Started):
                 existing = await self.store.load(item.saga_id)
                 if existing is not None:
+                    _duplicate_start(existing, item.inbox_id)
                     return Result(Outcome.DUPLICATE, existing)
             item.conflicts += 1
             if item.conflicts > _MAX_CONFLICT_RETRIES:
                 return ConcurrencyError(f"saga {item.saga_id} kept changing under us")
             return REQUEUE
         if result is CommitResult.DUPLICATE:
+            if isinstance(item.event, Started):
+                _duplicate_start(change.transition.state, item.inbox_id)
             return Result(Outcome.DUPLICATE, change.transition.state)
+        if result is CommitResult.RECORDED and not isinstance(
+            item.event, ReplySucceeded | ReplyFailed
+        ):  # an ignored reply is logged by its consumer, with the reply's ids
+            _log_history(change.transition.state, change.transition.history)
         outcome = Outcome.APPLIED if result is CommitResult.APPLIED else Outcome.IGNORED
         return Result(outcome, change.transition.state, change.transition)
 
@@ -385,45 +394,73 @@ class Orchestrator:
             outbox=outbox,
         )
 
+    def _business(self, state: SagaState) -> dict[str, Any]:
+        """The business attributes of ``state``'s spans (its key, the definition's
+        ``span_attributes``); only asked for while spans are recorded."""
+        try:
+            fields = self.registry.get(state.name, state.definition_version).span_attributes
+        except UnknownSagaError:
+            fields = ()
+        return business_attributes(state, fields)
+
     def _observe(self, before: SagaState | None, transition: Transition) -> None:
         """Spans, metrics and log lines of a committed transition: after the commit, so they
         report only what is durable."""
         after = transition.state
         end = after.updated_at
         ended = attempt_ended(before, transition)
+        business = self._business(after) if self.tracing.recording else None
         if ended is not None and before is not None:
             outcome, detail = ended
-            self.tracing.end_attempt(before, end, outcome, detail)
+            self.tracing.end_attempt(before, end, outcome, detail, business)
             if self.metrics is not None:
                 self.metrics.attempt(before, outcome, end)
         if self.metrics is not None:
             self.metrics.transition(before, transition)
         finished = after.status.is_terminal and (before is None or not before.status.is_terminal)
         if finished:
-            self.tracing.end_saga(after, end)
+            self.tracing.end_saga(after, end, business)
         if self.admission is not None:
             if finished:
                 self.admission.finished(after.saga_id)
             elif before is None:
                 self.admission.started(after.saga_id)
-        debug = log.is_enabled_for(logging.DEBUG)
-        for entry in transition.history:
-            if entry.kind in _QUIET and not debug:
-                continue
-            (log.debug if entry.kind in _QUIET else log.info)(
-                entry.kind.value,
-                saga_id=str(after.saga_id),
-                saga_name=after.name,
-                step=entry.step,
-                direction=None if entry.direction is None else entry.direction.value,
-                attempt=entry.attempt,
-                detail=entry.detail,
-                **_message_fields(after, entry),
-            )
+        _log_history(after, transition.history)
 
 
 #: history entries logged at debug only: one per message, the bulk of a healthy saga's story
 _QUIET = frozenset({HistoryKind.COMMAND_SENT, HistoryKind.STEP_SUCCEEDED})
+
+
+def _log_history(state: SagaState, history: Sequence[HistoryEntry]) -> None:
+    """One line per history entry of a committed transition, under the entry's kind."""
+    debug = log.is_enabled_for(logging.DEBUG)
+    for entry in history:
+        if entry.kind in _QUIET and not debug:
+            continue
+        (log.debug if entry.kind in _QUIET else log.info)(
+            entry.kind.value,
+            saga_id=str(state.saga_id),
+            saga_name=state.name,
+            step=entry.step,
+            direction=None if entry.direction is None else entry.direction.value,
+            attempt=entry.attempt,
+            detail=entry.detail,
+            **_message_fields(state, entry),
+        )
+
+
+def _duplicate_start(existing: SagaState, inbox_id: UUID | None) -> None:
+    """A start for a saga that exists: nothing is written (the key already found the saga), but
+    an operator counting starts must see why a request started nothing."""
+    log.info(
+        HistoryKind.IGNORED.value,
+        saga_id=str(existing.saga_id),
+        saga_name=existing.name,
+        key=existing.key,
+        detail="saga already started",
+        **({} if inbox_id is None else {"message_id": str(inbox_id)}),
+    )
 
 
 def _message_fields(state: SagaState, entry: HistoryEntry) -> dict[str, str]:

@@ -40,7 +40,9 @@ from saga.orchestrator.upkeep import (
     adopt_in_flight,
     outbox_gauges,
     prune_inbox,
+    queue_gauges,
     reconcile_admission,
+    saga_gauges,
 )
 from saga.ports import Clock
 from saga.process import Budget, serve, starting
@@ -64,6 +66,9 @@ class OrchestratorService:
     """The orchestrator on a broker: RabbitMQ at ``settings.rabbitmq_url`` unless ``broker``
     (or the ``broker`` attribute, set before :meth:`start`) gives another. A broker given
     belongs to the caller, who closes it; the one :meth:`start` connects, :meth:`stop` closes."""
+
+    #: seconds between two readings of the store and the queues for the /metrics gauges
+    GAUGE_INTERVAL = 5.0
 
     def __init__(
         self,
@@ -142,6 +147,7 @@ class OrchestratorService:
             starting(f"connecting to RabbitMQ at {redact_url(self.settings.rabbitmq_url)}")
             broker = await self._broker.connect(self.settings.rabbitmq_url, tls=self.settings.tls)
             self.metrics.watch_broker(broker.stats)
+            self.tracing.server = broker.address
             self.metrics.watch_work(lambda: self.store.counts + broker.counts)
             starting("declaring the topology on RabbitMQ", lambda: broker.stats().last_failure)
             await broker.declare(self.topology, self.participants)
@@ -182,11 +188,24 @@ class OrchestratorService:
             if self.settings.metrics_port:
                 self._metrics_server = MetricsServer(self.metrics.registry)
                 self._metrics_server.start(self.settings.metrics_host, self.settings.metrics_port)
-                self._tasks.append(
+                self.metrics.watch_sagas([d.name for d in self.registry.all()])
+                queues = [q.name for q in self.topology.queues(self.participants)]
+                self._tasks += [
                     asyncio.create_task(
-                        outbox_gauges(self.store, self.metrics), name="saga-outbox-gauges"
-                    )
-                )
+                        outbox_gauges(self.store, self.metrics, self.GAUGE_INTERVAL),
+                        name="saga-outbox-gauges",
+                    ),
+                    asyncio.create_task(
+                        saga_gauges(self.store, self.metrics, self.GAUGE_INTERVAL),
+                        name="saga-saga-gauges",
+                    ),
+                    asyncio.create_task(
+                        queue_gauges(
+                            lambda: self.broker, queues, self.metrics, self.GAUGE_INTERVAL
+                        ),
+                        name="saga-queue-gauges",
+                    ),
+                ]
             if self.settings.admin_port:
                 from saga.admin.server import AdminServer  # noqa: PLC0415 (FastAPI only when used)
 

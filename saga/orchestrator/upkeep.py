@@ -1,9 +1,10 @@
-"""Background upkeep of the store: inbox pruning, the outbox gauges of /metrics, and the
-admission slots of sagas that ended elsewhere."""
+"""Background upkeep of the store: inbox pruning, the outbox, saga and queue gauges of
+/metrics, and the admission slots of sagas that ended elsewhere."""
 
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable, Sequence
 from datetime import UTC, datetime, timedelta
 
 import structlog
@@ -12,10 +13,18 @@ from saga.core.state import SagaStatus
 from saga.orchestrator.admission import Admission
 from saga.ports import SagaFilter
 from saga.store.sql import SqlStore
-from saga.telemetry import Metrics
+from saga.telemetry import LIVE_STATUSES, Metrics
+from saga.transport.broker import Broker
 from saga.transport.link import own_cancellation
 
-__all__ = ["adopt_in_flight", "outbox_gauges", "prune_inbox", "reconcile_admission"]
+__all__ = [
+    "adopt_in_flight",
+    "outbox_gauges",
+    "prune_inbox",
+    "queue_gauges",
+    "reconcile_admission",
+    "saga_gauges",
+]
 
 _IN_FLIGHT = frozenset({SagaStatus.RUNNING, SagaStatus.COMPENSATING})
 
@@ -43,6 +52,36 @@ async def outbox_gauges(store: SqlStore, metrics: Metrics, every: float = 5.0) -
             metrics.outbox_age.set(age)
         except Exception as exc:
             log.warning("outbox_stats_failed", error=repr(exc))
+        await asyncio.sleep(every)
+
+
+async def saga_gauges(store: SqlStore, metrics: Metrics, every: float = 5.0) -> None:
+    """Sagas by name and status and the age of the oldest, for /metrics: read from the store,
+    so every instance sharing a database reports the same numbers (aggregate with max, not
+    sum); one indexed query every ``every`` seconds, whatever the scrape rate."""
+    while not own_cancellation():
+        try:
+            metrics.sagas(await store.live_counts(LIVE_STATUSES, datetime.now(UTC)))
+        except Exception as exc:
+            log.warning("saga_stats_failed", error=repr(exc))
+        await asyncio.sleep(every)
+
+
+async def queue_gauges(
+    broker: Callable[[], Broker | None],
+    queues: Sequence[str],
+    metrics: Metrics,
+    every: float = 5.0,
+) -> None:
+    """Messages ready in each of ``queues`` (a passive declare each), for /metrics; a queue
+    that cannot be read now keeps its last value."""
+    while not own_cancellation():
+        current = broker()
+        if current is not None:
+            counts = await asyncio.gather(*(current.ready_count(q) for q in queues))
+            for queue, count in zip(queues, counts, strict=True):
+                if count is not None:
+                    metrics.queue_ready.labels(queue).set(count)
         await asyncio.sleep(every)
 
 

@@ -107,11 +107,14 @@ class _Registered:
     fn: Handler[Any, Any]
 
 
-class _Work(NamedTuple):
-    """A command for the group commit, with the trace context it was received in."""
+@dataclass(slots=True)
+class _Work:
+    """A command for the group commit, with the trace context it was received in; ``outcome``
+    is what came of it once committed (``success``, ..., ``duplicate``)."""
 
     command: CommandEnvelope
     trace: otel_context.Context
+    outcome: str = ""
 
 
 class _Final(NamedTuple):
@@ -177,6 +180,9 @@ class Participant:
         self._relay: Relay | None = None
         self._relay_task: asyncio.Task[None] | None = None
         self._group: GroupCommit[_Work, ReplyEnvelope] = GroupCommit(self._apply)
+        #: what came of each command handled, until its ack (by message id: a redelivery
+        #: overwrites its own entry, so one that was never acked leaves nothing behind for long)
+        self._outcomes: dict[uuid.UUID, str] = {}
         self.tracing = tracing if tracing is not None else Tracing()
         #: shared by every participant of a ``saga-service all`` process (one /metrics port)
         self.metrics = metrics if metrics is not None else Metrics()
@@ -290,6 +296,7 @@ class Participant:
         starting(f"connecting to RabbitMQ at {redact_url(self.settings.rabbitmq_url)}")
         broker = await self._broker.connect(self.settings.rabbitmq_url, tls=self.settings.tls)
         self.metrics.watch_broker(broker.stats)
+        self.tracing.server = broker.address
         self.metrics.watch_work(lambda: self.ledger.counts + broker.counts)
         starting(f"declaring {self.name}'s queues on RabbitMQ", lambda: broker.stats().last_failure)
         await broker.declare(self.topology, [self.name])
@@ -314,6 +321,7 @@ class Participant:
             max_bytes=self.settings.max_message_bytes,
             span_attributes=_span_attributes,
             log_fields=_log_fields,
+            settled=self._settled,
         )
         self._started = True
         starting(
@@ -392,12 +400,33 @@ class Participant:
                 f"reply_to {command.reply_to!r} is not this deployment's reply queue "
                 f"{self.topology.reply_queue!r}",
             )
-        reply = await self.handle(command)
+        work = _Work(command, otel_context.get_current())
+        reply = await self._handle(work)
         crash_point("participant_after_commit_before_reply")
         if self._relay is not None:
             self._relay.wake()
         log.debug("command_answered", outcome=reply.outcome, reason=reply.reason)
+        self._outcomes[command.message_id] = work.outcome
         return "applied"
+
+    def _settled(self, command: CommandEnvelope, _outcome: str, seconds: float) -> None:
+        """A command acked: its handling time, and the one line per command an operator reads
+        (``command_handled``)."""
+        outcome = self._outcomes.pop(command.message_id, "")
+        self.metrics.handling.labels(self.name, command.command_type).observe(seconds)
+        log.info(
+            "command_handled",
+            participant=self.name,
+            saga_id=str(command.saga_id),
+            saga_name=command.saga_name,
+            step=command.step,
+            direction=command.direction,
+            attempt=command.attempt,
+            command_type=command.command_type,
+            message_id=str(command.message_id),
+            outcome=outcome,
+            duration_ms=round(seconds * 1000, 3),
+        )
 
     async def _database_up(self) -> bool:
         return await database_reachable(self.ledger.reader)
@@ -408,6 +437,9 @@ class Participant:
         Commands that arrive while a transaction is in flight share the next one (group
         commit, :mod:`saga.messaging.group`); each is still applied exactly once."""
         return await self._group.submit(_Work(command, otel_context.get_current()))
+
+    async def _handle(self, work: _Work) -> ReplyEnvelope:
+        return await self._group.submit(work)
 
     async def _apply(self, work: Sequence[_Work]) -> list[ReplyEnvelope]:
         """Apply the commands in order in ONE transaction; each sees what those before it did.
@@ -459,7 +491,8 @@ class Participant:
                     known.finals[row.key] = _Final(
                         row.outcome, row.reason, row.detail, row.data or {}
                     )
-            for (command, received_in), answer_id in zip(work, reply_ids, strict=True):
+            for each, answer_id in zip(work, reply_ids, strict=True):
+                command, received_in = each.command, each.trace
                 reply = given.get(answer_id)
                 if reply is not None:
                     tally.duplicates += 1
@@ -476,6 +509,7 @@ class Participant:
                     rows.reply(command, reply, body)
                 rows.outbox(command, reply, body, received_in)
                 tally.outcomes.append((command.command_type, outcome))
+                each.outcome = outcome
                 results.append(reply)
             await ledger.write(rows)
         # counted once committed: a batch that failed is tried again and counted then

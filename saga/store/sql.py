@@ -792,6 +792,26 @@ class SqlStore:
         age = 0.0 if oldest is None else (now - _as_utc(oldest)).total_seconds()
         return count, max(age, 0.0)
 
+    async def live_counts(
+        self, statuses: Iterable[SagaStatus], now: datetime
+    ) -> list[tuple[str, SagaStatus, int, float]]:
+        """(name, status, how many, age in seconds of the oldest) of the sagas in ``statuses``:
+        one GROUP BY over the (status, created_at) index, which reads only those sagas (in
+        flight, bounded by admission, or FAILED), never the finished ones."""
+        query = (
+            sa.select(
+                sagas.c.name, sagas.c.status, sa.func.count(), sa.func.min(sagas.c.created_at)
+            )
+            .where(sagas.c.status.in_([s.value for s in statuses]))
+            .group_by(sagas.c.status, sagas.c.name)
+        )
+        async with self._read.connect() as conn:
+            rows = (await conn.execute(query)).all()
+        return [
+            (name, SagaStatus(status), int(n), max((now - _as_utc(oldest)).total_seconds(), 0.0))
+            for name, status, n, oldest in rows
+        ]
+
     async def status_counts(self) -> dict[SagaStatus, int]:
         """How many sagas are in each status (the admin overview)."""
         query = sa.select(sagas.c.status, sa.func.count()).group_by(sagas.c.status)

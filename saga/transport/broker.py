@@ -139,6 +139,10 @@ class Broker(Protocol):
     def is_connected(self) -> bool:
         """False while the connection is down (and being re-established)."""
 
+    def address(self) -> tuple[str, int] | None:
+        """Host and port of the broker node in use (``server.*`` span attributes); None when
+        there is no network peer."""
+
     def stats(self) -> BrokerStats:
         """Connected or not, and how often the connection and its consumers were recovered."""
 
@@ -182,6 +186,9 @@ class BrokerBase:
 
     def is_connected(self) -> bool:
         return True
+
+    def address(self) -> tuple[str, int] | None:
+        return None
 
     def stats(self) -> BrokerStats:
         return BrokerStats(connected=self.is_connected())
@@ -676,6 +683,9 @@ class AmqpBroker(BrokerBase):
 
     def is_connected(self) -> bool:
         return self.link.is_connected()
+
+    def address(self) -> tuple[str, int] | None:
+        return self.link.address()
 
     def stats(self) -> BrokerStats:
         return BrokerStats(

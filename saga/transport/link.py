@@ -180,6 +180,11 @@ class Link:
     def port(self) -> int | None:
         return self.nodes[self._index].port
 
+    def address(self) -> tuple[str, int]:
+        """Host and port of the node connected to (or tried last), for span attributes."""
+        node = self.nodes[self._index]
+        return node.host or "", node.port or (5671 if node.scheme == "amqps" else 5672)
+
     def is_connected(self) -> bool:
         connection = self._connection
         return (

@@ -3,15 +3,21 @@ scripted participant, and a SQLite file or a PostgreSQL schema."""
 
 from __future__ import annotations
 
+import logging
 import uuid
 from datetime import datetime
 from typing import Any
 
 import pytest
+import structlog
+from structlog.testing import LogCapture
 
 from saga import InvalidInputError
+from saga.admin import app as admin_app
+from saga.admin.app import ACTOR_HEADER
 from saga.core.ids import saga_id_for_key
 from saga.core.state import HistoryKind
+from saga.orchestrator import runtime
 from saga.protocol import StartSaga
 from tests.admin.conftest import Stack
 
@@ -665,3 +671,81 @@ async def test_a_time_filter_is_an_iso_time_never_a_number(stack: Stack) -> None
         answer = await stack.client.get("/api/sagas", params={"until": until})
         assert answer.status_code == 200, answer.text
         assert saga_id in [s["saga_id"] for s in answer.json()["items"]]
+
+
+async def test_the_detail_says_what_a_stuck_saga_waits_on_and_collapses_its_retries(
+    stack: Stack,
+) -> None:
+    """beta's refund fails (retryably) as often as its budget of four allows: the detail
+    names the pending step with its attempt count and the one run those attempts make."""
+    stuck = await stack.start("trip", {"gamma": ["fail"], "beta~undo": ["retry"] * 4})
+    saga = await stack.wait(stuck, ["FAILED"])
+    pending = saga["pending"]
+    assert (pending["step"], pending["direction"], pending["participant"]) == (
+        "beta",
+        "compensation",
+        "beta",
+    )
+    assert (pending["command"], pending["attempt"], pending["max_attempts"]) == ("beta.undo", 4, 4)
+    assert (pending["phase"], pending["last_error"]) == ("idle", "busy")
+    assert pending["next_retry_at"] is None and pending["reply_deadline"] is None
+    assert pending["allowed_actions"] == ["retry", "resolve"]
+    sent = [
+        h
+        for h in saga["history"]
+        if h["kind"] == "command_sent" and (h["step"], h["direction"]) == ("beta", "compensation")
+    ]
+    assert pending["last_sent_at"] == sent[-1]["at"]
+    [run] = saga["retry_runs"]
+    assert (run["step"], run["direction"], run["command"]) == ("beta", "compensation", "beta.undo")
+    assert (run["attempts"], run["errors"]) == (4, ["busy"])
+    assert saga["history"][run["first"]] == sent[0]
+    assert saga["history"][run["last"] + 1]["kind"] == "failed"
+    assert 0 < run["min_interval_s"] <= run["max_interval_s"]
+
+    done = await stack.wait(await stack.start("trip", {}), ["COMPLETED"])
+    assert done["pending"] is None and done["retry_runs"] == []
+    schema = (await stack.client.get("/openapi.json")).json()["components"]["schemas"]
+    assert "retry policy" in schema["PendingStep"]["properties"]["max_attempts"]["description"]
+    assert "RetryRun" in schema
+
+
+async def test_a_refused_action_is_logged_once_with_every_field(
+    stack: Stack, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The runtime logs a refusal (``operator_action_refused``); the API adds no second line
+    for it, and still logs the actions that apply."""
+    capture = LogCapture()  # loggers of our own: the modules' may be cached already
+    logger = structlog.wrap_logger(
+        structlog.PrintLogger(),
+        processors=[capture],
+        wrapper_class=structlog.make_filtering_bound_logger(logging.INFO),
+    )
+    monkeypatch.setattr(runtime, "log", logger)
+    monkeypatch.setattr(admin_app, "log", logger)
+    done = await stack.start("trip", {})
+    await stack.wait(done, ["COMPLETED"])
+    answer = await stack.client.post(
+        f"/api/sagas/{done}/retry", json={"reason": "just trying"}, headers={ACTOR_HEADER: "bo"}
+    )
+    assert answer.status_code == 409, answer.text
+    lines = [e for e in capture.entries if e["event"].startswith("operator_action")]
+    assert len(lines) == 1, lines
+    [line] = lines
+    assert line["event"] == "operator_action_refused"
+    assert (line["saga_id"], line["saga_name"], line["status"]) == (done, "trip", "COMPLETED")
+    assert (line["action"], line["actor"], line["reason"]) == ("OperatorRetry", "bo", "just trying")
+    assert line["outcome"] == "rejected"
+    assert "only a FAILED saga can be retried" in line["detail"]
+
+    running = await stack.start("hold", {"beta": ["silent"]})
+    await stack.wait(running, ["RUNNING"], step="beta")
+    capture.entries.clear()
+    answer = await stack.client.post(f"/api/sagas/{running}/abort", json={"reason": "stop"})
+    assert answer.status_code == 200, answer.text
+    [line] = [e for e in capture.entries if e["event"].startswith("operator_action")]
+    assert (line["event"], line["action"], line["outcome"]) == (
+        "operator_action",
+        "abort",
+        "applied",
+    )

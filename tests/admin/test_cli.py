@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import pty
 import re
 import shutil
 import signal
@@ -154,6 +155,53 @@ async def test_list_show_and_definitions(stack: Stack) -> None:
     assert f"no saga with id {unknown}" in not_found.err
 
 
+async def test_show_collapses_a_run_of_retries_and_list_shows_the_step(stack: Stack) -> None:
+    """beta's refund fails (retryably) four times, its whole budget: `saga show` prints the
+    run as one line and what the saga waits on, `--full` every attempt; `saga list` has the
+    step each saga is at."""
+    stuck = await stack.start("trip", {"gamma": ["fail"], "beta~undo": ["retry"] * 4})
+    held = await stack.start("hold", {"beta": ["silent"]})
+    done = await stack.start("trip", {})
+    await stack.wait(stuck, ["FAILED"])
+    await stack.wait(held, ["RUNNING"], step="beta")
+    await stack.wait(done, ["COMPLETED"])
+
+    shown, full, listed, running = await saga_all(
+        ("show", stuck), ("show", stuck, "--full"), ("list",), ("show", held), url=stack.url
+    )
+
+    assert shown.code == 0, shown.err
+    timeline = shown.out.split("TIME (UTC)")[1].splitlines()[1:]
+    [run] = [line for line in timeline if " retried " in line]
+    assert run.startswith("<<") and " undo " in run and " #1-#4 " in run
+    assert "beta.undo \N{MULTIPLICATION SIGN}4, busy, " in run and " apart, last at " in run
+    assert not [line for line in timeline if "sent beta.undo" in line]
+    assert [line for line in timeline if "needs an operator" in line]  # the outcome stays
+    assert "--full shows them all" in shown.out
+    lines = shown.out.splitlines()
+    [pending] = [line for line in lines if line.startswith("pending: ")]
+    assert pending.startswith("pending: beta (undo) beta.undo at beta, attempt 4 of 4, ")
+    assert "waits for an operator" in pending and pending.endswith("last error: busy")
+    assert "actions: retry, resolve" in lines
+
+    assert full.code == 0, full.err
+    every = full.out.split("TIME (UTC)")[1].splitlines()[1:]
+    assert len([line for line in every if "sent beta.undo to beta" in line]) == 4
+    assert not [line for line in every if " retried " in line]
+
+    assert running.code == 0, running.err
+    [pending] = [line for line in running.out.splitlines() if line.startswith("pending: ")]
+    assert pending.startswith("pending: beta (do) beta.do at beta, attempt 1 of 1, ")
+    assert "reply due by " in pending
+    assert "actions: abort" in running.out.splitlines()
+
+    assert listed.code == 0, listed.err
+    header, *rows = listed.out.splitlines()
+    assert header.split()[:6] == ["SAGA", "ID", "NAME", "STATUS", "STEP", "CREATED"]
+    steps = {row.split()[0]: row.split()[4] for row in rows}
+    assert steps == {stuck: "beta", held: "beta", done: "-"}
+
+
 async def test_operator_actions_and_their_exit_status(stack: Stack) -> None:
     stuck = await stack.start("trip", {"gamma": ["fail"], "beta~undo": ["fail"]})
     held = await stack.start("hold", {"beta": ["silent"]})
@@ -248,6 +296,83 @@ async def test_a_retried_saga_shows_its_root_cause_and_its_fix_in_full(stack: St
     assert len(cut) >= 20
 
 
+async def _saga_on_a_terminal(*args: str, url: str, answer: bytes) -> Ran:
+    """``saga`` with its stdin on a pseudo-terminal, typing ``answer`` to its prompt."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SAGA_")}
+    env.update(SAGA_ADMIN_URL=url, SAGA_ACTOR=ACTOR, SAGA_ADMIN_TOKEN=TOKEN, NO_COLOR="1")
+    leader, follower = pty.openpty()
+    try:
+        proc = await asyncio.create_subprocess_exec(
+            _saga_script(),
+            *args,
+            env=env,
+            stdin=follower,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+        )
+        os.write(leader, answer)
+        out, err = await asyncio.wait_for(proc.communicate(), 60)
+    finally:
+        os.close(leader)
+        os.close(follower)
+    assert proc.returncode is not None
+    return Ran(proc.returncode, out.decode(), err.decode())
+
+
+async def test_batch_dry_run_confirmation_and_summary(stack: Stack) -> None:
+    stuck = [await stack.start("trip", {"gamma": ["fail"], "beta~undo": ["fail"]}) for _ in "ab"]
+    held = await stack.start("hold", {"beta": ["silent"]})
+    pivoted = await stack.start("pivoted", {"gamma": ["fail"]})
+    for saga_id in [*stuck, pivoted]:
+        await stack.wait(saga_id, ["FAILED"])
+    await stack.wait(held, ["RUNNING"], step="beta")
+    before = {i: (await stack.saga(i))["history"] for i in [*stuck, held, pivoted]}
+
+    # the dry run lists them and changes nothing; without --yes and a TTY nothing is done
+    dry, no_tty, no_filter = await saga_all(
+        ("batch", "retry", "--name", "trip", "--status", "failed", "--dry-run"),
+        ("batch", "retry", "--name", "trip", "--status", "failed", "-r", "gateway back"),
+        ("batch", "abort", "-r", "everything", "--yes"),
+        url=stack.url,
+    )
+    assert dry.code == 0, dry.err
+    assert dry.out.splitlines()[0] == "retry: 2 sagas match: 2 accept it, 0 would be skipped"
+    assert all(any(line.startswith(i) for line in dry.out.splitlines()) for i in stuck)
+    assert "step gamma failed: refused" in dry.out
+    assert no_tty.code == 2
+    assert "refusing to retry sagas without a terminal" in no_tty.err
+    assert "--yes" in no_tty.err
+    assert no_filter.code == 2
+    assert "give filters" in no_filter.err
+    assert {i: (await stack.saga(i))["history"] for i in before} == before
+
+    retried = await saga(
+        "batch", "retry", "--name", "trip", "-s", "failed", "-r", "gateway back", "--yes",
+        url=stack.url,
+    )  # fmt: skip
+    assert retried.code == 0, retried.err
+    assert retried.out.splitlines()[-1] == "retry: 2/2 done (applied 2, skipped 0, failed 0)"
+    for saga_id in stuck:
+        done = await stack.wait(saga_id, ["COMPENSATED"])
+        operators = [(h["actor"], h["detail"]) for h in done["history"] if h["kind"] == "operator"]
+        assert operators == [(ACTOR, "retry: gateway back")]
+
+    # on a terminal it asks; the FAILED saga past its pivot is skipped with the engine's reason
+    aborted = await _saga_on_a_terminal(
+        "batch", "abort", "-s", "running", "-s", "failed", "-r", "stop them",
+        url=stack.url,
+        answer=b"y\n",
+    )  # fmt: skip
+    assert aborted.code == 0, aborted.err
+    assert "abort these 2 sagas? [y/N] " in aborted.err
+    lines = aborted.out.splitlines()
+    assert lines[0] == "abort: 2 sagas match: 1 accept it, 1 would be skipped"
+    assert "abort: 2/2 done (applied 1, skipped 1, failed 0)" in lines, aborted.out
+    assert f"  skipped {pivoted} (pivoted): OperatorAbort rejected: " in aborted.out
+    await stack.wait(held, ["COMPENSATED"])
+    assert (await stack.saga(pivoted))["history"] == before[pivoted]
+
+
 async def test_errors_name_the_cause(stack: Stack) -> None:
     nowhere = f"http://127.0.0.1:{free_port()}"
     wrong, no_token, unreachable, elsewhere = await asyncio.gather(
@@ -269,10 +394,23 @@ async def test_errors_name_the_cause(stack: Stack) -> None:
     assert "the admin API?" in elsewhere.err
 
 
-@pytest.mark.parametrize("command", ["list", "show", "retry", "abort", "resolve", "definitions"])
+@pytest.mark.parametrize(
+    "command",
+    [
+        "list",
+        "show",
+        "retry",
+        "abort",
+        "resolve",
+        "definitions",
+        "batch retry",
+        "batch abort",
+        "batch resolve",
+    ],
+)
 def test_every_command_has_help(command: str) -> None:
     """In-process (the console script runs the same app): help needs no server."""
-    ran = CliRunner().invoke(cli.app, [command, "--help"], env={"COLUMNS": "200"})
+    ran = CliRunner().invoke(cli.app, [*command.split(), "--help"], env={"COLUMNS": "200"})
     assert ran.exit_code == 0, ran.output
     assert "--url" in ran.output
     assert "SAGA_ADMIN_TOKEN" in ran.output
@@ -280,7 +418,19 @@ def test_every_command_has_help(command: str) -> None:
 
 @pytest.mark.parametrize(
     "command",
-    ["", "run", "migrate", "list", "show", "retry", "resolve", "definitions", "schema export"],
+    [
+        "",
+        "run",
+        "migrate",
+        "list",
+        "show",
+        "retry",
+        "resolve",
+        "definitions",
+        "schema export",
+        "batch",
+        "batch abort",
+    ],
 )
 def test_help_shows_no_value_type_beside_a_flag(command: str) -> None:
     """A flag takes no value: `--json <bool>` or `--help <bool>` would read as if it did."""

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import re
 import secrets
 import shutil
 import signal
@@ -579,3 +580,191 @@ async def test_dead_letters_page_lists_them_and_discards_one(
     depths = await queue_depths(stack.rabbitmq_url, stack.prefix)
     assert depths[topology.dead_letter_queue(topology.command_queue("payment"))] == 0
     assert depths[topology.dead_letter_queue(topology.start_queue)] == 1
+
+
+async def test_a_long_retry_run_reads_as_one_row_with_a_pending_card_and_a_gantt(
+    stack: Stack, browser: Browser, tmp_path: Path
+) -> None:
+    """A checkout to Tokyo is turned back, and its refund fails (transiently) on all ten
+    attempts of its budget: some thirty history entries that the timeline shows as one row,
+    while the pending step's card counts the attempts."""
+    key = f"{stack.prefix}-retried"
+    retried = str(saga_id(key))
+    plan = tmp_path / "faults.json"
+    plan.write_text(json.dumps({"faults": [
+        {"saga_id": retried, "command_type": "payment.refund", "mode": "transient", "times": 10},
+    ]}))  # fmt: skip
+    dash = await serve(stack, SERVICES, plan)
+    assert (
+        await dash.start_checkout(key, checkout("carol", [(inventory.BOOK, 1)], TOKYO)) == retried
+    )
+    page = await signed_in(browser, dash)
+    await page.goto(f"{dash.base}/ui/#/saga/{retried}")
+
+    # while the refund is retried: the card names it, counts its attempts, says what is next
+    card = page.locator("#pending")
+    await expect(card).to_have_attribute("data-step", "charge_payment", timeout=30_000)
+    await expect(card).to_have_attribute("data-direction", "compensation")
+    await expect(page.locator("#pending-attempt")).to_have_text(
+        re.compile(r"^[3-9] of 10$"), timeout=30_000
+    )
+    await expect(card).to_contain_text(re.compile("next retry|reply due by"))
+    await expect(card).to_contain_text("payment.refund")
+    await expect(page.locator("#pending-error")).to_have_text("injected_transient")
+    await shot(page, "retry-run-pending")
+
+    # it gives up: stuck, the whole budget used, waiting for an operator who may retry
+    await expect(page.locator("h1 .badge")).to_have_text("FAILED", timeout=90_000)
+    await expect(page.locator("#pending-attempt")).to_have_text("10 of 10")
+    await expect(page.locator("#pending-next")).to_have_text("waits for an operator")
+    await expect(page.locator("#pending-actions")).to_have_text("retry, resolve")
+
+    # the ten attempts are one row, closed; it opens to every entry, and closes again
+    runs = page.locator("#timeline > li[data-kind=retry_run]")
+    await expect(runs).to_have_count(1)
+    run = runs.first
+    assert (await run.get_attribute("data-step"), await run.get_attribute("data-direction")) == (
+        "charge_payment",
+        "compensation",
+    )
+    summary = run.locator(".run-summary")
+    await expect(summary).to_contain_text(
+        "payment.refund \N{MULTIPLICATION SIGN}10, injected_transient, "
+    )
+    await expect(summary).to_have_text(re.compile(r" apart$"))
+    sent = run.locator(".run-entries > li[data-kind=command_sent]")
+    await expect(sent).to_have_count(10)
+    await expect(run.locator(".run-entries")).to_be_hidden()
+    outside = page.locator(
+        "#timeline > li[data-kind=command_sent][data-step=charge_payment]"
+        "[data-direction=compensation]"
+    )
+    await expect(outside).to_have_count(0)
+    async with dash.api() as client:
+        history = (await client.get(f"/api/sagas/{retried}")).json()["history"]
+    rows = await page.locator("#timeline > li").count()
+    assert rows <= len(history) - 25, (rows, len(history))
+    await run.locator(".run-toggle").click()
+    await expect(sent.first).to_be_visible()
+    await expect(sent.last).to_be_visible()
+    await expect(sent.last).to_contain_text("attempt 10")
+    await shot(page, "retry-run-open")
+    await run.locator(".run-toggle").click()
+    await expect(run.locator(".run-entries")).to_be_hidden()
+
+    # the Gantt: a bar per step and direction that ran; the refund's is last and longest
+    bars = page.locator("#gantt [data-bar]")
+    actions = page.locator("#gantt [data-bar][data-direction=action]")
+    assert await actions.evaluate_all("bs => bs.map(b => b.dataset.step)") == [
+        "create_order",
+        "charge_payment",
+        "reserve_inventory",
+        "schedule_shipping",
+    ]
+    undo = page.locator("#gantt [data-bar][data-direction=compensation]")
+    assert sorted(await undo.evaluate_all("bs => bs.map(b => b.dataset.step)")) == [
+        "charge_payment",
+        "reserve_inventory",
+    ]
+    shipping = page.locator("#gantt [data-bar][data-step=schedule_shipping]")
+    await expect(shipping).to_have_class(re.compile(r"\bfailed\b"))
+    refund = page.locator(
+        "#gantt [data-bar][data-step=charge_payment][data-direction=compensation]"
+    )
+    gantt_box, refund_box, shipping_box = [
+        await locator.bounding_box() for locator in (page.locator("#gantt"), refund, shipping)
+    ]
+    assert gantt_box and refund_box and shipping_box
+    assert refund_box["x"] > shipping_box["x"]  # the refund ran after shipping failed
+    widths = await bars.evaluate_all("bs => bs.map(b => b.getBoundingClientRect().width)")
+    assert refund_box["width"] == max(widths) and refund_box["width"] > 0
+    for box in await bars.evaluate_all(
+        "bs => bs.map(b => { const r = b.getBoundingClientRect(); return [r.left, r.right]; })"
+    ):
+        assert gantt_box["x"] <= box[0] <= box[1] <= gantt_box["x"] + gantt_box["width"], box
+    await shot(page, "retry-run-gantt")
+
+    # on a phone: nothing scrolls sideways, the run opened included
+    phone = await signed_in(browser, dash, width=390)
+    await phone.goto(f"{dash.base}/ui/#/saga/{retried}")
+    await expect(phone.locator("#gantt [data-bar]")).to_have_count(6)
+    await phone.locator("#timeline > li[data-kind=retry_run] .run-toggle").click()
+    await expect(phone.locator(".run-entries > li[data-kind=command_sent]").last).to_be_visible()
+    width = await phone.evaluate("document.documentElement.scrollWidth")
+    await shot(phone, "narrow-retry-run")
+    assert width <= 390, f"the saga page is {width} px wide on a 390 px screen"
+
+
+async def test_retry_all_on_the_list_previews_asks_and_reports_each_saga(
+    stack: Stack, browser: Browser, tmp_path: Path
+) -> None:
+    """Two checkouts FAILED (their refund failed as often as its budget allows; the next attempt
+    succeeds) and one COMPENSATED:
+    "Retry all…" over both statuses shows the three first, changes nothing until confirmed,
+    then retries the two FAILED ones and reports the compensated one as skipped."""
+    prefix = stack.prefix
+    keys = [f"{prefix}-stuck-{n}" for n in range(2)]
+    plan = tmp_path / "faults.json"
+    plan.write_text(json.dumps({"faults": [
+        {"saga_id": str(saga_id(k)), "command_type": "payment.refund", "mode": "transient",
+         "times": 10}
+        for k in keys
+    ]}))  # fmt: skip
+    dash = await serve(stack, ("order", "payment", "inventory", "shipping"), plan)
+    stuck = [  # Tokyo is not served: each compensates, and its refund gets stuck
+        await dash.start_checkout(k, checkout(who, [(inventory.BOOK, 1)], TOKYO))
+        for k, who in zip(keys, ("alice", "carol"), strict=True)
+    ]
+    declined = await dash.start_checkout(
+        f"{prefix}-declined", checkout("bob", [(inventory.LAMP, 1)])
+    )
+    for sid in stuck:
+        await dash.wait(sid, "FAILED")
+    await dash.wait(declined, "COMPENSATED")
+    async with dash.api() as client:
+        before = {s: (await client.get(f"/api/sagas/{s}")).json() for s in [*stuck, declined]}
+
+    page = await signed_in(browser, dash)
+    await page.goto(f"{dash.base}/ui/#/sagas")
+    await expect(page.locator('[data-batch="retry"]')).to_be_disabled()  # no filter: no batch
+    await page.goto(f"{dash.base}/ui/#/sagas?status=FAILED&status=COMPENSATED&name=checkout")
+    await expect(page.locator(f'tr[data-saga="{declined}"]')).to_be_visible()
+    await page.click('[data-batch="retry"]')
+    summary = page.locator("#batch-summary")
+    await expect(summary).to_have_text("3 sagas match: 2 accept retry, 1 will be skipped")
+    await expect(page.locator("#batch-preview tr[data-batch-saga]")).to_have_count(3)
+    refused = page.locator(f'#batch-preview tr[data-batch-saga="{declined}"]')
+    await expect(refused).to_contain_text("skipped: only a FAILED saga can be retried")
+    await expect(page.locator("#batch-submit")).to_have_text("Retry these 3 sagas")
+    await shot(page, "batch-preview")
+    async with dash.api() as client:  # the preview changed nothing
+        for sid, saga in before.items():
+            assert (await client.get(f"/api/sagas/{sid}")).json() == saga
+
+    await page.click("#batch-submit")  # no reason yet: the form asks for one, nothing is sent
+    await expect(page.locator("#batch-progress")).to_be_hidden()
+    await page.fill("#batch-reason", "payment gateway fixed")
+    await page.click("#batch-submit")
+    count = page.locator("#batch-count")
+    await expect(count).to_have_text(
+        "finished: 3/3 done (applied 2, skipped 1, failed 0)", timeout=15_000
+    )
+    result = page.locator(f'#batch-results li[data-batch-result="{declined}"]')
+    await expect(result).to_have_attribute("data-outcome", "skipped")
+    await expect(result).to_contain_text(
+        "only a FAILED saga can be retried; this one is COMPENSATED"
+    )
+    await expect(page.locator("#batch-results li")).to_have_count(1)
+    await shot(page, "batch-result")
+    await page.click("#batch-cancel")
+    await expect(page.locator("#batch")).to_be_hidden()
+
+    for sid in stuck:
+        done = await dash.wait(sid, "COMPENSATED")
+        operators = [(h["actor"], h["detail"]) for h in done["history"] if h["kind"] == "operator"]
+        assert operators == [("ops-ann", "retry: payment gateway fixed")]
+        row = page.locator(f'tr[data-saga="{sid}"] .badge')
+        await expect(row).to_have_text("COMPENSATED", timeout=10_000)
+    async with dash.api() as client:
+        after = (await client.get(f"/api/sagas/{declined}")).json()
+    assert after["history"] == before[declined]["history"]

@@ -141,7 +141,7 @@ async def test_a_compensated_saga_is_one_trace_across_all_services_and_a_restart
             assert process.attributes["saga.step"] == participant
             below = children.get(process.span_id, [])
             assert any(c.name == "COMMIT sqlite" for c in below), (attempt.name, below)
-            replies = [c for c in below if c.name == "publish amq.default"]
+            replies = [c for c in below if c.name == "publish"]
             assert replies, f"{process.service} published no reply to {attempt.name}"
             handled = [h for r in replies for h in children.get(r.span_id, [])]
             assert any(

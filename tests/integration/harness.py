@@ -22,6 +22,7 @@ from saga.orchestrator.service import OrchestratorService
 from saga.protocol.envelope import ReplyEnvelope
 from saga.settings import Settings, load_settings
 from saga.store.sql import SqlStore
+from saga.telemetry import Tracing
 from saga.transport.topology import DEAD_LETTER_REASON, Topology
 from tests.support.responder import Responder
 from tests.support.sagas import PARTICIPANTS, registry
@@ -82,8 +83,10 @@ class Harness:
     def new_store(self) -> SqlStore:
         return SqlStore(self.database_url, schema=self.schema)
 
-    async def start_service(self, **overrides: object) -> OrchestratorService:
-        service = OrchestratorService(self.settings(**overrides), registry())
+    async def start_service(
+        self, *, tracing: Tracing | None = None, **overrides: object
+    ) -> OrchestratorService:
+        service = OrchestratorService(self.settings(**overrides), registry(), tracing=tracing)
         if self.schema is not None:
             store = self.new_store()
             service.store = store

@@ -15,10 +15,13 @@ from datetime import UTC, datetime
 
 import pytest
 
+import saga.orchestrator.runtime
 from saga.core.ids import command_id, saga_id_for_key
 from saga.core.state import JSON, HistoryEntry, HistoryKind, SagaStatus, StepStatus
+from saga.orchestrator.service import OrchestratorService
 from saga.ports import SagaFilter
 from saga.protocol.envelope import StartSaga
+from tests.faults._db_helpers import LogRecorder
 from tests.integration.harness import (
     Harness,
     command_types,
@@ -347,6 +350,47 @@ async def test_start_queue_starts_one_saga_per_key(running: Harness) -> None:
     assert kinds(history).count("started") == 1
     assert len({r["saga_id"] for r in participant.received}) == 1
     assert service.dead_lettered == 1
+
+
+def _consumed(service: OrchestratorService, queue: str, outcome: str) -> float:
+    value = service.metrics.registry.get_sample_value(
+        "saga_messages_consumed_total", {"queue": queue, "outcome": outcome}
+    )
+    return value or 0.0
+
+
+async def test_duplicate_starts_are_counted_as_duplicates_and_logged(
+    running: Harness, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    recorder = LogRecorder()
+    monkeypatch.setattr(saga.orchestrator.runtime, "log", recorder)
+    service = running.service
+    start_queue = running.topology.start_queue
+    key, other = f"order-{uuid.uuid4().hex[:8]}", f"order-{uuid.uuid4().hex[:8]}"
+    first = _start_message("trip", key)
+    await running.publish(start_queue, first)
+    await running.publish(start_queue, first)  # a redelivered copy, likely before the commit
+    await running.publish(start_queue, _start_message("trip", other))
+    saga_id = saga_id_for_key("trip", key)
+    # counted once committed: both sagas exist from here on
+    await wait_until(lambda: _consumed(service, start_queue, "applied") >= 2, "both sagas to start")
+    await running.publish(start_queue, first)  # re-sent after the commit: same message id
+    await running.publish(start_queue, _start_message("trip", key))  # retry: new id, same key
+
+    await wait_until(
+        lambda: sum(_consumed(service, start_queue, o) for o in ("applied", "duplicate")) >= 5,
+        "every start to be consumed",
+    )
+
+    assert len(await service.store.list_sagas(SagaFilter())) == 2
+    assert _consumed(service, start_queue, "applied") == 2
+    assert _consumed(service, start_queue, "duplicate") == 3
+    ignored = recorder.named("ignored", saga_id=str(saga_id))
+    assert len(ignored) == 3
+    assert {(line["level"], line["detail"]) for line in ignored} == {
+        ("info", "saga already started")
+    }
+    assert not recorder.named("ignored", saga_id=str(saga_id_for_key("trip", other)))
 
 
 # --- 10. compensation that keeps failing ------------------------------------------------------

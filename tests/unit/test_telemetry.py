@@ -15,9 +15,11 @@ from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.sdk.trace.sampling import ALWAYS_OFF
 from opentelemetry.trace import StatusCode
+from pydantic import BaseModel
 from structlog.testing import LogCapture
 
-from saga.core.errors import ConfigError
+from saga.core.definition import Registry, SagaDefinition
+from saga.core.errors import ConfigError, DefinitionError
 from saga.core.state import SagaStatus
 from saga.orchestrator import runtime
 from saga.orchestrator.runtime import Orchestrator
@@ -335,3 +337,35 @@ def test_the_fast_parse_reads_what_the_w3c_propagator_reads(headers: Any) -> Non
     assert fast.is_remote == slow.is_remote
     assert fast.trace_flags == slow.trace_flags
     assert dict(fast.trace_state) == dict(slow.trace_state)
+
+
+async def test_business_keys_named_by_the_definition_go_on_the_saga_and_attempt_spans() -> None:
+    tracing, exporter = tracer()
+    keyed = SagaDefinition("trip", 1, TRIP.steps, span_attributes=("order", "lines"))
+    h = Harness([keyed])
+    h.orchestrator.tracing = tracing
+    for participant in ("alpha", "beta", "gamma"):
+        h.on(f"{participant}.do", lambda c: ok())
+
+    saga = await h.run("trip", {"order": "A-17", "lines": [1, 2], "note": "x"}, key="k-1")
+
+    assert saga.status is SagaStatus.COMPLETED
+    spans = exporter.get_finished_spans()
+    (root,) = named(spans, "saga ")
+    steps = named(spans, "step ")
+    assert len(steps) == 3
+    for span in (root, *steps):
+        assert span.attributes is not None
+        assert span.attributes["saga.key"] == "k-1"
+        assert span.attributes["saga.input.order"] == "A-17"
+        assert span.attributes["saga.input.lines"] == "[1, 2]"
+        assert "saga.input.note" not in span.attributes
+
+
+def test_span_attributes_must_name_fields_of_the_input_model() -> None:
+    class TripInput(BaseModel):
+        order: str
+
+    bad = SagaDefinition("trip", 1, TRIP.steps, input_model=TripInput, span_attributes=("ordr",))
+    with pytest.raises(DefinitionError, match="'ordr' is not a field of the input model"):
+        Registry([bad])

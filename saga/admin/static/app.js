@@ -176,6 +176,7 @@ async function sagas(mine) {
   const empty = page
     ? '<tr><td colspan="8" class="muted">no saga matches</td></tr>'
     : '<tr><td colspan="8" class="error">fix the filter above</td></tr>';
+  const filtered = Object.keys(batchFilter(query)).length > 0;
   if (mine !== routing) return false; // a later route() owns the view now
   view.innerHTML = `
     <h1>Sagas</h1>
@@ -190,10 +191,17 @@ async function sagas(mine) {
       <button>Filter</button>
       ${err("_")}${err("status")}${err("name")}${err("cursor")}
     </form>
+    <div class="actions" id="batch-actions">${BATCH.map(([action, label]) =>
+      `<button type="button" class="secondary" data-batch="${action}" ${filtered ? "" : "disabled"}
+        title="${filtered ? `${action} every saga this filter matches, after a preview` : "filter the list first"}">${label}</button>`).join("")}
+    </div>
     <table id="saga-list"><thead><tr><th>id</th><th>saga</th><th>status</th><th>key</th><th title="where it runs, is stuck, or turned back">step</th>
       <th>started</th><th>updated</th><th>why</th></tr></thead>
       <tbody>${rows || empty}</tbody></table>
     <p>${next}</p>`;
+  for (const button of view.querySelectorAll("[data-batch]")) {
+    button.addEventListener("click", () => batch(button.dataset.batch, batchFilter(query)));
+  }
   document.getElementById("filters").addEventListener("submit", (event) => {
     event.preventDefault();
     const form = new FormData(event.target);
@@ -203,6 +211,126 @@ async function sagas(mine) {
     if (window.location.hash === hash) route(); else window.location.hash = hash;
   });
   return page !== null; // refresh only a list the API answered
+}
+
+// --- batch actions: every saga the list's filter matches ----------------------------------
+
+const BATCH = [["retry", "Retry all…"], ["abort", "Abort all…"], ["resolve", "Resolve all…"]];
+const BATCH_SHOWN = 20; // rows of the preview shown; the count covers them all
+const BATCH_LIMIT = 1000; // the API's most per batch
+
+// The list's filter as the batch API takes it (times as typed, like the list).
+function batchFilter(query) {
+  const filter = {};
+  const statuses = query.getAll("status");
+  if (statuses.length) filter.status = statuses;
+  for (const k of ["name", "key", "q", "since", "until"]) if (query.get(k)) filter[k] = query.get(k);
+  return filter;
+}
+
+let batchRun = null; // the dialog's state: {action, filter, ids} once previewed, {batchId} once running
+
+// First the dry run (how many, and the first ones, nothing changed), then a reason and the
+// confirmation, then the run on exactly the sagas shown, its progress and each outcome.
+async function batch(action, filter) {
+  const dialog = document.getElementById("batch");
+  const verb = action[0].toUpperCase() + action.slice(1);
+  batchRun = { action, filter, ids: [] };
+  document.getElementById("batch-title").textContent = `${verb} all matching sagas`;
+  document.getElementById("batch-help").textContent = HELP[action];
+  document.getElementById("batch-filter").textContent = `filter: ${JSON.stringify(filter)}`;
+  document.getElementById("batch-summary").textContent = "Looking for the sagas this filter matches…";
+  document.querySelector("#batch-preview tbody").innerHTML = "";
+  document.getElementById("batch-reason").value = "";
+  document.getElementById("batch-reason-label").hidden = false;
+  document.getElementById("batch-progress").hidden = true;
+  document.getElementById("batch-results").innerHTML = "";
+  document.getElementById("batch-error").hidden = true;
+  const submit = document.getElementById("batch-submit");
+  submit.disabled = true;
+  submit.textContent = "Confirm";
+  document.getElementById("batch-cancel").textContent = "Cancel";
+  busy = true;
+  dialog.showModal();
+  let preview;
+  try {
+    preview = await api(`sagas/batch/${action}`, {
+      method: "POST", body: JSON.stringify({ filter, dry_run: true, limit: BATCH_LIMIT }),
+    });
+  } catch (e) {
+    batchError(e.message);
+    return;
+  }
+  batchRun.ids = preview.items.map((s) => s.saga_id);
+  document.getElementById("batch-summary").textContent = preview.matched
+    ? `${preview.matched} sagas match: ${preview.would_apply} accept ${action}, ${preview.would_skip} will be skipped` +
+      (preview.truncated ? ` (more match than ${BATCH_LIMIT}: run it again for the rest)` : "")
+    : "No saga matches this filter: nothing to do.";
+  document.querySelector("#batch-preview tbody").innerHTML = preview.items.slice(0, BATCH_SHOWN).map((s) => `
+    <tr data-batch-saga="${esc(s.saga_id)}"><td class="mono">${esc(s.saga_id.slice(0, 8))}…</td><td>${esc(s.name)}</td>
+    <td>${badge(s.status)}</td><td>${esc(s.at_step || "")}</td>
+    <td class="${s.allowed ? "" : "muted"}">${esc(s.allowed ? (s.why || "") : `skipped: ${s.refusal}`)}</td></tr>`).join("") +
+    (preview.items.length > BATCH_SHOWN
+      ? `<tr><td colspan="5" class="muted">… and ${preview.items.length - BATCH_SHOWN} more</td></tr>` : "");
+  if (preview.matched) {
+    submit.disabled = false;
+    submit.textContent = `${verb} these ${preview.matched} sagas`;
+  }
+}
+
+function batchError(message) {
+  const error = document.getElementById("batch-error");
+  error.hidden = false;
+  error.textContent = message;
+}
+
+document.getElementById("batch-form").addEventListener("submit", async (event) => {
+  const dialog = document.getElementById("batch");
+  if (event.submitter && event.submitter.value === "cancel") { busy = false; batchRun = null; route(); return; }
+  event.preventDefault();
+  const run = batchRun;
+  if (!run || run.batchId) return;
+  const submit = document.getElementById("batch-submit");
+  let progress;
+  try {
+    progress = await api(`sagas/batch/${run.action}`, {
+      method: "POST",
+      body: JSON.stringify({ filter: run.filter, saga_ids: run.ids, reason: document.getElementById("batch-reason").value }),
+      headers: { "X-Saga-Actor": localStorage.getItem("saga-actor") || "dashboard" },
+    });
+  } catch (e) {
+    batchError(e.message);
+    return;
+  }
+  run.batchId = progress.batch_id;
+  submit.disabled = true;
+  document.getElementById("batch-error").hidden = true;
+  document.getElementById("batch-reason-label").hidden = true;
+  document.getElementById("batch-progress").hidden = false;
+  document.getElementById("batch-cancel").textContent = "Close";
+  while (dialog.open) {
+    batchProgress(progress);
+    if (progress.state === "finished") break;
+    await new Promise((resolve) => setTimeout(resolve, 500));
+    try {
+      progress = await api(`sagas/batch/${progress.batch_id}`);
+    } catch (e) {
+      batchError(`${e.message}; the batch goes on in the orchestrator, each saga's history records it`);
+    }
+  }
+});
+
+function batchProgress(p) {
+  const bar = document.getElementById("batch-bar");
+  bar.max = Math.max(p.total, 1);
+  bar.value = p.done;
+  const state = p.state === "finished" ? "finished" : "running";
+  document.getElementById("batch-count").textContent =
+    `${state}: ${p.done}/${p.total} done (applied ${p.applied}, skipped ${p.skipped}, failed ${p.failed})`;
+  document.getElementById("batch-count").dataset.state = state;
+  document.getElementById("batch-results").innerHTML = p.results.filter((r) => r.outcome === "skipped" || r.outcome === "failed")
+    .map((r) => `<li data-outcome="${esc(r.outcome)}" data-batch-result="${esc(r.saga_id)}"><a href="#/saga/${esc(r.saga_id)}">${esc(r.saga_id.slice(0, 8))}…</a>
+      ${esc(r.name || "")} ${esc(r.outcome)}: ${esc(r.why || "")}</li>`).join("");
 }
 
 // Why the saga went wrong, kept apart from how it ended: [label, text, element id] for the root
@@ -233,17 +361,133 @@ function entryClass(h) {
   return classes.join(" ");
 }
 
-async function detail(id, mine) {
-  const s = await api(`sagas/${encodeURIComponent(id)}`);
-  const start = new Date(s.created_at).getTime();
-  const timeline = s.history.map((h) => `
+function seconds(value) {
+  return value < 1 ? `${(value * 1000).toFixed(0)} ms` : `${value.toFixed(1)} s`;
+}
+
+// A run of attempts in one line, as `saga show` prints it: "payment.refund ×10,
+// injected_transient, 3.6 s to 8.4 s apart".
+function runText(run) {
+  const parts = [`${run.command || run.step} ×${run.attempts}`];
+  if (run.errors.length) parts.push(run.errors.join(", "));
+  if (run.min_interval_s !== null && run.max_interval_s !== null) {
+    const low = seconds(run.min_interval_s), high = seconds(run.max_interval_s);
+    parts.push(low === high ? `${low} apart` : `${low} to ${high} apart`);
+  }
+  return parts.join(", ");
+}
+
+// runs the reader opened, by saga and first entry: kept while the page refreshes
+const openRuns = new Set();
+
+function entryItem(h, start) {
+  return `
     <li class="${entryClass(h)}" data-kind="${esc(h.kind)}" data-step="${esc(h.step || "")}" data-direction="${esc(h.direction || "")}">
       <span class="when">+${ms(new Date(h.at).getTime() - start)}</span>
       ${h.direction === "compensation" ? '<span class="dir">↩ compensate</span>' : h.direction ? '<span class="dir">→</span>' : ""}
       <strong>${esc(h.step || "")}</strong> ${h.attempt ? `<span class="muted">attempt ${h.attempt}</span>` : ""}
       <span>${esc(h.kind.replaceAll("_", " "))}</span>: ${esc(h.detail)}
       ${h.actor ? `<span class="muted">by ${esc(h.actor)}</span>` : ""}
-    </li>`).join("");
+    </li>`;
+}
+
+// The history with each run of retries (the API's retry_runs) as one row that opens to its
+// entries: ten attempts of a refund are one line, not thirty.
+function timelineItems(s, start) {
+  const runs = new Map((s.retry_runs || []).map((r) => [r.first, r]));
+  const items = [];
+  for (let i = 0; i < s.history.length;) {
+    const run = runs.get(i);
+    if (!run) { items.push(entryItem(s.history[i], start)); i += 1; continue; }
+    const key = `${s.saga_id}:${run.first}`;
+    const open = openRuns.has(key);
+    const back = run.direction === "compensation";
+    const entries = s.history.slice(run.first, run.last + 1).map((h) => entryItem(h, start)).join("");
+    items.push(`
+    <li class="run failure${back ? " compensation" : ""}" data-kind="retry_run" data-run="${esc(key)}" data-step="${esc(run.step)}" data-direction="${esc(run.direction)}">
+      <button type="button" class="run-toggle" aria-expanded="${open}" title="show every entry">${open ? "▾" : "▸"} ${run.attempts} attempts</button>
+      <span class="when">+${ms(new Date(run.first_at).getTime() - start)} to +${ms(new Date(run.last_at).getTime() - start)}</span>
+      ${back ? '<span class="dir">↩ compensate</span>' : '<span class="dir">→</span>'}
+      <strong>${esc(run.step)}</strong> <span class="muted">attempts ${run.first_attempt}–${run.last_attempt}</span>
+      <span class="run-summary">${esc(runText(run))}</span>
+      <ol class="timeline run-entries"${open ? "" : " hidden"}>${entries}</ol>
+    </li>`);
+    i = run.last + 1;
+  }
+  return items.join("");
+}
+
+// What the saga waits on: the step, which try of its budget, what went wrong last, and what
+// happens next (the retry, the reply's deadline, or an operator), like a pending-activity card.
+function pendingCard(s) {
+  const p = s.pending;
+  if (!p) return "";
+  const back = p.direction === "compensation";
+  const budget = p.max_attempts === null ? "∞" : p.max_attempts;
+  const next = p.next_retry_at
+    ? `<dt>next retry</dt><dd id="pending-next">${when(p.next_retry_at)} <span class="muted">(${relative(p.next_retry_at)})</span></dd>`
+    : p.reply_deadline
+      ? `<dt>reply due by</dt><dd id="pending-next">${when(p.reply_deadline)} <span class="muted">(${relative(p.reply_deadline)})</span></dd>`
+      : `<dt>next</dt><dd id="pending-next">waits for an operator</dd>`;
+  const allowed = (p.allowed_actions || []).join(", ") || "none";
+  return `
+    <section class="pending${back ? " compensation" : ""}" id="pending" data-step="${esc(p.step)}" data-direction="${esc(p.direction)}">
+      <h2>${s.status === "FAILED" ? "Stuck at" : "Waiting on"} <strong>${esc(p.step)}</strong>
+        <span class="dir">${back ? "↩ compensation" : "→ action"}</span></h2>
+      <dl class="kv">
+        <dt>participant</dt><dd>${esc(p.participant || "?")} <span class="mono">${esc(p.command || "")}</span></dd>
+        <dt>attempt</dt><dd id="pending-attempt">${p.attempt} of ${budget}${p.attempts_sent !== p.attempt ? ` <span class="muted">(${p.attempts_sent} sent in all)</span>` : ""}</dd>
+        <dt>last error</dt><dd id="pending-error" class="${p.last_error ? "error" : "muted"}">${esc(p.last_error || "none")}</dd>
+        <dt>last sent</dt><dd>${p.last_sent_at ? `${when(p.last_sent_at)} <span class="muted">(${relative(p.last_sent_at)})</span>` : "—"}</dd>
+        ${next}
+        <dt>operator</dt><dd id="pending-actions">${esc(allowed)}</dd>
+      </dl>
+    </section>`;
+}
+
+function relative(iso) {
+  const delta = (new Date(iso).getTime() - Date.now()) / 1000;
+  const text = seconds(Math.abs(delta));
+  return delta >= 0 ? `in ${text}` : `${text} ago`;
+}
+
+// One bar per (step, direction) from its first send to its finish (or now, while it runs),
+// on one row per step, scaled to the saga's whole run: CSS percentages, so it fits any width.
+function gantt(s) {
+  const spans = [];
+  for (const st of s.steps) {
+    if (st.action) spans.push([st, "action", st.action]);
+    if (st.compensation) spans.push([st, "compensation", st.compensation]);
+  }
+  if (!spans.length) return "";
+  const start = new Date(s.created_at).getTime();
+  const running = !TERMINAL.has(s.status);
+  const end = (span) => span.finished_at ? new Date(span.finished_at).getTime()
+    : running ? Math.max(Date.now(), new Date(s.updated_at).getTime()) : new Date(s.updated_at).getTime();
+  const total = Math.max(...spans.map(([, , span]) => end(span)), new Date(s.updated_at).getTime()) - start || 1;
+  const pct = (t) => Math.min(100, Math.max(0, ((t - start) / total) * 100));
+  const rows = s.steps.filter((st) => st.action || st.compensation).map((st) => {
+    const bars = spans.filter(([x]) => x === st).map(([, direction, span]) => {
+      const from = new Date(span.first_sent_at).getTime(), to = end(span);
+      const failed = direction === "action" && ["FAILED", "TIMED_OUT"].includes(st.status);
+      const open = span.finished_at === null;
+      const tries = direction === "action" ? st.attempts : st.compensation_attempts;
+      const title = `${st.name} ${direction === "action" ? "→ action" : "↩ compensation"}: +${ms(from - start)} to `
+        + `${open ? "now (running)" : `+${ms(to - start)} (${ms(to - from)})`}, ${tries} attempt${tries === 1 ? "" : "s"}`;
+      return `<span class="bar ${direction}${failed ? " failed" : ""}${open ? " open" : ""}" data-bar data-step="${esc(st.name)}"
+        data-direction="${direction}" style="left: ${pct(from).toFixed(2)}%; width: ${Math.max(pct(to) - pct(from), 0).toFixed(2)}%"
+        title="${esc(title)}"></span>`;
+    }).join("");
+    return `<div class="gantt-row"><span class="gantt-label" title="${esc(st.name)}">${esc(st.name)}</span><span class="gantt-track">${bars}</span></div>`;
+  }).join("");
+  return `<div class="gantt" id="gantt" role="img" aria-label="when each step and compensation ran">${rows}
+    <div class="gantt-row gantt-axis"><span></span><span class="gantt-track"><span>0</span><span>${ms(total)}</span></span></div></div>`;
+}
+
+async function detail(id, mine) {
+  const s = await api(`sagas/${encodeURIComponent(id)}`);
+  const start = new Date(s.created_at).getTime();
+  const timeline = timelineItems(s, start);
   const steps = s.steps.map((st) => `
     <tr><td>${esc(st.name)}</td><td>${esc(st.participant || "")}</td><td>${esc(st.status)}</td>
     <td>${st.attempts}</td><td>${st.compensation_attempts}</td>
@@ -262,6 +506,10 @@ async function detail(id, mine) {
       ${s.stuck_step ? `<dt>stuck at</dt><dd id="stuck">${esc(s.stuck_step)}</dd>` : ""}
     </dl>
     <div class="actions" id="actions">${actions(s)}</div>
+    ${pendingCard(s)}
+    <h2>Steps over time</h2>
+    <p class="legend"><span style="color: var(--run)">▬ action</span><span style="color: var(--comp)">▬ compensation</span><span style="color: var(--fail)">▬ failed</span></p>
+    ${gantt(s)}
     <h2>Timeline</h2>
     <p class="legend"><span>→ action</span><span style="color: var(--comp)">↩ compensation (newest first)</span></p>
     <ol class="timeline" id="timeline">${timeline}</ol>
@@ -273,6 +521,16 @@ async function detail(id, mine) {
     <pre>${esc(JSON.stringify({ input: s.input, outputs: s.outputs }, null, 2))}</pre>`;
   for (const button of view.querySelectorAll("[data-action]")) {
     button.addEventListener("click", () => act(s, button.dataset.action));
+  }
+  for (const button of view.querySelectorAll(".run-toggle")) {
+    button.addEventListener("click", () => {
+      const run = button.closest("[data-run]");
+      const entries = run.querySelector(".run-entries");
+      entries.hidden = !entries.hidden;
+      if (entries.hidden) openRuns.delete(run.dataset.run); else openRuns.add(run.dataset.run);
+      button.setAttribute("aria-expanded", String(!entries.hidden));
+      button.textContent = `${entries.hidden ? "▸" : "▾"} ${button.textContent.slice(2)}`;
+    });
   }
   return terminal;
 }
