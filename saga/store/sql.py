@@ -373,13 +373,15 @@ class SqlStore:
         tenth of the orchestrator's CPU on PostgreSQL. The driver's values are what those
         processors would give: aware UTC datetimes, UUIDs, and JSON decoded by the codec
         SQLAlchemy's dialect sets on each connection. Errors still go through SQLAlchemy (a
-        dead connection is invalidated)."""
+        dead connection is invalidated). One statement needs no transaction of its own: in
+        autocommit the read is one round trip, not ``BEGIN``, the read and ``ROLLBACK``."""
+        conn = await conn.execution_options(isolation_level="AUTOCOMMIT")
         result = await conn.exec_driver_sql(self._pg_select_sql, (ids,))
         return {row["saga_id"]: _state_from_row(row) for row in result.mappings()}
 
     @functools.cached_property
     def _pg_select_sql(self) -> str:
-        table = "saga_instances" if self.schema is None else f'"{self.schema}".saga_instances'
+        table = pg_table("saga_instances", self.schema)
         return f"SELECT * FROM {table} WHERE saga_id = ANY($1::uuid[])"
 
     def _remember(self, states: Iterable[SagaState]) -> None:
