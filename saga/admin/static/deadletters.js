@@ -8,6 +8,7 @@
   const filters = ["queue", "reason", "saga_id", "since"];
   let last = null; // the page's answer, for the dialog's title
   let note = ""; // what the last action did, shown above the list
+  let opened = null; // the id of the message shown below the list, kept open across refreshes
 
   function age(seconds) {
     if (seconds === null || seconds === undefined) return "?";
@@ -80,6 +81,9 @@
         button.addEventListener("click", () => confirmAction(letter, button.dataset.dlqAct));
       }
     }
+    // a refresh that lands after a click on Show keeps that message open
+    const open = opened && last.items.find((d) => d.id === opened);
+    if (open) await show(open);
     return false; // no automatic refresh: each read holds the queues for a moment
   }
 
@@ -88,6 +92,7 @@
   }
 
   async function show(letter) {
+    opened = letter.id;
     const box = document.getElementById("dlq-detail");
     try {
       const d = await api(path(letter));
