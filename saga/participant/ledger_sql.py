@@ -28,7 +28,7 @@ import sqlalchemy as sa
 from sqlalchemy.dialects import sqlite as sqlite_dialect
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
-from saga.participant.ledger import Ledger, outbox, processed, replies, tombstones
+from saga.participant.ledger import Ledger, outbox, processed, replies, spans, tombstones
 from saga.store import sqlite_driver
 from saga.store.sqlite_batch import Prepared, PreparedCache
 from saga.work import WorkCounts
@@ -60,6 +60,7 @@ class Rows(Protocol):
     tombstone_rows: list[dict[str, Any]]
     reply_rows: list[dict[str, Any]]
     outbox_rows: list[dict[str, Any]]
+    span_rows: list[dict[str, Any]]
 
 
 class Statements(Protocol):
@@ -138,6 +139,8 @@ class CoreStatements:
             await self._conn.execute(replies.insert(), rows.reply_rows)
         if rows.outbox_rows:
             await self._conn.execute(self._ledger.insert_ignore(outbox), rows.outbox_rows)
+        if rows.span_rows:
+            await self._conn.execute(spans.insert(), rows.span_rows)
 
 
 class _Compiled:
@@ -263,6 +266,7 @@ class SqliteStatements:
             (tombstones, rows.tombstone_rows, False),
             (replies, rows.reply_rows, False),
             (outbox, rows.outbox_rows, True),
+            (spans, rows.span_rows, False),
         ):
             if values:
                 prepared = self._c.insert(table, tuple(values[0]), ignore)
