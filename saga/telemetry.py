@@ -5,13 +5,17 @@ A saga outlives any one process, so its spans cannot be held open in memory. Ins
 
 * the saga's span ids are chosen when it starts and stored with it (``SagaState.trace``); the
   ``saga <name>`` span itself is exported when the saga ends, with its real start time, by
-  whichever process commits the end. A restart in between changes nothing;
+  whichever process commits the end (and, while spans are exported, a provisional one when it
+  starts, with the same ids). A restart in between changes nothing;
 * every command attempt has a span (``step <step>`` / ``compensate <step>``) whose id is derived
   from the command's message id, so the ``traceparent`` written into the command's outbox row
   names it before it exists; it is exported when the attempt ends (reply applied, timed out,
   aborted), again by whichever process sees that;
 * publish, process and database spans are ordinary spans, children of what they serve, and
-  participants continue the trace from the ``traceparent`` AMQP header.
+  participants continue the trace from the ``traceparent`` AMQP header;
+* while spans are exported, the saga, attempt and process spans of committed work are not sent
+  from memory but written as records in the same transaction as the work, and exported from
+  there (:class:`SpanExport`, ``saga.relay.SpanRelay``): a kill -9 loses none of them.
 
 Exporting a span after the fact with an id fixed in advance needs the SDK's id generator to
 hand out that id: :class:`ReservedIds`, installed by :func:`configure_tracing`.
