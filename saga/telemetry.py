@@ -171,7 +171,10 @@ def configure_tracing(service_name: str, *, exporter: SpanExporter | None = None
     sampler = None if exporters or os.environ.get("OTEL_TRACES_SAMPLER") else ALWAYS_OFF
     provider = TracerProvider(resource=resource, id_generator=ReservedIds(), sampler=sampler)
     if exporters:
-        export_durably(provider, exporters)
+        # the drain exports from a thread of its own: exporters of its own (an OTLP exporter's
+        # HTTP session is not shared between threads)
+        drain = [exporter] if exporter is not None else _exporters_from_env()
+        export_durably(provider, exporters, drain)
     trace.set_tracer_provider(provider)
     return provider
 
@@ -181,13 +184,18 @@ SpanRecord = dict[str, Any]
 _DURABLE: weakref.WeakKeyDictionary[trace.TracerProvider, SpanExport] = weakref.WeakKeyDictionary()
 
 
-def export_durably(provider: TracerProvider, exporters: Sequence[SpanExporter]) -> SpanExport:
+def export_durably(
+    provider: TracerProvider,
+    exporters: Sequence[SpanExporter],
+    drain: Sequence[SpanExporter] | None = None,
+) -> SpanExport:
     """Send ``provider``'s live spans to ``exporters`` through a batch processor, and let the
     orchestrator and participants commit the spans of their work as records, exported by a
-    drain straight to the same exporters (:class:`SpanExport`)."""
-    export = SpanExport(exporters, provider.resource)
+    drain straight to ``drain`` (by default the same exporters; :class:`SpanExport`)."""
+    export = SpanExport(exporters if drain is None else drain, provider.resource)
+    own = [] if drain is None else [e for e in drain if e not in exporters]
     provider.add_span_processor(
-        _UnlessCommitted([BatchSpanProcessor(each) for each in exporters], export)
+        _UnlessCommitted([BatchSpanProcessor(each) for each in exporters], export, own)
     )
     _DURABLE[provider] = export
     return export
@@ -250,9 +258,15 @@ class SpanExport:
 class _UnlessCommitted(SpanProcessor):
     """The batch processors, minus the live spans whose record was committed."""
 
-    def __init__(self, processors: Sequence[SpanProcessor], export: SpanExport):
+    def __init__(
+        self,
+        processors: Sequence[SpanProcessor],
+        export: SpanExport,
+        drain: Sequence[SpanExporter] = (),
+    ):
         self._processors = list(processors)
         self._export = export
+        self._drain = list(drain)  # the drain's own exporters, shut down with the processors
 
     def on_start(self, span: SdkSpan, parent_context: otel_context.Context | None = None) -> None:
         for each in self._processors:
@@ -268,6 +282,8 @@ class _UnlessCommitted(SpanProcessor):
     def shutdown(self) -> None:
         for each in self._processors:
             each.shutdown()
+        for exporter in self._drain:
+            exporter.shutdown()
 
     def force_flush(self, timeout_millis: int = 30000) -> bool:
         return all(each.force_flush(timeout_millis) for each in self._processors)
