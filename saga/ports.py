@@ -7,11 +7,11 @@ contract test suite runs against every implementation.
 
 from __future__ import annotations
 
-from collections.abc import Collection, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from enum import StrEnum
-from typing import Protocol
+from typing import Any, Protocol
 from uuid import UUID
 
 from saga.core.state import HistoryEntry, HistoryKind, SagaState, SagaStatus, Transition
@@ -25,6 +25,7 @@ __all__ = [
     "OutboxMessage",
     "OutboxSource",
     "SagaFilter",
+    "SpanSource",
     "Store",
     "SystemClock",
 ]
@@ -79,6 +80,9 @@ class Change:
     expected_version: int | None
     inbox_id: UUID | None = None
     outbox: tuple[OutboxMessage, ...] = ()
+    #: spans of this work (``saga.telemetry.SpanRecord``), written with it when it is written
+    #: (applied or recorded) and exported later by a drain; empty unless spans are exported
+    spans: tuple[Mapping[str, Any], ...] = ()
 
 
 class CommitResult(StrEnum):
@@ -160,6 +164,17 @@ class OutboxSource(Protocol):
     async def pending_outbox(self, limit: int) -> list[OutboxMessage]: ...
 
     async def mark_sent(self, message_ids: Sequence[UUID]) -> None: ...
+
+
+class SpanSource(Protocol):
+    """What the span drain needs: committed span records, handed to ``export`` and deleted
+    once it returned (at-least-once: a crash in between exports them again)."""
+
+    async def drain_spans(
+        self, limit: int, export: Callable[[list[Mapping[str, Any]]], Awaitable[None]]
+    ) -> int:
+        """Export up to ``limit`` rows of records and delete them; returns how many rows.
+        What ``export`` raises goes up, and the rows stay."""
 
 
 class Store(Protocol):

@@ -11,9 +11,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import os
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from datetime import UTC, datetime
+from typing import Any
 from uuid import UUID
 
 import structlog
@@ -21,10 +23,10 @@ from opentelemetry import trace
 from opentelemetry.trace import Status, StatusCode
 
 from saga.faults import armed, crash_point
-from saga.ports import OutboxMessage, OutboxSource
-from saga.telemetry import Metrics, Tracing
+from saga.ports import OutboxMessage, OutboxSource, SpanSource
+from saga.telemetry import Metrics, SpanExport, Tracing
 
-__all__ = ["Relay"]
+__all__ = ["Relay", "SpanRelay", "span_interval"]
 
 log = structlog.get_logger("saga.relay")
 
@@ -171,3 +173,81 @@ class Relay:
             crash_point("after_publish_before_confirm")
             return await sending
         return await self.publish(chunk)
+
+
+def span_interval() -> float:
+    """Seconds between two exports of committed spans: ``OTEL_BSP_SCHEDULE_DELAY`` (ms, 5 s
+    by default), the delay an operator already set for the batch span processor."""
+    try:
+        return max(int(os.environ.get("OTEL_BSP_SCHEDULE_DELAY", "5000")), 1) / 1000
+    except ValueError:
+        return 5.0
+
+
+class SpanExportError(Exception):
+    """An exporter did not take the spans: they stay in the table, tried again later."""
+
+
+class SpanRelay:
+    """Exports the span records committed with the work they report, then deletes them: the
+    outbox relay's twin for traces. At-least-once: a crash between the export and the delete
+    exports those spans again, with the same ids (a duplicate, which a backend that dedupes by
+    span id drops and one that does not shows twice). Runs from start-up, so what a killed
+    process committed and never exported leaves with the first round."""
+
+    def __init__(
+        self,
+        source: SpanSource,
+        export: SpanExport,
+        *,
+        interval: float = 5.0,
+        batch: int = 200,
+        max_backoff: float = 30.0,
+    ):
+        self.source = source
+        self.export = export
+        self.interval = interval
+        self.batch = batch
+        self.max_backoff = max_backoff
+        self._stop = asyncio.Event()
+        self._flushing = asyncio.Lock()
+        self.exported = 0  # rows of records exported
+
+    async def run(self) -> None:
+        backoff = 0.0
+        while not self._stop.is_set():
+            try:
+                moved = await self.flush()
+            except Exception as exc:
+                backoff = min(max(backoff * 2, self.interval), self.max_backoff)
+                log.warning("span_export_backoff", error=repr(exc), retry_in_s=backoff)
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._stop.wait(), backoff)
+                continue
+            backoff = 0.0
+            if moved >= self.batch:
+                continue  # more are waiting
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._stop.wait(), self.interval)
+
+    async def flush(self) -> int:
+        """Export one batch of rows; returns how many."""
+        async with self._flushing:
+            moved = await self.source.drain_spans(self.batch, self._export)
+        self.exported += moved
+        return moved
+
+    async def _export(self, records: list[Mapping[str, Any]]) -> None:
+        if not await asyncio.to_thread(self.export.export, [dict(r) for r in records]):
+            raise SpanExportError(f"an exporter refused {len(records)} spans")
+
+    async def shutdown(self, task: asyncio.Task[None] | None, timeout: float) -> None:  # noqa: ASYNC109
+        """Stop ``task`` (this drain's :meth:`run`), then export what is left, within
+        ``timeout``: a graceful stop leaves no span behind when the exporter answers."""
+        self._stop.set()
+        with contextlib.suppress(Exception, TimeoutError):
+            async with asyncio.timeout(timeout):
+                if task is not None:
+                    await asyncio.wait([task])
+                while await self.flush() >= self.batch:
+                    pass

@@ -5,13 +5,17 @@ A saga outlives any one process, so its spans cannot be held open in memory. Ins
 
 * the saga's span ids are chosen when it starts and stored with it (``SagaState.trace``); the
   ``saga <name>`` span itself is exported when the saga ends, with its real start time, by
-  whichever process commits the end. A restart in between changes nothing;
+  whichever process commits the end (and, while spans are exported, a provisional one when it
+  starts, with the same ids). A restart in between changes nothing;
 * every command attempt has a span (``step <step>`` / ``compensate <step>``) whose id is derived
   from the command's message id, so the ``traceparent`` written into the command's outbox row
   names it before it exists; it is exported when the attempt ends (reply applied, timed out,
   aborted), again by whichever process sees that;
 * publish, process and database spans are ordinary spans, children of what they serve, and
-  participants continue the trace from the ``traceparent`` AMQP header.
+  participants continue the trace from the ``traceparent`` AMQP header;
+* while spans are exported, the saga, attempt and process spans of committed work are not sent
+  from memory but written as records in the same transaction as the work, and exported from
+  there (:class:`SpanExport`, ``saga.relay.SpanRelay``): a kill -9 loses none of them.
 
 Exporting a span after the fact with an id fixed in advance needs the SDK's id generator to
 hand out that id: :class:`ReservedIds`, installed by :func:`configure_tracing`.
@@ -26,6 +30,7 @@ import json
 import os
 import random
 import threading
+import weakref
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextvars import ContextVar
 from datetime import datetime
@@ -35,11 +40,13 @@ from uuid import UUID
 from opentelemetry import context as otel_context
 from opentelemetry import trace
 from opentelemetry.sdk.resources import Resource
-from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace import ReadableSpan, SpanProcessor, TracerProvider
+from opentelemetry.sdk.trace import Span as SdkSpan
 from opentelemetry.sdk.trace import TracerProvider as SdkTracerProvider
-from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter
+from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter, SpanExportResult
 from opentelemetry.sdk.trace.id_generator import IdGenerator, RandomIdGenerator
 from opentelemetry.sdk.trace.sampling import ALWAYS_OFF
+from opentelemetry.sdk.util.instrumentation import InstrumentationScope
 from opentelemetry.trace import (
     NonRecordingSpan,
     SpanContext,
@@ -64,8 +71,11 @@ __all__ = [
     "Metrics",
     "MetricsServer",
     "ReservedIds",
+    "SpanExport",
+    "SpanRecord",
     "Tracing",
     "configure_tracing",
+    "export_durably",
     "span_id_for",
     "trace_ids",
 ]
@@ -160,10 +170,150 @@ def configure_tracing(service_name: str, *, exporter: SpanExporter | None = None
     )
     sampler = None if exporters or os.environ.get("OTEL_TRACES_SAMPLER") else ALWAYS_OFF
     provider = TracerProvider(resource=resource, id_generator=ReservedIds(), sampler=sampler)
-    for each in exporters:
-        provider.add_span_processor(BatchSpanProcessor(each))
+    if exporters:
+        # the drain exports from a thread of its own: exporters of its own (an OTLP exporter's
+        # HTTP session is not shared between threads)
+        drain = [exporter] if exporter is not None else _exporters_from_env()
+        export_durably(provider, exporters, drain)
     trace.set_tracer_provider(provider)
     return provider
+
+
+#: SpanRecord: one span as committed with the work it reports (JSON), exported by a drain
+SpanRecord = dict[str, Any]
+_DURABLE: weakref.WeakKeyDictionary[trace.TracerProvider, SpanExport] = weakref.WeakKeyDictionary()
+
+
+def export_durably(
+    provider: TracerProvider,
+    exporters: Sequence[SpanExporter],
+    drain: Sequence[SpanExporter] | None = None,
+) -> SpanExport:
+    """Send ``provider``'s live spans to ``exporters`` through a batch processor, and let the
+    orchestrator and participants commit the spans of their work as records, exported by a
+    drain straight to ``drain`` (by default the same exporters; :class:`SpanExport`)."""
+    export = SpanExport(exporters if drain is None else drain, provider.resource)
+    own = [] if drain is None else [e for e in drain if e not in exporters]
+    provider.add_span_processor(
+        _UnlessCommitted([BatchSpanProcessor(each) for each in exporters], export, own)
+    )
+    _DURABLE[provider] = export
+    return export
+
+
+class SpanExport:
+    """Exports committed span records synchronously to the process's exporters.
+
+    The batch processor holds spans in memory for seconds: a kill -9 loses them. Spans of
+    committed work are instead written as records in the transaction that commits the work,
+    and a drain (``saga.relay.SpanRelay``) hands them to :meth:`export`, deleting them only
+    once every exporter took them. A live span (a message's ``process`` span) whose record
+    was committed is then left out of the batch (:meth:`committed`), so it is sent once."""
+
+    def __init__(self, exporters: Sequence[SpanExporter], resource: Resource):
+        self.exporters = list(exporters)
+        self.resource = resource
+        self._scope = InstrumentationScope("saga", __version__)
+        self._committed: dict[int, None] = {}  # live spans not to export (insertion-ordered)
+
+    def committed(self, span_id: int) -> None:
+        """The record of the live span ``span_id`` was committed: do not export it again."""
+        self._committed[span_id] = None
+        while len(self._committed) > 100_000:  # a span that never ended; bounded anyway
+            del self._committed[next(iter(self._committed))]
+
+    def taken(self, span_id: int) -> bool:
+        return self._committed.pop(span_id, 0) is None
+
+    def export(self, records: Sequence[SpanRecord]) -> bool:
+        """Send ``records`` to every exporter (blocking: run it in a thread); whether all
+        took them."""
+        spans = [self._readable(r) for r in records]
+        ok = True
+        for exporter in self.exporters:
+            ok = exporter.export(spans) is SpanExportResult.SUCCESS and ok
+        return ok
+
+    def _readable(self, r: SpanRecord) -> ReadableSpan:
+        trace_id = int(r["trace"], 16)
+        flags = TraceFlags(r["flags"])
+        parent = None
+        if r.get("parent"):
+            parent = SpanContext(trace_id, int(r["parent"], 16), is_remote=True, trace_flags=flags)
+        error = r.get("error")
+        return ReadableSpan(
+            name=r["name"],
+            context=SpanContext(trace_id, int(r["span"], 16), is_remote=False, trace_flags=flags),
+            parent=parent,
+            resource=self.resource,
+            attributes=r.get("attrs") or {},
+            kind=SpanKind(r.get("kind", 0)),
+            status=Status(StatusCode.ERROR, error) if error is not None else Status(),
+            start_time=r["start"],
+            end_time=r["end"],
+            instrumentation_scope=self._scope,
+        )
+
+
+class _UnlessCommitted(SpanProcessor):
+    """The batch processors, minus the live spans whose record was committed."""
+
+    def __init__(
+        self,
+        processors: Sequence[SpanProcessor],
+        export: SpanExport,
+        drain: Sequence[SpanExporter] = (),
+    ):
+        self._processors = list(processors)
+        self._export = export
+        self._drain = list(drain)  # the drain's own exporters, shut down with the processors
+
+    def on_start(self, span: SdkSpan, parent_context: otel_context.Context | None = None) -> None:
+        for each in self._processors:
+            each.on_start(span, parent_context=parent_context)
+
+    def on_end(self, span: ReadableSpan) -> None:
+        context = span.context
+        if context is not None and self._export.taken(context.span_id):
+            return
+        for each in self._processors:
+            each.on_end(span)
+
+    def shutdown(self) -> None:
+        for each in self._processors:
+            each.shutdown()
+        for exporter in self._drain:
+            exporter.shutdown()
+
+    def force_flush(self, timeout_millis: int = 30000) -> bool:
+        return all(each.force_flush(timeout_millis) for each in self._processors)
+
+
+def _record(
+    name: str,
+    trace_id: int,
+    span_id: int,
+    parent_id: int | None,
+    flags: int,
+    start: int,
+    end: int,
+    attributes: Mapping[str, Any],
+    *,
+    kind: SpanKind = SpanKind.INTERNAL,
+    error: str | None = None,
+) -> SpanRecord:
+    return {
+        "name": name,
+        "trace": f"{trace_id:032x}",
+        "span": f"{span_id:016x}",
+        "parent": None if not parent_id else f"{parent_id:016x}",
+        "flags": flags,
+        "kind": kind.value,
+        "start": start,
+        "end": end,
+        "attrs": dict(attributes),
+        "error": error,
+    }
 
 
 def _exporters_from_env() -> list[SpanExporter]:
@@ -284,6 +434,83 @@ class Tracing:
 
     # --- spans exported after the fact ---------------------------------------------------
 
+    @property
+    def durable(self) -> SpanExport | None:
+        """The export of committed span records, when spans are recorded and exported by
+        :func:`configure_tracing` (:func:`export_durably`); None otherwise: then nothing extra
+        is written, and spans go through the batch processor as before."""
+        provider = self._provider if self._provider is not None else trace.get_tracer_provider()
+        export = _DURABLE.get(provider)
+        return export if export is not None and self.recording else None
+
+    def attempt_record(
+        self,
+        before: SagaState,
+        end: datetime,
+        outcome: str,
+        error: str | None = None,
+        business: Mapping[str, Any] | None = None,
+    ) -> SpanRecord | None:
+        """The span of the attempt ``before`` was waiting for, as a record to commit."""
+        saga = _parse(*_saga_ids(before))
+        if saga is None or not saga.trace_flags.sampled:
+            return None
+        parts = _attempt(before, outcome, business)
+        if parts is None:
+            return None
+        name, span_id, start, attributes = parts
+        return _record(
+            name, saga.trace_id, span_id, saga.span_id, int(saga.trace_flags), start, _ns(end),
+            attributes, error=None if outcome == "succeeded" else error or outcome,
+        )  # fmt: skip
+
+    def saga_record(
+        self, state: SagaState, end: datetime, business: Mapping[str, Any] | None = None
+    ) -> SpanRecord | None:
+        """The saga's span as a record to commit: the final one once it ended, else the
+        provisional one written when it starts (same ids, ending at its start, with
+        ``saga.status=RUNNING``), so its children never miss their parent while it runs."""
+        saga = _parse(*_saga_ids(state))
+        if saga is None or not saga.trace_flags.sampled:
+            return None
+        assert state.trace is not None
+        up = _parse(state.trace.get("parent"))
+        attributes, error = _saga_span(state, business)
+        return _record(
+            f"saga {state.name}", saga.trace_id, saga.span_id,
+            None if up is None else up.span_id, int(saga.trace_flags), _ns(state.created_at),
+            _ns(end if state.status.is_terminal else state.created_at), attributes, error=error,
+        )  # fmt: skip
+
+    @staticmethod
+    def process_record(
+        context: otel_context.Context, end: int, attributes: Mapping[str, Any]
+    ) -> tuple[SpanRecord, int] | None:
+        """The ``process`` span current in ``context`` (a message being consumed), ended now
+        with ``attributes`` added, as a record to commit with what the message did; and its
+        span id, for :meth:`SpanExport.committed` once the commit went through."""
+        span = trace.get_current_span(context)
+        if (
+            not isinstance(span, SdkSpan)
+            or not span.is_recording()
+            or span.kind is not SpanKind.CONSUMER
+            or span.instrumentation_scope is None
+            or span.instrumentation_scope.name != "saga"
+        ):
+            return None
+        own = span.get_span_context()
+        if not own.trace_flags.sampled or span.start_time is None:
+            return None
+        parent = span.parent
+        status = span.status
+        error = status.description or "error" if status.status_code is StatusCode.ERROR else None
+        record = _record(
+            span.name, own.trace_id, own.span_id, None if parent is None else parent.span_id,
+            int(own.trace_flags), span.start_time, end,
+            {**(span.attributes or {}), **attributes}, kind=SpanKind.CONSUMER, error=error,
+        )  # fmt: skip
+        return record, own.span_id
+
     def end_attempt(
         self,
         before: SagaState,
@@ -292,29 +519,18 @@ class Tracing:
         error: str | None = None,
         business: Mapping[str, Any] | None = None,
     ) -> None:
-        """Export the span of the attempt ``before`` was waiting for."""
+        """Export the span of the attempt ``before`` was waiting for (no durable export)."""
         if not self.recording:
             return
         saga = _parse(*_saga_ids(before))
-        if saga is None or before.awaiting is None or before.sent_at is None:
+        parts = _attempt(before, outcome, business)
+        if saga is None or parts is None:
             return
-        step = before.steps[before.current].name
-        verb = "step" if before.direction is Direction.ACTION else "compensate"
+        name, span_id, start, attributes = parts
         parent = trace.set_span_in_context(NonRecordingSpan(saga))
-        with _reserved(saga.trace_id, span_id_for(before.awaiting)):
+        with _reserved(saga.trace_id, span_id):
             span = self.tracer.start_span(
-                f"{verb} {step}",
-                context=parent,
-                start_time=_ns(before.sent_at),
-                attributes={
-                    **_saga_attributes(before),
-                    "saga.step": step,
-                    "saga.direction": before.direction.value,
-                    "saga.attempt": before.attempt,
-                    "saga.outcome": outcome,
-                    "messaging.message.id": str(before.awaiting),
-                    **(business or {}),
-                },
+                name, context=parent, start_time=start, attributes=attributes
             )
         if outcome != "succeeded":
             span.set_status(Status(StatusCode.ERROR, error or outcome))
@@ -323,7 +539,8 @@ class Tracing:
     def end_saga(
         self, state: SagaState, end: datetime, business: Mapping[str, Any] | None = None
     ) -> None:
-        """Export the saga's span, with the ids it was given when it started."""
+        """Export the saga's span, with the ids it was given when it started (no durable
+        export)."""
         if not self.recording:
             return
         saga = _parse(*_saga_ids(state))
@@ -336,22 +553,16 @@ class Tracing:
             if up is not None
             else otel_context.Context()  # a root: the trace id comes from the reservation
         )
+        attributes, error = _saga_span(state, business)
         with _reserved(saga.trace_id, saga.span_id):
             span = self.tracer.start_span(
                 f"saga {state.name}",
                 context=parent,
                 start_time=_ns(state.created_at),
-                attributes={
-                    **_saga_attributes(state),
-                    "saga.status": state.status.value,
-                    **(business or {}),
-                },
+                attributes=attributes,
             )
-        if state.failure or state.status is SagaStatus.FAILED:
-            span.set_attribute("saga.failure", state.failure or "failed")
-        if state.status is SagaStatus.FAILED:
-            span.set_status(Status(StatusCode.ERROR, state.failure or "failed"))
-            span.set_attribute("error.type", "saga_failed")
+        if error is not None:
+            span.set_status(Status(StatusCode.ERROR, error))
         span.end(end_time=_ns(end))
 
     # --- messaging and database spans ----------------------------------------------------
@@ -411,7 +622,13 @@ class Tracing:
         headers: Mapping[str, Any],
     ) -> tuple[trace.Span, dict[str, Any]]:
         """Start the span of publishing a message; returns it (end it once confirmed) and the
-        headers to send, whose ``traceparent`` now names it."""
+        headers to send.
+
+        A message that carries a ``traceparent`` keeps it: that is its creation context (a
+        command's attempt span, a reply's process span), which is committed with the work
+        that made the message, so the consumer's span hangs under a span that is never lost;
+        this publish span is its sibling under the same parent. A message without one (a
+        start request published by a client) gets this span's context."""
         if not self.recording:
             return trace.INVALID_SPAN, dict(headers)
         # RabbitMQ's convention: the default exchange is named "" (and left out of the name)
@@ -430,7 +647,7 @@ class Tracing:
                 **self._server_attributes(),
             },
         )
-        if not span.get_span_context().is_valid:
+        if not span.get_span_context().is_valid or "traceparent" in headers:
             return span, dict(headers)
         out = {k: v for k, v in headers.items() if k not in ("traceparent", "tracestate")}
         _PROPAGATOR.inject(out, context=trace.set_span_in_context(span))
@@ -524,6 +741,43 @@ def _saga_ids(state: SagaState) -> tuple[str | None, str | None]:
     if not state.trace:
         return None, None
     return state.trace.get("traceparent"), state.trace.get("tracestate")
+
+
+def _attempt(
+    before: SagaState, outcome: str, business: Mapping[str, Any] | None
+) -> tuple[str, int, int, dict[str, Any]] | None:
+    """(name, span id, start, attributes) of the span of the attempt ``before`` waits for."""
+    if before.awaiting is None or before.sent_at is None:
+        return None
+    step = before.steps[before.current].name
+    verb = "step" if before.direction is Direction.ACTION else "compensate"
+    attributes = {
+        **_saga_attributes(before),
+        "saga.step": step,
+        "saga.direction": before.direction.value,
+        "saga.attempt": before.attempt,
+        "saga.outcome": outcome,
+        "messaging.message.id": str(before.awaiting),
+        **(business or {}),
+    }
+    return f"{verb} {step}", span_id_for(before.awaiting), _ns(before.sent_at), attributes
+
+
+def _saga_span(
+    state: SagaState, business: Mapping[str, Any] | None
+) -> tuple[dict[str, Any], str | None]:
+    """The attributes of the saga's span, and its error (a FAILED saga)."""
+    attributes = {
+        **_saga_attributes(state),
+        "saga.status": state.status.value,
+        **(business or {}),
+    }
+    if state.failure or state.status is SagaStatus.FAILED:
+        attributes["saga.failure"] = state.failure or "failed"
+    if state.status is SagaStatus.FAILED:
+        attributes["error.type"] = "saga_failed"
+        return attributes, state.failure or "failed"
+    return attributes, None
 
 
 def _saga_attributes(state: SagaState) -> dict[str, Any]:

@@ -11,6 +11,7 @@ it, which is why the in-memory harness and the RabbitMQ service share it unchang
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import time
 import uuid
@@ -23,6 +24,7 @@ from uuid import UUID
 
 import structlog
 from opentelemetry import context as otel_context
+from opentelemetry.trace import SpanKind
 from pydantic import ValidationError
 from pydantic_core import PydanticSerializationError, to_json
 
@@ -64,6 +66,7 @@ __all__ = ["Orchestrator", "Outcome", "Result", "validated_input"]
 log = structlog.get_logger("saga.orchestrator.runtime")
 
 _MAX_CONFLICT_RETRIES = 20
+_CONSUMER = SpanKind.CONSUMER.value
 
 
 class Outcome(StrEnum):
@@ -282,10 +285,13 @@ class Orchestrator:
         working: dict[UUID, SagaState | None] = dict(loaded)
         answers: list[Result | BaseException | Requeue] = []
         decided: list[tuple[int, _Item, Change, SagaState | None]] = []
+        durable = self.tracing.durable
         for item in batch:
             state = working.get(item.saga_id)
             try:
                 change = self._decide(item, state, now)
+                if durable is not None:
+                    change = self._with_spans(item, state, change)
             except MessageError as exc:
                 answers.append(exc)
                 continue
@@ -312,9 +318,45 @@ class Orchestrator:
         if wrote_outbox and self.on_commit is not None:
             self.on_commit()  # first: the relay must hear of rows even if a caller is gone
         for (at, item, change, prior), result in zip(decided, results, strict=True):
+            if durable is not None and result in (CommitResult.APPLIED, CommitResult.RECORDED):
+                for record in change.spans:  # the live process span: its record is committed
+                    if record.get("kind") == _CONSUMER:
+                        durable.committed(int(record["span"], 16))
             self.tracing.database(self.database_system, item.trace, began, ended, len(decided))
-            answers[at] = await self._answer(item, change, prior, result)
+            answers[at] = await self._answer(item, change, prior, result, durable is not None)
         return answers
+
+    def _with_spans(self, item: _Item, prior: SagaState | None, change: Change) -> Change:
+        """``change`` with the spans of its work, committed with it so a crash cannot lose
+        them: the attempt it ended, the saga's span (provisional at the start, final at the
+        end), and the span of the message it consumes."""
+        transition = change.transition
+        after = transition.state
+        records: list[dict[str, Any] | None] = []
+        extra: dict[str, Any] = {}
+        if transition.applied:
+            business = self._business(after)
+            ended = attempt_ended(prior, transition)
+            if ended is not None and prior is not None:
+                outcome, detail = ended
+                records.append(
+                    self.tracing.attempt_record(prior, after.updated_at, outcome, detail, business)
+                )
+            finished = after.status.is_terminal and (prior is None or not prior.status.is_terminal)
+            if prior is None or finished:
+                records.append(self.tracing.saga_record(after, after.updated_at, business))
+        if isinstance(item.event, Started):
+            saga_id = str(item.saga_id)
+            extra = {"saga.id": saga_id, "messaging.message.conversation_id": saga_id}
+            extra["saga.outcome"] = "applied"
+        elif isinstance(item.event, ReplySucceeded | ReplyFailed):
+            extra = {"saga.name": after.name}
+            extra["saga.outcome"] = "applied" if transition.applied else "ignored"
+        process = self.tracing.process_record(item.trace, time.time_ns(), extra)
+        if process is not None:
+            records.append(process[0])
+        spans = tuple(r for r in records if r is not None)
+        return dataclasses.replace(change, spans=spans) if spans else change
 
     @staticmethod
     def _refused(item: _Item, transition: Transition) -> Result:
@@ -336,10 +378,15 @@ class Orchestrator:
         return Result(Outcome.REJECTED, state, transition)
 
     async def _answer(
-        self, item: _Item, change: Change, prior: SagaState | None, result: CommitResult
+        self,
+        item: _Item,
+        change: Change,
+        prior: SagaState | None,
+        result: CommitResult,
+        spans_committed: bool = False,
     ) -> Result | BaseException | Requeue:
         if result is CommitResult.APPLIED:
-            self._observe(prior, change.transition)
+            self._observe(prior, change.transition, spans_committed)
         if result is CommitResult.CONFLICT:
             if isinstance(item.event, Started):
                 existing = await self.store.load(item.saga_id)
@@ -403,22 +450,27 @@ class Orchestrator:
             fields = ()
         return business_attributes(state, fields)
 
-    def _observe(self, before: SagaState | None, transition: Transition) -> None:
+    def _observe(
+        self, before: SagaState | None, transition: Transition, spans_committed: bool = False
+    ) -> None:
         """Spans, metrics and log lines of a committed transition: after the commit, so they
-        report only what is durable."""
+        report only what is durable. ``spans_committed``: its spans were written with it
+        (:meth:`_with_spans`), and are exported from there."""
         after = transition.state
         end = after.updated_at
         ended = attempt_ended(before, transition)
-        business = self._business(after) if self.tracing.recording else None
+        spans = self.tracing.recording and not spans_committed
+        business = self._business(after) if spans else None
         if ended is not None and before is not None:
             outcome, detail = ended
-            self.tracing.end_attempt(before, end, outcome, detail, business)
+            if spans:
+                self.tracing.end_attempt(before, end, outcome, detail, business)
             if self.metrics is not None:
                 self.metrics.attempt(before, outcome, end)
         if self.metrics is not None:
             self.metrics.transition(before, transition)
         finished = after.status.is_terminal and (before is None or not before.status.is_terminal)
-        if finished:
+        if finished and spans:
             self.tracing.end_saga(after, end, business)
         if self.admission is not None:
             if finished:

@@ -47,7 +47,7 @@ from saga.orchestrator.upkeep import (
 from saga.ports import Clock
 from saga.process import Budget, serve, starting
 from saga.protocol.envelope import ReplyEnvelope, StartSaga
-from saga.relay import Relay
+from saga.relay import Relay, SpanRelay, span_interval
 from saga.secrets import redact_url
 from saga.settings import Settings
 from saga.store.faults import describe_error
@@ -89,6 +89,8 @@ class OrchestratorService:
         self.metrics = Metrics()
         self._lock = SqliteLock(settings.database_url) if settings.is_sqlite else None
         self.relay: Relay | None = None
+        #: exports the spans committed with the sagas' work (only while spans are exported)
+        self.spans: SpanRelay | None = None
         self.orchestrator = Orchestrator(
             registry,
             self.store,
@@ -142,6 +144,10 @@ class OrchestratorService:
                 await self.store.migrate()
             await self.store.setup()
             await self.store.join()  # PostgreSQL: claims of a killed instance free at once
+            durable = self.tracing.durable
+            if durable is not None:  # first: spans a killed process committed leave now
+                self.spans = SpanRelay(self.store, durable, interval=span_interval())
+                self._tasks.append(asyncio.create_task(self.spans.run(), name="saga-spans"))
             assert self.orchestrator.admission is not None
             recovered = await adopt_in_flight(self.store, self.orchestrator.admission)
             starting(f"connecting to RabbitMQ at {redact_url(self.settings.rabbitmq_url)}")
@@ -160,7 +166,7 @@ class OrchestratorService:
                 tracing=self.tracing,
                 metrics=self.metrics,
             )
-            self._tasks = [asyncio.create_task(self.relay.run(), name="saga-relay")]
+            self._tasks.append(asyncio.create_task(self.relay.run(), name="saga-relay"))
             starting("consuming the reply and start queues", lambda: broker.stats().last_failure)
             await self._consume(broker)
             # Timers start last and after a grace period: replies that arrived while we were
@@ -284,6 +290,9 @@ class OrchestratorService:
         if self.relay is not None:
             relaying = [t for t in self._tasks if t.get_name() == "saga-relay"]
             await self.relay.shutdown(relaying[0] if relaying else None, budget.share(0.6))
+        if self.spans is not None:
+            draining = [t for t in self._tasks if t.get_name() == "saga-spans"]
+            await self.spans.shutdown(draining[0] if draining else None, budget.share(0.6))
         await self._close()
         if started:
             log.info("orchestrator_stopped")

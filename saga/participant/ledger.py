@@ -9,7 +9,7 @@ ran before them.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from datetime import UTC, datetime
 from typing import Any
 from uuid import UUID
@@ -24,7 +24,15 @@ from saga.store.schema import UTCDateTime
 from saga.store.sql import delete_sent, sqlite_engine
 from saga.work import WorkCounts
 
-__all__ = ["Ledger", "ledger_metadata", "outbox", "processed", "replies", "tombstones"]
+__all__ = [
+    "Ledger",
+    "ledger_metadata",
+    "outbox",
+    "processed",
+    "replies",
+    "spans",
+    "tombstones",
+]
 
 ledger_metadata = sa.MetaData()
 
@@ -78,6 +86,16 @@ outbox = sa.Table(
     sa.Column("created_at", UTCDateTime, nullable=False),
     #: the reply's AMQP headers (its trace context); added after the first release
     sa.Column("headers", sa.JSON, nullable=True),
+)
+
+
+#: spans of committed commands, waiting to be exported (only while spans are exported): written
+#: in the transaction that answers the commands, deleted once the exporter took them
+spans = sa.Table(
+    "ledger_spans",
+    ledger_metadata,
+    sa.Column("id", sa.BigInteger().with_variant(sa.Integer, "sqlite"), primary_key=True),
+    sa.Column("records", sa.JSON, nullable=False),
 )
 
 
@@ -200,6 +218,23 @@ class Ledger:
         delete = outbox.delete().where(outbox.c.message_id.in_(message_ids))
         async with self.engine.connect() as conn:
             await delete_sent(conn, delete, self.synchronous)
+
+    async def drain_spans(
+        self, limit: int, export: Callable[[list[Mapping[str, Any]]], Awaitable[None]]
+    ) -> int:
+        """Export committed span records, then delete them (at-least-once; one participant
+        process per ledger, so no two drains share rows). The delete does not wait for an
+        fsync on SQLite: lost in a power cut, it only exports a duplicate."""
+        query = sa.select(spans.c.id, spans.c.records).order_by(spans.c.id).limit(limit)
+        async with self.reader.connect() as conn:
+            rows = (await conn.execute(query)).all()
+        if not rows:
+            return 0
+        await export([r for row in rows for r in row.records])
+        delete = spans.delete().where(spans.c.id.in_([r.id for r in rows]))
+        async with self.engine.connect() as conn:
+            await delete_sent(conn, delete, self.synchronous)
+        return len(rows)
 
     async def history(self) -> list[dict[str, Any]]:
         """Every final reply in the order it was given: the service's audit trail."""

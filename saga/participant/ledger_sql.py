@@ -29,7 +29,7 @@ import sqlalchemy as sa
 from sqlalchemy.dialects import sqlite as sqlite_dialect
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
-from saga.participant.ledger import Ledger, outbox, processed, replies, tombstones
+from saga.participant.ledger import Ledger, outbox, processed, replies, spans, tombstones
 from saga.store import sqlite_driver
 from saga.store.pg_batch import PgRun, pg_arrays, pg_insert, pg_table
 from saga.store.sqlite_batch import Prepared, PreparedCache
@@ -69,6 +69,7 @@ class Rows(Protocol):
     tombstone_rows: list[dict[str, Any]]
     reply_rows: list[dict[str, Any]]
     outbox_rows: list[dict[str, Any]]
+    span_rows: list[dict[str, Any]]
 
 
 class Statements(Protocol):
@@ -149,6 +150,8 @@ class CoreStatements:
             await self._conn.execute(replies.insert(), rows.reply_rows)
         if rows.outbox_rows:
             await self._conn.execute(self._ledger.insert_ignore(outbox), rows.outbox_rows)
+        if rows.span_rows:
+            await self._conn.execute(spans.insert(), rows.span_rows)
 
 
 class PostgresStatements:
@@ -196,6 +199,7 @@ class PostgresStatements:
             (sql.tombstones, _PG_TOMBSTONES, rows.tombstone_rows),
             (sql.replies, _PG_REPLIES, rows.reply_rows),
             (sql.outbox, _PG_OUTBOX, rows.outbox_rows),
+            (sql.spans, _PG_SPANS, rows.span_rows),
         ):
             if values:
                 await self._run.execute(statement, pg_arrays(columns, values))
@@ -249,6 +253,7 @@ _PG_OUTBOX = (
     ("created_at", "timestamptz"),
     ("headers", "json"),
 )
+_PG_SPANS = (("records", "json"),)
 
 
 class _PgLedgerSql(NamedTuple):
@@ -259,6 +264,7 @@ class _PgLedgerSql(NamedTuple):
     tombstones: str
     replies: str
     outbox: str
+    spans: str
 
 
 @functools.lru_cache(maxsize=64)
@@ -279,6 +285,7 @@ def _pg_statements(schema: str | None) -> _PgLedgerSql:
         tombstones=pg_insert(t(tombstones), _PG_TOMBSTONES),
         replies=pg_insert(t(replies), _PG_REPLIES),
         outbox=pg_insert(t(outbox), _PG_OUTBOX, " ON CONFLICT DO NOTHING"),
+        spans=pg_insert(t(spans), _PG_SPANS),
     )
 
 
@@ -405,6 +412,7 @@ class SqliteStatements:
             (tombstones, rows.tombstone_rows, False),
             (replies, rows.reply_rows, False),
             (outbox, rows.outbox_rows, True),
+            (spans, rows.span_rows, False),
         ):
             if values:
                 prepared = self._c.insert(table, tuple(values[0]), ignore)

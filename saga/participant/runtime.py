@@ -64,7 +64,7 @@ from saga.ports import OutboxMessage
 from saga.process import Budget, fail, launch, serve, starting
 from saga.protocol.envelope import CommandEnvelope, ReplyEnvelope, parse_data
 from saga.protocol.types import CommonFailure, ContractError
-from saga.relay import Relay
+from saga.relay import Relay, SpanRelay, span_interval
 from saga.secrets import redact_url
 from saga.store.faults import database_reachable
 from saga.telemetry import Metrics, MetricsServer, Tracing
@@ -178,6 +178,9 @@ class Participant:
         self._pipeline: Pipeline[CommandEnvelope] | None = None
         self._started = False
         self._relay: Relay | None = None
+        #: exports the spans committed with the commands' answers (while spans are exported)
+        self._spans: SpanRelay | None = None
+        self._spans_task: asyncio.Task[None] | None = None
         self._relay_task: asyncio.Task[None] | None = None
         self._group: GroupCommit[_Work, ReplyEnvelope] = GroupCommit(self._apply)
         #: what came of each command handled, until its ack (by message id: a redelivery
@@ -308,6 +311,10 @@ class Participant:
             metrics=self.metrics,
         )
         self._relay_task = asyncio.create_task(self._relay.run(), name=f"{self.name}-relay")
+        durable = self.tracing.durable
+        if durable is not None:  # what a killed process committed and never exported leaves now
+            self._spans = SpanRelay(self.ledger, durable, interval=span_interval())
+            self._spans_task = asyncio.create_task(self._spans.run(), name=f"{self.name}-spans")
         poison = PoisonGuard(self.settings.max_deliveries, self._database_up)
         self._pipeline = Pipeline(
             self.topology.command_queue(self.name),
@@ -355,6 +362,9 @@ class Participant:
             await asyncio.wait(self._pipeline.in_flight, timeout=budget.share(0.5))
         if self._relay is not None:
             await self._relay.shutdown(self._relay_task, budget.share(0.6))
+        if self._spans is not None:
+            await self._spans.shutdown(self._spans_task, budget.share(0.6))
+            self._spans = self._spans_task = None
         await self._broker.release()
         await self.ledger.close()
 
@@ -470,6 +480,8 @@ class Participant:
         }
         results: list[ReplyEnvelope] = []
         tally = _Tally()
+        durable = self.tracing.durable
+        committed: list[int] = []  # live process spans whose record this transaction writes
         async with self.ledger.engine.begin() as conn:
             ledger = await statements(conn, self.ledger)
             sent = self.ledger.take_deletes()
@@ -511,7 +523,12 @@ class Participant:
                 tally.outcomes.append((command.command_type, outcome))
                 each.outcome = outcome
                 results.append(reply)
+            if durable is not None:
+                committed = self._span_rows(work, rows)
             await ledger.write(rows)
+        if durable is not None:
+            for span_id in committed:
+                durable.committed(span_id)
         # counted once committed: a batch that failed is tried again and counted then
         self.ledger.wrote(OutboxMessage(exchange="", **row) for row in rows.outbox_rows)
         for command_type, outcome in tally.outcomes:
@@ -519,6 +536,21 @@ class Participant:
         self.handled += tally.handled
         self.duplicates += tally.duplicates
         return results
+
+    def _span_rows(self, work: Sequence[_Work], rows: _Rows) -> list[int]:
+        """The process spans of ``work``, as a row the transaction that answers it writes (a
+        crash cannot lose them then); returns their span ids, for the live spans to be left
+        out of the batch once it committed."""
+        records = []
+        committed = []
+        for each in work:
+            found = self.tracing.process_record(each.trace, time.time_ns(), {})
+            if found is not None:
+                records.append(found[0])
+                committed.append(found[1])
+        if records:
+            rows.span_rows.append({"records": records})
+        return committed
 
     async def _answer(
         self,
@@ -736,6 +768,7 @@ class _Rows:
         self.tombstone_rows: list[dict[str, Any]] = []
         self.reply_rows: list[dict[str, Any]] = []
         self.outbox_rows: list[dict[str, Any]] = []
+        self.span_rows: list[dict[str, Any]] = []
 
     def processed(self, command: CommandEnvelope, reply: ReplyEnvelope, data: Any) -> None:
         self.processed_rows.append(

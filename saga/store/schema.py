@@ -15,7 +15,17 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Dialect
 
-__all__ = ["HEAD", "MIGRATIONS", "UTCDateTime", "history", "inbox", "metadata", "outbox", "sagas"]
+__all__ = [
+    "HEAD",
+    "MIGRATIONS",
+    "UTCDateTime",
+    "history",
+    "inbox",
+    "metadata",
+    "outbox",
+    "sagas",
+    "spans",
+]
 
 
 class UTCDateTime(sa.TypeDecorator[datetime]):
@@ -123,6 +133,15 @@ inbox = sa.Table(
     sa.Column("received_at", UTCDateTime, nullable=False),
 )
 
+#: spans of committed transitions, waiting to be exported (only while spans are exported):
+#: written in the transaction of the work they report, deleted once the exporter took them
+spans = sa.Table(
+    "saga_spans",
+    metadata,
+    sa.Column("id", sa.BigInteger().with_variant(sa.Integer, "sqlite"), primary_key=True),
+    sa.Column("records", sa.JSON, nullable=False),
+)
+
 schema_version = sa.Table(
     "saga_schema_version",
     metadata,
@@ -159,6 +178,10 @@ def _v5_claim_owners(conn: Connection) -> None:
     outbox_saga_index.create(conn, checkfirst=True)
 
 
+def _v6_spans(conn: Connection) -> None:
+    spans.create(conn, checkfirst=True)
+
+
 def _add_column(conn: Connection, table: sa.Table, name: str) -> None:
     """Add a column to a released table; migration 1 creates it on a new database already."""
     schema = _schema(conn)
@@ -186,5 +209,6 @@ MIGRATIONS: list[tuple[int, str, Callable[[Connection], None]]] = [
     (3, "when the awaited command was sent, for step latency", _v3_sent_at),
     (4, "claims of outbox rows and due timers, for several instances", _v4_claims),
     (5, "the instance holding each claim, and outbox rows by saga", _v5_claim_owners),
+    (6, "spans of committed transitions, until exported", _v6_spans),
 ]
 HEAD = MIGRATIONS[-1][0]

@@ -22,7 +22,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import os
-from collections.abc import Collection, Iterable, Sequence
+from collections.abc import Awaitable, Callable, Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -61,6 +61,7 @@ from saga.store.schema import (
     outbox,
     sagas,
     schema_version,
+    spans,
 )
 from saga.store.sqlite_batch import PreparedCache, Work, run_transaction
 from saga.work import WorkCounts
@@ -483,7 +484,9 @@ class SqlStore:
         is one call to a worker thread with statements compiled once (:mod:`.sqlite_batch`):
         through SQLAlchemy, per statement, the async driver cost far more than SQLite's work.
         """
-        inbox_rows, inserts, updates, history_rows, outbox_rows = _bulk_rows(changes, now, None)
+        inbox_rows, inserts, updates, history_rows, outbox_rows, span_rows = _bulk_rows(
+            changes, now, None
+        )
         for row in updates:
             row["w_saga_id"] = row.pop("saga_id")
         work = [
@@ -493,6 +496,7 @@ class SqlStore:
             self._work(_SAGA_UPDATE, updates, exact=True),
             self._work(_HISTORY_INSERT, history_rows),
             self._work(_OUTBOX_INSERT, outbox_rows),
+            self._work(_SPANS_INSERT, span_rows),
         ]
         if not await run_transaction(self._write, work):
             return None
@@ -516,7 +520,7 @@ class SqlStore:
         if len(set(ids)) != len(ids):
             return None
         ordered = sorted(changes, key=lambda c: c.transition.state.saga_id)
-        inbox_rows, inserts, updates, history_rows, outbox_rows = _bulk_rows(
+        inbox_rows, inserts, updates, history_rows, outbox_rows, span_rows = _bulk_rows(
             ordered, now, self.instance
         )
         sql = self._pg_sql
@@ -543,6 +547,8 @@ class SqlStore:
                     await run.execute(sql.history, pg_arrays(_PG_HISTORY, history_rows))
                 if outbox_rows:
                     await run.execute(sql.outbox, pg_arrays(_PG_OUTBOX, outbox_rows))
+                if span_rows:
+                    await conn.execute(_SPANS_INSERT, span_rows)
         except _RowByRowError:
             return None
         return [
@@ -568,6 +574,7 @@ class SqlStore:
         # instead of deadlocking, whatever order the messages came in.
         order = sorted(range(len(changes)), key=lambda i: changes[i].transition.state.saga_id)
         answers: list[CommitResult | None] = [None] * len(changes)
+        span_rows: list[dict[str, Any]] = []
         async with self._write.begin() as conn:
             if doomed:
                 await conn.execute(outbox.delete().where(outbox.c.message_id.in_(sorted(doomed))))
@@ -580,6 +587,8 @@ class SqlStore:
                     answers[index] = CommitResult.CONFLICT
                     continue
                 result = await self._apply(conn, change, now, history_rows, outbox_rows)
+                if result in (CommitResult.APPLIED, CommitResult.RECORDED) and change.spans:
+                    span_rows.append({"records": list(change.spans)})
                 if change.transition.applied and result in (
                     CommitResult.CONFLICT,
                     CommitResult.DUPLICATE,
@@ -591,6 +600,8 @@ class SqlStore:
                 await conn.execute(history.insert(), history_rows)
             if outbox_rows:
                 await conn.execute(outbox.insert(), outbox_rows)
+            if span_rows:
+                await conn.execute(_SPANS_INSERT, span_rows)
 
     async def _apply(
         self,
@@ -783,6 +794,36 @@ class SqlStore:
         delete = outbox.delete().where(outbox.c.message_id.in_(message_ids))
         async with self._write.connect() as conn:
             await delete_sent(conn, delete, self._synchronous)
+
+    # --- spans ---------------------------------------------------------------------------
+
+    async def drain_spans(
+        self, limit: int, export: Callable[[list[Mapping[str, Any]]], Awaitable[None]]
+    ) -> int:
+        """Export committed span records, then delete them (at-least-once).
+
+        PostgreSQL: the rows are locked (``SKIP LOCKED``) in a transaction held across the
+        export, so instances sharing the database export different rows, and a crash rolls
+        the delete back. SQLite (one instance): read, export, then delete in a transaction
+        of its own that does not wait for an fsync (a delete lost in a power cut exports a
+        duplicate, nothing more)."""
+        query = _SPANS_PENDING.limit(limit)
+        if self.dialect == "postgresql":
+            async with self._write.begin() as conn:
+                rows = (await conn.execute(query.with_for_update(skip_locked=True))).all()
+                if rows:
+                    await export([r for row in rows for r in row.records])
+                    await conn.execute(spans.delete().where(spans.c.id.in_([r.id for r in rows])))
+            return len(rows)
+        async with self._read.connect() as conn:
+            rows = (await conn.execute(query)).all()
+        if not rows:
+            return 0
+        await export([r for row in rows for r in row.records])
+        delete = spans.delete().where(spans.c.id.in_([r.id for r in rows]))
+        async with self._write.connect() as conn:
+            await delete_sent(conn, delete, self._synchronous)
+        return len(rows)
 
     async def outbox_stats(self, now: datetime) -> tuple[int, float]:
         """(rows waiting, age in seconds of the oldest) for metrics and the benchmark."""
@@ -991,6 +1032,7 @@ def _bulk_rows(
     updates: list[dict[str, Any]] = []
     history_rows: list[dict[str, Any]] = []
     outbox_rows: list[dict[str, Any]] = []
+    span_rows: list[dict[str, Any]] = []
     for change in changes:
         state = change.transition.state
         if change.inbox_id is not None:
@@ -1006,7 +1048,9 @@ def _bulk_rows(
                 updates.append(row)
             outbox_rows.extend(_outbox_row(m, now, instance) for m in change.outbox)
         history_rows.extend(_history_row(state.saga_id, h) for h in change.transition.history)
-    return inbox_rows, inserts, updates, history_rows, outbox_rows
+        if change.spans:
+            span_rows.append({"records": list(change.spans)})
+    return inbox_rows, inserts, updates, history_rows, outbox_rows, span_rows
 
 
 class _RowByRowError(Exception):
@@ -1017,10 +1061,12 @@ _SELECT_SAGAS = sa.select(sagas).where(sagas.c.saga_id.in_(sa.bindparam("ids", e
 _OUTBOX_DELETE = outbox.delete().where(outbox.c.message_id == sa.bindparam("message_id"))
 _HISTORY_INSERT = history.insert()
 _OUTBOX_INSERT = outbox.insert()
+_SPANS_INSERT = spans.insert()
+_SPANS_PENDING = sa.select(spans.c.id, spans.c.records).order_by(spans.c.id)
 
 
 def _drop_all(conn: sa.Connection) -> None:
-    for table in (history, outbox, inbox, sagas, schema_version):
+    for table in (spans, history, outbox, inbox, sagas, schema_version):
         table.drop(conn, checkfirst=True)
 
 

@@ -39,12 +39,12 @@ def telemetry_env(receiver: OtlpReceiver, instance: str) -> dict[str, str]:
 
 
 def spawn_orchestrator(stack: Stack, receiver: OtlpReceiver, instance: str, **extra: str) -> Proc:
-    env = stack.orchestrator_env(**telemetry_env(receiver, instance), **extra)
+    env = stack.orchestrator_env(**{**telemetry_env(receiver, instance), **extra})
     return stack.processes.spawn(instance, ["saga", "run", "--migrate"], env)
 
 
 def spawn_service(stack: Stack, receiver: OtlpReceiver, service: str, **extra: str) -> Proc:
-    env = stack.service_env(None, **telemetry_env(receiver, service), **extra)
+    env = stack.service_env(None, **{**telemetry_env(receiver, service), **extra})
     return stack.processes.spawn(service, ["saga-service", service], env)
 
 
@@ -96,8 +96,14 @@ async def test_a_compensated_saga_is_one_trace_across_all_services_and_a_restart
     assert {s.trace_id for s in receiver.spans if s.attributes.get("saga.id") == str(sid)} == {
         trace_id
     }, "every span about the saga is in its one trace"
+    # the saga's span is sent when it starts (provisional: RUNNING) and again, with the same
+    # ids, when it ends; the last one sent is the final one
+    (provisional, root) = [s for s in spans if s.name == "saga checkout"]
+    assert provisional.span_id == root.span_id
+    assert provisional.attributes["saga.status"] == "RUNNING"
+    assert provisional.instance == "orchestrator-1"
+    spans = [s for s in spans if s is not provisional]
     by_id = {s.span_id: s for s in spans}
-    (root,) = [s for s in spans if s.name == "saga checkout"]
     start = by_id[root.parent_id]  # consuming the start request began the trace
     assert start.name == f"process {stack.prefix}.start" and start.parent_id == ""
     assert start.instance == "orchestrator-1"
@@ -121,8 +127,9 @@ async def test_a_compensated_saga_is_one_trace_across_all_services_and_a_restart
     assert all(s.parent_id == root.span_id for s in attempts)
     assert all(s.service == "saga-orchestrator" for s in attempts)
 
-    # Under each attempt: the orchestrator's publish, the participant's process (with its
-    # database commit and the publish of its reply), and the orchestrator's process of the reply.
+    # Under each attempt: the orchestrator's publish and the participant's process (the
+    # command's creation context is the attempt), with under the latter its database commit,
+    # the publish of its reply and the orchestrator's process of the reply.
     children: dict[str, list[Span]] = {}
     for s in spans:
         children.setdefault(s.parent_id, []).append(s)
@@ -134,7 +141,7 @@ async def test_a_compensated_saga_is_one_trace_across_all_services_and_a_restart
         )
         assert publish.attributes["messaging.message.conversation_id"] == str(sid)
         participant = attempt.attributes["saga.step"]
-        consumed = [c for c in children.get(publish.span_id, []) if c.name.startswith("process")]
+        consumed = [c for c in children.get(attempt.span_id, []) if c.name.startswith("process")]
         assert consumed, f"no participant processed {attempt.name}"
         for process in consumed:
             assert process.service.startswith("saga-"), process
@@ -143,7 +150,7 @@ async def test_a_compensated_saga_is_one_trace_across_all_services_and_a_restart
             assert any(c.name == "COMMIT sqlite" for c in below), (attempt.name, below)
             replies = [c for c in below if c.name == "publish"]
             assert replies, f"{process.service} published no reply to {attempt.name}"
-            handled = [h for r in replies for h in children.get(r.span_id, [])]
+            handled = [h for h in below if h.name.startswith("process")]
             assert any(
                 h.name == f"process {stack.prefix}.replies" and h.service == "saga-orchestrator"
                 for h in handled
