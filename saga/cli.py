@@ -16,6 +16,7 @@ from typing import Annotated, Any, NoReturn
 
 import typer
 from typer.core import TyperCommand, TyperGroup, TyperOption
+from typer.models import DefaultPlaceholder
 
 from saga import __version__
 from saga.admin import render
@@ -64,6 +65,7 @@ app.add_typer(schema_app, name="schema")
 dlq_app = typer.Typer(
     help="Dead letters: list, show, replay or discard what the deployment could not apply.",
     no_args_is_help=True,
+    cls=_Group,
 )
 app.add_typer(dlq_app, name="dlq")
 batch_app = typer.Typer(
@@ -833,7 +835,20 @@ def _add_plugins() -> None:
         except ImportError as exc:  # a broken plugin must not take the core commands down
             typer.echo(f"warning: saga {entry.name} is unavailable: {exc}", err=True)
             continue
+        _flags_take_no_value(plugin)
         app.add_typer(plugin, name=entry.name)
+
+
+def _flags_take_no_value(typer_app: typer.Typer) -> None:
+    """Every command of ``typer_app`` (and its group) shows its flags without a value type."""
+    if isinstance(typer_app.info.cls, DefaultPlaceholder) or typer_app.info.cls in (
+        None,
+        TyperGroup,
+    ):
+        typer_app.info.cls = _Group
+    for info in typer_app.registered_commands:
+        if info.cls in (None, TyperCommand):
+            info.cls = _Command
 
 
 def main() -> None:
@@ -841,7 +856,5 @@ def main() -> None:
     app()
 
 
-for _typer in (app, schema_app, batch_app):  # every command of ours, without repeating cls= on each
-    for _info in _typer.registered_commands:
-        if _info.cls in (None, TyperCommand):
-            _info.cls = _Command
+for _typer in (app, schema_app, batch_app, dlq_app):  # ours, without repeating cls= on each
+    _flags_take_no_value(_typer)
