@@ -5,7 +5,9 @@ statements (:mod:`saga.participant.ledger_sql`) bypass SQLAlchemy's execution on
 same changes are written both ways into two files here and every stored value is compared with
 its SQLite storage class: a value stored in another format (a datetime without its
 microseconds, a UUID with dashes) would sort and compare differently from rows SQLAlchemy
-writes, and from the values the admin API binds.
+writes, and from the values the admin API binds. The participants' ledger statements on
+PostgreSQL (:class:`~saga.participant.ledger_sql.PostgresStatements`, fixed texts on asyncpg's
+connection) are compared with SQLAlchemy Core's the same way, as SQLAlchemy reads them back.
 """
 
 from __future__ import annotations
@@ -18,18 +20,25 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import sqlalchemy as sa
 from sqlalchemy.dialects import sqlite
 
 from saga.core.definition import SagaDefinition, Step
 from saga.core.engine import decide
 from saga.core.state import ReplySucceeded, Started
-from saga.participant.ledger import Ledger, outbox, processed, replies, tombstones
-from saga.participant.ledger_sql import CoreStatements, SqliteStatements, statements
+from saga.participant.ledger import Ledger, outbox, processed, replies, spans, tombstones
+from saga.participant.ledger_sql import (
+    CoreStatements,
+    PostgresStatements,
+    SqliteStatements,
+    statements,
+)
 from saga.ports import Change, CommitResult, OutboxMessage
 from saga.store import sql as sql_module
 from saga.store.schema import UTCDateTime
 from saga.store.sql import SqlStore
 from saga.store.sqlite_batch import sqlite_utc_text
+from tests.conftest import require_postgres
 
 T0 = datetime(2030, 1, 2, 3, 4, 5, tzinfo=UTC)  # no microseconds: the format must add them
 SAGA = uuid.UUID("11111111-2222-3333-4444-555555555555")
@@ -151,6 +160,7 @@ class Rows:
                 "created_at": at,
             }
         ]
+        self.span_rows = [{"records": [{"name": "process cmd.pay", "span_id": "5" * 16}]}]
 
 
 async def write_ledger(path: Path, pick: Callable[[Any, Ledger, Any], Any]) -> tuple[Any, ...]:
@@ -190,7 +200,7 @@ async def test_the_ledger_statements_store_and_read_rows_as_sqlalchemy_does(
     read_core = await write_ledger(tmp_path / "core.db", core)
     assert dump(tmp_path / "direct.db") == dump(tmp_path / "core.db")
     stored = dump(tmp_path / "direct.db")
-    for table in (processed, replies, tombstones, outbox):
+    for table in (processed, replies, tombstones, outbox, spans):
         assert len(stored[table.name]) == 1, table.name  # written, and the delete undone
     assert read_direct == read_core
     given, recorded = read_direct
@@ -224,3 +234,56 @@ def test_the_fast_utc_datetime_text_is_what_sqlalchemy_stores(value: datetime | 
 def test_the_fast_utc_datetime_text_refuses_a_naive_time_as_sqlalchemy_does() -> None:
     with pytest.raises(ValueError, match="naive"):
         sqlite_utc_text(datetime(2026, 1, 1))
+
+
+async def _write_ledger_pg(schema: str, direct: bool) -> tuple[Any, ...]:
+    """:func:`write_ledger` on PostgreSQL, in a schema of its own; returns what was read and
+    every table's rows as SQLAlchemy reads them."""
+    ledger = Ledger(require_postgres(), schema=schema)
+    await ledger.setup()
+    try:
+        async with ledger.engine.begin() as conn:
+            chosen = await statements(conn, ledger)
+            assert isinstance(chosen, PostgresStatements)
+            await (chosen if direct else CoreStatements(conn, ledger)).write(Rows(T0))
+        async with ledger.engine.begin() as conn:
+            chosen = await statements(conn, ledger)
+            ledger_sql = chosen if direct else CoreStatements(conn, ledger)
+            keys = [uuid.UUID(int=10), uuid.UUID(int=12), uuid.UUID(int=99)]
+            read = (
+                await ledger_sql.given([uuid.UUID(int=14), uuid.UUID(int=98)]),
+                sorted(await ledger_sql.recorded(keys)),
+            )
+            savepoint = await ledger_sql.savepoint()
+            await ledger_sql.delete_sent([uuid.UUID(int=14)])
+            await savepoint.rollback()
+        async with ledger.engine.connect() as conn:
+            tables = {}
+            for table in (processed, replies, tombstones, outbox, spans):
+                rows = (await conn.execute(sa.select(table))).mappings().all()
+                tables[table.name] = [{k: v for k, v in r.items() if k != "id"} for r in rows]
+        async with ledger.engine.begin() as conn:
+            await conn.execute(sa.text(f'DROP SCHEMA "{schema}" CASCADE'))
+    finally:
+        await ledger.close()
+    return read, tables
+
+
+@pytest.mark.postgres
+async def test_the_ledger_statements_on_postgresql_store_and_read_as_sqlalchemy_does(
+    unique: str,
+) -> None:
+    """PostgresStatements (fixed texts on asyncpg's connection) against SQLAlchemy Core."""
+    read_direct, stored_direct = await _write_ledger_pg(f"ledger_direct_{unique}", True)
+    read_core, stored_core = await _write_ledger_pg(f"ledger_core_{unique}", False)
+    assert stored_direct == stored_core
+    for table in (processed, replies, tombstones, outbox, spans):
+        assert len(stored_direct[table.name]) == 1, table.name  # written, and the delete undone
+    assert read_direct == read_core
+    given, recorded = read_direct
+    assert given == {uuid.UUID(int=14): b'{"reply": true}'}
+    assert [(r.key, r.tombstone) for r in recorded] == [
+        (uuid.UUID(int=10), False),
+        (uuid.UUID(int=12), True),
+    ]
+    assert recorded[0].data == {"amount": "1.50", "nested": {"a": [1, 2]}}
