@@ -417,7 +417,9 @@ class Participant:
             self._relay.wake()
         log.debug("command_answered", outcome=reply.outcome, reason=reply.reason)
         self._outcomes[command.message_id] = work.outcome
-        return "applied"
+        # saga_messages_consumed_total: a command answered from the ledger (redelivered, or
+        # retried under the same key) changed nothing, as a duplicate start does not
+        return "duplicate" if work.outcome == "duplicate" else "applied"
 
     def _settled(self, command: CommandEnvelope, _outcome: str, seconds: float) -> None:
         """A command acked: its handling time, and the one line per command an operator reads

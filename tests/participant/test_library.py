@@ -5,6 +5,7 @@ against a late action, typed payloads, and refusals for handlers it cannot read.
 from __future__ import annotations
 
 import asyncio
+import json
 import uuid
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
@@ -27,6 +28,7 @@ from saga.participant import (
     TransientError,
 )
 from saga.protocol.envelope import CommandEnvelope
+from saga.transport.topology import Topology
 from tests.conftest import require_rabbitmq
 
 metadata = sa.MetaData()
@@ -307,4 +309,73 @@ async def test_a_start_that_fails_half_way_closes_its_own_broker(
         await channel.queue_delete(f"{prefix}.cmd.flights")
         for name in (f"{prefix}.commands", f"{prefix}.dlx"):
             await channel.exchange_delete(name)
+        await connection.close()
+
+
+@pytest.mark.rabbitmq
+async def test_a_command_answered_from_the_ledger_is_consumed_as_a_duplicate(
+    tmp_path: Path, unique: str
+) -> None:
+    """saga_messages_consumed_total on a command queue: the first delivery of a command is
+    `applied`; the same message again, and a new attempt under the same key answered with the
+    final answer on record, are `duplicate` (they changed nothing), each with its reply."""
+    url = require_rabbitmq()
+    prefix = f"dup-{unique}"
+    calls.clear()
+    service = flights(
+        tmp_path, ParticipantSettings(data_dir=tmp_path, prefix=prefix, rabbitmq_url=url)
+    )
+    await service.start()
+    connection = await aio_pika.connect(url)
+    try:
+        channel = await connection.channel()
+        replies = await channel.get_queue(f"{prefix}.replies")  # declared by the participant
+        saga = uuid.uuid4()
+        here = {"reply_to": f"{prefix}.replies"}
+        refused = book(saga, flight="FULL").model_copy(update=here)  # a final answer
+        retried = book(saga, flight="FULL", attempt=2).model_copy(update=here)
+        for sent in (refused, refused, retried):
+            await channel.default_exchange.publish(
+                aio_pika.Message(
+                    sent.model_dump_json().encode(),
+                    message_id=str(sent.message_id),
+                    content_type="application/json",
+                ),
+                routing_key=f"{prefix}.cmd.flights",
+            )
+
+        def consumed(outcome: str) -> float:
+            value = service.metrics.registry.get_sample_value(
+                "saga_messages_consumed_total",
+                {"queue": f"{prefix}.cmd.flights", "outcome": outcome},
+            )
+            return value or 0.0
+
+        for _ in range(100):  # counted once acked
+            if consumed("applied") + consumed("duplicate") == 3:
+                break
+            await asyncio.sleep(0.1)
+        samples = [
+            (s.labels, s.value)
+            for m in service.metrics.registry.collect()
+            for s in m.samples
+            if s.name == "saga_messages_consumed_total"
+        ]
+        assert (consumed("applied"), consumed("duplicate")) == (1.0, 2.0), samples
+        assert calls == ["book 1"]  # the handler ran once
+        answers = set()
+        async with replies.iterator(timeout=10) as incoming:
+            async for message in incoming:
+                await message.ack()
+                answers.add(json.loads(message.body)["causation_id"])
+                if len(answers) == 2:
+                    break
+        assert answers == {str(refused.message_id), str(retried.message_id)}
+    finally:
+        await service.stop()
+        channel = await connection.channel()
+        for queue in Topology(prefix=prefix).queues(["flights"]):
+            await channel.queue_delete(queue.name)
+        for exchange in Topology(prefix=prefix).exchanges():
+            await channel.exchange_delete(exchange.name)
         await connection.close()
