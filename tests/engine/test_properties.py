@@ -729,11 +729,12 @@ class SagaMachine(RuleBasedStateMachine):
         tr = failed[index % len(failed)] if alerted and failed else self.pick(index)
         s = tr.s
         pivot = tr.spec.pivot
+        if tr.spec.continues and s.status is SagaStatus.FAILED and action != "abort":
+            # a retry or resolve restarts the run over the stuck steps, newest first again
+            tr.reopened, tr.last_compensated_index = True, None
         if action == "retry":
             t = self.apply(tr, OperatorRetry("op", "retry"))
             assert t.applied == (s.status is SagaStatus.FAILED)
-            if t.applied and tr.spec.continues:
-                tr.reopened, tr.last_compensated_index = True, None
             if t.applied:
                 [cmd] = t.commands
                 assert (cmd.step, cmd.direction) == (s.steps[s.current].name, s.direction)
@@ -757,8 +758,6 @@ class SagaMachine(RuleBasedStateMachine):
         else:
             t = self.apply(tr, OperatorResolve("op", "resolved", {"by": "hand"}))
             assert t.applied == (s.status is SagaStatus.FAILED)
-            if t.applied and tr.spec.continues:
-                tr.reopened, tr.last_compensated_index = True, None
             if t.applied and s.direction is Direction.ACTION:
                 assert tr.s.context.output(s.steps[s.current].name) == {"by": "hand"}
             elif t.applied:
