@@ -3,7 +3,14 @@
 The public surface; everything else is internal and may change.
 """
 
-from saga.core.definition import Registry, RetryPolicy, SagaDefinition, Step
+from saga.core.definition import (
+    CompensationPolicy,
+    Parallel,
+    Registry,
+    RetryPolicy,
+    SagaDefinition,
+    Step,
+)
 from saga.core.errors import (
     ConcurrencyError,
     ConfigError,
@@ -32,6 +39,7 @@ __version__ = "0.1.0"
 __all__ = [
     "JSON",
     "Command",
+    "CompensationPolicy",
     "ConcurrencyError",
     "ConfigError",
     "DefinitionError",
@@ -41,6 +49,7 @@ __all__ = [
     "HistoryKind",
     "InvalidInputError",
     "MessageError",
+    "Parallel",
     "Registry",
     "RetryPolicy",
     "SagaContext",

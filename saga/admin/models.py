@@ -247,6 +247,17 @@ class SagaDetail(SagaSummary):
     phase: Phase
     awaiting: UUID | None = Field(description="the command awaited or to be sent next")
     deadline: datetime | None
+    in_flight: list[str] = Field(
+        description="the steps whose command is awaited or in backoff: the members of a "
+        "parallel group in flight, or the one step being run or compensated"
+    )
+    expires_at: datetime | None = Field(
+        description="the saga's own deadline while it runs forward; null without one"
+    )
+    stuck_steps: list[str] = Field(
+        description="when FAILED while compensating: every step whose compensation is stuck "
+        "(several with the continue policy); the newest is stuck_step"
+    )
     input: dict[str, Any]
     outputs: dict[str, dict[str, Any]]
     steps: list[StepView]
@@ -287,12 +298,22 @@ class StepDefinitionView(_Model):
     compensation_timeout_s: float
     retry: RetryView
     compensation_retry: RetryView
+    group: int | None = Field(
+        description="index of the parallel group the step belongs to (its members run "
+        "together); null for a step run on its own"
+    )
+    conditional: bool = Field(description="whether the step runs only when its condition holds")
 
 
 class DefinitionView(_Model):
     name: str
     version: int
     steps: list[StepDefinitionView]
+    deadline_s: float | None = Field(description="the saga's own deadline; null without one")
+    on_compensation_failure: str = Field(
+        description="halt: a compensation failing for good stops there; continue: the older "
+        "steps are compensated and the saga ends FAILED naming every stuck one"
+    )
 
 
 class StartResult(_Model):
@@ -741,6 +762,9 @@ def saga_detail(
         phase=s.phase,
         awaiting=s.awaiting,
         deadline=s.deadline,
+        in_flight=_in_flight(s),
+        expires_at=s.expires_at,
+        stuck_steps=_stuck_steps(s),
         input=dict(s.context.input),
         outputs={name: dict(data) for name, data in s.context.outputs.items()},
         steps=steps,
@@ -749,6 +773,20 @@ def saga_detail(
         pending=pending_step(s, definition, spans),
         retry_runs=retry_runs(history, commands),
     )
+
+
+def _in_flight(s: SagaState) -> list[str]:
+    if s.lanes:
+        return [s.steps[lane.index].name for lane in sorted(s.lanes, key=lambda lane: lane.index)]
+    if s.phase is Phase.IDLE or s.current >= len(s.steps):
+        return []
+    return [s.steps[s.current].name]
+
+
+def _stuck_steps(s: SagaState) -> list[str]:
+    if s.status is not SagaStatus.FAILED or s.direction is not Direction.COMPENSATION:
+        return [] if s.stuck_step is None else [s.stuck_step]
+    return [st.name for st in reversed(s.steps) if st.status is StepStatus.COMPENSATING]
 
 
 def _retry_view(p: RetryPolicy) -> RetryView:
@@ -762,6 +800,7 @@ def _retry_view(p: RetryPolicy) -> RetryView:
 
 
 def definition_view(d: SagaDefinition) -> DefinitionView:
+    groups = {i: g for g, (first, last) in enumerate(d.groups) for i in range(first, last + 1)}
     return DefinitionView(
         name=d.name,
         version=d.version,
@@ -777,7 +816,11 @@ def definition_view(d: SagaDefinition) -> DefinitionView:
                 compensation_timeout_s=step.timeout_for(Direction.COMPENSATION).total_seconds(),
                 retry=_retry_view(step.retry),
                 compensation_retry=_retry_view(step.compensation_retry),
+                group=groups.get(i),
+                conditional=step.when is not None,
             )
             for i, step in enumerate(d.steps)
         ],
+        deadline_s=None if d.deadline is None else d.deadline.total_seconds(),
+        on_compensation_failure=d.on_compensation_failure.value,
     )

@@ -18,6 +18,7 @@ import re
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import timedelta
+from enum import StrEnum
 from typing import Any, Protocol, cast
 from uuid import UUID
 
@@ -28,8 +29,11 @@ from saga.core.state import JSON, Direction, SagaContext
 __all__ = [
     "NAME",
     "CommandSpec",
+    "CompensationPolicy",
     "Model",
+    "Parallel",
     "PayloadBuilder",
+    "Predicate",
     "Registry",
     "RetryPolicy",
     "SagaDefinition",
@@ -50,6 +54,17 @@ class Model(Protocol):
 
 #: a payload builder returns the payload as a JSON object, or as an instance of a model
 PayloadBuilder = Callable[[SagaContext], "Mapping[str, JSON] | Model"]
+
+
+#: a step's condition: a pure function of the context; False skips the step
+Predicate = Callable[[SagaContext], bool]
+
+
+class CompensationPolicy(StrEnum):
+    """What a compensation that fails for good does to the rest of the compensation."""
+
+    HALT = "halt"  # stop at once: FAILED naming the step, the older steps wait for an operator
+    CONTINUE = "continue"  # go on with the older steps; FAILED at the end naming every stuck one
 
 
 def pass_input(ctx: SagaContext) -> Mapping[str, JSON]:
@@ -105,6 +120,9 @@ class Step:
       the command is sent; ``reply_model`` / ``compensation_reply_model`` describe a success
       reply's data. All four are optional; the schema export publishes the ones given.
     * ``failures`` lists the business reasons the action may fail with, for the contracts.
+    * ``when`` is a pure predicate of the context, asked once when the step's turn comes: False
+      skips the step (recorded, nothing sent, never compensated). It must not depend on
+      anything but the context, or a replayed decision would differ.
     """
 
     name: str
@@ -126,6 +144,7 @@ class Step:
     compensation_payload_model: type[Any] | None = None
     compensation_reply_model: type[Any] | None = None
     failures: tuple[str, ...] = ()
+    when: Predicate | None = None
 
     def command_type(self, direction: Direction) -> str:
         if direction is Direction.ACTION:
@@ -168,6 +187,17 @@ class Step:
         return cast(Mapping[str, JSON], valid.model_dump(mode="json"))
 
 
+@dataclass(frozen=True, slots=True, init=False)
+class Parallel:
+    """Steps that run concurrently: their actions are sent together, and the saga moves on when
+    every one succeeded. A member reads only the outputs of steps before the group."""
+
+    steps: tuple[Step, ...]
+
+    def __init__(self, *steps: Step):
+        object.__setattr__(self, "steps", tuple(steps))
+
+
 @dataclass(frozen=True, slots=True)
 class SagaDefinition:
     """A saga: its name, its version, its ordered steps, and optionally the model its input
@@ -175,36 +205,77 @@ class SagaDefinition:
 
     ``span_attributes`` names top-level input fields whose values go on the saga's spans as
     ``saga.input.<field>`` (an order number, a customer id), so a trace is found by the
-    business key an operator is asked about; the saga's key is always there as ``saga.key``."""
+    business key an operator is asked about; the saga's key is always there as ``saga.key``.
+
+    ``steps`` is flat (a :class:`Parallel` group's members are consecutive steps); ``groups``
+    holds each group's ``(first, last)`` step indexes. ``deadline`` bounds the whole forward
+    run; ``on_compensation_failure`` says whether a compensation that fails for good stops the
+    compensation (``halt``, the default) or lets it go on with the older steps (``continue``).
+    """
 
     name: str
     version: int
     steps: tuple[Step, ...]
     input_model: type[Any] | None = None
     span_attributes: tuple[str, ...] = ()
+    groups: tuple[tuple[int, int], ...] = ()
+    deadline: timedelta | None = None
+    on_compensation_failure: CompensationPolicy = CompensationPolicy.HALT
+    #: per step index, the index of the last step of its unit (itself, or its group's last)
+    unit_last: tuple[int, ...] = ()
+    #: per step index, the index of the first step of its unit
+    unit_first: tuple[int, ...] = ()
+    pivot_index: int | None = None
 
     def __init__(
         self,
         name: str,
         version: int,
-        steps: Iterable[Step],
+        steps: Iterable[Step | Parallel],
         *,
         input_model: type[Any] | None = None,
         span_attributes: Iterable[str] = (),
+        deadline: timedelta | None = None,
+        on_compensation_failure: CompensationPolicy | str = CompensationPolicy.HALT,
     ):
+        flat: list[Step] = []
+        groups: list[tuple[int, int]] = []
+        first: list[int] = []
+        last: list[int] = []
+        for item in steps:
+            members = item.steps if isinstance(item, Parallel) else (item,)
+            start = len(flat)
+            flat.extend(members)
+            end = len(flat) - 1
+            if isinstance(item, Parallel):
+                groups.append((start, end))
+            first.extend([start] * len(members))
+            last.extend([end] * len(members))
         object.__setattr__(self, "name", name)
         object.__setattr__(self, "version", version)
-        object.__setattr__(self, "steps", tuple(steps))
+        object.__setattr__(self, "steps", tuple(flat))
         object.__setattr__(self, "input_model", input_model)
         object.__setattr__(self, "span_attributes", tuple(span_attributes))
+        object.__setattr__(self, "groups", tuple(groups))
+        object.__setattr__(self, "deadline", deadline)
+        try:
+            policy = CompensationPolicy(on_compensation_failure)
+        except ValueError:
+            raise DefinitionError(
+                name,
+                f"on_compensation_failure must be one of {[p.value for p in CompensationPolicy]}, "
+                f"not {on_compensation_failure!r}",
+                version=version,
+            ) from None
+        object.__setattr__(self, "on_compensation_failure", policy)
+        object.__setattr__(self, "unit_first", tuple(first))
+        object.__setattr__(self, "unit_last", tuple(last))
+        pivot = next((i for i, step in enumerate(flat) if step.pivot), None)
+        object.__setattr__(self, "pivot_index", pivot)
 
-    @property
-    def pivot_index(self) -> int | None:
-        """Index of the pivot step, or None when every step can be compensated."""
-        for i, step in enumerate(self.steps):
-            if step.pivot:
-                return i
-        return None
+    def in_group(self, index: int) -> bool:
+        """Whether step ``index`` is a member of a parallel group."""
+        return self.unit_first[index] != self.unit_last[index]
 
     def is_forward_only(self, index: int) -> bool:
         """True for the pivot and every step after it: they are never compensated."""
@@ -246,6 +317,8 @@ class SagaDefinition:
         if len(pivots) > 1:
             raise fail(f"only one step can be the pivot, found {pivots}")
         for i, step in enumerate(self.steps):
+            if not isinstance(step, Step):
+                raise fail(f"item #{i + 1} is a {type(step).__name__}; groups hold steps only")
             for what, value in (
                 ("step name", step.name),
                 ("participant", step.participant),
@@ -285,6 +358,21 @@ class SagaDefinition:
             problem = _model_problem(step)
             if problem is not None:
                 raise fail(problem, step.name)
+            if step.when is not None and not callable(step.when):
+                raise fail("when must be a function of the saga context", step.name)
+        for start, end in self.groups:
+            members = [s.name for s in self.steps[start : end + 1]]
+            if len(members) < 2:
+                raise fail(f"a parallel group needs at least two steps, got {members}")
+            if self.pivot_index is not None and end >= self.pivot_index:
+                # a member past the go/no-go point could neither be compensated nor left in
+                # doubt while its siblings run on: groups stay where everything can be undone
+                raise fail(
+                    f"parallel group {members} must come before the pivot "
+                    f"{self.steps[self.pivot_index].name!r}"
+                )
+        if self.deadline is not None and self.deadline <= timedelta(0):
+            raise fail("deadline must be positive, or None for no deadline")
         if self.input_model is not None and not _is_model(self.input_model):
             raise fail(f"input_model {self.input_model!r} is not a pydantic model class")
 

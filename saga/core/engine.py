@@ -33,7 +33,7 @@ from datetime import datetime
 from typing import Any, TypeVar
 from uuid import UUID
 
-from saga.core.definition import SagaDefinition, seed_for
+from saga.core.definition import CompensationPolicy, SagaDefinition, seed_for
 from saga.core.errors import UnknownSagaError
 from saga.core.ids import command_id, idempotency_key
 from saga.core.state import (
@@ -42,6 +42,7 @@ from saga.core.state import (
     Event,
     HistoryEntry,
     HistoryKind,
+    Lane,
     OperatorAbort,
     OperatorAction,
     OperatorResolve,
@@ -178,15 +179,125 @@ def _start(d: SagaDefinition, event: Started, out: _Out) -> SagaState:
         updated_at=out.now,
         key=event.key,
         trace=None if event.trace is None else dict(event.trace),
+        expires_at=None if d.deadline is None else out.now + d.deadline,
     )
     out.note(HistoryKind.STARTED, f"saga {d.name} v{d.version} started")
-    return _send(d, state, 0, Direction.ACTION, out, new_budget=True)
+    return _enter(d, state, 0, out)
 
 
 def _with_step(state: SagaState, index: int, **changes: object) -> SagaState:
     steps = list(state.steps)
     steps[index] = replace(steps[index], **changes)
     return replace(state, steps=tuple(steps))
+
+
+def _clamp(state: SagaState, deadline: datetime) -> datetime:
+    """The saga's timer: the step's deadline, or the saga's own if that comes first."""
+    expires = state.expires_at
+    return deadline if expires is None or deadline <= expires else expires
+
+
+def _condition(d: SagaDefinition, index: int, ctx: SagaContext) -> bool | str:
+    """Whether step ``index`` runs; the error text when its predicate raised."""
+    when = d.steps[index].when
+    if when is None:
+        return True
+    try:
+        return bool(when(ctx))
+    except Exception as exc:  # a predicate bug must not wedge the saga: it fails the step
+        return f"condition raised {type(exc).__name__}: {exc}"
+
+
+def _enter(d: SagaDefinition, state: SagaState, index: int, out: _Out) -> SagaState:
+    """Run the unit (a step or a parallel group) at ``index``, or the first one after it that
+    has a step to run; ``COMPLETED`` when none is left. Conditions are asked here, once."""
+    n = len(d.steps)
+    while index < n:
+        last = d.unit_last[index]
+        if last == index and d.steps[index].when is None:  # the plain sequential step
+            return _send(d, state, index, Direction.ACTION, out, new_budget=True)
+        run: list[int] = []
+        for i in range(index, last + 1):
+            verdict = _condition(d, i, state.context)
+            name = d.steps[i].name
+            if verdict is True:
+                run.append(i)
+            elif verdict is False:
+                state = _with_step(state, i, status=StepStatus.SKIPPED)
+                out.note(HistoryKind.STEP_SKIPPED, f"{name} skipped: its condition is false",
+                         step=name, direction=Direction.ACTION)  # fmt: skip
+            else:
+                state = _with_step(state, i, status=StepStatus.FAILED, error=verdict)
+                state = replace(state, current=i, direction=Direction.ACTION)
+                out.note(HistoryKind.STEP_FAILED, f"{name} cannot be decided: {verdict}",
+                         step=name, direction=Direction.ACTION)  # fmt: skip
+                return _action_failed(d, state, out, verdict)  # nothing of the unit was sent
+        if len(run) == 1:
+            return _send(d, state, run[0], Direction.ACTION, out, new_budget=True)
+        if run:
+            return _fan_out(d, state, run, out)
+        index = last + 1
+    out.note(HistoryKind.COMPLETED, "every step succeeded", step=None)
+    return _idle(replace(state, status=SagaStatus.COMPLETED, current=n, expires_at=None))
+
+
+def _build(
+    d: SagaDefinition, state: SagaState, index: int, direction: Direction
+) -> tuple[dict[str, Any], None] | tuple[None, str]:
+    """The payload of step ``index`` in ``direction``, or why it cannot be built."""
+    try:
+        payload = dict(d.steps[index].build(direction, state.context))
+        json.dumps(payload, allow_nan=False)  # it goes on the wire: JSON values only
+    except Exception as exc:  # a builder bug must not wedge the saga: it fails the step
+        return None, f"payload builder raised {type(exc).__name__}: {exc}"
+    return payload, None
+
+
+def _emit(
+    d: SagaDefinition,
+    state: SagaState,
+    index: int,
+    direction: Direction,
+    attempt: int,
+    payload: dict[str, Any],
+    out: _Out,
+) -> tuple[SagaState, UUID, datetime]:
+    """Emit attempt ``attempt`` of (step ``index``, ``direction``); returns the state with the
+    step marked in flight, the command's id and its reply deadline."""
+    step_def = d.steps[index]
+    message_id = command_id(state.saga_id, step_def.name, direction.value, attempt)
+    deadline = out.now + step_def.timeout_for(direction)
+    command_type = step_def.command_type(direction)
+    out.commands.append(
+        Command(
+            message_id=message_id,
+            idempotency_key=idempotency_key(state.saga_id, step_def.name, direction.value),
+            saga_id=state.saga_id,
+            saga_name=d.name,
+            step=step_def.name,
+            direction=direction,
+            attempt=attempt,
+            participant=step_def.participant,
+            command_type=command_type,
+            payload=payload,
+            deadline=deadline,
+        )
+    )
+    if direction is Direction.COMPENSATION:
+        state = _with_step(
+            state, index, status=StepStatus.COMPENSATING, compensation_attempts=attempt
+        )
+    else:
+        state = _with_step(state, index, status=StepStatus.RUNNING, attempts=attempt)
+    out.note(
+        HistoryKind.COMMAND_SENT,
+        f"sent {command_type} to {step_def.participant}",
+        step=step_def.name,
+        direction=direction,
+        attempt=attempt,
+        message_id=message_id,
+    )
+    return state, message_id, deadline
 
 
 def _send(
@@ -200,59 +311,33 @@ def _send(
 ) -> SagaState:
     """Emit the next attempt of (step ``index``, ``direction``) and wait for its reply."""
     step_def = d.steps[index]
-    step = state.steps[index]
     compensating = direction is Direction.COMPENSATION
-    attempt = (step.compensation_attempts if compensating else step.attempts) + 1
-    tries = 1 if new_budget else state.tries + 1
     state = replace(state, current=index, direction=direction)
-    try:
-        payload = dict(step_def.build(direction, state.context))
-        json.dumps(payload, allow_nan=False)  # it goes on the wire: JSON values only
-    except Exception as exc:  # a builder bug must not wedge the saga: it fails the step
-        reason = f"payload builder raised {type(exc).__name__}: {exc}"
+    payload, reason = _build(d, state, index, direction)
+    if payload is None:
+        assert reason is not None
         state = _with_step(state, index, error=reason)
         # nothing was sent, so no attempt is counted and the entry names none
         if compensating:
             out.note(HistoryKind.COMPENSATION_FAILED, reason, state, attempt=None)
-            return _fail(state, out, f"compensation of {step_def.name} cannot be built: {reason}")
+            why = f"compensation of {step_def.name} cannot be built: {reason}"
+            return _compensation_stuck(d, state, out, why)
         out.note(HistoryKind.STEP_FAILED, f"{step_def.name} cannot be built: {reason}", state,
                  attempt=None)  # fmt: skip
         return _action_failed(d, _with_step(state, index, status=StepStatus.FAILED), out, reason)
-    state = replace(state, attempt=attempt, tries=tries)
-
-    message_id = command_id(state.saga_id, step_def.name, direction.value, attempt)
-    deadline = out.now + step_def.timeout_for(direction)
-    out.commands.append(
-        Command(
-            message_id=message_id,
-            idempotency_key=idempotency_key(state.saga_id, step_def.name, direction.value),
-            saga_id=state.saga_id,
-            saga_name=d.name,
-            step=step_def.name,
-            direction=direction,
-            attempt=attempt,
-            participant=step_def.participant,
-            command_type=step_def.command_type(direction),
-            payload=payload,
-            deadline=deadline,
-        )
-    )
-    if compensating:
-        state = _with_step(
-            state, index, status=StepStatus.COMPENSATING, compensation_attempts=attempt
-        )
-    else:
-        state = _with_step(state, index, status=StepStatus.RUNNING, attempts=attempt)
-    state = replace(
-        state, phase=Phase.AWAITING_REPLY, awaiting=message_id, deadline=deadline, sent_at=out.now
-    )
-    out.note(
-        HistoryKind.COMMAND_SENT,
-        f"sent {step_def.command_type(direction)} to {step_def.participant}",
+    step = state.steps[index]
+    attempt = (step.compensation_attempts if compensating else step.attempts) + 1
+    tries = 1 if new_budget else state.tries + 1
+    state, message_id, deadline = _emit(d, state, index, direction, attempt, payload, out)
+    return replace(
         state,
-        message_id=message_id,
+        attempt=attempt,
+        tries=tries,
+        phase=Phase.AWAITING_REPLY,
+        awaiting=message_id,
+        deadline=_clamp(state, deadline),
+        sent_at=out.now,
     )
-    return state
 
 
 def _schedule_retry(d: SagaDefinition, state: SagaState, out: _Out, why: str) -> SagaState:
@@ -260,7 +345,8 @@ def _schedule_retry(d: SagaDefinition, state: SagaState, out: _Out, why: str) ->
     policy = step_def.retry_for(state.direction)
     delay = policy.delay(state.tries, *seed_for(state.saga_id, step_def.name, state.direction))
     next_id = command_id(state.saga_id, step_def.name, state.direction.value, state.attempt + 1)
-    state = replace(state, phase=Phase.BACKOFF, awaiting=next_id, deadline=out.now + delay)
+    deadline = _clamp(state, out.now + delay)
+    state = replace(state, phase=Phase.BACKOFF, awaiting=next_id, deadline=deadline)
     out.note(
         HistoryKind.RETRY_SCHEDULED,
         f"{why}; attempt {state.attempt + 1} in {delay.total_seconds():.3f}s",
@@ -270,11 +356,7 @@ def _schedule_retry(d: SagaDefinition, state: SagaState, out: _Out, why: str) ->
 
 
 def _advance(d: SagaDefinition, state: SagaState, out: _Out) -> SagaState:
-    nxt = state.current + 1
-    if nxt == len(d.steps):
-        out.note(HistoryKind.COMPLETED, "every step succeeded", step=None)
-        return _idle(replace(state, status=SagaStatus.COMPLETED, current=nxt))
-    return _send(d, state, nxt, Direction.ACTION, out, new_budget=True)
+    return _enter(d, state, d.unit_last[state.current] + 1, out)
 
 
 def _idle(state: SagaState) -> SagaState:
@@ -283,7 +365,9 @@ def _idle(state: SagaState) -> SagaState:
 
 def _fail(state: SagaState, out: _Out, reason: str) -> SagaState:
     stuck = state.steps[state.current].name
-    state = _idle(replace(state, status=SagaStatus.FAILED, failure=reason, stuck_step=stuck))
+    state = _idle(
+        replace(state, status=SagaStatus.FAILED, failure=reason, stuck_step=stuck, expires_at=None)
+    )
     out.note(HistoryKind.FAILED, f"needs an operator: {reason}", state)
     return state
 
@@ -300,20 +384,49 @@ def _action_failed(d: SagaDefinition, state: SagaState, out: _Out, reason: str) 
 def _begin_compensation(
     d: SagaDefinition, state: SagaState, below: int, out: _Out, reason: str
 ) -> SagaState:
-    state = replace(state, status=SagaStatus.COMPENSATING, failure=reason)
+    state = replace(state, status=SagaStatus.COMPENSATING, failure=reason, expires_at=None)
     out.note(HistoryKind.COMPENSATION_STARTED, reason, step=None)
     return _compensate_next(d, state, below, out)
 
 
+#: what a compensation run undoes: a step that may have had an effect, or one whose
+#: compensation is stuck (retried by an operator, or passed over by the ``continue`` policy)
+_UNDO = (*_NEEDS_UNDO, StepStatus.COMPENSATING)
+
+
 def _compensate_next(d: SagaDefinition, state: SagaState, below: int, out: _Out) -> SagaState:
     """Compensate the newest step at or below ``below`` that may have had an effect."""
+    steps = state.steps
     for i in range(below, -1, -1):
         # compensatable=False means nothing to undo, even if the step names a compensation
-        undoable = d.needs_compensation(i)
-        if state.steps[i].status in _NEEDS_UNDO and undoable:
+        if steps[i].status in _UNDO and d.needs_compensation(i):
             return _send(d, state, i, Direction.COMPENSATION, out, new_budget=True)
+    if d.on_compensation_failure is CompensationPolicy.CONTINUE:
+        stuck = [i for i in range(len(steps) - 1, -1, -1) if steps[i].status in _STUCK]
+        if stuck:
+            names = ", ".join(steps[i].name for i in stuck)
+            why = "; ".join(f"{steps[i].name}: {steps[i].error}" for i in stuck)
+            state = replace(state, current=stuck[0], direction=Direction.COMPENSATION)
+            return _fail(state, out, f"compensation failed for good of {names} ({why})")
     out.note(HistoryKind.COMPENSATED, "every completed step is compensated", step=None)
     return _idle(replace(state, status=SagaStatus.COMPENSATED, stuck_step=None))
+
+
+_STUCK = (StepStatus.COMPENSATING,)
+
+
+def _compensation_stuck(d: SagaDefinition, state: SagaState, out: _Out, reason: str) -> SagaState:
+    """The current compensation failed for good: stop (``halt``), or leave it for an operator
+    and go on with the older steps (``continue``)."""
+    if d.on_compensation_failure is CompensationPolicy.HALT:
+        return _fail(state, out, reason)
+    state = _with_step(state, state.current, status=StepStatus.COMPENSATING, error=reason)
+    out.note(
+        HistoryKind.COMPENSATION_FAILED,
+        f"{reason}; left for an operator, compensating the older steps",
+        state,
+    )
+    return _compensate_next(d, _idle(state), state.current - 1, out)
 
 
 # --- replies -------------------------------------------------------------------------------
@@ -376,6 +489,13 @@ def reply_mismatch(
 
 
 def _awaited(state: SagaState) -> str:
+    if state.lanes:
+        waits = ", ".join(
+            f"{state.steps[lane.index].name} action attempt {state.steps[lane.index].attempts}"
+            + (" (backoff)" if lane.phase is Phase.BACKOFF else "")
+            for lane in state.lanes
+        )
+        return f"awaiting {waits}"
     if state.phase is not Phase.AWAITING_REPLY:
         return f"no reply is awaited (saga {state.status.value}, {state.phase.value})"
     step = state.steps[state.current].name
@@ -401,17 +521,25 @@ def _final_answer_to_earlier_attempt(
     )
 
 
+def _ignore_reply(
+    d: SagaDefinition, state: SagaState, event: ReplySucceeded | ReplyFailed, out: _Out
+) -> None:
+    known = describe_command(d, state, event.causation_id)
+    if known is None:
+        why = "reply answers no command of this saga"
+    else:
+        why = f"duplicate or late reply to {known}; {_awaited(state)}"
+    out.note(HistoryKind.IGNORED, why, step=None, message_id=event.message_id)
+
+
 def _on_reply(
     d: SagaDefinition, state: SagaState, event: ReplySucceeded | ReplyFailed, out: _Out
 ) -> SagaState | None:
+    if state.lanes:
+        return _on_member_reply(d, state, event, out)
     current = state.phase is Phase.AWAITING_REPLY and event.causation_id == state.awaiting
     if not current and not _final_answer_to_earlier_attempt(d, state, event):
-        known = describe_command(d, state, event.causation_id)
-        if known is None:
-            why = "reply answers no command of this saga"
-        else:
-            why = f"duplicate or late reply to {known}; {_awaited(state)}"
-        out.note(HistoryKind.IGNORED, why, step=None, message_id=event.message_id)
+        _ignore_reply(d, state, event, out)
         return None
     step_def = d.steps[state.current]
     mismatch = reply_mismatch(d, state, event)
@@ -465,7 +593,8 @@ def _on_compensation_failure(
     if retryable and not step_def.compensation_retry.exhausted(state.tries):
         return _schedule_retry(d, state, out, f"compensation of {step_def.name} failed: {reason}")
     suffix = f" after {state.tries} attempts" if retryable else " (not retryable)"
-    return _fail(state, out, f"compensation of {step_def.name} failed{suffix}: {reason}")
+    why = f"compensation of {step_def.name} failed{suffix}: {reason}"
+    return _compensation_stuck(d, state, out, why)
 
 
 # --- timers --------------------------------------------------------------------------------
@@ -485,6 +614,10 @@ def _on_timer(
             state,
         )
         return None
+    if state.expires_at is not None and out.now >= state.expires_at:
+        return _on_expiry(d, state, out)
+    if state.lanes:
+        return _on_member_timer(d, state, out)
     if state.phase is Phase.BACKOFF:
         return _send(d, state, state.current, state.direction, out, new_budget=False)
 
@@ -500,12 +633,225 @@ def _on_timer(
     reason = f"{what} timed out {state.tries} times; its outcome is unknown"
     state = _with_step(state, state.current, error=reason)
     if state.direction is Direction.COMPENSATION:
-        return _fail(state, out, reason)
+        return _compensation_stuck(d, state, out, reason)
     if d.is_forward_only(state.current):
         return _fail(state, out, reason)
     state = _with_step(state, state.current, status=StepStatus.TIMED_OUT)
     # the timed-out step is compensated too: it may have taken effect
     return _begin_compensation(d, state, state.current, out, reason)
+
+
+def _on_expiry(d: SagaDefinition, state: SagaState, out: _Out) -> SagaState:
+    """The saga's own deadline passed while it ran forward: stop as an abort does, or, from
+    the pivot on, wait for an operator."""
+    assert state.expires_at is not None and d.deadline is not None
+    reason = (
+        f"the saga's deadline of {d.deadline.total_seconds():g}s passed "
+        f"at {state.expires_at.isoformat()}"
+    )
+    out.note(HistoryKind.DEADLINE_PASSED, reason, step=None)
+    state = replace(state, expires_at=None)
+    if not state.lanes and d.is_forward_only(state.current):
+        return _fail(state, out, reason)  # the step in flight stays RUNNING: outcome unknown
+    return _stop_running(d, state, out, reason)
+
+
+def _stop_running(d: SagaDefinition, state: SagaState, out: _Out, reason: str) -> SagaState:
+    """Stop whatever is in flight forward (its outcome is unknown, so it is compensated too)
+    and compensate from the newest step of the current unit."""
+    if state.lanes:
+        for lane in state.lanes:
+            state = _with_step(state, lane.index, status=StepStatus.ABORTED)
+        state = replace(state, lanes=())
+    else:
+        state = _with_step(state, state.current, status=StepStatus.ABORTED)
+    return _begin_compensation(d, _idle(state), d.unit_last[state.current], out, reason)
+
+
+# --- parallel groups -----------------------------------------------------------------------
+
+
+def _fan_out(d: SagaDefinition, state: SagaState, run: list[int], out: _Out) -> SagaState:
+    """Send the actions of the group members in ``run``, all in this one transition. Every
+    payload is built first: if one cannot be, nothing of the group is sent."""
+    built: list[tuple[int, dict[str, Any]]] = []
+    for i in run:
+        payload, reason = _build(d, state, i, Direction.ACTION)
+        if payload is None:
+            assert reason is not None
+            name = d.steps[i].name
+            state = _with_step(state, i, status=StepStatus.FAILED, error=reason)
+            state = replace(state, current=i, direction=Direction.ACTION)
+            out.note(HistoryKind.STEP_FAILED, f"{name} cannot be built: {reason}",
+                     step=name, direction=Direction.ACTION)  # fmt: skip
+            return _action_failed(d, state, out, reason)
+        built.append((i, payload))
+    lanes: list[Lane] = []
+    for i, payload in built:
+        attempt = state.steps[i].attempts + 1
+        state, message_id, deadline = _emit(d, state, i, Direction.ACTION, attempt, payload, out)
+        lanes.append(Lane(i, 1, Phase.AWAITING_REPLY, message_id, deadline, out.now))
+    return _mirror(replace(state, lanes=tuple(lanes)))
+
+
+def _mirror(state: SagaState) -> SagaState:
+    """Show the lane whose timer is due first in the saga's own fields: the store keeps one
+    timer per saga, and the first one due is the one that must fire."""
+    lane = min(state.lanes, key=lambda lane: (lane.deadline, lane.index))
+    return replace(
+        state,
+        current=lane.index,
+        direction=Direction.ACTION,
+        attempt=state.steps[lane.index].attempts,
+        tries=lane.tries,
+        phase=lane.phase,
+        awaiting=lane.awaiting,
+        deadline=_clamp(state, lane.deadline),
+        sent_at=lane.sent_at,
+    )
+
+
+def _with_lane(state: SagaState, k: int, lane: Lane | None) -> SagaState:
+    lanes = state.lanes
+    rest = (*lanes[:k], lane, *lanes[k + 1 :]) if lane is not None else lanes[:k] + lanes[k + 1 :]
+    return replace(state, lanes=rest)
+
+
+def _lane_for_reply(
+    d: SagaDefinition, state: SagaState, event: ReplySucceeded | ReplyFailed
+) -> int | None:
+    """The lane ``event`` answers: its awaited command, or (a final answer) an earlier attempt
+    of it, as for a single step."""
+    for k, lane in enumerate(state.lanes):
+        if lane.phase is Phase.AWAITING_REPLY and lane.awaiting == event.causation_id:
+            return k
+    if isinstance(event, ReplyFailed) and event.retryable:
+        return None
+    for k, lane in enumerate(state.lanes):
+        name = d.steps[lane.index].name
+        for attempt in range(1, state.steps[lane.index].attempts):
+            if (
+                command_id(state.saga_id, name, Direction.ACTION.value, attempt)
+                == event.causation_id
+            ):
+                return k
+    return None
+
+
+def _on_member_reply(
+    d: SagaDefinition, state: SagaState, event: ReplySucceeded | ReplyFailed, out: _Out
+) -> SagaState | None:
+    k = _lane_for_reply(d, state, event)
+    if k is None:
+        _ignore_reply(d, state, event, out)
+        return None
+    mismatch = reply_mismatch(d, state, event)
+    if mismatch is not None:  # the runtime dead-letters these before deciding
+        out.note(HistoryKind.IGNORED, mismatch, step=None, message_id=event.message_id)
+        return None
+    lane = state.lanes[k]
+    i, name = lane.index, d.steps[lane.index].name
+    where: dict[str, Any] = {
+        "step": name,
+        "direction": Direction.ACTION,
+        "attempt": state.steps[i].attempts,
+    }
+    if isinstance(event, ReplySucceeded):
+        state = _with_step(state, i, status=StepStatus.SUCCEEDED, error=None)
+        state = replace(state, context=state.context.with_output(name, event.data))
+        out.note(HistoryKind.STEP_SUCCEEDED, f"{name} succeeded", **where)
+        return _lane_ended(d, _with_lane(state, k, None), i, out)
+    reason = event.reason
+    state = _with_step(state, i, error=reason)
+    out.note(
+        HistoryKind.STEP_FAILED,
+        f"{name} failed: {reason}" + (" (retryable)" if event.retryable else ""),
+        **where,
+    )
+    running = state.status is SagaStatus.RUNNING
+    if running and event.retryable and not d.steps[i].retry.exhausted(lane.tries):
+        return _lane_backoff(d, state, k, out, f"{name} failed: {reason}")
+    if running and event.retryable:
+        reason = f"{reason} (gave up after {lane.tries} attempts)"
+    state = _with_step(state, i, status=StepStatus.FAILED)
+    return _lane_failed(d, _with_lane(state, k, None), i, out, f"step {name} failed: {reason}")
+
+
+def _lane_backoff(d: SagaDefinition, state: SagaState, k: int, out: _Out, why: str) -> SagaState:
+    lane = state.lanes[k]
+    name = d.steps[lane.index].name
+    attempt = state.steps[lane.index].attempts
+    delay = d.steps[lane.index].retry.delay(
+        lane.tries, *seed_for(state.saga_id, name, Direction.ACTION)
+    )
+    next_id = command_id(state.saga_id, name, Direction.ACTION.value, attempt + 1)
+    lane = replace(lane, phase=Phase.BACKOFF, awaiting=next_id, deadline=out.now + delay)
+    out.note(
+        HistoryKind.RETRY_SCHEDULED,
+        f"{why}; attempt {attempt + 1} in {delay.total_seconds():.3f}s",
+        step=name,
+        direction=Direction.ACTION,
+        attempt=attempt,
+    )
+    return _mirror(_with_lane(state, k, lane))
+
+
+def _lane_ended(d: SagaDefinition, state: SagaState, index: int, out: _Out) -> SagaState:
+    """A member's lane closed; when it was the last one, the group is over."""
+    if state.lanes:
+        return _mirror(state)
+    if state.status is SagaStatus.RUNNING:  # every member succeeded (or was skipped)
+        return _enter(d, state, d.unit_last[index] + 1, out)
+    # the group failed and its last member in flight has answered or timed out
+    return _compensate_next(d, state, d.unit_last[index], out)
+
+
+def _lane_failed(
+    d: SagaDefinition, state: SagaState, index: int, out: _Out, reason: str
+) -> SagaState:
+    """Member ``index`` failed for good (its lane is closed): the group fails. Members in
+    backoff are stopped (outcome unknown: compensated); members awaiting a reply are awaited,
+    without retries, so that what they did is known before it is compensated."""
+    if state.status is SagaStatus.RUNNING:
+        state = replace(state, status=SagaStatus.COMPENSATING, failure=reason, expires_at=None)
+        out.note(HistoryKind.COMPENSATION_STARTED, reason, step=None)
+        waiting: list[Lane] = []
+        for lane in state.lanes:
+            if lane.phase is Phase.BACKOFF:
+                state = _with_step(state, lane.index, status=StepStatus.ABORTED)
+            else:
+                waiting.append(lane)
+        state = replace(state, lanes=tuple(waiting))
+    return _lane_ended(d, state, index, out)
+
+
+def _on_member_timer(d: SagaDefinition, state: SagaState, out: _Out) -> SagaState:
+    """The timer of the mirrored lane (the first due) fired."""
+    k = next(k for k, lane in enumerate(state.lanes) if lane.awaiting == state.awaiting)
+    lane = state.lanes[k]
+    i, step_def = lane.index, d.steps[lane.index]
+    if lane.phase is Phase.BACKOFF:
+        payload, reason = _build(d, state, i, Direction.ACTION)
+        if payload is None:
+            assert reason is not None
+            state = _with_step(state, i, status=StepStatus.FAILED, error=reason)
+            out.note(HistoryKind.STEP_FAILED, f"{step_def.name} cannot be built: {reason}",
+                     step=step_def.name, direction=Direction.ACTION)  # fmt: skip
+            why = f"step {step_def.name} failed: {reason}"
+            return _lane_failed(d, _with_lane(state, k, None), i, out, why)
+        attempt = state.steps[i].attempts + 1
+        state, message_id, deadline = _emit(d, state, i, Direction.ACTION, attempt, payload, out)
+        sent = Lane(i, lane.tries + 1, Phase.AWAITING_REPLY, message_id, deadline, out.now)
+        return _mirror(_with_lane(state, k, sent))
+    timeout = step_def.timeout.total_seconds()
+    out.note(HistoryKind.STEP_TIMED_OUT, f"{step_def.name} got no reply within {timeout:g}s",
+             step=step_def.name, direction=Direction.ACTION,
+             attempt=state.steps[i].attempts)  # fmt: skip
+    if state.status is SagaStatus.RUNNING and not step_def.retry.exhausted(lane.tries):
+        return _lane_backoff(d, state, k, out, f"{step_def.name} timed out")
+    reason = f"{step_def.name} timed out {lane.tries} times; its outcome is unknown"
+    state = _with_step(state, i, status=StepStatus.TIMED_OUT, error=reason)
+    return _lane_failed(d, _with_lane(state, k, None), i, out, reason)
 
 
 # --- operator actions ----------------------------------------------------------------------
@@ -588,10 +934,8 @@ def _on_operator_abort(
         reason = f"aborted by {event.actor} at the pivot: {event.reason}"
         return _begin_compensation(d, state, state.current - 1, out, reason)
     _operator_note(out, state, "abort", event)
-    state = _with_step(state, state.current, status=StepStatus.ABORTED)
-    state = _idle(state)
     reason = f"aborted by {event.actor}: {event.reason}"
-    return _begin_compensation(d, state, state.current, out, reason)
+    return _stop_running(d, state, out, reason)
 
 
 def _on_operator_resolve(

@@ -23,6 +23,7 @@ __all__ = [
     "HistoryEntry",
     "HistoryKind",
     "JSONObject",
+    "Lane",
     "OperatorAbort",
     "OperatorAction",
     "OperatorResolve",
@@ -66,6 +67,7 @@ class StepStatus(StrEnum):
     ABORTED = "ABORTED"  # an operator aborted while it was in flight: outcome unknown too
     COMPENSATING = "COMPENSATING"
     COMPENSATED = "COMPENSATED"
+    SKIPPED = "SKIPPED"  # its condition was false: nothing sent, nothing to undo
 
 
 class Direction(StrEnum):
@@ -115,6 +117,19 @@ class StepState:
 
 
 @dataclass(frozen=True, slots=True)
+class Lane:
+    """One member of a parallel group whose action is in flight: awaiting its reply, or in a
+    backoff before its next attempt. Its attempt number is its step's ``attempts``."""
+
+    index: int
+    tries: int
+    phase: Phase
+    awaiting: UUID
+    deadline: datetime
+    sent_at: datetime | None = None
+
+
+@dataclass(frozen=True, slots=True)
 class SagaState:
     """One saga instance. ``version`` goes up by exactly one per applied event."""
 
@@ -143,6 +158,13 @@ class SagaState:
     #: the starter's), kept with the saga so every step, on any instance, after any restart,
     #: continues one trace. The engine only carries it.
     trace: Mapping[str, str] | None = None
+    #: the members of a parallel group in flight, one lane each; empty otherwise (then the
+    #: fields above describe the one command in flight). While a group runs, ``current`` ..
+    #: ``sent_at`` mirror the lane whose timer is due first, so the saga keeps one timer.
+    lanes: tuple[Lane, ...] = ()
+    #: the saga's own deadline, armed while RUNNING (``deadline`` is never later than it);
+    #: None without one, and once the saga has left RUNNING
+    expires_at: datetime | None = None
 
     def step(self, name: str) -> StepState:
         for s in self.steps:
@@ -256,6 +278,8 @@ class HistoryKind(StrEnum):
     STEP_SUCCEEDED = "step_succeeded"
     STEP_FAILED = "step_failed"
     STEP_TIMED_OUT = "step_timed_out"
+    STEP_SKIPPED = "step_skipped"  # its condition was false
+    DEADLINE_PASSED = "deadline_passed"  # the saga's own deadline, not a step's timeout
     COMPENSATION_STARTED = "compensation_started"
     STEP_COMPENSATED = "step_compensated"
     COMPENSATION_FAILED = "compensation_failed"

@@ -221,6 +221,9 @@ class Orchestrator:
         """Whether this deadline waits for a reply from a participant in ``hold``."""
         if state is None or state.phase is not Phase.AWAITING_REPLY or state.awaiting != timer_id:
             return False  # a backoff's end sends the next attempt: never held
+        expires = state.expires_at
+        if expires is not None and state.deadline is not None and state.deadline >= expires:
+            return False  # the saga's own deadline bounds the whole run, not one reply
         try:
             definition = self.registry.get(state.name, state.definition_version)
         except UnknownSagaError:

@@ -80,6 +80,10 @@ sagas = sa.Table(
     sa.Column("timer_claimed_until", UTCDateTime, nullable=True),
     #: the instance (saga.store.presence) that holds that claim: free once it is gone
     sa.Column("timer_claimed_by", sa.Integer, nullable=True),
+    #: the members of a parallel group in flight (saga.core.state.Lane); NULL when none is
+    sa.Column("lanes", sa.JSON, nullable=True),
+    #: the saga's own deadline while it runs forward; NULL without one
+    sa.Column("expires_at", UTCDateTime, nullable=True),
     sa.UniqueConstraint("name", "key", name="uq_saga_instances_name_key"),
     sa.Index("ix_saga_instances_deadline", "deadline"),
     sa.Index("ix_saga_instances_status_created", "status", "created_at"),
@@ -182,6 +186,11 @@ def _v6_spans(conn: Connection) -> None:
     spans.create(conn, checkfirst=True)
 
 
+def _v7_parallel_groups(conn: Connection) -> None:
+    _add_column(conn, sagas, "lanes")
+    _add_column(conn, sagas, "expires_at")
+
+
 def _add_column(conn: Connection, table: sa.Table, name: str) -> None:
     """Add a column to a released table; migration 1 creates it on a new database already."""
     schema = _schema(conn)
@@ -210,5 +219,6 @@ MIGRATIONS: list[tuple[int, str, Callable[[Connection], None]]] = [
     (4, "claims of outbox rows and due timers, for several instances", _v4_claims),
     (5, "the instance holding each claim, and outbox rows by saga", _v5_claim_owners),
     (6, "spans of committed transitions, until exported", _v6_spans),
+    (7, "members of a parallel group in flight, and the saga's own deadline", _v7_parallel_groups),
 ]
 HEAD = MIGRATIONS[-1][0]

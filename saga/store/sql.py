@@ -39,6 +39,7 @@ from saga.core.state import (
     Direction,
     HistoryEntry,
     HistoryKind,
+    Lane,
     Phase,
     SagaContext,
     SagaState,
@@ -938,8 +939,10 @@ _PG_UPDATE_COLUMNS = (
     ("context", "json"),
     ("trace_context", "json"),
     ("sent_at", "timestamptz"),
+    ("lanes", "json"),
+    ("expires_at", "timestamptz"),
 )
-_PG_JSON = frozenset({"steps", "context", "trace_context"})
+_PG_JSON = frozenset({"steps", "context", "trace_context", "lanes"})
 #: the new sagas' columns (the update's, without the version check, and no timer claim)
 _PG_INSERT = (
     *(c for c in _PG_UPDATE_COLUMNS if c[0] != "w_version"),
@@ -1115,7 +1118,32 @@ def _row_from_state(s: SagaState) -> dict[str, Any]:
             for st in s.steps
         ],
         "context": {"input": dict(s.context.input), "outputs": dict(s.context.outputs)},
+        "lanes": [_lane_json(lane) for lane in s.lanes] if s.lanes else None,
+        "expires_at": s.expires_at,
     }
+
+
+def _lane_json(lane: Lane) -> dict[str, Any]:
+    return {
+        "index": lane.index,
+        "tries": lane.tries,
+        "phase": lane.phase.value,
+        "awaiting": str(lane.awaiting),
+        "deadline": lane.deadline.isoformat(),
+        "sent_at": None if lane.sent_at is None else lane.sent_at.isoformat(),
+    }
+
+
+def _lane_from_json(j: dict[str, Any]) -> Lane:
+    sent_at = j["sent_at"]
+    return Lane(
+        index=j["index"],
+        tries=j["tries"],
+        phase=Phase(j["phase"]),
+        awaiting=UUID(j["awaiting"]),
+        deadline=datetime.fromisoformat(j["deadline"]),
+        sent_at=None if sent_at is None else datetime.fromisoformat(sent_at),
+    )
 
 
 def _state_from_row(r: Any) -> SagaState:
@@ -1150,6 +1178,9 @@ def _state_from_row(r: Any) -> SagaState:
         stuck_step=r["stuck_step"],
         sent_at=r["sent_at"],
         trace=r["trace_context"],
+        # sagas stored before parallel groups and deadlines have neither (NULL)
+        lanes=tuple(_lane_from_json(j) for j in r["lanes"]) if r["lanes"] else (),
+        expires_at=r["expires_at"],
     )
 
 

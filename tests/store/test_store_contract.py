@@ -7,7 +7,7 @@ import uuid
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 
-from saga.core.definition import SagaDefinition, Step
+from saga.core.definition import Parallel, SagaDefinition, Step
 from saga.core.engine import decide
 from saga.core.state import (
     HistoryKind,
@@ -352,3 +352,36 @@ async def test_prune_inbox_forgets_only_old_message_ids(store: Store) -> None:
     ]
     assert await store.prune_inbox(datetime.now(UTC) + timedelta(seconds=1)) == 1
     assert await store.commit([change_for(t2, t.state.version, inbox_id)]) == [CommitResult.APPLIED]
+
+
+GROUPED = SagaDefinition(
+    "grouped",
+    1,
+    [
+        Step("reserve", participant="stock", action="stock.reserve", compensation="stock.release"),
+        Parallel(
+            Step("charge", participant="pay", action="pay.charge", compensation="pay.refund"),
+            Step("ship", participant="post", action="post.ship", compensation="post.recall"),
+        ),
+    ],
+    deadline=timedelta(seconds=30),
+)
+
+
+async def test_a_group_in_flight_and_the_saga_deadline_load_back_equal(store: Store) -> None:
+    """Each member's lane and the saga's own deadline survive a write and a fresh read, and
+    the saga's one timer is the lane due first."""
+    t = decide(GROUPED, None, Started(uuid.uuid4(), {"n": 1}), T0)
+    assert await store.commit([change_for(t, None)]) == [CommitResult.APPLIED]
+    assert t.state.awaiting is not None
+    reply = ReplySucceeded(t.state.awaiting, "stock", {"id": "r-1"})
+    fanned = decide(GROUPED, t.state, reply, T0 + timedelta(seconds=1))
+    assert len(fanned.state.lanes) == 2 and fanned.state.expires_at is not None
+    assert await store.commit([change_for(fanned, 1)]) == [CommitResult.APPLIED]
+    if isinstance(store, SqlStore):
+        store._states.clear()  # read the row, not the SQLite copy of sagas in flight
+    loaded = await store.load(t.state.saga_id)
+    assert loaded == fanned.state
+    await publish_all(store)
+    due = await store.due_timers(T0 + timedelta(seconds=11), 10)
+    assert [d.timer_id for d in due] == [fanned.state.awaiting]

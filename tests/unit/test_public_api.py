@@ -15,6 +15,7 @@ PUBLIC = {
     "saga": [
         "JSON",
         "Command",
+        "CompensationPolicy",
         "ConcurrencyError",
         "ConfigError",
         "DefinitionError",
@@ -24,6 +25,7 @@ PUBLIC = {
         "HistoryKind",
         "InvalidInputError",
         "MessageError",
+        "Parallel",
         "Registry",
         "RetryPolicy",
         "SagaContext",
