@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
@@ -20,7 +21,9 @@ import pytest
 import structlog
 from pydantic import JsonValue
 from sqlalchemy.ext.asyncio import AsyncConnection
+from structlog.testing import LogCapture
 
+from saga.admin import deadletters
 from saga.admin.deadletters import SHOW_BYTES, shown_body
 from saga.core.ids import command_id, idempotency_key
 from saga.participant import Participant, ParticipantSettings
@@ -157,8 +160,28 @@ async def dead_letter_four(w: World) -> dict[str, str]:
     return ids
 
 
-async def test_dead_letters_are_listed_shown_replayed_and_discarded(world: World) -> None:
+def audit_log(monkeypatch: pytest.MonkeyPatch) -> LogCapture:
+    """What the dead-letter actions log, caught by a logger of our own: a module's cached
+    logger ignores capture_logs() once the process has configured structlog (another test
+    may have)."""
+    capture = LogCapture()
+    monkeypatch.setattr(
+        deadletters,
+        "log",
+        structlog.wrap_logger(
+            structlog.PrintLogger(),
+            processors=[structlog.processors.add_log_level, capture],
+            wrapper_class=structlog.make_filtering_bound_logger(logging.DEBUG),
+        ),
+    )
+    return capture
+
+
+async def test_dead_letters_are_listed_shown_replayed_and_discarded(
+    world: World, monkeypatch: pytest.MonkeyPatch
+) -> None:
     w, topo = world, world.harness.topology
+    captured = audit_log(monkeypatch)
     ids = await dead_letter_four(w)
     page = await w.letters()
     by_id = {item["id"]: item for item in page["items"]}
@@ -224,11 +247,12 @@ async def test_dead_letters_are_listed_shown_replayed_and_discarded(world: World
     assert f"{topo.reply_queue}.dlq" in nowhere.json()["detail"]
 
     # replay after fixing nothing: it is dead-lettered again, listed once, replayed once
-    with structlog.testing.capture_logs() as logs:
-        replayed = await w.client.post(
-            f"/api/dead-letters/{w.queue('gamma')}/{ids['malformed']}/replay",
-            json={"reason": "see whether it goes through now"},
-        )
+    captured.entries.clear()
+    replayed = await w.client.post(
+        f"/api/dead-letters/{w.queue('gamma')}/{ids['malformed']}/replay",
+        json={"reason": "see whether it goes through now"},
+    )
+    logs = list(captured.entries)
     assert replayed.status_code == 200, replayed.text
     result = replayed.json()
     assert (result["action"], result["actor"]) == ("replay", "ops-dee")
@@ -245,11 +269,12 @@ async def test_dead_letters_are_listed_shown_replayed_and_discarded(world: World
     assert len(back) == 4
 
     # discard: gone for good; a second discard finds nothing
-    with structlog.testing.capture_logs() as logs:
-        discarded = await w.client.post(
-            f"/api/dead-letters/{topo.start_queue}.dlq/{ids['start']}/discard",
-            json={"reason": "nobody runs that saga"},
-        )
+    captured.entries.clear()
+    discarded = await w.client.post(
+        f"/api/dead-letters/{topo.start_queue}.dlq/{ids['start']}/discard",
+        json={"reason": "nobody runs that saga"},
+    )
+    logs = list(captured.entries)
     assert discarded.status_code == 200, discarded.text
     assert discarded.json()["messages"][0]["outcome"] == "discarded"
     assert [e["actor"] for e in logs if e["event"] == "dead_letter_discarded"] == ["ops-dee"]
