@@ -222,10 +222,10 @@ class SagaDefinition:
     deadline: timedelta | None = None
     on_compensation_failure: CompensationPolicy = CompensationPolicy.HALT
     #: per step index, the index of the last step of its unit (itself, or its group's last)
-    unit_last: tuple[int, ...] = ()
+    unit_last: tuple[int, ...] = field(default=(), init=False)
     #: per step index, the index of the first step of its unit
-    unit_first: tuple[int, ...] = ()
-    pivot_index: int | None = None
+    unit_first: tuple[int, ...] = field(default=(), init=False)
+    pivot_index: int | None = field(default=None, init=False)
 
     def __init__(
         self,
@@ -237,20 +237,40 @@ class SagaDefinition:
         span_attributes: Iterable[str] = (),
         deadline: timedelta | None = None,
         on_compensation_failure: CompensationPolicy | str = CompensationPolicy.HALT,
+        groups: Iterable[tuple[int, int]] = (),
     ):
+        """``steps`` may hold :class:`Parallel` groups; ``groups`` says the same of steps given
+        flat (``(first, last)`` indexes, as the ``groups`` field holds them), so that
+        ``dataclasses.replace`` of a definition keeps its groups."""
+        items = list(steps)
+        given = [(int(a), int(b)) for a, b in groups]
+        if given and any(isinstance(item, Parallel) for item in items):
+            raise DefinitionError(
+                name, "give groups as Parallel steps or as groups=, not both", version=version
+            )
+        for start, end in given:
+            if not 0 <= start < end < len(items) or any(
+                isinstance(item, Parallel) for item in items[start : end + 1]
+            ):
+                raise DefinitionError(
+                    name, f"groups: ({start}, {end}) is not a run of its steps", version=version
+                )
         flat: list[Step] = []
-        groups: list[tuple[int, int]] = []
-        first: list[int] = []
-        last: list[int] = []
-        for item in steps:
+        found: list[tuple[int, int]] = []
+        for item in items:
             members = item.steps if isinstance(item, Parallel) else (item,)
             start = len(flat)
             flat.extend(members)
-            end = len(flat) - 1
             if isinstance(item, Parallel):
-                groups.append((start, end))
-            first.extend([start] * len(members))
-            last.extend([end] * len(members))
+                found.append((start, len(flat) - 1))
+        groups = sorted(found or given)
+        first = list(range(len(flat)))
+        last = list(range(len(flat)))
+        for start, end in groups:
+            if first[start] != start or last[end] != end:
+                raise DefinitionError(name, "groups: two groups overlap", version=version)
+            for i in range(start, end + 1):
+                first[i], last[i] = start, end
         object.__setattr__(self, "name", name)
         object.__setattr__(self, "version", version)
         object.__setattr__(self, "steps", tuple(flat))

@@ -3,6 +3,7 @@ decided by the pure engine (docs/semantics.md, "Parallel groups" and after)."""
 
 from __future__ import annotations
 
+import dataclasses
 from datetime import timedelta
 
 import pytest
@@ -368,3 +369,22 @@ def test_no_deadline_while_compensating() -> None:
     drv.advance(timedelta(seconds=60))
     assert drv.apply(TimerFired(drv.awaiting)).applied  # the compensation's own timeout
     assert drv.s.phase is Phase.BACKOFF and drv.s.status is SagaStatus.COMPENSATING
+
+
+def test_dataclasses_replace_keeps_a_definition_and_its_groups() -> None:
+    """Users (and saga bench) derive definitions with ``dataclasses.replace``: a step swapped,
+    a timeout changed. The groups, the derived step units and the pivot come along."""
+    original = SagaDefinition(
+        "fan", 1, [step("a"), Parallel(step("b"), step("c")), step("d")], deadline=timedelta(1)
+    )
+    longer = [dataclasses.replace(s, timeout=timedelta(seconds=60)) for s in original.steps]
+    derived = dataclasses.replace(original, steps=tuple(longer))
+    assert derived.groups == original.groups == ((1, 2),)
+    assert (derived.unit_first, derived.unit_last) == (original.unit_first, original.unit_last)
+    assert derived.deadline == original.deadline
+    assert [s.timeout for s in derived.steps] == [timedelta(seconds=60)] * 4
+    assert dataclasses.replace(original) == original
+    with pytest.raises(DefinitionError, match="not both"):
+        SagaDefinition("fan", 1, [step("a"), Parallel(step("b"), step("c"))], groups=[(0, 1)])
+    with pytest.raises(DefinitionError, match="not a run"):
+        SagaDefinition("fan", 1, [step("a"), step("b")], groups=[(1, 2)])
