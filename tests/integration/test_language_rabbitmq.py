@@ -72,6 +72,12 @@ def compensated(history: list[HistoryEntry]) -> list[str | None]:
     return [h.step for h in history if h.kind is HistoryKind.STEP_COMPENSATED]
 
 
+def nothing_dead_lettered(service: OrchestratorService, stack: Participants) -> None:
+    """Late and duplicate answers are ignored or deduplicated, never refused as bad messages."""
+    assert service.dead_lettered == 0
+    assert [p.dead_lettered for p in stack.services.values()] == [0, 0, 0]
+
+
 def statuses(state: SagaState) -> dict[str, StepStatus]:
     return {s.name: s.status for s in state.steps}
 
@@ -125,6 +131,7 @@ async def test_a_parallel_saga_completes_with_each_effect_once(
     skipped = [h.step for h in history if h.kind is HistoryKind.STEP_SKIPPED]
     assert skipped == ([] if insure else ["insure"])
     assert sent(history, Direction.COMPENSATION) == []
+    nothing_dead_lettered(harness.service, stack)
 
 
 # --- a member fails: its sibling is awaited, then everything is undone newest first -------------
@@ -181,11 +188,15 @@ async def test_a_failing_member_awaits_its_sibling_then_compensates_newest_first
     recorded = await stack.recorded()
     assert recorded[(BOOKS[failing], "failure")] == 1
     assert CANCELS[failing] not in script.entered  # nothing to undo: it never took effect
+    nothing_dead_lettered(harness.service, stack)
 
 
 # --- a member times out: its outcome is unknown, so it is compensated ----------------------------
 
 
+@pytest.mark.parametrize(
+    "backend", ["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)], indirect=True
+)
 async def test_a_member_that_times_out_is_compensated_with_its_sibling(
     harness: Harness, stack: Participants
 ) -> None:
@@ -213,6 +224,7 @@ async def test_a_member_that_times_out_is_compensated_with_its_sibling(
     assert await stack.effects() == Counter(
         ["alpha.reserve", "beta.book", "gamma.book", "gamma.cancel", "beta.cancel", "alpha.release"]
     )
+    nothing_dead_lettered(harness.service, stack)
 
 
 # --- operator abort while the group is in flight -----------------------------------------------
@@ -245,6 +257,7 @@ async def test_an_operator_abort_of_a_group_in_flight_compensates_every_member(
     assert await stack.effects() == Counter(
         ["alpha.reserve", "beta.book", "gamma.book", "gamma.cancel", "beta.cancel", "alpha.release"]
     )
+    nothing_dead_lettered(harness.service, stack)
 
 
 # --- the continue policy: a stuck compensation is passed over, then retried by an operator ------
@@ -291,11 +304,15 @@ async def test_the_continue_policy_names_the_stuck_step_and_an_operator_retry_fi
     assert await stack.effects() == Counter(
         ["alpha.reserve", "beta.book", "gamma.book", "gamma.cancel", "alpha.release", "beta.cancel"]
     )
+    nothing_dead_lettered(harness.service, stack)
 
 
 # --- the saga's deadline passes while the group is in flight -------------------------------------
 
 
+@pytest.mark.parametrize(
+    "backend", ["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)], indirect=True
+)
 async def test_the_saga_deadline_mid_group_aborts_the_members_and_compensates(
     harness: Harness, stack: Participants
 ) -> None:
@@ -320,3 +337,4 @@ async def test_the_saga_deadline_mid_group_aborts_the_members_and_compensates(
     assert await stack.effects() == Counter(
         ["alpha.reserve", "beta.book", "gamma.book", "gamma.cancel", "beta.cancel", "alpha.release"]
     )
+    nothing_dead_lettered(harness.service, stack)
