@@ -17,6 +17,7 @@ import aio_pika
 import pytest
 from aio_pika.abc import AbstractChannel, AbstractRobustConnection
 
+from saga import Registry
 from saga.core.state import HistoryEntry, HistoryKind, SagaState
 from saga.orchestrator.service import OrchestratorService
 from saga.protocol.envelope import ReplyEnvelope
@@ -84,9 +85,18 @@ class Harness:
         return SqlStore(self.database_url, schema=self.schema)
 
     async def start_service(
-        self, *, tracing: Tracing | None = None, **overrides: object
+        self,
+        *,
+        tracing: Tracing | None = None,
+        definitions: Registry | None = None,
+        **overrides: object,
     ) -> OrchestratorService:
-        service = OrchestratorService(self.settings(**overrides), registry(), tracing=tracing)
+        """The orchestrator with ``definitions`` (the trip saga unless given)."""
+        service = OrchestratorService(
+            self.settings(**overrides),
+            definitions if definitions is not None else registry(),
+            tracing=tracing,
+        )
         if self.schema is not None:
             store = self.new_store()
             service.store = store
