@@ -877,6 +877,8 @@ async def _language_pages(dash: Dashboard, browser: Browser) -> None:
     named = page.locator("#stuck [data-stuck]")
     await expect(named).to_have_count(2)
     assert await named.all_inner_texts() == ["flight", "hotel"]
+    stuck_card = page.locator("#pending h2 [data-named]")
+    assert await stuck_card.all_inner_texts() == ["flight", "hotel"]
     await shot(page, "language-stuck")
 
     # and nothing of it scrolls sideways on a phone

@@ -433,14 +433,17 @@ function pendingCard(s) {
   const allowed = (p.allowed_actions || []).join(", ") || "none";
   const flying = s.in_flight || [];
   const group = flying.length > 1;
-  const named = group ? flying.map((n) => `<strong>${esc(n)}</strong>`).join(", ") : `<strong>${esc(p.step)}</strong>`;
+  // a FAILED saga under the continue policy: every stuck compensation, newest (p.step) first
+  const stuckAll = s.status === "FAILED" && (s.stuck_steps || []).length > 1 ? s.stuck_steps : null;
+  const names = group ? flying : stuckAll || [p.step];
+  const named = names.map((n) => `<strong data-named="${esc(n)}">${esc(n)}</strong>`).join(", ");
   return `
     <section class="pending${back ? " compensation" : ""}" id="pending" data-step="${esc(p.step)}" data-direction="${esc(p.direction)}">
       <h2>${s.status === "FAILED" ? "Stuck at" : "Waiting on"} ${named}${group ? " in parallel" : ""}
         <span class="dir">${back ? "↩ compensation" : "→ action"}</span></h2>
       ${group ? inFlight(s, flying, back) : ""}
       <dl class="kv">
-        ${group ? `<dt>next due</dt><dd>${esc(p.step)}</dd>` : ""}
+        ${group ? `<dt>next due</dt><dd>${esc(p.step)}</dd>` : stuckAll ? `<dt>newest</dt><dd>${esc(p.step)}, below; each stuck step needs a retry or a resolve</dd>` : ""}
         <dt>participant</dt><dd>${esc(p.participant || "?")} <span class="mono">${esc(p.command || "")}</span></dd>
         <dt>attempt</dt><dd id="pending-attempt">${p.attempt} of ${budget}${p.attempts_sent !== p.attempt ? ` <span class="muted">(${p.attempts_sent} sent in all)</span>` : ""}</dd>
         <dt>last error</dt><dd id="pending-error" class="${p.last_error ? "error" : "muted"}">${esc(p.last_error || "none")}</dd>
