@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Sequence
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any
 
 __all__ = [
@@ -18,6 +18,7 @@ __all__ = [
     "dead_letter_list",
     "dead_letter_result",
     "definitions",
+    "language",
     "pending",
     "retry_run",
     "saga_list",
@@ -26,9 +27,14 @@ __all__ = [
 ]
 
 _DEFINITION_HEADER = (
-    *("", "STEP", "PARTICIPANT", "ACTION", "COMPENSATION"),
+    *("", "STEP", "RUNS", "PARTICIPANT", "ACTION", "COMPENSATION"),
     *("TIMEOUT", "TRIES", "UNDO TRIES"),
 )
+#: what ``on_compensation_failure`` means, in the words of ``saga definitions``
+_POLICY = {
+    "halt": "halt (a compensation that fails for good stops the compensation)",
+    "continue": "continue (older steps are still compensated; FAILED names every stuck one)",
+}
 #: history kinds that belong to going backwards, marked in the timeline
 _BACKWARDS = {"compensation_started", "step_compensated", "compensation_failed", "compensated"}
 
@@ -92,6 +98,46 @@ def _took(span: dict[str, Any] | None) -> str:
 
 def _seconds(value: float) -> str:
     return f"{value * 1000:.0f} ms" if value < 1 else f"{value:.1f} s"
+
+
+def _duration(seconds: float) -> str:
+    """``45s``, ``10m``, ``1h30m``: a deadline or the time left to it."""
+    whole = round(seconds)
+    if whole < 120:
+        return f"{whole}s"
+    hours, minutes = divmod(whole // 60, 60)
+    return f"{hours}h{minutes:02d}m" if hours else f"{minutes}m"
+
+
+def language(saga: dict[str, Any], now: datetime | None = None) -> list[str]:
+    """What the saga language adds to a saga: every member of a parallel group in flight,
+    the steps skipped because their condition was false, the saga's own deadline with the
+    time left while it runs forward, and every stuck compensation (several under the
+    ``continue`` policy), so none is missed when only the newest is ``stuck_step``."""
+    lines = []
+    in_flight = saga.get("in_flight") or []
+    if len(in_flight) > 1:
+        lines.append(f"in flight: {', '.join(in_flight)} (in parallel)")
+    skipped = [st["name"] for st in saga["steps"] if st["status"] == "SKIPPED"]
+    if skipped:
+        lines.append(f"skipped: {', '.join(skipped)} (condition false: nothing sent or undone)")
+    if saga.get("expires_at"):
+        line = f"deadline: {_time(saga['expires_at'])}"
+        if saga["status"] == "RUNNING" and saga["direction"] == "action":
+            left = (
+                datetime.fromisoformat(saga["expires_at"]) - (now or datetime.now(UTC))
+            ).total_seconds()
+            line += (
+                f" ({_duration(left)} left)" if left >= 0 else f" (passed {_duration(-left)} ago)"
+            )
+        lines.append(line)
+    stuck = saga.get("stuck_steps") or []
+    if len(stuck) > 1:
+        lines.append(
+            f"stuck compensations: {', '.join(stuck)} (newest first; each needs a retry or a "
+            "resolve)"
+        )
+    return lines
 
 
 def retry_run(run: dict[str, Any]) -> str:
@@ -171,10 +217,12 @@ def saga_list(page: dict[str, Any], width: int | None = None) -> list[str]:
     return lines
 
 
-def saga_timeline(saga: dict[str, Any], full: bool = False) -> list[str]:
+def saga_timeline(
+    saga: dict[str, Any], full: bool = False, now: datetime | None = None
+) -> list[str]:
     """The saga, what it waits on, its steps with attempts and timings, and its history in
     order: each run of retries in one line (the API's ``retry_runs``), or, with ``full``,
-    every entry."""
+    every entry. ``now`` (default: the clock) gives the time left to the saga's deadline."""
     lines = [
         f"saga {saga['saga_id']}  {saga['name']} v{saga['definition_version']}  {saga['status']}",
         f"created {_time(saga['created_at'])}  updated {_time(saga['updated_at'])} (UTC)"
@@ -199,6 +247,7 @@ def saga_timeline(saga: dict[str, Any], full: bool = False) -> list[str]:
             "(saga retry | resolve ID --reason ...)"
         )
     lines += pending(saga)
+    lines += language(saga, now)
     lines.append(f"input: {json.dumps(saga['input'], sort_keys=True)}")
     lines.append("")
     step_rows = [
@@ -265,15 +314,28 @@ def definitions(found: list[dict[str, Any]]) -> list[str]:
     for d in found:
         if lines:
             lines.append("")
+        deadline = d.get("deadline_s")
+        policy = d.get("on_compensation_failure", "halt")
         lines.append(f"{d['name']} v{d['version']}")
+        lines.append(
+            "  deadline: "
+            + ("none" if deadline is None else _duration(deadline))
+            + f"; on compensation failure: {_POLICY.get(policy, policy)}"
+        )
         rows = []
-        for i, st in enumerate(d["steps"], 1):
+        for number, st in _numbered(d["steps"]):
             tries = st["retry"]["max_attempts"]
             undo_tries = st["compensation_retry"]["max_attempts"]
+            runs = []
+            if st.get("group") is not None:
+                runs.append("parallel")
+            if st.get("conditional"):
+                runs.append("if ...")
             rows.append(
                 [
-                    f"{i}.",
+                    number,
                     st["name"] + (" (pivot)" if st["pivot"] else ""),
+                    ", ".join(runs) or "-",
                     st["participant"],
                     st["action"],
                     (st["compensation"] or "-") if st["compensated"] else "-",
@@ -286,6 +348,22 @@ def definitions(found: list[dict[str, Any]]) -> list[str]:
             )
         lines += ["  " + line for line in _table(_DEFINITION_HEADER, rows)]
     return lines
+
+
+def _numbered(steps: list[dict[str, Any]]) -> list[tuple[str, dict[str, Any]]]:
+    """Each step with its place: ``2.`` for a step on its own, ``3a.``, ``3b.`` for the members
+    of a parallel group, which share one place in the order."""
+    out: list[tuple[str, dict[str, Any]]] = []
+    unit, member, previous = 0, 0, None
+    for st in steps:
+        group = st.get("group")
+        if group is not None and group == previous:
+            member += 1
+        else:
+            unit, member = unit + 1, 0
+        previous = group
+        out.append((f"{unit}{'' if group is None else chr(ord('a') + member)}.", st))
+    return out
 
 
 def _age(seconds: float | None) -> str:

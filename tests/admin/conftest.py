@@ -167,11 +167,14 @@ async def harness(backend: str, tmp_path: Path, unique: str) -> AsyncIterator[Ha
         await world.cleanup()
 
 
-async def start_admin_service(harness: Harness, **overrides: object) -> OrchestratorService:
-    """Like ``Harness.start_service``, with the admin API on and the admin test sagas."""
+async def start_admin_service(
+    harness: Harness, registry: Registry | None = None, **overrides: object
+) -> OrchestratorService:
+    """Like ``Harness.start_service``, with the admin API on and the admin test sagas (or
+    ``registry``)."""
     settings: dict[str, object] = {"admin_port": free_port(), "admin_token": TOKEN}
     settings.update(overrides)
-    service = OrchestratorService(harness.settings(**settings), admin_registry())
+    service = OrchestratorService(harness.settings(**settings), registry or admin_registry())
     if harness.schema is not None:
         store = harness.new_store()
         service.store = store

@@ -15,14 +15,17 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 from typer.testing import CliRunner
 
 from saga import cli
-from tests.admin.conftest import TOKEN, Stack, free_port
+from tests.admin.conftest import TOKEN, Stack, free_port, start_admin_service
 from tests.conftest import require_rabbitmq
 from tests.crash.helpers import Processes, delete_topology, orchestrator_env, wait_exit
 from tests.crash.helpers import wait_for_output as wait_output
+from tests.integration.harness import Harness
+from tests.support import fanout
 
 pytestmark = pytest.mark.rabbitmq
 
@@ -200,6 +203,63 @@ async def test_show_collapses_a_run_of_retries_and_list_shows_the_step(stack: St
     assert header.split()[:6] == ["SAGA", "ID", "NAME", "STATUS", "STEP", "CREATED"]
     steps = {row.split()[0]: row.split()[4] for row in rows}
     assert steps == {stuck: "beta", held: "beta", done: "-"}
+
+
+async def test_show_and_definitions_speak_the_saga_language(harness: Harness) -> None:
+    """The fanout saga (tests.support.fanout): `saga definitions` numbers a parallel group's
+    members as one place (3a., 3b.), marks the conditional step and states the deadline and
+    the compensation policy; `saga show` names both members in flight, the skipped step, the
+    time left to the deadline, and every stuck compensation of a saga FAILED under the
+    continue policy."""
+    service = await start_admin_service(harness, fanout.registry())
+    await harness.start_responder()
+    url = f"http://127.0.0.1:{service.settings.admin_port}"
+    headers = {"Authorization": f"Bearer {TOKEN}"}
+    async with httpx.AsyncClient(base_url=url, headers=headers, timeout=15) as client:
+        stack = Stack(harness, service, url, client)
+        held = await stack.start("fanout", {"hotel": ["silent"], "flight": ["silent"]})
+        stuck = await stack.start(
+            "fanout", {"confirm": ["fail"], "hotel~undo": ["fail"], "flight~undo": ["fail"]}
+        )
+        # the group's members are sent together: at hotel, both are in flight
+        await stack.wait(held, ["RUNNING"], step="hotel")
+        await stack.wait(stuck, ["FAILED"])
+
+    defs, running, failed = await saga_all(
+        ("definitions",), ("show", held), ("show", stuck), url=url
+    )
+
+    assert defs.code == 0, defs.err
+    lines = defs.out.splitlines()
+    assert lines[0] == "fanout v1"
+    assert lines[1].startswith("  deadline: 10m; on compensation failure: continue (")
+    rows = {line.split()[1]: line.split()[:3] for line in lines[3:]}
+    assert rows == {
+        "reserve": ["1.", "reserve", "-"],
+        "gift": ["2.", "gift", "if"],
+        "hotel": ["3a.", "hotel", "parallel"],
+        "flight": ["3b.", "flight", "parallel"],
+        "confirm": ["4.", "confirm", "-"],
+    }
+
+    assert running.code == 0, running.err
+    lines = running.out.splitlines()
+    assert "in flight: hotel, flight (in parallel)" in lines
+    assert "skipped: gift (condition false: nothing sent or undone)" in lines
+    [deadline] = [line for line in lines if line.startswith("deadline: ")]
+    assert re.fullmatch(r"deadline: \S+ \S+ \((9|10)m left\)", deadline), deadline
+    [gift] = [line for line in lines if line.startswith("gift ")]
+    assert gift.split()[:3] == ["gift", "alpha", "SKIPPED"]
+    assert any(" step_skipped " in line for line in lines)
+
+    assert failed.code == 0, failed.err
+    lines = failed.out.splitlines()
+    assert "stuck compensations: flight, hotel (newest first; each needs a retry or a resolve)" in (
+        lines
+    )
+    # the deadline bounds the forward run only: a compensating or FAILED saga has none
+    assert not [line for line in lines if line.startswith("deadline: ")]
+    assert not [line for line in lines if line.startswith("in flight: ")]
 
 
 async def test_operator_actions_and_their_exit_status(stack: Stack) -> None:

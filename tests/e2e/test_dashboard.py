@@ -43,6 +43,7 @@ from tests.e2e.stack import (
     saga_id,
     submit,
 )
+from tests.support.responder import Responder
 
 ARTIFACTS = Path(os.environ.get("SAGA_TEST_ARTIFACTS", REPO / "test-artifacts")) / "dashboard"
 
@@ -768,3 +769,128 @@ async def test_retry_all_on_the_list_previews_asks_and_reports_each_saga(
     async with dash.api() as client:
         after = (await client.get(f"/api/sagas/{declined}")).json()
     assert after["history"] == before[declined]["history"]
+
+
+# --- the saga language: parallel groups, conditions, the deadline, the compensation policy --
+
+
+async def test_parallel_groups_conditions_and_deadlines_are_drawn_and_shown(
+    stack: Stack, browser: Browser, tmp_path: Path
+) -> None:
+    """The fanout saga (tests.support.fanout) on the real orchestrator, its participants the
+    scripted responder: one saga waits on both members of its parallel group, its gift step
+    skipped; another fails past the group and both members' compensations fail for good, so
+    under the continue policy it ends FAILED with two stuck steps."""
+    dash = await serve(stack, SAGA_DEFINITIONS="tests.support.fanout:registry")
+    responder = Responder(stack.rabbitmq_url, stack.prefix, tmp_path / "responder.jsonl")
+    await responder.start()
+    try:
+        await _language_pages(dash, browser)
+    finally:
+        await responder.stop()
+
+
+async def _language_pages(dash: Dashboard, browser: Browser) -> None:
+    async with dash.api() as client:
+
+        async def start(key: str, script: dict[str, list[str]]) -> str:
+            body = {"name": "fanout", "input": {"script": script}, "key": key}
+            answer = await client.post("/api/sagas", json=body)
+            assert answer.status_code == 201, answer.text
+            return str(answer.json()["saga"]["saga_id"])
+
+        held = await start("held", {"hotel": ["silent"], "flight": ["silent"]})
+        stuck = await start(
+            "stuck", {"confirm": ["fail"], "hotel~undo": ["fail"], "flight~undo": ["fail"]}
+        )
+    deadline = time.monotonic() + 60
+    while (await dash.wait(held, "RUNNING"))["in_flight"] != ["hotel", "flight"]:
+        assert time.monotonic() < deadline, "the group never got both members in flight"
+        await asyncio.sleep(0.2)
+    failed = await dash.wait(stuck, "FAILED")
+    assert failed["stuck_steps"] == ["flight", "hotel"], failed["stuck_steps"]
+
+    page = await signed_in(browser, dash)
+    # the definition: the group is one column, its members one above the other between a
+    # fork and a join; the conditional step dashed with "if …"; the deadline and the policy
+    await page.goto(f"{dash.base}/ui/#/definitions")
+    fanout = page.locator('[data-definition="fanout"]')
+    svg = fanout.locator("svg")
+    await expect(svg.locator("g[data-step]")).to_have_count(5)
+    await expect(svg.locator("g[data-member]")).to_have_count(2)
+    await expect(svg.locator("[data-fork]")).to_have_count(1)
+    await expect(svg.locator("[data-join]")).to_have_count(1)
+    boxes = {
+        name: await svg.locator(f'g[data-step="{name}"] rect').bounding_box()
+        for name in ("reserve", "gift", "hotel", "flight", "confirm")
+    }
+    x = {name: box["x"] for name, box in boxes.items() if box is not None}
+    y = {name: box["y"] for name, box in boxes.items() if box is not None}
+    assert x["reserve"] < x["gift"] < x["hotel"] == x["flight"] < x["confirm"], boxes
+    assert y["hotel"] != y["flight"], boxes
+    conditional = svg.locator('g[data-conditional="true"]')
+    await expect(conditional).to_have_count(1)
+    await expect(conditional).to_have_attribute("data-step", "gift")
+    await expect(conditional).to_contain_text("if …")
+    assert await conditional.locator("rect").get_attribute("stroke-dasharray")
+    await expect(fanout.locator('[data-fact="deadline"]')).to_contain_text("10 min")
+    await expect(fanout.locator('[data-fact="policy"]')).to_contain_text("continue")
+    await expect(fanout.locator('tr[data-step-def="hotel"]')).to_contain_text("in parallel")
+    await expect(fanout.locator('tr[data-step-def="gift"]')).to_contain_text("if …")
+    await shot(page, "language-definition")
+
+    # the saga waiting on its group: both members in flight, the gift skipped, the deadline
+    await page.goto(f"{dash.base}/ui/#/saga/{held}")
+    card = page.locator("#pending")
+    await expect(card.locator("h2")).to_contain_text("hotel")
+    await expect(card.locator("h2")).to_contain_text("flight")
+    members = card.locator("#in-flight li[data-in-flight]")
+    await expect(members).to_have_count(2)
+    assert await members.evaluate_all("items => items.map(i => i.dataset.inFlight)") == [
+        "hotel",
+        "flight",
+    ]
+    gift = page.locator('#steps tr[data-step-row="gift"]')
+    await expect(gift).to_have_class(re.compile(r"\bskipped\b"))
+    await expect(gift).to_contain_text("skipped")
+    assert await gift.evaluate("row => getComputedStyle(row.cells[0]).color") != await page.locator(
+        '#steps tr[data-step-row="reserve"] td'
+    ).first.evaluate("cell => getComputedStyle(cell).color")
+    await expect(page.locator('#timeline li[data-kind="step_skipped"]')).to_have_class(
+        re.compile(r"\bskipped\b")
+    )
+    await expect(page.locator('#gantt [data-skipped="gift"]')).to_contain_text("skipped")
+    bars = {}
+    for name in ("hotel", "flight"):
+        bar = page.locator(f'#gantt [data-bar][data-step="{name}"][data-direction="action"]')
+        bars[name] = await bar.bounding_box()
+    hotel, flight = bars["hotel"], bars["flight"]
+    assert hotel is not None and flight is not None
+    assert hotel["x"] < flight["x"] + flight["width"] and flight["x"] < hotel["x"] + hotel["width"]
+    await expect(page.locator("#expires")).to_be_visible()
+    await expect(page.locator("#expires-left")).to_contain_text(re.compile(r"\d min left"))
+    await shot(page, "language-in-flight")
+
+    # the saga stuck twice over: every stuck compensation, newest first
+    await page.goto(f"{dash.base}/ui/#/saga/{stuck}")
+    await expect(page.locator("h1 .badge")).to_have_text("FAILED")
+    named = page.locator("#stuck [data-stuck]")
+    await expect(named).to_have_count(2)
+    assert await named.all_inner_texts() == ["flight", "hotel"]
+    stuck_card = page.locator("#pending h2 [data-named]")
+    assert await stuck_card.all_inner_texts() == ["flight", "hotel"]
+    await shot(page, "language-stuck")
+
+    # and nothing of it scrolls sideways on a phone
+    phone = await signed_in(browser, dash, width=390)
+    for name, hash_ in {
+        "definitions": "#/definitions",
+        "held saga": f"#/saga/{held}",
+        "stuck saga": f"#/saga/{stuck}",
+    }.items():
+        await phone.goto(f"{dash.base}/ui/{hash_}")
+        await expect(phone.locator("#view h1")).to_be_visible()
+        await phone.wait_for_load_state("networkidle")
+        width = await phone.evaluate("document.documentElement.scrollWidth")
+        await shot(phone, f"language-narrow-{name.replace(' ', '-')}")
+        assert width <= 390, f"the {name} page is {width} px wide on a 390 px screen"

@@ -358,6 +358,7 @@ function entryClass(h) {
   if (["step_failed", "compensation_failed", "step_timed_out", "failed"].includes(h.kind)) classes.push("failure");
   if (["step_succeeded", "step_compensated", "completed", "compensated"].includes(h.kind)) classes.push("done");
   if (h.kind === "operator" || h.kind === "rejected") classes.push("operator");
+  if (h.kind === "step_skipped") classes.push("skipped");
   return classes.join(" ");
 }
 
@@ -430,11 +431,19 @@ function pendingCard(s) {
       ? `<dt>reply due by</dt><dd id="pending-next">${when(p.reply_deadline)} <span class="muted">(${relative(p.reply_deadline)})</span></dd>`
       : `<dt>next</dt><dd id="pending-next">waits for an operator</dd>`;
   const allowed = (p.allowed_actions || []).join(", ") || "none";
+  const flying = s.in_flight || [];
+  const group = flying.length > 1;
+  // a FAILED saga under the continue policy: every stuck compensation, newest (p.step) first
+  const stuckAll = s.status === "FAILED" && (s.stuck_steps || []).length > 1 ? s.stuck_steps : null;
+  const names = group ? flying : stuckAll || [p.step];
+  const named = names.map((n) => `<strong data-named="${esc(n)}">${esc(n)}</strong>`).join(", ");
   return `
     <section class="pending${back ? " compensation" : ""}" id="pending" data-step="${esc(p.step)}" data-direction="${esc(p.direction)}">
-      <h2>${s.status === "FAILED" ? "Stuck at" : "Waiting on"} <strong>${esc(p.step)}</strong>
+      <h2>${s.status === "FAILED" ? "Stuck at" : "Waiting on"} ${named}${group ? " in parallel" : ""}
         <span class="dir">${back ? "↩ compensation" : "→ action"}</span></h2>
+      ${group ? inFlight(s, flying, back) : ""}
       <dl class="kv">
+        ${group ? `<dt>next due</dt><dd>${esc(p.step)}</dd>` : stuckAll ? `<dt>newest</dt><dd>${esc(p.step)}, below; each stuck step needs a retry or a resolve</dd>` : ""}
         <dt>participant</dt><dd>${esc(p.participant || "?")} <span class="mono">${esc(p.command || "")}</span></dd>
         <dt>attempt</dt><dd id="pending-attempt">${p.attempt} of ${budget}${p.attempts_sent !== p.attempt ? ` <span class="muted">(${p.attempts_sent} sent in all)</span>` : ""}</dd>
         <dt>last error</dt><dd id="pending-error" class="${p.last_error ? "error" : "muted"}">${esc(p.last_error || "none")}</dd>
@@ -445,10 +454,42 @@ function pendingCard(s) {
     </section>`;
 }
 
+// The saga's own deadline: when, and while it runs forward, the time left.
+function expires(s) {
+  if (!s.expires_at) return "";
+  const left = (new Date(s.expires_at).getTime() - Date.now()) / 1000;
+  const forward = s.status === "RUNNING" && s.direction === "action";
+  const note = !forward ? "" : left >= 0 ? `${span(left)} left` : `passed ${span(-left)} ago: it compensates`;
+  return `<dt>deadline</dt><dd id="expires">${when(s.expires_at)}${note ? ` <span class="muted" id="expires-left">(${note})</span>` : ""}</dd>`;
+}
+
+// Every step an operator must look at: with the `continue` policy a FAILED saga can have
+// several stuck compensations (newest first), and each needs a retry or a resolve.
+function stuck(s) {
+  const names = (s.stuck_steps && s.stuck_steps.length) ? s.stuck_steps : s.stuck_step ? [s.stuck_step] : [];
+  if (!names.length) return "";
+  const title = names.length > 1 ? "compensations stuck, newest first; the older steps were still compensated (continue policy)" : "";
+  return `<dt>stuck at</dt><dd id="stuck"${title ? ` title="${title}"` : ""}>${names.map((n) =>
+    `<span data-stuck="${esc(n)}">${esc(n)}</span>`).join(", ")}</dd>`;
+}
+
 function relative(iso) {
   const delta = (new Date(iso).getTime() - Date.now()) / 1000;
   const text = seconds(Math.abs(delta));
   return delta >= 0 ? `in ${text}` : `${text} ago`;
+}
+
+// Each member of a parallel group in flight: its participant, its tries, when it was last
+// sent and its last error, since the members run (and fail) on their own.
+function inFlight(s, names, back) {
+  const byName = new Map(s.steps.map((st) => [st.name, st]));
+  return `<ul class="in-flight" id="in-flight">${names.map((n) => {
+    const st = byName.get(n) || { name: n, attempts: 0, compensation_attempts: 0 };
+    const sent = back ? st.compensation : st.action;
+    const tries = back ? st.compensation_attempts : st.attempts;
+    return `<li data-in-flight="${esc(n)}"><strong>${esc(n)}</strong> <span class="muted">${esc(st.participant || "?")}</span>
+      attempt ${tries}${sent ? `, sent ${relative(sent.last_sent_at)}` : ""}${st.error ? `, last error <span class="error">${esc(st.error)}</span>` : ""}</li>`;
+  }).join("")}</ul>`;
 }
 
 // One bar per (step, direction) from its first send to its finish (or now, while it runs),
@@ -466,7 +507,11 @@ function gantt(s) {
     : running ? Math.max(Date.now(), new Date(s.updated_at).getTime()) : new Date(s.updated_at).getTime();
   const total = Math.max(...spans.map(([, , span]) => end(span)), new Date(s.updated_at).getTime()) - start || 1;
   const pct = (t) => Math.min(100, Math.max(0, ((t - start) / total) * 100));
-  const rows = s.steps.filter((st) => st.action || st.compensation).map((st) => {
+  const rows = s.steps.filter((st) => st.action || st.compensation || st.status === "SKIPPED").map((st) => {
+    if (st.status === "SKIPPED") {
+      return `<div class="gantt-row skipped" data-skipped="${esc(st.name)}"><span class="gantt-label" title="${esc(st.name)}: its condition was false">${esc(st.name)}</span>
+        <span class="gantt-track"><span class="gantt-note">skipped</span></span></div>`;
+    }
     const bars = spans.filter(([x]) => x === st).map(([, direction, span]) => {
       const from = new Date(span.first_sent_at).getTime(), to = end(span);
       const failed = direction === "action" && ["FAILED", "TIMED_OUT"].includes(st.status);
@@ -489,7 +534,8 @@ async function detail(id, mine) {
   const start = new Date(s.created_at).getTime();
   const timeline = timelineItems(s, start);
   const steps = s.steps.map((st) => `
-    <tr><td>${esc(st.name)}</td><td>${esc(st.participant || "")}</td><td>${esc(st.status)}</td>
+    <tr data-step-row="${esc(st.name)}"${st.status === "SKIPPED" ? ' class="skipped"' : ""}><td>${esc(st.name)}</td><td>${esc(st.participant || "")}</td>
+    <td>${st.status === "SKIPPED" ? "skipped" : esc(st.status)}</td>
     <td>${st.attempts}</td><td>${st.compensation_attempts}</td>
     <td>${st.action ? ms(st.action.duration_ms) : ""}</td><td>${st.compensation ? ms(st.compensation.duration_ms) : ""}</td>
     <td>${esc(st.error || "")}</td></tr>`).join("");
@@ -501,9 +547,12 @@ async function detail(id, mine) {
       <dt>key</dt><dd>${esc(s.key || "—")}</dd>
       <dt>definition</dt><dd>${esc(s.name)} v${s.definition_version}</dd>
       <dt>started</dt><dd>${when(s.created_at)}</dd><dt>updated</dt><dd>${when(s.updated_at)}</dd>
-      <dt>now</dt><dd>${esc(s.current_step || "—")} (${esc(s.direction)}, ${esc(s.phase)})</dd>
+      <dt>now</dt><dd>${(s.in_flight || []).length > 1
+        ? `${esc(s.in_flight.join(", "))} in parallel`
+        : esc(s.current_step || "—")} (${esc(s.direction)}, ${esc(s.phase)})</dd>
+      ${expires(s)}
       ${why(s).map(([label, text, id]) => `<dt>${label}</dt><dd id="${id}" class="error">${esc(text)}</dd>`).join("")}
-      ${s.stuck_step ? `<dt>stuck at</dt><dd id="stuck">${esc(s.stuck_step)}</dd>` : ""}
+      ${stuck(s)}
     </dl>
     <div class="actions" id="actions">${actions(s)}</div>
     ${pendingCard(s)}
@@ -598,53 +647,134 @@ document.getElementById("act-form").addEventListener("submit", async (event) => 
   route();
 });
 
-function diagram(d) {
-  const w = 210, gap = 40, h = 46, pad = 16;
-  const width = pad * 2 + d.steps.length * w + (d.steps.length - 1) * gap;
-  const parts = [];
+// The definition's units (a step, or a parallel group's members) as columns, left to right.
+function units(d) {
+  const out = [];
   d.steps.forEach((st, i) => {
-    const x = pad + i * (w + gap);
-    parts.push(`<g data-step="${esc(st.name)}"><rect x="${x}" y="20" width="${w}" height="${h}" rx="8"
-      fill="${st.pivot ? "#e0e7ff" : "#ecfdf3"}" stroke="${st.pivot ? "#4338ca" : "#1f7a3f"}"/>
-      <text x="${x + 10}" y="38" font-weight="600">${esc(st.name)}${st.pivot ? " (pivot)" : ""}</text>
-      <text x="${x + 10}" y="56" fill="#555">${esc(st.action)} → ${esc(st.participant)}</text></g>`);
-    if (i > 0) {
-      parts.push(`<line x1="${x - gap}" y1="43" x2="${x - 4}" y2="43" stroke="#1f7a3f" stroke-width="2" marker-end="url(#fwd)"/>`);
-    }
-    if (st.compensated) {
-      parts.push(`<g data-compensation="${esc(st.name)}"><rect x="${x}" y="110" width="${w}" height="${h}" rx="8"
-        fill="#fff8f1" stroke="#b4530a" stroke-dasharray="5 3"/>
-        <text x="${x + 10}" y="128" font-weight="600" fill="#b4530a">↩ ${esc(st.compensation)}</text>
-        <text x="${x + 10}" y="146" fill="#555">undoes ${esc(st.name)}</text></g>
-        <line x1="${x + w / 2}" y1="${20 + h}" x2="${x + w / 2}" y2="106" stroke="#b4530a" stroke-dasharray="4 3"/>`);
+    const last = out[out.length - 1];
+    if (st.group !== null && last && last.group === st.group) last.members.push([st, i]);
+    else out.push({ group: st.group, members: [[st, i]] });
+  });
+  return out;
+}
+
+// A duration in seconds as people say it: "90 s", "10 min", "2 h".
+function span(seconds) {
+  const trim = (n) => String(Number(n.toFixed(1)));
+  if (seconds < 120) return `${trim(seconds)} s`;
+  if (seconds < 7200) return `${trim(seconds / 60)} min`;
+  return `${trim(seconds / 3600)} h`;
+}
+
+const POLICY = {
+  halt: "halt: a compensation that fails for good stops the compensation there",
+  continue: "continue: the older steps are still compensated, and the saga ends FAILED naming every stuck one",
+};
+const CONDITIONAL = "runs only when its condition holds; skipped (nothing sent, nothing to undo) otherwise";
+
+// The steps left to right; a parallel group is one column with its members one above the
+// other, a fork before them and a join after; a conditional step has a dashed border and
+// "if …". Below, each compensation, run newest first (right to left).
+function diagram(d) {
+  const w = 210, gap = 64, h = 46, vgap = 14, pad = 16, top = 30;
+  const cols = units(d);
+  const rows = Math.max(...cols.map((u) => u.members.length));
+  const band = rows * h + (rows - 1) * vgap; // the height of the tallest column
+  const cy = top + band / 2; // every column is centred on this line
+  const compTop = top + band + 44;
+  const height = compTop + band + 20;
+  const width = pad * 2 + cols.length * w + (cols.length - 1) * gap;
+  const parts = [];
+  const ports = []; // per column: [in x, out x] on the line cy
+  const compBoxes = []; // per column: the left and right x of its compensations, if any
+  cols.forEach((u, c) => {
+    const x = pad + c * (w + gap);
+    const n = u.members.length;
+    const y0 = cy - (n * h + (n - 1) * vgap) / 2;
+    const grouped = u.group !== null;
+    if (grouped) {
+      parts.push(`<g data-group="${u.group}"><rect x="${x - 8}" y="${y0 - 22}" width="${w + 16}" height="${n * h + (n - 1) * vgap + 30}"
+        rx="10" fill="none" stroke="#94a3b8" stroke-dasharray="2 3"/>
+        <text x="${x - 2}" y="${y0 - 8}" fill="#475569">in parallel: ${n} steps, all must succeed</text>
+        <circle data-fork cx="${x - 22}" cy="${cy}" r="5" fill="#1f7a3f"/><circle data-join cx="${x + w + 22}" cy="${cy}" r="5" fill="#1f7a3f"/></g>`);
+      ports.push([x - 27, x + w + 27]);
     } else {
-      parts.push(`<text x="${x + 10}" y="132" fill="#888">${st.compensation ? "forward only" : "nothing to undo"}</text>`);
+      ports.push([x - 4, x + w]);
+    }
+    let comps = 0;
+    u.members.forEach(([st], m) => {
+      const y = y0 + m * (h + vgap);
+      const cond = st.conditional;
+      parts.push(`<g data-step="${esc(st.name)}"${grouped ? ` data-member="${u.group}"` : ""}${cond ? ' data-conditional="true"' : ""}>
+        ${cond ? `<title>${esc(st.name)} ${CONDITIONAL}</title>` : ""}<rect x="${x}" y="${y}" width="${w}" height="${h}" rx="8"
+        fill="${st.pivot ? "#e0e7ff" : "#ecfdf3"}" stroke="${st.pivot ? "#4338ca" : "#1f7a3f"}"${cond ? ' stroke-dasharray="6 4" stroke-width="1.5"' : ""}/>
+        <text x="${x + 10}" y="${y + 18}" font-weight="600">${esc(st.name)}${st.pivot ? " (pivot)" : ""}${cond ? '<tspan font-weight="400" fill="#7c3aed"> if …</tspan>' : ""}</text>
+        <text x="${x + 10}" y="${y + 36}" fill="#555">${esc(st.action)} → ${esc(st.participant)}</text></g>`);
+      if (grouped) {
+        parts.push(`<line x1="${x - 22}" y1="${cy}" x2="${x - 4}" y2="${y + h / 2}" stroke="#1f7a3f" stroke-width="2" marker-end="url(#fwd)"/>
+          <line x1="${x + w}" y1="${y + h / 2}" x2="${x + w + 22}" y2="${cy}" stroke="#1f7a3f" stroke-width="2"/>`);
+      }
+      const cy2 = compTop + comps * (h + vgap);
+      if (st.compensated) {
+        parts.push(`<g data-compensation="${esc(st.name)}"><rect x="${x}" y="${cy2}" width="${w}" height="${h}" rx="8"
+          fill="#fff8f1" stroke="#b4530a" stroke-dasharray="5 3"/>
+          <text x="${x + 10}" y="${cy2 + 18}" font-weight="600" fill="#b4530a">↩ ${esc(st.compensation)}</text>
+          <text x="${x + 10}" y="${cy2 + 36}" fill="#555">undoes ${esc(st.name)}${cond ? " (if it ran)" : ""}</text></g>`);
+        if (comps === 0) {
+          parts.push(`<line x1="${x + w / 2}" y1="${y0 + n * h + (n - 1) * vgap + (grouped ? 8 : 0)}" x2="${x + w / 2}" y2="${compTop - 4}" stroke="#b4530a" stroke-dasharray="4 3"/>`);
+        }
+        comps += 1;
+      } else if (!grouped || m === n - 1 && comps === 0) {
+        parts.push(`<text x="${x + 10}" y="${compTop + 22}" fill="#888">${st.compensation ? "forward only" : "nothing to undo"}</text>`);
+      }
+    });
+    compBoxes.push(comps ? [x, x + w] : null);
+    if (c > 0) {
+      parts.push(`<line x1="${ports[c - 1][1]}" y1="${cy}" x2="${ports[c][0]}" y2="${cy}" stroke="#1f7a3f" stroke-width="2" marker-end="url(#fwd)"/>`);
     }
   });
-  // compensation order: right to left between compensatable steps
-  const comp = d.steps.map((st, i) => [st, i]).filter(([st]) => st.compensated).map(([, i]) => i);
+  // compensation order: right to left between the columns that have compensations
+  const comp = compBoxes.filter(Boolean);
   for (let k = comp.length - 1; k > 0; k--) {
-    const from = pad + comp[k] * (w + gap), to = pad + comp[k - 1] * (w + gap) + w;
-    parts.push(`<line x1="${from}" y1="133" x2="${to + 4}" y2="133" stroke="#b4530a" stroke-width="2"
+    parts.push(`<line x1="${comp[k][0]}" y1="${compTop + h / 2}" x2="${comp[k - 1][1] + 4}" y2="${compTop + h / 2}" stroke="#b4530a" stroke-width="2"
       stroke-dasharray="6 3" marker-end="url(#back)"/>`);
   }
-  return `<div class="flow"><svg width="${width}" height="175" role="img" aria-label="${esc(d.name)} steps and compensations">
+  return `<div class="flow"><svg width="${width}" height="${height}" role="img" aria-label="${esc(d.name)} steps and compensations">
     <defs><marker id="fwd" markerWidth="8" markerHeight="8" refX="7" refY="4" orient="auto"><path d="M0,0 L8,4 L0,8 z" fill="#1f7a3f"/></marker>
     <marker id="back" markerWidth="8" markerHeight="8" refX="7" refY="4" orient="auto"><path d="M0,0 L8,4 L0,8 z" fill="#b4530a"/></marker></defs>
     ${parts.join("")}</svg></div>`;
+}
+
+// How a step runs, for the definition's table: in which parallel group, on which condition.
+function runs(st, groups) {
+  const said = [];
+  if (st.group !== null) said.push(`in parallel (group ${groups.indexOf(st.group) + 1})`);
+  if (st.conditional) said.push("if …");
+  return said.join(", ") || "in order";
 }
 
 async function definitions(mine) {
   const defs = await api("definitions");
   if (mine !== routing) return false; // a later route() owns the view now
   view.innerHTML = `<h1>Definitions</h1>
-    <p class="legend"><span style="color: var(--ok)">→ actions, in order</span>
+    <p class="legend"><span style="color: var(--ok)">→ actions, in order; a fork and a join around steps run in parallel</span>
+    <span style="color: #7c3aed">dashed, "if …": runs only when its condition holds</span>
     <span style="color: var(--comp)">↩ compensations, run newest first when a step fails</span></p>
-    ${defs.map((d) => `<section data-definition="${esc(d.name)}"><h2>${esc(d.name)} v${d.version}</h2>${diagram(d)}
-      <table><thead><tr><th>step</th><th>participant</th><th>action</th><th>compensation</th><th>timeout</th><th>retries</th></tr></thead>
-      <tbody>${d.steps.map((st) => `<tr><td>${esc(st.name)}</td><td>${esc(st.participant)}</td><td>${esc(st.action)}</td>
+    ${defs.map((d) => {
+      const groups = [...new Set(d.steps.map((st) => st.group).filter((g) => g !== null))];
+      return `<section data-definition="${esc(d.name)}"><h2>${esc(d.name)} v${d.version}</h2>
+      <dl class="kv def-facts">
+        <dt>deadline</dt><dd data-fact="deadline">${d.deadline_s === null ? "none: the saga runs as long as its steps take"
+          : `${span(d.deadline_s)} from the start; past it, the saga compensates`}</dd>
+        <dt>if a compensation fails</dt><dd data-fact="policy">${esc(POLICY[d.on_compensation_failure] || d.on_compensation_failure)}</dd>
+      </dl>
+      ${diagram(d)}
+      <table><thead><tr><th>step</th><th>runs</th><th>participant</th><th>action</th><th>compensation</th><th>timeout</th><th>retries</th></tr></thead>
+      <tbody>${d.steps.map((st) => `<tr data-step-def="${esc(st.name)}"><td>${esc(st.name)}</td>
+      <td${st.conditional ? ` title="${CONDITIONAL}"` : ""}>${esc(runs(st, groups))}</td><td>${esc(st.participant)}</td><td>${esc(st.action)}</td>
       <td>${esc(st.compensation || "—")}</td><td>${st.timeout_s} s</td><td>${st.retry.max_attempts ?? "∞"}</td></tr>`).join("")}</tbody></table>
-    </section>`).join("")}`;
+    </section>`;
+    }).join("")}`;
 }
 
 // A readable line for a message's payload schema: the envelope, then what each part adds
