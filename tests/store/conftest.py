@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import contextlib
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -19,7 +20,15 @@ async def store(
     if request.param == "memory":
         yield MemoryStore()
         return
-    if request.param == "sqlite":
+    async with sql_store(request.param, tmp_path, unique) as sql:
+        yield sql
+
+
+@contextlib.asynccontextmanager
+async def sql_store(kind: str, tmp_path: Path, unique: str) -> AsyncIterator[SqlStore]:
+    """A migrated SqlStore on a SQLite file (``sqlite``) or in a PostgreSQL schema of its own,
+    dropped afterwards."""
+    if kind == "sqlite":
         sql = SqlStore(f"sqlite+aiosqlite:///{tmp_path / 'saga.db'}")
     else:
         sql = SqlStore(require_postgres(), schema=f"saga_test_{unique}")

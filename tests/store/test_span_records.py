@@ -19,7 +19,7 @@ from saga.store.schema import spans
 from saga.store.sql import SqlStore
 from saga.telemetry import ReservedIds, SpanExport, Tracing, export_durably, span_id_for
 from saga.testing import Harness, ok
-from tests.conftest import require_postgres
+from tests.store.conftest import sql_store
 from tests.support.sagas import registry
 
 
@@ -27,17 +27,8 @@ from tests.support.sagas import registry
 async def store(
     request: pytest.FixtureRequest, tmp_path: Path, unique: str
 ) -> AsyncIterator[SqlStore]:
-    if request.param == "sqlite":
-        sql = SqlStore(f"sqlite+aiosqlite:///{tmp_path / 'saga.db'}")
-    else:
-        sql = SqlStore(require_postgres(), schema=f"saga_test_{unique}")
-    await sql.migrate()
-    await sql.setup()
-    try:
+    async with sql_store(request.param, tmp_path, unique) as sql:
         yield sql
-    finally:
-        await sql.drop_schema()
-        await sql.close()
 
 
 def on_sql(store: SqlStore, tracing: Tracing) -> Harness:

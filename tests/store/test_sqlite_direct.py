@@ -163,27 +163,53 @@ class Rows:
         self.span_rows = [{"records": [{"name": "process cmd.pay", "span_id": "5" * 16}]}]
 
 
-async def write_ledger(path: Path, pick: Callable[[Any, Ledger, Any], Any]) -> tuple[Any, ...]:
+async def exercise(ledger: Ledger, pick: Callable[[Any, Ledger, Any], Any]) -> tuple[Any, ...]:
     """Write :class:`Rows` in one transaction; in another, read them back and delete the reply
-    from the outbox inside a savepoint that is rolled back."""
+    from the outbox inside a savepoint that is rolled back. ``pick`` chooses the statements
+    from the connection, the ledger and what :func:`statements` chose."""
+    async with ledger.engine.begin() as conn:
+        await pick(conn, ledger, await statements(conn, ledger)).write(Rows(T0))
+    async with ledger.engine.begin() as conn:
+        ledger_sql = pick(conn, ledger, await statements(conn, ledger))
+        keys = [uuid.UUID(int=10), uuid.UUID(int=12), uuid.UUID(int=99)]
+        read = (
+            await ledger_sql.given([uuid.UUID(int=14), uuid.UUID(int=98)]),
+            sorted(await ledger_sql.recorded(keys)),
+        )
+        savepoint = await ledger_sql.savepoint()
+        await ledger_sql.delete_sent([uuid.UUID(int=14)])
+        await savepoint.rollback()
+    return read
+
+
+async def write_ledger(path: Path, pick: Callable[[Any, Ledger, Any], Any]) -> tuple[Any, ...]:
+    """:func:`exercise` on a SQLite file of its own."""
     ledger = Ledger(f"sqlite+aiosqlite:///{path}")
     await ledger.setup()
     try:
-        async with ledger.engine.begin() as conn:
-            await pick(conn, ledger, await statements(conn, ledger)).write(Rows(T0))
-        async with ledger.engine.begin() as conn:
-            ledger_sql = pick(conn, ledger, await statements(conn, ledger))
-            keys = [uuid.UUID(int=10), uuid.UUID(int=12), uuid.UUID(int=99)]
-            read = (
-                await ledger_sql.given([uuid.UUID(int=14), uuid.UUID(int=98)]),
-                sorted(await ledger_sql.recorded(keys)),
-            )
-            savepoint = await ledger_sql.savepoint()
-            await ledger_sql.delete_sent([uuid.UUID(int=14)])
-            await savepoint.rollback()
+        return await exercise(ledger, pick)
     finally:
         await ledger.close()
-    return read
+
+
+def core(conn: Any, ledger: Ledger, chosen: Any) -> Any:
+    return CoreStatements(conn, ledger)
+
+
+def assert_the_same_ledger(
+    read: tuple[Any, ...], read_core: tuple[Any, ...], stored: dict[str, Any]
+) -> None:
+    """What both ways read back is the same, and what they stored is what was written."""
+    for table in (processed, replies, tombstones, outbox, spans):
+        assert len(stored[table.name]) == 1, table.name  # written, and the delete undone
+    assert read == read_core
+    given, recorded = read
+    assert given == {uuid.UUID(int=14): b'{"reply": true}'}
+    assert [(r.key, r.tombstone) for r in recorded] == [
+        (uuid.UUID(int=10), False),
+        (uuid.UUID(int=12), True),
+    ]
+    assert recorded[0].data == {"amount": "1.50", "nested": {"a": [1, 2]}}
 
 
 async def test_the_ledger_statements_store_and_read_rows_as_sqlalchemy_does(
@@ -193,23 +219,10 @@ async def test_the_ledger_statements_store_and_read_rows_as_sqlalchemy_does(
         assert isinstance(chosen, SqliteStatements)
         return chosen
 
-    def core(conn: Any, ledger: Ledger, chosen: Any) -> Any:
-        return CoreStatements(conn, ledger)
-
     read_direct = await write_ledger(tmp_path / "direct.db", direct)
     read_core = await write_ledger(tmp_path / "core.db", core)
     assert dump(tmp_path / "direct.db") == dump(tmp_path / "core.db")
-    stored = dump(tmp_path / "direct.db")
-    for table in (processed, replies, tombstones, outbox, spans):
-        assert len(stored[table.name]) == 1, table.name  # written, and the delete undone
-    assert read_direct == read_core
-    given, recorded = read_direct
-    assert given == {uuid.UUID(int=14): b'{"reply": true}'}
-    assert [(r.key, r.tombstone) for r in recorded] == [
-        (uuid.UUID(int=10), False),
-        (uuid.UUID(int=12), True),
-    ]
-    assert recorded[0].data == {"amount": "1.50", "nested": {"a": [1, 2]}}
+    assert_the_same_ledger(read_direct, read_core, dump(tmp_path / "direct.db"))
 
 
 @pytest.mark.parametrize(
@@ -236,27 +249,13 @@ def test_the_fast_utc_datetime_text_refuses_a_naive_time_as_sqlalchemy_does() ->
         sqlite_utc_text(datetime(2026, 1, 1))
 
 
-async def _write_ledger_pg(schema: str, direct: bool) -> tuple[Any, ...]:
-    """:func:`write_ledger` on PostgreSQL, in a schema of its own; returns what was read and
-    every table's rows as SQLAlchemy reads them."""
+async def _write_ledger_pg(schema: str, pick: Callable[[Any, Ledger, Any], Any]) -> Any:
+    """:func:`exercise` on PostgreSQL, in a schema of its own; returns what was read and every
+    table's rows as SQLAlchemy reads them."""
     ledger = Ledger(require_postgres(), schema=schema)
     await ledger.setup()
     try:
-        async with ledger.engine.begin() as conn:
-            chosen = await statements(conn, ledger)
-            assert isinstance(chosen, PostgresStatements)
-            await (chosen if direct else CoreStatements(conn, ledger)).write(Rows(T0))
-        async with ledger.engine.begin() as conn:
-            chosen = await statements(conn, ledger)
-            ledger_sql = chosen if direct else CoreStatements(conn, ledger)
-            keys = [uuid.UUID(int=10), uuid.UUID(int=12), uuid.UUID(int=99)]
-            read = (
-                await ledger_sql.given([uuid.UUID(int=14), uuid.UUID(int=98)]),
-                sorted(await ledger_sql.recorded(keys)),
-            )
-            savepoint = await ledger_sql.savepoint()
-            await ledger_sql.delete_sent([uuid.UUID(int=14)])
-            await savepoint.rollback()
+        read = await exercise(ledger, pick)
         async with ledger.engine.connect() as conn:
             tables = {}
             for table in (processed, replies, tombstones, outbox, spans):
@@ -274,16 +273,12 @@ async def test_the_ledger_statements_on_postgresql_store_and_read_as_sqlalchemy_
     unique: str,
 ) -> None:
     """PostgresStatements (fixed texts on asyncpg's connection) against SQLAlchemy Core."""
-    read_direct, stored_direct = await _write_ledger_pg(f"ledger_direct_{unique}", True)
-    read_core, stored_core = await _write_ledger_pg(f"ledger_core_{unique}", False)
+
+    def direct(conn: Any, ledger: Ledger, chosen: Any) -> Any:
+        assert isinstance(chosen, PostgresStatements)
+        return chosen
+
+    read_direct, stored_direct = await _write_ledger_pg(f"ledger_direct_{unique}", direct)
+    read_core, stored_core = await _write_ledger_pg(f"ledger_core_{unique}", core)
     assert stored_direct == stored_core
-    for table in (processed, replies, tombstones, outbox, spans):
-        assert len(stored_direct[table.name]) == 1, table.name  # written, and the delete undone
-    assert read_direct == read_core
-    given, recorded = read_direct
-    assert given == {uuid.UUID(int=14): b'{"reply": true}'}
-    assert [(r.key, r.tombstone) for r in recorded] == [
-        (uuid.UUID(int=10), False),
-        (uuid.UUID(int=12), True),
-    ]
-    assert recorded[0].data == {"amount": "1.50", "nested": {"a": [1, 2]}}
+    assert_the_same_ledger(read_direct, read_core, stored_direct)
