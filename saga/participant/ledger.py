@@ -21,7 +21,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 from saga.ports import OutboxMessage
 from saga.store.fresh import OutboxCopy
 from saga.store.schema import UTCDateTime
-from saga.store.sql import delete_sent, sqlite_engine
+from saga.store.sql import delete_sent, drain_span_rows, sqlite_engine
 from saga.work import WorkCounts
 
 __all__ = [
@@ -225,16 +225,9 @@ class Ledger:
         """Export committed span records, then delete them (at-least-once; one participant
         process per ledger, so no two drains share rows). The delete does not wait for an
         fsync on SQLite: lost in a power cut, it only exports a duplicate."""
-        query = sa.select(spans.c.id, spans.c.records).order_by(spans.c.id).limit(limit)
-        async with self.reader.connect() as conn:
-            rows = (await conn.execute(query)).all()
-        if not rows:
-            return 0
-        await export([r for row in rows for r in row.records])
-        delete = spans.delete().where(spans.c.id.in_([r.id for r in rows]))
-        async with self.engine.connect() as conn:
-            await delete_sent(conn, delete, self.synchronous)
-        return len(rows)
+        return await drain_span_rows(
+            spans, self.reader, self.engine, self.synchronous, limit, export
+        )
 
     async def history(self) -> list[dict[str, Any]]:
         """Every final reply in the order it was given: the service's audit trail."""

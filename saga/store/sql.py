@@ -113,6 +113,30 @@ def sqlite_engine(
     return engine
 
 
+async def drain_span_rows(
+    table: sa.Table,
+    read: AsyncEngine,
+    write: AsyncEngine,
+    synchronous: str,
+    limit: int,
+    export: Callable[[list[Mapping[str, Any]]], Awaitable[None]],
+) -> int:
+    """Read up to ``limit`` rows of span records from ``table`` (``id``, ``records``), export
+    them, then delete them as :func:`delete_sent` does: at-least-once, for a database one
+    process drains (the store on SQLite, a participant's ledger)."""
+    query = sa.select(table.c.id, table.c.records).order_by(table.c.id).limit(limit)
+    async with read.connect() as conn:
+        rows = (await conn.execute(query)).all()
+    if not rows:
+        return 0
+    await export([r for row in rows for r in row.records])
+    async with write.connect() as conn:
+        await delete_sent(
+            conn, table.delete().where(table.c.id.in_([r.id for r in rows])), synchronous
+        )
+    return len(rows)
+
+
 async def delete_sent(conn: AsyncConnection, delete: Any, synchronous: str) -> None:
     """Run ``delete`` (of outbox rows the broker confirmed) in a transaction of its own.
 
@@ -816,15 +840,9 @@ class SqlStore:
                     await export([r for row in rows for r in row.records])
                     await conn.execute(spans.delete().where(spans.c.id.in_([r.id for r in rows])))
             return len(rows)
-        async with self._read.connect() as conn:
-            rows = (await conn.execute(query)).all()
-        if not rows:
-            return 0
-        await export([r for row in rows for r in row.records])
-        delete = spans.delete().where(spans.c.id.in_([r.id for r in rows]))
-        async with self._write.connect() as conn:
-            await delete_sent(conn, delete, self._synchronous)
-        return len(rows)
+        return await drain_span_rows(
+            spans, self._read, self._write, self._synchronous, limit, export
+        )
 
     async def outbox_stats(self, now: datetime) -> tuple[int, float]:
         """(rows waiting, age in seconds of the oldest) for metrics and the benchmark."""
