@@ -139,24 +139,37 @@ def asyncapi_document(
         "channels": channels,
         "operations": operations,
         "components": {"schemas": dict(schemas), "messages": messages},
-        "x-sagas": [
-            {
-                "name": d.name,
-                "version": d.version,
-                "input": _model_ref(d.input_model),
-                "steps": [
-                    {
-                        "name": s.name,
-                        "participant": s.participant,
-                        "action": s.action,
-                        "compensation": s.compensation if d.needs_compensation(i) else None,
-                    }
-                    for i, s in enumerate(d.steps)
-                ],
-            }
-            for d in sagas
-        ],
+        "x-sagas": [_saga(d) for d in sagas],
     }
+
+
+def _saga(d: SagaDefinition) -> dict[str, Any]:
+    """A saga's shape as a reader of its messages needs it: which commands go out together
+    (``group``: the index of the parallel group, as the admin API numbers them), which only
+    when a condition holds, and what bounds the whole saga."""
+    groups = _group_of(d)
+    return {
+        "name": d.name,
+        "version": d.version,
+        "input": _model_ref(d.input_model),
+        "steps": [
+            {
+                "name": s.name,
+                "participant": s.participant,
+                "action": s.action,
+                "compensation": s.compensation if d.needs_compensation(i) else None,
+                "group": groups.get(i),
+                "conditional": s.when is not None,
+            }
+            for i, s in enumerate(d.steps)
+        ],
+        "deadline_s": None if d.deadline is None else d.deadline.total_seconds(),
+        "on_compensation_failure": d.on_compensation_failure.value,
+    }
+
+
+def _group_of(d: SagaDefinition) -> dict[int, int]:
+    return {i: g for g, (first, last) in enumerate(d.groups) for i in range(first, last + 1)}
 
 
 def _description(sagas: Sequence[SagaDefinition]) -> list[str]:
@@ -167,13 +180,22 @@ def _description(sagas: Sequence[SagaDefinition]) -> list[str]:
         "correlation id its saga_id.",
     ]
     for d in sagas:
-        steps = "; ".join(
-            f"{s.name}: {s.action} to {s.participant}"
-            + (f", undone by {s.compensation}" if d.needs_compensation(i) else "")
-            for i, s in enumerate(d.steps)
-        )
-        lines.append(f"Saga {d.name} v{d.version}: {steps}.")
+        units: list[str] = []
+        for first, last in _units(d):
+            told = [
+                f"{s.name}: {s.action} to {s.participant}"
+                + (" if its condition holds" if s.when is not None else "")
+                + (f", undone by {s.compensation}" if d.needs_compensation(i) else "")
+                for i, s in enumerate(d.steps[first : last + 1], start=first)
+            ]
+            units.append(told[0] if first == last else f"in parallel ({', '.join(told)})")
+        lines.append(f"Saga {d.name} v{d.version}: {'; '.join(units)}.")
     return lines
+
+
+def _units(d: SagaDefinition) -> list[tuple[int, int]]:
+    """The saga's steps as it runs them: each a step alone or a parallel group."""
+    return sorted({(d.unit_first[i], d.unit_last[i]) for i in range(len(d.steps))})
 
 
 def _name(command_type: str) -> str:

@@ -23,6 +23,7 @@ from saga.transport.memory import MemoryBroker
 from saga.transport.topology import Topology
 from saga_demo.checkout import registry
 from saga_demo.demo import run_demo
+from tests.support import language
 
 SCHEMA = json.loads(
     gzip.decompress(
@@ -101,3 +102,27 @@ def test_saga_schema_export_writes_the_documents(tmp_path: Path) -> None:
     assert "CheckoutInput.schema.json" in schemas
     for path in (out / "messages").iterdir():
         jsonschema.Draft202012Validator.check_schema(json.loads(path.read_text()))
+
+
+def test_a_saga_with_a_group_a_condition_and_a_deadline_is_described_as_it_runs() -> None:
+    document = asyncapi.document(language.registry(), Topology("saga"))
+    assert problems(document) == []
+    sagas = {s["name"]: s for s in document["x-sagas"]}
+    tour = sagas["tour"]
+    assert [(s["name"], s["group"], s["conditional"]) for s in tour["steps"]] == [
+        ("reserve", None, False),
+        ("flight", 0, False),
+        ("hotel", 0, False),
+        ("insure", None, True),
+        ("confirm", None, False),
+    ]
+    assert tour["deadline_s"] is None and tour["on_compensation_failure"] == "halt"
+    assert sagas["tour-deadline"]["deadline_s"] == 2.0
+    assert sagas["tour-continue"]["on_compensation_failure"] == "continue"
+    told = document["info"]["description"]
+    assert (
+        "Saga tour v1: reserve: alpha.reserve to alpha, undone by alpha.release; in parallel "
+        "(flight: beta.book to beta, undone by beta.cancel, hotel: gamma.book to gamma, undone "
+        "by gamma.cancel); insure: alpha.insure to alpha if its condition holds, undone by "
+        "alpha.uninsure; confirm: alpha.confirm to alpha." in told
+    )
