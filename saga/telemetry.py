@@ -24,6 +24,7 @@ hand out that id: :class:`ReservedIds`, installed by :func:`configure_tracing`.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import hashlib
 import json
@@ -68,14 +69,17 @@ from saga.work import WorkCollector, WorkCounts
 
 __all__ = [
     "LIVE_STATUSES",
+    "Attempt",
     "Metrics",
     "MetricsServer",
     "ReservedIds",
     "SpanExport",
     "SpanRecord",
     "Tracing",
+    "attempts_ended",
     "configure_tracing",
     "export_durably",
+    "in_flight",
     "span_id_for",
     "trace_ids",
 ]
@@ -89,7 +93,10 @@ _ENDING = {
     HistoryKind.COMPENSATION_FAILED: "failed",
     HistoryKind.STEP_TIMED_OUT: "timed_out",
     HistoryKind.OPERATOR: "operator",
+    HistoryKind.DEADLINE_PASSED: "deadline",
 }
+#: entries about the whole saga that end every attempt in flight without naming each one
+_SAGA_WIDE = (HistoryKind.OPERATOR, HistoryKind.DEADLINE_PASSED)
 _MESSAGING = {"messaging.system": "rabbitmq"}
 
 
@@ -446,22 +453,19 @@ class Tracing:
     def attempt_record(
         self,
         before: SagaState,
+        attempt: Attempt,
         end: datetime,
-        outcome: str,
-        error: str | None = None,
         business: Mapping[str, Any] | None = None,
     ) -> SpanRecord | None:
-        """The span of the attempt ``before`` was waiting for, as a record to commit."""
+        """The span of ``attempt`` of ``before``, which ended at ``end``, as a record to
+        commit."""
         saga = _parse(*_saga_ids(before))
         if saga is None or not saga.trace_flags.sampled:
             return None
-        parts = _attempt(before, outcome, business)
-        if parts is None:
-            return None
-        name, span_id, start, attributes = parts
+        name, span_id, start, attributes = _attempt(before, attempt, business)
         return _record(
             name, saga.trace_id, span_id, saga.span_id, int(saga.trace_flags), start, _ns(end),
-            attributes, error=None if outcome == "succeeded" else error or outcome,
+            attributes, error=None if attempt.succeeded else attempt.detail or attempt.outcome,
         )  # fmt: skip
 
     def saga_record(
@@ -514,26 +518,25 @@ class Tracing:
     def end_attempt(
         self,
         before: SagaState,
+        attempt: Attempt,
         end: datetime,
-        outcome: str,
-        error: str | None = None,
         business: Mapping[str, Any] | None = None,
     ) -> None:
-        """Export the span of the attempt ``before`` was waiting for (no durable export)."""
+        """Export the span of ``attempt`` of ``before``, which ended at ``end`` (no durable
+        export)."""
         if not self.recording:
             return
         saga = _parse(*_saga_ids(before))
-        parts = _attempt(before, outcome, business)
-        if saga is None or parts is None:
+        if saga is None:
             return
-        name, span_id, start, attributes = parts
+        name, span_id, start, attributes = _attempt(before, attempt, business)
         parent = trace.set_span_in_context(NonRecordingSpan(saga))
         with _reserved(saga.trace_id, span_id):
             span = self.tracer.start_span(
                 name, context=parent, start_time=start, attributes=attributes
             )
-        if outcome != "succeeded":
-            span.set_status(Status(StatusCode.ERROR, error or outcome))
+        if not attempt.succeeded:
+            span.set_status(Status(StatusCode.ERROR, attempt.detail or attempt.outcome))
         span.end(end_time=_ns(end))
 
     def end_saga(
@@ -744,23 +747,25 @@ def _saga_ids(state: SagaState) -> tuple[str | None, str | None]:
 
 
 def _attempt(
-    before: SagaState, outcome: str, business: Mapping[str, Any] | None
-) -> tuple[str, int, int, dict[str, Any]] | None:
-    """(name, span id, start, attributes) of the span of the attempt ``before`` waits for."""
-    if before.awaiting is None or before.sent_at is None:
-        return None
-    step = before.steps[before.current].name
-    verb = "step" if before.direction is Direction.ACTION else "compensate"
+    before: SagaState, attempt: Attempt, business: Mapping[str, Any] | None
+) -> tuple[str, int, int, dict[str, Any]]:
+    """(name, span id, start, attributes) of the span of ``attempt``, one of ``before``'s."""
+    verb = "step" if attempt.direction is Direction.ACTION else "compensate"
     attributes = {
         **_saga_attributes(before),
-        "saga.step": step,
-        "saga.direction": before.direction.value,
-        "saga.attempt": before.attempt,
-        "saga.outcome": outcome,
-        "messaging.message.id": str(before.awaiting),
+        "saga.step": attempt.step,
+        "saga.direction": attempt.direction.value,
+        "saga.attempt": attempt.attempt,
+        "saga.outcome": attempt.outcome,
+        "messaging.message.id": str(attempt.message_id),
         **(business or {}),
     }
-    return f"{verb} {step}", span_id_for(before.awaiting), _ns(before.sent_at), attributes
+    return (
+        f"{verb} {attempt.step}",
+        span_id_for(attempt.message_id),
+        _ns(attempt.sent_at),
+        attributes,
+    )
 
 
 def _saga_span(
@@ -809,18 +814,78 @@ def _ns(at: datetime) -> int:
 # --- what a committed transition says --------------------------------------------------------
 
 
-def attempt_ended(before: SagaState | None, transition: Transition) -> tuple[str, str] | None:
-    """(outcome, detail) when ``transition`` ended the attempt ``before`` was waiting for."""
-    if before is None or not transition.applied or before.phase is not Phase.AWAITING_REPLY:
-        return None
-    after = transition.state
-    if after.phase is Phase.AWAITING_REPLY and after.awaiting == before.awaiting:
-        return None
-    for entry in transition.history:
-        outcome = _ENDING.get(entry.kind)
-        if outcome is not None:
-            return outcome, entry.detail
-    return "ended", ""
+@dataclasses.dataclass(frozen=True, slots=True)
+class Attempt:
+    """One command attempt that a transition ended, with what ended it: the attempt's span
+    and its latency sample are made from this."""
+
+    step: str
+    direction: Direction
+    attempt: int
+    message_id: UUID
+    sent_at: datetime
+    outcome: str = "ended"  # succeeded, failed, timed_out, operator, deadline
+    detail: str = ""  # the engine's words, the span's error when it did not succeed
+
+    @property
+    def succeeded(self) -> bool:
+        return self.outcome == "succeeded"
+
+
+def in_flight(state: SagaState) -> tuple[Attempt, ...]:
+    """The attempts ``state`` awaits a reply to: every member of a parallel group whose
+    command is out (not those in backoff), or the one command being awaited."""
+    if state.lanes:
+        steps = state.steps
+        return tuple(
+            Attempt(
+                steps[lane.index].name,
+                Direction.ACTION,
+                steps[lane.index].attempts,
+                lane.awaiting,
+                lane.sent_at,
+            )
+            for lane in state.lanes
+            if lane.phase is Phase.AWAITING_REPLY and lane.sent_at is not None
+        )
+    if state.phase is not Phase.AWAITING_REPLY or state.awaiting is None or state.sent_at is None:
+        return ()
+    step = state.steps[state.current].name
+    return (Attempt(step, state.direction, state.attempt, state.awaiting, state.sent_at),)
+
+
+def attempts_ended(before: SagaState | None, transition: Transition) -> tuple[Attempt, ...]:
+    """The attempts ``before`` awaited that ``transition`` ended, each with its outcome: the
+    entry about its own step (its reply, its timeout), else one about the whole saga (an
+    operator's abort, the saga's deadline), which ends every member of a group at once."""
+    if before is None or not transition.applied:
+        return ()
+    awaited = in_flight(before)
+    if not awaited:
+        return ()
+    still = {a.message_id for a in in_flight(transition.state)}
+    ended = []
+    for awaiting in awaited:
+        if awaiting.message_id in still:
+            continue
+        own = next(
+            (
+                e
+                for e in transition.history
+                if e.kind in _ENDING
+                and e.step == awaiting.step
+                and e.direction in (None, awaiting.direction)
+            ),
+            None,
+        )
+        if own is None:
+            own = next((e for e in transition.history if e.kind in _SAGA_WIDE), None)
+        ended.append(
+            awaiting
+            if own is None
+            else dataclasses.replace(awaiting, outcome=_ENDING[own.kind], detail=own.detail)
+        )
+    return tuple(ended)
 
 
 class Metrics:
@@ -975,12 +1040,11 @@ class Metrics:
                 (after.updated_at - after.created_at).total_seconds()
             )
 
-    def attempt(self, before: SagaState, outcome: str, end: datetime) -> None:
-        if before.sent_at is None:
-            return
+    def attempt(self, name: str, attempt: Attempt, end: datetime) -> None:
+        """One latency sample: ``attempt`` of a saga named ``name`` ended at ``end``."""
         self.step_duration.labels(
-            before.name, before.steps[before.current].name, before.direction.value, outcome
-        ).observe(max((end - before.sent_at).total_seconds(), 0.0))
+            name, attempt.step, attempt.direction.value, attempt.outcome
+        ).observe(max((end - attempt.sent_at).total_seconds(), 0.0))
 
 
 #: the statuses the store gauges report: sagas in flight, and the ones waiting for an operator.

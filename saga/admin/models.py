@@ -40,6 +40,7 @@ __all__ = [
     "ErrorBody",
     "Health",
     "HistoryView",
+    "PendingMember",
     "PendingStep",
     "Readiness",
     "Resolution",
@@ -53,6 +54,7 @@ __all__ = [
     "StartRequest",
     "StartResult",
     "at_step",
+    "at_steps",
     "definition_view",
     "pending_step",
     "resolution",
@@ -134,7 +136,14 @@ class SagaSummary(_Model):
     at_step: str | None = Field(
         description="the step to look at first: the one being run (RUNNING) or compensated "
         "(COMPENSATING), the stuck one (FAILED), the one whose failure, timeout or abort turned "
-        "the saga back (COMPENSATED); null when COMPLETED"
+        "the saga back (COMPENSATED); null when COMPLETED. While a parallel group is in flight, "
+        "its members still pending joined by `+` in step order, e.g. `flight+hotel` (each is "
+        "in `at_steps`)"
+    )
+    at_steps: list[str] = Field(
+        default_factory=list,
+        description="the steps `at_step` names, one item each: several while a parallel "
+        "group is in flight, else the one step, or none",
     )
     root_cause: RootCause | None = Field(
         None, description="the first failure, which started the compensation (null: none)"
@@ -209,6 +218,25 @@ class RetryRun(_Model):
     last_at: datetime
 
 
+class PendingMember(_Model):
+    """One member of a parallel group in flight: each has its own attempt, budget and
+    deadline, which the saga's own fields show for only one of them."""
+
+    step: str
+    phase: Phase = Field(description="`awaiting_reply` or `backoff`")
+    attempt: int = Field(description="attempts sent in its retry budget")
+    max_attempts: int | None = Field(
+        description="its budget; null when it retries forever or the definition is not registered"
+    )
+    attempts_sent: int
+    last_error: str | None
+    last_sent_at: datetime | None = Field(description="when its latest attempt was sent")
+    next_retry_at: datetime | None = Field(description="its next attempt (phase `backoff`)")
+    reply_deadline: datetime | None = Field(
+        description="when its awaited reply times out (phase `awaiting_reply`)"
+    )
+
+
 class PendingStep(_Model):
     """The step a RUNNING, COMPENSATING or FAILED saga waits on, with what an on-call engineer
     asks first: which try is this, what went wrong last, and when does something happen next."""
@@ -239,6 +267,12 @@ class PendingStep(_Model):
     )
     allowed_actions: list[OperatorAction] = Field(
         description="the operator actions the saga's state accepts now"
+    )
+    members: list[PendingMember] = Field(
+        default_factory=list,
+        description="while a parallel group is in flight, each of its members still pending, "
+        "in step order, with its own attempt and deadline (the fields above are those of the "
+        "member due first); empty otherwise",
     )
 
 
@@ -461,18 +495,28 @@ class DeadLetterActionResult(_Model):
 # --- building them (pure) --------------------------------------------------------------------
 
 
-def at_step(s: SagaState) -> str | None:
-    """Where an on-call engineer looks first. For a COMPENSATED saga the engine's current step
-    is the last one compensated (often the first step), which says nothing; the furthest step
-    it reached is the one that failed, timed out or was aborted, and so why it went back."""
+def at_steps(s: SagaState) -> list[str]:
+    """Where an on-call engineer looks first. While a parallel group is in flight, every
+    member still pending: the saga's own fields name only the one whose timer is due first,
+    and a list naming one member would hide a sibling that is the slow or failing one. For a
+    COMPENSATED saga the engine's current step is the last one compensated (often the first
+    step), which says nothing; the furthest step it reached is the one that failed, timed out
+    or was aborted, and so why it went back."""
+    if s.lanes:
+        return _in_flight(s)
     if s.status is SagaStatus.COMPLETED:
-        return None
+        return []
     if s.status is SagaStatus.FAILED:
-        return s.stuck_step
+        return [] if s.stuck_step is None else [s.stuck_step]
     if s.status is SagaStatus.COMPENSATED:
         reached = [st.name for st in s.steps if st.status is not StepStatus.PENDING]
-        return reached[-1] if reached else None
-    return s.steps[s.current].name if s.current < len(s.steps) else None
+        return reached[-1:]
+    return [s.steps[s.current].name] if s.current < len(s.steps) else []
+
+
+def at_step(s: SagaState) -> str | None:
+    """:func:`at_steps` as one string for a list's column: ``flight+hotel`` for a group."""
+    return "+".join(at_steps(s)) or None
 
 
 #: the history kinds :func:`root_cause` and :func:`resolution` read
@@ -545,6 +589,7 @@ def saga_summary(s: SagaState, history: Sequence[HistoryEntry] | None = None) ->
         failure=s.failure,
         stuck_step=s.stuck_step,
         at_step=at_step(s),
+        at_steps=at_steps(s),
         root_cause=None if history is None else root_cause(history),
         resolution=None if history is None else resolution(history),
     )
@@ -725,7 +770,32 @@ def pending_step(
         next_retry_at=s.deadline if s.phase is Phase.BACKOFF else None,
         reply_deadline=s.deadline if s.phase is Phase.AWAITING_REPLY else None,
         allowed_actions=[] if definition is None else list(allowed_actions(definition, s)),
+        members=_members(s, definition),
     )
+
+
+def _members(s: SagaState, definition: SagaDefinition | None) -> list[PendingMember]:
+    """Each lane of the group in flight as the pending card shows it."""
+    members = []
+    for lane in sorted(s.lanes, key=lambda lane: lane.index):
+        st = s.steps[lane.index]
+        known = definition is not None and lane.index < len(definition.steps)
+        policy = definition.steps[lane.index].retry if definition is not None and known else None
+        backoff = lane.phase is Phase.BACKOFF
+        members.append(
+            PendingMember(
+                step=st.name,
+                phase=lane.phase,
+                attempt=lane.tries,
+                max_attempts=None if policy is None else policy.max_attempts,
+                attempts_sent=st.attempts,
+                last_error=st.error,
+                last_sent_at=lane.sent_at,
+                next_retry_at=lane.deadline if backoff else None,
+                reply_deadline=None if backoff else lane.deadline,
+            )
+        )
+    return members
 
 
 def saga_detail(

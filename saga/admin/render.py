@@ -161,31 +161,41 @@ def pending(saga: dict[str, Any]) -> list[str]:
     and what an operator may do."""
     p = saga.get("pending")
     lines = []
-    if p is not None:
-        budget = "forever" if p["max_attempts"] is None else str(p["max_attempts"])
+    members = (p or {}).get("members") or []
+    if members:  # a parallel group: each member has its own attempt and deadline
+        names = "+".join(m["step"] for m in members)
+        lines.append(f"pending: {names} (do, in parallel)")
+        lines += [f"  {m['step']}: {', '.join(_attempt_facts(m, saga))}" for m in members]
+    elif p is not None:
         direction = "undo" if p["direction"] == "compensation" else "do"
-        facts = [
-            f"pending: {p['step']} ({direction})"
-            + (f" {p['command']} at {p['participant']}" if p["command"] else ""),
-            f"attempt {p['attempt']} of {budget}",
-        ]
-        if p["attempts_sent"] != p["attempt"]:
-            facts.append(f"{p['attempts_sent']} sent in all")
-        if p["last_sent_at"]:
-            facts.append(f"last sent {_time(p['last_sent_at'])}")
-        if p["next_retry_at"]:
-            facts.append(f"next try {_time(p['next_retry_at'])}")
-        elif p["reply_deadline"]:
-            facts.append(f"reply due by {_time(p['reply_deadline'])}")
-        elif saga["status"] == "FAILED":
-            facts.append("waits for an operator")
-        if p["last_error"]:
-            facts.append(f"last error: {p['last_error']}")
-        lines.append(", ".join(facts))
+        head = f"pending: {p['step']} ({direction})" + (
+            f" {p['command']} at {p['participant']}" if p["command"] else ""
+        )
+        lines.append(", ".join([head, *_attempt_facts(p, saga)]))
     if "allowed_actions" in saga:
         allowed = saga["allowed_actions"]
         lines.append("actions: " + (", ".join(allowed) if allowed else "none apply"))
     return lines
+
+
+def _attempt_facts(p: dict[str, Any], saga: dict[str, Any]) -> list[str]:
+    """Which try of its budget a pending step (or group member) is on, when it was sent, what
+    happens next, and what went wrong last."""
+    budget = "forever" if p["max_attempts"] is None else str(p["max_attempts"])
+    facts = [f"attempt {p['attempt']} of {budget}"]
+    if p["attempts_sent"] != p["attempt"]:
+        facts.append(f"{p['attempts_sent']} sent in all")
+    if p["last_sent_at"]:
+        facts.append(f"last sent {_time(p['last_sent_at'])}")
+    if p["next_retry_at"]:
+        facts.append(f"next try {_time(p['next_retry_at'])}")
+    elif p["reply_deadline"]:
+        facts.append(f"reply due by {_time(p['reply_deadline'])}")
+    elif saga["status"] == "FAILED":
+        facts.append("waits for an operator")
+    if p["last_error"]:
+        facts.append(f"last error: {p['last_error']}")
+    return facts
 
 
 def saga_list(page: dict[str, Any], width: int | None = None) -> list[str]:

@@ -224,10 +224,17 @@ async def test_show_and_definitions_speak_the_saga_language(harness: Harness) ->
         # the group's members are sent together: at hotel, both are in flight
         await stack.wait(held, ["RUNNING"], step="hotel")
         await stack.wait(stuck, ["FAILED"])
+        page = (await client.get("/api/sagas", params={"status": "RUNNING"})).json()
+        [item] = [i for i in page["items"] if i["saga_id"] == held]
+        assert (item["at_step"], item["at_steps"]) == ("hotel+flight", ["hotel", "flight"])
 
-    defs, running, failed = await saga_all(
-        ("definitions",), ("show", held), ("show", stuck), url=url
+    defs, running, failed, listed = await saga_all(
+        ("definitions",), ("show", held), ("show", stuck), ("list",), url=url
     )
+
+    assert listed.code == 0, listed.err
+    steps = {row.split()[0]: row.split()[4] for row in listed.out.splitlines()[1:]}
+    assert steps == {held: "hotel+flight", stuck: "flight"}
 
     assert defs.code == 0, defs.err
     lines = defs.out.splitlines()
@@ -245,6 +252,11 @@ async def test_show_and_definitions_speak_the_saga_language(harness: Harness) ->
     assert running.code == 0, running.err
     lines = running.out.splitlines()
     assert "in flight: hotel, flight (in parallel)" in lines
+    # each member with its own try and its own reply deadline, not only the one due first
+    at = lines.index("pending: hotel+flight (do, in parallel)")
+    for line, name in zip(lines[at + 1 : at + 3], ["hotel", "flight"], strict=True):
+        assert line.startswith(f"  {name}: attempt 1 of 1, last sent "), line
+        assert ", reply due by " in line, line
     assert "skipped: gift (condition false: nothing sent or undone)" in lines
     [deadline] = [line for line in lines if line.startswith("deadline: ")]
     assert re.fullmatch(r"deadline: \S+ \S+ \((9|10)m left\)", deadline), deadline

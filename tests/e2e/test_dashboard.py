@@ -850,6 +850,9 @@ async def _language_pages(dash: Dashboard, browser: Browser) -> None:
         "hotel",
         "flight",
     ]
+    # each member with its own try of its budget and its own reply deadline
+    await expect(members.locator("[data-member-attempt]")).to_have_text(["attempt 1 of 1"] * 2)
+    await expect(members.locator("[data-member-next]")).to_contain_text(["reply due in"] * 2)
     gift = page.locator('#steps tr[data-step-row="gift"]')
     await expect(gift).to_have_class(re.compile(r"\bskipped\b"))
     await expect(gift).to_contain_text("skipped")

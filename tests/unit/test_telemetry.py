@@ -6,7 +6,9 @@ from __future__ import annotations
 import logging
 from collections import Counter
 from collections.abc import Sequence
+from datetime import UTC, datetime, timedelta
 from typing import Any
+from uuid import UUID
 
 import pytest
 import structlog
@@ -18,9 +20,11 @@ from opentelemetry.trace import StatusCode
 from pydantic import BaseModel
 from structlog.testing import LogCapture
 
+from saga import Parallel, Step
 from saga.core.definition import Registry, SagaDefinition
+from saga.core.engine import decide
 from saga.core.errors import ConfigError, DefinitionError
-from saga.core.state import SagaStatus
+from saga.core.state import ReplyFailed, ReplySucceeded, SagaStatus, Started, TimerFired
 from saga.orchestrator import runtime
 from saga.orchestrator.runtime import Orchestrator
 from saga.ports import BrokerStats
@@ -28,7 +32,9 @@ from saga.telemetry import (
     Metrics,
     ReservedIds,
     Tracing,
+    attempts_ended,
     configure_tracing,
+    in_flight,
     span_id_for,
     trace_ids,
 )
@@ -369,3 +375,39 @@ def test_span_attributes_must_name_fields_of_the_input_model() -> None:
     bad = SagaDefinition("trip", 1, TRIP.steps, input_model=TripInput, span_attributes=("ordr",))
     with pytest.raises(DefinitionError, match="'ordr' is not a field of the input model"):
         Registry([bad])
+
+
+def test_every_member_of_a_group_ends_its_own_attempt_once() -> None:
+    """A reply ends only its member's attempt, even when it moves the saga's one timer to
+    another lane; the saga's deadline ends every member still in flight at once."""
+
+    def step(name: str) -> Step:
+        return Step(name, participant=name, action=f"{name}.do", compensation=f"{name}.undo")
+
+    group = SagaDefinition(
+        "grouped", 1, [Parallel(step("a"), step("b"), step("c"))], deadline=timedelta(minutes=1)
+    )
+    t0 = datetime(2030, 1, 1, tzinfo=UTC)
+    started = decide(group, None, Started(UUID(int=7), {}), t0)
+    a, b, c = started.commands
+    assert [x.message_id for x in in_flight(started.state)] == [
+        a.message_id,
+        b.message_id,
+        c.message_id,
+    ]
+    assert len({span_id_for(x.message_id) for x in (a, b, c)}) == 3
+
+    later = t0 + timedelta(seconds=1)
+    failed = decide(group, started.state, ReplyFailed(b.message_id, "b", "busy", True), later)
+    assert failed.state.awaiting != started.state.awaiting  # b's backoff is due first now
+    [ended] = attempts_ended(started.state, failed)
+    assert (ended.step, ended.outcome, ended.sent_at) == ("b", "failed", t0)
+    assert ended.message_id == b.message_id
+
+    done = decide(group, failed.state, ReplySucceeded(c.message_id, "c"), later)
+    [ended] = attempts_ended(failed.state, done)
+    assert (ended.step, ended.outcome) == ("c", "succeeded")
+
+    assert done.state.expires_at is not None and done.state.awaiting is not None
+    expired = decide(group, done.state, TimerFired(done.state.awaiting), done.state.expires_at)
+    assert [(x.step, x.outcome) for x in attempts_ended(done.state, expired)] == [("a", "deadline")]

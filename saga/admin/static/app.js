@@ -479,12 +479,22 @@ function relative(iso) {
   return delta >= 0 ? `in ${text}` : `${text} ago`;
 }
 
-// Each member of a parallel group in flight: its participant, its tries, when it was last
-// sent and its last error, since the members run (and fail) on their own.
+// Each member of a parallel group in flight with its own attempt of its budget, when it was
+// sent, and its own next event (the reply's deadline, or the retry after a backoff).
 function inFlight(s, names, back) {
   const byName = new Map(s.steps.map((st) => [st.name, st]));
+  const members = new Map(((s.pending && s.pending.members) || []).map((m) => [m.step, m]));
   return `<ul class="in-flight" id="in-flight">${names.map((n) => {
     const st = byName.get(n) || { name: n, attempts: 0, compensation_attempts: 0 };
+    const m = members.get(n);
+    if (m) {
+      const budget = m.max_attempts === null ? "∞" : m.max_attempts;
+      const next = m.next_retry_at
+        ? `next retry ${relative(m.next_retry_at)}`
+        : m.reply_deadline ? `reply due ${relative(m.reply_deadline)}` : "";
+      return `<li data-in-flight="${esc(n)}" data-phase="${esc(m.phase)}"><strong>${esc(n)}</strong> <span class="muted">${esc(st.participant || "?")}</span>
+        <span data-member-attempt>attempt ${m.attempt} of ${budget}</span>${m.last_sent_at ? `, sent ${relative(m.last_sent_at)}` : ""}${next ? `, <span data-member-next title="${esc(when(m.next_retry_at || m.reply_deadline))}">${next}</span>` : ""}${m.last_error ? `, last error <span class="error">${esc(m.last_error)}</span>` : ""}</li>`;
+    }
     const sent = back ? st.compensation : st.action;
     const tries = back ? st.compensation_attempts : st.attempts;
     return `<li data-in-flight="${esc(n)}"><strong>${esc(n)}</strong> <span class="muted">${esc(st.participant || "?")}</span>
