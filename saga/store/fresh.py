@@ -11,12 +11,15 @@ delete held the single SQLite writer for a whole fsync. So:
   else (fewer rows than asked for), and the table is read again at least every
   ``reread_every`` seconds, so rows written by another instance or left by a crash are found.
 * Confirmed rows are deleted by the next write transaction the store runs anyway (one more
-  statement in it), or after ``delete_after`` seconds by a transaction of their own when no
-  write comes. Until then they are left out of reads of the table. Half a second: a
-  participant that gets a command every few tens of milliseconds (one per saga, sagas one at a
-  time) then folds every delete into its next command's transaction, instead of paying a
-  transaction (and an fsync on the single writer, in the next command's way) for each; after a
-  crash, at most that much of confirmed rows is sent again.
+  statement in it), or by a transaction of their own once the oldest of them has waited
+  ``delete_after`` seconds with no write coming. Until then they are left out of reads of the
+  table. Half a second: a participant that gets a command every few tens of milliseconds (one
+  per saga, sagas one at a time) then folds every delete into its next command's transaction,
+  instead of paying a transaction (and an fsync on the single writer, in the next command's
+  way) for each; after a crash, at most that much of confirmed rows is sent again. The wait is
+  counted from each row's confirm, not from the sweeper's start: a sweeper that woke on a fixed
+  beat found the row confirmed just before it and deleted it alone, one extra transaction every
+  half second that the next command would have carried.
 
 The table stays the truth: a row is deleted only after its confirm. A crash before the delete
 lands re-sends the row, which at-least-once delivery and deduplication by message id allow.
@@ -52,6 +55,7 @@ class OutboxCopy:
         self._complete = False  # the copy holds every row of the table
         self._read_at = 0.0
         self._to_delete: list[UUID] = []  # confirmed; in no transaction yet
+        self._confirmed_at: list[float] = []  # when each of them was confirmed (monotonic)
         self._deleting: set[UUID] = set()  # confirmed; delete not committed yet
         self._sweeper: asyncio.Task[None] | None = None
 
@@ -97,7 +101,19 @@ class OutboxCopy:
         """The broker confirmed ``message_ids``: delete them soon."""
         for message_id in message_ids:
             self._unsent.pop(message_id, None)
-        self._to_delete.extend(message_ids)
+        self._wait(message_ids, front=False)
+
+    def _wait(self, message_ids: Sequence[UUID], *, front: bool) -> None:
+        """Queue ``message_ids`` for a delete, confirmed now."""
+        if not message_ids:
+            return
+        at = [time.monotonic()] * len(message_ids)
+        if front:  # given back by a transaction that failed: before the newer ones
+            self._to_delete[:0] = message_ids
+            self._confirmed_at[:0] = at
+        else:
+            self._to_delete.extend(message_ids)
+            self._confirmed_at.extend(at)
         self._deleting.update(message_ids)
         if self._sweeper is None or self._sweeper.done():
             self._sweeper = asyncio.get_running_loop().create_task(self._sweep())
@@ -106,17 +122,23 @@ class OutboxCopy:
         """Confirmed rows for the caller's write transaction to delete; report its end with
         :meth:`deletes_done`."""
         taken, self._to_delete = self._to_delete[:2000], self._to_delete[2000:]
+        del self._confirmed_at[:2000]
         return taken
 
     def deletes_done(self, message_ids: list[UUID], *, committed: bool) -> None:
         if committed:
             self._deleting.difference_update(message_ids)
         else:
-            self._to_delete[:0] = message_ids
+            self._wait(message_ids, front=True)
 
     async def _sweep(self) -> None:
-        await asyncio.sleep(self.delete_after)
+        """Delete the confirmed rows once the oldest has waited ``delete_after`` seconds for
+        a write transaction to take them; ends when none is left."""
         while self._to_delete:
+            wait = self._confirmed_at[0] + self.delete_after - time.monotonic()
+            if wait > 0:
+                await asyncio.sleep(wait)
+                continue
             taken = self.take_deletes()
             try:
                 await self._delete(taken)

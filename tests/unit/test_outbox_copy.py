@@ -6,7 +6,10 @@ import asyncio
 import uuid
 from uuid import UUID
 
+import pytest
+
 from saga.ports import OutboxMessage
+from saga.store import fresh
 from saga.store.fresh import OutboxCopy
 
 
@@ -70,3 +73,46 @@ async def test_the_table_is_read_again_after_the_interval() -> None:
     copy.read([], limit=10)
     await asyncio.sleep(0.001)
     assert copy.pending(10) is None
+
+
+class _Clock:
+    """``time`` as fresh.py reads it, moved by hand."""
+
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def monotonic(self) -> float:
+        return self.now
+
+
+async def test_a_row_waits_its_own_delay_for_a_write_before_it_is_deleted_alone(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The delay runs from each row's confirm: a row confirmed just before the sweeper's
+    beat would otherwise be deleted in a transaction of its own, though the next write was
+    about to take it."""
+    clock = _Clock()
+    monkeypatch.setattr(fresh, "time", clock)
+    deleted: list[list[UUID]] = []
+
+    async def delete(message_ids: list[UUID]) -> None:
+        deleted.append(message_ids)
+
+    copy = OutboxCopy(delete, delete_after=0.05)
+    a, b = message(), message()
+    copy.read([], limit=10)
+    copy.sent([a.message_id])
+    await asyncio.sleep(0)  # the sweeper starts, to wake when a is due
+    taken = copy.take_deletes()  # a write transaction takes a
+    copy.deletes_done(taken, committed=True)
+    clock.now = 0.04
+    copy.sent([b.message_id])  # confirmed 0.04 s in: due at 0.09
+    await asyncio.sleep(0.1)  # the sweeper woke when a would have been due
+    assert deleted == []
+    clock.now = 0.1
+    for _ in range(200):
+        if deleted:
+            break
+        await asyncio.sleep(0.01)
+    assert deleted == [[b.message_id]]  # no write came along: deleted on its own
+    await copy.close()
