@@ -56,22 +56,18 @@ class Relay:
         self.max_backoff = max_backoff
         self.tracing = tracing if tracing is not None else Tracing()
         self.metrics = metrics
-        self._woken = False  # a commit since the last read of the outbox
-        self._waiter: asyncio.Future[None] | None = None  # the idle run(), until woken
+        self._wake = asyncio.Event()
         self._flushing = asyncio.Lock()  # one flush at a time, or two would send the same rows
         self._stopping = False
         self.published = 0
         self.failures = 0
 
     def wake(self) -> None:
-        self._woken = True
-        waiter = self._waiter
-        if waiter is not None and not waiter.done():
-            waiter.set_result(None)
+        self._wake.set()
 
     def stop(self) -> None:
         self._stopping = True
-        self.wake()
+        self._wake.set()
 
     async def shutdown(self, task: asyncio.Task[None] | None, timeout: float) -> None:  # noqa: ASYNC109
         """Stop ``task`` (this relay's :meth:`run`), then publish what is left once more: a
@@ -87,7 +83,7 @@ class Relay:
         while not self._stopping:
             if backoff:
                 await asyncio.sleep(backoff)
-            self._woken = False  # before reading: a commit during the read wakes us again
+            self._wake.clear()  # before reading: a commit during the read wakes us again
             try:
                 moved = await self.flush()
             except Exception as exc:
@@ -96,25 +92,10 @@ class Relay:
                 log.warning("relay_backoff", error=repr(exc), retry_in_s=backoff)
                 continue
             backoff = 0.0
-            # A short batch was all there was when it was read; what was committed since woke
-            # us, so the next read waits for no one. Reading again at once would cost a flush
-            # per wake-up that finds nothing.
-            if moved < self.batch:
-                await self._idle(self.poll_interval)
-
-    async def _idle(self, timeout: float) -> None:  # noqa: ASYNC109
-        """Until :meth:`wake` or ``timeout`` seconds: a bare future and a timer, as
-        ``asyncio.wait_for`` on an event would add a task and two hops per wake-up."""
-        if self._woken:
-            return
-        loop = asyncio.get_running_loop()
-        self._waiter = waiter = loop.create_future()
-        timer = loop.call_later(timeout, _release, waiter)
-        try:
-            await waiter
-        finally:
-            timer.cancel()
-            self._waiter = None
+            if moved:
+                continue  # there may be more right away
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), self.poll_interval)
 
     async def flush(self) -> int:
         """Publish one batch of pending rows, at most ``max_in_flight`` unconfirmed at a time;
@@ -192,11 +173,6 @@ class Relay:
             crash_point("after_publish_before_confirm")
             return await sending
         return await self.publish(chunk)
-
-
-def _release(waiter: asyncio.Future[None]) -> None:
-    if not waiter.done():
-        waiter.set_result(None)
 
 
 def span_interval() -> float:
