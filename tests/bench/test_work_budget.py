@@ -47,14 +47,14 @@ STEPS = 4  # commands per saga on the happy path: order, payment, inventory, shi
 #: the code does today; see docs/benchmarks.md ("Work per saga")
 ORCHESTRATOR_BUDGET = {
     "statements": 45,
-    "transactions": 8,
+    "transactions": 6.5,
     "handoffs": 8,
     "sends": 16,
     "ack_frames": 1 + STEPS,
 }
 PARTICIPANT_BUDGET = {
     "statements": 18,
-    "transactions": 2,
+    "transactions": 1.3,
     "handoffs": 2,
     "sends": 4,
     "ack_frames": 1,
