@@ -52,7 +52,8 @@ from pamqp.heartbeat import Heartbeat
 
 __all__ = ["FastFrameReceiver", "claim", "decode_frame", "install"]
 
-log = logging.getLogger(__name__)
+#: aiormq's channel logger: a failing consumer is logged as aiormq's channel reader logs it
+log = logging.getLogger("aiormq.channel")
 
 Received = tuple[int, int, Any]  # aiormq's ReceivedFrame: bytes read, channel, frame
 
@@ -163,7 +164,7 @@ def decode_frame(head: bytes, rest: bytes) -> Received:
     and whatever does not decode here, by pamqp (whose errors become InvalidFrameError)."""
     frame_type, channel, size = _HEAD.unpack(head)
     weight = size + 8
-    if len(rest) == size + 1 and rest[size] == _FRAME_END:
+    if size and len(rest) == size + 1 and rest[size] == _FRAME_END:  # pamqp refuses size 0
         try:
             if frame_type == _FRAME_BODY:
                 return weight, channel, ContentBody(rest[:size])
