@@ -22,7 +22,7 @@ import asyncio
 import contextlib
 import uuid
 from collections import Counter
-from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Iterable, Mapping, Sequence
 from datetime import datetime
 from typing import Any, Protocol, cast
 
@@ -483,13 +483,21 @@ class _AmqpConsumer:
             underlay = cast(aiormq.Channel, await channel.get_underlay_channel())
             acks = _Acks(underlay, self._link.counts)
 
-            async def deliver(message: aiormq.abc.DeliveredMessage) -> None:
+            def deliver(message: aiormq.abc.DeliveredMessage) -> Coroutine[Any, Any, None]:
+                # called in frame order (by the channel's reader, or by saga.transport.frames
+                # for an idle channel); the task it returns runs the callback
                 self._link.counts.deliveries += 1
-                await self._deliver(_Delivery(message, acks, self._link.counts), attachment)
+                return self._deliver(_Delivery(message, acks, self._link.counts), attachment)
 
             underlay.on_consumer_cancel_callbacks.add(self._on_broker_cancel)
+            # basic_consume's own steps, without its wrapping the callback in a coroutine
+            # function: that would move the synchronous part (the delivery's place among the
+            # channel's acks) into the task, where deliveries given to their consumer by the
+            # frame receiver could overtake it
+            underlay.consumers[tag] = deliver
             await asyncio.wait_for(
-                underlay.basic_consume(self.queue, deliver, consumer_tag=tag), bound
+                underlay.rpc(aiormq.spec.Basic.Consume(queue=self.queue, consumer_tag=tag)),
+                bound,
             )
         except BaseException:
             await quietly(channel.close(), 5)

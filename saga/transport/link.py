@@ -276,14 +276,16 @@ class Link:
         node = self.nodes[self._index]
         connection = aio_pika.Connection(node, ssl_context=self._ssl_context)
         # aio-pika passes its kwargs on to aiormq's Connection (see saga.transport.wire)
-        connection.kwargs["transport_factory"] = BatchingTransportFactory(
-            tls=str(node).startswith("amqps://"), counts=self.counts
-        )
+        factory = BatchingTransportFactory(tls=str(node).startswith("amqps://"), counts=self.counts)
+        connection.kwargs["transport_factory"] = factory
         try:
             await connection.connect(timeout=self.connect_timeout)
         except BaseException:
             await quietly(connection.close(), 5)
             raise
+        if factory.receiver is not None and connection.transport is not None:
+            # deliveries skip their channel's queue from here on (saga.transport.frames)
+            factory.receiver.serve(connection.transport.connection.channels)
         return connection
 
     def _adopt(self, connection: AbstractConnection) -> None:

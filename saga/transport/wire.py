@@ -22,6 +22,7 @@ from typing import Any
 from aiormq.connection import TCPTransportFactory, TLSTransportFactory, TransportFactory
 from yarl import URL
 
+from saga.transport.frames import FastFrameReceiver, claim
 from saga.work import WorkCounts
 
 __all__ = ["BatchingTransportFactory", "BatchingWriter"]
@@ -99,18 +100,23 @@ class BatchingWriter:
 
 
 class BatchingTransportFactory(TransportFactory):
-    """aiormq's own TCP or TLS transport, with a :class:`BatchingWriter` in front."""
+    """aiormq's own TCP or TLS transport, with a :class:`BatchingWriter` in front, read by a
+    :class:`~saga.transport.frames.FastFrameReceiver`."""
 
     def __init__(self, tls: bool, counts: WorkCounts | None = None):
         self._inner: TransportFactory = TLSTransportFactory() if tls else TCPTransportFactory()
         self._counts = counts
         #: the writer of the newest connection (tests)
         self.writer: BatchingWriter | None = None
+        #: the frame receiver of the newest connection; its owner calls ``serve`` once the
+        #: connection is open
+        self.receiver: FastFrameReceiver | None = None
 
     async def create(
         self, url: URL, **kwargs: Any
     ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
         reader, writer = await self._inner.create(url, **kwargs)
         self.writer = BatchingWriter(writer, self._counts)
+        self.receiver = claim(reader)
         # aiormq only calls the StreamWriter methods above
         return reader, self.writer  # type: ignore[return-value]
