@@ -2,6 +2,7 @@
 
 A reservation is all lines or none. Reserving moves units from available to ``reserved`` without
 touching ``on_hand``, so releasing restores exactly what was taken and stock is conserved.
+Digital goods (``DIGITAL``) are not stocked: the checkout never sends their lines here.
 """
 
 from __future__ import annotations
@@ -30,6 +31,8 @@ from saga_demo.contracts.inventory import (
 
 __all__ = [
     "BOOK",
+    "DIGITAL",
+    "EBOOK",
     "LAMP",
     "RARE",
     "SEED",
@@ -78,6 +81,10 @@ reservations = sa.Table(
 BOOK = "BOOK-1"
 LAMP = "LAMP-2"
 RARE = "RARE-9"
+EBOOK = "EBOOK-4"
+
+DIGITAL = frozenset({EBOOK})
+"""The demo's digital SKUs: sold as downloads, so neither stocked nor shipped."""
 
 SEED: tuple[dict[str, Any], ...] = (
     {"sku": BOOK, "name": "Paperback book", "on_hand": 100, "reserved": 0},

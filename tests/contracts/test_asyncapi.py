@@ -94,7 +94,10 @@ def test_saga_schema_export_writes_the_documents(tmp_path: Path) -> None:
     out = tmp_path / "out"
     document = json.loads((out / "asyncapi.json").read_text())
     assert problems(document) == []
-    assert [s["name"] for s in document["x-sagas"]] == ["checkout"]
+    assert [(s["name"], s["version"]) for s in document["x-sagas"]] == [
+        ("checkout", 1),
+        ("checkout", 2),
+    ]
     schemas = {p.name for p in (out / "messages").iterdir()}
     assert {"CommandEnvelope.schema.json", "ReplyEnvelope.schema.json"} <= schemas
     assert (out / "saga-contracts.schema.json").is_file()
