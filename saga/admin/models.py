@@ -463,14 +463,20 @@ class DeadLetterActionResult(_Model):
 
 def at_step(s: SagaState) -> str | None:
     """Where an on-call engineer looks first. For a COMPENSATED saga the engine's current step
-    is the last one compensated (often the first step), which says nothing; the furthest step
-    it reached is the one that failed, timed out or was aborted, and so why it went back."""
+    is the last one compensated (often the first step), which says nothing; the step that
+    failed says why it went back, and without one (a timeout or an abort, then compensated)
+    the furthest step it ran. A parallel group's member that failed may come before a sibling
+    that succeeded, and a skipped step never ran, so neither "furthest" alone will do."""
     if s.status is SagaStatus.COMPLETED:
         return None
     if s.status is SagaStatus.FAILED:
         return s.stuck_step
     if s.status is SagaStatus.COMPENSATED:
-        reached = [st.name for st in s.steps if st.status is not StepStatus.PENDING]
+        failed = [st.name for st in s.steps if st.status is StepStatus.FAILED]
+        if failed:
+            return failed[0]
+        ran = (StepStatus.PENDING, StepStatus.SKIPPED)
+        reached = [st.name for st in s.steps if st.status not in ran]
         return reached[-1] if reached else None
     return s.steps[s.current].name if s.current < len(s.steps) else None
 
