@@ -275,14 +275,16 @@ def checkout_input(
 ) -> dict[str, JSON]:
     """The saga input for one checkout; amounts travel as decimal strings, and a line whose
     SKU is in ``digital`` (the demo's digital goods by default) is marked digital."""
+    lines: list[JSON] = []
+    for sku, qty, price in items:
+        line: dict[str, JSON] = {"sku": sku, "quantity": qty, "unit_price": f"{price:.2f}"}
+        if sku in digital:
+            line["digital"] = True
+        lines.append(line)
     return {
         "customer_id": str(customer_id),
         "currency": currency,
-        "items": [
-            {"sku": sku, "quantity": qty, "unit_price": f"{price:.2f}"}
-            | ({"digital": True} if sku in digital else {})
-            for sku, qty, price in items
-        ],
+        "items": lines,
         "address": dict(address),
     }
 

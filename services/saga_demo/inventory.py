@@ -83,7 +83,7 @@ LAMP = "LAMP-2"
 RARE = "RARE-9"
 EBOOK = "EBOOK-4"
 
-DIGITAL = frozenset({EBOOK})
+DIGITAL: frozenset[str] = frozenset({EBOOK})
 """The demo's digital SKUs: sold as downloads, so neither stocked nor shipped."""
 
 SEED: tuple[dict[str, Any], ...] = (
