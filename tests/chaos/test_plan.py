@@ -501,6 +501,7 @@ def test_digital_goods_alone_skip_the_reservation_and_the_shipping(world: World)
     assert expectation(world, saga).status == "COMPLETED"
     refused = planned(PlannedFault(PAYMENT, "action", "refuse"), lines=((inventory.EBOOK, 1),))
     assert expectation(world, refused).base.succeeded == (ORDER,)
+    assert expectation(world, refused).base.skipped == (INVENTORY,)  # shipping: never reached
 
 
 def test_a_mixed_order_reserves_only_its_physical_lines(world: World) -> None:

@@ -260,7 +260,7 @@ def predict(
                 str(reason),
                 transient=reason == ShippingFailure.CARRIER_UNREACHABLE,
                 flaky=flaky and PAYMENT in done,
-                skipped=skipped,
+                skipped=tuple(s for s in skipped if UNIT[s] <= unit),  # the rest: PENDING
                 also_failed=tuple((s, str(r)) for s, r in refused[1:]),
                 uncertain=uncertain,
             )

@@ -8,7 +8,7 @@ import json
 import random
 import uuid
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from decimal import Decimal
 from pathlib import Path
 from typing import Any, Literal
@@ -459,9 +459,7 @@ def expectation(world: World, saga: PlannedSaga) -> Expected:
         injected = next(
             f for f in saga.faults if f.step == base.failed_step and f.direction == "action"
         )
-        base = Expectation(
-            base.succeeded, base.failed_step, base.reason, transient=injected.mode == "transient"
-        )
+        base = replace(base, transient=injected.mode == "transient", flaky=False)
     if base.failed_step is None:
         return Expected(base)
     # compensations run newest first; the first one that fails for good stops the saga
