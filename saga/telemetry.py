@@ -33,6 +33,7 @@ import threading
 import weakref
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextvars import ContextVar
+from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 from uuid import UUID
@@ -68,12 +69,15 @@ from saga.work import WorkCollector, WorkCounts
 
 __all__ = [
     "LIVE_STATUSES",
+    "Attempt",
     "Metrics",
     "MetricsServer",
     "ReservedIds",
     "SpanExport",
     "SpanRecord",
     "Tracing",
+    "attempts_ended",
+    "awaited",
     "configure_tracing",
     "export_durably",
     "span_id_for",
@@ -446,19 +450,17 @@ class Tracing:
     def attempt_record(
         self,
         before: SagaState,
+        attempt: Attempt,
         end: datetime,
         outcome: str,
         error: str | None = None,
         business: Mapping[str, Any] | None = None,
     ) -> SpanRecord | None:
-        """The span of the attempt ``before`` was waiting for, as a record to commit."""
+        """The span of ``attempt``, one that ``before`` was waiting for, as a record to commit."""
         saga = _parse(*_saga_ids(before))
         if saga is None or not saga.trace_flags.sampled:
             return None
-        parts = _attempt(before, outcome, business)
-        if parts is None:
-            return None
-        name, span_id, start, attributes = parts
+        name, span_id, start, attributes = _attempt(before, attempt, outcome, business)
         return _record(
             name, saga.trace_id, span_id, saga.span_id, int(saga.trace_flags), start, _ns(end),
             attributes, error=None if outcome == "succeeded" else error or outcome,
@@ -514,19 +516,20 @@ class Tracing:
     def end_attempt(
         self,
         before: SagaState,
+        attempt: Attempt,
         end: datetime,
         outcome: str,
         error: str | None = None,
         business: Mapping[str, Any] | None = None,
     ) -> None:
-        """Export the span of the attempt ``before`` was waiting for (no durable export)."""
+        """Export the span of ``attempt``, one that ``before`` was waiting for (no durable
+        export)."""
         if not self.recording:
             return
         saga = _parse(*_saga_ids(before))
-        parts = _attempt(before, outcome, business)
-        if saga is None or parts is None:
+        if saga is None:
             return
-        name, span_id, start, attributes = parts
+        name, span_id, start, attributes = _attempt(before, attempt, outcome, business)
         parent = trace.set_span_in_context(NonRecordingSpan(saga))
         with _reserved(saga.trace_id, span_id):
             span = self.tracer.start_span(
@@ -744,23 +747,21 @@ def _saga_ids(state: SagaState) -> tuple[str | None, str | None]:
 
 
 def _attempt(
-    before: SagaState, outcome: str, business: Mapping[str, Any] | None
-) -> tuple[str, int, int, dict[str, Any]] | None:
-    """(name, span id, start, attributes) of the span of the attempt ``before`` waits for."""
-    if before.awaiting is None or before.sent_at is None:
-        return None
-    step = before.steps[before.current].name
-    verb = "step" if before.direction is Direction.ACTION else "compensate"
+    before: SagaState, attempt: Attempt, outcome: str, business: Mapping[str, Any] | None
+) -> tuple[str, int, int, dict[str, Any]]:
+    """(name, span id, start, attributes) of the span of ``attempt`` of the saga ``before``."""
+    verb = "step" if attempt.direction is Direction.ACTION else "compensate"
     attributes = {
         **_saga_attributes(before),
-        "saga.step": step,
-        "saga.direction": before.direction.value,
-        "saga.attempt": before.attempt,
+        "saga.step": attempt.step,
+        "saga.direction": attempt.direction.value,
+        "saga.attempt": attempt.number,
         "saga.outcome": outcome,
-        "messaging.message.id": str(before.awaiting),
+        "messaging.message.id": str(attempt.message_id),
         **(business or {}),
     }
-    return f"{verb} {step}", span_id_for(before.awaiting), _ns(before.sent_at), attributes
+    span_id = span_id_for(attempt.message_id)
+    return f"{verb} {attempt.step}", span_id, _ns(attempt.sent_at), attributes
 
 
 def _saga_span(
@@ -809,18 +810,64 @@ def _ns(at: datetime) -> int:
 # --- what a committed transition says --------------------------------------------------------
 
 
-def attempt_ended(before: SagaState | None, transition: Transition) -> tuple[str, str] | None:
-    """(outcome, detail) when ``transition`` ended the attempt ``before`` was waiting for."""
-    if before is None or not transition.applied or before.phase is not Phase.AWAITING_REPLY:
-        return None
-    after = transition.state
-    if after.phase is Phase.AWAITING_REPLY and after.awaiting == before.awaiting:
-        return None
-    for entry in transition.history:
-        outcome = _ENDING.get(entry.kind)
-        if outcome is not None:
-            return outcome, entry.detail
-    return "ended", ""
+@dataclass(frozen=True, slots=True)
+class Attempt:
+    """One command a saga awaits the reply to: its span and its ``saga_step_duration``."""
+
+    step: str
+    direction: Direction
+    number: int
+    message_id: UUID
+    sent_at: datetime
+
+
+def awaited(state: SagaState) -> list[Attempt]:
+    """Every command ``state`` awaits the reply to: while a parallel group runs, one per member
+    whose reply is awaited (its lane; ``current`` mirrors only the one due first), else the
+    current step's, if any."""
+    if state.lanes:
+        return [
+            Attempt(
+                state.steps[lane.index].name,
+                Direction.ACTION,
+                state.steps[lane.index].attempts,
+                lane.awaiting,
+                lane.sent_at,
+            )
+            for lane in state.lanes
+            if lane.phase is Phase.AWAITING_REPLY and lane.sent_at is not None
+        ]
+    if state.phase is not Phase.AWAITING_REPLY or state.awaiting is None or state.sent_at is None:
+        return []
+    step = state.steps[state.current].name
+    return [Attempt(step, state.direction, state.attempt, state.awaiting, state.sent_at)]
+
+
+def attempts_ended(
+    before: SagaState | None, transition: Transition
+) -> list[tuple[Attempt, str, str]]:
+    """(attempt, outcome, detail) of every attempt ``before`` awaited that ``transition`` ended:
+    one, or several when a group's member failed and stopped its siblings in backoff."""
+    if before is None or not transition.applied:
+        return []
+    still = {a.message_id for a in awaited(transition.state)}
+    ended = []
+    for attempt in awaited(before):
+        if attempt.message_id in still:
+            continue
+        endings = [
+            (outcome, entry.detail)
+            for entry in transition.history
+            if (outcome := _ENDING.get(entry.kind)) is not None
+        ]
+        own = [
+            (_ENDING[entry.kind], entry.detail)
+            for entry in transition.history
+            if entry.kind in _ENDING and entry.step == attempt.step
+        ]
+        outcome, detail = (own or endings or [("ended", "")])[0]
+        ended.append((attempt, outcome, detail))
+    return ended
 
 
 class Metrics:
@@ -975,12 +1022,10 @@ class Metrics:
                 (after.updated_at - after.created_at).total_seconds()
             )
 
-    def attempt(self, before: SagaState, outcome: str, end: datetime) -> None:
-        if before.sent_at is None:
-            return
-        self.step_duration.labels(
-            before.name, before.steps[before.current].name, before.direction.value, outcome
-        ).observe(max((end - before.sent_at).total_seconds(), 0.0))
+    def attempt(self, saga: str, attempt: Attempt, outcome: str, end: datetime) -> None:
+        self.step_duration.labels(saga, attempt.step, attempt.direction.value, outcome).observe(
+            max((end - attempt.sent_at).total_seconds(), 0.0)
+        )
 
 
 #: the statuses the store gauges report: sagas in flight, and the ones waiting for an operator.

@@ -59,7 +59,13 @@ from saga.orchestrator.admission import Admission
 from saga.orchestrator.codec import COMMANDS_EXCHANGE, REPLY_QUEUE, encode_command, reply_event
 from saga.ports import Change, Clock, CommitResult, Store, SystemClock
 from saga.protocol.envelope import ReplyEnvelope
-from saga.telemetry import Metrics, Tracing, attempt_ended, business_attributes, span_id_for
+from saga.telemetry import (
+    Metrics,
+    Tracing,
+    attempts_ended,
+    business_attributes,
+    span_id_for,
+)
 
 __all__ = ["Orchestrator", "Outcome", "Result", "validated_input"]
 
@@ -339,11 +345,12 @@ class Orchestrator:
         extra: dict[str, Any] = {}
         if transition.applied:
             business = self._business(after)
-            ended = attempt_ended(prior, transition)
-            if ended is not None and prior is not None:
-                outcome, detail = ended
+            for attempt, outcome, detail in attempts_ended(prior, transition):
+                assert prior is not None
                 records.append(
-                    self.tracing.attempt_record(prior, after.updated_at, outcome, detail, business)
+                    self.tracing.attempt_record(
+                        prior, attempt, after.updated_at, outcome, detail, business
+                    )
                 )
             finished = after.status.is_terminal and (prior is None or not prior.status.is_terminal)
             if prior is None or finished:
@@ -461,15 +468,14 @@ class Orchestrator:
         (:meth:`_with_spans`), and are exported from there."""
         after = transition.state
         end = after.updated_at
-        ended = attempt_ended(before, transition)
         spans = self.tracing.recording and not spans_committed
         business = self._business(after) if spans else None
-        if ended is not None and before is not None:
-            outcome, detail = ended
+        for attempt, outcome, detail in attempts_ended(before, transition):
+            assert before is not None
             if spans:
-                self.tracing.end_attempt(before, end, outcome, detail, business)
+                self.tracing.end_attempt(before, attempt, end, outcome, detail, business)
             if self.metrics is not None:
-                self.metrics.attempt(before, outcome, end)
+                self.metrics.attempt(after.name, attempt, outcome, end)
         if self.metrics is not None:
             self.metrics.transition(before, transition)
         finished = after.status.is_terminal and (before is None or not before.status.is_terminal)
