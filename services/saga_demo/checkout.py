@@ -41,7 +41,6 @@ from saga import JSON, Parallel, Registry, RetryPolicy, SagaContext, SagaDefinit
 from saga.protocol import Contract
 from saga_demo.contracts import inventory, order, payment, shipping
 from saga_demo.contracts.checkout import CheckoutInput
-from saga_demo.inventory import DIGITAL
 
 __all__ = ["CHECKOUT", "CHECKOUT_V1", "PARTICIPANTS", "checkout_input", "has_physical", "registry"]
 
@@ -271,7 +270,7 @@ def checkout_input(
     items: list[tuple[str, int, Decimal]],
     address: Mapping[str, str],
     currency: str = "EUR",
-    digital: Collection[str] = DIGITAL,
+    digital: Collection[str] = inventory.DIGITAL,
 ) -> dict[str, JSON]:
     """The saga input for one checkout; amounts travel as decimal strings, and a line whose
     SKU is in ``digital`` (the demo's digital goods by default) is marked digital."""

@@ -19,6 +19,8 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 from saga.participant import BusinessError, Ledger, Participant, ParticipantSettings, UTCDateTime
 from saga.protocol import CommandEnvelope, dump_data
 from saga_demo.contracts.inventory import (
+    DIGITAL,
+    EBOOK,
     PARTICIPANT,
     RELEASE,
     RESERVE,
@@ -81,10 +83,6 @@ reservations = sa.Table(
 BOOK = "BOOK-1"
 LAMP = "LAMP-2"
 RARE = "RARE-9"
-EBOOK = "EBOOK-4"
-
-DIGITAL: frozenset[str] = frozenset({EBOOK})
-"""The demo's digital SKUs: sold as downloads, so neither stocked nor shipped."""
 
 SEED: tuple[dict[str, Any], ...] = (
     {"sku": BOOK, "name": "Paperback book", "on_hand": 100, "reserved": 0},
