@@ -150,6 +150,8 @@ def asyncapi_document(
                         "participant": s.participant,
                         "action": s.action,
                         "compensation": s.compensation if d.needs_compensation(i) else None,
+                        "group": _groups(d).get(i),
+                        "conditional": s.when is not None,
                     }
                     for i, s in enumerate(d.steps)
                 ],
@@ -157,6 +159,12 @@ def asyncapi_document(
             for d in sagas
         ],
     }
+
+
+def _groups(d: SagaDefinition) -> dict[int, int]:
+    """Step index -> the index of its parallel group (the members are sent together), as the
+    admin API's definitions say it."""
+    return {i: g for g, (first, last) in enumerate(d.groups) for i in range(first, last + 1)}
 
 
 def _description(sagas: Sequence[SagaDefinition]) -> list[str]:
@@ -167,9 +175,12 @@ def _description(sagas: Sequence[SagaDefinition]) -> list[str]:
         "correlation id its saga_id.",
     ]
     for d in sagas:
+        groups = _groups(d)
         steps = "; ".join(
             f"{s.name}: {s.action} to {s.participant}"
             + (f", undone by {s.compensation}" if d.needs_compensation(i) else "")
+            + (f", in parallel group {groups[i]}" if i in groups else "")
+            + (", only when its condition holds" if s.when is not None else "")
             for i, s in enumerate(d.steps)
         )
         lines.append(f"Saga {d.name} v{d.version}: {steps}.")
