@@ -500,8 +500,10 @@ def at_steps(s: SagaState) -> list[str]:
     member still pending: the saga's own fields name only the one whose timer is due first,
     and a list naming one member would hide a sibling that is the slow or failing one. For a
     COMPENSATED saga the engine's current step is the last one compensated (often the first
-    step), which says nothing; the furthest step it reached is the one that failed, timed out
-    or was aborted, and so why it went back."""
+    step), which says nothing; the step that failed says why it went back, and without one (a
+    timeout or an abort, then compensated) the furthest step it ran. A parallel group's member
+    that failed may come before a sibling that succeeded, and a skipped step never ran, so
+    neither "furthest" alone will do."""
     if s.lanes:
         return _in_flight(s)
     if s.status is SagaStatus.COMPLETED:
@@ -509,7 +511,11 @@ def at_steps(s: SagaState) -> list[str]:
     if s.status is SagaStatus.FAILED:
         return [] if s.stuck_step is None else [s.stuck_step]
     if s.status is SagaStatus.COMPENSATED:
-        reached = [st.name for st in s.steps if st.status is not StepStatus.PENDING]
+        failed = [st.name for st in s.steps if st.status is StepStatus.FAILED]
+        if failed:
+            return failed[:1]
+        ran = (StepStatus.PENDING, StepStatus.SKIPPED)
+        reached = [st.name for st in s.steps if st.status not in ran]
         return reached[-1:]
     return [s.steps[s.current].name] if s.current < len(s.steps) else []
 

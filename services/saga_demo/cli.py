@@ -111,8 +111,9 @@ SAMPLE_PRICES: Mapping[str, Decimal] = {
     inventory.BOOK: Decimal("19.90"),
     inventory.LAMP: Decimal("45.00"),
     inventory.RARE: Decimal("30.00"),
+    inventory.EBOOK: Decimal("9.90"),
 }
-"""Unit price of each demo SKU."""
+"""Unit price of each demo SKU (``inventory.EBOOK`` is digital: never reserved nor shipped)."""
 
 SAMPLE_ADDRESSES: Sequence[Mapping[str, str]] = (
     {

@@ -96,6 +96,13 @@ SCENARIOS = [
         SagaStatus.COMPLETED,
     ),
     Scenario(
+        "digital goods, nothing to ship",
+        "carol",
+        [("EBOOK-4", 2, Decimal("9.90"))],
+        HOME,
+        SagaStatus.COMPLETED,
+    ),
+    Scenario(
         "shipping does not answer in time",
         "alice",
         [("LAMP-2", 1, Decimal("45.00"))],
@@ -118,12 +125,16 @@ class Outcome:
 
 
 def path(history: list[HistoryEntry]) -> str:
-    """Steps and compensations in the order they ran: ``order > payment FAILED | undo order``."""
+    """Steps and compensations in the order they ran: ``order > payment FAILED | undo order``.
+    The charge and the reservation run in parallel, so they show in the order they answered,
+    and a member that answers after its sibling failed shows after the ``|``."""
     parts: list[str] = []
     for h in history:
         step = (h.step or "").split("_")[-1]
         if h.kind is HistoryKind.STEP_SUCCEEDED:
             parts.append(step)
+        elif h.kind is HistoryKind.STEP_SKIPPED:
+            parts.append(f"{step} skipped")
         elif h.kind is HistoryKind.STEP_COMPENSATED:
             parts.append(f"undo {step}")
         elif h.kind is HistoryKind.COMPENSATION_STARTED:
@@ -153,7 +164,8 @@ def _expected_after(before: dict[str, dict[str, Any]], outcomes: list[Outcome]) 
             total = sum(qty * price for _, qty, price in o.scenario.items)
             balances[o.scenario.customer] -= total
             for sku, qty, _ in o.scenario.items:
-                stock[sku] -= qty
+                if sku not in inventory.DIGITAL:  # downloads are not stocked
+                    stock[sku] -= qty
     return {"balances": balances, "stock": stock}
 
 
@@ -319,7 +331,7 @@ def _settings(
     rabbitmq_url: str,
     admin: tuple[int, str] | None,
 ) -> tuple[Settings, ParticipantSettings]:
-    """The demo's settings: short timers and polls, so its six stories take seconds."""
+    """The demo's settings: short timers and polls, so its seven stories take seconds."""
     orch_settings = load_settings(
         database_url=database_url or f"sqlite+aiosqlite:///{data_dir / 'saga.db'}",
         rabbitmq_url=rabbitmq_url,

@@ -2,6 +2,7 @@
 
 A reservation is all lines or none. Reserving moves units from available to ``reserved`` without
 touching ``on_hand``, so releasing restores exactly what was taken and stock is conserved.
+Digital goods (``DIGITAL``) are not stocked: the checkout never sends their lines here.
 """
 
 from __future__ import annotations
@@ -18,6 +19,8 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 from saga.participant import BusinessError, Ledger, Participant, ParticipantSettings, UTCDateTime
 from saga.protocol import CommandEnvelope, dump_data
 from saga_demo.contracts.inventory import (
+    DIGITAL,
+    EBOOK,
     PARTICIPANT,
     RELEASE,
     RESERVE,
@@ -30,6 +33,8 @@ from saga_demo.contracts.inventory import (
 
 __all__ = [
     "BOOK",
+    "DIGITAL",
+    "EBOOK",
     "LAMP",
     "RARE",
     "SEED",

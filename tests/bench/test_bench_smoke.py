@@ -78,12 +78,13 @@ def test_bench_runs_every_saga_to_its_end_and_reports_json() -> None:
     assert orchestrators[0]["name"] == "orchestrator" and orchestrators[0]["killed"] is False
     assert orchestrators[0]["cpu_ms_per_saga"] == cpu["orchestrator"]
     assert config["instances"] == 1
-    # the work each process reported (saga_work_total): a saga failing at payment sends 3
-    # commands (create, charge, cancel), a completed one 4; every delivery is settled
+    # the work each process reported (saga_work_total): a saga failing at payment sends 5
+    # commands (create; charge and reserve in parallel; release, cancel), a completed one 4;
+    # every delivery is settled
     work = doc["work_per_saga"]
     assert set(work) == {"orchestrator", "order", "payment", "inventory", "shipping"}, work
     mine = work["orchestrator"]
-    assert 3 <= mine["publishes"] <= 4 and mine["deliveries"] == mine["publishes"] + 1, mine
+    assert 4 <= mine["publishes"] <= 5 and mine["deliveries"] == mine["publishes"] + 1, mine
     assert mine["settles"] == mine["deliveries"] and 0 < mine["transactions"] <= 5, mine
 
 

@@ -35,7 +35,7 @@ from saga_demo.order import OrderStatus
 from saga_demo.payment import PaymentStatus
 from saga_demo.shipping import ShipmentStatus
 from saga_tools.chaos.checker import COUNTERS, DeadLetter, Evidence, Report, check
-from saga_tools.chaos.model import STEPS, quantities, total
+from saga_tools.chaos.model import PHYSICAL_ONLY, STEPS, UNIT, physical, quantities, total
 from saga_tools.chaos.plan import (
     PLENTY_BALANCE,
     PLENTY_STOCK,
@@ -76,6 +76,16 @@ STUCK = saga(
     [(inventory.LAMP, 1)],
     PlannedFault(INVENTORY, "action", "refuse"),
     PlannedFault(PAYMENT, "compensation", "refuse"),
+)
+#: planned COMPLETED: carol's e-books, charged and neither reserved nor shipped
+DIGITAL = saga("digital", "digital_only", "carol", [(inventory.EBOOK, 2)])
+#: planned COMPENSATED: alice's charge is refused, the lamp reserved beside it is released
+REFUSED = saga(
+    "refused",
+    "member_refused",
+    "alice",
+    [(inventory.LAMP, 1)],
+    PlannedFault(PAYMENT, "action", "refuse"),
 )
 #: a saga nobody planned
 STRANGER = saga("stranger", "success", "carol", [(inventory.BOOK, 2)])
@@ -155,8 +165,9 @@ class Run:
         stuck_at: str | None = None,
     ) -> None:
         """Run ``planned``: its actions succeed up to ``fail_at``, which is refused with
-        ``reason`` (or times out); then the compensations run newest first until ``stuck_at``,
-        whose compensation is refused."""
+        ``reason`` (or times out), and its sibling in the parallel group still runs; then the
+        compensations run newest first until ``stuck_at``, whose compensation is refused. A
+        checkout without a physical line skips the reservation and the shipping."""
         sid = planned.saga_id
         history = self.histories.setdefault(sid, [])
         status = dict.fromkeys(STEPS, StepStatus.PENDING)
@@ -167,6 +178,13 @@ class Run:
         note(HistoryKind.STARTED)
         done: list[str] = []
         for step in STEPS:
+            failed = fail_at is not None and status[fail_at] is not StepStatus.PENDING
+            if failed and UNIT[step] != UNIT[fail_at or ""]:
+                break  # the unit failed: nothing after it runs
+            if step in PHYSICAL_ONLY and not physical(planned.input):
+                note(HistoryKind.STEP_SKIPPED, step)
+                status[step] = StepStatus.SKIPPED
+                continue
             note(HistoryKind.COMMAND_SENT, step)
             if step == fail_at:
                 if timed_out:
@@ -177,7 +195,7 @@ class Run:
                     self.row(sid, step, "action", "failure", reason)
                     note(HistoryKind.STEP_FAILED, step, f"{step} failed: {reason}")
                     status[step] = StepStatus.FAILED
-                break
+                continue
             self.row(sid, step, "action", "success")
             self.apply(planned, step)
             note(HistoryKind.STEP_SUCCEEDED, step)
@@ -197,7 +215,7 @@ class Run:
             )
             final = SagaStatus.COMPENSATED
             note(HistoryKind.COMPENSATION_STARTED)
-            undo = [*done, fail_at] if timed_out else done
+            undo = sorted([*done, fail_at] if timed_out else done, key=STEPS.index)
             for step in reversed(undo):
                 status[step] = StepStatus.COMPENSATING
                 if step == stuck_at:
@@ -412,6 +430,62 @@ def test_a_consistent_run_passes() -> None:
 
 def test_an_empty_run_of_an_empty_plan_passes() -> None:
     assert check(Run(plan()).evidence()).ok
+
+
+def language_run() -> Run:
+    """A checkout of digital goods alone, and one whose charge is refused while the
+    reservation beside it succeeds: both as planned."""
+    run = Run(plan(DIGITAL, REFUSED))
+    run.simulate(DIGITAL)
+    run.simulate(REFUSED, fail_at=PAYMENT, reason=INJECTED_REFUSAL)
+    return run
+
+
+def test_a_conditional_and_a_parallel_checkout_as_planned_pass() -> None:
+    run = language_run()
+    digital = {s.name: s.status for s in run.states[DIGITAL.saga_id].steps}
+    assert digital[INVENTORY] is digital[SHIPPING] is StepStatus.SKIPPED
+    assert [r["command_type"] for r in run.rows_of(DIGITAL)] == ["order.create", "payment.charge"]
+    assert [(r["command_type"], r["outcome"]) for r in run.rows_of(REFUSED)] == [
+        ("order.create", "success"),
+        ("payment.charge", "failure"),
+        ("inventory.reserve", "success"),
+        ("inventory.release", "success"),
+        ("order.cancel", "success"),
+    ]
+    report = check(run.evidence())
+    assert report.ok, report.violations
+    assert report.expected == report.actual == {"COMPENSATED": 1, "COMPLETED": 1}
+
+
+def test_the_members_of_the_group_may_answer_in_either_order() -> None:
+    run = consistent_run()
+    charge = run.ledger_row(DONE, "payment.charge")
+    reserve = run.ledger_row(DONE, "inventory.reserve")
+    charge["processed_at"], reserve["processed_at"] = (
+        reserve["processed_at"],
+        charge["processed_at"],
+    )
+    history = run.histories[DONE.saga_id]
+    first, second = (
+        i
+        for i, e in enumerate(history)
+        if e.kind is HistoryKind.STEP_SUCCEEDED and e.step in (PAYMENT, INVENTORY)
+    )
+    history[first], history[second] = history[second], history[first]
+    report = check(run.evidence())
+    assert report.ok, report.violations
+
+
+def test_a_reservation_behind_a_skipped_step_is_stock_drift() -> None:
+    run = language_run()
+    run.reservations[DIGITAL.saga_id] = {
+        "order_ref": DIGITAL.saga_id,
+        "status": ReservationStatus.RESERVED,
+    }
+    run.reserved[inventory.BOOK] += 1
+    violations = only(check(run.evidence()), "stock_drift")
+    assert any("reservation RESERVED, orchestrator says SKIPPED" in v for v in violations)
 
 
 # --- lost ----------------------------------------------------------------------------------
@@ -658,7 +732,7 @@ def test_a_completed_saga_with_a_compensated_step_is_an_invariant_violation() ->
     run.set_step(DONE, SHIPPING, StepStatus.COMPENSATED)
     run.shipments[DONE.saga_id]["status"] = ShipmentStatus.CANCELLED  # so only the state lies
     violation, *also = only(check(run.evidence()), "invariant_violations")
-    assert "COMPLETED with a step not SUCCEEDED" in violation
+    assert "COMPLETED with a step neither SUCCEEDED nor SKIPPED" in violation
     # the service's ledger disagrees with its table too
     assert all("ledger says" in a for a in also)
 

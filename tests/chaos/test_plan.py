@@ -24,7 +24,7 @@ from saga_demo.cli import SAMPLE_ADDRESSES, SAMPLE_PRICES
 from saga_demo.contracts.inventory import InventoryFailure
 from saga_demo.contracts.payment import PaymentFailure
 from saga_demo.contracts.shipping import ShippingFailure
-from saga_tools.chaos.model import STEPS, World
+from saga_tools.chaos.model import STEPS, World, quantities, total
 from saga_tools.chaos.plan import (
     CLUSTER_KINDS,
     FAULT_KINDS,
@@ -45,8 +45,9 @@ SLOWTOWN = {**BERLIN, "city": "Slowtown"}
 ACTION_BUDGET = 3  # the checkout's action retry budget (attempts)
 COMPENSATION_BUDGET = 10
 
-COMPLETED_KINDS = {"success", "flaky_gateway", "transient_action"}
+COMPLETED_KINDS = {"success", "digital_only", "mixed_goods", "flaky_gateway", "transient_action"}
 COMPENSATED_KINDS = {
+    "member_refused",
     "limit_exceeded",
     "out_of_stock",
     "undeliverable",
@@ -54,6 +55,14 @@ COMPENSATED_KINDS = {
     "refused_then_compensation_retried",
 }
 FAILED_KINDS = {"compensation_fails_for_good", "compensation_refused"}
+#: the steps that took effect when a step fails for good: those before it, and its sibling in
+#: the parallel group (the charge and the reservation run side by side)
+RAN_BY = {
+    ORDER: (),
+    PAYMENT: (ORDER, INVENTORY),
+    INVENTORY: (ORDER, PAYMENT),
+    SHIPPING: (ORDER, PAYMENT, INVENTORY),
+}
 
 
 def empty_plan() -> ChaosPlan:
@@ -226,14 +235,23 @@ def test_each_kind_has_its_shape() -> None:
             assert saga.input["address"] == dict(UNDELIVERABLE)
         elif saga.kind == "carrier_unreachable":
             assert saga.input["address"]["city"] == "Slowtown"
-        if saga.kind == "transient_action":
+        elif saga.kind == "digital_only":
+            assert skus == {inventory.EBOOK}
+            assert all(i["digital"] for i in saga.input["items"])
+        elif saga.kind == "mixed_goods":
+            assert inventory.EBOOK in skus and skus - {inventory.EBOOK}
+        if saga.kind == "member_refused":
+            (refusal,) = actions
+            assert refusal.step in (PAYMENT, INVENTORY) and refusal.mode == "refuse"
+            assert not compensations
+        elif saga.kind == "transient_action":
             assert len(actions) == 1 and not compensations
             assert actions[0].mode == "transient" and not actions[0].exhausts
         elif saga.kind in FAILED_KINDS | {"refused_then_compensation_retried"}:
             (refusal,) = actions
             (comp,) = compensations
             assert refusal.mode == "refuse"
-            assert STEPS.index(comp.step) < STEPS.index(refusal.step)
+            assert comp.step in RAN_BY[refusal.step]  # before it, or beside it
             assert comp.exhausts == (saga.kind in FAILED_KINDS)
         else:
             assert saga.faults == ()
@@ -334,7 +352,7 @@ def test_limit_exceeded_is_refused_at_payment(world: World) -> None:
     assert want.status == "COMPENSATED"
     assert want.base.failed_step == PAYMENT
     assert want.base.reason == PaymentFailure.LIMIT_EXCEEDED
-    assert want.base.succeeded == (ORDER,)
+    assert want.base.succeeded == (ORDER, INVENTORY)  # reserved beside it, then released
     assert not want.base.transient
     assert want.failed_compensation is None
 
@@ -379,12 +397,12 @@ def test_a_transient_action_at_its_budget_compensates(world: World, step: str) -
     assert want.base.failed_step == step
     assert want.base.reason == INJECTED_TRANSIENT
     assert want.base.transient  # retried away, so the ledger records no refusal
-    assert want.base.succeeded == STEPS[: STEPS.index(step)]
+    assert want.base.succeeded == RAN_BY[step]
 
 
 @pytest.mark.parametrize("at", [1, 2, 3])
 def test_refusal_and_a_compensation_retried_below_budget_compensate(world: World, at: int) -> None:
-    for undone in STEPS[:at]:
+    for undone in RAN_BY[STEPS[at]]:
         saga = planned(
             PlannedFault(STEPS[at], "action", "refuse"),
             PlannedFault(undone, "compensation", "transient", COMPENSATION_BUDGET - 1),
@@ -394,13 +412,13 @@ def test_refusal_and_a_compensation_retried_below_budget_compensate(world: World
         assert want.base.failed_step == STEPS[at]
         assert want.base.reason == INJECTED_REFUSAL
         assert not want.base.transient
-        assert want.base.succeeded == STEPS[:at]
+        assert want.base.succeeded == RAN_BY[STEPS[at]]
         assert want.failed_compensation is None
 
 
 @pytest.mark.parametrize("at", [1, 2, 3])
 def test_a_compensation_exhausting_its_budget_fails_at_that_step(world: World, at: int) -> None:
-    for undone in STEPS[:at]:
+    for undone in RAN_BY[STEPS[at]]:
         saga = planned(
             PlannedFault(STEPS[at], "action", "refuse"),
             PlannedFault(undone, "compensation", "transient", COMPENSATION_BUDGET),
@@ -414,7 +432,7 @@ def test_a_compensation_exhausting_its_budget_fails_at_that_step(world: World, a
 
 @pytest.mark.parametrize("at", [1, 2, 3])
 def test_a_refused_compensation_fails_at_that_step(world: World, at: int) -> None:
-    for undone in STEPS[:at]:
+    for undone in RAN_BY[STEPS[at]]:
         saga = planned(
             PlannedFault(STEPS[at], "action", "refuse"),
             PlannedFault(undone, "compensation", "refuse"),
@@ -448,18 +466,51 @@ def test_the_newest_failing_compensation_stops_the_saga(world: World) -> None:
 
 
 def test_compensation_faults_that_never_run_change_nothing(world: World) -> None:
-    # a completed saga compensates nothing; a step at or after the failed one is never undone
+    # a completed saga compensates nothing; the failed step and the ones after it are never
+    # undone
     assert expectation(world, planned(PlannedFault(ORDER, "compensation", "refuse"))).status == (
         "COMPLETED"
     )
     saga = planned(
         PlannedFault(PAYMENT, "action", "refuse"),
         PlannedFault(PAYMENT, "compensation", "refuse"),
-        PlannedFault(INVENTORY, "compensation", "refuse"),
+        PlannedFault(SHIPPING, "compensation", "refuse"),
     )
     want = expectation(world, saga)
     assert want.status == "COMPENSATED"
     assert want.base.failed_step == PAYMENT
+
+
+def test_a_refused_member_leaves_its_sibling_to_be_undone(world: World) -> None:
+    saga = planned(
+        PlannedFault(PAYMENT, "action", "refuse"),
+        PlannedFault(INVENTORY, "compensation", "refuse"),
+    )
+    want = expectation(world, saga)
+    assert want.base.succeeded == (ORDER, INVENTORY)
+    assert (want.status, want.failed_compensation) == ("FAILED", INVENTORY)
+
+
+def test_digital_goods_alone_skip_the_reservation_and_the_shipping(world: World) -> None:
+    want = expectation(world, planned(lines=((inventory.EBOOK, 2),), address=dict(UNDELIVERABLE)))
+    assert want.status == "COMPLETED"  # never asked to ship: the address does not matter
+    assert want.base.succeeded == (ORDER, PAYMENT)
+    assert want.base.skipped == (INVENTORY, SHIPPING)
+    # a refusal planned at a skipped step never happens
+    saga = planned(PlannedFault(INVENTORY, "action", "refuse"), lines=((inventory.EBOOK, 1),))
+    assert expectation(world, saga).status == "COMPLETED"
+    refused = planned(PlannedFault(PAYMENT, "action", "refuse"), lines=((inventory.EBOOK, 1),))
+    assert expectation(world, refused).base.succeeded == (ORDER,)
+    assert expectation(world, refused).base.skipped == (INVENTORY,)  # shipping: never reached
+
+
+def test_a_mixed_order_reserves_only_its_physical_lines(world: World) -> None:
+    lines = ((inventory.BOOK, 1), (inventory.EBOOK, 2))
+    want = expectation(world, planned(lines=lines))
+    assert want.status == "COMPLETED" and want.base.skipped == ()
+    checkout = planned(lines=lines).input
+    assert quantities(checkout) == Counter({inventory.BOOK: 1})
+    assert total(checkout) == SAMPLE_PRICES[inventory.BOOK] + 2 * SAMPLE_PRICES[inventory.EBOOK]
 
 
 def test_an_injected_refusal_comes_before_a_later_business_failure(world: World) -> None:

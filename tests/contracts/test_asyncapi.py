@@ -95,7 +95,27 @@ def test_saga_schema_export_writes_the_documents(tmp_path: Path) -> None:
     out = tmp_path / "out"
     document = json.loads((out / "asyncapi.json").read_text())
     assert problems(document) == []
-    assert [s["name"] for s in document["x-sagas"]] == ["checkout"]
+    assert [(s["name"], s["version"]) for s in document["x-sagas"]] == [
+        ("checkout", 1),
+        ("checkout", 2),
+    ]
+    # version 2: the charge and the reservation in one parallel group, both conditional on
+    # physical goods with the shipping; version 1 ran them one after another
+    shape = {
+        s["version"]: [(step["name"], step["group"], step["conditional"]) for step in s["steps"]]
+        for s in document["x-sagas"]
+    }
+    assert shape[2] == [
+        ("create_order", None, False),
+        ("charge_payment", 0, False),
+        ("reserve_inventory", 0, True),
+        ("schedule_shipping", None, True),
+    ]
+    assert {(group, conditional) for _, group, conditional in shape[1]} == {(None, False)}
+    assert (
+        "reserve_inventory: inventory.reserve to inventory, undone by inventory.release, "
+        "in parallel group 0, only when its condition holds" in document["info"]["description"]
+    )
     schemas = {p.name for p in (out / "messages").iterdir()}
     assert {"CommandEnvelope.schema.json", "ReplyEnvelope.schema.json"} <= schemas
     assert (out / "saga-contracts.schema.json").is_file()

@@ -198,11 +198,23 @@ async def test_find_a_compensated_saga_and_fix_a_stuck_one_in_the_dashboard(
     await expect(page.locator("#stuck-why")).to_have_count(0)
     await shot(page, "5-retried-saga")
 
-    # definitions are drawn: four steps, three compensations (shipping's is undone too)
+    # definitions are drawn, both versions of the checkout (version 1 stays registered for
+    # the sagas started with it): four steps, four compensations (shipping's is undone too);
+    # version 2 with the charge and the reservation in parallel, both conditional on goods
     await page.goto(f"{base}/ui/#/definitions")
-    diagram = page.locator('[data-definition="checkout"] svg')
+    checkouts = page.locator('[data-definition="checkout"]')
+    await expect(checkouts).to_have_count(2)
+    current = checkouts.filter(has=page.locator("h2", has_text="checkout v2"))
+    diagram = current.locator("svg")
     await expect(diagram.locator("g[data-step]")).to_have_count(4)
     await expect(diagram.locator("g[data-compensation]")).to_have_count(4)
+    await expect(diagram.locator("g[data-member]")).to_have_count(2)
+    await expect(diagram.locator("[data-fork]")).to_have_count(1)
+    conditional = diagram.locator('g[data-conditional="true"]')
+    assert await conditional.evaluate_all("gs => gs.map(g => g.dataset.step)") == [
+        "reserve_inventory",
+        "schedule_shipping",
+    ]
     await shot(page, "6-definitions")
 
     await page.goto(f"{base}/ui/#/contracts")

@@ -5,8 +5,10 @@ Each test starts ``saga run --migrate`` and ``saga-service order|payment|invento
 through the start queue and then reads the orchestrator's database and the services' ledgers:
 
 * a failure at each step compensates exactly the steps that ran, newest first, in the services'
-  own ledgers; a transient failure is retried; money and stock move only for completed
-  checkouts;
+  own ledgers: a failure in either branch of the parallel group (the charge, the reservation)
+  undoes the other branch and the order; a checkout of digital goods alone skips the
+  reservation and the shipping; a transient failure is retried; money and stock move only for
+  completed checkouts;
 * 200 mixed checkouts at once each end as their input implies;
 * a service SIGKILLed after committing an effect and before replying, then restarted, applies
   nothing twice.
@@ -27,10 +29,11 @@ import pytest
 
 from saga.core.state import HistoryKind, SagaState, SagaStatus
 from saga.faults import POINTS
-from saga_demo import inventory, payment
+from saga_demo import inventory, order, payment, shipping
 from saga_demo.cli import SAMPLE_PRICES
 from saga_demo.demo import HOME, NOWHERE
 from saga_tools.chaos.model import (
+    COMMANDS,
     INVENTORY,
     PAYMENT,
     SHIPPING,
@@ -40,6 +43,7 @@ from saga_tools.chaos.model import (
     check_run,
     conserved,
     contended,
+    in_trace_order,
     predict,
 )
 from tests.e2e.stack import (
@@ -59,7 +63,8 @@ pytestmark = pytest.mark.rabbitmq
 FAULT = "participant_after_commit_before_reply"
 assert FAULT in POINTS
 
-BOOK, LAMP, RARE = inventory.BOOK, inventory.LAMP, inventory.RARE
+BOOK, LAMP, RARE, EBOOK = inventory.BOOK, inventory.LAMP, inventory.RARE, inventory.EBOOK
+COMMAND_TYPE = {where: command for command, where in COMMANDS.items()}
 
 
 async def _read_run(stack: Stack, checkouts: dict[UUID, dict[str, Any]]) -> Run:
@@ -96,7 +101,9 @@ def _stats(run: Run) -> str:
 
 # --- a failure at each step --------------------------------------------------------------
 
-#: label -> (checkout, final status, failing step, reason, every final reply in the ledgers)
+#: label -> (checkout, final status, failing step, reason, every final reply in the ledgers).
+#: The charge and the reservation run in parallel, so they are listed in step order and a
+#: ledger's rows of the two are compared in that order (``in_trace_order``).
 STEP_FAILURES: dict[str, tuple[dict[str, Any], SagaStatus, str | None, str | None, list[str]]] = {
     "happy path": (
         checkout("alice", [(BOOK, 2)]),
@@ -105,14 +112,20 @@ STEP_FAILURES: dict[str, tuple[dict[str, Any], SagaStatus, str | None, str | Non
         None,
         ["order.create", "payment.charge", "inventory.reserve", "shipping.schedule"],
     ),
-    "declined payment": (
+    "declined payment": (  # the lamp reserved beside it is released
         checkout("bob", [(LAMP, 1)]),
         SagaStatus.COMPENSATED,
         PAYMENT,
         "insufficient_funds",
-        ["order.create", "payment.charge:insufficient_funds", "order.cancel"],
+        [
+            "order.create",
+            "payment.charge:insufficient_funds",
+            "inventory.reserve",
+            "inventory.release",
+            "order.cancel",
+        ],
     ),
-    "out of stock": (
+    "out of stock": (  # the payment charged beside it is refunded
         checkout("carol", [(RARE, 1)]),
         SagaStatus.COMPENSATED,
         INVENTORY,
@@ -147,6 +160,27 @@ STEP_FAILURES: dict[str, tuple[dict[str, Any], SagaStatus, str | None, str | Non
         None,
         ["order.create", "payment.charge", "inventory.reserve", "shipping.schedule"],
     ),
+    "digital goods only": (  # never reserved nor shipped, whatever the address
+        checkout("carol", [(EBOOK, 2)], NOWHERE),
+        SagaStatus.COMPLETED,
+        None,
+        None,
+        ["order.create", "payment.charge"],
+    ),
+    "digital goods, declined": (
+        checkout("bob", [(EBOOK, 3)]),
+        SagaStatus.COMPENSATED,
+        PAYMENT,
+        "insufficient_funds",
+        ["order.create", "payment.charge:insufficient_funds", "order.cancel"],
+    ),
+    "physical and digital goods": (  # only the book is reserved and shipped
+        checkout("alice", [(BOOK, 1), (EBOOK, 1)]),
+        SagaStatus.COMPLETED,
+        None,
+        None,
+        ["order.create", "payment.charge", "inventory.reserve", "shipping.schedule"],
+    ),
 }
 
 
@@ -171,10 +205,12 @@ async def test_a_failure_at_each_step_compensates_in_reverse(stack: Stack) -> No
             step,
             reason,
         ), label
+        rows = [(*COMMANDS[r["command_type"]], r["outcome"], r["reason"]) for r in run.rows]
         ledger = [
-            r["command_type"] + (f":{r['reason']}" if r["outcome"] == "failure" else "")
-            for r in run.rows
-            if r["saga_id"] == i
+            COMMAND_TYPE[(step, direction)] + (f":{why}" if outcome == "failure" else "")
+            for step, direction, outcome, why in in_trace_order(
+                [row for row, r in zip(rows, run.rows, strict=True) if r["saga_id"] == i]
+            )
         ]
         assert ledger == trace, f"{label}: ledgers by processed_at {ledger}, expected {trace}"
 
@@ -203,17 +239,62 @@ async def test_a_failure_at_each_step_compensates_in_reverse(stack: Stack) -> No
         r for r in run.rows if r["saga_id"] == flaky and r["command_type"] == "payment.charge"
     ]
     assert len(charges) == 1 and charges[0]["outcome"] == "success", charges
-    # before -> after, in the services' own words: alice paid 2 books, dave one lamp
+    # before -> after, in the services' own words: alice paid 3 books and an e-book, dave one
+    # lamp, carol two e-books; the e-books took no stock
     assert after["balances"] == {
         **before["balances"],
-        "alice": before["balances"]["alice"] - 2 * SAMPLE_PRICES[BOOK],
+        "alice": before["balances"]["alice"] - 3 * SAMPLE_PRICES[BOOK] - SAMPLE_PRICES[EBOOK],
+        "carol": before["balances"]["carol"] - 2 * SAMPLE_PRICES[EBOOK],
         "dave": before["balances"]["dave"] - SAMPLE_PRICES[LAMP],
     }
     assert after["stock"] == {
         **before["stock"],
-        BOOK: before["stock"][BOOK] - 2,
+        BOOK: before["stock"][BOOK] - 3,
         LAMP: before["stock"][LAMP] - 1,
     }
+    await _each_effect_and_compensation_once(stack, dict(zip(labels, ids, strict=True)))
+
+
+async def _each_effect_and_compensation_once(stack: Stack, by_label: dict[str, UUID]) -> None:
+    """The services' own tables: one record per order, in the state its story left it, so each
+    effect and each compensation happened once; and the conditional steps sent nothing."""
+    records = {
+        name: {r["order_ref"]: r for r in await stack.rows(name, table)}
+        for name, table in (
+            ("order", order.orders),
+            ("payment", payment.payments),
+            ("inventory", inventory.reservations),
+            ("shipping", shipping.shipments),
+        )
+    }
+
+    def status(service: str, label: str) -> str | None:
+        record = records[service].get(by_label[label])
+        return None if record is None else str(record["status"])
+
+    want = {  # label -> (order, payment, reservation, shipment); None: no record at all
+        "happy path": ("CREATED", "CHARGED", "RESERVED", "SCHEDULED"),
+        "declined payment": ("CANCELLED", None, "RELEASED", None),
+        "out of stock": ("CANCELLED", "REFUNDED", None, None),
+        "undeliverable address": ("CANCELLED", "REFUNDED", "RELEASED", None),
+        "digital goods only": ("CREATED", "CHARGED", None, None),
+        "digital goods, declined": ("CANCELLED", None, None, None),
+        "physical and digital goods": ("CREATED", "CHARGED", "RESERVED", "SCHEDULED"),
+    }
+    found = {
+        label: tuple(status(s, label) for s in ("order", "payment", "inventory", "shipping"))
+        for label in want
+    }
+    assert found == want
+    mixed = records["inventory"][by_label["physical and digital goods"]]
+    assert [line["sku"] for line in mixed["items"]] == [BOOK]  # the e-book was not reserved
+    processed = Counter(
+        (r["saga_id"], r["command_type"]) for r in await stack.processed() if r["saga_id"]
+    )
+    assert all(n == 1 for n in processed.values()), processed  # each command applied once
+    digital = {by_label["digital goods only"], by_label["digital goods, declined"]}
+    services = {command.split(".")[0] for saga_id, command in processed if saga_id in digital}
+    assert services == {"order", "payment"}  # nothing was sent to inventory or shipping
 
 
 # --- 200 mixed checkouts at once ---------------------------------------------------------
@@ -244,6 +325,9 @@ def _mix(count: int, seed: int) -> list[dict[str, Any]]:
         (lambda: checkout("carol", [(BOOK, 1)], SLOWTOWN), 1),
         (lambda: checkout(uuid5(payment.CUSTOMERS["alice"], str(rng.random())), [(BOOK, 1)]), 1),
         (lambda: checkout("alice", [(BOOK, 1)], currency="USD"), 1),
+        # digital goods: never reserved nor shipped, so the address does not matter
+        (lambda: checkout(rng.choice(["alice", "dave"]), [(EBOOK, 2)], NOWHERE), 1),
+        (lambda: checkout("carol", [(BOOK, 1), (EBOOK, 1)], PARIS), 1),
     ]
     makers = [make for make, weight in kinds for _ in range(weight)]
     checkouts = [make() for make, _ in kinds]  # each kind at least once

@@ -115,10 +115,10 @@ async def test_a_compensated_saga_is_one_trace_across_all_services_and_a_restart
         key=lambda s: s.start,
     )
     order = [s.name for s in attempts if s.attributes["saga.outcome"] != "timed_out"]
-    assert order == [
-        "step create_order",
-        "step charge_payment",
-        "step reserve_inventory",
+    assert order[0] == "step create_order"
+    # the charge and the reservation are sent in one transition: their spans start together
+    assert sorted(order[1:3]) == ["step charge_payment", "step reserve_inventory"]
+    assert order[3:] == [
         "step schedule_shipping",
         "compensate reserve_inventory",
         "compensate charge_payment",

@@ -29,7 +29,7 @@ from uuid import UUID, uuid5
 
 import pytest
 
-from saga import Registry, SagaDefinition
+from saga import Registry
 from saga.core.state import HistoryKind
 from saga_demo import inventory, payment
 from saga_demo.checkout import CHECKOUT, PARTICIPANTS
@@ -54,7 +54,7 @@ from tests.e2e.stack import (
     leftover_queues,
 )
 
-BOOK, LAMP, RARE = inventory.BOOK, inventory.LAMP, inventory.RARE
+BOOK, LAMP, RARE, EBOOK = inventory.BOOK, inventory.LAMP, inventory.RARE, inventory.EBOOK
 #: balances and stock large enough that no mix below depends on the order sagas run in
 BALANCES = {"alice": RICH, "carol": RICH, "dave": RICH}  # bob keeps his 20.00
 STOCK = {BOOK: PLENTY, LAMP: PLENTY}
@@ -66,11 +66,10 @@ STOCK = {BOOK: PLENTY, LAMP: PLENTY}
 #: restarted is away for ~10 s here (boot ~6 s on two busy cores, then the clients' reconnect
 #: interval), longer than the demo's 3 s x 3 attempts: with those, every saga waiting on a
 #: reply at the kill would time out and compensate, which is correct but not what the broker
-#: test is about (nothing lost, nothing applied twice). Same name, version and steps otherwise.
-PATIENT_CHECKOUT = SagaDefinition(
-    CHECKOUT.name,
-    CHECKOUT.version,
-    [replace(s, timeout=timedelta(seconds=60)) for s in CHECKOUT.steps],
+#: test is about (nothing lost, nothing applied twice). Same name, version, steps, parallel
+#: group and conditions otherwise.
+PATIENT_CHECKOUT = replace(
+    CHECKOUT, steps=tuple(replace(s, timeout=timedelta(seconds=60)) for s in CHECKOUT.steps)
 )
 
 
@@ -104,6 +103,7 @@ def mixed_checkouts(count: int, seed: int) -> list[dict[str, Any]]:
         (lambda: checkout("carol", [(BOOK, 1)], SLOWTOWN), 1),
         (lambda: checkout(uuid5(payment.CUSTOMERS["alice"], str(rng.random())), [(BOOK, 1)]), 1),
         (lambda: checkout("alice", [(BOOK, 1)], currency="USD"), 1),
+        (lambda: checkout("carol", [(EBOOK, 2)], NOWHERE), 1),  # digital: never shipped
     ]
     makers = [make for make, weight in kinds for _ in range(weight)]
     mix = [make() for make, _ in kinds]

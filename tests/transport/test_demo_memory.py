@@ -11,7 +11,7 @@ from typing import Any
 import httpx
 import pytest
 
-from saga.core.state import SagaStatus
+from saga.core.state import SagaStatus, StepStatus
 from saga.orchestrator.service import OrchestratorService
 from saga_demo import demo
 from saga_demo.demo import MEMORY_BANNER, run_demo
@@ -31,6 +31,27 @@ async def test_the_demo_runs_on_the_memory_broker(tmp_path: Path) -> None:
         assert o.state.status is o.scenario.expected, (o.scenario.label, demo.path(o.history))
     assert after == expected
     assert after != before  # the completed checkouts did move money and stock
+    steps = {o.scenario.label: {s.name: s.status for s in o.state.steps} for o in outcomes}
+    # a failure in one branch of the parallel group undoes the other branch and the order
+    assert steps["out of stock"] == {
+        "create_order": StepStatus.COMPENSATED,
+        "charge_payment": StepStatus.COMPENSATED,
+        "reserve_inventory": StepStatus.FAILED,
+        "schedule_shipping": StepStatus.PENDING,
+    }
+    assert steps["declined payment"] == {
+        "create_order": StepStatus.COMPENSATED,
+        "charge_payment": StepStatus.FAILED,
+        "reserve_inventory": StepStatus.COMPENSATED,
+        "schedule_shipping": StepStatus.PENDING,
+    }
+    # digital goods alone: charged, neither reserved nor shipped
+    assert steps["digital goods, nothing to ship"] == {
+        "create_order": StepStatus.SUCCEEDED,
+        "charge_payment": StepStatus.SUCCEEDED,
+        "reserve_inventory": StepStatus.SKIPPED,
+        "schedule_shipping": StepStatus.SKIPPED,
+    }
 
 
 def test_main_says_nothing_is_durable(

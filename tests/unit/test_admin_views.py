@@ -2,10 +2,20 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from datetime import timedelta
 
+from saga import Parallel, SagaDefinition, Step
 from saga.admin.models import at_step, pending_step, retry_runs, saga_detail, step_spans
-from saga.core.state import Direction, HistoryKind, OperatorAction, Phase, SagaStatus
+from saga.core.state import (
+    Direction,
+    HistoryKind,
+    OperatorAction,
+    Phase,
+    SagaStatus,
+    StepStatus,
+)
+from saga.testing import Harness, fail, ok
 from tests.engine.helpers import TIMEOUT, Driver, make_definition, run_forward, started
 
 
@@ -30,6 +40,39 @@ def test_a_step_that_timed_out_or_was_aborted_is_the_one_shown() -> None:
     aborted.operator_abort()
     aborted.succeed_until_terminal()
     assert aborted.s.status is SagaStatus.COMPENSATED and at_step(aborted.s) == "s2"
+
+
+async def test_a_failed_member_of_a_group_is_shown_not_its_sibling_or_a_skipped_step() -> None:
+    """The charge fails while the reservation beside it succeeds (and is undone); the skipped
+    step after it never ran. The furthest step reached is neither why it went back."""
+    steps = {
+        name: Step(name, participant=name, action=f"{name}.do", compensation=f"{name}.undo")
+        for name in ("order", "charge", "reserve", "ship")
+    }
+    definition = SagaDefinition(
+        "shop",
+        1,
+        [
+            steps["order"],
+            Parallel(
+                steps["charge"],
+                replace(steps["reserve"], when=lambda ctx: bool(ctx.input.get("physical"))),
+            ),
+            replace(steps["ship"], when=lambda ctx: bool(ctx.input.get("physical"))),
+        ],
+    )
+    h = Harness([definition])
+    for name in steps:
+        h.on(f"{name}.do", lambda c: ok())
+        h.on(f"{name}.undo", lambda c: ok())
+    h.on("charge.do", lambda c: fail("declined"))
+    for physical in (True, False):
+        saga = await h.run("shop", {"physical": physical})
+        assert saga.status is SagaStatus.COMPENSATED
+        assert saga.step("reserve").status is (
+            StepStatus.COMPENSATED if physical else StepStatus.SKIPPED
+        )
+        assert at_step(saga) == "charge"
 
 
 def test_running_compensating_failed_and_completed() -> None:

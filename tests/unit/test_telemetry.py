@@ -411,3 +411,56 @@ def test_every_member_of_a_group_ends_its_own_attempt_once() -> None:
     assert done.state.expires_at is not None and done.state.awaiting is not None
     expired = decide(group, done.state, TimerFired(done.state.awaiting), done.state.expires_at)
     assert [(x.step, x.outcome) for x in attempts_ended(done.state, expired)] == [("a", "deadline")]
+
+
+async def test_each_member_of_a_parallel_group_has_its_attempt_span_and_duration() -> None:
+    """While a group runs, the saga's ``current`` mirrors one lane only: the other members'
+    replies end attempts too, each with its own span and ``saga_step_duration``, including a
+    member that answers after its sibling failed and one stopped in its backoff."""
+    tracing, exporter = tracer()
+    metrics = Metrics()
+    members = [
+        Step(name, participant="p", action=f"p.{name}", compensation=f"p.un{name}")
+        for name in ("first", "left", "middle", "right")
+    ]
+    shop = SagaDefinition("shop", 1, [members[0], Parallel(*members[1:])])
+    h = Harness([shop])
+    h.orchestrator.tracing = tracing
+    h.orchestrator.metrics = metrics
+    for step in members:
+        h.on(f"p.un{step.name}", lambda c: ok())
+    h.on("p.first", lambda c: ok())
+    h.on("p.left", lambda c: ok())
+    h.on("p.right", lambda c: ok())
+    h.on("p.middle", lambda c: ok())
+    assert (await h.run("shop", {})).status is SagaStatus.COMPLETED
+    spans = exporter.get_finished_spans()
+    assert sorted(s.name for s in named(spans, "step ")) == [
+        "step first", "step left", "step middle", "step right"]  # fmt: skip
+
+    def duration(step: str, outcome: str, direction: str = "action") -> float:
+        return sample(metrics, "saga_step_duration_seconds_count", saga_name="shop", step=step,
+                      direction=direction, outcome=outcome)  # fmt: skip
+
+    assert [duration(s.name, "succeeded") for s in members] == [1, 1, 1, 1]
+
+    exporter.clear()
+    h.on("p.right", lambda c: fail("refused"))
+    h.on("p.middle", lambda c: fail("busy", retryable=True))  # in backoff when right fails
+    # (the members' commands are answered in step order: left, middle, right)
+    saga = await h.run("shop", {})
+    assert saga.status is SagaStatus.COMPENSATED
+    spans = exporter.get_finished_spans()
+    outcomes = {
+        s.name: s.attributes and s.attributes["saga.outcome"] for s in named(spans, "step ")
+    }
+    assert outcomes == {
+        "step first": "succeeded",
+        "step left": "succeeded",
+        "step right": "failed",
+        "step middle": "failed",  # its first attempt; its retry was never sent
+    }
+    assert len(named(spans, "step ")) == 4
+    assert duration("right", "failed") == 1 and duration("middle", "failed") == 1
+    undone = sorted(s.name for s in named(spans, "compensate "))
+    assert undone == ["compensate first", "compensate left", "compensate middle"]

@@ -6,7 +6,7 @@ them on its steps (``saga_demo.checkout``), the demo services type their handler
 """
 
 from saga_demo.contracts import inventory, order, payment, shipping
-from saga_demo.contracts.checkout import CheckoutInput
+from saga_demo.contracts.checkout import CheckoutInput, CheckoutLine
 from saga_demo.contracts.inventory import (
     InventoryFailure,
     ReleaseStock,
@@ -59,6 +59,7 @@ __all__ = [
     "CancelShipment",
     "ChargePayment",
     "CheckoutInput",
+    "CheckoutLine",
     "Country",
     "CreateOrder",
     "Currency",

@@ -13,7 +13,15 @@ from saga_demo.contracts.order import OrderLine
 from saga_demo.contracts.shipping import Address
 from saga_demo.contracts.types import MAX_AMOUNT, Currency, unique_skus
 
-__all__ = ["CheckoutInput"]
+__all__ = ["CheckoutInput", "CheckoutLine"]
+
+
+class CheckoutLine(OrderLine):
+    """One line of a checkout. ``digital`` goods (an e-book, a download) are charged like any
+    other line but neither stocked nor shipped: only the physical lines are reserved and
+    shipped, and a checkout of digital goods alone skips both steps."""
+
+    digital: bool = False
 
 
 class CheckoutInput(Contract):
@@ -23,7 +31,7 @@ class CheckoutInput(Contract):
     customer_id: UUID
     currency: Currency
     items: Annotated[
-        list[OrderLine], Field(min_length=1, max_length=50), AfterValidator(unique_skus)
+        list[CheckoutLine], Field(min_length=1, max_length=50), AfterValidator(unique_skus)
     ]
     address: Address
 

@@ -12,6 +12,8 @@ from saga.protocol import Contract
 from saga_demo.contracts.types import Quantity, Sku, unique_skus
 
 __all__ = [
+    "DIGITAL",
+    "EBOOK",
     "PARTICIPANT",
     "RELEASE",
     "RESERVE",
@@ -27,6 +29,11 @@ __all__ = [
 PARTICIPANT = "inventory"
 RESERVE = "inventory.reserve"
 RELEASE = "inventory.release"
+
+EBOOK = "EBOOK-4"
+DIGITAL: frozenset[str] = frozenset({EBOOK})
+"""The demo's digital SKUs: sold as downloads, so never stocked, reserved nor shipped (the
+checkout marks their lines ``digital`` and sends inventory only the physical ones)."""
 
 
 class InventoryFailure(StrEnum):

@@ -8,8 +8,9 @@ done, and the plan says what was asked. The counters that must be 0:
   malformed message that is nowhere to be found;
 * **unexpected**: a saga, a ledger row or a dead letter that nobody asked for;
 * **double effects**: a step applied twice, or a transition recorded twice;
-* **order violations**: actions out of step order, compensations not newest first, an effect
-  applied after its compensation;
+* **order violations**: actions out of step order (the members of the parallel group, the charge
+  and the reservation, in either order), compensations not newest first, an effect applied
+  after its compensation;
 * **money drift / stock drift**: balances or reservations that differ from the effects the
   ledgers and the orchestrator agree on;
 * **invariant violations**: a terminal state inconsistent with its steps, or an outcome
@@ -33,7 +34,7 @@ from saga_demo.inventory import ReservationStatus
 from saga_demo.order import OrderStatus
 from saga_demo.payment import CUSTOMERS, PaymentStatus
 from saga_demo.shipping import ShipmentStatus
-from saga_tools.chaos.model import COMMANDS, STEPS, quantities, total
+from saga_tools.chaos.model import COMMANDS, STEPS, UNIT, quantities, total
 from saga_tools.chaos.plan import ChaosPlan, expectation
 
 __all__ = ["COUNTERS", "DeadLetter", "Evidence", "Report", "check"]
@@ -239,7 +240,7 @@ def _check_history(sid: UUID, history: Sequence[HistoryEntry], v: dict[str, list
         twice = [s for s, n in Counter(seen).items() if n > 1]
         if twice:
             v["double_effects"].append(f"{sid}: history records {twice} {name} twice")
-    order = [STEPS.index(s) for s in succeeded if s in STEPS]
+    order = [UNIT[s] for s in succeeded if s in STEPS]
     if order != sorted(order):
         v["order_violations"].append(f"{sid}: steps succeeded in order {succeeded}")
     undo = [STEPS.index(s) for s in compensated if s in STEPS]
@@ -266,7 +267,7 @@ def _check_ledger(sid: UUID, rows: Sequence[Mapping[str, Any]], v: dict[str, lis
             continue
         applied[(step, direction)] += 1
         if direction == "action":
-            actions.append(STEPS.index(step))
+            actions.append(UNIT[step])
             if step in undone_at:
                 v["order_violations"].append(f"{sid}: {step} applied after its compensation")
         else:
@@ -277,7 +278,8 @@ def _check_ledger(sid: UUID, rows: Sequence[Mapping[str, Any]], v: dict[str, lis
         v["double_effects"].append(f"{sid}: the services applied {twice} more than once")
     if actions != sorted(actions):
         v["order_violations"].append(
-            f"{sid}: the services applied actions in order {[STEPS[i] for i in actions]}"
+            f"{sid}: the services applied actions in order "
+            f"{[COMMANDS[r['command_type']][0] for r in rows if r['outcome'] == 'success']}"
         )
     if compensations != sorted(compensations, reverse=True):
         v["order_violations"].append(
@@ -289,8 +291,8 @@ def _check_state(sid: UUID, state: SagaState, v: dict[str, list[str]]) -> None:
     statuses = {s.name: s.status for s in state.steps}
     bad = ""
     if state.status is SagaStatus.COMPLETED:
-        if any(s is not StepStatus.SUCCEEDED for s in statuses.values()):
-            bad = "COMPLETED with a step not SUCCEEDED"
+        if any(s not in (StepStatus.SUCCEEDED, StepStatus.SKIPPED) for s in statuses.values()):
+            bad = "COMPLETED with a step neither SUCCEEDED nor SKIPPED"
     elif state.status is SagaStatus.COMPENSATED:
         if any(s in _EFFECT_KEPT or s is StepStatus.RUNNING for s in statuses.values()):
             bad = "COMPENSATED with a step still in effect"
@@ -311,7 +313,12 @@ def _kept(state: SagaState | None, step: str) -> bool | None:
     status = state.step(step).status
     if status is StepStatus.SUCCEEDED:
         return True
-    if status in (StepStatus.PENDING, StepStatus.FAILED, StepStatus.COMPENSATED):
+    if status in (
+        StepStatus.PENDING,
+        StepStatus.FAILED,
+        StepStatus.COMPENSATED,
+        StepStatus.SKIPPED,
+    ):
         return False
     return None
 

@@ -7,7 +7,8 @@ than that stall, so with the checkouts whose first two attempts are planned to f
 on the third would time it out for good: correct (its outcome is unknown), but no longer the
 test of losing and doubling nothing that the soak is. As docs/operations.md advises for a
 cluster, the steps here wait longer than the cluster takes to notice a partition. Same name,
-version, steps and retry budgets otherwise, so the plan's expectations are unchanged.
+version, steps, parallel group, conditions and retry budgets otherwise, so the plan's
+expectations are unchanged.
 """
 
 from __future__ import annotations
@@ -15,17 +16,15 @@ from __future__ import annotations
 from dataclasses import replace
 from datetime import timedelta
 
-from saga import Registry, SagaDefinition
+from saga import Registry
 from saga_demo.checkout import CHECKOUT, PARTICIPANTS
 
 __all__ = ["CLUSTER_CHECKOUT", "CLUSTER_STEP_TIMEOUT", "cluster_registry"]
 
 CLUSTER_STEP_TIMEOUT = timedelta(seconds=10)
 
-CLUSTER_CHECKOUT = SagaDefinition(
-    CHECKOUT.name,
-    CHECKOUT.version,
-    [replace(s, timeout=CLUSTER_STEP_TIMEOUT) for s in CHECKOUT.steps],
+CLUSTER_CHECKOUT = replace(
+    CHECKOUT, steps=tuple(replace(s, timeout=CLUSTER_STEP_TIMEOUT) for s in CHECKOUT.steps)
 )
 
 

@@ -1,7 +1,11 @@
 """What a checkout's input implies, by the demo services' own rules, and the checks of a run.
 
 ``predict`` says how one checkout ends given the services' state when it runs: the step that
-fails first (and why) or none. ``replay`` re-derives, from each service's ledger in the order
+fails first (and why) or none. The checkout charges and reserves in parallel, so a refusal of
+either member leaves the other to run, answer and be undone; a checkout of digital goods alone
+skips the reservation and the shipping.
+
+``replay`` re-derives, from each service's ledger in the order
 the service processed its commands, whether each charge and reservation was decided by the
 rules against the balance or stock at that moment; so a random, contended mix (the compose
 file's ``place-orders``) still has an exact expectation. ``check_run`` then compares the
@@ -26,12 +30,15 @@ from saga_demo.contracts.payment import PaymentFailure
 from saga_demo.contracts.shipping import ShippingFailure
 
 __all__ = [
+    "PHYSICAL_ONLY",
     "STEPS",
+    "UNIT",
     "Expectation",
     "World",
     "check_run",
     "conserved",
     "contended",
+    "physical",
     "predict",
     "replay",
     "total",
@@ -39,6 +46,10 @@ __all__ = [
 
 STEPS = tuple(s.name for s in CHECKOUT.steps)
 ORDER, PAYMENT, INVENTORY, SHIPPING = STEPS
+#: the position of each step's unit in the run: the members of the parallel group share one
+UNIT = {s.name: CHECKOUT.unit_first[i] for i, s in enumerate(CHECKOUT.steps)}
+#: the steps that run only when the checkout has a physical line
+PHYSICAL_ONLY = (INVENTORY, SHIPPING)
 #: (step, direction) of each command type, from the definition itself
 COMMANDS = {
     **{s.action: (s.name, "action") for s in CHECKOUT.steps},
@@ -55,8 +66,16 @@ def total(checkout: Input) -> Decimal:
     )
 
 
+def physical(checkout: Input) -> bool:
+    """Whether the checkout holds a line to reserve and ship (digital lines are neither)."""
+    return any(not i.get("digital", False) for i in checkout["items"])
+
+
 def quantities(checkout: Input) -> Counter[str]:
-    return Counter({i["sku"]: int(i["quantity"]) for i in checkout["items"]})
+    """The units the checkout reserves: its physical lines'."""
+    return Counter(
+        {i["sku"]: int(i["quantity"]) for i in checkout["items"] if not i.get("digital", False)}
+    )
 
 
 @dataclass(frozen=True)
@@ -150,27 +169,66 @@ class World:
 class Expectation:
     """How one checkout must end."""
 
-    succeeded: tuple[str, ...]  # steps whose action took effect, in order
+    succeeded: tuple[str, ...]  # steps whose action took effect, in step order
     failed_step: str | None = None
     reason: str | None = None
     transient: bool = False  # the failure was retryable until the budget ran out: not recorded
     flaky: bool = False  # the charge fails transiently once, then succeeds
+    skipped: tuple[str, ...] = ()  # conditional steps that do not run: nothing sent
+    #: other members of the group refused too, with their reasons: FAILED, nothing to undo;
+    #: whichever answered first is the saga's failure
+    also_failed: tuple[tuple[str, str], ...] = ()
+    #: members whose outcome depends on timing: the flaky charge, when its sibling fails while
+    #: it retries, is stopped in its backoff (undone: nothing to undo), or awaited (its failed
+    #: attempt ends it: FAILED), or charged by its next attempt first (then refunded)
+    uncertain: tuple[str, ...] = ()
 
     @property
     def status(self) -> SagaStatus:
         return SagaStatus.COMPLETED if self.failed_step is None else SagaStatus.COMPENSATED
 
-    def ledger_trace(self) -> list[tuple[str, str, str, str | None]]:
+    @property
+    def failed(self) -> tuple[str, ...]:
+        """Every step that failed for good, in step order."""
+        if self.failed_step is None:
+            return ()
+        others = (s for s, _ in self.also_failed)
+        return tuple(sorted((self.failed_step, *others), key=STEPS.index))
+
+    def ledger_trace(self, undone: Iterable[str] = ()) -> list[tuple[str, str, str, str | None]]:
         """(step, direction, outcome, reason) of every final reply the services must record,
-        in the order they must record them: actions forward, compensations newest first."""
+        in the order they must record them: actions unit by unit (the members of a unit in
+        step order, see :func:`in_trace_order`), compensations newest first; ``undone`` adds
+        steps compensated without having taken effect (a member stopped in its backoff)."""
         trace: list[tuple[str, str, str, str | None]] = [
             (s, "action", "success", None) for s in self.succeeded
         ]
         if self.failed_step is not None and not self.transient:
             trace.append((self.failed_step, "action", "failure", self.reason))
+            trace += [(s, "action", "failure", r) for s, r in self.also_failed]
+        trace = in_trace_order(trace)
         if self.failed_step is not None:
-            trace += [(s, "compensation", "success", None) for s in reversed(self.succeeded)]
+            undo = sorted({*self.succeeded, *undone}, key=STEPS.index, reverse=True)
+            trace += [(s, "compensation", "success", None) for s in undo]
         return trace
+
+
+def in_trace_order(
+    trace: Sequence[tuple[str, str, str, str | None]],
+) -> list[tuple[str, str, str, str | None]]:
+    """``trace`` with each run of actions of one unit in step order: the members of a parallel
+    group answer in any order, everything else keeps the order it was recorded in."""
+    out: list[tuple[str, str, str, str | None]] = []
+    run: list[tuple[str, str, str, str | None]] = []
+    for row in trace:
+        if run and (row[1] != "action" or UNIT[row[0]] != UNIT[run[0][0]]):
+            out += sorted(run, key=lambda r: STEPS.index(r[0]))
+            run = []
+        if row[1] == "action":
+            run.append(row)
+        else:
+            out.append(row)
+    return out + sorted(run, key=lambda r: STEPS.index(r[0]))
 
 
 def predict(
@@ -187,19 +245,27 @@ def predict(
     rules.update(verdicts or {})
     account = world.accounts.get(UUID(checkout["customer_id"]))
     flaky = account is not None and account.flaky
+    skipped = () if physical(checkout) else PHYSICAL_ONLY
     done: list[str] = []
-    for step in STEPS:
-        refused = rules[step]
-        if refused is not None:
+    for unit in sorted(set(UNIT.values())):
+        members = [s for s in STEPS if UNIT[s] == unit and s not in skipped]
+        refused = [(s, rules[s]) for s in members if rules[s] is not None]
+        if refused:
+            step, reason = refused[0]
+            others = [s for s in members if rules[s] is None]
+            uncertain = tuple(s for s in others if s == PAYMENT and flaky)
             return Expectation(
-                tuple(done),
+                tuple(done + [s for s in others if s not in uncertain]),
                 step,
-                str(refused),
-                transient=refused == ShippingFailure.CARRIER_UNREACHABLE,
+                str(reason),
+                transient=reason == ShippingFailure.CARRIER_UNREACHABLE,
                 flaky=flaky and PAYMENT in done,
+                skipped=tuple(s for s in skipped if UNIT[s] <= unit),  # the rest: PENDING
+                also_failed=tuple((s, str(r)) for s, r in refused[1:]),
+                uncertain=uncertain,
             )
-        done.append(step)
-    return Expectation(tuple(done), flaky=flaky)
+        done += members
+    return Expectation(tuple(done), flaky=flaky and PAYMENT in done, skipped=skipped)
 
 
 def contended(world: World, checkouts: Iterable[Input]) -> list[str]:
@@ -208,15 +274,12 @@ def contended(world: World, checkouts: Iterable[Input]) -> list[str]:
     balance, or when no single one does; the same for the units of each SKU."""
     charges: dict[UUID, list[Decimal]] = defaultdict(list)
     units: dict[str, list[int]] = defaultdict(list)
-    for c in checkouts:
+    for c in checkouts:  # the charge and the reservation run side by side: both may hold
         if world.charge_refused(c) in (None, PaymentFailure.INSUFFICIENT_FUNDS):
             charges[UUID(c["customer_id"])].append(total(c))
-            if world.charge_refused(c) is None and world.reserve_refused(c) in (
-                None,
-                InventoryFailure.OUT_OF_STOCK,
-            ):
-                for sku, n in quantities(c).items():
-                    units[sku].append(n)
+        if physical(c) and world.reserve_refused(c) in (None, InventoryFailure.OUT_OF_STOCK):
+            for sku, n in quantities(c).items():
+                units[sku].append(n)
     problems = [
         f"customer {customer}: charges {sum(amounts)} exceed the balance "
         f"{world.accounts[customer].balance} but some fit"
@@ -272,13 +335,14 @@ def replay(
                 (state.charge if service == "payment" else state.reserve)(checkout, -1)
     expected = {}
     for saga_id, checkout in checkouts.items():
+        charged = charges.get(saga_id, "never_charged")
+        account = world.accounts.get(UUID(checkout["customer_id"]))
+        if saga_id not in charges and reserves.get(saga_id) and account and account.flaky:
+            charged = None  # stopped while it retried, as its sibling failed: ``uncertain``
         expected[saga_id] = predict(
             world,
             checkout,
-            {
-                PAYMENT: charges.get(saga_id, "never_charged"),
-                INVENTORY: reserves.get(saga_id, "never_reserved"),
-            },
+            {PAYMENT: charged, INVENTORY: reserves.get(saga_id, "never_reserved")},
         )
     return expected, problems
 
@@ -344,20 +408,36 @@ def _check_one(
             + f"; failure: {state.failure}"
         )
         return problems
+    succeeded = [e.step for e in history if e.kind is HistoryKind.STEP_SUCCEEDED]
+    # a member the timing decides took effect when the orchestrator saw it succeed
+    took_effect = tuple(
+        s for s in STEPS if s in want.succeeded or (s in want.uncertain and s in succeeded)
+    )
     if want.failed_step is not None:
-        prefix = f"step {want.failed_step} failed: {want.reason}"
-        if not (state.failure or "").startswith(prefix):
-            problems.append(f"failure {state.failure!r}, expected it to start with {prefix!r}")
-        if state.step(want.failed_step).status is not StepStatus.FAILED:
-            problems.append(f"step {want.failed_step} is {state.step(want.failed_step).status}")
-        for s in want.succeeded:
+        prefixes = [f"step {s} failed: " for s in want.failed]
+        prefixes[want.failed.index(want.failed_step)] += str(want.reason)
+        if not any((state.failure or "").startswith(p) for p in prefixes):
+            problems.append(f"failure {state.failure!r}, expected it to start with {prefixes}")
+        for s in want.failed:
+            if state.step(s).status is not StepStatus.FAILED:
+                problems.append(f"step {s} is {state.step(s).status}")
+        for s in took_effect:
             if state.step(s).status is not StepStatus.COMPENSATED:
                 problems.append(f"step {s} is {state.step(s).status.value}, not COMPENSATED")
-    succeeded = [e.step for e in history if e.kind is HistoryKind.STEP_SUCCEEDED]
-    if succeeded != list(want.succeeded):
-        problems.append(f"history: steps succeeded {succeeded}, expected {list(want.succeeded)}")
+        for s in want.uncertain:
+            if state.step(s).status not in (StepStatus.COMPENSATED, StepStatus.FAILED):
+                problems.append(f"step {s} is {state.step(s).status.value}")
+    for s in want.skipped:
+        if state.step(s).status is not StepStatus.SKIPPED:
+            problems.append(f"step {s} is {state.step(s).status.value}, not SKIPPED")
+    units = [UNIT.get(s or "", -1) for s in succeeded]  # in unit order, a group's in any
+    if units != sorted(units) or sorted(map(str, succeeded)) != sorted(took_effect):
+        problems.append(f"history: steps succeeded {succeeded}, expected {list(took_effect)}")
     compensated = [e.step for e in history if e.kind is HistoryKind.STEP_COMPENSATED]
-    undo = list(reversed(want.succeeded)) if want.failed_step else []
+    undone = {s for s in want.uncertain if state.step(s).status is StepStatus.COMPENSATED}
+    undo = (
+        sorted(set(took_effect) | undone, key=STEPS.index, reverse=True) if want.failed_step else []
+    )
     if compensated != undo:
         problems.append(f"history: compensated {compensated}, expected {undo}")
     retried = {
@@ -373,14 +453,13 @@ def _check_one(
     trace = [
         (*COMMANDS[r["command_type"]], r["outcome"], r["reason"]) for r in rows
     ]  # by processed_at across the four services
-    if trace != want.ledger_trace():
+    expected = replace(want, succeeded=took_effect).ledger_trace(undone)
+    if in_trace_order(trace) != expected:
         problems.append(
             "service ledgers, by processed_at: "
             + " > ".join(f"{s}/{d}/{o}{f'({r})' if r else ''}" for s, d, o, r in trace)
             + "; expected "
-            + " > ".join(
-                f"{s}/{d}/{o}{f'({r})' if r else ''}" for s, d, o, r in want.ledger_trace()
-            )
+            + " > ".join(f"{s}/{d}/{o}{f'({r})' if r else ''}" for s, d, o, r in expected)
         )
     return problems
 

@@ -8,7 +8,7 @@ import json
 import random
 import uuid
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from decimal import Decimal
 from pathlib import Path
 from typing import Any, Literal
@@ -17,7 +17,7 @@ from saga.participant.faults import INJECTED_REFUSAL
 from saga_demo import inventory, payment
 from saga_demo.checkout import CHECKOUT, checkout_input
 from saga_demo.cli import SAMPLE_ADDRESSES, SAMPLE_PRICES
-from saga_tools.chaos.model import STEPS, Expectation, World, predict
+from saga_tools.chaos.model import STEPS, UNIT, Expectation, World, predict
 from saga_tools.chaos.proxy import STAGES
 
 #: the start-up stages a ``startup_cut`` fault picks from (see saga_tools.chaos.proxy)
@@ -222,9 +222,13 @@ _SLOW = {  # the carrier never answers: retried until the budget is spent, then 
     "country": "DE",
 }
 
-#: (kind, weight): mostly success; business failures at each step; injected failures
+#: (kind, weight): mostly success; business failures at each step; injected failures. Every
+#: checkout charges and reserves in parallel; shipping runs only for physical goods.
 MIX: tuple[tuple[str, int], ...] = (
-    ("success", 55),
+    ("success", 40),
+    ("digital_only", 5),  # e-books alone: reservation and shipping skipped
+    ("mixed_goods", 5),  # physical and digital lines: only the physical ones reserved, shipped
+    ("member_refused", 5),  # the charge or the reservation refused: the other one undone
     ("flaky_gateway", 5),  # dave: the card gateway fails once, then succeeds
     ("limit_exceeded", 5),  # refused at payment
     ("out_of_stock", 5),  # refused at inventory
@@ -242,6 +246,16 @@ def _lines(rng: random.Random, skus: Sequence[str]) -> list[tuple[str, int, Deci
     return [(sku, rng.randint(1, 2), SAMPLE_PRICES[sku]) for sku in chosen]
 
 
+def _ebooks(rng: random.Random) -> list[tuple[str, int, Decimal]]:
+    return [(inventory.EBOOK, rng.randint(1, 2), SAMPLE_PRICES[inventory.EBOOK])]
+
+
+def _ran_by(step: str) -> list[str]:
+    """The steps that took effect when ``step`` is refused: those of the units before it and
+    its siblings in the parallel group, each then undone."""
+    return [s for s in STEPS if s != step and UNIT[s] <= UNIT[step]]
+
+
 def _saga(rng: random.Random, kind: str) -> PlannedSaga:
     """One checkout of ``kind``; its input alone decides any business failure (see PLENTY_*)."""
     common = [inventory.BOOK, inventory.LAMP]
@@ -249,7 +263,14 @@ def _saga(rng: random.Random, kind: str) -> PlannedSaga:
     lines = _lines(rng, common)
     address = rng.choice(_GOOD_ADDRESSES)
     faults: tuple[PlannedFault, ...] = ()
-    if kind == "flaky_gateway":
+    if kind == "digital_only":
+        lines = _ebooks(rng)
+    elif kind == "mixed_goods":
+        lines = sorted(lines + _ebooks(rng))
+    elif kind == "member_refused":
+        member = rng.choice((STEPS[1], STEPS[2]))  # the charge or the reservation
+        faults = (PlannedFault(member, "action", "refuse"),)
+    elif kind == "flaky_gateway":
         customer = "dave"
     elif kind == "limit_exceeded":
         customer = "carol"  # per-charge limit 50.00: two lamps are 90.00
@@ -270,7 +291,7 @@ def _saga(rng: random.Random, kind: str) -> PlannedSaga:
         "compensation_refused",
     ):
         at = rng.randint(1, len(STEPS) - 1)  # a step with at least one step before it
-        undone = STEPS[rng.randrange(at)]
+        undone = rng.choice(_ran_by(STEPS[at]))  # before it, or beside it in the group
         refusal = PlannedFault(STEPS[at], "action", "refuse")
         if kind == "refused_then_compensation_retried":
             comp = PlannedFault(undone, "compensation", "transient", rng.randint(1, 3))
@@ -438,9 +459,7 @@ def expectation(world: World, saga: PlannedSaga) -> Expected:
         injected = next(
             f for f in saga.faults if f.step == base.failed_step and f.direction == "action"
         )
-        base = Expectation(
-            base.succeeded, base.failed_step, base.reason, transient=injected.mode == "transient"
-        )
+        base = replace(base, transient=injected.mode == "transient", flaky=False)
     if base.failed_step is None:
         return Expected(base)
     # compensations run newest first; the first one that fails for good stops the saga
