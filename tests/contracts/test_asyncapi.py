@@ -113,8 +113,9 @@ def test_saga_schema_export_writes_the_documents(tmp_path: Path) -> None:
     ]
     assert {(group, conditional) for _, group, conditional in shape[1]} == {(None, False)}
     assert (
-        "reserve_inventory: inventory.reserve to inventory, undone by inventory.release, "
-        "in parallel group 0, only when its condition holds" in document["info"]["description"]
+        "in parallel (charge_payment: payment.charge to payment, undone by payment.refund, "
+        "reserve_inventory: inventory.reserve to inventory if its condition holds, undone by "
+        "inventory.release)" in document["info"]["description"]
     )
     schemas = {p.name for p in (out / "messages").iterdir()}
     assert {"CommandEnvelope.schema.json", "ReplyEnvelope.schema.json"} <= schemas
