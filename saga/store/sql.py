@@ -64,7 +64,7 @@ from saga.store.schema import (
     schema_version,
     spans,
 )
-from saga.store.sqlite_batch import PreparedCache, Work, run_transaction
+from saga.store.sqlite_batch import DirectSelect, PreparedCache, Work, run_transaction
 from saga.work import WorkCounts
 
 __all__ = ["SqlStore", "delete_sent", "sqlite_engine"]
@@ -192,6 +192,8 @@ class SqlStore:
         self._load_tasks: set[asyncio.Task[None]] = set()
         #: this instance's presence (PostgreSQL, after join()): claims name it
         self._presence: Presence | None = None
+        #: SQLite: the read of sagas by id, straight on sqlite3 (see load_many)
+        self._select_sagas: DirectSelect | None = None
         #: how long a due deadline waits for its saga's unsent commands (see due_timers)
         self.unsent_hold = timedelta(seconds=30)
         options: dict[str, Any] = {}
@@ -214,6 +216,16 @@ class SqlStore:
                 busy_timeout_ms=busy_timeout_ms,
                 counts=self.counts,
             )
+            path = parsed.database or ""
+            if path and path != ":memory:" and not path.startswith("file:"):
+                self._select_sagas = DirectSelect(
+                    self._read,
+                    path,
+                    sagas,
+                    sagas.c.saga_id,
+                    timeout=busy_timeout_ms / 1000,
+                    counts=self.counts,
+                )
         else:
             # no pool_pre_ping: a round trip on every checkout (a tenth of the orchestrator's
             # CPU); a pooled connection found dead fails its transaction, which the group commit
@@ -315,6 +327,8 @@ class SqlStore:
             self._load_together()
         await asyncio.gather(*self._load_tasks, return_exceptions=True)
         await self._outbox.close()
+        if self._select_sagas is not None:
+            await self._select_sagas.close()
         if self._presence is not None:
             await self._presence.stop()
             self._presence = None
@@ -376,13 +390,17 @@ class SqlStore:
     async def load_many(self, saga_ids: Sequence[UUID]) -> dict[UUID, SagaState]:
         found = {i: self._states[i] for i in saga_ids if i in self._states}
         missing = [i for i in saga_ids if i not in found and i not in self._absent]
-        if missing:
+        if missing and self._select_sagas is not None:
+            direct = await self._select_sagas.rows(missing)
+            loaded = {row["saga_id"]: _state_from_row(row) for row in direct}
+        elif missing:
             async with self._read.connect() as conn:
                 if self._bulk_pg:
                     loaded = await self._load_pg(conn, missing)
                 else:
                     rows = await conn.execute(_SELECT_SAGAS, {"ids": missing})
                     loaded = {row.saga_id: _state_from_row(row._mapping) for row in rows}
+        if missing:
             self._remember(loaded.values())
             if self._cache_states:  # a start looks its saga up twice: once is enough
                 self._absent.update((i, None) for i in missing if i not in loaded)
