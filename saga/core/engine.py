@@ -27,7 +27,6 @@ The rules (docs/semantics.md has the full table):
 from __future__ import annotations
 
 import dataclasses
-import json
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -37,6 +36,7 @@ from uuid import UUID
 from saga.core.definition import CompensationPolicy, SagaDefinition, seed_for
 from saga.core.errors import UnknownSagaError
 from saga.core.ids import command_id, idempotency_key
+from saga.core.jsontext import dumps_finite
 from saga.core.state import (
     Command,
     Direction,
@@ -277,7 +277,7 @@ def _build(
     """The payload of step ``index`` in ``direction``, or why it cannot be built."""
     try:
         payload = dict(d.steps[index].build(direction, state.context))
-        json.dumps(payload, allow_nan=False)  # it goes on the wire: JSON values only
+        dumps_finite(payload)  # it goes on the wire: JSON values only
     except Exception as exc:  # a builder bug must not wedge the saga: it fails the step
         return None, f"payload builder raised {type(exc).__name__}: {exc}"
     return payload, None

@@ -35,6 +35,7 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 
 from saga.core.errors import ConfigError
+from saga.core.jsontext import dumps
 from saga.core.state import (
     Direction,
     HistoryEntry,
@@ -87,7 +88,10 @@ def sqlite_engine(
     database = make_url(url).database or ""
     # Statements run on the loop's thread, BEGIN and COMMIT in a thread: see sqlite_driver.
     creator = sqlite_driver.connect(database, timeout=busy_timeout_ms / 1000, counts=counts)
-    engine = create_async_engine(url, async_creator=creator, pool_timeout=60, **pool)
+    # json_serializer: json.dumps's text without its per-call encoder (saga.core.jsontext)
+    engine = create_async_engine(
+        url, async_creator=creator, pool_timeout=60, json_serializer=dumps, **pool
+    )
 
     @event.listens_for(engine.sync_engine, "connect")
     def _on_connect(dbapi_connection: Any, _record: Any) -> None:
