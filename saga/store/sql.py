@@ -1125,17 +1125,19 @@ def _as_utc(value: datetime) -> datetime:
 
 
 def _row_from_state(s: SagaState) -> dict[str, Any]:
+    # ``_value_`` rather than ``.value``: the same string, read as a plain attribute instead of
+    # through the enum's descriptor (a row per event, a step status per step)
     return {
         "saga_id": s.saga_id,
         "name": s.name,
         "definition_version": s.definition_version,
-        "status": s.status.value,
+        "status": s.status._value_,
         "key": s.key,
         "current_step": s.current,
-        "direction": s.direction.value,
+        "direction": s.direction._value_,
         "attempt": s.attempt,
         "tries": s.tries,
-        "phase": s.phase.value,
+        "phase": s.phase._value_,
         "awaiting": s.awaiting,
         "deadline": s.deadline,
         "version": s.version,
@@ -1150,7 +1152,7 @@ def _row_from_state(s: SagaState) -> dict[str, Any]:
         "steps": [
             {
                 "name": st.name,
-                "status": st.status.value,
+                "status": st.status._value_,
                 "attempts": st.attempts,
                 "compensation_attempts": st.compensation_attempts,
                 "error": st.error,
@@ -1294,9 +1296,9 @@ def _history_row(saga_id: UUID, h: HistoryEntry) -> dict[str, Any]:
     return {
         "saga_id": saga_id,
         "at": h.at,
-        "kind": h.kind.value,
+        "kind": h.kind._value_,
         "step": h.step,
-        "direction": None if h.direction is None else h.direction.value,
+        "direction": None if h.direction is None else h.direction._value_,
         "attempt": h.attempt,
         "message_id": h.message_id,
         "actor": h.actor,

@@ -37,7 +37,7 @@ from saga.ports import Change, CommitResult, OutboxMessage
 from saga.store import sql as sql_module
 from saga.store.schema import UTCDateTime, sagas
 from saga.store.sql import SqlStore
-from saga.store.sqlite_batch import sqlite_utc_datetime, sqlite_utc_text
+from saga.store.sqlite_batch import sqlite_utc_datetime, sqlite_utc_text, sqlite_uuid_text
 from tests.conftest import require_postgres
 
 T0 = datetime(2030, 1, 2, 3, 4, 5, tzinfo=UTC)  # no microseconds: the format must add them
@@ -242,6 +242,21 @@ def test_the_fast_utc_datetime_text_is_what_sqlalchemy_stores(value: datetime | 
     sqlalchemy_process = UTCDateTime().dialect_impl(dialect).bind_processor(dialect)
     assert sqlalchemy_process is not None
     assert sqlite_utc_text(value) == sqlalchemy_process(value)
+    assert sqlite_utc_text(value) == sqlalchemy_process(value)  # the same object: cached
+    if value is not None:  # an equal value of another object, and then another value
+        assert sqlite_utc_text(value + timedelta(0)) == sqlalchemy_process(value)
+        later = value + timedelta(microseconds=1)
+        assert sqlite_utc_text(later) == sqlalchemy_process(later)
+
+
+@pytest.mark.parametrize(
+    "value", [None, uuid.UUID(int=0), uuid.UUID(int=1), uuid.uuid4(), uuid.UUID(int=2**128 - 1)]
+)
+def test_the_fast_uuid_text_is_what_sqlalchemy_stores(value: uuid.UUID | None) -> None:
+    dialect = sqlite.dialect()
+    sqlalchemy_process = sa.Uuid().dialect_impl(dialect).bind_processor(dialect)
+    assert sqlalchemy_process is not None
+    assert sqlite_uuid_text(value) == sqlalchemy_process(value)
 
 
 def test_the_fast_utc_datetime_text_refuses_a_naive_time_as_sqlalchemy_does() -> None:
