@@ -216,9 +216,15 @@ def _start(d: SagaDefinition, event: Started, out: _Out) -> SagaState:
 
 
 def _with_step(state: SagaState, index: int, **changes: object) -> SagaState:
+    return replace(state, steps=_steps_with(state, index, **changes))
+
+
+def _steps_with(state: SagaState, index: int, **changes: object) -> tuple[StepState, ...]:
+    """``state``'s steps with step ``index`` changed: for a caller that changes the saga's
+    own fields in the same copy (each copy of the state is ~25 fields set)."""
     steps = list(state.steps)
     steps[index] = replace(steps[index], **changes)
-    return replace(state, steps=tuple(steps))
+    return tuple(steps)
 
 
 def _clamp(state: SagaState, deadline: datetime) -> datetime:
@@ -291,9 +297,10 @@ def _emit(
     attempt: int,
     payload: dict[str, Any],
     out: _Out,
-) -> tuple[SagaState, UUID, datetime]:
-    """Emit attempt ``attempt`` of (step ``index``, ``direction``); returns the state with the
-    step marked in flight, the command's id and its reply deadline."""
+) -> tuple[tuple[StepState, ...], UUID, datetime]:
+    """Emit attempt ``attempt`` of (step ``index``, ``direction``); returns the steps with
+    that step marked in flight (for the caller's next copy of the state), the command's id
+    and its reply deadline."""
     step_def = d.steps[index]
     message_id = command_id(state.saga_id, step_def.name, direction.value, attempt)
     deadline = out.now + step_def.timeout_for(direction)
@@ -314,11 +321,11 @@ def _emit(
         )
     )
     if direction is Direction.COMPENSATION:
-        state = _with_step(
+        steps = _steps_with(
             state, index, status=StepStatus.COMPENSATING, compensation_attempts=attempt
         )
     else:
-        state = _with_step(state, index, status=StepStatus.RUNNING, attempts=attempt)
+        steps = _steps_with(state, index, status=StepStatus.RUNNING, attempts=attempt)
     out.note(
         HistoryKind.COMMAND_SENT,
         f"sent {command_type} to {step_def.participant}",
@@ -327,7 +334,7 @@ def _emit(
         attempt=attempt,
         message_id=message_id,
     )
-    return state, message_id, deadline
+    return steps, message_id, deadline
 
 
 def _send(
@@ -342,10 +349,10 @@ def _send(
     """Emit the next attempt of (step ``index``, ``direction``) and wait for its reply."""
     step_def = d.steps[index]
     compensating = direction is Direction.COMPENSATION
-    state = replace(state, current=index, direction=direction)
-    payload, reason = _build(d, state, index, direction)
+    payload, reason = _build(d, state, index, direction)  # reads the context only
     if payload is None:
         assert reason is not None
+        state = replace(state, current=index, direction=direction)
         state = _with_step(state, index, error=reason)
         # nothing was sent, so no attempt is counted and the entry names none
         if compensating:
@@ -358,9 +365,12 @@ def _send(
     step = state.steps[index]
     attempt = (step.compensation_attempts if compensating else step.attempts) + 1
     tries = 1 if new_budget else state.tries + 1
-    state, message_id, deadline = _emit(d, state, index, direction, attempt, payload, out)
-    return replace(
+    steps, message_id, deadline = _emit(d, state, index, direction, attempt, payload, out)
+    return replace(  # one copy of the state for the whole send
         state,
+        steps=steps,
+        current=index,
+        direction=direction,
         attempt=attempt,
         tries=tries,
         phase=Phase.AWAITING_REPLY,
@@ -578,8 +588,11 @@ def _on_reply(
         return None
     if state.direction is Direction.ACTION:
         if isinstance(event, ReplySucceeded):
-            state = _with_step(state, state.current, status=StepStatus.SUCCEEDED, error=None)
-            state = replace(state, context=state.context.with_output(step_def.name, event.data))
+            state = replace(
+                state,
+                steps=_steps_with(state, state.current, status=StepStatus.SUCCEEDED, error=None),
+                context=state.context.with_output(step_def.name, event.data),
+            )
             out.note(HistoryKind.STEP_SUCCEEDED, f"{step_def.name} succeeded", state)
             return _advance(d, state, out)
         state = _with_step(state, state.current, error=event.reason)
@@ -719,7 +732,8 @@ def _fan_out(d: SagaDefinition, state: SagaState, run: list[int], out: _Out) -> 
     lanes: list[Lane] = []
     for i, payload in built:
         attempt = state.steps[i].attempts + 1
-        state, message_id, deadline = _emit(d, state, i, Direction.ACTION, attempt, payload, out)
+        steps, message_id, deadline = _emit(d, state, i, Direction.ACTION, attempt, payload, out)
+        state = replace(state, steps=steps)
         lanes.append(Lane(i, 1, Phase.AWAITING_REPLY, message_id, deadline, out.now))
     return _mirror(replace(state, lanes=tuple(lanes)))
 
@@ -870,7 +884,8 @@ def _on_member_timer(d: SagaDefinition, state: SagaState, out: _Out) -> SagaStat
             why = f"step {step_def.name} failed: {reason}"
             return _lane_failed(d, _with_lane(state, k, None), i, out, why)
         attempt = state.steps[i].attempts + 1
-        state, message_id, deadline = _emit(d, state, i, Direction.ACTION, attempt, payload, out)
+        steps, message_id, deadline = _emit(d, state, i, Direction.ACTION, attempt, payload, out)
+        state = replace(state, steps=steps)
         sent = Lane(i, lane.tries + 1, Phase.AWAITING_REPLY, message_id, deadline, out.now)
         return _mirror(_with_lane(state, k, sent))
     timeout = step_def.timeout.total_seconds()
