@@ -144,11 +144,15 @@ async def measure(
 
     start_queue = service.topology.start_queue
 
-    async def load(count: int, tag: str) -> None:
-        bodies = [
+    def requests(count: int, tag: str) -> list[tuple[str, bytes]]:
+        """The start requests' ids and bodies: a client's work, made before it is measured."""
+        return [
             (str(s.message_id), s.model_dump_json().encode())
             for s in bench_starts(count, Workload(count, concurrency), tag)
         ]
+
+    async def load(bodies: list[tuple[str, bytes]]) -> None:
+        count = len(bodies)
         base = admission.ended
         for sent, (message_id, body) in enumerate(bodies):
             while sent - (admission.ended - base) >= concurrency:
@@ -171,7 +175,8 @@ async def measure(
             queue = service.topology.command_queue(participant)
             await broker.consume(queue, echo, prefetch=settings.prefetch)
         if warmup:
-            await load(warmup, "warm")
+            await load(requests(warmup, "warm"))
+        measured = requests(sagas, "run")
         await asyncio.sleep(0.6)  # the warm-up's sent rows deleted, the relay idle
         events, batches = service.orchestrator.events, service.orchestrator.batches
         statements = service.store.counts.statements
@@ -179,7 +184,7 @@ async def measure(
         wall, cpu = time.perf_counter(), time.process_time()
         if profile is not None:
             profile.enable()
-        await load(sagas, "run")
+        await load(measured)
         if profile is not None:
             profile.disable()
         cpu, wall = time.process_time() - cpu, time.perf_counter() - wall
