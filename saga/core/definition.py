@@ -13,7 +13,6 @@ export`` publishes all of them. Nothing here imports pydantic: a model is any cl
 
 from __future__ import annotations
 
-import json
 import re
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
@@ -24,6 +23,7 @@ from uuid import UUID
 
 from saga.core.errors import DefinitionError, UnknownSagaError
 from saga.core.ids import unit_interval
+from saga.core.jsontext import dumps
 from saga.core.state import JSON, Direction, SagaContext
 
 __all__ = [
@@ -183,7 +183,7 @@ class Step:
         if model is None:
             return built
         # Through JSON, as it will travel: strict models take UUIDs and times as strings there.
-        valid = model.model_validate_json(json.dumps(built))
+        valid = model.model_validate_json(dumps(built))
         return cast(Mapping[str, JSON], valid.model_dump(mode="json"))
 
 

@@ -20,16 +20,34 @@ __all__ = [
 
 #: Namespace of every uuid5 this package derives. Never change it: ids would stop matching.
 NAMESPACE = uuid.UUID("6f1c6f0e-5a3b-4d8e-9c39-2f1f0b3a7d42")
+_NAMESPACE_BYTES = NAMESPACE.bytes
+
+#: the bits uuid5 sets: version 5 and the RFC 4122 variant
+_CLEAR = ~((0xF000 << 64) | (0xC000 << 48))
+_SET = (5 << 76) | (0x8000 << 48)
+_new_uuid = object.__new__
+_set = object.__setattr__
+
+
+def _uuid5(name: str) -> uuid.UUID:
+    """``uuid.uuid5(NAMESPACE, name)``, the same value, built without ``UUID.__init__`` and
+    its checks and without converting the namespace to bytes on every call: two ids per
+    command made this a twentieth of the orchestrator's CPU per event."""
+    digest = hashlib.sha1(_NAMESPACE_BYTES + name.encode(), usedforsecurity=False).digest()
+    value = _new_uuid(uuid.UUID)
+    _set(value, "int", (int.from_bytes(digest[:16], "big") & _CLEAR) | _SET)
+    _set(value, "is_safe", uuid.SafeUUID.unknown)
+    return value
 
 
 def command_id(saga_id: uuid.UUID, step: str, direction: str, attempt: int) -> uuid.UUID:
     """Message id of one attempt of one command: differs per attempt, so replies match exactly."""
-    return uuid.uuid5(NAMESPACE, f"cmd:{saga_id}:{step}:{direction}:{attempt}")
+    return _uuid5(f"cmd:{saga_id}:{step}:{direction}:{attempt}")
 
 
 def idempotency_key(saga_id: uuid.UUID, step: str, direction: str) -> uuid.UUID:
     """Key shared by every attempt of one command, so a participant applies its effect once."""
-    return uuid.uuid5(NAMESPACE, f"idem:{saga_id}:{step}:{direction}")
+    return _uuid5(f"idem:{saga_id}:{step}:{direction}")
 
 
 def reply_id(command_message_id: uuid.UUID) -> uuid.UUID:
@@ -41,7 +59,7 @@ def reply_id(command_message_id: uuid.UUID) -> uuid.UUID:
 
 def saga_id_for_key(saga_name: str, key: str) -> uuid.UUID:
     """Saga id derived from a client's idempotency key: starting twice finds the same saga."""
-    return uuid.uuid5(NAMESPACE, f"saga:{saga_name}:{key}")
+    return _uuid5(f"saga:{saga_name}:{key}")
 
 
 def unit_interval(*parts: object) -> float:

@@ -320,12 +320,14 @@ class Orchestrator:
         )
         if wrote_outbox and self.on_commit is not None:
             self.on_commit()  # first: the relay must hear of rows even if a caller is gone
+        recording = self.tracing.recording  # once per batch: it looks the provider up each time
         for (at, item, change, prior), result in zip(decided, results, strict=True):
             if durable is not None and result in (CommitResult.APPLIED, CommitResult.RECORDED):
                 for record in change.spans:  # the live process span: its record is committed
                     if record.get("kind") == _CONSUMER:
                         durable.committed(int(record["span"], 16))
-            self.tracing.database(self.database_system, item.trace, began, ended, len(decided))
+            if recording:
+                self.tracing.database(self.database_system, item.trace, began, ended, len(decided))
             answers[at] = await self._answer(item, change, prior, result, durable is not None)
         return answers
 

@@ -35,6 +35,7 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 
 from saga.core.errors import ConfigError
+from saga.core.jsontext import dumps
 from saga.core.state import (
     Direction,
     HistoryEntry,
@@ -64,7 +65,7 @@ from saga.store.schema import (
     schema_version,
     spans,
 )
-from saga.store.sqlite_batch import PreparedCache, Work, run_transaction
+from saga.store.sqlite_batch import DirectSelect, PreparedCache, Work, run_transaction
 from saga.work import WorkCounts
 
 __all__ = ["SqlStore", "delete_sent", "sqlite_engine"]
@@ -87,7 +88,10 @@ def sqlite_engine(
     database = make_url(url).database or ""
     # Statements run on the loop's thread, BEGIN and COMMIT in a thread: see sqlite_driver.
     creator = sqlite_driver.connect(database, timeout=busy_timeout_ms / 1000, counts=counts)
-    engine = create_async_engine(url, async_creator=creator, pool_timeout=60, **pool)
+    # json_serializer: json.dumps's text without its per-call encoder (saga.core.jsontext)
+    engine = create_async_engine(
+        url, async_creator=creator, pool_timeout=60, json_serializer=dumps, **pool
+    )
 
     @event.listens_for(engine.sync_engine, "connect")
     def _on_connect(dbapi_connection: Any, _record: Any) -> None:
@@ -192,6 +196,8 @@ class SqlStore:
         self._load_tasks: set[asyncio.Task[None]] = set()
         #: this instance's presence (PostgreSQL, after join()): claims name it
         self._presence: Presence | None = None
+        #: SQLite: the read of sagas by id, straight on sqlite3 (see load_many)
+        self._select_sagas: DirectSelect | None = None
         #: how long a due deadline waits for its saga's unsent commands (see due_timers)
         self.unsent_hold = timedelta(seconds=30)
         options: dict[str, Any] = {}
@@ -214,6 +220,16 @@ class SqlStore:
                 busy_timeout_ms=busy_timeout_ms,
                 counts=self.counts,
             )
+            path = parsed.database or ""
+            if path and path != ":memory:" and not path.startswith("file:"):
+                self._select_sagas = DirectSelect(
+                    self._read,
+                    path,
+                    sagas,
+                    sagas.c.saga_id,
+                    timeout=busy_timeout_ms / 1000,
+                    counts=self.counts,
+                )
         else:
             # no pool_pre_ping: a round trip on every checkout (a tenth of the orchestrator's
             # CPU); a pooled connection found dead fails its transaction, which the group commit
@@ -315,6 +331,8 @@ class SqlStore:
             self._load_together()
         await asyncio.gather(*self._load_tasks, return_exceptions=True)
         await self._outbox.close()
+        if self._select_sagas is not None:
+            await self._select_sagas.close()
         if self._presence is not None:
             await self._presence.stop()
             self._presence = None
@@ -376,13 +394,17 @@ class SqlStore:
     async def load_many(self, saga_ids: Sequence[UUID]) -> dict[UUID, SagaState]:
         found = {i: self._states[i] for i in saga_ids if i in self._states}
         missing = [i for i in saga_ids if i not in found and i not in self._absent]
-        if missing:
+        if missing and self._select_sagas is not None:
+            direct = await self._select_sagas.rows(missing)
+            loaded = {row["saga_id"]: _state_from_row(row) for row in direct}
+        elif missing:
             async with self._read.connect() as conn:
                 if self._bulk_pg:
                     loaded = await self._load_pg(conn, missing)
                 else:
                     rows = await conn.execute(_SELECT_SAGAS, {"ids": missing})
                     loaded = {row.saga_id: _state_from_row(row._mapping) for row in rows}
+        if missing:
             self._remember(loaded.values())
             if self._cache_states:  # a start looks its saga up twice: once is enough
                 self._absent.update((i, None) for i in missing if i not in loaded)
@@ -1103,17 +1125,19 @@ def _as_utc(value: datetime) -> datetime:
 
 
 def _row_from_state(s: SagaState) -> dict[str, Any]:
+    # ``_value_`` rather than ``.value``: the same string, read as a plain attribute instead of
+    # through the enum's descriptor (a row per event, a step status per step)
     return {
         "saga_id": s.saga_id,
         "name": s.name,
         "definition_version": s.definition_version,
-        "status": s.status.value,
+        "status": s.status._value_,
         "key": s.key,
         "current_step": s.current,
-        "direction": s.direction.value,
+        "direction": s.direction._value_,
         "attempt": s.attempt,
         "tries": s.tries,
-        "phase": s.phase.value,
+        "phase": s.phase._value_,
         "awaiting": s.awaiting,
         "deadline": s.deadline,
         "version": s.version,
@@ -1128,7 +1152,7 @@ def _row_from_state(s: SagaState) -> dict[str, Any]:
         "steps": [
             {
                 "name": st.name,
-                "status": st.status.value,
+                "status": st.status._value_,
                 "attempts": st.attempts,
                 "compensation_attempts": st.compensation_attempts,
                 "error": st.error,
@@ -1272,9 +1296,9 @@ def _history_row(saga_id: UUID, h: HistoryEntry) -> dict[str, Any]:
     return {
         "saga_id": saga_id,
         "at": h.at,
-        "kind": h.kind.value,
+        "kind": h.kind._value_,
         "step": h.step,
-        "direction": None if h.direction is None else h.direction.value,
+        "direction": None if h.direction is None else h.direction._value_,
         "attempt": h.attempt,
         "message_id": h.message_id,
         "actor": h.actor,

@@ -9,18 +9,23 @@ SQLAlchemy stores and reads them), and :func:`run_transaction` runs ``BEGIN IMME
 ``executemany`` and the ``COMMIT`` on the raw connection in one thread call. sqlite3 releases
 the GIL inside SQLite, so the loop goes on decoding and deciding the next batch meanwhile.
 
-SQLAlchemy still owns the schema, the migrations, PostgreSQL and every read; the connection is
-the one the writer engine's pool hands out (one writer per file), checked out for the call.
+SQLAlchemy still owns the schema, the migrations and PostgreSQL; the connection is the one the
+writer engine's pool hands out (one writer per file), checked out for the call. The one read on
+the hot path, a batch's sagas (:class:`DirectSelect`), runs on a read-only connection of its
+own, its values converted by SQLAlchemy's result processors.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import sqlite3
 from collections.abc import Callable, Hashable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from operator import itemgetter
 from typing import Any
+from uuid import UUID
 
 import sqlalchemy as sa
 from sqlalchemy.engine import Dialect
@@ -30,7 +35,17 @@ from sqlalchemy.sql.compiler import SQLCompiler
 from saga.store import sqlite_driver
 from saga.store.schema import UTCDateTime
 
-__all__ = ["Prepared", "PreparedCache", "Work", "prepare", "run_transaction"]
+__all__ = [
+    "DirectSelect",
+    "Prepared",
+    "PreparedCache",
+    "Work",
+    "prepare",
+    "run_transaction",
+    "sqlite_utc_datetime",
+    "sqlite_utc_text",
+    "sqlite_uuid_text",
+]
 
 
 @dataclass(frozen=True, slots=True)
@@ -80,19 +95,132 @@ def _processor(type_: Any, dialect: Dialect) -> Callable[[Any], Any] | None:
     string (a third of a batch's row building; ``tests/store`` checks they agree)."""
     if isinstance(type_, UTCDateTime) and dialect.name == "sqlite":
         return sqlite_utc_text
+    if isinstance(type_, sa.Uuid) and dialect.name == "sqlite" and type_.as_uuid:
+        return sqlite_uuid_text
     processor: Callable[[Any], Any] | None = type_.dialect_impl(dialect).bind_processor(dialect)
     return processor
 
 
+#: the last datetime converted and its text: a batch's rows repeat the same few datetimes
+#: (the decision's time in the saga and history rows, the commit's in inbox and outbox rows),
+#: and a datetime never changes, so the same object has the same text
+_last_time: tuple[datetime | None, str | None] = (None, None)
+
+
 def sqlite_utc_text(value: datetime | None) -> str | None:
     """An aware datetime as SQLAlchemy's SQLite DATETIME stores it, in UTC without a zone."""
+    global _last_time  # noqa: PLW0603 - a one-entry cache, replaced whole (atomic)
     if value is None:
         return None
+    last = _last_time
+    if value is last[0]:
+        return last[1]
     if value.tzinfo is None:
         raise ValueError("naive datetimes are not stored; use UTC-aware ones")
-    if value.tzinfo is not UTC:
-        value = value.astimezone(UTC)
-    return value.replace(tzinfo=None).isoformat(" ", "microseconds")
+    utc = value if value.tzinfo is UTC else value.astimezone(UTC)
+    text = utc.isoformat(" ", "microseconds")[:-6]  # without its "+00:00"
+    _last_time = (value, text)
+    return text
+
+
+def sqlite_uuid_text(value: UUID | None) -> str | None:
+    """A UUID as SQLAlchemy's ``Uuid`` stores it on SQLite (32 hex digits, ``value.hex``),
+    without the processor's wrapper and the property: ~9 UUIDs per event in a batch's rows."""
+    return None if value is None else "%032x" % value.int  # noqa: UP031 - the fastest form
+
+
+def sqlite_utc_datetime(value: str | None) -> datetime | None:
+    """A stored :class:`UTCDateTime` as SQLAlchemy reads it on SQLite: an aware UTC datetime.
+    The text is always ``sqlite_utc_text``'s ``YYYY-MM-DD HH:MM:SS.ffffff``, which
+    ``fromisoformat`` reads in one call (SQLAlchemy's processor matches a regular expression
+    and converts each group; ``tests/store`` checks they agree)."""
+    if value is None:
+        return None
+    return datetime.fromisoformat(value).replace(tzinfo=UTC)
+
+
+def _result_processor(type_: Any, dialect: Dialect) -> Callable[[Any], Any] | None:
+    if isinstance(type_, UTCDateTime) and dialect.name == "sqlite":
+        return sqlite_utc_datetime
+    processor: Callable[[Any], Any] | None = type_.dialect_impl(dialect).result_processor(
+        dialect, None
+    )
+    return processor
+
+
+class DirectSelect:
+    """``SELECT`` every column of ``table`` for a list of keys, on a sqlite3 connection of
+    its own (``query_only``), run on the loop's thread (a read of a few rows takes SQLite
+    microseconds). Through the read engine each such read paid a pool checkout, a greenlet
+    switch per call, the ``ROLLBACK`` of the connection's reset and SQLAlchemy's result rows:
+    several times SQLite's own work, for the read every start and every batch makes. Rows are
+    dicts by column name, each value converted by SQLAlchemy's result processor for its type,
+    so they are the values a read through SQLAlchemy gives."""
+
+    def __init__(
+        self,
+        engine: AsyncEngine,
+        path: str,
+        table: sa.Table,
+        key: sa.Column[Any],
+        *,
+        timeout: float,
+        counts: Any,
+    ):
+        dialect: Dialect = engine.dialect
+        self._path = path
+        self._timeout = timeout
+        self._counts = counts
+        self._names = tuple(c.name for c in table.columns)
+        self._sql = f"SELECT {', '.join(self._names)} FROM {table.name} WHERE {key.name} IN "
+        self._processors = [
+            (i, p)
+            for i, p in enumerate(_result_processor(c.type, dialect) for c in table.columns)
+            if p is not None
+        ]
+        bind = key.type.dialect_impl(dialect).bind_processor(dialect)
+        self._bind: Callable[[Any], Any] = bind if bind is not None else (lambda v: v)
+        self._conn: sqlite3.Connection | None = None
+        self._opening: asyncio.Future[sqlite3.Connection] | None = None
+
+    async def _connection(self) -> sqlite3.Connection:
+        if self._conn is not None:
+            return self._conn
+        if self._opening is None:  # the first callers share one open
+            self._opening = asyncio.ensure_future(asyncio.to_thread(self._open))
+        conn = await asyncio.shield(self._opening)
+        self._conn = conn
+        return conn
+
+    def _open(self) -> sqlite3.Connection:
+        conn = sqlite3.connect(
+            self._path, timeout=self._timeout, isolation_level=None, check_same_thread=False
+        )
+        conn.execute("PRAGMA query_only=ON")
+        return conn
+
+    async def rows(self, keys: Sequence[Any]) -> list[dict[str, Any]]:
+        conn = await self._connection()
+        sql = self._sql + "(" + ", ".join("?" * len(keys)) + ")"
+        found = conn.execute(sql, [self._bind(k) for k in keys]).fetchall()
+        self._counts.statements += 1
+        names = self._names
+        out: list[dict[str, Any]] = []
+        for raw in found:
+            row = list(raw)
+            for i, process in self._processors:
+                row[i] = process(row[i])
+            out.append(dict(zip(names, row, strict=True)))
+        return out
+
+    async def close(self) -> None:
+        if self._opening is not None and self._conn is None:
+            with contextlib.suppress(Exception):
+                self._conn = await self._opening
+        if self._conn is not None:
+            self._conn.close()
+            self._conn = None
+        self._opening = None
 
 
 class PreparedCache:

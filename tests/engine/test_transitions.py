@@ -4,19 +4,21 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 from dataclasses import replace
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 from uuid import UUID
 
 import pytest
 
 from saga.core.definition import RetryPolicy, SagaDefinition, Step, seed_for
 from saga.core.engine import allowed_actions, decide, locate_command, reply_mismatch
+from saga.core.engine import replace as engine_replace
 from saga.core.errors import UnknownSagaError
 from saga.core.ids import command_id, idempotency_key
 from saga.core.state import (
     JSON,
     Direction,
     Event,
+    HistoryEntry,
     HistoryKind,
     OperatorAbort,
     OperatorAction,
@@ -28,6 +30,7 @@ from saga.core.state import (
     SagaContext,
     SagaStatus,
     Started,
+    StepState,
     StepStatus,
     TimerFired,
 )
@@ -1104,3 +1107,23 @@ def test_the_awaited_command_is_located_as_every_other_command() -> None:
             event = ReplySucceeded(state.awaiting, d.steps[state.current].participant, {})
         t = decide(d, state, event, T0)
     assert seen == 3  # a, b refused, undo a
+
+
+def test_the_engines_replace_copies_as_dataclasses_replace_does() -> None:
+    """The engine's copier (one per class and set of changed fields) gives what
+    :func:`dataclasses.replace` gives, leaves the original alone, and refuses unknown fields."""
+    step = StepState("charge", StepStatus.RUNNING, 2, 0, None)
+    for changes in ({"attempts": 3}, {"error": "x", "status": StepStatus.FAILED}, {}):
+        copied = engine_replace(step, **changes)
+        assert copied == replace(step, **changes)
+        assert copied is not step
+    assert step.attempts == 2
+    # the same fields in another order, and another class with a field of the same name
+    assert engine_replace(step, status=StepStatus.FAILED, error="x") == engine_replace(
+        step, error="x", status=StepStatus.FAILED
+    )
+    at = datetime(2030, 1, 1, tzinfo=UTC)
+    entry = HistoryEntry(at, HistoryKind.STARTED, "started")
+    assert engine_replace(entry, detail="x") == replace(entry, detail="x")
+    with pytest.raises(TypeError, match="no field"):
+        engine_replace(step, nope=1)

@@ -35,9 +35,9 @@ from saga.participant.ledger_sql import (
 )
 from saga.ports import Change, CommitResult, OutboxMessage
 from saga.store import sql as sql_module
-from saga.store.schema import UTCDateTime
+from saga.store.schema import UTCDateTime, sagas
 from saga.store.sql import SqlStore
-from saga.store.sqlite_batch import sqlite_utc_text
+from saga.store.sqlite_batch import sqlite_utc_datetime, sqlite_utc_text, sqlite_uuid_text
 from tests.conftest import require_postgres
 
 T0 = datetime(2030, 1, 2, 3, 4, 5, tzinfo=UTC)  # no microseconds: the format must add them
@@ -242,11 +242,102 @@ def test_the_fast_utc_datetime_text_is_what_sqlalchemy_stores(value: datetime | 
     sqlalchemy_process = UTCDateTime().dialect_impl(dialect).bind_processor(dialect)
     assert sqlalchemy_process is not None
     assert sqlite_utc_text(value) == sqlalchemy_process(value)
+    assert sqlite_utc_text(value) == sqlalchemy_process(value)  # the same object: cached
+    if value is not None:  # an equal value of another object, and then another value
+        assert sqlite_utc_text(value + timedelta(0)) == sqlalchemy_process(value)
+        later = value + timedelta(microseconds=1)
+        assert sqlite_utc_text(later) == sqlalchemy_process(later)
+
+
+@pytest.mark.parametrize(
+    "value", [None, uuid.UUID(int=0), uuid.UUID(int=1), uuid.uuid4(), uuid.UUID(int=2**128 - 1)]
+)
+def test_the_fast_uuid_text_is_what_sqlalchemy_stores(value: uuid.UUID | None) -> None:
+    dialect = sqlite.dialect()
+    sqlalchemy_process = sa.Uuid().dialect_impl(dialect).bind_processor(dialect)
+    assert sqlalchemy_process is not None
+    assert sqlite_uuid_text(value) == sqlalchemy_process(value)
 
 
 def test_the_fast_utc_datetime_text_refuses_a_naive_time_as_sqlalchemy_does() -> None:
     with pytest.raises(ValueError, match="naive"):
         sqlite_utc_text(datetime(2026, 1, 1))
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        None,
+        datetime(2026, 1, 1, tzinfo=UTC),
+        datetime(2026, 12, 5, 6, 53, 47, 766224, tzinfo=UTC),
+        datetime(999, 1, 2, 3, 4, 5, 6, tzinfo=UTC),
+        datetime(2030, 6, 30, 23, 59, 59, 999999, tzinfo=UTC),
+    ],
+)
+def test_the_fast_utc_datetime_read_is_what_sqlalchemy_reads(value: datetime | None) -> None:
+    dialect = sqlite.dialect()
+    impl = UTCDateTime().dialect_impl(dialect)
+    store, read = impl.bind_processor(dialect), impl.result_processor(dialect, None)
+    assert store is not None and read is not None
+    text = store(value)
+    fast = sqlite_utc_datetime(text)
+    assert fast == read(text)
+    assert fast is None or fast.tzinfo is UTC
+
+
+LANE = {
+    "index": 0,
+    "tries": 1,
+    "phase": "awaiting_reply",
+    "awaiting": str(SAGA),
+    "deadline": T0.isoformat(),
+    "sent_at": None,
+}
+
+
+async def test_the_direct_read_of_sagas_gives_what_sqlalchemy_reads(tmp_path: Path) -> None:
+    """SqlStore.load_many reads sagas on sqlite3 directly (sqlite_batch.DirectSelect): every
+    column as SQLAlchemy's read of the same rows gives it, for sagas in every shape."""
+    path = tmp_path / "read.db"
+    await write_sagas(path, bulk=True)
+    store = SqlStore(f"sqlite+aiosqlite:///{path}")
+    try:
+        other = uuid.UUID(int=77)
+        async with store._write.begin() as conn:
+            row = (await conn.execute(sa.select(sagas))).mappings().one()
+            await conn.execute(
+                sagas.insert().values(
+                    {
+                        **row,
+                        "saga_id": other,
+                        "key": "key-2",
+                        "deadline": None,
+                        "awaiting": None,
+                        "trace_context": None,
+                        "lanes": [LANE],
+                        "expires_at": T0 + timedelta(hours=1),
+                        "failure": "why",
+                    }
+                )
+            )
+        assert store._select_sagas is not None
+        direct = await store._select_sagas.rows([SAGA, other, uuid.UUID(int=5)])
+        async with store._read.connect() as conn:
+            core = (await conn.execute(sa.select(sagas))).mappings().all()
+        assert sorted(direct, key=repr) == sorted((dict(r) for r in core), key=repr)
+        assert len(direct) == 2
+        for each in direct:
+            assert {type(each[k]) for k in ("saga_id", "created_at", "steps")} == {
+                uuid.UUID,
+                datetime,
+                list,
+            }
+        states = await store.load_many([SAGA, other])
+        assert set(states) == {SAGA, other}
+        assert states[other].lanes[0].awaiting == SAGA
+        assert store.counts.statements > 0
+    finally:
+        await store.close()
 
 
 async def _write_ledger_pg(schema: str, pick: Callable[[Any, Ledger, Any], Any]) -> Any:
