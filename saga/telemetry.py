@@ -381,10 +381,12 @@ class Tracing:
         """Whether spans made now could be exported at all. With no exporter (the default)
         nothing is: then no span is built per message, publish or commit, while ids are still
         made and propagated for the logs. Read at each use, as the global provider may be
-        installed after this object was made."""
+        installed after this object was made; once it is an SDK provider it is kept, since the
+        API sets its global once (asking the API each time reads the environment each time)."""
         provider = self._provider if self._provider is not None else trace.get_tracer_provider()
         if not isinstance(provider, SdkTracerProvider):
             return False
+        self._provider = provider
         if provider.sampler is ALWAYS_OFF:
             return False
         return bool(getattr(provider._active_span_processor, "_span_processors", True))
