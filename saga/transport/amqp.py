@@ -265,7 +265,7 @@ class _Confirm:
     they call (``done``, ``cancelled``, ``set_result``, ``set_exception``); a ``multiple`` ack
     settles each tag of its range. This entry records its own outcome, so a nack or a return
     stays that message's, and counts down its batch's one waiter: a real future per message
-    would cost its creation, a future-store entry and three done callbacks, each a loop turn.
+    would cost its creation, a future-store entry and four done callbacks, each a loop turn.
     """
 
     __slots__ = ("_batch", "_message_id", "_tag", "cancelled_", "done_", "exception_", "result_")
