@@ -19,7 +19,6 @@ from asyncio import Future
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from functools import partial
 from pathlib import Path
 from typing import Any, cast
 from urllib.parse import urlsplit
@@ -259,11 +258,73 @@ def _refused(why: str, cause: BaseException) -> PublishRefusedError:
     return error
 
 
-def _forget(underlay: aiormq.Channel, message_id: str, tag: int, _: Future[Any]) -> None:
-    """Drop a settled message's id from the channel's return lookup, as ``basic_publish``
-    does (unless a later publish reused the id)."""
-    if underlay.message_id_delivery_tag.get(message_id) == tag:
-        del underlay.message_id_delivery_tag[message_id]
+class _Confirm:
+    """One message's entry in aiormq's confirm bookkeeping (``Channel.confirmations``).
+
+    aiormq's ack, nack and return handlers settle an entry through the few methods of a future
+    they call (``done``, ``cancelled``, ``set_result``, ``set_exception``); a ``multiple`` ack
+    settles each tag of its range. This entry records its own outcome, so a nack or a return
+    stays that message's, and counts down its batch's one waiter: a real future per message
+    would cost its creation, a future-store entry and four done callbacks, each a loop turn.
+    """
+
+    __slots__ = ("_batch", "_message_id", "_tag", "cancelled_", "done_", "exception_", "result_")
+
+    def __init__(self, batch: _Batch, tag: int, message_id: str):
+        self._batch, self._tag, self._message_id = batch, tag, message_id
+        self.result_: Any = None
+        self.exception_: BaseException | None = None
+        self.done_ = self.cancelled_ = False
+
+    def done(self) -> bool:
+        return self.done_
+
+    def cancelled(self) -> bool:
+        return self.cancelled_
+
+    def set_result(self, result: Any) -> None:
+        if not self.done():
+            self.result_ = result
+            self._settled()
+
+    def set_exception(self, exc: BaseException) -> None:
+        if not self.done():
+            self.exception_ = exc
+            self._settled()
+
+    def cancel(self) -> None:
+        """Given up: a late confirm finds it done (and aiormq ignores it)."""
+        if not self.done():
+            self.cancelled_ = True
+            self._settled()
+
+    def _settled(self) -> None:
+        self.done_ = True
+        # drop the id from the channel's return lookup, as ``basic_publish`` does (unless a
+        # later publish reused the id)
+        lookup = self._batch.underlay.message_id_delivery_tag
+        if lookup.get(self._message_id) == self._tag:
+            del lookup[self._message_id]
+        self._batch.settled()
+
+
+class _Batch:
+    """The messages of one :meth:`Publisher.publish_many` call: their confirm entries and the
+    waiter set once the last is settled. The waiter is a future of the channel's own store, so
+    a channel or connection that closes fails it (and wakes the publish) at once."""
+
+    __slots__ = ("confirms", "pending", "underlay", "waiter")
+
+    def __init__(self, underlay: aiormq.Channel, count: int):
+        self.underlay = underlay
+        self.waiter: Future[None] = underlay.create_future()
+        self.pending = count
+        self.confirms: list[_Confirm] = []
+
+    def settled(self) -> None:
+        self.pending -= 1
+        if self.pending == 0 and not self.waiter.done():
+            self.waiter.set_result(None)
 
 
 class Publisher:
@@ -364,10 +425,11 @@ class Publisher:
         None when the broker confirmed it, the error when it did not (the caller retries).
 
         All their frames go out as one write under the channel's publish lock, with a delivery
-        tag and a confirm future each, the bookkeeping aiormq's ``basic_publish`` keeps per
-        message (so its confirm, nack and return handling applies unchanged); one wait covers
-        the whole batch. Per message, ``basic_publish`` would take the lock, a timeout scope, a
-        queue hand-off and a write of its own: more CPU than the frames themselves.
+        tag and a confirm entry each where aiormq's ``basic_publish`` keeps a future per
+        message (so its confirm, nack and return handling applies unchanged, see
+        :class:`_Confirm`); one waiter covers the whole batch. Per message, ``basic_publish``
+        would take the lock, a timeout scope, a queue hand-off and a write of its own: more CPU
+        than the frames themselves.
         """
         if not messages:
             return []
@@ -375,7 +437,7 @@ class Publisher:
         self._link.counts.publishes += len(messages)
         try:
             async with asyncio.timeout(CONFIRM_TIMEOUT):  # a writer that never takes them
-                futures = await self._send(underlay, messages)
+                batch = await self._send(underlay, messages)
         except asyncio.CancelledError as exc:
             if own_cancellation():
                 raise
@@ -384,12 +446,12 @@ class Publisher:
         except Exception as exc:
             self._retire(channel, type(exc).__name__)
             return [_refused(f"no confirm ({type(exc).__name__}): {exc}", exc)] * len(messages)
-        await asyncio.wait(futures, timeout=CONFIRM_TIMEOUT)
-        return [self._outcome(channel, future) for future in futures]
+        await asyncio.wait((batch.waiter,), timeout=CONFIRM_TIMEOUT)
+        return [self._outcome(channel, batch.waiter, confirm) for confirm in batch.confirms]
 
     @staticmethod
-    async def _send(underlay: aiormq.Channel, messages: Sequence[Outgoing]) -> list[Future[Any]]:
-        """Queue the frames of ``messages`` for the connection's writer; their confirm futures.
+    async def _send(underlay: aiormq.Channel, messages: Sequence[Outgoing]) -> _Batch:
+        """Queue the frames of ``messages`` for the connection's writer; their batch.
 
         The delivery tags are taken under the channel's publish lock, in the order of the
         frames, and registered where aiormq's confirm and return handlers look them up.
@@ -408,40 +470,53 @@ class Publisher:
             frames.append(ContentHeader(properties=m.properties, body_size=len(m.body)))
             frames.extend(underlay._split_body(m.body))
         payload = ChannelFrame.marshall(channel_number=underlay.number, frames=frames)
-        futures: list[Future[Any]] = []
+        batch = _Batch(underlay, len(messages))
+        # entries of our own where aiormq keeps futures: they answer what its handlers ask
+        confirmations = cast(dict[int, Any], underlay.confirmations)
+        lookup = underlay.message_id_delivery_tag
         async with underlay.lock:
             first = underlay.delivery_tag
             for tag, m in enumerate(messages, start=first + 1):
-                future = underlay.create_future()
                 message_id = m.properties.message_id or ""  # set by every caller
-                underlay.confirmations[tag] = future
-                underlay.message_id_delivery_tag[message_id] = tag
-                future.add_done_callback(partial(_forget, underlay, message_id, tag))
-                futures.append(future)
+                confirm = _Confirm(batch, tag, message_id)
+                confirmations[tag] = confirm
+                lookup[message_id] = tag
+                batch.confirms.append(confirm)
             underlay.delivery_tag = first + len(messages)
             try:
                 await underlay.write_queue.put(payload)
             except BaseException:
                 # nothing reached the broker: give the tags back while the lock is held
                 underlay.delivery_tag = first
-                for tag, future in enumerate(futures, start=first + 1):
-                    underlay.confirmations.pop(tag, None)
-                    future.cancel()
+                for confirm in batch.confirms:
+                    confirmations.pop(confirm._tag, None)
+                    confirm.cancel()
                 raise
-        return futures
+        return batch
 
-    def _outcome(self, channel: AbstractChannel, future: Future[Any]) -> PublishRefusedError | None:
+    def _outcome(
+        self, channel: AbstractChannel, waiter: Future[None], confirm: _Confirm
+    ) -> PublishRefusedError | None:
         """The error of one message of a batch, or None when the broker confirmed it."""
-        if not future.done():
-            future.cancel()  # a late confirm finds it done and is ignored
-            self._retire(channel, "TimeoutError")
-            return PublishRefusedError(f"no confirm within {CONFIRM_TIMEOUT:.0f} s")
-        if future.cancelled():
-            # the connection or the channel was lost under the publish (a dead connection
-            # cancels its futures): the relay retries, on a fresh channel
+        if not confirm.done():
+            # the waiter was not set by this batch's confirms: a timeout, or a lost channel
+            timed_out = not waiter.done()
+            confirm.cancel()  # a late confirm finds it done and is ignored
+            if timed_out:
+                self._retire(channel, "TimeoutError")
+                return PublishRefusedError(f"no confirm within {CONFIRM_TIMEOUT:.0f} s")
+            if waiter.cancelled():
+                # the connection or the channel was lost under the publish: the relay
+                # retries, on a fresh channel
+                self._retire(channel, "CancelledError")
+                return PublishRefusedError("no confirm: the channel was closed")
+            lost = waiter.exception()
+            self._retire(channel, type(lost).__name__)
+            return PublishRefusedError(f"no confirm ({type(lost).__name__}): {lost}")
+        if confirm.cancelled():
             self._retire(channel, "CancelledError")
             return PublishRefusedError("no confirm: the channel was closed")
-        exc = future.exception()
+        exc = confirm.exception_
         if isinstance(exc, aiormq.exceptions.DeliveryError):
             if isinstance(exc.frame, aiormq.spec.Basic.Nack):
                 self._retire(channel, "nack")
@@ -450,10 +525,9 @@ class Publisher:
         if exc is not None:
             self._retire(channel, type(exc).__name__)
             return PublishRefusedError(f"no confirm ({type(exc).__name__}): {exc}")
-        confirmation = future.result()
-        if not isinstance(confirmation, aiormq.spec.Basic.Ack):
-            self._retire(channel, type(confirmation).__name__)
-            return PublishRefusedError(f"broker did not confirm the message: {confirmation!r}")
+        if not isinstance(confirm.result_, aiormq.spec.Basic.Ack):
+            self._retire(channel, type(confirm.result_).__name__)
+            return PublishRefusedError(f"broker did not confirm the message: {confirm.result_!r}")
         return None
 
     async def close(self) -> None:
