@@ -59,6 +59,7 @@ def test_bench_runs_every_saga_to_its_end_and_reports_json() -> None:
     config = doc["config"]
     assert isinstance(config, dict)
     assert config["database"] == "sqlite" and config["services"] == "separate"
+    assert config["checkout_version"] == 2  # the newest
     latency = doc["latency_ms"]
     assert isinstance(latency, dict) and set(latency) == {"p50", "p95", "p99", "max"}
     assert 0 < latency["p50"] <= latency["p95"] <= latency["p99"] <= latency["max"]
@@ -86,6 +87,21 @@ def test_bench_runs_every_saga_to_its_end_and_reports_json() -> None:
     mine = work["orchestrator"]
     assert 4 <= mine["publishes"] <= 5 and mine["deliveries"] == mine["publishes"] + 1, mine
     assert mine["settles"] == mine["deliveries"] and 0 < mine["transactions"] <= 5, mine
+
+
+def test_bench_runs_the_checkout_version_it_is_given() -> None:
+    """Version 1 (the peers' shape: four steps one after another) refused at payment sends 3
+    commands (create, charge, cancel) where version 2 sends 5 (its reservation went out beside
+    the charge and is released): 24 completed x 4 + 6 refused x 3 = 3.8 per saga, not 4.2."""
+    doc = run_bench(
+        "--sagas", "30", "--concurrency", "8", "--fail-rate", "0.2", "--fail-step", "payment",
+        "--warmup", "4", "--no-ceiling", "--checkout-version", "1",
+    )  # fmt: skip
+    assert doc["all_finished"] is True
+    assert doc["config"]["checkout_version"] == 1
+    assert (doc["sagas"]["completed"], doc["sagas"]["compensated"]) == (24, 6)
+    mine = doc["work_per_saga"]["orchestrator"]
+    assert 3.7 <= mine["publishes"] < 4, mine
 
 
 @pytest.mark.postgres

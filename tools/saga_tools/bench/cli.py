@@ -29,6 +29,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from saga.core.errors import ConfigError
 from saga.loop import run as run_loop
 from saga_tools.bench import ceiling as ceiling_
+from saga_tools.bench.definitions import VERSIONS
 from saga_tools.bench.driver import FAIL_STEPS, Observer, Workload, run_load
 from saga_tools.bench.procfs import cpu_seconds, peak_rss_mib
 from saga_tools.bench.report import render_table, result_document
@@ -144,6 +145,16 @@ def main(
             "in flight wait in queues instead of timing out.",
         ),
     ] = None,
+    checkout_version: Annotated[
+        int | None,
+        typer.Option(
+            min=1,
+            max=max(VERSIONS),
+            help="Run this version of the checkout instead of the newest: 1 runs its four "
+            "steps one after another (the peers' shape), 2 the charge and the reservation in "
+            "parallel.",
+        ),
+    ] = None,
     sqlite_synchronous: Annotated[
         Synchronous | None,
         typer.Option(
@@ -217,6 +228,7 @@ def main(
         services_database_url=services_database_url,
         keep=keep,
         step_timeout=step_timeout,
+        checkout_version=checkout_version,
         sqlite_synchronous=None if sqlite_synchronous is None else sqlite_synchronous.value,
     )
     try:
@@ -247,6 +259,7 @@ class _Options:
     services_database_url: str | None
     keep: bool
     step_timeout: float | None
+    checkout_version: int | None
     sqlite_synchronous: str | None
 
 
@@ -300,6 +313,7 @@ async def bench(workload: Workload, options: _Options) -> dict[str, Any]:
             services_database_url=services_db,
             services_mode=options.services_mode,
             step_timeout=options.step_timeout,
+            checkout_version=options.checkout_version,
             sqlite_synchronous=options.sqlite_synchronous,
             instances=options.instances,
             participants=options.participants,
@@ -355,6 +369,7 @@ async def bench(workload: Workload, options: _Options) -> dict[str, Any]:
             work=work,
             ceiling=result,
             step_timeout=options.step_timeout,
+            checkout_version=options.checkout_version,
             sqlite_synchronous=options.sqlite_synchronous,
         )
     raise AssertionError("unreachable")  # pragma: no cover - the context manager never swallows

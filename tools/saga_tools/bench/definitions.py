@@ -10,6 +10,10 @@ timeout from ``SAGA_BENCH_STEP_TIMEOUT`` (seconds).
 for participants that answer every command with an empty success
 (:mod:`saga_tools.bench.echo`): no reply data is expected, and the charge takes its amount
 from the input instead of the order's reply.
+
+Both run the newest checkout (its charge and reservation in parallel) unless
+``SAGA_BENCH_CHECKOUT_VERSION`` (``--checkout-version``) names another registered version:
+version 1 runs its four steps one after another, the shape the peers' benchmarks run.
 """
 
 from __future__ import annotations
@@ -21,12 +25,19 @@ from datetime import timedelta
 from decimal import Decimal
 from typing import Any, cast
 
-from saga import JSON, Registry, SagaContext
-from saga_demo.checkout import CHECKOUT, PARTICIPANTS
+from saga import JSON, Registry, SagaContext, SagaDefinition
+from saga_demo.checkout import CHECKOUT, CHECKOUT_V1, PARTICIPANTS
 
-__all__ = ["echo_registry", "registry"]
+__all__ = ["VERSIONS", "echo_registry", "registry"]
 
 STEP_TIMEOUT_ENV = "SAGA_BENCH_STEP_TIMEOUT"
+VERSION_ENV = "SAGA_BENCH_CHECKOUT_VERSION"
+#: the checkout's registered versions, by number
+VERSIONS = {d.version: d for d in (CHECKOUT_V1, CHECKOUT)}
+
+
+def _checkout() -> SagaDefinition:
+    return VERSIONS[int(os.environ.get(VERSION_ENV, CHECKOUT.version))]
 
 
 def _timeout() -> timedelta:
@@ -34,8 +45,9 @@ def _timeout() -> timedelta:
 
 
 def registry() -> Registry:
-    steps = [dataclasses.replace(step, timeout=_timeout()) for step in CHECKOUT.steps]
-    return Registry([dataclasses.replace(CHECKOUT, steps=tuple(steps))], participants=PARTICIPANTS)
+    checkout = _checkout()
+    steps = [dataclasses.replace(step, timeout=_timeout()) for step in checkout.steps]
+    return Registry([dataclasses.replace(checkout, steps=tuple(steps))], participants=PARTICIPANTS)
 
 
 def _charge_from_input(ctx: SagaContext) -> Mapping[str, JSON]:
@@ -51,12 +63,13 @@ def _charge_from_input(ctx: SagaContext) -> Mapping[str, JSON]:
 
 
 def echo_registry() -> Registry:
+    checkout = _checkout()
     steps = []
-    for step in CHECKOUT.steps:
+    for step in checkout.steps:
         echo = dataclasses.replace(
             step, timeout=_timeout(), reply_model=None, compensation_reply_model=None
         )
         if step.name == "charge_payment":
             echo = dataclasses.replace(echo, payload=_charge_from_input)
         steps.append(echo)
-    return Registry([dataclasses.replace(CHECKOUT, steps=tuple(steps))], participants=PARTICIPANTS)
+    return Registry([dataclasses.replace(checkout, steps=tuple(steps))], participants=PARTICIPANTS)

@@ -9,6 +9,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from saga_tools.bench.ceiling import CeilingResult
+from saga_tools.bench.definitions import VERSIONS
 from saga_tools.bench.driver import Load, Workload
 
 __all__ = ["percentile", "render_table", "result_document"]
@@ -41,6 +42,7 @@ def result_document(
     killed: str | None = None,
     database_commits: int | None = None,
     step_timeout: float | None = None,
+    checkout_version: int | None = None,
     sqlite_synchronous: str | None = None,
     work: Mapping[str, Mapping[str, float]] | None = None,
 ) -> dict[str, Any]:
@@ -92,6 +94,7 @@ def result_document(
             "fail_step": workload.fail_step if workload.fail_rate else None,
             "warmup": workload.warmup,
             "step_timeout_s": step_timeout,
+            "checkout_version": checkout_version or max(VERSIONS),
             "sqlite_synchronous": (sqlite_synchronous or "FULL") if database == "sqlite" else None,
             "database": database,
             "services": services_mode,

@@ -37,7 +37,7 @@ from saga.transport.topology import Topology
 from saga_demo import inventory, payment
 from saga_demo.checkout import PARTICIPANTS
 from saga_demo.cli import BUILDERS
-from saga_tools.bench.definitions import STEP_TIMEOUT_ENV
+from saga_tools.bench.definitions import STEP_TIMEOUT_ENV, VERSION_ENV
 
 __all__ = [
     "BENCH_CUSTOMERS",
@@ -71,6 +71,7 @@ class StackConfig:
     services_mode: str = "separate"  # "separate": a process per service; "all": one process
     log_level: str = "INFO"
     step_timeout: float | None = None  # None: the checkout's own
+    checkout_version: int | None = None  # None: the newest
     sqlite_synchronous: str | None = None  # None: the processes' default (FULL)
     instances: int = 1  # orchestrator processes on the one database; > 1 needs PostgreSQL
     #: "echo": saga_tools.bench.echo answers instead of the services; "library": the
@@ -142,6 +143,8 @@ class BenchStack:
             env["SAGA_SERVICES_DATABASE_URL"] = c.services_database_url
         if c.step_timeout is not None:
             env[STEP_TIMEOUT_ENV] = str(c.step_timeout)
+        if c.checkout_version is not None:
+            env[VERSION_ENV] = str(c.checkout_version)
         if c.sqlite_synchronous is not None:
             env["SAGA_SQLITE_SYNCHRONOUS"] = c.sqlite_synchronous
         return env
@@ -266,7 +269,7 @@ def _definitions(config: StackConfig) -> str:
     """SAGA_DEFINITIONS for the orchestrators."""
     if config.participants in ("echo", "library"):
         return "saga_tools.bench.definitions:echo_registry"
-    if config.step_timeout is not None:
+    if config.step_timeout is not None or config.checkout_version is not None:
         return "saga_tools.bench.definitions:registry"
     return "saga_demo.checkout:registry"
 
