@@ -20,6 +20,7 @@ SQLite is used the way it needs to be under concurrency:
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import functools
 import os
 from collections.abc import Awaitable, Callable, Collection, Iterable, Mapping, Sequence
@@ -557,18 +558,23 @@ class SqlStore:
         """PostgreSQL's batch in one statement per kind of row: the saga rows locked in id
         order, the inbox and new sagas inserted with ``RETURNING`` (so a duplicate shows), the
         updates in one ``UPDATE ... FROM unnest(...)`` that returns the rows whose version
-        matched; None (rolled back, nothing written) when any row did not go through, or when
-        a saga has two changes in the batch: the row-by-row path then decides each.
+        matched; None (rolled back, nothing written) when any row did not go through: the
+        row-by-row path then decides each.
+
+        A saga with several changes in the batch (the replies of a parallel group's members
+        arrive together) is one saga row: its last state, checked against the version its
+        first change expected (one statement cannot update a row twice); its inbox ids,
+        history and outbox rows are every change's.
 
         Row by row, each event cost two round trips and their SQLAlchemy and asyncpg overhead:
         most of the orchestrator's extra CPU on PostgreSQL.
         """
-        ids = [c.transition.state.saga_id for c in changes]
-        if len(set(ids)) != len(ids):
-            return None
         ordered = sorted(changes, key=lambda c: c.transition.state.saga_id)
+        rows = _saga_rows(ordered)
+        if rows is None:
+            return None
         inbox_rows, inserts, updates, history_rows, outbox_rows, span_rows = _bulk_rows(
-            ordered, now, self.instance
+            ordered, now, self.instance, rows
         )
         sql = self._pg_sql
         try:
@@ -1066,10 +1072,14 @@ class _PgStatements:
 
 
 def _bulk_rows(
-    changes: Sequence[Change], now: datetime, instance: int | None
+    changes: Sequence[Change],
+    now: datetime,
+    instance: int | None,
+    saga_rows: Sequence[Change] | None = None,
 ) -> tuple[list[dict[str, Any]], ...]:
     """A batch's rows by kind, in the changes' order, for the bulk paths: inbox ids, new
-    sagas, version-checked updates (with ``w_version``), history and outbox rows."""
+    sagas, version-checked updates (with ``w_version``), history and outbox rows; the new
+    sagas and the updates from ``saga_rows`` instead when given (:func:`_saga_rows`)."""
     inbox_rows: list[dict[str, Any]] = []
     inserts: list[dict[str, Any]] = []
     updates: list[dict[str, Any]] = []
@@ -1083,17 +1093,39 @@ def _bulk_rows(
                 {"message_id": change.inbox_id, "saga_id": state.saga_id, "received_at": now}
             )
         if change.transition.applied:
-            row = _row_from_state(state)
+            outbox_rows.extend(_outbox_row(m, now, instance) for m in change.outbox)
+        history_rows.extend(_history_row(state.saga_id, h) for h in change.transition.history)
+        if change.spans:
+            span_rows.append({"records": list(change.spans)})
+    for change in changes if saga_rows is None else saga_rows:
+        if change.transition.applied:
+            row = _row_from_state(change.transition.state)
             if change.expected_version is None:
                 inserts.append(row)
             else:
                 row["w_version"] = change.expected_version
                 updates.append(row)
-            outbox_rows.extend(_outbox_row(m, now, instance) for m in change.outbox)
-        history_rows.extend(_history_row(state.saga_id, h) for h in change.transition.history)
-        if change.spans:
-            span_rows.append({"records": list(change.spans)})
     return inbox_rows, inserts, updates, history_rows, outbox_rows, span_rows
+
+
+def _saga_rows(ordered: Sequence[Change]) -> list[Change] | None:
+    """``ordered`` (by saga id, each saga's changes in their order) with each saga's applied
+    changes as one: its last state, expecting the version its first change expected; None
+    when a saga's changes do not follow one another (each decided on the one before)."""
+    rows: list[Change] = []
+    last: Change | None = None
+    for change in ordered:
+        if not change.transition.applied:
+            continue
+        state = change.transition.state
+        if last is not None and last.transition.state.saga_id == state.saga_id:
+            if change.expected_version != last.transition.state.version:
+                return None
+            rows[-1] = dataclasses.replace(change, expected_version=rows[-1].expected_version)
+        else:
+            rows.append(change)
+        last = change
+    return rows
 
 
 class _RowByRowError(Exception):

@@ -116,3 +116,54 @@ async def test_a_batch_is_stored_alike_in_bulk_and_row_by_row(
     expected = [CommitResult.APPLIED, CommitResult.CONFLICT, CommitResult.DUPLICATE]
     assert results[0] == results[1] == expected
     assert await dump(bulk) == await dump(rows)
+
+
+async def test_several_changes_of_one_saga_in_a_batch_stay_in_bulk(
+    stores: tuple[SqlStore, SqlStore], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The replies of a parallel group's members arrive together: one saga with two changes in
+    a batch (and a saga started and moved in the same batch) is one saga row in the bulk
+    path, stored as row by row stores it, without falling back; a chain that does not follow
+    on still falls back and answers alike."""
+    monkeypatch.setattr(sql_module, "_now", lambda: T0)
+    bulk, rows = stores
+    first = [started(f"key-{i}", at=T0, saga_id=uuid.UUID(int=i + 1)) for i in range(3)]
+    for store in stores:
+        await store.commit([with_outbox(change_for(t, None)) for t in first])
+    t1 = T0 + timedelta(seconds=1)
+    one = decide(DEF, first[0].state, reply_ok(first[0].state), t1)
+    two = decide(DEF, one.state, reply_ok(one.state), t1)
+    other = decide(DEF, first[1].state, reply_ok(first[1].state), t1)
+    new = started("key-new", at=t1, saga_id=uuid.UUID(int=50))
+    moved_new = decide(DEF, new.state, reply_ok(new.state), t1)
+    batch = [
+        with_outbox(change_for(one, first[0].state.version, inbox=uuid.UUID(int=300))),
+        with_outbox(change_for(other, first[1].state.version, inbox=uuid.UUID(int=301))),
+        with_outbox(change_for(new, None)),
+        with_outbox(change_for(two, one.state.version, inbox=uuid.UUID(int=302))),
+        with_outbox(change_for(moved_new, new.state.version, inbox=uuid.UUID(int=303))),
+    ]
+
+    async def row_by_row(*args: Any) -> None:
+        raise AssertionError("the bulk path fell back to row by row")
+
+    monkeypatch.setattr(bulk, "_commit", row_by_row)
+    assert await bulk.commit(batch) == [CommitResult.APPLIED] * 5
+    monkeypatch.undo()
+    monkeypatch.setattr(sql_module, "_now", lambda: T0)
+    assert await rows.commit(batch) == [CommitResult.APPLIED] * 5
+    assert await dump(bulk) == await dump(rows)
+    assert (await bulk.load(first[0].state.saga_id)) == two.state
+
+    # a second change decided on a stale first one: not a chain, so row by row decides
+    t2 = T0 + timedelta(seconds=2)
+    last = first[2].state
+    ahead = decide(DEF, last, reply_ok(last), t2)
+    stray = decide(DEF, last, reply_ok(last), t2)
+    broken = [
+        change_for(ahead, last.version, inbox=uuid.UUID(int=400)),
+        change_for(stray, last.version, inbox=uuid.UUID(int=401)),
+    ]
+    results = [await store.commit(broken) for store in stores]
+    assert results[0] == results[1] == [CommitResult.APPLIED, CommitResult.CONFLICT]
+    assert await dump(bulk) == await dump(rows)
