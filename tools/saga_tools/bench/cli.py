@@ -150,6 +150,7 @@ def main(
         typer.Option(
             min=1,
             max=max(VERSIONS),
+            envvar="SAGA_BENCH_CHECKOUT_VERSION",
             help="Run this version of the checkout instead of the newest: 1 runs its four "
             "steps one after another (the peers' shape), 2 the charge and the reservation in "
             "parallel.",
