@@ -94,8 +94,11 @@ class Relay:
             backoff = 0.0
             if moved:
                 continue  # there may be more right away
+            # asyncio.timeout, not wait_for: no task of its own, so a wake-up reaches the
+            # publish in one turn of the loop, ahead of the acks and logs of the commit's events
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), self.poll_interval)
+                async with asyncio.timeout(self.poll_interval):
+                    await self._wake.wait()
 
     async def flush(self) -> int:
         """Publish one batch of pending rows, at most ``max_in_flight`` unconfirmed at a time;
