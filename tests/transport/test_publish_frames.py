@@ -4,6 +4,7 @@ as before, so a message is never sent differently, nor refused differently."""
 
 from __future__ import annotations
 
+import asyncio
 import struct
 import time
 import uuid
@@ -12,6 +13,7 @@ from datetime import UTC, datetime, timedelta, timezone
 from decimal import Decimal
 from typing import Any
 
+import aio_pika
 import aiormq
 import pytest
 from aiormq.abc import ChannelFrame
@@ -21,7 +23,9 @@ from pamqp import commands, frame
 from pamqp.header import ContentHeader
 
 from saga.transport import publish_frames as module
+from saga.transport.amqp import Outgoing, Publisher, connect
 from saga.transport.publish_frames import publish_frames
+from tests.conftest import require_rabbitmq
 
 Basic = commands.Basic
 FRAME_MAX = 131072
@@ -320,3 +324,140 @@ def test_what_pamqp_refuses_goes_to_pamqp_which_refuses_it() -> None:
         assert ours(1, exchange, routing_key, properties, body) is None
         with pytest.raises((ValueError, TypeError, struct.error)):
             by_pamqp(1, exchange, routing_key, properties, body)
+
+
+# --- the publisher ---------------------------------------------------------------------------
+
+
+class FakeUnderlay:
+    """What ``Publisher._send`` uses of an aiormq channel."""
+
+    def __init__(self, number: int = 5, body_max: int = BODY_MAX) -> None:
+        self.number = number
+        self.max_content_size = body_max
+        self.is_closed = False
+        self.lock = asyncio.Lock()
+        self.delivery_tag = 0
+        self.confirmations: dict[int, Any] = {}
+        self.message_id_delivery_tag: dict[str, int] = {}
+        self.write_queue: asyncio.Queue[ChannelFrame] = asyncio.Queue()
+
+    def _split_body(self, body: bytes) -> list[Any]:
+        return aiormq.Channel._split_body(self, body)  # type: ignore[arg-type]
+
+    def create_future(self) -> asyncio.Future[Any]:
+        return asyncio.get_running_loop().create_future()
+
+
+async def test_a_batch_is_written_as_pamqp_marshalled_it_unusual_messages_by_pamqp() -> None:
+    def with_value(name: str, value: Any) -> Any:
+        properties = command_properties()
+        setattr(properties, name, value)
+        return properties
+
+    batch = [
+        Outgoing("saga.commands", "payment", b"{}", command_properties()),
+        Outgoing("", "q", b"x" * 70, with_value("timestamp", time.gmtime())),  # pamqp's
+        Outgoing("saga.commands", "inventory", b"y" * 130, command_properties(priority=3)),
+    ]
+    underlay = FakeUnderlay(number=9, body_max=64)
+    publisher = Publisher.__new__(Publisher)
+    publisher.encoded = publisher.marshalled = 0
+    await publisher._send(underlay, batch)  # type: ignore[arg-type]
+    written = underlay.write_queue.get_nowait()
+    assert written.payload == b"".join(
+        by_pamqp(9, m.exchange, m.routing_key, m.properties, m.body, 64) for m in batch
+    )
+    assert (publisher.encoded, publisher.marshalled) == (2, 1)
+    assert underlay.delivery_tag == 3
+
+
+async def test_a_message_pamqp_refuses_fails_the_batch_before_anything_is_written() -> None:
+    publisher = Publisher.__new__(Publisher)
+    publisher.encoded = publisher.marshalled = 0
+    underlay = FakeUnderlay()
+    batch = [
+        Outgoing("saga.commands", "payment", b"{}", command_properties()),
+        Outgoing("ünïcode", "q", b"{}", command_properties()),
+    ]
+    with pytest.raises(ValueError, match="exchange"):
+        await publisher._send(underlay, batch)  # type: ignore[arg-type]
+    assert underlay.write_queue.empty()
+    assert underlay.delivery_tag == 0
+
+
+@pytest.mark.rabbitmq
+async def test_published_through_the_publisher_read_back_with_aio_pika(unique: str) -> None:
+    """Every property and header arrives as sent, through our encoder (counted), on RabbitMQ;
+    a message with a value it leaves to pamqp arrives too."""
+    url = require_rabbitmq()
+    link = await connect(url)
+    publisher = Publisher(link)
+    connection, _ = await link.wait(5)
+    setup = await connection.channel()
+    name = f"frames-{unique}"
+    stamp = datetime(2026, 1, 2, 3, 4, 5, tzinfo=UTC)
+    headers: dict[str, Any] = {
+        "traceparent": "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01",
+        "nested": {"list": [1, "two", {"x": Decimal("1.50")}], "flag": True, "none": None},
+        "when": stamp,
+        "unicode ключ": "значение ✓",
+    }
+    full = Basic.Properties(
+        content_type="application/json",
+        content_encoding="utf-8",
+        headers=headers,
+        delivery_mode=2,
+        priority=7,
+        correlation_id=str(uuid.uuid4()),
+        reply_to="saga.replies",
+        expiration="600000",
+        message_id=uuid.uuid4().hex,
+        timestamp=stamp,
+        message_type="payment.charge",
+        user_id="guest",
+        app_id="saga",
+    )
+    plain = command_properties(message_id=uuid.uuid4().hex)
+    odd = command_properties(message_id=uuid.uuid4().hex)
+    odd.timestamp = stamp.timetuple()  # a struct_time: pamqp's path
+    large = command_properties(message_id=uuid.uuid4().hex)
+    body_max = 0
+    try:
+        queue = await setup.declare_queue(name, arguments={"x-max-priority": 9})
+        _, underlay = await publisher._open()
+        body_max = underlay.max_content_size
+        batch = [
+            Outgoing("", name, b'{"full": true}', full),
+            Outgoing("", name, b"", plain),
+            Outgoing("", name, b"{}", odd),
+            Outgoing("", name, bytes(range(256)) * (2 * body_max // 256 + 3), large),
+        ]
+        assert await publisher.publish_many(batch) == [None] * 4
+        assert (publisher.encoded, publisher.marshalled) == (3, 1)
+
+        got = [await queue.get(timeout=5) for _ in batch]
+        assert [m.body for m in got] == [m.body for m in batch]
+        first = got[0]
+        assert first.content_type == "application/json"
+        assert first.content_encoding == "utf-8"
+        assert first.headers == headers
+        assert first.delivery_mode == aio_pika.DeliveryMode.PERSISTENT
+        assert first.priority == 7
+        assert first.correlation_id == full.correlation_id
+        assert first.reply_to == "saga.replies"
+        assert first.expiration == 600.0  # aio-pika gives seconds
+        assert first.message_id == full.message_id
+        assert first.timestamp == stamp
+        assert first.type == "payment.charge"
+        assert first.user_id == "guest"
+        assert first.app_id == "saga"
+        for message, sent in zip(got[1:], batch[1:], strict=True):
+            assert message.message_id == sent.properties.message_id
+            assert message.headers == sent.properties.headers
+            assert message.timestamp == stamp
+            assert message.type == "payment.charge"
+    finally:
+        await setup.queue_delete(name)
+        await publisher.close()
+        await link.close()
