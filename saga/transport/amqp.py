@@ -45,6 +45,7 @@ from saga.transport.link import (
     quietly,
     reach_error,
 )
+from saga.transport.publish_frames import publish_frames
 from saga.transport.topology import Topology
 
 __all__ = [
@@ -347,6 +348,9 @@ class Publisher:
         self._generation = 0
         self._lock = asyncio.Lock()
         self._retiring: set[asyncio.Task[None]] = set()
+        #: messages whose frames were encoded by publish_frames, and by pamqp's path
+        self.encoded = 0
+        self.marshalled = 0
 
     async def _open(self) -> tuple[AbstractChannel, aiormq.Channel]:
         """The confirm channel of the current connection (opened if need be), and the aiormq
@@ -449,27 +453,31 @@ class Publisher:
         await asyncio.wait((batch.waiter,), timeout=CONFIRM_TIMEOUT)
         return [self._outcome(channel, batch.waiter, confirm) for confirm in batch.confirms]
 
-    @staticmethod
-    async def _send(underlay: aiormq.Channel, messages: Sequence[Outgoing]) -> _Batch:
+    async def _send(self, underlay: aiormq.Channel, messages: Sequence[Outgoing]) -> _Batch:
         """Queue the frames of ``messages`` for the connection's writer; their batch.
 
-        The delivery tags are taken under the channel's publish lock, in the order of the
-        frames, and registered where aiormq's confirm and return handlers look them up.
+        The frames are encoded by :func:`~saga.transport.publish_frames.publish_frames`, or
+        by aiormq's pamqp path for a message it does not take (which encodes it, or raises
+        what it always raised). The delivery tags are taken under the channel's publish lock,
+        in the order of the frames, and registered where aiormq's confirm and return handlers
+        look them up.
         """
         if underlay.is_closed:
             raise ConnectionError("the publishing channel is closed")
-        frames: list[Any] = []
+        number, body_max = underlay.number, underlay.max_content_size
+        parts: list[bytes] = []
         for m in messages:
             if len(m.routing_key) > 255:
                 raise ValueError(f"routing key longer than 255 bytes: {m.routing_key[:40]!r}...")
-            frames.append(
-                aiormq.spec.Basic.Publish(
-                    exchange=m.exchange, routing_key=m.routing_key, mandatory=True
-                )
+            data = publish_frames(
+                number, m.exchange, m.routing_key, True, m.properties, m.body, body_max
             )
-            frames.append(ContentHeader(properties=m.properties, body_size=len(m.body)))
-            frames.extend(underlay._split_body(m.body))
-        payload = ChannelFrame.marshall(channel_number=underlay.number, frames=frames)
+            if data is None:
+                data = self._marshalled(underlay, m)
+            else:
+                self.encoded += 1
+            parts.append(data)
+        payload = ChannelFrame(payload=b"".join(parts), should_close=False)
         batch = _Batch(underlay, len(messages))
         # entries of our own where aiormq keeps futures: they answer what its handlers ask
         confirmations = cast(dict[int, Any], underlay.confirmations)
@@ -493,6 +501,18 @@ class Publisher:
                     confirm.cancel()
                 raise
         return batch
+
+    def _marshalled(self, underlay: aiormq.Channel, m: Outgoing) -> bytes:
+        """The frames of ``m`` as aiormq's ``basic_publish`` marshals them."""
+        self.marshalled += 1
+        frames: list[Any] = [
+            aiormq.spec.Basic.Publish(
+                exchange=m.exchange, routing_key=m.routing_key, mandatory=True
+            ),
+            ContentHeader(properties=m.properties, body_size=len(m.body)),
+            *underlay._split_body(m.body),
+        ]
+        return ChannelFrame.marshall(channel_number=underlay.number, frames=frames).payload
 
     def _outcome(
         self, channel: AbstractChannel, waiter: Future[None], confirm: _Confirm
