@@ -47,6 +47,7 @@ from saga.transport.link import (
 )
 from saga.transport.publish_frames import publish_frames
 from saga.transport.topology import Topology
+from saga.transport.wire import writer_of
 
 __all__ = [
     "Outgoing",
@@ -351,6 +352,8 @@ class Publisher:
         #: messages whose frames were encoded by publish_frames, and by pamqp's path
         self.encoded = 0
         self.marshalled = 0
+        #: batches written to the socket at once (the rest went through aiormq's write queue)
+        self.sent_now = 0
 
     async def _open(self) -> tuple[AbstractChannel, aiormq.Channel]:
         """The confirm channel of the current connection (opened if need be), and the aiormq
@@ -491,8 +494,15 @@ class Publisher:
                 lookup[message_id] = tag
                 batch.confirms.append(confirm)
             underlay.delivery_tag = first + len(messages)
+            writer = writer_of(underlay.connection)
             try:
-                await underlay.write_queue.put(payload)
+                if writer is not None and underlay.write_queue.empty():
+                    # nothing queued ahead of these frames: to the socket now, not after the
+                    # connection's writer task has taken them from its queue, a turn later
+                    writer.send_now(payload.payload)
+                    self.sent_now += 1
+                else:
+                    await underlay.write_queue.put(payload)
             except BaseException:
                 # nothing reached the broker: give the tags back while the lock is held
                 underlay.delivery_tag = first

@@ -35,7 +35,7 @@ from yarl import URL
 
 from saga.core.errors import ConfigError
 from saga.secrets import redact_url
-from saga.transport.wire import BatchingTransportFactory
+from saga.transport.wire import BatchingTransportFactory, adopt_writer
 from saga.work import WorkCounts
 
 __all__ = ["Link", "LinkDownError", "note", "own_cancellation", "quietly", "reach_error"]
@@ -286,6 +286,8 @@ class Link:
         if factory.receiver is not None and connection.transport is not None:
             # deliveries skip their channel's queue from here on (saga.transport.frames)
             factory.receiver.serve(connection.transport.connection.channels)
+        if factory.writer is not None and connection.transport is not None:
+            adopt_writer(connection.transport.connection, factory.writer)
         return connection
 
     def _adopt(self, connection: AbstractConnection) -> None:

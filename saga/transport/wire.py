@@ -17,6 +17,7 @@ close (Connection.Close, after everything else) are unchanged.
 from __future__ import annotations
 
 import asyncio
+import weakref
 from typing import Any
 
 from aiormq.connection import TCPTransportFactory, TLSTransportFactory, TransportFactory
@@ -25,12 +26,28 @@ from yarl import URL
 from saga.transport.frames import FastFrameReceiver, claim
 from saga.work import WorkCounts
 
-__all__ = ["BatchingTransportFactory", "BatchingWriter"]
+__all__ = ["BatchingTransportFactory", "BatchingWriter", "adopt_writer", "writer_of"]
 
 #: a write within this many seconds of the last send finds the connection busy ...
 BUSY = 0.002
 #: ... and waits this long for more frames to share its send; otherwise it leaves this turn
 WINDOW = 0.0005
+
+
+#: the writer under each aiormq connection the link opened (see :func:`writer_of`)
+_WRITERS: weakref.WeakKeyDictionary[Any, BatchingWriter] = weakref.WeakKeyDictionary()
+
+
+def adopt_writer(connection: Any, writer: BatchingWriter) -> None:
+    """Note that ``writer`` sends the frames of ``connection`` (an aiormq connection)."""
+    _WRITERS[connection] = writer
+
+
+def writer_of(connection: Any) -> BatchingWriter | None:
+    """The writer of ``connection``, for frames that may skip its write queue (when that queue
+    is empty, every frame queued before is already with the writer, so order is kept); None for
+    a connection the link did not open."""
+    return _WRITERS.get(connection)
 
 
 class BatchingWriter:
@@ -56,6 +73,15 @@ class BatchingWriter:
                 self._flush = loop.call_later(WINDOW, self.flush)
             else:
                 self._flush = loop.call_soon(self.flush)
+
+    def send_now(self, data: bytes) -> None:
+        """Send ``data`` at once, with whatever is held ahead of it: a publish on its saga's way
+        to the next step (:meth:`saga.transport.amqp.Publisher.publish_many`) does not wait for
+        the end of the loop's turn, which at one saga in flight runs the acks, metrics and log
+        lines of the batch that made it."""
+        self.writes += 1
+        self._held.append(data)
+        self.flush()
 
     def flush(self) -> None:
         """Send what is held now."""

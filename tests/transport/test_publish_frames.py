@@ -11,7 +11,7 @@ import uuid
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta, timezone
 from decimal import Decimal
-from typing import Any
+from typing import Any, cast
 
 import aio_pika
 import aiormq
@@ -23,8 +23,10 @@ from pamqp import commands, frame
 from pamqp.header import ContentHeader
 
 from saga.transport import publish_frames as module
+from saga.transport import wire
 from saga.transport.amqp import Outgoing, Publisher, connect
 from saga.transport.publish_frames import publish_frames
+from saga.transport.wire import BatchingWriter
 from tests.conftest import require_rabbitmq
 
 Basic = commands.Basic
@@ -329,6 +331,10 @@ def test_what_pamqp_refuses_goes_to_pamqp_which_refuses_it() -> None:
 # --- the publisher ---------------------------------------------------------------------------
 
 
+class FakeConnection:
+    """An aiormq connection, as far as a writer is looked up by it."""
+
+
 class FakeUnderlay:
     """What ``Publisher._send`` uses of an aiormq channel."""
 
@@ -341,6 +347,7 @@ class FakeUnderlay:
         self.confirmations: dict[int, Any] = {}
         self.message_id_delivery_tag: dict[str, int] = {}
         self.write_queue: asyncio.Queue[ChannelFrame] = asyncio.Queue()
+        self.connection = FakeConnection()  # not one the link opened: no writer of its own
 
     def _split_body(self, body: bytes) -> list[Any]:
         return aiormq.Channel._split_body(self, body)  # type: ignore[arg-type]
@@ -362,7 +369,7 @@ async def test_a_batch_is_written_as_pamqp_marshalled_it_unusual_messages_by_pam
     ]
     underlay = FakeUnderlay(number=9, body_max=64)
     publisher = Publisher.__new__(Publisher)
-    publisher.encoded = publisher.marshalled = 0
+    publisher.encoded = publisher.marshalled = publisher.sent_now = 0
     await publisher._send(underlay, batch)  # type: ignore[arg-type]
     written = underlay.write_queue.get_nowait()
     assert written.payload == b"".join(
@@ -372,9 +379,46 @@ async def test_a_batch_is_written_as_pamqp_marshalled_it_unusual_messages_by_pam
     assert underlay.delivery_tag == 3
 
 
+async def test_frames_skip_an_empty_write_queue_and_wait_behind_a_full_one() -> None:
+    """On a connection the link opened the frames go to its writer at once, unless frames
+    are queued ahead of them: then they queue too, so the order on the wire stays."""
+    under = FakeSocket()
+    writer = BatchingWriter(cast(Any, under))
+    underlay = FakeUnderlay(number=3)
+    wire.adopt_writer(underlay.connection, writer)
+    publisher = Publisher.__new__(Publisher)
+    publisher.encoded = publisher.marshalled = publisher.sent_now = 0
+    first = [Outgoing("saga.commands", "payment", b"{}", command_properties())]
+    await publisher._send(underlay, first)  # type: ignore[arg-type]
+    assert under.sent == [by_pamqp(3, "saga.commands", "payment", first[0].properties, b"{}")]
+    assert underlay.write_queue.empty() and publisher.sent_now == 1
+
+    underlay.write_queue.put_nowait(ChannelFrame(payload=b"queued-ahead", should_close=False))
+    second = [Outgoing("saga.commands", "inventory", b"[]", command_properties())]
+    await publisher._send(underlay, second)  # type: ignore[arg-type]
+    assert len(under.sent) == 1 and publisher.sent_now == 1
+    assert underlay.write_queue.get_nowait().payload == b"queued-ahead"
+    assert underlay.write_queue.get_nowait().payload == by_pamqp(
+        3, "saga.commands", "inventory", second[0].properties, b"[]"
+    )
+
+
+class FakeSocket:
+    """The StreamWriter under a BatchingWriter: records each write."""
+
+    def __init__(self) -> None:
+        self.sent: list[bytes] = []
+
+    def write(self, data: bytes) -> None:
+        self.sent.append(data)
+
+    def is_closing(self) -> bool:
+        return False
+
+
 async def test_a_message_pamqp_refuses_fails_the_batch_before_anything_is_written() -> None:
     publisher = Publisher.__new__(Publisher)
-    publisher.encoded = publisher.marshalled = 0
+    publisher.encoded = publisher.marshalled = publisher.sent_now = 0
     underlay = FakeUnderlay()
     batch = [
         Outgoing("saga.commands", "payment", b"{}", command_properties()),
@@ -435,6 +479,7 @@ async def test_published_through_the_publisher_read_back_with_aio_pika(unique: s
         ]
         assert await publisher.publish_many(batch) == [None] * 4
         assert (publisher.encoded, publisher.marshalled) == (3, 1)
+        assert publisher.sent_now == 1  # straight to the link's writer, its queue being empty
 
         got = [await queue.get(timeout=5) for _ in batch]
         assert [m.body for m in got] == [m.body for m in batch]

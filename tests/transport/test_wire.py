@@ -81,3 +81,23 @@ async def test_drain_and_close_send_what_is_held_first() -> None:
     writer.write(b"late")
     await asyncio.sleep(wire.WINDOW * 4)
     assert under.sent == [b"frame", b"close-frame"]  # nothing goes to a closed socket
+
+
+async def test_send_now_leaves_at_once_behind_what_is_held() -> None:
+    writer, under = batching()
+    writer.write(b"ack")
+    writer.send_now(b"publish")  # does not wait for the end of the turn, nor passes the ack
+    assert under.sent == [b"ackpublish"]
+    await asyncio.sleep(wire.WINDOW * 4)
+    assert under.sent == [b"ackpublish"] and writer.counts.sends == 1
+
+
+def test_a_connection_the_link_did_not_open_has_no_writer() -> None:
+    class Connection:
+        pass
+
+    ours, theirs = Connection(), Connection()
+    writer, _ = batching()
+    wire.adopt_writer(ours, writer)
+    assert wire.writer_of(ours) is writer
+    assert wire.writer_of(theirs) is None
