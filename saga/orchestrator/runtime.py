@@ -320,6 +320,10 @@ class Orchestrator:
         )
         if wrote_outbox and self.on_commit is not None:
             self.on_commit()  # first: the relay must hear of rows even if a caller is gone
+            # one turn of the loop for the relay, woken above, to put the commands on the wire
+            # before this batch's spans, metrics, log lines and acks: they are not on a saga's
+            # way to its next step, the commands are
+            await asyncio.sleep(0)
         recording = self.tracing.recording  # once per batch: it looks the provider up each time
         for (at, item, change, prior), result in zip(decided, results, strict=True):
             if durable is not None and result in (CommitResult.APPLIED, CommitResult.RECORDED):
