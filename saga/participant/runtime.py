@@ -278,7 +278,7 @@ class Participant:
     async def setup_database(self) -> None:
         await self.ledger.setup()
         if self.seed is not None:
-            async with self.ledger.engine.begin() as conn:
+            async with self.ledger.begin() as conn:
                 await self.seed(conn)
 
     async def start(self) -> None:
@@ -484,7 +484,7 @@ class Participant:
         tally = _Tally()
         durable = self.tracing.durable
         committed: list[int] = []  # live process spans whose record this transaction writes
-        async with self.ledger.engine.begin() as conn:
+        async with self.ledger.begin() as conn:
             ledger = await statements(conn, self.ledger)
             sent = self.ledger.take_deletes()
             if sent:

@@ -170,6 +170,21 @@ async def test_a_users_own_command_types_are_served_with_their_models(svc: Parti
     assert await booked(svc) == [("LH400", True)]
 
 
+async def test_the_writer_connection_is_taken_from_the_pool_once_for_every_command(
+    svc: Participant,
+) -> None:
+    """Checking the connection out of the pool and back for each transaction cost more of a lone
+    command's CPU than its statements; the ledger's lease holds it, whatever the handler did."""
+    saga = uuid.uuid4()
+    before = svc.ledger.counts.transactions
+    assert (await svc.handle(book(uuid.uuid4(), flight="FULL"))).outcome == "failure"
+    for each in (book(saga), cancel(saga), book(uuid.uuid4(), flight="FLAKY")):
+        await svc.handle(each)
+    assert svc.ledger.counts.transactions - before == 4
+    assert svc.ledger.lease is not None and svc.ledger.lease.checkouts == 1
+    assert await booked(svc) == [("LH400", True)]
+
+
 async def test_the_same_key_gets_the_same_answer_and_the_effect_happens_once(
     svc: Participant,
 ) -> None:
