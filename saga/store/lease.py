@@ -53,14 +53,30 @@ class WriterLease:
                 with contextlib.suppress(Exception):  # the error that ended the use goes on up
                     await self._drop()
                 raise
-            if conn.in_transaction():
+            if conn.in_transaction() or (
+                self.driver is not None and self.driver.raw.in_transaction
+            ):
                 await self._drop()  # not for the next user
 
     @contextlib.asynccontextmanager
     async def begin(self) -> AsyncIterator[AsyncConnection]:
-        """A transaction on the connection, committed when the block ends without an error."""
-        async with self.connection() as conn, conn.begin():
+        """A transaction on the connection, committed when the block ends without an error.
+
+        On SQLite it is opened and committed on the driver's connection directly, which costs a
+        third of SQLAlchemy's begin and commit; a statement run through the connection joins it
+        (SQLAlchemy begins a transaction of its own then, which the commit here ends)."""
+        async with self.connection() as conn:
+            driver = self.driver
+            if driver is None:
+                async with conn.begin():
+                    yield conn
+                return
+            await driver.begin()
             yield conn
+            if conn.in_transaction():
+                await conn.commit()  # SQLAlchemy's, through the driver's commit
+            else:
+                await driver.commit()
 
     async def close(self) -> None:
         """Give the connection back to the pool, once its current user is done with it (before
@@ -79,7 +95,11 @@ class WriterLease:
         return conn
 
     async def _drop(self) -> None:
-        """Back to the pool, which rolls back any transaction left on it."""
-        conn, self._conn, self.driver = self._conn, None, None
-        if conn is not None:
-            await conn.close()
+        """Back to the pool, any transaction left on it rolled back."""
+        conn, driver, self._conn, self.driver = self._conn, self.driver, None, None
+        try:
+            if driver is not None:
+                await driver.rollback()
+        finally:
+            if conn is not None:
+                await conn.close()

@@ -114,7 +114,9 @@ def sqlite_engine(
     @event.listens_for(engine.sync_engine, "begin")
     def _on_begin(conn: Any) -> None:
         driver = conn.connection.driver_connection
-        if isinstance(driver, sqlite_driver.Connection) and driver.begin_now(immediate):
+        if isinstance(driver, sqlite_driver.Connection) and (
+            driver.joins or driver.begin_now(immediate)
+        ):
             return
         conn.exec_driver_sql("BEGIN IMMEDIATE" if immediate else "BEGIN")
 

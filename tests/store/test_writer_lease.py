@@ -1,7 +1,7 @@
 """A participant's ledger lends its one SQLite writer connection, held across transactions, to
 one writer at a time (:mod:`saga.store.lease`): a batch, the outbox's deletes and the span
-drain's never interleave on it, and a transaction that fails or is cancelled leaves nothing
-behind."""
+drain's never interleave on it, a transaction that fails or is cancelled leaves nothing behind,
+and a statement through SQLAlchemy's connection is part of the transaction the lease opened."""
 
 from __future__ import annotations
 
@@ -113,6 +113,11 @@ async def test_a_failed_transaction_rolls_back_and_the_next_gets_a_clean_connect
         await conn.execute(outbox.insert(), [_row(kept)])
     assert await _outbox_ids(ledger) == {kept}
     assert lease.checkouts == 2  # the failed one's connection went back to the pool
+    with pytest.raises(RuntimeError):  # only the driver's statements: SQLAlchemy began nothing
+        async with ledger.begin() as conn:
+            await (await statements(conn, ledger)).write(_Rows([_row(lost)]))
+            raise RuntimeError("the batch fails")
+    assert await _outbox_ids(ledger) == {kept}
 
 
 async def test_a_cancelled_transaction_leaves_nothing_behind(ledger: Ledger) -> None:
@@ -128,6 +133,26 @@ async def test_a_cancelled_transaction_leaves_nothing_behind(ledger: Ledger) -> 
     assert await _outbox_ids(ledger) == {kept}
 
 
+async def test_raw_and_sqlalchemy_statements_share_one_transaction(ledger: Ledger) -> None:
+    """The lease opens the transaction on the driver; a statement through SQLAlchemy joins it
+    (no second BEGIN), and one commit ends both."""
+    counts = ledger.counts
+    before = counts.transactions
+    raw, core = uuid.uuid4(), uuid.uuid4()
+    async with ledger.begin() as conn:
+        ledger_sql = await statements(conn, ledger)
+        await ledger_sql.write(_Rows([_row(raw)]))
+        assert not conn.in_transaction()  # SQLAlchemy has not begun anything yet
+        await conn.execute(outbox.insert(), [_row(core)])
+        assert conn.in_transaction()
+    assert counts.transactions == before + 1
+    assert await _outbox_ids(ledger) == {raw, core}
+    async with ledger.begin() as conn:  # and the next begins afresh on the same connection
+        assert not conn.in_transaction()
+        await conn.execute(outbox.delete())
+    assert await _outbox_ids(ledger) == set()
+
+
 async def test_the_engine_itself_still_writes_while_the_lease_holds_the_connection(
     ledger: Ledger,
 ) -> None:
@@ -138,3 +163,12 @@ async def test_the_engine_itself_still_writes_while_the_lease_holds_the_connecti
         async with ledger.engine.begin() as conn:
             await conn.execute(outbox.insert(), [_row(other)])
     assert other in await _outbox_ids(ledger)
+
+
+class _Rows:
+    def __init__(self, outbox_rows: list[dict[str, Any]]):
+        self.processed_rows: list[dict[str, Any]] = []
+        self.tombstone_rows: list[dict[str, Any]] = []
+        self.reply_rows: list[dict[str, Any]] = []
+        self.outbox_rows = outbox_rows
+        self.span_rows: list[dict[str, Any]] = []
