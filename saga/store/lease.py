@@ -87,6 +87,9 @@ class WriterLease:
     async def _take(self) -> AsyncConnection:
         conn = self._conn
         if conn is None or conn.closed or conn.invalidated:
+            if conn is not None:
+                with contextlib.suppress(Exception):
+                    await self._drop()
             conn = await self.engine.connect()
             driver = (await conn.get_raw_connection()).driver_connection
             self.driver = driver if isinstance(driver, sqlite_driver.Connection) else None
