@@ -9,17 +9,19 @@ ran before them.
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
+import contextlib
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping, Sequence
 from datetime import UTC, datetime
 from typing import Any
 from uuid import UUID
 
 import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql, sqlite
-from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 
 from saga.ports import OutboxMessage
 from saga.store.fresh import OutboxCopy
+from saga.store.lease import WriterLease
 from saga.store.schema import UTCDateTime
 from saga.store.sql import delete_sent, drain_span_rows, sqlite_engine
 from saga.work import WorkCounts
@@ -108,7 +110,10 @@ def _add_missing_columns(conn: sa.Connection, schema: str | None) -> None:
 
 
 class Ledger:
-    """Engine, schema and reply outbox of one participant's database."""
+    """Engine, schema and reply outbox of one participant's database.
+
+    Write through :meth:`begin` (or :attr:`lease`): on SQLite it lends the one writer connection,
+    held across transactions, to one writer at a time (:mod:`saga.store.lease`)."""
 
     def __init__(
         self,
@@ -127,9 +132,12 @@ class Ledger:
         self.is_sqlite = url.startswith("sqlite")
         #: statements, transactions and thread hand-offs (SQLite; saga.work)
         self.counts = WorkCounts()
+        self.lease: WriterLease | None = None
         if self.is_sqlite:
-            self.engine: AsyncEngine = sqlite_engine(
-                url, immediate=True, synchronous=sqlite_synchronous, counts=self.counts
+            # spare: a caller that writes through the engine itself, not the lease, gets a
+            # connection of its own (and waits for SQLite's lock) instead of the pool's timeout
+            self.engine = sqlite_engine(
+                url, immediate=True, synchronous=sqlite_synchronous, counts=self.counts, spare=1
             )
             self.reader: AsyncEngine = sqlite_engine(
                 url, immediate=False, synchronous=sqlite_synchronous, counts=self.counts
@@ -141,8 +149,38 @@ class Ledger:
             self.engine = create_async_engine(url, execution_options=options)
             self.reader = self.engine
 
+    @property
+    def engine(self) -> AsyncEngine:
+        """The writer engine; its connections are for :meth:`begin` to lend."""
+        return self._engine
+
+    @engine.setter
+    def engine(self, engine: AsyncEngine) -> None:
+        self._engine = engine
+        self.lease = WriterLease(engine) if self.is_sqlite else None
+
+    @contextlib.asynccontextmanager
+    async def begin(self) -> AsyncIterator[AsyncConnection]:
+        """A write transaction, committed when the block ends without an error."""
+        if self.lease is None:
+            async with self.engine.begin() as conn:
+                yield conn
+        else:
+            async with self.lease.begin() as conn:
+                yield conn
+
+    @contextlib.asynccontextmanager
+    async def _writer(self) -> AsyncIterator[AsyncConnection]:
+        """A writer connection outside a transaction, for a caller that runs its own."""
+        if self.lease is None:
+            async with self.engine.connect() as conn:
+                yield conn
+        else:
+            async with self.lease.connection() as conn:
+                yield conn
+
     async def setup(self) -> None:
-        async with self.engine.begin() as conn:
+        async with self.begin() as conn:
             if self.schema is not None and not self.is_sqlite:
                 await conn.execute(sa.text(f'CREATE SCHEMA IF NOT EXISTS "{self.schema}"'))
             await conn.run_sync(ledger_metadata.create_all)
@@ -152,13 +190,15 @@ class Ledger:
 
     async def close(self) -> None:
         await self._outbox.close()
+        if self.lease is not None:
+            await self.lease.close()
         await self.engine.dispose()
         if self.reader is not self.engine:
             await self.reader.dispose()
 
     async def drop(self) -> None:
         """Remove everything (tests)."""
-        async with self.engine.begin() as conn:
+        async with self.begin() as conn:
             if self.schema is not None and not self.is_sqlite:
                 await conn.execute(sa.text(f'DROP SCHEMA IF EXISTS "{self.schema}" CASCADE'))
             else:
@@ -216,7 +256,7 @@ class Ledger:
 
     async def _delete_sent(self, message_ids: list[UUID]) -> None:
         delete = outbox.delete().where(outbox.c.message_id.in_(message_ids))
-        async with self.engine.connect() as conn:
+        async with self._writer() as conn:
             await delete_sent(conn, delete, self.synchronous)
 
     async def drain_spans(
@@ -226,7 +266,7 @@ class Ledger:
         process per ledger, so no two drains share rows). The delete does not wait for an
         fsync on SQLite: lost in a power cut, it only exports a duplicate."""
         return await drain_span_rows(
-            spans, self.reader, self.engine, self.synchronous, limit, export
+            spans, self.reader, self._writer, self.synchronous, limit, export
         )
 
     async def history(self) -> list[dict[str, Any]]:

@@ -88,6 +88,9 @@ async def statements(conn: AsyncConnection, ledger: Ledger) -> Statements:
     """The statements for ``conn``, a connection of ``ledger``'s writer engine in a
     transaction."""
     if ledger.is_sqlite:
+        lease = ledger.lease
+        if lease is not None and lease.holds(conn) and lease.driver is not None:
+            return SqliteStatements(lease.driver.raw, _compiled(ledger), lease.driver.counts)
         driver = (await conn.get_raw_connection()).driver_connection
         if isinstance(driver, sqlite_driver.Connection):
             return SqliteStatements(driver.raw, _compiled(ledger), driver.counts)

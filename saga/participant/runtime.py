@@ -115,6 +115,8 @@ class _Work:
     command: CommandEnvelope
     trace: otel_context.Context
     outcome: str = ""
+    #: its transaction held it alone (a lone saga's command, not one of a busy queue's)
+    alone: bool = False
 
 
 class _Final(NamedTuple):
@@ -183,9 +185,11 @@ class Participant:
         self._spans_task: asyncio.Task[None] | None = None
         self._relay_task: asyncio.Task[None] | None = None
         self._group: GroupCommit[_Work, ReplyEnvelope] = GroupCommit(self._apply)
-        #: what came of each command handled, until its ack (by message id: a redelivery
-        #: overwrites its own entry, so one that was never acked leaves nothing behind for long)
-        self._outcomes: dict[uuid.UUID, str] = {}
+        #: what came of each command handled, and whether its transaction held it alone,
+        #: until its ack (by message id: a redelivery overwrites its own entry, so one that was
+        #: never acked leaves nothing behind for long)
+        self._outcomes: dict[uuid.UUID, tuple[str, bool]] = {}
+        self._replying: set[asyncio.Task[None]] = set()  # see _settled
         self.tracing = tracing if tracing is not None else Tracing()
         #: shared by every participant of a ``saga-service all`` process (one /metrics port)
         self.metrics = metrics if metrics is not None else Metrics()
@@ -278,7 +282,7 @@ class Participant:
     async def setup_database(self) -> None:
         await self.ledger.setup()
         if self.seed is not None:
-            async with self.ledger.engine.begin() as conn:
+            async with self.ledger.begin() as conn:
                 await self.seed(conn)
 
     async def start(self) -> None:
@@ -362,6 +366,8 @@ class Participant:
             await asyncio.wait(self._pipeline.in_flight, timeout=budget.share(0.5))
         if self._relay is not None:
             await self._relay.shutdown(self._relay_task, budget.share(0.6))
+        if self._replying:  # their replies went with the relay's last flush; their log lines
+            await asyncio.wait(self._replying, timeout=budget.share(0.2))
         if self._spans is not None:
             await self._spans.shutdown(self._spans_task, budget.share(0.6))
             self._spans = self._spans_task = None
@@ -416,15 +422,37 @@ class Participant:
         if self._relay is not None:
             self._relay.wake()
         log.debug("command_answered", outcome=reply.outcome, reason=reply.reason)
-        self._outcomes[command.message_id] = work.outcome
+        self._outcomes[command.message_id] = (work.outcome, work.alone)
         # saga_messages_consumed_total: a command answered from the ledger (redelivered, or
         # retried under the same key) changed nothing, as a duplicate start does not
         return "duplicate" if work.outcome == "duplicate" else "applied"
 
     def _settled(self, command: CommandEnvelope, _outcome: str, seconds: float) -> None:
         """A command acked: its handling time, and the one line per command an operator reads
-        (``command_handled``)."""
-        outcome = self._outcomes.pop(command.message_id, "")
+        (``command_handled``).
+
+        A command its transaction held alone is what a lone saga waits on: its reply is
+        published now, in a task that runs after the ack is queued, so the reply and the ack
+        leave in one write to the socket; the line is written once the reply is confirmed,
+        not ahead of it. Under load the relay, woken with every commit, publishes the replies
+        of whole batches."""
+        outcome, alone = self._outcomes.pop(command.message_id, ("", False))
+        if alone and self._relay is not None:
+            task = asyncio.create_task(self._reply_then_log(command, outcome, seconds))
+            self._replying.add(task)
+            task.add_done_callback(self._replying.discard)
+            return
+        self._log_handled(command, outcome, seconds)
+
+    async def _reply_then_log(self, command: CommandEnvelope, outcome: str, seconds: float) -> None:
+        assert self._relay is not None
+        try:
+            with contextlib.suppress(Exception):  # the relay's own loop backs off and retries
+                await self._relay.flush()
+        finally:
+            self._log_handled(command, outcome, seconds)
+
+    def _log_handled(self, command: CommandEnvelope, outcome: str, seconds: float) -> None:
         self.metrics.handling.labels(self.name, command.command_type).observe(seconds)
         log.info(
             "command_handled",
@@ -465,6 +493,7 @@ class Participant:
         self.ledger.deletes_done(committed=True)
         ended = time.time_ns()
         for each in work:
+            each.alone = len(work) == 1
             system = "sqlite" if self.ledger.is_sqlite else "postgresql"
             self.tracing.database(system, each.trace, began, ended, len(work))
         return results
@@ -484,7 +513,7 @@ class Participant:
         tally = _Tally()
         durable = self.tracing.durable
         committed: list[int] = []  # live process spans whose record this transaction writes
-        async with self.ledger.engine.begin() as conn:
+        async with self.ledger.begin() as conn:
             ledger = await statements(conn, self.ledger)
             sent = self.ledger.take_deletes()
             if sent:

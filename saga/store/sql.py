@@ -24,6 +24,7 @@ import dataclasses
 import functools
 import os
 from collections.abc import Awaitable, Callable, Collection, Iterable, Mapping, Sequence
+from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -79,13 +80,15 @@ def sqlite_engine(
     synchronous: str = "FULL",
     busy_timeout_ms: int = 10_000,
     counts: WorkCounts | None = None,
+    spare: int = 0,
 ) -> AsyncEngine:
     """An aiosqlite engine set up as the module docstring explains; ``immediate`` makes every
-    transaction ``BEGIN IMMEDIATE`` (for writers)."""
+    transaction ``BEGIN IMMEDIATE`` (for writers). ``spare`` writer connections beyond the one
+    are for callers outside a :class:`~saga.store.lease.WriterLease` that holds it."""
     # Writers share ONE connection: SQLite runs one write transaction at a time anyway, and
     # queueing for the pool is an asyncio wait, whereas a second writer on its own connection
     # spins in SQLite's busy handler (sleeps of up to 100 ms). Readers get a small pool (WAL).
-    pool = {"pool_size": 1, "max_overflow": 0} if immediate else {"pool_size": 4}
+    pool = {"pool_size": 1, "max_overflow": spare} if immediate else {"pool_size": 4}
     database = make_url(url).database or ""
     # Statements run on the loop's thread, BEGIN and COMMIT in a thread: see sqlite_driver.
     creator = sqlite_driver.connect(database, timeout=busy_timeout_ms / 1000, counts=counts)
@@ -111,7 +114,9 @@ def sqlite_engine(
     @event.listens_for(engine.sync_engine, "begin")
     def _on_begin(conn: Any) -> None:
         driver = conn.connection.driver_connection
-        if isinstance(driver, sqlite_driver.Connection) and driver.begin_now(immediate):
+        if isinstance(driver, sqlite_driver.Connection) and (
+            driver.joins or driver.begin_now(immediate)
+        ):
             return
         conn.exec_driver_sql("BEGIN IMMEDIATE" if immediate else "BEGIN")
 
@@ -121,21 +126,22 @@ def sqlite_engine(
 async def drain_span_rows(
     table: sa.Table,
     read: AsyncEngine,
-    write: AsyncEngine,
+    write: Callable[[], AbstractAsyncContextManager[AsyncConnection]],
     synchronous: str,
     limit: int,
     export: Callable[[list[Mapping[str, Any]]], Awaitable[None]],
 ) -> int:
     """Read up to ``limit`` rows of span records from ``table`` (``id``, ``records``), export
-    them, then delete them as :func:`delete_sent` does: at-least-once, for a database one
-    process drains (the store on SQLite, a participant's ledger)."""
+    them, then delete them as :func:`delete_sent` does, on a connection of ``write()``:
+    at-least-once, for a database one process drains (the store on SQLite, a participant's
+    ledger)."""
     query = sa.select(table.c.id, table.c.records).order_by(table.c.id).limit(limit)
     async with read.connect() as conn:
         rows = (await conn.execute(query)).all()
     if not rows:
         return 0
     await export([r for row in rows for r in row.records])
-    async with write.connect() as conn:
+    async with write() as conn:
         await delete_sent(
             conn, table.delete().where(table.c.id.in_([r.id for r in rows])), synchronous
         )
@@ -869,7 +875,7 @@ class SqlStore:
                     await conn.execute(spans.delete().where(spans.c.id.in_([r.id for r in rows])))
             return len(rows)
         return await drain_span_rows(
-            spans, self._read, self._write, self._synchronous, limit, export
+            spans, self._read, self._write.connect, self._synchronous, limit, export
         )
 
     async def outbox_stats(self, now: datetime) -> tuple[int, float]:

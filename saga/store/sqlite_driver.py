@@ -148,6 +148,9 @@ class Connection:
         self._connection: sqlite3.Connection | None = conn  # checked before commit/rollback
         self._tx = _Inline()
         self._busy_ms = int(timeout * 1000)
+        #: a transaction opened with :meth:`begin`, not by SQLAlchemy: a transaction SQLAlchemy
+        #: begins meanwhile (a statement of the handler's) joins it instead of issuing a BEGIN
+        self.outer = False
 
     def lock_now(self, cursor: sqlite3.Cursor, sql: str) -> bool:
         """Run ``sql`` (a BEGIN that takes the write lock) if the lock is free right now;
@@ -173,6 +176,15 @@ class Connection:
             return True
         return self.lock_now(self._conn.cursor(), "BEGIN IMMEDIATE")
 
+    async def begin(self) -> None:
+        """``BEGIN IMMEDIATE`` outside SQLAlchemy (:mod:`saga.store.lease`): inline when the
+        write lock is free, else waiting for it in a thread. Ends with :meth:`commit` or
+        :meth:`rollback`."""
+        if not self.begin_now(True):
+            self.counts.handoffs += 1
+            await in_thread(self._conn.execute, "BEGIN IMMEDIATE")
+        self.outer = True
+
     @property
     def raw(self) -> sqlite3.Connection:
         """The sqlite3 connection itself, for a whole transaction run in a worker thread
@@ -193,7 +205,13 @@ class Connection:
     async def execute(self, sql: str, parameters: Sequence[Any] | None = None) -> Cursor:
         return await self.cursor().execute(sql, parameters)
 
+    @property
+    def joins(self) -> bool:
+        """Whether a transaction SQLAlchemy begins now joins one opened by :meth:`begin`."""
+        return self.outer and self._conn.in_transaction
+
     async def commit(self) -> None:
+        self.outer = False
         if self._conn.in_transaction:
             self.counts.statements += 1
             self.counts.transactions += 1
@@ -201,6 +219,7 @@ class Connection:
             await in_thread(self._conn.commit)
 
     async def rollback(self) -> None:
+        self.outer = False
         if self._conn.in_transaction:
             self.counts.statements += 1
         self._conn.rollback()

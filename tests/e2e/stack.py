@@ -471,7 +471,7 @@ class Stack:
             participant = module.build(settings)
             try:
                 await participant.setup_database()
-                async with participant.ledger.engine.begin() as conn:
+                async with participant.ledger.begin() as conn:
                     for name, value in (changes or {}).items():
                         if module is payment:
                             await conn.execute(

@@ -408,6 +408,8 @@ async def test_a_participant_rides_out_a_locked_database(
     record_logs(monkeypatch, recorder, of="participant")
     async with payment_world(tmp_path, unique, start=False, max_deliveries=2) as world:
         ledger = world.service.ledger
+        if ledger.lease is not None:
+            await ledger.lease.close()
         await ledger.engine.dispose()  # the same engine, with a busy timeout of 0.5 s
         ledger.engine = sqlite_engine(ledger.url, immediate=True, busy_timeout_ms=500)
         await world.service.start()
@@ -431,13 +433,21 @@ async def test_a_participant_rides_out_a_full_disk(
     recorder = LogRecorder()
     record_logs(monkeypatch, recorder, of="participant")
     async with payment_world(tmp_path, unique, max_deliveries=2) as world:
-        limit = PageLimit(world.service.ledger.engine)
+        ledger = world.service.ledger
+        limit = PageLimit(ledger.engine)
+
+        async def renew() -> None:
+            """The pragma is set at checkout: the writer lease takes its connection anew."""
+            if ledger.lease is not None:
+                await ledger.lease.close()
 
         async def fill() -> None:
             limit.full = True
+            await renew()
 
         async def lift() -> None:
             limit.full = False
+            await renew()
 
         try:
             await _participant_rides_out(

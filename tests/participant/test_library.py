@@ -26,6 +26,7 @@ from saga.participant import (
     Participant,
     ParticipantSettings,
     TransientError,
+    runtime,
 )
 from saga.protocol.envelope import CommandEnvelope
 from saga.transport.topology import Topology
@@ -170,6 +171,21 @@ async def test_a_users_own_command_types_are_served_with_their_models(svc: Parti
     assert await booked(svc) == [("LH400", True)]
 
 
+async def test_the_writer_connection_is_taken_from_the_pool_once_for_every_command(
+    svc: Participant,
+) -> None:
+    """Checking the connection out of the pool and back for each transaction cost more of a lone
+    command's CPU than its statements; the ledger's lease holds it, whatever the handler did."""
+    saga = uuid.uuid4()
+    before = svc.ledger.counts.transactions
+    assert (await svc.handle(book(uuid.uuid4(), flight="FULL"))).outcome == "failure"
+    for each in (book(saga), cancel(saga), book(uuid.uuid4(), flight="FLAKY")):
+        await svc.handle(each)
+    assert svc.ledger.counts.transactions - before == 4
+    assert svc.ledger.lease is not None and svc.ledger.lease.checkouts == 1
+    assert await booked(svc) == [("LH400", True)]
+
+
 async def test_the_same_key_gets_the_same_answer_and_the_effect_happens_once(
     svc: Participant,
 ) -> None:
@@ -309,6 +325,68 @@ async def test_a_start_that_fails_half_way_closes_its_own_broker(
         await channel.queue_delete(f"{prefix}.cmd.flights")
         for name in (f"{prefix}.commands", f"{prefix}.dlx"):
             await channel.exchange_delete(name)
+        await connection.close()
+
+
+@pytest.mark.rabbitmq
+async def test_a_lone_commands_reply_is_published_before_its_log_line(
+    tmp_path: Path, unique: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A lone saga waits for the reply, not for the participant's bookkeeping: the reply of a
+    command its transaction held alone is published right after the ack is queued (so the two
+    share one write), and ``command_handled`` is written after it."""
+    url = require_rabbitmq()
+    prefix = f"lone-{unique}"
+    service = flights(
+        tmp_path, ParticipantSettings(data_dir=tmp_path, prefix=prefix, rabbitmq_url=url)
+    )
+    events: list[str] = []
+
+    class Lines:
+        def __getattr__(self, level: str) -> Any:
+            return lambda event, **_: events.append(event)
+
+    monkeypatch.setattr(runtime, "log", Lines())
+    await service.start()
+    relay = service._relay
+    assert relay is not None
+    publish = relay.publish
+
+    async def recorded(messages: Any) -> Any:
+        events.append("reply_published")
+        return await publish(messages)
+
+    relay.publish = recorded
+    connection = await aio_pika.connect(url)
+    try:
+        channel = await connection.channel()
+        replies = await channel.get_queue(f"{prefix}.replies")
+        sent = book(uuid.uuid4()).model_copy(update={"reply_to": f"{prefix}.replies"})
+        await channel.default_exchange.publish(
+            aio_pika.Message(
+                sent.model_dump_json().encode(),
+                message_id=str(sent.message_id),
+                content_type="application/json",
+            ),
+            routing_key=f"{prefix}.cmd.flights",
+        )
+        async with replies.iterator(timeout=10) as incoming:
+            async for message in incoming:
+                await message.ack()
+                break
+        for _ in range(100):
+            if "command_handled" in events:
+                break
+            await asyncio.sleep(0.05)
+        handled = [e for e in events if e in ("reply_published", "command_handled")]
+        assert handled[:2] == ["reply_published", "command_handled"], events
+    finally:
+        await service.stop()
+        channel = await connection.channel()
+        for queue in Topology(prefix=prefix).queues(["flights"]):
+            await channel.queue_delete(queue.name)
+        for exchange in Topology(prefix=prefix).exchanges():
+            await channel.exchange_delete(exchange.name)
         await connection.close()
 
 

@@ -91,7 +91,7 @@ async def test_a_balance_above_one_charge_s_maximum_is_answered_as_it_is(
 ) -> None:
     """The reply's balance holds what the ledger's NUMERIC(12, 2) holds, not only what one
     charge may move: an account with millions in it can still be charged."""
-    async with svc.ledger.engine.begin() as conn:
+    async with svc.ledger.begin() as conn:
         await conn.execute(
             sa.update(payment.accounts)
             .where(payment.accounts.c.customer_id == payment.ALICE)
@@ -208,7 +208,7 @@ async def test_a_redelivered_message_gets_its_first_reply_even_a_transient_one(
     message = charge(saga, ref, payment.DAVE, "50.00")
     first = await svc.handle(message)
     assert (first.outcome, first.retryable) == ("failure", True)
-    async with svc.ledger.engine.begin() as conn:  # the gateway recovers
+    async with svc.ledger.begin() as conn:  # the gateway recovers
         await conn.execute(sa.update(payment.accounts).values(flaky=False))
     again = await svc.handle(message)
     assert again == first
@@ -248,7 +248,7 @@ async def test_amounts_are_stored_as_exact_decimals(svc: Participant) -> None:
     query = sa.text("SELECT balance, typeof(balance) FROM accounts WHERE name = 'alice'")
     async with svc.ledger.reader.connect() as conn:
         assert (await conn.execute(query)).one() == ("499.90", "text")
-    async with svc.ledger.engine.begin() as conn:
+    async with svc.ledger.begin() as conn:
         with pytest.raises(sa.exc.StatementError, match="Decimal, not float"):
             await conn.execute(payment.accounts.update().values(balance=1.5))
 

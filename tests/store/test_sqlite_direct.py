@@ -167,9 +167,9 @@ async def exercise(ledger: Ledger, pick: Callable[[Any, Ledger, Any], Any]) -> t
     """Write :class:`Rows` in one transaction; in another, read them back and delete the reply
     from the outbox inside a savepoint that is rolled back. ``pick`` chooses the statements
     from the connection, the ledger and what :func:`statements` chose."""
-    async with ledger.engine.begin() as conn:
+    async with ledger.begin() as conn:
         await pick(conn, ledger, await statements(conn, ledger)).write(Rows(T0))
-    async with ledger.engine.begin() as conn:
+    async with ledger.begin() as conn:
         ledger_sql = pick(conn, ledger, await statements(conn, ledger))
         keys = [uuid.UUID(int=10), uuid.UUID(int=12), uuid.UUID(int=99)]
         read = (

@@ -313,7 +313,7 @@ async def seed_services(config: StackConfig) -> None:
         participant = BUILDERS[name](settings)
         try:
             await participant.setup_database()
-            async with participant.ledger.engine.begin() as conn:
+            async with participant.ledger.begin() as conn:
                 dialect = sqlite if conn.dialect.name == "sqlite" else postgresql
                 if name == "payment":
                     rows = [

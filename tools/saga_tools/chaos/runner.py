@@ -789,7 +789,7 @@ class Soak:
             participant = module.build(settings)
             try:
                 await participant.setup_database()
-                async with participant.ledger.engine.begin() as conn:
+                async with participant.ledger.begin() as conn:
                     if module is payment:
                         for name, balance in self.plan.balances.items():
                             await conn.execute(
