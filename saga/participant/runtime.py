@@ -115,8 +115,6 @@ class _Work:
     command: CommandEnvelope
     trace: otel_context.Context
     outcome: str = ""
-    #: its transaction held it alone (a lone saga's command, not one of a busy queue's)
-    alone: bool = False
 
 
 class _Final(NamedTuple):
@@ -185,11 +183,9 @@ class Participant:
         self._spans_task: asyncio.Task[None] | None = None
         self._relay_task: asyncio.Task[None] | None = None
         self._group: GroupCommit[_Work, ReplyEnvelope] = GroupCommit(self._apply)
-        #: what came of each command handled, and whether its transaction held it alone,
-        #: until its ack (by message id: a redelivery overwrites its own entry, so one that was
-        #: never acked leaves nothing behind for long)
-        self._outcomes: dict[uuid.UUID, tuple[str, bool]] = {}
-        self._replying: set[asyncio.Task[None]] = set()  # see _settled
+        #: what came of each command handled, until its ack (by message id: a redelivery
+        #: overwrites its own entry, so one that was never acked leaves nothing behind for long)
+        self._outcomes: dict[uuid.UUID, str] = {}
         self.tracing = tracing if tracing is not None else Tracing()
         #: shared by every participant of a ``saga-service all`` process (one /metrics port)
         self.metrics = metrics if metrics is not None else Metrics()
@@ -366,8 +362,6 @@ class Participant:
             await asyncio.wait(self._pipeline.in_flight, timeout=budget.share(0.5))
         if self._relay is not None:
             await self._relay.shutdown(self._relay_task, budget.share(0.6))
-        if self._replying:  # their replies went with the relay's last flush; their log lines
-            await asyncio.wait(self._replying, timeout=budget.share(0.2))
         if self._spans is not None:
             await self._spans.shutdown(self._spans_task, budget.share(0.6))
             self._spans = self._spans_task = None
@@ -418,41 +412,16 @@ class Participant:
             )
         work = _Work(command, otel_context.get_current())
         reply = await self._handle(work)
-        crash_point("participant_after_commit_before_reply")
-        if self._relay is not None:
-            self._relay.wake()
         log.debug("command_answered", outcome=reply.outcome, reason=reply.reason)
-        self._outcomes[command.message_id] = (work.outcome, work.alone)
+        self._outcomes[command.message_id] = work.outcome
         # saga_messages_consumed_total: a command answered from the ledger (redelivered, or
         # retried under the same key) changed nothing, as a duplicate start does not
         return "duplicate" if work.outcome == "duplicate" else "applied"
 
     def _settled(self, command: CommandEnvelope, _outcome: str, seconds: float) -> None:
         """A command acked: its handling time, and the one line per command an operator reads
-        (``command_handled``).
-
-        A command its transaction held alone is what a lone saga waits on: its reply is
-        published now, in a task that runs after the ack is queued, so the reply and the ack
-        leave in one write to the socket; the line is written once the reply is confirmed,
-        not ahead of it. Under load the relay, woken with every commit, publishes the replies
-        of whole batches."""
-        outcome, alone = self._outcomes.pop(command.message_id, ("", False))
-        if alone and self._relay is not None:
-            task = asyncio.create_task(self._reply_then_log(command, outcome, seconds))
-            self._replying.add(task)
-            task.add_done_callback(self._replying.discard)
-            return
-        self._log_handled(command, outcome, seconds)
-
-    async def _reply_then_log(self, command: CommandEnvelope, outcome: str, seconds: float) -> None:
-        assert self._relay is not None
-        try:
-            with contextlib.suppress(Exception):  # the relay's own loop backs off and retries
-                await self._relay.flush()
-        finally:
-            self._log_handled(command, outcome, seconds)
-
-    def _log_handled(self, command: CommandEnvelope, outcome: str, seconds: float) -> None:
+        (``command_handled``)."""
+        outcome = self._outcomes.pop(command.message_id, "")
         self.metrics.handling.labels(self.name, command.command_type).observe(seconds)
         log.info(
             "command_handled",
@@ -492,8 +461,14 @@ class Participant:
             raise
         self.ledger.deletes_done(committed=True)
         ended = time.time_ns()
+        for _ in work:  # counted per command, as the fault plans count them
+            crash_point("participant_after_commit_before_reply")
+        if self._relay is not None:
+            self._relay.wake()
+            # one turn of the loop for the relay to put the replies on the wire before this
+            # batch's spans, acks, metrics and log lines: a lone saga waits on the replies
+            await asyncio.sleep(0)
         for each in work:
-            each.alone = len(work) == 1
             system = "sqlite" if self.ledger.is_sqlite else "postgresql"
             self.tracing.database(system, each.trace, began, ended, len(work))
         return results
