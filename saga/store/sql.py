@@ -189,7 +189,9 @@ class SqlStore:
         self._synchronous = sqlite_synchronous.upper()
         self._bulk = self.dialect == "sqlite"  # see _commit_bulk
         self._bulk_pg = self.dialect == "postgresql"  # see _commit_bulk_pg
-        self._cache_states = self.dialect == "sqlite"  # see _remember
+        #: SQLite: the copy of a saga in flight is the committed row; PostgreSQL: it is checked
+        #: against the row's version at each use (see _remember)
+        self._trust_states = self.dialect == "sqlite"
         self._states: dict[UUID, SagaState] = {}
         self._absent: dict[UUID, None] = {}  # looked up and not there (insertion-ordered set)
         self._loading: dict[UUID, list[asyncio.Future[SagaState | None]]] = {}  # see load
@@ -355,7 +357,7 @@ class SqlStore:
         """One saga's state. Look-ups made in the same turn of the loop (every start being
         handled checks that its saga is new) are read together, with one statement and one
         connection, instead of one each."""
-        if saga_id in self._states:
+        if self._trust_states and saga_id in self._states:
             return self._states[saga_id]
         future: asyncio.Future[SagaState | None] = asyncio.get_running_loop().create_future()
         self._loading.setdefault(saga_id, []).append(future)
@@ -393,6 +395,11 @@ class SqlStore:
                     future.set_result(found.get(saga_id))
 
     async def load_many(self, saga_ids: Sequence[UUID]) -> dict[UUID, SagaState]:
+        if not self._trust_states:
+            async with self._read.connect() as conn:
+                loaded = await self._load_pg(conn, list(saga_ids))
+            self._remember(loaded.values())
+            return loaded
         found = {i: self._states[i] for i in saga_ids if i in self._states}
         missing = [i for i in saga_ids if i not in found and i not in self._absent]
         if missing and self._select_sagas is not None:
@@ -400,22 +407,27 @@ class SqlStore:
             loaded = {row["saga_id"]: _state_from_row(row) for row in direct}
         elif missing:
             async with self._read.connect() as conn:
-                if self._bulk_pg:
-                    loaded = await self._load_pg(conn, missing)
-                else:
-                    rows = await conn.execute(_SELECT_SAGAS, {"ids": missing})
-                    loaded = {row.saga_id: _state_from_row(row._mapping) for row in rows}
+                rows = await conn.execute(_SELECT_SAGAS, {"ids": missing})
+                loaded = {row.saga_id: _state_from_row(row._mapping) for row in rows}
         if missing:
             self._remember(loaded.values())
-            if self._cache_states:  # a start looks its saga up twice: once is enough
-                self._absent.update((i, None) for i in missing if i not in loaded)
-                while len(self._absent) > _MAX_CACHED_STATES:
-                    del self._absent[next(iter(self._absent))]
+            # a start looks its saga up twice: once is enough (SQLite, where nobody else
+            # could have made it since)
+            self._absent.update((i, None) for i in missing if i not in loaded)
+            while len(self._absent) > _MAX_CACHED_STATES:
+                del self._absent[next(iter(self._absent))]
             found.update(loaded)
         return found
 
     async def _load_pg(self, conn: AsyncConnection, ids: list[UUID]) -> dict[UUID, SagaState]:
         """The sagas ``ids`` on PostgreSQL, one array parameter, as the driver reads them.
+
+        A saga this instance holds a copy of is sent with the copy's version, and its row comes
+        back with only its id and version when they match (every other column NULL): the copy
+        is then exactly the row (a saga's version rises with every write and its row is never
+        deleted), so nothing is decoded. A row whose version moved (another instance, or the
+        admin API of another process, wrote it) comes back whole and is decoded. The copies
+        are taken before the read: one replaced meanwhile cannot pair with an older row.
 
         Through the compiled statement, the expanding ``IN`` is rendered again for every
         number of ids and each row's columns go through SQLAlchemy's result processors: a
@@ -424,26 +436,51 @@ class SqlStore:
         SQLAlchemy's dialect sets on each connection. Errors still go through SQLAlchemy (a
         dead connection is invalidated). One statement needs no transaction of its own: in
         autocommit the read is one round trip, not ``BEGIN``, the read and ``ROLLBACK``."""
+        states = self._states
+        copies = {i: states[i] for i in ids if i in states}
+        known = [None if (c := copies.get(i)) is None else c.version for i in ids]
         conn = await conn.execution_options(isolation_level="AUTOCOMMIT")
-        result = await conn.exec_driver_sql(self._pg_select_sql, (ids,))
-        return {row["saga_id"]: _state_from_row(row) for row in result.mappings()}
+        result = await conn.exec_driver_sql(self._pg_select_sql, (ids, known))
+        found: dict[UUID, SagaState] = {}
+        for row in result.mappings():
+            saga_id = row["saga_id"]
+            copy = copies.get(saga_id)
+            if copy is not None and copy.version == row["version"]:
+                found[saga_id] = copy
+            else:
+                found[saga_id] = _state_from_row(row)
+        return found
 
     @functools.cached_property
     def _pg_select_sql(self) -> str:
         table = pg_table("saga_instances", self.schema)
-        return f"SELECT * FROM {table} WHERE saga_id = ANY($1::uuid[])"
+        moved = "s.version IS DISTINCT FROM v.known"
+        columns = ", ".join(
+            f"s.{c.name}"
+            if c.name in ("saga_id", "version")
+            else f"CASE WHEN {moved} THEN s.{c.name} END AS {c.name}"
+            for c in sagas.columns
+        )
+        return (
+            f"SELECT {columns} FROM unnest($1::uuid[], $2::integer[]) AS v(saga_id, known) "
+            f"JOIN {table} AS s ON s.saga_id = v.saga_id"
+        )
 
     def _remember(self, states: Iterable[SagaState]) -> None:
         """Keep the committed state of sagas in flight, so the next event of one needs no read
-        (and which ids were not there, so a start's second look-up needs none either).
+        (SQLite; and which ids were not there, so a start's second look-up needs none either)
+        or no decoding (PostgreSQL).
 
-        SQLite only: one orchestrator owns the file (see ``saga run``'s lock), so nothing else
-        changes a saga and the copy is exact; every write still checks the version, and a
-        conflict drops the copy. With PostgreSQL several instances share the sagas: no copy.
+        On SQLite one orchestrator owns the file (see ``saga run``'s lock), so nothing else
+        changes a saga and the copy is exact. With PostgreSQL several instances share the
+        sagas, so a copy is only used when the row still has its version (:meth:`_load_pg`).
+        Either way every write still checks the version, and a conflict drops the copy; an
+        older state never replaces a newer copy (a read that raced a commit).
         """
-        if not self._cache_states:
-            return
         for state in states:
+            current = self._states.get(state.saga_id)
+            if current is not None and current.version > state.version:
+                continue
             self._states.pop(state.saga_id, None)
             self._absent.pop(state.saga_id, None)
             if state.status not in _TERMINAL:
