@@ -603,6 +603,12 @@ class SqlStore:
         first change expected (one statement cannot update a row twice); its inbox ids,
         history and outbox rows are every change's.
 
+        A saga whose row, once locked, no longer has the version its changes expect (another
+        instance moved it: the members of a parallel group replied to both) stays out of the
+        batch, as row by row leaves it: its changes from the first one that applied on are
+        CONFLICT (decided again on fresh state), those before it go through. The rest of the
+        batch stays in bulk: two instances see such a conflict in most batches.
+
         Row by row, each event cost two round trips and their SQLAlchemy and asyncpg overhead:
         most of the orchestrator's extra CPU on PostgreSQL.
         """
@@ -610,17 +616,28 @@ class SqlStore:
         rows = _saga_rows(ordered)
         if rows is None:
             return None
-        inbox_rows, inserts, updates, history_rows, outbox_rows, span_rows = _bulk_rows(
-            ordered, now, self.instance, rows
-        )
+        expected = {
+            r.transition.state.saga_id: r.expected_version
+            for r in rows
+            if r.expected_version is not None
+        }
         sql = self._pg_sql
+        answers: dict[int, CommitResult] = {}  # by id(): the stale sagas' changes left out
         try:
             async with self._write.begin() as conn:
                 run = await PgRun.on(conn)
                 if doomed:
                     await run.execute(sql.delete_sent, [doomed])
-                if updates:  # lock in id order first: two instances queue, never deadlock
-                    await run.fetch(sql.lock, [[r["saga_id"] for r in updates]])
+                if expected:  # lock in id order first: two instances queue, never deadlock
+                    locked = await run.fetch(sql.lock, [list(expected)])
+                    found = {r[0]: r[1] for r in locked}
+                    stale = {i for i, v in expected.items() if found.get(i) != v}
+                    if stale:
+                        ordered, answers = await self._without_stale(run, ordered, stale)
+                        rows = [r for r in rows if r.transition.state.saga_id not in stale]
+                inbox_rows, inserts, updates, history_rows, outbox_rows, span_rows = _bulk_rows(
+                    ordered, now, self.instance, rows
+                )
                 if inbox_rows:
                     got = await run.fetch(sql.inbox, pg_arrays(_PG_INBOX, inbox_rows))
                     if len(got) != len(inbox_rows):
@@ -642,8 +659,48 @@ class SqlStore:
         except _RowByRowError:
             return None
         return [
-            CommitResult.APPLIED if c.transition.applied else CommitResult.RECORDED for c in changes
+            answers.get(
+                id(c), CommitResult.APPLIED if c.transition.applied else CommitResult.RECORDED
+            )
+            for c in changes
         ]
+
+    async def _without_stale(
+        self, run: PgRun, ordered: Sequence[Change], stale: Collection[UUID]
+    ) -> tuple[list[Change], dict[int, CommitResult]]:
+        """``ordered`` without the changes of the ``stale`` sagas that row by row would not
+        write, and their answers by ``id()``, as row by row gives them: a change whose message
+        was already received is DUPLICATE, a stale saga's first applied change and every later
+        one CONFLICT (each was decided on top of it); its ignored changes before that go
+        through (RECORDED)."""
+        received = [
+            c.inbox_id
+            for c in ordered
+            if c.inbox_id is not None and c.transition.state.saga_id in stale
+        ]
+        seen: set[UUID] = set()
+        if received:
+            seen = {r[0] for r in await run.fetch(self._pg_sql.received, [received])}
+        kept: list[Change] = []
+        answers: dict[int, CommitResult] = {}
+        broken: set[UUID] = set()
+        for change in ordered:
+            saga_id = change.transition.state.saga_id
+            applied = change.transition.applied
+            if saga_id not in stale:
+                kept.append(change)
+            elif saga_id in broken:
+                answers[id(change)] = CommitResult.CONFLICT
+            elif change.inbox_id in seen:
+                answers[id(change)] = CommitResult.DUPLICATE
+                if applied:
+                    broken.add(saga_id)
+            elif applied:
+                answers[id(change)] = CommitResult.CONFLICT
+                broken.add(saga_id)
+            else:
+                kept.append(change)
+        return kept, answers
 
     @functools.cached_property
     def _pg_sql(self) -> _PgStatements:
@@ -1081,6 +1138,7 @@ class _PgStatements:
 
     delete_sent: str
     lock: str
+    received: str
     inbox: str
     insert: str
     update: str
@@ -1094,8 +1152,10 @@ class _PgStatements:
 
         return cls(
             delete_sent=f"DELETE FROM {t('saga_outbox')} WHERE message_id = ANY($1::uuid[])",
-            lock=f"SELECT saga_id FROM {t('saga_instances')} WHERE saga_id = ANY($1::uuid[]) "
+            lock=f"SELECT saga_id, version FROM {t('saga_instances')} "
+            "WHERE saga_id = ANY($1::uuid[]) "
             "ORDER BY saga_id FOR UPDATE",
+            received=f"SELECT message_id FROM {t('saga_inbox')} WHERE message_id = ANY($1::uuid[])",
             inbox=pg_insert(
                 t("saga_inbox"), _PG_INBOX, " ON CONFLICT DO NOTHING RETURNING message_id"
             ),
