@@ -10,6 +10,7 @@ saves decoding the row, never the read: an instance decodes only what the other 
 
 from __future__ import annotations
 
+import asyncio
 import uuid
 from collections.abc import AsyncIterator
 from datetime import timedelta
@@ -122,3 +123,34 @@ async def test_a_conflict_drops_the_copy_and_the_next_read_is_fresh(
     assert await a.commit([change_for(mine, s.version)]) == [CommitResult.CONFLICT]
     assert s.saga_id not in a._states
     assert await a.load(s.saga_id) == theirs.state
+
+
+async def test_look_ups_made_while_one_is_read_are_read_together_next(
+    pair: tuple[SqlStore, SqlStore], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Starts check their saga is new one turn of the loop after another: one read of
+    look-ups at a time, the rest read together after it, not a connection each meanwhile."""
+    a, _ = pair
+    made = [started(f"r-{n}") for n in range(6)]
+    assert await a.commit([change_for(t, None) for t in made]) == [CommitResult.APPLIED] * 6
+    a._states.clear()
+    reads: list[int] = []
+    gate, reading = asyncio.Event(), asyncio.Event()
+    original = a._read_pg
+
+    async def held(sql: str, *args: Any) -> Any:
+        reads.append(len(args[0]))
+        reading.set()
+        if len(reads) == 1:
+            await gate.wait()  # the first read is under way until the rest were asked for
+        return await original(sql, *args)
+
+    monkeypatch.setattr(a, "_read_pg", held)
+    asked = [asyncio.ensure_future(a.load(made[0].state.saga_id))]
+    await reading.wait()
+    for t in made[1:]:
+        asked.append(asyncio.ensure_future(a.load(t.state.saga_id)))
+        await asyncio.sleep(0)
+    gate.set()
+    assert await asyncio.gather(*asked) == [t.state for t in made]
+    assert reads == [1, 5]
