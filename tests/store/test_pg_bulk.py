@@ -18,6 +18,7 @@ import pytest
 import sqlalchemy as sa
 
 from saga.core.engine import decide
+from saga.core.state import ReplySucceeded
 from saga.ports import Change, CommitResult, OutboxMessage
 from saga.store import sql as sql_module
 from saga.store.sql import SqlStore
@@ -167,3 +168,52 @@ async def test_several_changes_of_one_saga_in_a_batch_stay_in_bulk(
     results = [await store.commit(broken) for store in stores]
     assert results[0] == results[1] == [CommitResult.APPLIED, CommitResult.CONFLICT]
     assert await dump(bulk) == await dump(rows)
+
+
+async def test_a_saga_another_instance_moved_stays_out_of_a_bulk_batch_as_row_by_row_leaves_it(
+    stores: tuple[SqlStore, SqlStore], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two instances: the replies of a parallel group's members reach both, so most batches
+    hold one saga the other instance has just moved. Its row, once locked, shows a version
+    its changes did not expect: those changes are answered as row by row answers them (an
+    ignored reply before the stale one recorded, the stale one and every later one CONFLICT)
+    and the rest of the batch stays in bulk, stored as row by row stores it."""
+    monkeypatch.setattr(sql_module, "_now", lambda: T0)
+    bulk, rows = stores
+    first = [started(f"key-{i}", at=T0, saga_id=uuid.UUID(int=i + 1)) for i in range(3)]
+    t1 = T0 + timedelta(seconds=1)
+    elsewhere = decide(DEF, first[0].state, reply_ok(first[0].state, {"id": "other"}), t1)
+    for store in stores:
+        await store.commit([with_outbox(change_for(t, None)) for t in first])
+        # the other instance moves saga 1 on
+        assert await store.commit([change_for(elsewhere, first[0].state.version)]) == [
+            CommitResult.APPLIED
+        ]
+    t2 = T0 + timedelta(seconds=2)
+    s0, s1 = first[0].state, first[1].state
+    ignored = decide(DEF, s0, ReplySucceeded(uuid.uuid4(), "stock", {}), t2)
+    assert not ignored.applied
+    stale = decide(DEF, s0, reply_ok(s0), t2)
+    on_stale = decide(DEF, stale.state, reply_ok(stale.state), t2)
+    ignored_after = decide(DEF, stale.state, ReplySucceeded(uuid.uuid4(), "pay", {}), t2)
+    fine = decide(DEF, s1, reply_ok(s1), t2)
+    batch = [
+        with_outbox(change_for(fine, s1.version, inbox=uuid.UUID(int=500))),
+        change_for(ignored, s0.version, inbox=uuid.UUID(int=501)),
+        with_outbox(change_for(stale, s0.version, inbox=uuid.UUID(int=502))),
+        with_outbox(change_for(on_stale, stale.state.version, inbox=uuid.UUID(int=503))),
+        change_for(ignored_after, stale.state.version, inbox=uuid.UUID(int=504)),
+    ]
+    expected = [CommitResult.APPLIED, CommitResult.RECORDED] + [CommitResult.CONFLICT] * 3
+
+    async def row_by_row(*args: Any) -> None:
+        raise AssertionError("the bulk path fell back to row by row")
+
+    monkeypatch.setattr(bulk, "_commit", row_by_row)
+    assert await bulk.commit(batch) == expected
+    monkeypatch.undo()
+    monkeypatch.setattr(sql_module, "_now", lambda: T0)
+    assert await rows.commit(batch) == expected
+    assert await dump(bulk) == await dump(rows)
+    assert await bulk.load(s0.saga_id) == elsewhere.state
+    assert await bulk.load(s1.saga_id) == fine.state

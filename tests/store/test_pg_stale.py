@@ -62,3 +62,17 @@ async def test_a_batch_on_a_connection_the_server_closed_runs_again_and_commits(
     # the pool still holds the killed connection: the first run fails on it, the second not
     assert await group.submit(change_for(started("after"), None)) is CommitResult.APPLIED
     assert group.batches == 2
+
+
+async def test_a_look_up_on_a_connection_the_server_closed_answers_from_a_fresh_one(
+    store: SqlStore,
+) -> None:
+    """Sagas are read straight on a pooled connection's driver: a dead one is given up and
+    the read made again, as before, through SQLAlchemy."""
+    made = started("look-up")
+    assert await store.commit([change_for(made, None)]) == [CommitResult.APPLIED]
+    store._states.clear()
+    assert await store.load(made.state.saga_id) == made.state  # a pooled connection now
+    assert await _terminate_others(require_postgres(), store.schema or "") >= 1
+    assert await store.load(made.state.saga_id) == made.state
+    assert await store.load_many([made.state.saga_id]) == {made.state.saga_id: made.state}

@@ -14,6 +14,14 @@ this does not measure, and is the same before and after a change to the orchestr
 
     python -m saga_tools.bench.profile_decide --sagas 3000 --concurrency 200
     python -m saga_tools.bench.profile_decide --profile --top 40   # cProfile table
+    python -m saga_tools.bench.profile_decide --database sqlite \
+        --database postgresql+asyncpg://postgres@127.0.0.1:5432/test --instances 1 2 --rounds 3
+
+``--database`` (repeatable) is ``sqlite`` (a file in a temporary directory) or a PostgreSQL URL,
+on whose server each run gets a database of its own, dropped afterwards; ``--instances 2`` runs
+two orchestrators in the process sharing that database and the broker's queues (PostgreSQL),
+the CPU figure being theirs together. The runs alternate (every round runs each database and
+instance count once), so a change in the machine's load falls on all of them alike.
 
 Counts, not only time: events, transactions and statements per saga are printed too, so two
 runs can be checked to have done the same work. With ``--profile`` the CPU figure includes
@@ -42,13 +50,14 @@ from saga.logs import configure_logging
 from saga.loop import run as run_loop
 from saga.orchestrator.admission import Admission
 from saga.orchestrator.service import OrchestratorService
-from saga.settings import load_settings
+from saga.settings import Settings, load_settings
 from saga.transport.broker import IncomingMessage
 from saga.transport.memory import MemoryBroker
 from saga_demo.checkout import PARTICIPANTS
 from saga_tools.bench.definitions import echo_registry
 from saga_tools.bench.driver import Workload, bench_starts
 from saga_tools.bench.echo import reply_to
+from saga_tools.bench.stack import is_sqlite, temporary_database
 
 __all__ = ["Measured", "measure"]
 
@@ -57,6 +66,8 @@ EVENTS_PER_SAGA = 5  # a checkout on the happy path: the start and four replies
 
 @dataclass(frozen=True)
 class Measured:
+    database: str
+    instances: int
     sagas: int
     events: int
     cpu_s: float  # the process's CPU over the measured part, less the echo's and the client's
@@ -67,6 +78,8 @@ class Measured:
 
     def as_dict(self) -> dict[str, Any]:
         return {
+            "database": self.database,
+            "instances": self.instances,
             "sagas": self.sagas,
             "events": self.events,
             "cpu_ms_per_event": round(1000 * self.cpu_s / self.events, 4),
@@ -78,18 +91,25 @@ class Measured:
         }
 
 
+class _Ended:
+    """Sagas ended, by every instance: what lets the load send the next."""
+
+    def __init__(self) -> None:
+        self.count = 0
+        self.changed = asyncio.Event()
+
+
 class _Counting(Admission):
     """The orchestrator's admission bound, which also tells the load when a saga ended."""
 
-    def __init__(self, limit: int) -> None:
+    def __init__(self, limit: int, ended: _Ended) -> None:
         super().__init__(limit)
-        self.ended = 0
-        self.changed = asyncio.Event()
+        self.ended = ended
 
     def finished(self, saga_id: uuid.UUID) -> None:
         super().finished(saga_id)
-        self.ended += 1
-        self.changed.set()
+        self.ended.count += 1
+        self.ended.changed.set()
 
 
 class _Outside:
@@ -114,20 +134,24 @@ async def measure(
     warmup: int = 100,
     data_dir: Path,
     profile: cProfile.Profile | None = None,
+    database_url: str | None = None,
+    instances: int = 1,
 ) -> Measured:
-    """Run ``warmup`` and then ``sagas`` checkouts, ``concurrency`` in flight."""
+    """Run ``warmup`` and then ``sagas`` checkouts, ``concurrency`` in flight, on a SQLite file
+    in ``data_dir`` or on ``database_url``, with ``instances`` orchestrators sharing it."""
     broker = MemoryBroker()
+    url = database_url or f"sqlite+aiosqlite:///{data_dir / 'orchestrator.db'}"
     settings = load_settings(
-        database_url=f"sqlite+aiosqlite:///{data_dir / 'orchestrator.db'}",
+        database_url=url,
         rabbitmq_url="amqp://unused/",
         prefix="profile",
         auto_migrate=True,
         data_dir=str(data_dir),
         max_in_flight=max(concurrency, 1),
     )
-    service = OrchestratorService(settings, echo_registry(), broker=broker)
-    admission = _Counting(settings.max_in_flight)
-    service.orchestrator.admission = admission
+    ended = _Ended()
+    services = [_instance(settings, broker, ended) for _ in range(instances)]
+    topology = services[0].topology
     outside = _Outside()
 
     async def echo(message: IncomingMessage) -> None:
@@ -142,7 +166,7 @@ async def measure(
         )
         await message.ack()
 
-    start_queue = service.topology.start_queue
+    start_queue = topology.start_queue
 
     def requests(count: int, tag: str) -> list[tuple[str, bytes]]:
         """The start requests' ids and bodies: a client's work, made before it is measured."""
@@ -153,11 +177,11 @@ async def measure(
 
     async def load(bodies: list[tuple[str, bytes]]) -> None:
         count = len(bodies)
-        base = admission.ended
+        base = ended.count
         for sent, (message_id, body) in enumerate(bodies):
-            while sent - (admission.ended - base) >= concurrency:
-                admission.changed.clear()
-                await admission.changed.wait()
+            while sent - (ended.count - base) >= concurrency:
+                ended.changed.clear()
+                await ended.changed.wait()
             await broker.publish_raw(
                 exchange="",
                 routing_key=start_queue,
@@ -165,21 +189,23 @@ async def measure(
                 message_id=message_id,
                 message_type="saga.start",
             )
-        while admission.ended - base < count:
-            admission.changed.clear()
-            await admission.changed.wait()
+        while ended.count - base < count:
+            ended.changed.clear()
+            await ended.changed.wait()
 
-    await service.start()
+    started: list[OrchestratorService] = []
     try:
+        for each in services:
+            await each.start()
+            started.append(each)
         for participant in PARTICIPANTS:
-            queue = service.topology.command_queue(participant)
+            queue = topology.command_queue(participant)
             await broker.consume(queue, echo, prefetch=settings.prefetch)
         if warmup:
             await load(requests(warmup, "warm"))
         measured = requests(sagas, "run")
         await asyncio.sleep(0.6)  # the warm-up's sent rows deleted, the relay idle
-        events, batches = service.orchestrator.events, service.orchestrator.batches
-        statements = service.store.counts.statements
+        events0, batches0, statements0 = _totals(services)
         outside.seconds = 0.0
         wall, cpu = time.perf_counter(), time.process_time()
         if profile is not None:
@@ -188,17 +214,36 @@ async def measure(
         if profile is not None:
             profile.disable()
         cpu, wall = time.process_time() - cpu, time.perf_counter() - wall
+        events1, batches1, statements1 = _totals(services)
         return Measured(
+            database="sqlite" if is_sqlite(url) else "postgresql",
+            instances=instances,
             sagas=sagas,
-            events=service.orchestrator.events - events,
+            events=events1 - events0,
             cpu_s=cpu - outside.seconds,
             outside_s=outside.seconds,
-            batches=service.orchestrator.batches - batches,
-            statements=service.store.counts.statements - statements,
+            batches=batches1 - batches0,
+            statements=statements1 - statements0,
             wall_s=wall,
         )
     finally:
-        await service.stop()
+        for each in reversed(started):
+            await each.stop()
+
+
+def _instance(settings: Settings, broker: MemoryBroker, ended: _Ended) -> OrchestratorService:
+    service = OrchestratorService(settings, echo_registry(), broker=broker)
+    service.orchestrator.admission = _Counting(settings.max_in_flight, ended)
+    return service
+
+
+def _totals(services: list[OrchestratorService]) -> tuple[int, int, int]:
+    """Events decided, transactions and statements, of every instance."""
+    return (
+        sum(s.orchestrator.events for s in services),
+        sum(s.orchestrator.batches for s in services),
+        sum(s.store.counts.statements for s in services),
+    )
 
 
 #: a deepest frame's file, by where it lives, for the table of shares
@@ -245,12 +290,53 @@ def _shares(stats: pstats.Stats) -> list[tuple[str, float]]:
     return sorted(((g, t / whole) for g, t in totals.items()), key=lambda x: -x[1])
 
 
+async def _measure_on(
+    database: str,
+    sagas: int,
+    concurrency: int,
+    *,
+    warmup: int,
+    data_dir: Path,
+    profile: cProfile.Profile | None,
+    instances: int,
+) -> Measured:
+    """:func:`measure` on a SQLite file, or in a PostgreSQL database of its own on the server
+    of the URL ``database``, dropped afterwards."""
+    if database == "sqlite":
+        if instances > 1:
+            raise ValueError("several instances share a PostgreSQL database, not a SQLite file")
+        return await measure(sagas, concurrency, warmup=warmup, data_dir=data_dir, profile=profile)
+    name = f"saga_profile_{uuid.uuid4().hex[:12]}"
+    async with temporary_database(database, name) as url:
+        return await measure(
+            sagas,
+            concurrency,
+            warmup=warmup,
+            data_dir=data_dir,
+            profile=profile,
+            database_url=url,
+            instances=instances,
+        )
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m saga_tools.bench.profile_decide")
     parser.add_argument("--sagas", type=int, default=3000)
     parser.add_argument("--concurrency", type=int, default=200)
     parser.add_argument("--warmup", type=int, default=100)
     parser.add_argument("--rounds", type=int, default=1, help="runs, each on a new database")
+    parser.add_argument(
+        "--database",
+        action="append",
+        help="sqlite (the default) or a PostgreSQL URL; repeat to compare, runs alternating",
+    )
+    parser.add_argument(
+        "--instances",
+        type=int,
+        nargs="+",
+        default=[1],
+        help="orchestrators sharing the database (several: PostgreSQL only)",
+    )
     parser.add_argument("--profile", action="store_true", help="cProfile the measured part")
     parser.add_argument("--top", type=int, default=30, help="rows of the cProfile table")
     parser.add_argument("--dump", type=Path, help="write the cProfile data to this file")
@@ -262,21 +348,30 @@ def main(argv: list[str] | None = None) -> int:
     profile = cProfile.Profile() if args.profile else None
     with tempfile.TemporaryDirectory(prefix="saga-profile-") as tmp:
         log = Path(tmp) / "orchestrator.log"
+        runs = [
+            (database, instances)
+            for database in args.database or ["sqlite"]
+            for instances in args.instances
+            if instances == 1 or database != "sqlite"
+        ]
         for n in range(args.rounds):
-            data = Path(tmp) / f"round-{n}"
-            data.mkdir()
-            # the orchestrator's log lines are written as in production, to a file
-            with log.open("a") as sink, contextlib.redirect_stderr(sink):
-                measured = run_loop(
-                    measure(
-                        args.sagas,
-                        args.concurrency,
-                        warmup=args.warmup,
-                        data_dir=data,
-                        profile=profile,
+            for k, (database, instances) in enumerate(runs):
+                data = Path(tmp) / f"round-{n}-{k}"
+                data.mkdir()
+                # the orchestrator's log lines are written as in production, to a file
+                with log.open("a") as sink, contextlib.redirect_stderr(sink):
+                    measured = run_loop(
+                        _measure_on(
+                            database,
+                            args.sagas,
+                            args.concurrency,
+                            warmup=args.warmup,
+                            data_dir=data,
+                            profile=profile,
+                            instances=instances,
+                        )
                     )
-                )
-            results.append(measured.as_dict())
+                results.append(measured.as_dict())
     report: dict[str, Any] = {"rounds": results}
     if profile is not None:
         stats = pstats.Stats(profile)
