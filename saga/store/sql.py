@@ -54,6 +54,7 @@ from saga.ports import Change, CommitResult, DueTimer, OutboxMessage, SagaFilter
 from saga.store import sqlite_driver
 from saga.store.faults import database_reachable
 from saga.store.fresh import OutboxCopy
+from saga.store.lease import WriterLease
 from saga.store.pg_batch import PgRun, pg_arrays, pg_insert, pg_table
 from saga.store.presence import Presence, live_instances
 from saga.store.schema import (
@@ -199,6 +200,8 @@ class SqlStore:
         #: against the row's version at each use (see _remember)
         self._trust_states = self.dialect == "sqlite"
         self._states: dict[UUID, SagaState] = {}
+        #: SQLite: the one writer connection, held across transactions (saga.store.lease)
+        self._lease: WriterLease | None = None
         self._absent: dict[UUID, None] = {}  # looked up and not there (insertion-ordered set)
         self._loading: dict[UUID, list[asyncio.Future[SagaState | None]]] = {}  # see load
         self._load_soon: asyncio.Handle | None = None
@@ -221,7 +224,9 @@ class SqlStore:
                 synchronous=sqlite_synchronous,
                 busy_timeout_ms=busy_timeout_ms,
                 counts=self.counts,
+                spare=1,  # for the schema's set-up and tests, outside the lease
             )
+            self._lease = WriterLease(self._write)
             self._read = sqlite_engine(
                 url,
                 immediate=False,
@@ -245,6 +250,15 @@ class SqlStore:
             # runs again on a fresh one (saga.messaging.group)
             self._write = create_async_engine(url, pool_size=pool_size, execution_options=options)
             self._read = self._write
+
+    def _begin(self) -> AbstractAsyncContextManager[AsyncConnection]:
+        """A write transaction: on SQLite on the writer connection the lease holds, so it is
+        not taken from the pool and given back each time; else the engine's."""
+        return self._lease.begin() if self._lease is not None else self._write.begin()
+
+    def _writer(self) -> AbstractAsyncContextManager[AsyncConnection]:
+        """A writer connection outside a transaction, for a caller that runs its own."""
+        return self._lease.connection() if self._lease is not None else self._write.connect()
 
     # --- schema --------------------------------------------------------------------------
 
@@ -341,6 +355,8 @@ class SqlStore:
                 self._load_together()
             await asyncio.gather(*self._load_tasks, return_exceptions=True)
         await self._outbox.close()
+        if self._lease is not None:
+            await self._lease.close()
         if self._select_sagas is not None:
             await self._select_sagas.close()
         if self._presence is not None:
@@ -622,7 +638,8 @@ class SqlStore:
             self._work(_OUTBOX_INSERT, outbox_rows),
             self._work(_SPANS_INSERT, span_rows),
         ]
-        if not await run_transaction(self._write, work):
+        assert self._lease is not None  # SQLite
+        if not await run_transaction(self._lease, work):
             return None
         return [
             CommitResult.APPLIED if c.transition.applied else CommitResult.RECORDED for c in changes
@@ -761,7 +778,7 @@ class SqlStore:
         order = sorted(range(len(changes)), key=lambda i: changes[i].transition.state.saga_id)
         answers: list[CommitResult | None] = [None] * len(changes)
         span_rows: list[dict[str, Any]] = []
-        async with self._write.begin() as conn:
+        async with self._begin() as conn:
             if doomed:
                 await conn.execute(outbox.delete().where(outbox.c.message_id.in_(sorted(doomed))))
             for index in order:
@@ -953,7 +970,7 @@ class SqlStore:
             return [_state_from_row(r._mapping) for r in await conn.execute(q)]
 
     async def prune_inbox(self, before: datetime) -> int:
-        async with self._write.begin() as conn:
+        async with self._begin() as conn:
             result = await conn.execute(inbox.delete().where(inbox.c.received_at < before))
             return int(result.rowcount or 0)
 
@@ -978,7 +995,7 @@ class SqlStore:
 
     async def _delete_sent(self, message_ids: list[UUID]) -> None:
         delete = outbox.delete().where(outbox.c.message_id.in_(message_ids))
-        async with self._write.connect() as conn:
+        async with self._writer() as conn:
             await delete_sent(conn, delete, self._synchronous)
 
     # --- spans ---------------------------------------------------------------------------
@@ -1002,7 +1019,7 @@ class SqlStore:
                     await conn.execute(spans.delete().where(spans.c.id.in_([r.id for r in rows])))
             return len(rows)
         return await drain_span_rows(
-            spans, self._read, self._write.connect, self._synchronous, limit, export
+            spans, self._read, self._writer, self._synchronous, limit, export
         )
 
     async def outbox_stats(self, now: datetime) -> tuple[int, float]:

@@ -9,8 +9,9 @@ SQLAlchemy stores and reads them), and :func:`run_transaction` runs ``BEGIN IMME
 ``executemany`` and the ``COMMIT`` on the raw connection in one thread call. sqlite3 releases
 the GIL inside SQLite, so the loop goes on decoding and deciding the next batch meanwhile.
 
-SQLAlchemy still owns the schema, the migrations and PostgreSQL; the connection is the one the
-writer engine's pool hands out (one writer per file), checked out for the call. The one read on
+SQLAlchemy still owns the schema, the migrations and PostgreSQL; the connection is the one
+writer connection of the file, which a :class:`~saga.store.lease.WriterLease` holds and lends
+to one transaction at a time. The one read on
 the hot path, a batch's sagas (:class:`DirectSelect`), runs on a read-only connection of its
 own, its values converted by SQLAlchemy's result processors.
 """
@@ -33,6 +34,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from sqlalchemy.sql.compiler import SQLCompiler
 
 from saga.store import sqlite_driver
+from saga.store.lease import WriterLease
 from saga.store.schema import UTCDateTime
 
 __all__ = [
@@ -276,19 +278,19 @@ def _run(conn: sqlite3.Connection, work: Sequence[Work]) -> bool:
     return True
 
 
-async def run_transaction(engine: AsyncEngine, work: Sequence[Work]) -> bool:
-    """Run ``work`` as one write transaction on the writer connection of ``engine`` (a
+async def run_transaction(lease: WriterLease, work: Sequence[Work]) -> bool:
+    """Run ``work`` as one write transaction on the writer connection ``lease`` lends (of a
     :func:`saga.store.sql.sqlite_engine`); False (nothing written) when an ``exact`` step
     did not change every row."""
-    async with engine.connect() as conn:
-        driver = (await conn.get_raw_connection()).driver_connection
-        if not isinstance(driver, sqlite_driver.Connection):
-            raise TypeError("run_transaction needs an engine made by sqlite_engine")
+    async with lease.connection():
+        driver = lease.driver
+        if driver is None:
+            raise TypeError("run_transaction needs the lease of an engine made by sqlite_engine")
         counts = driver.counts
         counts.statements += 2 + sum(1 for each in work if each.rows)  # BEGIN and COMMIT
         counts.transactions += 1
         counts.handoffs += 1
-        # the pool lends this connection to one caller at a time, so the thread may use it;
+        # the lease lends this connection to one caller at a time, so the thread may use it;
         # a cancelled caller still waits for the thread (in_thread). If the transaction
         # committed meanwhile, the caller only loses its bookkeeping: the relay reads the
         # outbox table again within a second, and the version checks catch a stale copy.

@@ -326,13 +326,20 @@ async def test_the_orchestrator_rides_out_a_full_disk(
         limit = PageLimit(service.store._write)
         keys = [f"{unique}-{i}" for i in range(40)]
 
+        async def renew() -> None:
+            """The pragma is set at checkout: the writer lease takes its connection anew."""
+            if service.store._lease is not None:
+                await service.store._lease.close()
+
         async def fill_and_load() -> None:
             limit.full = True
+            await renew()
             for key in keys:
                 await _start_request(harness, key)
 
         async def lift() -> None:
             limit.full = False
+            await renew()
 
         try:
             await _ride_out(
