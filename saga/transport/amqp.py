@@ -352,7 +352,8 @@ class Publisher:
         #: messages whose frames were encoded by publish_frames, and by pamqp's path
         self.encoded = 0
         self.marshalled = 0
-        #: batches written to the socket at once (the rest went through aiormq's write queue)
+        #: batches handed straight to the link's writer (the rest went through aiormq's write
+        #: queue): sent at once on a quiet connection, with the next window on a busy one
         self.sent_now = 0
 
     async def _open(self) -> tuple[AbstractChannel, aiormq.Channel]:
@@ -497,8 +498,9 @@ class Publisher:
             writer = writer_of(underlay.connection)
             try:
                 if writer is not None and underlay.write_queue.empty():
-                    # nothing queued ahead of these frames: to the socket now, not after the
-                    # connection's writer task has taken them from its queue, a turn later
+                    # nothing queued ahead of these frames: to the writer now, not after the
+                    # connection's writer task has taken them from its queue, a turn later;
+                    # on a quiet connection they leave at once (BatchingWriter.send_now)
                     writer.send_now(payload.payload)
                     self.sent_now += 1
                 else:

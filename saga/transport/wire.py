@@ -75,10 +75,15 @@ class BatchingWriter:
                 self._flush = loop.call_soon(self.flush)
 
     def send_now(self, data: bytes) -> None:
-        """Send ``data`` at once, with whatever is held ahead of it: a publish on its saga's way
-        to the next step (:meth:`saga.transport.amqp.Publisher.publish_many`) does not wait for
-        the end of the loop's turn, which at one saga in flight runs the acks, metrics and log
-        lines of the batch that made it."""
+        """Send ``data`` at once, with whatever is held ahead of it, if the connection is quiet:
+        a publish on its saga's way to the next step
+        (:meth:`saga.transport.amqp.Publisher.publish_many`) does not wait for the end of the
+        loop's turn, which at one saga in flight runs the acks, metrics and log lines of the
+        batch that made it. On a busy connection it waits for the window like any write, so
+        the frames of the next few turns still share its send."""
+        if asyncio.get_running_loop().time() - self._last < BUSY:
+            self.write(data)
+            return
         self.writes += 1
         self._held.append(data)
         self.flush()

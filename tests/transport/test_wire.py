@@ -92,6 +92,16 @@ async def test_send_now_leaves_at_once_behind_what_is_held() -> None:
     assert under.sent == [b"ackpublish"] and writer.counts.sends == 1
 
 
+async def test_send_now_on_a_busy_connection_waits_for_the_window() -> None:
+    writer, under = batching()
+    writer.send_now(b"1")  # quiet: at once
+    writer.send_now(b"2")  # busy from now on: shares the next send
+    writer.write(b"3")
+    assert under.sent == [b"1"]
+    await asyncio.sleep(wire.WINDOW * 4)
+    assert under.sent == [b"1", b"23"]
+
+
 def test_a_connection_the_link_did_not_open_has_no_writer() -> None:
     class Connection:
         pass
