@@ -62,21 +62,20 @@ class WriterLease:
     async def begin(self) -> AsyncIterator[AsyncConnection]:
         """A transaction on the connection, committed when the block ends without an error.
 
-        On SQLite it is opened and committed on the driver's connection directly, which costs a
-        third of SQLAlchemy's begin and commit; a statement run through the connection joins it
-        (SQLAlchemy begins a transaction of its own then, which the commit here ends)."""
+        On SQLite the driver opens it (``BEGIN IMMEDIATE``, inline when the lock is free) and
+        SQLAlchemy's transaction joins it without a statement of its own: the connection a
+        handler is given is in a transaction as SQLAlchemy sees it, so the handler's own
+        ``conn.begin()`` is refused as it always was, and cannot end the batch's transaction
+        halfway."""
         async with self.connection() as conn:
             driver = self.driver
             if driver is None:
                 async with conn.begin():
                     yield conn
                 return
-            await driver.begin()
-            yield conn
-            if conn.in_transaction():
-                await conn.commit()  # SQLAlchemy's, through the driver's commit
-            else:
-                await driver.commit()
+            await driver.begin()  # if SQLAlchemy's then fails, connection() rolls it back
+            async with conn.begin():  # joins: see sqlite_engine's begin hook
+                yield conn
 
     async def close(self) -> None:
         """Give the connection back to the pool, once its current user is done with it (before

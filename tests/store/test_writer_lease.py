@@ -134,21 +134,19 @@ async def test_a_cancelled_transaction_leaves_nothing_behind(ledger: Ledger) -> 
 
 
 async def test_raw_and_sqlalchemy_statements_share_one_transaction(ledger: Ledger) -> None:
-    """The lease opens the transaction on the driver; a statement through SQLAlchemy joins it
-    (no second BEGIN), and one commit ends both."""
+    """The lease opens the transaction on the driver and SQLAlchemy's joins it (no second
+    BEGIN): raw and SQLAlchemy statements are in one transaction, and one commit ends both."""
     counts = ledger.counts
     before = counts.transactions
     raw, core = uuid.uuid4(), uuid.uuid4()
     async with ledger.begin() as conn:
         ledger_sql = await statements(conn, ledger)
         await ledger_sql.write(_Rows([_row(raw)]))
-        assert not conn.in_transaction()  # SQLAlchemy has not begun anything yet
+        assert conn.in_transaction()  # as SQLAlchemy sees it, from the start
         await conn.execute(outbox.insert(), [_row(core)])
-        assert conn.in_transaction()
     assert counts.transactions == before + 1
     assert await _outbox_ids(ledger) == {raw, core}
     async with ledger.begin() as conn:  # and the next begins afresh on the same connection
-        assert not conn.in_transaction()
         await conn.execute(outbox.delete())
     assert await _outbox_ids(ledger) == set()
 
@@ -172,3 +170,19 @@ class _Rows:
         self.reply_rows: list[dict[str, Any]] = []
         self.outbox_rows = outbox_rows
         self.span_rows: list[dict[str, Any]] = []
+
+
+async def test_a_handler_cannot_end_the_transaction_the_lease_opened(ledger: Ledger) -> None:
+    """The connection lent for a batch is in a transaction as SQLAlchemy sees it: a handler's
+    own ``begin()`` is refused, so it cannot commit the rows written before it halfway."""
+    first, second = uuid.uuid4(), uuid.uuid4()
+    with pytest.raises(sa.exc.InvalidRequestError):
+        async with ledger.begin() as conn:
+            assert conn.in_transaction()
+            await conn.execute(outbox.insert(), [_row(first)])
+            async with conn.begin():  # what a careless handler might do
+                await conn.execute(outbox.insert(), [_row(second)])
+    assert await _outbox_ids(ledger) == set()  # the whole batch rolled back, nothing committed
+    async with ledger.begin() as conn:
+        await conn.execute(outbox.insert(), [_row(first)])
+    assert await _outbox_ids(ledger) == {first}
