@@ -73,6 +73,10 @@ from saga.work import WorkCounts
 
 __all__ = ["SqlStore", "delete_sent", "sqlite_engine"]
 
+#: seconds a read straight on asyncpg may take before its connection is given up (and the
+#: read made again on another)
+_PG_READ_TIMEOUT = 10.0
+
 
 def sqlite_engine(
     url: str,
@@ -431,7 +435,10 @@ class SqlStore:
     async def load_many(self, saga_ids: Sequence[UUID]) -> dict[UUID, SagaState]:
         if not self._trust_states:
             loaded = await self._load_pg(list(saga_ids))
-            self._remember(loaded.values())
+            # what was read is the row: it replaces a copy even of a higher version (which the
+            # database no longer has, after a fail-over or a restore; a read that raced this
+            # instance's own commit only costs the next read a decode)
+            self._remember(loaded.values(), read=True)
             return loaded
         found = {i: self._states[i] for i in saga_ids if i in self._states}
         missing = [i for i in saga_ids if i not in found and i not in self._absent]
@@ -493,7 +500,9 @@ class SqlStore:
         raw = await self._read.raw_connection()
         driver: Any = raw.driver_connection
         try:
-            rows: Sequence[Any] = await driver.fetch(sql, *args)
+            # bounded: look-ups are read one at a time, so a connection left half-open by the
+            # network must not hold every start and every admin read behind it
+            rows: Sequence[Any] = await driver.fetch(sql, *args, timeout=_PG_READ_TIMEOUT)
         except Exception:
             raw.invalidate()
         except BaseException:
@@ -521,7 +530,7 @@ class SqlStore:
             f"JOIN {table} AS s ON s.saga_id = v.saga_id"
         )
 
-    def _remember(self, states: Iterable[SagaState]) -> None:
+    def _remember(self, states: Iterable[SagaState], *, read: bool = False) -> None:
         """Keep the committed state of sagas in flight, so the next event of one needs no read
         (SQLite; and which ids were not there, so a start's second look-up needs none either)
         or no decoding (PostgreSQL).
@@ -529,12 +538,12 @@ class SqlStore:
         On SQLite one orchestrator owns the file (see ``saga run``'s lock), so nothing else
         changes a saga and the copy is exact. With PostgreSQL several instances share the
         sagas, so a copy is only used when the row still has its version (:meth:`_load_pg`).
-        Either way every write still checks the version, and a conflict drops the copy; an
-        older state never replaces a newer copy (a read that raced a commit).
+        Either way every write still checks the version, and a conflict drops the copy; a
+        committed state older than the copy does not replace it, a ``read`` one does.
         """
         for state in states:
             current = self._states.get(state.saga_id)
-            if current is not None and current.version > state.version:
+            if not read and current is not None and current.version > state.version:
                 continue
             self._states.pop(state.saga_id, None)
             self._absent.pop(state.saga_id, None)

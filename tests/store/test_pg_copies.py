@@ -17,12 +17,14 @@ from datetime import timedelta
 from typing import Any
 
 import pytest
+import sqlalchemy as sa
 
 from saga.core.definition import SagaDefinition, Step
 from saga.core.engine import decide
 from saga.core.state import ReplySucceeded, SagaState, SagaStatus, Started
 from saga.ports import CommitResult
 from saga.store import sql as sql_module
+from saga.store.schema import sagas
 from saga.store.sql import SqlStore
 from tests.conftest import require_postgres
 from tests.store.test_store_contract import DEF, T0, change_for, reply_ok, started
@@ -123,6 +125,30 @@ async def test_a_conflict_drops_the_copy_and_the_next_read_is_fresh(
     assert await a.commit([change_for(mine, s.version)]) == [CommitResult.CONFLICT]
     assert s.saga_id not in a._states
     assert await a.load(s.saga_id) == theirs.state
+
+
+async def test_a_copy_of_a_version_the_database_lost_gives_way_to_what_is_read(
+    pair: tuple[SqlStore, SqlStore],
+) -> None:
+    """After a fail-over or a restore the row may be at a lower version than this instance's
+    copy: the row read replaces the copy, or the copy would pass for the row once the saga
+    is back at the copy's version with other content."""
+    a, b = pair
+    t = started("lost-1")
+    assert await a.commit([change_for(t, None)]) == [CommitResult.APPLIED]
+    s = t.state
+    mine = decide(DEF, s, reply_ok(s), T0 + timedelta(seconds=1))
+    assert await a.commit([change_for(mine, s.version)]) == [CommitResult.APPLIED]
+    async with a._write.begin() as conn:  # the database comes back one version behind
+        await conn.execute(
+            sa.update(sagas).where(sagas.c.saga_id == s.saga_id).values(version=s.version)
+        )
+    assert (await a.load_many([s.saga_id]))[s.saga_id].version == s.version
+    behind = (await b.load_many([s.saga_id]))[s.saga_id]
+    theirs = decide(DEF, behind, reply_ok(behind, {"id": "theirs"}), T0 + timedelta(seconds=2))
+    assert await b.commit([change_for(theirs, behind.version)]) == [CommitResult.APPLIED]
+    assert theirs.state.version == mine.state.version  # the copy's version, other content
+    assert await a.load_many([s.saga_id]) == {s.saga_id: theirs.state}
 
 
 async def test_look_ups_made_while_one_is_read_are_read_together_next(
