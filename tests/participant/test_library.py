@@ -328,6 +328,16 @@ async def test_a_start_that_fails_half_way_closes_its_own_broker(
         await connection.close()
 
 
+async def _delete_topology(connection: Any, prefix: str) -> None:
+    """The queues and exchanges of ``prefix``'s flights participant, then the connection."""
+    channel = await connection.channel()
+    for queue in Topology(prefix=prefix).queues(["flights"]):
+        await channel.queue_delete(queue.name)
+    for exchange in Topology(prefix=prefix).exchanges():
+        await channel.exchange_delete(exchange.name)
+    await connection.close()
+
+
 @pytest.mark.rabbitmq
 async def test_a_lone_commands_reply_is_published_before_its_log_line(
     tmp_path: Path, unique: str, monkeypatch: pytest.MonkeyPatch
@@ -382,12 +392,7 @@ async def test_a_lone_commands_reply_is_published_before_its_log_line(
         assert handled[:2] == ["reply_published", "command_handled"], events
     finally:
         await service.stop()
-        channel = await connection.channel()
-        for queue in Topology(prefix=prefix).queues(["flights"]):
-            await channel.queue_delete(queue.name)
-        for exchange in Topology(prefix=prefix).exchanges():
-            await channel.exchange_delete(exchange.name)
-        await connection.close()
+        await _delete_topology(connection, prefix)
 
 
 @pytest.mark.rabbitmq
@@ -451,9 +456,4 @@ async def test_a_command_answered_from_the_ledger_is_consumed_as_a_duplicate(
         assert answers == {str(refused.message_id), str(retried.message_id)}
     finally:
         await service.stop()
-        channel = await connection.channel()
-        for queue in Topology(prefix=prefix).queues(["flights"]):
-            await channel.queue_delete(queue.name)
-        for exchange in Topology(prefix=prefix).exchanges():
-            await channel.exchange_delete(exchange.name)
-        await connection.close()
+        await _delete_topology(connection, prefix)

@@ -10,6 +10,8 @@ import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
+from datetime import UTC, datetime
+from decimal import Decimal
 from typing import Any
 
 import aio_pika
@@ -141,4 +143,24 @@ async def publish_ids(
 def text(headers: Any) -> dict[str, str]:
     return {
         str(k): v.decode() if isinstance(v, bytes) else str(v) for k, v in (headers or {}).items()
+    }
+
+
+def every_property() -> dict[str, Any]:
+    """A value for every property of a message (fresh ids each call), for the encoders' and
+    decoders' checks against pamqp."""
+    return {
+        "content_type": "application/json",
+        "content_encoding": "utf-8",
+        "headers": {"nested": {"list": [1, "two", {"x": Decimal("1.50")}], "flag": True}},
+        "delivery_mode": 2,
+        "priority": 9,
+        "correlation_id": str(uuid.uuid4()),
+        "reply_to": "replies",
+        "expiration": "60000",
+        "message_id": str(uuid.uuid4()),
+        "timestamp": datetime(2026, 1, 2, 3, 4, 5, tzinfo=UTC),
+        "message_type": "saga.reply",
+        "user_id": "guest",
+        "app_id": "saga",
     }

@@ -8,7 +8,6 @@ from __future__ import annotations
 import asyncio
 import uuid
 from datetime import UTC, datetime
-from decimal import Decimal
 from typing import Any, cast
 
 import aiormq
@@ -26,6 +25,7 @@ from saga.transport import frames
 from saga.transport.broker import AmqpBroker
 from saga.transport.frames import FastFrameReceiver, decode_frame
 from tests.conftest import require_rabbitmq
+from tests.transport.helpers import every_property
 
 Basic = commands.Basic
 FRAME_MAX = 131072
@@ -138,21 +138,7 @@ def test_deliveries_decode_as_pamqp_decodes_them(
 
 
 def test_every_single_property_and_none_decode_as_pamqp_decodes_them() -> None:
-    every = {
-        "content_type": "application/json",
-        "content_encoding": "utf-8",
-        "headers": {"nested": {"list": [1, "two", {"x": Decimal("1.50")}], "flag": True}},
-        "delivery_mode": 2,
-        "priority": 9,
-        "correlation_id": str(uuid.uuid4()),
-        "reply_to": "replies",
-        "expiration": "60000",
-        "message_id": str(uuid.uuid4()),
-        "timestamp": datetime(2026, 1, 2, 3, 4, 5, tzinfo=UTC),
-        "message_type": "saga.reply",
-        "user_id": "guest",
-        "app_id": "saga",
-    }
+    every = every_property()
     check(frame.marshal(ContentHeader(body_size=3), 1))  # no property at all
     for name, value in every.items():
         alone = Basic.Properties(**{name: value})  # type: ignore[arg-type]

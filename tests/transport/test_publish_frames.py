@@ -28,6 +28,7 @@ from saga.transport.amqp import Outgoing, Publisher, connect
 from saga.transport.publish_frames import publish_frames
 from saga.transport.wire import BatchingWriter
 from tests.conftest import require_rabbitmq
+from tests.transport.helpers import every_property
 
 Basic = commands.Basic
 FRAME_MAX = 131072
@@ -188,21 +189,7 @@ def test_bodies_at_the_frame_size_boundaries() -> None:
 
 
 def test_every_single_property_and_none_are_the_bytes_pamqp_marshals() -> None:
-    every: dict[str, Any] = {
-        "content_type": "application/json",
-        "content_encoding": "utf-8",
-        "headers": {"nested": {"list": [1, "two", {"x": Decimal("1.50")}], "flag": True}},
-        "delivery_mode": 2,
-        "priority": 9,
-        "correlation_id": str(uuid.uuid4()),
-        "reply_to": "replies",
-        "expiration": "60000",
-        "message_id": str(uuid.uuid4()),
-        "timestamp": datetime(2026, 1, 2, 3, 4, 5, tzinfo=UTC),
-        "message_type": "saga.reply",
-        "user_id": "guest",
-        "app_id": "saga",
-    }
+    every: dict[str, Any] = every_property()
     same_bytes(1, "", "q", Basic.Properties(), b"")
     for name, value in every.items():
         same_bytes(1, "", "q", Basic.Properties(**{name: value}), b"{}")
