@@ -1006,6 +1006,18 @@ class Metrics:
             registry=r,
         )
         self._sagas: _SagaCollector | None = None
+        #: each metric's child per label values, looked up once: ``labels()`` checks and
+        #: converts its arguments and takes the metric's lock on every call (~2 per event).
+        #: The children are the metric's own (it keeps them too; none is ever removed).
+        self._children: dict[tuple[Any, tuple[str, ...]], Any] = {}
+
+    def _child(self, metric: Any, *labels: str) -> Any:
+        """``metric.labels(*labels)``, the same child object, from a dict after the first."""
+        key = (metric, labels)
+        child = self._children.get(key)
+        if child is None:
+            child = self._children[key] = metric.labels(*labels)
+        return child
 
     def watch_broker(self, stats: Callable[[], BrokerStats]) -> None:
         """Report a broker connection's health at every scrape; several connections of one
@@ -1049,22 +1061,22 @@ class Metrics:
         name = after.name
         for entry in transition.history:
             if entry.kind is HistoryKind.STARTED:
-                self.started.labels(name).inc()
+                self._child(self.started, name).inc()
             elif entry.kind is HistoryKind.RETRY_SCHEDULED:
                 self.retries.labels(name, entry.step or "", _direction(entry.direction)).inc()
             elif entry.kind is HistoryKind.STEP_TIMED_OUT:
                 self.timeouts.labels(name, entry.step or "", _direction(entry.direction)).inc()
         if after.status.is_terminal and (before is None or not before.status.is_terminal):
             status = after.status.value.lower()
-            self.finished.labels(name, status).inc()
-            self.duration.labels(name, status).observe(
+            self._child(self.finished, name, status).inc()
+            self._child(self.duration, name, status).observe(
                 (after.updated_at - after.created_at).total_seconds()
             )
 
     def attempt(self, name: str, attempt: Attempt, end: datetime) -> None:
         """One latency sample: ``attempt`` of a saga named ``name`` ended at ``end``."""
-        self.step_duration.labels(
-            name, attempt.step, attempt.direction.value, attempt.outcome
+        self._child(
+            self.step_duration, name, attempt.step, attempt.direction._value_, attempt.outcome
         ).observe(max((end - attempt.sent_at).total_seconds(), 0.0))
 
 

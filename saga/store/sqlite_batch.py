@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import sqlite3
 from collections.abc import Callable, Hashable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -58,12 +59,24 @@ class Prepared:
     sql: str
     names: tuple[str, ...]
     processors: tuple[Callable[[Any], Any] | None, ...]
+    #: made once from ``names`` and ``processors``, not on every batch (~5 calls a commit)
+    _get: Callable[[Mapping[str, Any]], tuple[Any, ...]] = dataclasses.field(
+        init=False, repr=False, compare=False
+    )
+    _converted: tuple[tuple[int, Callable[[Any], Any]], ...] = dataclasses.field(
+        init=False, repr=False, compare=False
+    )
+
+    def __post_init__(self) -> None:
+        converted = tuple((i, p) for i, p in enumerate(self.processors) if p is not None)
+        object.__setattr__(self, "_get", _getter(self.names))
+        object.__setattr__(self, "_converted", converted)
 
     def rows(self, values: Iterable[Mapping[str, Any]]) -> list[Sequence[Any]]:
         """``values`` (dicts keyed by parameter name) as the sequences sqlite3 binds; a
         processor sees every value, None included (JSON stores None as ``null``)."""
-        get = itemgetter(*self.names) if len(self.names) > 1 else _one(self.names[0])
-        converted = [(i, p) for i, p in enumerate(self.processors) if p is not None]
+        get = self._get
+        converted = self._converted
         out: list[Sequence[Any]] = []
         for each in values:
             row = list(get(each))
@@ -71,6 +84,13 @@ class Prepared:
                 row[i] = process(row[i])
             out.append(row)
         return out
+
+
+def _getter(names: tuple[str, ...]) -> Callable[[Mapping[str, Any]], tuple[Any, ...]]:
+    """The values of ``names`` as a tuple (``itemgetter`` of one name gives the bare value)."""
+    if len(names) > 1:
+        return itemgetter(*names)
+    return _one(names[0]) if names else lambda each: ()
 
 
 def _one(name: str) -> Callable[[Mapping[str, Any]], tuple[Any]]:

@@ -37,7 +37,12 @@ from saga.ports import Change, CommitResult, OutboxMessage
 from saga.store import sql as sql_module
 from saga.store.schema import UTCDateTime, sagas
 from saga.store.sql import SqlStore
-from saga.store.sqlite_batch import sqlite_utc_datetime, sqlite_utc_text, sqlite_uuid_text
+from saga.store.sqlite_batch import (
+    Prepared,
+    sqlite_utc_datetime,
+    sqlite_utc_text,
+    sqlite_uuid_text,
+)
 from tests.conftest import require_postgres
 
 T0 = datetime(2030, 1, 2, 3, 4, 5, tzinfo=UTC)  # no microseconds: the format must add them
@@ -373,3 +378,18 @@ async def test_the_ledger_statements_on_postgresql_store_and_read_as_sqlalchemy_
     read_core, stored_core = await _write_ledger_pg(f"ledger_core_{unique}", core)
     assert stored_direct == stored_core
     assert_the_same_ledger(read_direct, read_core, stored_direct)
+
+
+def test_a_prepared_statement_binds_each_row_by_name_through_its_processors() -> None:
+    """The getter and the converted columns are made once per statement: every batch, and
+    every row of it, still gets its own values, in placeholder order, each processed."""
+    row = {"a": uuid.UUID(int=1), "b": "text", "c": None}
+    three = Prepared("", ("c", "a", "b"), (None, sqlite_uuid_text, str.upper))
+    one = Prepared("", ("a",), (sqlite_uuid_text,))
+    for _ in range(2):
+        assert three.rows([row, {**row, "b": "more"}]) == [
+            [None, "0" * 31 + "1", "TEXT"],
+            [None, "0" * 31 + "1", "MORE"],
+        ]
+        assert one.rows([row]) == [["0" * 31 + "1"]]
+    assert Prepared("", (), ()).rows([row]) == [[]]

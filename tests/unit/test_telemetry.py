@@ -24,11 +24,12 @@ from saga import Parallel, Step
 from saga.core.definition import Registry, SagaDefinition
 from saga.core.engine import decide
 from saga.core.errors import ConfigError, DefinitionError
-from saga.core.state import ReplyFailed, ReplySucceeded, SagaStatus, Started, TimerFired
+from saga.core.state import Direction, ReplyFailed, ReplySucceeded, SagaStatus, Started, TimerFired
 from saga.orchestrator import runtime
 from saga.orchestrator.runtime import Orchestrator
 from saga.ports import BrokerStats
 from saga.telemetry import (
+    Attempt,
     Metrics,
     ReservedIds,
     Tracing,
@@ -464,3 +465,21 @@ async def test_each_member_of_a_parallel_group_has_its_attempt_span_and_duration
     assert duration("right", "failed") == 1 and duration("middle", "failed") == 1
     undone = sorted(s.name for s in named(spans, "compensate "))
     assert undone == ["compensate first", "compensate left", "compensate middle"]
+
+
+def test_the_labelled_children_looked_up_once_are_the_metrics_own() -> None:
+    """``Metrics`` keeps each child it asked ``labels()`` for: later samples go to the very
+    child ``labels()`` gives, and another ``Metrics`` (another registry) counts apart."""
+    metrics, other = Metrics(), Metrics()
+    sent = datetime(2024, 1, 1, tzinfo=UTC)
+    attempt = Attempt("alpha", Direction.ACTION, 1, UUID(int=1), sent, outcome="succeeded")
+    for seconds in (1, 2, 3):
+        metrics.attempt("trip", attempt, sent + timedelta(seconds=seconds))
+    other.attempt("trip", attempt, sent + timedelta(seconds=5))
+    labels = {"saga_name": "trip", "step": "alpha", "direction": "action",
+              "outcome": "succeeded"}  # fmt: skip
+    assert sample(metrics, "saga_step_duration_seconds_count", **labels) == 3
+    assert sample(metrics, "saga_step_duration_seconds_sum", **labels) == 6
+    assert sample(other, "saga_step_duration_seconds_sum", **labels) == 5
+    child = metrics._child(metrics.step_duration, "trip", "alpha", "action", "succeeded")
+    assert child is metrics.step_duration.labels("trip", "alpha", "action", "succeeded")
