@@ -689,7 +689,8 @@ class SqlStore:
         }
         # Straight on the pooled connection's driver, in asyncpg's own transaction: through
         # an AsyncConnection (its check-out, BEGIN and COMMIT with greenlet hand-offs and an
-        # execution context each) a batch cost 1.1 ms of CPU more or less whatever its size.
+        # execution context each) a commit of one change cost 1.2 ms of CPU, on the driver
+        # 0.85 ms (of five changes: 1.5 -> 1.05 ms).
         # The errors are asyncpg's own (saga.store.faults classifies them as SQLAlchemy's).
         raw = await self._write.raw_connection()
         driver: Any = raw.driver_connection
