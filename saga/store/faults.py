@@ -1,18 +1,25 @@
 """Whether a database error is the database's fault (down, locked, full, contended) or the
 statement's: a message that failed because of the first is retried for as long as it lasts, one
-that failed because of the second may be poison (:mod:`saga.messaging.poison`)."""
+that failed because of the second may be poison (:mod:`saga.messaging.poison`).
+
+An error comes either wrapped by SQLAlchemy (``DBAPIError``, the driver's error as ``orig``) or,
+from the paths that run straight on asyncpg's connection (the orchestrator's PostgreSQL batch,
+:mod:`saga.store.sql`), as asyncpg raised it: each question answers both alike.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import sqlite3
 
+import asyncpg
 import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from saga.core.errors import ConcurrencyError
 
 __all__ = [
+    "UnusableConnectionError",
     "database_fault",
     "database_reachable",
     "describe_error",
@@ -47,6 +54,18 @@ _PG_FAULT_CODES = frozenset({"55P03", "25006"})
 #: transaction run again at once most likely goes through.
 _PG_ROLLED_BACK = frozenset({"40P01", "40001"})
 
+#: SQLSTATEs after which the server has closed the session (it was terminated, the server shuts
+#: down or crashed), besides class 08 (connection exception)
+_PG_CLOSED = frozenset({"57P01", "57P02", "57P03"})
+
+
+class UnusableConnectionError(Exception):
+    """A pooled connection failed the ``BEGIN`` of a transaction run straight on the driver:
+    nothing was sent of the transaction and the connection was given up. The server closing
+    an idle connection (``pg_terminate_backend``, a restart) leaves asyncpg a message it can
+    only report as a protocol error (``InternalClientError``) until it sees the socket closed,
+    which neither SQLAlchemy's test (``is_closed()``) nor the error's type tells apart."""
+
 
 def rolled_back(exc: BaseException) -> bool:
     """True when ``exc`` (or what caused it) is PostgreSQL breaking a deadlock or a
@@ -64,17 +83,35 @@ def rolled_back(exc: BaseException) -> bool:
 
 def stale_connection(exc: BaseException) -> bool:
     """True when ``exc`` came from a pooled connection that turned out dead (the server
-    restarted, a proxy dropped it): SQLAlchemy has thrown it away, and the next checkout gets a
-    new one. The pools do not ping every connection they hand out (a round trip per
-    transaction); a transaction that hits a dead one is run again instead."""
+    restarted, a proxy dropped it): SQLAlchemy (or the raw path, see :func:`_closed_by_asyncpg`)
+    has thrown it away, and the next checkout gets a new one. The pools do not ping every
+    connection they hand out (a round trip per transaction); a transaction that hits a dead
+    one is run again instead."""
     seen: set[int] = set()
     current: BaseException | None = exc
     while current is not None and id(current) not in seen:
         seen.add(id(current))
         if isinstance(current, sa.exc.DBAPIError) and current.connection_invalidated:
             return True
+        if _closed_by_asyncpg(current):
+            return True
         current = current.__cause__ or current.__context__
     return False
+
+
+def _closed_by_asyncpg(exc: BaseException) -> bool:
+    """An error asyncpg raised (not wrapped) that means its connection is closed: what
+    SQLAlchemy's dialect tests (``is_closed()`` after the error) to invalidate a connection.
+    The raw path invalidates the connection on any such error, so the next run gets a new one.
+    A refused connect is not one: it comes from the pool's connect, wrapped."""
+    if isinstance(exc, UnusableConnectionError):
+        return True
+    if isinstance(exc, asyncpg.exceptions.InterfaceError):
+        return "connection is closed" in str(exc)
+    if isinstance(exc, asyncpg.PostgresError):
+        sqlstate = getattr(exc, "sqlstate", None) or ""
+        return sqlstate.startswith("08") or sqlstate in _PG_CLOSED
+    return isinstance(exc, ConnectionResetError | ConnectionAbortedError | BrokenPipeError)
 
 
 def database_fault(exc: BaseException) -> bool:
@@ -100,6 +137,8 @@ def _is_fault(exc: BaseException) -> bool:
         return True
     if isinstance(exc, sa.exc.DBAPIError) and exc.connection_invalidated:
         return True
+    if isinstance(exc, asyncpg.exceptions.InterfaceError | UnusableConnectionError):
+        return True  # the first as SQLAlchemy's InterfaceError, raw
     if isinstance(
         exc,
         sa.exc.OperationalError

@@ -4,9 +4,9 @@ Through SQLAlchemy a batch's ``IN (...)`` and multi-row ``VALUES`` are a new sta
 every number of rows, and asyncpg prepares every new text (a round trip, and a parse on both
 sides); a ``SAVEPOINT`` named anew each time is prepared anew too. Here a batch of rows is one
 array per column (``unnest``, ``= ANY``), so each statement has one text, prepared once per
-connection, and the statements run on the driver's connection under the transaction that
-SQLAlchemy began: the orchestrator's bulk batch (:mod:`saga.store.sql`) and the participants'
-ledger (:mod:`saga.participant.ledger_sql`) use it alike.
+connection. The participants' ledger (:mod:`saga.participant.ledger_sql`) runs them on the
+driver's connection under the transaction SQLAlchemy began (:class:`PgRun`); the orchestrator's
+bulk batch (:mod:`saga.store.sql`) in asyncpg's own transaction, without SQLAlchemy around it.
 """
 
 from __future__ import annotations

@@ -30,6 +30,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 from uuid import UUID
 
+import asyncpg
 import sqlalchemy as sa
 from sqlalchemy import event
 from sqlalchemy.dialects import postgresql, sqlite
@@ -52,10 +53,10 @@ from saga.core.state import (
 )
 from saga.ports import Change, CommitResult, DueTimer, OutboxMessage, SagaFilter
 from saga.store import sqlite_driver
-from saga.store.faults import database_reachable
+from saga.store.faults import UnusableConnectionError, database_reachable, describe_error
 from saga.store.fresh import OutboxCopy
 from saga.store.lease import WriterLease
-from saga.store.pg_batch import PgRun, pg_arrays, pg_insert, pg_table
+from saga.store.pg_batch import pg_arrays, pg_insert, pg_table
 from saga.store.presence import Presence, live_instances
 from saga.store.schema import (
     HEAD,
@@ -686,43 +687,42 @@ class SqlStore:
             for r in rows
             if r.expected_version is not None
         }
-        sql = self._pg_sql
-        answers: dict[int, CommitResult] = {}  # by id(): the stale sagas' changes left out
+        # Straight on the pooled connection's driver, in asyncpg's own transaction: through
+        # an AsyncConnection (its check-out, BEGIN and COMMIT with greenlet hand-offs and an
+        # execution context each) a commit of one change cost 1.2 ms of CPU, on the driver
+        # 0.85 ms (of five changes: 1.5 -> 1.05 ms).
+        # The errors are asyncpg's own (saga.store.faults classifies them as SQLAlchemy's).
+        raw = await self._write.raw_connection()
+        driver: Any = raw.driver_connection
+        sound = False  # the connection is idle outside a transaction: back to the pool
         try:
-            async with self._write.begin() as conn:
-                run = await PgRun.on(conn)
-                if doomed:
-                    await run.execute(sql.delete_sent, [doomed])
-                if expected:  # lock in id order first: two instances queue, never deadlock
-                    locked = await run.fetch(sql.lock, [list(expected)])
-                    found = {r[0]: r[1] for r in locked}
-                    stale = {i for i, v in expected.items() if found.get(i) != v}
-                    if stale:
-                        ordered, answers = await self._without_stale(run, ordered, stale)
-                        rows = [r for r in rows if r.transition.state.saga_id not in stale]
-                inbox_rows, inserts, updates, history_rows, outbox_rows, span_rows = _bulk_rows(
-                    ordered, now, self.instance, rows
+            transaction = driver.transaction()
+            try:
+                await transaction.start()
+            except Exception as exc:  # nothing sent yet: the pooled connection was unusable
+                raise UnusableConnectionError(describe_error(exc)) from exc
+            try:
+                answers = await self._bulk_pg_statements(
+                    driver, ordered, rows, expected, doomed, now
                 )
-                if inbox_rows:
-                    got = await run.fetch(sql.inbox, pg_arrays(_PG_INBOX, inbox_rows))
-                    if len(got) != len(inbox_rows):
-                        raise _RowByRowError
-                if inserts:
-                    got = await run.fetch(sql.insert, pg_arrays(_PG_INSERT, inserts))
-                    if len(got) != len(inserts):
-                        raise _RowByRowError
-                if updates:
-                    matched = await run.fetch(sql.update, pg_arrays(_PG_UPDATE_COLUMNS, updates))
-                    if len(matched) != len(updates):
-                        raise _RowByRowError
-                if history_rows:
-                    await run.execute(sql.history, pg_arrays(_PG_HISTORY, history_rows))
-                if outbox_rows:
-                    await run.execute(sql.outbox, pg_arrays(_PG_OUTBOX, outbox_rows))
-                if span_rows:
-                    await conn.execute(_SPANS_INSERT, span_rows)
+            except (_RowByRowError, asyncpg.PostgresError):
+                # the server answered: only the transaction is to undo (a connection it closed
+                # fails the rollback, and is given up)
+                await transaction.rollback()
+                sound = True
+                raise
+            await transaction.commit()
+            sound = True
         except _RowByRowError:
             return None
+        finally:
+            # anything else (cancelled mid-statement, a dead connection, a failed rollback or
+            # commit) may have left it mid-transaction or broken: closed, and the server rolls
+            # back whatever was open
+            if sound and not driver.is_closed():
+                raw.close()
+            else:
+                raw.invalidate()
         return [
             answers.get(
                 id(c), CommitResult.APPLIED if c.transition.applied else CommitResult.RECORDED
@@ -730,8 +730,54 @@ class SqlStore:
             for c in changes
         ]
 
+    async def _bulk_pg_statements(
+        self,
+        driver: Any,
+        ordered: Sequence[Change],
+        rows: list[Change],
+        expected: dict[UUID, int],
+        doomed: list[UUID],
+        now: datetime,
+    ) -> dict[int, CommitResult]:
+        """The statements of :meth:`_commit_bulk_pg` on asyncpg's connection ``driver`` in a
+        transaction; the stale sagas' answers by ``id()``. Raises :class:`_RowByRowError` when
+        a row did not go through."""
+        sql = self._pg_sql
+        answers: dict[int, CommitResult] = {}
+        if doomed:
+            await driver.execute(sql.delete_sent, doomed)
+        if expected:  # lock in id order first: two instances queue, never deadlock
+            locked = await driver.fetch(sql.lock, list(expected))
+            found = {r[0]: r[1] for r in locked}
+            stale = {i for i, v in expected.items() if found.get(i) != v}
+            if stale:
+                ordered, answers = await self._without_stale(driver, ordered, stale)
+                rows = [r for r in rows if r.transition.state.saga_id not in stale]
+        inbox_rows, inserts, updates, history_rows, outbox_rows, span_rows = _bulk_rows(
+            ordered, now, self.instance, rows
+        )
+        if inbox_rows:
+            got = await driver.fetch(sql.inbox, *pg_arrays(_PG_INBOX, inbox_rows))
+            if len(got) != len(inbox_rows):
+                raise _RowByRowError
+        if inserts:
+            got = await driver.fetch(sql.insert, *pg_arrays(_PG_INSERT, inserts))
+            if len(got) != len(inserts):
+                raise _RowByRowError
+        if updates:
+            matched = await driver.fetch(sql.update, *pg_arrays(_PG_UPDATE_COLUMNS, updates))
+            if len(matched) != len(updates):
+                raise _RowByRowError
+        if history_rows:
+            await driver.execute(sql.history, *pg_arrays(_PG_HISTORY, history_rows))
+        if outbox_rows:
+            await driver.execute(sql.outbox, *pg_arrays(_PG_OUTBOX, outbox_rows))
+        if span_rows:
+            await driver.execute(sql.spans, *pg_arrays(_PG_SPANS, span_rows))
+        return answers
+
     async def _without_stale(
-        self, run: PgRun, ordered: Sequence[Change], stale: Collection[UUID]
+        self, driver: Any, ordered: Sequence[Change], stale: Collection[UUID]
     ) -> tuple[list[Change], dict[int, CommitResult]]:
         """``ordered`` without the changes of the ``stale`` sagas that row by row would not
         write, and their answers by ``id()``, as row by row gives them: a change whose message
@@ -745,7 +791,7 @@ class SqlStore:
         ]
         seen: set[UUID] = set()
         if received:
-            seen = {r[0] for r in await run.fetch(self._pg_sql.received, [received])}
+            seen = {r[0] for r in await driver.fetch(self._pg_sql.received, received)}
         kept: list[Change] = []
         answers: dict[int, CommitResult] = {}
         broken: set[UUID] = set()
@@ -1178,6 +1224,7 @@ _PG_OUTBOX = (
     ("claimed_until", "timestamptz"),
     ("claimed_by", "integer"),
 )
+_PG_SPANS = (("records", "json"),)
 _PG_UPDATE = (
     "UPDATE {table} AS s SET "
     + ", ".join(
@@ -1209,6 +1256,7 @@ class _PgStatements:
     update: str
     history: str
     outbox: str
+    spans: str
 
     @classmethod
     def for_schema(cls, schema: str | None) -> _PgStatements:
@@ -1230,6 +1278,7 @@ class _PgStatements:
             update=_PG_UPDATE.format(table=t("saga_instances")),
             history=pg_insert(t("saga_history"), _PG_HISTORY),
             outbox=pg_insert(t("saga_outbox"), _PG_OUTBOX),
+            spans=pg_insert(t("saga_spans"), _PG_SPANS),
         )
 
 

@@ -1,9 +1,9 @@
 """A PostgreSQL restart leaves dead connections in the pool; the next batch still commits.
 
 The store's pool does not ping every connection it hands out (that is a round trip per
-transaction). A batch that gets a connection the server has closed fails; SQLAlchemy throws the
-connection away and the group commit runs the batch again at once on a fresh one, so no message
-goes back to its queue for it.
+transaction). A batch that gets a connection the server has closed fails; the batch (run
+straight on asyncpg's connection) throws the connection away and the group commit runs the
+batch again at once on a fresh one, so no message goes back to its queue for it.
 """
 
 from __future__ import annotations
