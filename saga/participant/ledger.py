@@ -9,8 +9,8 @@ ran before them.
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
+from contextlib import AbstractAsyncContextManager
 from datetime import UTC, datetime
 from typing import Any
 from uuid import UUID
@@ -21,7 +21,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_en
 
 from saga.ports import OutboxMessage
 from saga.store.fresh import OutboxCopy
-from saga.store.lease import WriterLease
+from saga.store.lease import WriterLease, write_connection, write_transaction
 from saga.store.schema import UTCDateTime
 from saga.store.sql import delete_sent, drain_span_rows, sqlite_engine
 from saga.work import WorkCounts
@@ -159,25 +159,13 @@ class Ledger:
         self._engine = engine
         self.lease = WriterLease(engine) if self.is_sqlite else None
 
-    @contextlib.asynccontextmanager
-    async def begin(self) -> AsyncIterator[AsyncConnection]:
+    def begin(self) -> AbstractAsyncContextManager[AsyncConnection]:
         """A write transaction, committed when the block ends without an error."""
-        if self.lease is None:
-            async with self.engine.begin() as conn:
-                yield conn
-        else:
-            async with self.lease.begin() as conn:
-                yield conn
+        return write_transaction(self.lease, self.engine)
 
-    @contextlib.asynccontextmanager
-    async def _writer(self) -> AsyncIterator[AsyncConnection]:
+    def _writer(self) -> AbstractAsyncContextManager[AsyncConnection]:
         """A writer connection outside a transaction, for a caller that runs its own."""
-        if self.lease is None:
-            async with self.engine.connect() as conn:
-                yield conn
-        else:
-            async with self.lease.connection() as conn:
-                yield conn
+        return write_connection(self.lease, self.engine)
 
     async def setup(self) -> None:
         async with self.begin() as conn:

@@ -20,12 +20,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import AsyncIterator
+from contextlib import AbstractAsyncContextManager
 
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from saga.store import sqlite_driver
 
-__all__ = ["WriterLease"]
+__all__ = ["WriterLease", "write_connection", "write_transaction"]
 
 
 class WriterLease:
@@ -105,3 +106,18 @@ class WriterLease:
         finally:
             if conn is not None:
                 await conn.close()
+
+
+def write_transaction(
+    lease: WriterLease | None, engine: AsyncEngine
+) -> AbstractAsyncContextManager[AsyncConnection]:
+    """A write transaction: on the connection ``lease`` holds (SQLite), else ``engine``'s."""
+    return lease.begin() if lease is not None else engine.begin()
+
+
+def write_connection(
+    lease: WriterLease | None, engine: AsyncEngine
+) -> AbstractAsyncContextManager[AsyncConnection]:
+    """A writer connection outside a transaction, for a caller that runs its own: the one
+    ``lease`` holds (SQLite), else one of ``engine``'s."""
+    return lease.connection() if lease is not None else engine.connect()

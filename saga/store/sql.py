@@ -55,7 +55,7 @@ from saga.ports import Change, CommitResult, DueTimer, OutboxMessage, SagaFilter
 from saga.store import sqlite_driver
 from saga.store.faults import UnusableConnectionError, database_reachable, describe_error
 from saga.store.fresh import OutboxCopy
-from saga.store.lease import WriterLease
+from saga.store.lease import WriterLease, write_connection, write_transaction
 from saga.store.pg_batch import pg_arrays, pg_insert, pg_table
 from saga.store.presence import Presence, live_instances
 from saga.store.schema import (
@@ -259,11 +259,11 @@ class SqlStore:
     def _begin(self) -> AbstractAsyncContextManager[AsyncConnection]:
         """A write transaction: on SQLite on the writer connection the lease holds, so it is
         not taken from the pool and given back each time; else the engine's."""
-        return self._lease.begin() if self._lease is not None else self._write.begin()
+        return write_transaction(self._lease, self._write)
 
     def _writer(self) -> AbstractAsyncContextManager[AsyncConnection]:
         """A writer connection outside a transaction, for a caller that runs its own."""
-        return self._lease.connection() if self._lease is not None else self._write.connect()
+        return write_connection(self._lease, self._write)
 
     # --- schema --------------------------------------------------------------------------
 
