@@ -13,8 +13,9 @@ deliveries unacked at the kill come again and are deduplicated. Each saga must e
 implies, each service's ledger must hold each command once, no saga's history may hold a
 transition twice, money and stock must have moved by the completed checkouts only
 (``saga_tools.chaos.model``), and no step may have timed out: with
-60 s step timeouts (``patient_registry``) a timeout would mean a command or a reply went missing
-for a minute.
+3 min step timeouts (``patient_registry``) a timeout would mean a command or a reply went missing
+for that long. A failure lists the processes' warnings and, for sagas whose steps timed out,
+when each command, timeout and reply came, counted from the kill.
 
 ``SAGA_TEST_CLUSTER_SAGAS`` (default 1,000) sets the number of checkouts.
 """
@@ -38,10 +39,12 @@ import pytest
 from saga.core.state import HistoryKind
 from saga_tools.bench.stack import temporary_database
 from saga_tools.chaos.cluster import RabbitCluster
+from saga_tools.chaos.model import Run
 from tests.conftest import require_postgres
 from tests.crash.helpers import Proc
 from tests.e2e.stack import Group, Stack, applied_twice, submit
 from tests.faults.conftest import (
+    PATIENCE,
     assert_outcomes,
     mixed_checkouts,
     prepare,
@@ -90,6 +93,52 @@ async def submit_confirmed(
             if time.monotonic() > deadline:
                 raise
             await asyncio.sleep(0.25)
+
+
+def warnings_by_process(procs: dict[str, Proc]) -> dict[str, dict[str, int]]:
+    """How many warning log lines of each event each process wrote."""
+    counts: dict[str, dict[str, int]] = {}
+    for name, proc in procs.items():
+        seen: Counter[str] = Counter()
+        for line in proc.output().splitlines():
+            if '"level": "warning"' in line or '"level": "error"' in line:
+                try:
+                    seen[json.loads(line).get("event", "?")] += 1
+                except ValueError:
+                    seen["(not json)"] += 1
+        if seen:
+            counts[name] = dict(seen.most_common())
+    return counts
+
+
+def timeline(run: Run, since: datetime, limit: int = 8) -> str:
+    """When, in seconds after ``since``, the sagas whose steps timed out sent each command and
+    met each timeout, reply and ignored message: whether a message was lost or only late."""
+    timed_out = [
+        (saga_id, entries)
+        for saga_id, entries in run.histories.items()
+        if any(e.kind is HistoryKind.STEP_TIMED_OUT for e in entries)
+    ]
+    if not timed_out:
+        return "no step timed out"
+    firsts = sorted(
+        next(e.at for e in h if e.kind is HistoryKind.STEP_TIMED_OUT) for _, h in timed_out
+    )
+    lines = [
+        f"{len(timed_out)} sagas with a step timeout, the first at "
+        f"{(firsts[0] - since).total_seconds():.1f}s and the last at "
+        f"{(firsts[-1] - since).total_seconds():.1f}s after the kill"
+    ]
+    for saga_id, entries in timed_out[:limit]:
+        marks = [
+            f"{(e.at - since).total_seconds():.1f}s {e.kind.value}"
+            f"{'' if e.step is None else ' ' + e.step}"
+            f"{'' if e.attempt is None else ' #' + str(e.attempt)}"
+            for e in entries
+            if e.kind is not HistoryKind.STARTED
+        ]
+        lines.append(f"{saga_id}: " + ", ".join(marks))
+    return "\n".join(lines)
 
 
 def reconnected_after(procs: dict[str, Proc], since: datetime) -> dict[str, float]:
@@ -178,7 +227,17 @@ async def test_killing_the_busiest_node_loses_and_doubles_nothing(
         checkouts |= after
         await stack.wait_terminal(list(checkouts), 600, watch=list(procs.values()))
         await stack.wait_quiet(within=60)
-        run = await assert_outcomes(stack, checkouts, before, "after node 1 was killed")
+
+        def explain(run: Run) -> str:
+            delays = reconnected_after(procs, killed_at)
+            return (
+                f"reconnected after (s): {delays}\n"
+                f"warnings: {warnings_by_process(procs)}\n{timeline(run, killed_at)}"
+            )
+
+        run = await assert_outcomes(
+            stack, checkouts, before, "after node 1 was killed", explain=explain
+        )
         twice = applied_twice(run.histories)
         assert not twice, f"{len(twice)} sagas with a transition applied twice:\n" + "\n".join(
             twice[:20]
@@ -194,7 +253,9 @@ async def test_killing_the_busiest_node_loses_and_doubles_nothing(
         timeouts = sum(
             e.kind is HistoryKind.STEP_TIMED_OUT for h in run.histories.values() for e in h
         )
-        assert timeouts == 0, f"{timeouts} steps timed out: a message went missing for 60s"
+        assert timeouts == 0, (
+            f"{timeouts} steps timed out: a message went missing for {PATIENCE}\n" + explain(run)
+        )
         worked = [
             name
             for name, proc in procs.items()

@@ -9,7 +9,7 @@ The processes are not restarted: they must reconnect by themselves. Every saga m
 its input implies, every service's ledger must hold each command exactly once, and balances and
 stock must have moved by the completed checkouts only.
 
-The orchestrator runs the checkout with 60 s step timeouts (``patient_registry``): the node is
+The orchestrator runs the checkout with 3 min step timeouts (``patient_registry``): the node is
 away for ~10 s, and with the demo's 3 s x 3 attempts the sagas waiting on a reply at the kill
 would time out and compensate, which is correct but would hide what this test is about.
 """
