@@ -28,25 +28,44 @@ pytestmark = pytest.mark.postgres
 @pytest.fixture
 async def store(unique: str) -> AsyncIterator[SqlStore]:
     sql = SqlStore(require_postgres(), schema=f"saga_stale_{unique}", pool_size=3)
+    _note_connections(sql)
     await sql.migrate()
     try:
         yield sql
     finally:
+        _OPENED.pop(id(sql), None)
         await sql.drop_schema()
         await sql.close()
 
 
-async def _terminate_others(url: str, schema: str) -> int:
-    """Close, server side, every connection of this database but the one asking."""
-    admin = SqlStore(url, schema=schema)
+#: server pids of the connections each store of these tests opened, by ``id(store)``
+_OPENED: dict[int, list[int]] = {}
+
+
+def _note_connections(store: SqlStore) -> None:
+    """Remember the server pid of every connection ``store``'s engines open."""
+    pids = _OPENED.setdefault(id(store), [])
+
+    def opened(dbapi_connection: Any, _record: Any) -> None:
+        pids.append(int(dbapi_connection.driver_connection.get_server_pid()))
+
+    for engine in {store._write, store._read}:
+        sa.event.listen(engine.sync_engine, "connect", opened)
+
+
+async def _terminate_opened(url: str, store: SqlStore) -> int:
+    """Close, server side, the connections ``store`` opened (and no one else's: other work may
+    share the database); how many were still open."""
+    pids = _OPENED.get(id(store), [])
+    admin = SqlStore(url, schema=store.schema)
     try:
         async with admin._write.connect() as conn:
             killed = await conn.scalar(
                 sa.text(
-                    "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
-                    "WHERE datname = current_database() AND pid <> pg_backend_pid() "
-                    "AND application_name = '' AND backend_type = 'client backend'"
-                )
+                    "SELECT count(*) FILTER (WHERE pg_terminate_backend(pid)) "
+                    "FROM unnest(CAST(:pids AS integer[])) AS pid"
+                ),
+                {"pids": pids},
             )
     finally:
         await admin.close()
@@ -61,7 +80,7 @@ async def test_a_batch_on_a_connection_the_server_closed_runs_again_and_commits(
 
     group: GroupCommit[Change, CommitResult] = GroupCommit(apply)
     assert await group.submit(change_for(started("warm"), None)) is CommitResult.APPLIED
-    assert await _terminate_others(require_postgres(), store.schema or "") >= 1
+    assert await _terminate_opened(require_postgres(), store) >= 1
     # the pool still holds the killed connection: the first run fails on it, the second not
     assert await group.submit(change_for(started("after"), None)) is CommitResult.APPLIED
     assert group.batches == 2
@@ -76,7 +95,7 @@ async def test_a_look_up_on_a_connection_the_server_closed_answers_from_a_fresh_
     assert await store.commit([change_for(made, None)]) == [CommitResult.APPLIED]
     store._states.clear()
     assert await store.load(made.state.saga_id) == made.state  # a pooled connection now
-    assert await _terminate_others(require_postgres(), store.schema or "") >= 1
+    assert await _terminate_opened(require_postgres(), store) >= 1
     assert await store.load(made.state.saga_id) == made.state
     assert await store.load_many([made.state.saga_id]) == {made.state.saga_id: made.state}
 
