@@ -28,6 +28,7 @@ from saga.core.ids import saga_id_for_key
 from saga.core.state import SagaStatus
 from saga.protocol.envelope import StartSaga
 from saga.transport.topology import Topology
+from saga_demo.checkout import PARTICIPANTS as DEMO_PARTICIPANTS
 from tests.support.sagas import PARTICIPANTS
 
 REPO = Path(__file__).resolve().parents[2]
@@ -221,14 +222,19 @@ async def queue_depths(url: str, names: Iterable[str]) -> dict[str, tuple[int, i
     return found
 
 
+#: every participant whose queues a test's processes may declare: the test sagas' and the demo's
+ANY_PARTICIPANTS = (*PARTICIPANTS, *DEMO_PARTICIPANTS)
+
+
 async def delete_topology(url: str, prefix: str) -> None:
-    """Delete every queue and exchange of ``prefix``; missing ones are fine."""
+    """Delete every queue and exchange of ``prefix`` (the queues of the test sagas'
+    participants and of the demo's: either may have been declared); missing ones are fine."""
     topology = Topology(prefix=prefix)
     connection = await aio_pika.connect(url)
     async with connection:
         channel = await connection.channel()
-        for name in all_queues(prefix):
-            await channel.queue_delete(name)
+        for queue in topology.queues(ANY_PARTICIPANTS):
+            await channel.queue_delete(queue.name)
         for spec in topology.exchanges():
             await channel.exchange_delete(spec.name)
 

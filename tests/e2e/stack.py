@@ -46,7 +46,15 @@ from saga_demo import inventory, order, payment, shipping
 from saga_demo.checkout import PARTICIPANTS, checkout_input
 from saga_demo.cli import SAMPLE_PRICES
 from saga_demo.demo import HOME
-from tests.crash.helpers import REPO, Proc, base_env, publish_starts, wait_exit, wait_for_output
+from tests.crash.helpers import (
+    REPO,
+    Proc,
+    base_env,
+    delete_topology,
+    publish_starts,
+    wait_exit,
+    wait_for_output,
+)
 
 __all__ = [
     "BIN",
@@ -132,17 +140,6 @@ def _signal_group(proc: Proc, sig: signal.Signals) -> None:
 
 def _queue_names(prefix: str) -> list[str]:
     return [q.name for q in Topology(prefix=prefix).queues(PARTICIPANTS)]
-
-
-async def delete_topology(url: str, prefix: str) -> None:
-    """Delete every queue and exchange of ``prefix``; missing ones are fine."""
-    connection = await aio_pika.connect(url)
-    async with connection:
-        channel = await connection.channel()
-        for name in _queue_names(prefix):
-            await channel.queue_delete(name)
-        for spec in Topology(prefix=prefix).exchanges():
-            await channel.exchange_delete(spec.name)
 
 
 async def leftover_queues(url: str, prefix: str) -> list[str]:

@@ -25,6 +25,7 @@ import signal
 import subprocess
 import sys
 import time
+import uuid
 from collections.abc import Awaitable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,7 +35,7 @@ import pytest
 from saga_tools.chaos.proxy import StageFault, TcpProxy
 from saga_tools.chaos.runner import until
 from tests.conftest import RABBITMQ_URL, require_rabbitmq
-from tests.crash.helpers import REPO, base_env
+from tests.crash.helpers import REPO, base_env, delete_topology
 
 pytestmark = pytest.mark.rabbitmq
 
@@ -71,12 +72,15 @@ class Run:
 
     def __init__(self, kind: Kind, directory: Path, proxy: TcpProxy, start_timeout: float):
         self.kind = kind
+        #: a prefix of its own: the broker is shared with other runs, and its topology is
+        #: deleted when the case ends (delete_topology)
+        self.prefix = f"stg-{uuid.uuid4().hex[:8]}-{directory.name}"
         directory.mkdir(parents=True)
         self.out = directory / "out.log"
         env = base_env()
         env.update(
             SAGA_RABBITMQ_URL=proxy.url(RABBITMQ_URL),
-            SAGA_PREFIX=f"stg{directory.name}",
+            SAGA_PREFIX=self.prefix,
             SAGA_DATA_DIR=str(directory),
             SAGA_DATABASE_URL=f"sqlite+aiosqlite:///{directory / 'saga.db'}",
             SAGA_DEFINITIONS="tests.support.sagas:registry",
@@ -129,6 +133,7 @@ async def _case(
             problem = await _judge(run, mode, stage, fault, start_timeout)
         finally:
             run.kill()
+            await delete_topology(RABBITMQ_URL, run.prefix)
     if problem is None:
         return None
     tail = "\n".join(run.output().splitlines()[-15:])

@@ -321,11 +321,7 @@ async def test_a_start_that_fails_half_way_closes_its_own_broker(
             await service.start()
         assert service.broker is None, "the broker it connected was left open"
     finally:
-        channel = await connection.channel()
-        await channel.queue_delete(f"{prefix}.cmd.flights")
-        for name in (f"{prefix}.commands", f"{prefix}.dlx"):
-            await channel.exchange_delete(name)
-        await connection.close()
+        await _delete_topology(connection, prefix)  # the start declared the rest before it
 
 
 async def _delete_topology(connection: Any, prefix: str) -> None:
