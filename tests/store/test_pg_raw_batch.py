@@ -11,11 +11,11 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator, Sequence
+from pathlib import Path
 from typing import Any
 
 import asyncpg
 import pytest
-from sqlalchemy.pool.base import _ConnectionFairy
 
 from saga.core.engine import decide
 from saga.messaging.group import GroupCommit
@@ -23,35 +23,16 @@ from saga.ports import Change, CommitResult
 from saga.store.faults import UnusableConnectionError, rolled_back, stale_connection
 from saga.store.sql import SqlStore
 from tests.conftest import require_postgres
+from tests.store.conftest import sql_store
 from tests.store.test_store_contract import DEF, T0, change_for, create, reply_ok
 
 pytestmark = pytest.mark.postgres
 
 
 @pytest.fixture
-async def store(unique: str) -> AsyncIterator[SqlStore]:
-    sql = SqlStore(require_postgres(), schema=f"saga_raw_{unique}", pool_size=2)
-    await sql.migrate()
-    await sql.setup()
-    try:
+async def store(tmp_path: Path, unique: str) -> AsyncIterator[SqlStore]:
+    async with sql_store("postgres", tmp_path, unique, pool_size=2) as sql:
         yield sql
-    finally:
-        await sql.drop_schema()
-        await sql.close()
-
-
-@pytest.fixture
-def given_up(monkeypatch: pytest.MonkeyPatch) -> list[object]:
-    """The pooled connections invalidated (closed rather than given back)."""
-    seen: list[object] = []
-    invalidate = _ConnectionFairy.invalidate
-
-    def counting(self: _ConnectionFairy, *args: Any, **kwargs: Any) -> None:
-        seen.append(self)
-        invalidate(self, *args, **kwargs)
-
-    monkeypatch.setattr(_ConnectionFairy, "invalidate", counting)
-    return seen
 
 
 def group_for(store: SqlStore) -> GroupCommit[Change, CommitResult]:

@@ -13,7 +13,6 @@ from typing import Any
 
 import pytest
 import sqlalchemy as sa
-from sqlalchemy.pool.base import _ConnectionFairy
 
 from saga.messaging.group import GroupCommit
 from saga.ports import Change, CommitResult
@@ -101,20 +100,12 @@ async def test_a_look_up_on_a_connection_the_server_closed_answers_from_a_fresh_
 
 
 async def test_a_read_that_hangs_gives_up_its_connection_and_is_made_again(
-    store: SqlStore, monkeypatch: pytest.MonkeyPatch
+    store: SqlStore, monkeypatch: pytest.MonkeyPatch, given_up: list[object]
 ) -> None:
     """Look-ups are read one at a time, so a read straight on the driver is bounded: one that
     outlasts it (here a slow statement; a connection the network left half-open alike) gives
     its connection up and is made again through SQLAlchemy on another."""
     monkeypatch.setattr(sql_module, "_PG_READ_TIMEOUT", 0.05)
-    given_up: list[object] = []
-    invalidate = _ConnectionFairy.invalidate
-
-    def counting(self: _ConnectionFairy, *args: Any, **kwargs: Any) -> None:
-        given_up.append(self)
-        invalidate(self, *args, **kwargs)
-
-    monkeypatch.setattr(_ConnectionFairy, "invalidate", counting)
     rows = await store._read_pg("SELECT pg_sleep(0.3) IS NULL AS slept, $1::int AS n", 7)
     assert [(r["slept"], r["n"]) for r in rows] == [(False, 7)]
     assert len(given_up) == 1  # the first try timed out; the second, through SQLAlchemy, did not
