@@ -195,6 +195,9 @@ class Store(Protocol):
 
     async def due_timers(self, now: datetime, limit: int) -> list[DueTimer]: ...
 
+    async def next_deadline(self) -> datetime | None:
+        """The earliest deadline of any saga, due or not; None when no saga has one."""
+
     async def history(self, saga_id: UUID) -> list[HistoryEntry]: ...
 
     async def histories(

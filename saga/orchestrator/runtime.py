@@ -197,6 +197,12 @@ class Orchestrator:
         """Apply a participant's reply; raises :class:`MessageError` for an unknown saga."""
         return await self.submit(reply.saga_id, reply_event(reply), inbox_id=reply.message_id)
 
+    async def timers_due(self) -> bool:
+        """Whether some deadline has passed: the cheap question the timer loop asks before
+        the costlier ones (the broker's queues, the claim of the due timers)."""
+        earliest = await self.store.next_deadline()
+        return earliest is not None and earliest <= self.clock.now()
+
     async def fire_due_timers(
         self, limit: int = 500, hold: Mapping[str, float] | None = None
     ) -> int:

@@ -121,6 +121,16 @@ class TimerLoop:
                 down_since = None
                 await asyncio.sleep(wait)
                 continue  # down again meanwhile? check before firing
+            try:
+                due = await self._orchestrator.timers_due()
+            except Exception as exc:
+                log.warning("timer_loop_failed", error=repr(exc))
+                due = False
+            if not due:  # the queues are asked only when a deadline has passed
+                backlog_since = None
+                await self._participants_held(loop.time())  # a backlog's end is still seen
+                await asyncio.sleep(self.interval)
+                continue
             if await self._replies_waiting():
                 if backlog_since is None:
                     backlog_since = loop.time()

@@ -959,9 +959,14 @@ class SqlStore:
         )
 
     async def next_deadline(self) -> datetime | None:
-        async with self._read.connect() as conn:
-            found = await conn.scalar(sa.select(sa.func.min(sagas.c.deadline)))
-            return None if found is None else _as_utc(found)
+        """The earliest deadline of any saga (this instance's or not): what the timer loop
+        asks ten times a second, so on SQLite one index probe on the loop's thread."""
+        if self._select_sagas is not None:
+            found = await self._select_sagas.minimum(sagas.c.deadline)
+        else:
+            async with self._read.connect() as conn:
+                found = await conn.scalar(_NEXT_DEADLINE)
+        return None if found is None else _as_utc(found)
 
     async def history(self, saga_id: UUID) -> list[HistoryEntry]:
         query = sa.select(history).where(history.c.saga_id == saga_id).order_by(history.c.id)
@@ -1345,6 +1350,7 @@ class _RowByRowError(Exception):
 
 _SELECT_SAGAS = sa.select(sagas).where(sagas.c.saga_id.in_(sa.bindparam("ids", expanding=True)))
 _OUTBOX_DELETE = outbox.delete().where(outbox.c.message_id == sa.bindparam("message_id"))
+_NEXT_DEADLINE = sa.select(sa.func.min(sagas.c.deadline))
 _HISTORY_INSERT = history.insert()
 _OUTBOX_INSERT = outbox.insert()
 _SPANS_INSERT = spans.insert()

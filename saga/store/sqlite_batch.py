@@ -193,6 +193,8 @@ class DirectSelect:
         self._path = path
         self._timeout = timeout
         self._counts = counts
+        self._dialect = dialect
+        self._table = table.name
         self._names = tuple(c.name for c in table.columns)
         self._sql = f"SELECT {', '.join(self._names)} FROM {table.name} WHERE {key.name} IN "
         self._processors = [
@@ -234,6 +236,15 @@ class DirectSelect:
                 row[i] = process(row[i])
             out.append(dict(zip(names, row, strict=True)))
         return out
+
+    async def minimum(self, column: sa.Column[Any]) -> Any:
+        """The least non-NULL value of ``column`` (of this table), as SQLAlchemy reads it;
+        None when there is none. An indexed column's minimum is one index probe."""
+        conn = await self._connection()
+        (found,) = conn.execute(f"SELECT min({column.name}) FROM {self._table}").fetchone()
+        self._counts.statements += 1
+        process = _result_processor(column.type, self._dialect)
+        return found if found is None or process is None else process(found)
 
     async def close(self) -> None:
         if self._opening is not None and self._conn is None:

@@ -189,6 +189,16 @@ async def publish_all(store: Store) -> None:
         raise AssertionError("sent outbox rows were not deleted")
 
 
+async def test_next_deadline_is_the_earliest_as_an_aware_time(store: Store) -> None:
+    assert await store.next_deadline() is None
+    late = await create(store, at=T0 + timedelta(seconds=5))
+    early = await create(store, at=T0)
+    assert early.deadline is not None and late.deadline is not None
+    found = await store.next_deadline()
+    assert found == early.deadline and found is not None and found.tzinfo is not None
+    assert found.utcoffset() == timedelta(0)
+
+
 async def test_due_timers_in_deadline_order_and_only_due(store: Store) -> None:
     early = await create(store, at=T0)
     late = await create(store, at=T0 + timedelta(seconds=5))
