@@ -15,11 +15,38 @@ from collections.abc import Sequence
 from datetime import UTC
 from typing import Any
 
-from sqlalchemy.ext.asyncio import AsyncConnection
+from sqlalchemy import event
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from saga.core.jsontext import dumps
+from saga.work import WorkCounts
 
-__all__ = ["PgRun", "pg_arrays", "pg_insert", "pg_table"]
+__all__ = ["PgRun", "count_statements", "pg_arrays", "pg_insert", "pg_params", "pg_table"]
+
+
+def count_statements(engine: AsyncEngine, counts: WorkCounts) -> None:
+    """Count in ``counts`` what goes through ``engine``'s SQLAlchemy connections: each
+    statement (an ``executemany`` once), ``BEGIN``, ``COMMIT`` and ``ROLLBACK``, and the
+    transactions committed, as the SQLite driver counts its own. Statements sent on asyncpg's
+    connection directly are counted where they are sent."""
+    sync = engine.sync_engine
+
+    @event.listens_for(sync, "before_cursor_execute")
+    def _statement(*_args: Any) -> None:
+        counts.statements += 1
+
+    @event.listens_for(sync, "begin")
+    def _begin(_conn: Any) -> None:
+        counts.statements += 1
+
+    @event.listens_for(sync, "commit")
+    def _commit(_conn: Any) -> None:
+        counts.statements += 1
+        counts.transactions += 1
+
+    @event.listens_for(sync, "rollback")
+    def _rollback(_conn: Any) -> None:
+        counts.statements += 1
 
 
 def pg_table(name: str, schema: str | None) -> str:
@@ -41,17 +68,23 @@ def pg_arrays(columns: Sequence[tuple[str, str]], rows: list[dict[str, Any]]) ->
     return args
 
 
-def pg_insert(table: str, columns: Sequence[tuple[str, str]], tail: str = "") -> str:
-    """``INSERT`` of the rows of one array per column, in the arrays' order (a history's ids
-    follow its entries)."""
+def pg_insert(
+    table: str, columns: Sequence[tuple[str, str]], tail: str = "", *, first: int = 1
+) -> str:
+    """``INSERT`` of the rows of one array per column (parameters from ``$first`` on), in
+    the arrays' order (a history's ids follow its entries)."""
     names = ", ".join(c for c, _ in columns)
     values = ", ".join(f"{c}::json" if t == "json" else c for c, t in columns)
-    arrays = ", ".join(
-        f"${i}::{'text' if t == 'json' else t}[]" for i, (_, t) in enumerate(columns, 1)
-    )
     return (
-        f"INSERT INTO {table} ({names}) SELECT {values} FROM unnest({arrays}) "
+        f"INSERT INTO {table} ({names}) SELECT {values} FROM unnest({pg_params(columns, first)}) "
         f"WITH ORDINALITY AS v({names}, ord) ORDER BY ord{tail}"
+    )
+
+
+def pg_params(columns: Sequence[tuple[str, str]], first: int = 1) -> str:
+    """The typed array parameters of ``columns``, numbered from ``$first``."""
+    return ", ".join(
+        f"${i}::{'text' if t == 'json' else t}[]" for i, (_, t) in enumerate(columns, first)
     )
 
 

@@ -56,7 +56,7 @@ from saga.store import sqlite_driver
 from saga.store.faults import UnusableConnectionError, database_reachable, describe_error
 from saga.store.fresh import OutboxCopy
 from saga.store.lease import WriterLease, write_connection, write_transaction
-from saga.store.pg_batch import pg_arrays, pg_insert, pg_table
+from saga.store.pg_batch import count_statements, pg_arrays, pg_insert, pg_params, pg_table
 from saga.store.presence import Presence, live_instances
 from saga.store.schema import (
     HEAD,
@@ -195,7 +195,7 @@ class SqlStore:
                 "sqlite+aiosqlite:///path/to/saga.db or postgresql+asyncpg://user@host/db"
             )
         self.schema = schema
-        #: statements, transactions and thread hand-offs (SQLite; saga.work)
+        #: statements, transactions and thread hand-offs (saga.work)
         self.counts = WorkCounts()
         self._outbox = OutboxCopy(self._delete_sent)  # what the relay has not sent yet
         self._synchronous = sqlite_synchronous.upper()
@@ -255,6 +255,7 @@ class SqlStore:
             # runs again on a fresh one (saga.messaging.group)
             self._write = create_async_engine(url, pool_size=pool_size, execution_options=options)
             self._read = self._write
+            count_statements(self._write, self.counts)
 
     def _begin(self) -> AbstractAsyncContextManager[AsyncConnection]:
         """A write transaction: on SQLite on the writer connection the lease holds, so it is
@@ -500,6 +501,7 @@ class SqlStore:
         connection) as it always did, or answers from a sound connection."""
         raw = await self._read.raw_connection()
         driver: Any = raw.driver_connection
+        self.counts.statements += 1
         try:
             # bounded: look-ups are read one at a time, so a connection left half-open by the
             # network must not hold every start and every admin read behind it
@@ -694,6 +696,8 @@ class SqlStore:
         # The errors are asyncpg's own (saga.store.faults classifies them as SQLAlchemy's).
         raw = await self._write.raw_connection()
         driver: Any = raw.driver_connection
+        counts = self.counts
+        counts.statements += 2  # BEGIN, and COMMIT or ROLLBACK
         sound = False  # the connection is idle outside a transaction: back to the pool
         try:
             transaction = driver.transaction()
@@ -712,6 +716,7 @@ class SqlStore:
                 sound = True
                 raise
             await transaction.commit()
+            counts.transactions += 1
             sound = True
         except _RowByRowError:
             return None
@@ -744,9 +749,8 @@ class SqlStore:
         a row did not go through."""
         sql = self._pg_sql
         answers: dict[int, CommitResult] = {}
-        if doomed:
-            await driver.execute(sql.delete_sent, doomed)
         if expected:  # lock in id order first: two instances queue, never deadlock
+            self.counts.statements += 1
             locked = await driver.fetch(sql.lock, list(expected))
             found = {r[0]: r[1] for r in locked}
             stale = {i for i, v in expected.items() if found.get(i) != v}
@@ -756,24 +760,28 @@ class SqlStore:
         inbox_rows, inserts, updates, history_rows, outbox_rows, span_rows = _bulk_rows(
             ordered, now, self.instance, rows
         )
-        if inbox_rows:
-            got = await driver.fetch(sql.inbox, *pg_arrays(_PG_INBOX, inbox_rows))
-            if len(got) != len(inbox_rows):
-                raise _RowByRowError
-        if inserts:
-            got = await driver.fetch(sql.insert, *pg_arrays(_PG_INSERT, inserts))
-            if len(got) != len(inserts):
-                raise _RowByRowError
-        if updates:
-            matched = await driver.fetch(sql.update, *pg_arrays(_PG_UPDATE_COLUMNS, updates))
-            if len(matched) != len(updates):
-                raise _RowByRowError
-        if history_rows:
-            await driver.execute(sql.history, *pg_arrays(_PG_HISTORY, history_rows))
-        if outbox_rows:
-            await driver.execute(sql.outbox, *pg_arrays(_PG_OUTBOX, outbox_rows))
-        if span_rows:
-            await driver.execute(sql.spans, *pg_arrays(_PG_SPANS, span_rows))
+        # one round trip for every write (each one was a round trip of its own: most of a
+        # small batch's cost, on both sides)
+        self.counts.statements += 1
+        try:
+            went_in = await driver.fetchrow(
+                sql.write,
+                doomed,
+                *pg_arrays(_PG_INBOX, inbox_rows),
+                *pg_arrays(_PG_INSERT, inserts),
+                *pg_arrays(_PG_UPDATE_COLUMNS, updates),
+                *pg_arrays(_PG_HISTORY, history_rows),
+                *pg_arrays(_PG_OUTBOX, outbox_rows),
+                *pg_arrays(_PG_SPANS, span_rows),
+            )
+        except asyncpg.IntegrityConstraintViolationError as exc:
+            # the statement's parts run together, so a row that did not go in shows here
+            # before the counts can: a duplicate start's outbox rows (unique), the history
+            # of a new saga whose key was taken (foreign key). Row by row sorts each out, and
+            # raises what was not such a case.
+            raise _RowByRowError from exc
+        if tuple(went_in) != (len(inbox_rows), len(inserts), len(updates)):
+            raise _RowByRowError
         return answers
 
     async def _without_stale(
@@ -791,6 +799,7 @@ class SqlStore:
         ]
         seen: set[UUID] = set()
         if received:
+            self.counts.statements += 1
             seen = {r[0] for r in await driver.fetch(self._pg_sql.received, received)}
         kept: list[Change] = []
         answers: dict[int, CommitResult] = {}
@@ -1230,21 +1239,59 @@ _PG_OUTBOX = (
     ("claimed_by", "integer"),
 )
 _PG_SPANS = (("records", "json"),)
-_PG_UPDATE = (
-    "UPDATE {table} AS s SET "
-    + ", ".join(
-        f"{c} = v.{c}::json" if c in _PG_JSON else f"{c} = v.{c}"
-        for c, _ in _PG_UPDATE_COLUMNS
-        if c not in ("saga_id", "w_version")
+
+
+def _pg_update(table: str, first: int) -> str:
+    """The version-checked update of the saga rows in one array per column (parameters from
+    ``$first`` on), returning the rows whose version matched."""
+    return (
+        f"UPDATE {table} AS s SET "
+        + ", ".join(
+            f"{c} = v.{c}::json" if c in _PG_JSON else f"{c} = v.{c}"
+            for c, _ in _PG_UPDATE_COLUMNS
+            if c not in ("saga_id", "w_version")
+        )
+        + ", timer_claimed_until = NULL, timer_claimed_by = NULL FROM unnest("
+        + pg_params(_PG_UPDATE_COLUMNS, first)
+        + ") AS v("
+        + ", ".join(c for c, _ in _PG_UPDATE_COLUMNS)
+        + ") WHERE s.saga_id = v.saga_id AND s.version = v.w_version RETURNING s.saga_id"
     )
-    + ", timer_claimed_until = NULL, timer_claimed_by = NULL FROM unnest("
-    + ", ".join(
-        f"${i}::{'text' if t == 'json' else t}[]" for i, (_, t) in enumerate(_PG_UPDATE_COLUMNS, 1)
+
+
+def _pg_write(t: Callable[[str], str]) -> str:
+    """Every write of a bulk batch in one statement: the sent outbox rows' delete, then the
+    inbox ids, new sagas, updates, history, outbox and span rows (``$1`` the deleted ids, then
+    each kind's arrays in that order), returning how many inbox ids, new sagas and updates
+    went in. Its parts are data-modifying ``WITH`` queries: each runs to completion (its
+    arrays may be empty), and the history of a saga born in the same statement meets its row,
+    since the foreign key is checked when the statement ends."""
+    inbox, born = t("saga_inbox"), t("saga_instances")
+    returning = " ON CONFLICT DO NOTHING RETURNING 1"
+    first = 2  # $1: the deleted outbox ids
+    parts = [f"gone AS (DELETE FROM {t('saga_outbox')} WHERE message_id = ANY($1::uuid[]))"]
+    for name, columns in (
+        ("inbox", _PG_INBOX),
+        ("born", _PG_INSERT),
+        ("moved", _PG_UPDATE_COLUMNS),
+        ("history", _PG_HISTORY),
+        ("outbox", _PG_OUTBOX),
+        ("spans", _PG_SPANS),
+    ):
+        if name == "inbox":
+            sql = pg_insert(inbox, columns, returning, first=first)
+        elif name == "born":
+            sql = pg_insert(born, columns, returning, first=first)
+        elif name == "moved":
+            sql = _pg_update(born, first)
+        else:
+            sql = pg_insert(t(f"saga_{name}"), columns, first=first)
+        parts.append(f"{name} AS ({sql})")
+        first += len(columns)
+    return (
+        "WITH " + ", ".join(parts) + " SELECT (SELECT count(*) FROM inbox), "
+        "(SELECT count(*) FROM born), (SELECT count(*) FROM moved)"
     )
-    + ") AS v("
-    + ", ".join(c for c, _ in _PG_UPDATE_COLUMNS)
-    + ") WHERE s.saga_id = v.saga_id AND s.version = v.w_version RETURNING s.saga_id"
-)
 
 
 @dataclass(frozen=True, slots=True)
@@ -1253,15 +1300,9 @@ class _PgStatements:
     asyncpg prepares each once per connection (SQLAlchemy's expanding ``IN`` and multi-row
     ``VALUES`` made a new text, so a new prepare, for every number of rows)."""
 
-    delete_sent: str
     lock: str
     received: str
-    inbox: str
-    insert: str
-    update: str
-    history: str
-    outbox: str
-    spans: str
+    write: str
 
     @classmethod
     def for_schema(cls, schema: str | None) -> _PgStatements:
@@ -1269,21 +1310,11 @@ class _PgStatements:
             return pg_table(name, schema)
 
         return cls(
-            delete_sent=f"DELETE FROM {t('saga_outbox')} WHERE message_id = ANY($1::uuid[])",
             lock=f"SELECT saga_id, version FROM {t('saga_instances')} "
             "WHERE saga_id = ANY($1::uuid[]) "
             "ORDER BY saga_id FOR UPDATE",
             received=f"SELECT message_id FROM {t('saga_inbox')} WHERE message_id = ANY($1::uuid[])",
-            inbox=pg_insert(
-                t("saga_inbox"), _PG_INBOX, " ON CONFLICT DO NOTHING RETURNING message_id"
-            ),
-            insert=pg_insert(
-                t("saga_instances"), _PG_INSERT, " ON CONFLICT DO NOTHING RETURNING saga_id"
-            ),
-            update=_PG_UPDATE.format(table=t("saga_instances")),
-            history=pg_insert(t("saga_history"), _PG_HISTORY),
-            outbox=pg_insert(t("saga_outbox"), _PG_OUTBOX),
-            spans=pg_insert(t("saga_spans"), _PG_SPANS),
+            write=_pg_write(t),
         )
 
 
