@@ -40,6 +40,7 @@ def run_saga(tmp_path: Path, *args: str, **env: str) -> subprocess.CompletedProc
             "cannot reach RabbitMQ at amqp://guest:***@127.0.0.1:1/",
         ),
         ({"SAGA_DATABASE_URL": "sqlite+aiosqlite:///db/saga.db"}, "run `saga migrate`"),
+        ({"SAGA_GC_THRESHOLD": "lots"}, "SAGA_GC_THRESHOLD='lots': give a whole number"),
         (
             {"SAGA_DATABASE_URL": "postgresql+asyncpg://postgres@127.0.0.1:1/test"},
             "cannot reach the database at postgresql+asyncpg://postgres@127.0.0.1:1/test",

@@ -4,6 +4,7 @@ that overruns, the loop's bounded end, the AMQP libraries' log lines and the bro
 from __future__ import annotations
 
 import asyncio
+import gc
 import io
 import logging
 import os
@@ -16,7 +17,7 @@ import pytest
 
 from saga.core.errors import ConfigError
 from saga.logs import configure_logging
-from saga.loop import run
+from saga.loop import GC_THRESHOLD, run
 from saga.process import StartError, StopTimeoutError, serve, starting
 from saga.transport.link import reach_error
 
@@ -159,3 +160,20 @@ def test_the_broker_error_says_what_to_check_by_how_it_failed() -> None:
     assert "did not complete the AMQP handshake" in handshake
     assert "Is it running?" not in handshake
     assert "secret" not in handshake
+
+
+def test_the_loop_collects_less_often_and_gives_the_threshold_back(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    async def threshold() -> int:
+        return gc.get_threshold()[0]
+
+    before = gc.get_threshold()
+    monkeypatch.delenv("SAGA_GC_THRESHOLD", raising=False)
+    assert run(threshold()) == GC_THRESHOLD
+    monkeypatch.setenv("SAGA_GC_THRESHOLD", "700")  # CPython's own
+    assert run(threshold()) == 700
+    assert gc.get_threshold() == before
+    monkeypatch.setenv("SAGA_GC_THRESHOLD", "99")
+    with pytest.raises(ConfigError, match="at least 100"):
+        run(threshold())
