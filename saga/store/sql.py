@@ -660,11 +660,12 @@ class SqlStore:
     async def _commit_bulk_pg(
         self, changes: Sequence[Change], doomed: list[UUID], now: datetime
     ) -> list[CommitResult] | None:
-        """PostgreSQL's batch in one statement per kind of row: the saga rows locked in id
-        order, the inbox and new sagas inserted with ``RETURNING`` (so a duplicate shows), the
-        updates in one ``UPDATE ... FROM unnest(...)`` that returns the rows whose version
-        matched; None (rolled back, nothing written) when any row did not go through: the
-        row-by-row path then decides each.
+        """PostgreSQL's batch in two statements: the saga rows locked in id order, then every
+        write in one (:func:`_pg_write`: the inbox and new sagas inserted with ``RETURNING``,
+        so a duplicate shows, the updates in one ``UPDATE ... FROM unnest(...)`` that returns
+        the rows whose version matched, and the history, outbox and span rows); None (rolled
+        back, nothing written) when any row did not go through: the row-by-row path then
+        decides each.
 
         A saga with several changes in the batch (the replies of a parallel group's members
         arrive together) is one saga row: its last state, checked against the version its

@@ -28,9 +28,10 @@ from saga.participant import (
     TransientError,
     runtime,
 )
+from saga.participant.ledger import Ledger
 from saga.protocol.envelope import CommandEnvelope
 from saga.transport.topology import Topology
-from tests.conftest import require_rabbitmq
+from tests.conftest import require_postgres, require_rabbitmq
 
 metadata = sa.MetaData()
 bookings = sa.Table(
@@ -237,6 +238,63 @@ async def test_an_action_and_its_compensation_in_one_batch(svc: Participant) -> 
     done, undone = await asyncio.gather(svc.handle(book(saga)), svc.handle(cancel(saga)))
     assert done.outcome == "success" and undone.data == {"nothing_to_undo": False}
     assert await booked(svc) == [("LH400", True)]
+
+
+@pytest.mark.parametrize(
+    "backend", ["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)]
+)
+async def test_a_handler_that_fails_in_a_batch_undoes_only_its_own_writes(
+    tmp_path: Path, backend: str
+) -> None:
+    """Group commit: three commands in one transaction, the middle one writes and then
+    fails. Each handler runs in a savepoint of its own (on PostgreSQL one that went through is
+    released with the next one's, or by the COMMIT): the failed one's row is gone, the other
+    two's stay, and every command has its reply."""
+    database = None if backend == "sqlite" else require_postgres()
+    service = Participant(
+        "flights",
+        ParticipantSettings(data_dir=tmp_path, prefix="acme", services_database_url=database),
+        business=metadata,
+    )
+    if database is not None:  # a schema of its own, so runs side by side share nothing
+        shared = service.ledger
+        service.ledger = Ledger(
+            shared.url, schema=f"ledger_{uuid.uuid4().hex[:10]}", business=shared.business
+        )
+        await shared.close()
+
+    @service.handler("flights.hold")
+    async def hold(conn: AsyncConnection, payload: BookFlight, command: CommandEnvelope) -> None:
+        await conn.execute(
+            bookings.insert().values(saga_id=command.saga_id, flight=payload.flight, seats=1)
+        )
+        if payload.flight == "DOOMED":
+            raise BusinessError("doomed", "written, then refused")
+
+    await service.setup_database()
+    try:
+        sagas = [uuid.uuid4() for _ in range(3)]
+        flights_held = ["LH1", "DOOMED", "LH3"]
+        batches = service._group.batches
+        replies = await asyncio.gather(
+            *(
+                service.handle(command("flights.hold", {"flight": f, "seats": 1}, saga))
+                for saga, f in zip(sagas, flights_held, strict=True)
+            )
+        )
+        assert [(r.outcome, r.reason) for r in replies] == [
+            ("success", None),
+            ("failure", "doomed"),
+            ("success", None),
+        ]
+        assert service._group.batches == batches + 1  # one transaction for the three
+        assert sorted(f for f, _ in await booked(service)) == ["LH1", "LH3"]
+        again = command("flights.hold", {"flight": "LH4", "seats": 1}, sagas[1])
+        assert (await service.handle(again)).reason == "doomed"  # recorded, and given again
+    finally:
+        if database is not None:
+            await service.ledger.drop()
+        await service.ledger.close()
 
 
 async def test_an_invalid_payload_is_a_final_refusal_before_the_handler(svc: Participant) -> None:
