@@ -96,11 +96,19 @@ class TimerLoop:
         )
         return hold
 
+    async def _reply_backlog(self, now: float, since: float | None) -> float | None:
+        """When the reply queue's backlog began (``since``, or now if it just did); None when
+        the queue is empty."""
+        if await self._replies_waiting():
+            return now if since is None else since
+        return None
+
     async def run(self) -> None:
         loop = asyncio.get_running_loop()
         await asyncio.sleep(self.grace)
         down_since: float | None = None
-        backlog_since: float | None = None
+        backlog_since: float | None = None  # when the reply queue's current backlog was seen
+        replies_checked = float("-inf")
         while True:
             if own_cancellation():
                 # Python 3.11's wait_for can swallow a cancellation that arrives as its inner
@@ -126,19 +134,22 @@ class TimerLoop:
             except Exception as exc:
                 log.warning("timer_loop_failed", error=repr(exc))
                 due = False
-            if not due:  # the queues are asked only when a deadline has passed
-                backlog_since = None
-                await self._participants_held(loop.time())  # a backlog's end is still seen
+            now = loop.time()
+            if not due:
+                # nothing to hold: the queues are looked at every backlog_every seconds only,
+                # so that a backlog's start and end are still seen (its credit counts from
+                # its start, whenever deadlines pass)
+                if now - replies_checked >= self.backlog_every:
+                    replies_checked = now
+                    backlog_since = await self._reply_backlog(now, backlog_since)
+                await self._participants_held(now)
                 await asyncio.sleep(self.interval)
                 continue
-            if await self._replies_waiting():
-                if backlog_since is None:
-                    backlog_since = loop.time()
-                if loop.time() - backlog_since < self.credit_max:
-                    await asyncio.sleep(self.interval)
-                    continue
-            else:
-                backlog_since = None
+            replies_checked = now
+            backlog_since = await self._reply_backlog(now, backlog_since)
+            if backlog_since is not None and now - backlog_since < self.credit_max:
+                await asyncio.sleep(self.interval)
+                continue
             try:
                 held = await self._participants_held(loop.time())
                 await self._orchestrator.fire_due_timers(hold=held)
