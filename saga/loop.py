@@ -46,8 +46,8 @@ GC_THRESHOLD = 50_000
 
 
 def gc_threshold() -> int:
-    """``SAGA_GC_THRESHOLD``, or :data:`GC_THRESHOLD`; ConfigError unless a whole number of at
-    least 100."""
+    """``SAGA_GC_THRESHOLD``, or :data:`GC_THRESHOLD`; ConfigError unless a whole number from
+    100 to 100,000,000."""
     raw = os.environ.get("SAGA_GC_THRESHOLD", "").strip()
     if not raw:
         return GC_THRESHOLD
@@ -55,10 +55,10 @@ def gc_threshold() -> int:
         value = int(raw)
     except ValueError:
         value = 0
-    if value < 100:
+    if not 100 <= value <= 100_000_000:
         raise ConfigError(
-            f"SAGA_GC_THRESHOLD={raw!r}: give a whole number of allocations, at least 100 "
-            "(CPython's own default is 700)"
+            f"SAGA_GC_THRESHOLD={raw!r}: give a whole number of allocations from 100 to "
+            "100000000 (CPython's own default is 700)"
         )
     return value
 
@@ -85,9 +85,9 @@ def run(main: Coroutine[Any, Any, T]) -> T:
                 raise ConfigError("SAGA_EVENT_LOOP=uvloop but uvloop is not installed") from None
         else:
             factory = uvloop.new_event_loop
+    loop = factory()
     before = gc.get_threshold()
     gc.set_threshold(threshold, *before[1:])
-    loop = factory()
     try:
         asyncio.set_event_loop(loop)
         return loop.run_until_complete(main)
