@@ -970,13 +970,21 @@ class SqlStore:
 
     async def next_deadline(self) -> datetime | None:
         """The earliest deadline of any saga (this instance's or not): what the timer loop
-        asks ten times a second, so on SQLite one index probe on the loop's thread."""
+        asks ten times a second, so on SQLite one index probe on the loop's thread, on
+        PostgreSQL one statement on the driver."""
         if self._select_sagas is not None:
             found = await self._select_sagas.minimum(sagas.c.deadline)
+        elif self.dialect == "postgresql":  # one round trip, no BEGIN and ROLLBACK around it
+            rows = await self._read_pg(self._pg_next_deadline_sql)
+            found = rows[0]["deadline"]
         else:
             async with self._read.connect() as conn:
                 found = await conn.scalar(_NEXT_DEADLINE)
         return None if found is None else _as_utc(found)
+
+    @functools.cached_property
+    def _pg_next_deadline_sql(self) -> str:
+        return f"SELECT min(deadline) AS deadline FROM {pg_table('saga_instances', self.schema)}"
 
     async def history(self, saga_id: UUID) -> list[HistoryEntry]:
         query = sa.select(history).where(history.c.saga_id == saga_id).order_by(history.c.id)

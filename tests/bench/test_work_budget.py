@@ -60,7 +60,7 @@ ORCHESTRATOR_BUDGET = {
     "sends": 16,
     "ack_frames": 1 + STEPS,
 }
-#: the orchestrator on PostgreSQL, per saga: ~26 statements today (~4.9 transactions of BEGIN,
+#: the orchestrator on PostgreSQL, per saga: ~25 statements today (~4.9 transactions of BEGIN,
 #: lock, one write and COMMIT, and the reads); a statement per kind of row made it ~42
 PG_ORCHESTRATOR_BUDGET = {"statements": 34, "transactions": 7}
 PARTICIPANT_BUDGET = {
