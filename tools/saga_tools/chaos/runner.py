@@ -14,6 +14,7 @@ import contextlib
 import json
 import os
 import random
+import secrets
 import signal
 import sqlite3
 import subprocess
@@ -278,7 +279,9 @@ class Broker:
 
     @classmethod
     async def start(cls, plan: ChaosPlan, processes: Sequence[str]) -> Broker:
-        name = f"chaos-{plan.seed}"
+        # unique per run: a node left running by a run that was killed (its Erlang name
+        # still registered) must not keep the next run's node of the same seed from starting
+        name = f"chaos-{plan.seed}-{secrets.token_hex(3)}"
         if plan.nodes == 1:
             node = RabbitNode(name)
             await asyncio.to_thread(node.start)
