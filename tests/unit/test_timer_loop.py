@@ -5,6 +5,7 @@ and it asks the broker about its reply queue at every turn only once a deadline 
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Awaitable, Callable
 from typing import Any, cast
 
 import pytest
@@ -64,11 +65,7 @@ async def test_no_deadline_passed_the_reply_queue_is_asked_only_every_backlog_ev
         return False
 
     orchestrator = _Orchestrator(due=False)
-    timers = TimerLoop(
-        cast(Any, orchestrator), lambda: None, replies_waiting, interval=0.001, grace=0,
-        credit_max=1, backlog_every=60,
-    )  # fmt: skip
-    task = asyncio.create_task(timers.run())
+    task = _running(orchestrator, replies_waiting, credit_max=1, backlog_every=60)
     await wait_until(lambda: orchestrator.asked >= 20, "twenty turns of the loop")
     assert (probes, orchestrator.fired) == (1, 0)  # once at the start, not every 1 ms turn
     orchestrator.due = True  # a deadline passes: the reply queue is asked, then timers fire
@@ -103,11 +100,7 @@ async def test_a_steady_reply_backlog_holds_deadlines_once_not_at_every_deadline
         return True  # a backlog that never ends
 
     orchestrator = Alternating()
-    timers = TimerLoop(
-        cast(Any, orchestrator), lambda: None, replies_waiting, interval=0.001, grace=0,
-        credit_max=0.2, backlog_every=0.001,
-    )  # fmt: skip
-    task = asyncio.create_task(timers.run())
+    task = _running(orchestrator, replies_waiting, credit_max=0.2, backlog_every=0.001)
     await wait_until(lambda: orchestrator.fired >= 6, "six firings")
     task.cancel()
     with pytest.raises(asyncio.CancelledError):
@@ -116,3 +109,18 @@ async def test_a_steady_reply_backlog_holds_deadlines_once_not_at_every_deadline
     dues = [i for i, e in enumerate(after) if e == "due"]
     held = [i for i in dues if i + 1 >= len(after) or after[i + 1] != "fire"]
     assert held == [] or held == [dues[-1]], after  # every deadline after the first fired
+
+
+def _running(
+    orchestrator: _Orchestrator,
+    replies_waiting: Callable[[], Awaitable[bool]],
+    *,
+    credit_max: float,
+    backlog_every: float,
+) -> asyncio.Task[None]:
+    """A timer loop turning every millisecond, with no broker and no start-up grace."""
+    timers = TimerLoop(
+        cast(Any, orchestrator), lambda: None, replies_waiting, interval=0.001, grace=0,
+        credit_max=credit_max, backlog_every=backlog_every,
+    )  # fmt: skip
+    return asyncio.create_task(timers.run())
