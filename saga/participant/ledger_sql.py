@@ -31,7 +31,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from saga.participant.ledger import Ledger, outbox, processed, replies, spans, tombstones
 from saga.store import sqlite_driver
-from saga.store.pg_batch import PgRun, pg_arrays, pg_insert, pg_table
+from saga.store.pg_batch import PgRun, pg_arrays, pg_insert_part, pg_table, pg_with
 from saga.store.sqlite_batch import Prepared, PreparedCache
 from saga.work import WorkCounts
 
@@ -199,7 +199,7 @@ class PostgresStatements:
         # one simple query, several statements: asyncpg sends text without arguments so
         sql = f"SAVEPOINT {name}" if done is None else f"RELEASE SAVEPOINT {done}; SAVEPOINT {name}"
         await self._run.execute(sql, [])
-        return _PgSavepoint(self, name)
+        return _PgSavepoint(self._run, self, name)
 
     async def write(self, rows: Rows) -> None:
         """Every row of the batch in one statement (a round trip per kind of row was most of a
@@ -222,7 +222,8 @@ class _PgSavepoint:
     handler's ``SAVEPOINT`` (so savepoints never nest deeper than one) or by the transaction's
     ``COMMIT``; a round trip of its own for each ``RELEASE`` was an eighth of a command's."""
 
-    def __init__(self, statements: PostgresStatements, name: str):
+    def __init__(self, run: PgRun, statements: PostgresStatements, name: str):
+        self._run = run
         self._statements = statements
         self._name = name
 
@@ -230,7 +231,7 @@ class _PgSavepoint:
         self._statements.release = self._name
 
     async def rollback(self) -> None:
-        await self._statements._run.execute(
+        await self._run.execute(
             f"ROLLBACK TO SAVEPOINT {self._name}; RELEASE SAVEPOINT {self._name}", []
         )
 
@@ -298,10 +299,7 @@ def _pg_statements(schema: str | None) -> _PgLedgerSql:
 
 
 def _pg_write(t: Callable[[sa.Table], str]) -> str:
-    """The inserts of :meth:`PostgresStatements.write` as one statement, each kind's arrays
-    numbered after the previous kind's."""
-    parts = []
-    first = 1
+    """The inserts of :meth:`PostgresStatements.write` as one statement (:func:`pg_with`)."""
     kinds: tuple[tuple[sa.Table, tuple[tuple[str, str], ...], str], ...] = (
         (processed, _PG_PROCESSED, ""),
         (tombstones, _PG_TOMBSTONES, ""),
@@ -309,10 +307,13 @@ def _pg_write(t: Callable[[sa.Table], str]) -> str:
         (outbox, _PG_OUTBOX, " ON CONFLICT DO NOTHING"),
         (spans, _PG_SPANS, ""),
     )
-    for n, (table, columns, tail) in enumerate(kinds):
-        parts.append(f"w{n} AS ({pg_insert(t(table), columns, tail, first=first)})")
-        first += len(columns)
-    return "WITH " + ", ".join(parts) + " SELECT 1"
+    return pg_with(
+        [
+            pg_insert_part(f"w{n}", t(table), columns, tail)
+            for n, (table, columns, tail) in enumerate(kinds)
+        ],
+        "SELECT 1",
+    )
 
 
 class _Compiled:

@@ -11,7 +11,7 @@ bulk batch (:mod:`saga.store.sql`) in asyncpg's own transaction, without SQLAlch
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from datetime import UTC
 from typing import Any
 
@@ -21,7 +21,21 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 from saga.core.jsontext import dumps
 from saga.work import WorkCounts
 
-__all__ = ["PgRun", "count_statements", "pg_arrays", "pg_insert", "pg_params", "pg_table"]
+__all__ = [
+    "PgPart",
+    "PgRun",
+    "count_statements",
+    "pg_arrays",
+    "pg_insert",
+    "pg_insert_part",
+    "pg_params",
+    "pg_table",
+    "pg_with",
+]
+
+#: one query of :func:`pg_with`: its name, how many parameters it takes, and its SQL given the
+#: number of its first parameter
+PgPart = tuple[str, int, Callable[[int], str]]
 
 
 def count_statements(engine: AsyncEngine, counts: WorkCounts) -> None:
@@ -79,6 +93,27 @@ def pg_insert(
         f"INSERT INTO {table} ({names}) SELECT {values} FROM unnest({pg_params(columns, first)}) "
         f"WITH ORDINALITY AS v({names}, ord) ORDER BY ord{tail}"
     )
+
+
+def pg_insert_part(
+    name: str, table: str, columns: Sequence[tuple[str, str]], tail: str = ""
+) -> PgPart:
+    """:func:`pg_insert` as a query of :func:`pg_with`."""
+    return (name, len(columns), lambda first: pg_insert(table, columns, tail, first=first))
+
+
+def pg_with(parts: Sequence[PgPart], select: str) -> str:
+    """One statement of data-modifying ``WITH`` queries, each one's parameters numbered after
+    the previous one's (from ``$1``), then ``select``: a batch's writes to several tables in one
+    round trip instead of one each. PostgreSQL runs every query to completion (arrays may be
+    empty), all on one snapshot, and checks foreign keys when the statement ends, so a row may
+    refer to one another query of the statement inserts."""
+    first = 1
+    queries = []
+    for name, width, build in parts:
+        queries.append(f"{name} AS ({build(first)})")
+        first += width
+    return "WITH " + ", ".join(queries) + " " + select
 
 
 def pg_params(columns: Sequence[tuple[str, str]], first: int = 1) -> str:

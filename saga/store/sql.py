@@ -56,7 +56,14 @@ from saga.store import sqlite_driver
 from saga.store.faults import UnusableConnectionError, database_reachable, describe_error
 from saga.store.fresh import OutboxCopy
 from saga.store.lease import WriterLease, write_connection, write_transaction
-from saga.store.pg_batch import count_statements, pg_arrays, pg_insert, pg_params, pg_table
+from saga.store.pg_batch import (
+    count_statements,
+    pg_arrays,
+    pg_insert_part,
+    pg_params,
+    pg_table,
+    pg_with,
+)
 from saga.store.presence import Presence, live_instances
 from saga.store.schema import (
     HEAD,
@@ -1269,37 +1276,26 @@ def _pg_update(table: str, first: int) -> str:
 
 
 def _pg_write(t: Callable[[str], str]) -> str:
-    """Every write of a bulk batch in one statement: the sent outbox rows' delete, then the
-    inbox ids, new sagas, updates, history, outbox and span rows (``$1`` the deleted ids, then
-    each kind's arrays in that order), returning how many inbox ids, new sagas and updates
-    went in. Its parts are data-modifying ``WITH`` queries: each runs to completion (its
-    arrays may be empty), and the history of a saga born in the same statement meets its row,
-    since the foreign key is checked when the statement ends."""
-    inbox, born = t("saga_inbox"), t("saga_instances")
+    """Every write of a bulk batch in one statement (:func:`pg_with`): the sent outbox rows'
+    delete, then the inbox ids, new sagas, updates, history, outbox and span rows, returning
+    how many inbox ids, new sagas and updates went in."""
     returning = " ON CONFLICT DO NOTHING RETURNING 1"
-    first = 2  # $1: the deleted outbox ids
-    parts = [f"gone AS (DELETE FROM {t('saga_outbox')} WHERE message_id = ANY($1::uuid[]))"]
-    for name, columns in (
-        ("inbox", _PG_INBOX),
-        ("born", _PG_INSERT),
-        ("moved", _PG_UPDATE_COLUMNS),
-        ("history", _PG_HISTORY),
-        ("outbox", _PG_OUTBOX),
-        ("spans", _PG_SPANS),
-    ):
-        if name == "inbox":
-            sql = pg_insert(inbox, columns, returning, first=first)
-        elif name == "born":
-            sql = pg_insert(born, columns, returning, first=first)
-        elif name == "moved":
-            sql = _pg_update(born, first)
-        else:
-            sql = pg_insert(t(f"saga_{name}"), columns, first=first)
-        parts.append(f"{name} AS ({sql})")
-        first += len(columns)
-    return (
-        "WITH " + ", ".join(parts) + " SELECT (SELECT count(*) FROM inbox), "
-        "(SELECT count(*) FROM born), (SELECT count(*) FROM moved)"
+    return pg_with(
+        [
+            (
+                "gone",
+                1,
+                lambda n: f"DELETE FROM {t('saga_outbox')} WHERE message_id = ANY(${n}::uuid[])",
+            ),
+            pg_insert_part("inbox", t("saga_inbox"), _PG_INBOX, returning),
+            pg_insert_part("born", t("saga_instances"), _PG_INSERT, returning),
+            ("moved", len(_PG_UPDATE_COLUMNS), lambda n: _pg_update(t("saga_instances"), n)),
+            pg_insert_part("history", t("saga_history"), _PG_HISTORY),
+            pg_insert_part("outbox", t("saga_outbox"), _PG_OUTBOX),
+            pg_insert_part("spans", t("saga_spans"), _PG_SPANS),
+        ],
+        "SELECT (SELECT count(*) FROM inbox), (SELECT count(*) FROM born), "
+        "(SELECT count(*) FROM moved)",
     )
 
 
